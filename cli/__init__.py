@@ -1,0 +1,1 @@
+"""The ``fps-onnx`` command line (installed as ``fps_onnx.cli``)."""

@@ -1,0 +1,31 @@
+"""Options shared by several commands."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+
+def quiet_option(fn):
+    """``--quiet``: no progress bar and no info lines."""
+
+    def silence(ctx, param, value):
+        if value:
+            logging.getLogger("fps_onnx").setLevel(logging.WARNING)
+        return value
+
+    return click.option(
+        "--quiet", "-q", is_flag=True, callback=silence, expose_value=True,
+        help="No progress bar, warnings only.",
+    )(fn)
+
+
+def floats(text: str | None) -> tuple[float, ...] | None:
+    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None

@@ -1,0 +1,92 @@
+"""``fps-onnx select``: FPS masks for an ONNX model and a folder of calibration data."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+from fps_onnx import providers
+from fps_onnx.calibrate import CalibrationConfig
+from fps_onnx.data import DataConfig
+from fps_onnx.pipeline import run_select
+from fps_onnx.select import LEVELS, NORMS, SelectConfig
+
+from .options import floats, quiet_option
+
+log = logging.getLogger("fps_onnx")
+
+
+def _given(**values):
+    """Only the options the user gave: every default lives in the config dataclasses."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data", type=click.Path(), required=False)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Mask file to write (safetensors).")
+@click.option("--norm", type=click.Choice(NORMS), help=f"l1: |w|*mean|a| (Eq. 3); l2: |w|*RMS(a) (Eq. 4). [default: {SelectConfig().norm}]")
+@click.option("--level", type=click.Choice(LEVELS), help=f"Top-K per output neuron, or top-N per tensor. [default: {SelectConfig().level}]")
+@click.option("--per-neuron", "per_neuron", type=int, help="Keep K entries per output neuron (layer level: K * out per tensor).")
+@click.option("--fraction", type=float, help=f"Keep this fraction of each fan-in (layer level: of each tensor). [default: {SelectConfig().budget['fraction']}]")
+@click.option("--provider", type=click.Choice(providers.CHOICES), help="ONNX Runtime provider; auto uses CUDA only where it really works. [default: auto]")
+@click.option("--batch-size", type=int, help=f"Samples per batch. [default: {DataConfig().batch_size}]")
+@click.option("--max-samples", type=int, help="Stop after this many samples.")
+@click.option("--image-size", type=int, help="Image side when the model's input size is not static. [default: 224]")
+@click.option("--mean", help="Per-channel mean for images, e.g. 0.5,0.5,0.5. [default: ImageNet]")
+@click.option("--std", help="Per-channel std for images. [default: ImageNet]")
+@click.option("--token-mask", help="Input whose zeros mark padded tokens. [default: attention_mask, if present]")
+@click.option("--stats-out", type=click.Path(dir_okay=False), help="Also write the accumulated statistics (both norms).")
+@click.option("--from-stats", type=click.Path(dir_okay=False), help="Select from a statistics file instead of running the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@quiet_option
+def select(model, data, output, norm, level, per_neuron, fraction, provider, batch_size,
+           max_samples, image_size, mean, std, token_mask, stats_out, from_stats, as_json, quiet):
+    """Select the weights of MODEL (ONNX) to fine-tune, from calibration DATA.
+
+    DATA is a folder or one file: .npy (one input), .npz (arrays keyed by input
+    name) or images (found recursively). No labels, no gradients.
+    """
+    if (data is None) == (from_stats is None):
+        raise click.UsageError("give either DATA or --from-stats")
+    config = SelectConfig(**_given(norm=norm, level=level, per_neuron=per_neuron, fraction=fraction))
+    calibration = CalibrationConfig(**_given(provider=provider, token_mask=token_mask))
+    data_config = DataConfig(**_given(
+        batch_size=batch_size, max_samples=max_samples, image_size=image_size,
+        mean=floats(mean), std=floats(std),
+    ))
+    from fps_onnx._io import check_writable
+
+    check_writable(output)
+    from tqdm import tqdm
+
+    with tqdm(total=max_samples, unit="sample", disable=quiet or from_stats is not None,
+              dynamic_ncols=True, leave=False) as bar:
+        result = run_select(
+            model, data, config, calibration, data_config,
+            from_stats=from_stats, stats_out=stats_out, on_batch=bar.update,
+        )
+    result.masks.save(output)
+    masks = result.masks
+    share = masks.selected / max(masks.total, 1)
+    log.info("selected %s of %s weights (%.3f%%) in %d tensors from %d samples -> %s",
+             f"{masks.selected:,}", f"{masks.total:,}", 100 * share, len(masks.masks),
+             result.stats.num_samples, output)
+    if as_json:
+        click.echo(json.dumps({
+            "output": str(output),
+            "tensors": {k: {"shape": v["shape"], "selected": v["selected"]}
+                        for k, v in masks.tensors.items()},
+            "selected": masks.selected,
+            "total": masks.total,
+            "fraction": share,
+            "provider": result.provider,
+            "samples": result.stats.num_samples,
+            "seconds": result.seconds,
+            "norm": config.norm,
+            "level": config.level,
+            "budget": config.budget,
+        }, indent=2))

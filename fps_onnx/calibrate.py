@@ -1,0 +1,185 @@
+"""The calibration run: one ONNX Runtime session, one plain streaming loop.
+
+The model is rewritten (:mod:`fps_onnx.graph`) so that it returns per-channel
+sums instead of activations; each batch's float32 sums are added into float64
+accumulators and dropped. Memory is that of the model plus one batch, whatever
+the size of the data set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+import logging
+import os
+from pathlib import Path
+import time
+
+import numpy as np
+import onnx
+
+from . import graph, providers
+from ._io import sha256_file
+from .data import DataConfig, InputSpec, iter_batches
+from .errors import DataError, ModelError, NumericError
+from .stats import ChannelStats, Stats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_MASK = "attention_mask"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the model is run over the data."""
+
+    provider: str = "auto"
+    statistics: tuple[str, ...] = ("abs_sum",)
+    token_mask: str | None = None  # None: DEFAULT_TOKEN_MASK when the model has that input
+    threads: int | None = None
+
+
+@dataclass
+class Calibration:
+    """What a calibration run produced."""
+
+    stats: Stats
+    sites: list[graph.WeightSite]
+    provider: str
+    seconds: float
+
+
+def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file, or raise ModelError saying why it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    try:
+        return onnx.load(str(path), load_external_data=load_weights)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types
+        raise ModelError(f"cannot read ONNX model {path}: {exc}") from exc
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[str]:
+    """Names of the inputs a caller must feed (initializers excluded)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def calibrate(
+    model_path: str | os.PathLike,
+    data_path: str | os.PathLike,
+    config: CalibrationConfig = CalibrationConfig(),
+    data_config: DataConfig = DataConfig(),
+    on_batch: Callable[[int], None] | None = None,
+    check_sites: Callable[[list[graph.WeightSite]], None] | None = None,
+) -> Calibration:
+    """Run the model over the data once and return the statistics of every weight input.
+
+    ``check_sites(sites)`` runs before any data is read (to reject a budget
+    early); ``on_batch(n)`` after each batch of ``n`` samples (progress bars).
+    """
+    chosen = providers.resolve(config.provider)
+    model = load_model(model_path, load_weights=False)
+    sha = sha256_file(model_path)
+    sites = graph.find_weights(model)
+    if check_sites is not None:
+        check_sites(sites)
+    channels = {a: s.in_features for s in sites for a in s.activations}
+    mask_name = _token_mask(model, config.token_mask)
+    masked: set[str] = set()
+    if mask_name is not None:
+        tensors = {a.tensor for s in sites for a in s.activations}
+        masked = graph.token_leading(model, tensors, mask_name)
+        log.info("token mask %s applies to %d of %d weight inputs", mask_name, len(masked), len(tensors))
+    model, outputs = graph.add_statistics(model, sites, config.statistics, mask_name, masked)
+    session = _session(model, Path(model_path), chosen, config.threads)
+    del model
+    provider = session.get_providers()[0]
+    log.info("running on %s", provider)
+
+    inputs = [InputSpec.from_ort(i) for i in session.get_inputs()]
+    names = list(outputs)
+    per_act: dict[graph.Activation, ChannelStats] = {}
+    samples = 0
+    start = time.perf_counter()
+    for index, feed in enumerate(iter_batches(data_path, inputs, data_config)):
+        values = _run(session, names, feed, index)
+        n = len(next(iter(feed.values())))
+        _accumulate(per_act, outputs, names, values, feed.get(mask_name), channels, sites, index)
+        samples += n
+        if on_batch is not None:
+            on_batch(n)
+    if samples == 0:
+        raise DataError(f"no samples were read from {data_path}")
+    seconds = time.perf_counter() - start
+
+    stats = Stats(sha, num_samples=samples)
+    for site in sites:
+        acc = ChannelStats()
+        for act in site.activations:
+            got = per_act[act]
+            acc.add(got.abs_sum, got.sq_sum, got.count)
+        stats.weights[site.key] = acc
+    return Calibration(stats, sites, provider, seconds)
+
+
+def _token_mask(model: onnx.ModelProto, requested: str | None) -> str | None:
+    names = graph_inputs(model)
+    if requested is not None:
+        if requested not in names:
+            raise DataError(f"token mask {requested!r} is not a model input (inputs: {', '.join(names)})")
+        return requested
+    return DEFAULT_TOKEN_MASK if DEFAULT_TOKEN_MASK in names else None
+
+
+def _session(model: onnx.ModelProto, path: Path, chosen: list[str], threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Run each reduction as soon as its input exists, so activations die early
+    # and peak memory stays that of plain inference.
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", str(path.resolve().parent)
+    )
+    try:
+        payload = model.SerializeToString()
+        return ort.InferenceSession(payload, options, providers=chosen)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+        raise ModelError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from exc
+
+
+def _run(session, names, feed, index):
+    try:
+        return session.run(names, feed)
+    except Exception as exc:  # noqa: BLE001
+        shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feed.items())
+        raise DataError(f"the model rejected batch {index} ({shapes}): {_first_line(exc)}") from exc
+
+
+def _accumulate(per_act, outputs, names, values, mask, channels, sites, index) -> None:
+    for name, value in zip(names, values):
+        what = outputs[name]
+        acc = per_act.setdefault(what.activation, ChannelStats())
+        if what.statistic == "count":
+            rows = int(value) // channels[what.activation]
+            if what.masked:
+                batch, seq = mask.shape
+                rows = rows // (batch * seq) * int(np.count_nonzero(mask))
+            acc.add(count=rows)
+            continue
+        if not np.all(np.isfinite(value)):
+            weights = [s.key for s in sites if what.activation in s.activations]
+            raise NumericError(
+                f"NaN or Inf in the input of {', '.join(weights[:3])} in batch {index}"
+            )
+        acc.add(**{what.statistic: value})
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,374 @@
+"""Graph analysis and rewriting: which weights can be selected, and where their inputs are.
+
+Two passes over an ``onnx.ModelProto``, neither doing any I/O:
+
+* :func:`find_weights` traces the weight input of every MatMul, Gemm and Conv
+  back through Transpose/Identity/Cast to an initializer (or Constant) and
+  returns one :class:`WeightSite` per weight, with every node that consumes it.
+* :func:`add_statistics` adds reduction nodes so that, for each distinct input
+  activation of those nodes, only per-input-channel vectors leave the session
+  (sum |a|, sum a^2, and the element count). It returns an explicit map from
+  every added output to the activation and statistic it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+import logging
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+#: Statistics an activation can be reduced to; ``count`` is always added.
+STATISTICS = ("abs_sum", "sq_sum")
+
+_PASS_THROUGH = ("Identity", "Cast")
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An input activation of a weight: tensor name and the axis holding its channels.
+
+    ``axis`` is -1 for MatMul/Gemm inputs (in_features last), 1 for Conv inputs
+    and 0 for Gemm with transA=1. ``rank`` is known for Conv inputs only.
+    """
+
+    tensor: str
+    axis: int
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class WeightSite:
+    """One selectable weight and the nodes that consume it.
+
+    ``shape`` is the weight's PyTorch layout: [out, in] for MatMul/Gemm,
+    [out, in/groups, kh, kw] for Conv. ``layout`` says how the ONNX tensor
+    ``key`` stores it: "out_in", "in_out" (transposed) or "conv".
+    """
+
+    key: str
+    op: str
+    layout: str
+    shape: tuple[int, ...]
+    in_features: int
+    groups: int = 1
+    activations: tuple[Activation, ...] = field(default_factory=tuple)
+    dtype: int = TensorProto.FLOAT
+
+
+@dataclass(frozen=True)
+class StatOutput:
+    """What one added graph output holds: ``statistic`` of ``activation``."""
+
+    activation: Activation
+    statistic: str  # "abs_sum", "sq_sum" or "count"
+    masked: bool = False
+
+
+# --------------------------------------------------------------------------- find
+
+
+def find_weights(model: onnx.ModelProto) -> list[WeightSite]:
+    """Every weight consumed by a MatMul, Gemm or Conv node, in graph order.
+
+    MatMuls whose inputs are both activations (attention) are skipped. A weight
+    consumed by several nodes is returned once with all their activations.
+    Raises :class:`ModelError` when the graph holds no selectable weight.
+    """
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+
+    sites: dict[str, WeightSite] = {}
+    for node in graph.node:
+        found = _weight_of(node, initializers, producers)
+        if found is None:
+            continue
+        site = found
+        known = sites.get(site.key)
+        if known is None:
+            sites[site.key] = site
+        elif (known.layout, known.shape) != (site.layout, site.shape):
+            log.warning(
+                "weight %s is used by %s as %s %s and by %s as %s %s; "
+                "only the first use is measured",
+                site.key, known.op, known.layout, list(known.shape),
+                site.op, site.layout, list(site.shape),
+            )
+        else:
+            sites[site.key] = _with_activations(known, site.activations)
+    if not sites:
+        raise ModelError("the model has no weight consumed by a MatMul, Gemm or Conv node")
+    return list(sites.values())
+
+
+def _with_activations(site: WeightSite, more: Iterable[Activation]) -> WeightSite:
+    merged = list(site.activations)
+    merged += [a for a in more if a not in merged]
+    return WeightSite(
+        site.key, site.op, site.layout, site.shape, site.in_features,
+        site.groups, tuple(merged), site.dtype,
+    )
+
+
+def _weight_of(node, initializers, producers) -> WeightSite | None:
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") or op not in ("MatMul", "Gemm", "Conv"):
+        return None
+    if len(node.input) < 2 or _trace(node.input[0], initializers, producers) is not None:
+        return None  # the data input is itself a constant
+    traced = _trace(node.input[1], initializers, producers)
+    if traced is None:
+        return None  # activation x activation (attention)
+    key, tensor, transposed = traced
+    dims = tuple(int(d) for d in tensor.dims)
+    if tensor.data_type not in _FLOAT_TYPES:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    if op == "Conv":
+        if transposed or len(dims) < 3:
+            return None
+        groups = int(attrs.get("group", 1))
+        act = Activation(node.input[0], 1, len(dims))
+        return WeightSite(key, op, "conv", dims, dims[1] * groups, groups, (act,), tensor.data_type)
+
+    if len(dims) != 2:
+        return None  # batched or 1-D operands are not Linear weights
+    stored_out_in = transposed
+    axis = -1
+    if op == "Gemm":
+        stored_out_in ^= bool(attrs.get("transB", 0))
+        if attrs.get("transA", 0):
+            axis = 0
+    out_f, in_f = (dims[0], dims[1]) if stored_out_in else (dims[1], dims[0])
+    layout = "out_in" if stored_out_in else "in_out"
+    act = Activation(node.input[0], axis)
+    return WeightSite(key, op, layout, (out_f, in_f), in_f, 1, (act,), tensor.data_type)
+
+
+def _trace(name, initializers, producers):
+    """Follow ``name`` back to (key, TensorProto, transposed) or None for activations."""
+    transposed = False
+    while True:
+        if name in initializers:
+            return name, initializers[name], transposed
+        node = producers.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Constant":
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is None:
+                return None
+            return name, value.t, transposed
+        if node.op_type in _PASS_THROUGH:
+            name = node.input[0]
+        elif node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+            if perm != [1, 0]:
+                return None
+            transposed = not transposed
+            name = node.input[0]
+        else:
+            return None
+
+
+def iter_weight_values(model: onnx.ModelProto, sites: Sequence[WeightSite]):
+    """(site, weight in PyTorch layout as a NumPy array), one weight at a time."""
+    by_name = {t.name: t for t in model.graph.initializer}
+    constants = {
+        n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+        for a in n.attribute if a.name == "value"
+    }
+    for site in sites:
+        tensor = by_name[site.key] if site.key in by_name else constants[site.key]
+        array = numpy_helper.to_array(tensor)
+        yield site, (array.T if site.layout == "in_out" else array)
+
+
+# --------------------------------------------------------------------------- rewrite
+
+
+def add_statistics(
+    model: onnx.ModelProto,
+    sites: Sequence[WeightSite],
+    statistics: Sequence[str] = ("abs_sum",),
+    token_mask: str | None = None,
+    masked_activations: Iterable[str] = (),
+) -> tuple[onnx.ModelProto, dict[str, StatOutput]]:
+    """Expose per-channel statistics of every weight input as graph outputs (in place).
+
+    Each distinct activation gets the requested ``statistics`` (float32,
+    [channels]) and a ``count`` output (int64 scalar: the number of elements,
+    from which the row count follows). Activations named in
+    ``masked_activations`` have the [batch, seq] graph input ``token_mask``
+    applied: padded positions add nothing to the sums.
+
+    Returns the model and a map from each added output name to what it holds.
+    """
+    unknown = set(statistics) - set(STATISTICS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}")
+    masked = set(masked_activations)
+    opset = _default_opset(model)
+    builder = _Builder(model.graph, opset)
+    outputs: dict[str, StatOutput] = {}
+    seen: set[Activation] = set()
+    mask_f = None
+    for site in sites:
+        for act in site.activations:
+            if act in seen:
+                continue
+            seen.add(act)
+            index = len(seen) - 1
+            is_masked = token_mask is not None and act.tensor in masked and act.axis == -1
+            if is_masked and mask_f is None:
+                mask_f = builder.node("Cast", [token_mask], to=TensorProto.FLOAT)
+                mask_f = builder.unsqueeze(mask_f, [2, 3])  # [B, S, 1, 1]
+            for stat in statistics:
+                name = f"fps_stat::{index}::{stat}"
+                builder.reduce(act, site.in_features, stat, name, mask_f if is_masked else None)
+                outputs[name] = StatOutput(act, stat, is_masked)
+            name = f"fps_stat::{index}::count"
+            builder.node("Size", [act.tensor], out=name)
+            builder.output(name, TensorProto.INT64, [])
+            outputs[name] = StatOutput(act, "count", is_masked)
+    return model, outputs
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise ModelError("the model imports no default ONNX opset")
+
+
+class _Builder:
+    """Appends nodes, constants and outputs to a graph with unique names."""
+
+    def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
+        self.graph = graph
+        self.opset = opset
+        self.count = 0
+        self.consts: dict[tuple, str] = {}
+
+    def _name(self, hint: str) -> str:
+        self.count += 1
+        return f"fps_stat::{hint}_{self.count}"
+
+    def const(self, values: Sequence[int]) -> str:
+        key = tuple(values)
+        if key not in self.consts:
+            name = self._name("const")
+            self.graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), name))
+            self.consts[key] = name
+        return self.consts[key]
+
+    def node(self, op: str, inputs: Sequence[str], out: str | None = None, **attrs) -> str:
+        out = out or self._name(op.lower())
+        self.graph.node.append(helper.make_node(op, list(inputs), [out], name=out + ":node", **attrs))
+        return out
+
+    def output(self, name: str, elem_type: int, shape) -> None:
+        self.graph.output.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
+        if self.opset >= 13:
+            return self.node("Unsqueeze", [x, self.const(axes)])
+        return self.node("Unsqueeze", [x], axes=list(axes))
+
+    def _reduce(self, op: str, x: str, axes: Sequence[int], out: str | None = None) -> str:
+        # Reduce* take axes as an input from opset 18 (ReduceSum from 13).
+        as_input = self.opset >= (13 if op == "ReduceSum" else 18)
+        if as_input:
+            return self.node(op, [x, self.const(axes)], out=out, keepdims=0)
+        return self.node(op, [x], out=out, axes=list(axes), keepdims=0)
+
+    def reduce(self, act: Activation, channels: int, stat: str, out: str, mask: str | None) -> None:
+        x = self.node("Cast", [act.tensor], to=TensorProto.FLOAT)
+        if act.axis == 1:  # Conv input [N, C, *spatial]
+            axes = [0, *range(2, act.rank or 4)]
+        elif act.axis == 0:  # Gemm transA: [K, M]
+            axes = [1]
+        elif mask is not None:  # [B, S, ..., K] -> [B, S, R, K]
+            x = self.node("Reshape", [x, self.const([0, 0, -1, channels])])
+            axes = [0, 1, 2]
+        else:  # [..., K] -> [R, K]
+            x = self.node("Reshape", [x, self.const([-1, channels])])
+            axes = [0]
+        if mask is not None:
+            x = self.node("Abs", [x]) if stat == "abs_sum" else self.node("Mul", [x, x])
+            x = self.node("Mul", [x, mask])
+            self._reduce("ReduceSum", x, axes, out=out)
+        else:
+            op = "ReduceL1" if stat == "abs_sum" else "ReduceSumSquare"
+            self._reduce(op, x, axes, out=out)
+        self.output(out, TensorProto.FLOAT, [channels])
+
+
+# --------------------------------------------------------------------------- token axes
+
+
+def token_leading(model: onnx.ModelProto, tensors: Iterable[str], mask_input: str) -> set[str]:
+    """The tensors among ``tensors`` whose two leading axes are those of ``mask_input``.
+
+    Decided by ONNX shape inference with symbolic dimensions; a tensor whose
+    shape cannot be inferred is not counted (its statistics include padding).
+    """
+    shapes = _inferred_shapes(model)
+    mask_shape = shapes.get(mask_input)
+    if mask_shape is None or len(mask_shape) != 2 or None in mask_shape:
+        return set()
+    hits = set()
+    for name in tensors:
+        shape = shapes.get(name)
+        if shape is not None and len(shape) >= 3 and tuple(shape[:2]) == tuple(mask_shape):
+            hits.add(name)
+    return hits
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    # Shape inference needs no weight values: keep small constants (shapes,
+    # axes) and declare large initializers as typed inputs, so memory stays flat.
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    declared = {vi.name for vi in model.graph.input}
+    for tensor in model.graph.initializer:
+        if int(np.prod(tensor.dims)) <= 64:
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            graph.input.append(
+                helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+            )
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - inference failing only loses the mask
+        log.warning("shape inference failed (%s); padded positions will be counted", exc)
+        return {}
+    shapes = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = []
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        shapes[vi.name] = dims
+    return shapes

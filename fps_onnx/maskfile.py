@@ -1,0 +1,101 @@
+"""The mask file: which entries of which weights to fine-tune.
+
+A safetensors file any training stack can read:
+
+* one ``bool`` tensor per selectable weight, True = fine-tune this entry, in
+  PyTorch layout: [out_features, in_features] for MatMul/Gemm weights (transposed
+  back when ONNX stores them [in, out]), [out, in/groups, kh, kw] for Conv;
+* key: the ONNX initializer name the weight traces back to (or, after mapping,
+  the PyTorch parameter name);
+* ``__metadata__`` (all strings): ``format`` = "fps-mask", ``format_version`` = "1",
+  ``method``, ``norm``, ``level``, ``budget`` (JSON), ``num_samples``,
+  ``model_sha256`` (SHA-256 of the ONNX file's bytes), ``tool`` and ``tensors``:
+  JSON object key -> {"onnx_initializer", "onnx_layout" ("out_in", "in_out" or
+  "conv"), "op", "shape", "selected"} (plus "torch_name" once mapped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+import json
+import os
+
+import numpy as np
+
+from . import __version__
+from ._io import atomic_write
+from .errors import MaskError
+from .graph import WeightSite
+from .stats import _read_safetensors
+
+FORMAT = "fps-mask"
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class MaskFile:
+    """Masks plus the metadata that travels with them."""
+
+    masks: dict[str, np.ndarray]
+    tensors: dict[str, dict]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def selected(self) -> int:
+        return int(sum(int(m.sum()) for m in self.masks.values()))
+
+    @property
+    def total(self) -> int:
+        return int(sum(m.size for m in self.masks.values()))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temporary file, then rename)."""
+        from safetensors.numpy import save_file
+
+        meta = {
+            **self.meta,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tool": f"fps-onnx {__version__}",
+            "tensors": json.dumps(self.tensors, sort_keys=True),
+        }
+        arrays = {k: np.ascontiguousarray(v, dtype=bool) for k, v in self.masks.items()}
+        atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MaskFile:
+        """Read and check a mask file."""
+        arrays, meta = _read_safetensors(path, MaskError, "mask")
+        if meta.get("format") != FORMAT:
+            raise MaskError(f"{path} is not an fps-onnx mask file")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise MaskError(f"{path} has mask format version {meta.get('format_version')}, "
+                            f"this fps-onnx reads {FORMAT_VERSION}")
+        try:
+            tensors = json.loads(meta.pop("tensors", "{}"))
+        except json.JSONDecodeError as exc:
+            raise MaskError(f"{path}: metadata 'tensors' is not JSON") from exc
+        for key, value in arrays.items():
+            if value.dtype != np.bool_:
+                raise MaskError(f"{path}: mask {key!r} is {value.dtype}, not bool")
+        return cls({k: arrays[k] for k in arrays}, tensors, meta)
+
+
+def build(
+    masks: Mapping[str, np.ndarray],
+    sites: list[WeightSite] | tuple[WeightSite, ...],
+    meta: Mapping[str, object],
+) -> MaskFile:
+    """A MaskFile for ``masks`` of ``sites`` with the run's metadata."""
+    tensors = {
+        s.key: {
+            "onnx_initializer": s.key,
+            "onnx_layout": s.layout,
+            "op": s.op,
+            "shape": list(s.shape),
+            "selected": int(masks[s.key].sum()),
+        }
+        for s in sites
+    }
+    return MaskFile(dict(masks), tensors, {k: str(v) for k, v in meta.items()})

@@ -1,0 +1,98 @@
+"""``select``: calibration, statistics, scoring and the mask file, end to end."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+import logging
+import os
+
+from . import graph, maskfile
+from ._io import check_writable, sha256_file
+from .calibrate import CalibrationConfig, calibrate, load_model
+from .data import DataConfig
+from .errors import StatsError
+from .select import SelectConfig, describe_budget, select_one
+from .stats import Stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SelectResult:
+    """The masks and how they were obtained."""
+
+    masks: maskfile.MaskFile
+    stats: Stats
+    provider: str | None
+    seconds: float | None
+
+
+def check_budget(sites: list[graph.WeightSite], config: SelectConfig) -> None:
+    """Raise BudgetError now if the budget cannot be met by some weight."""
+    for site in sites:
+        fan_in = 1
+        for d in site.shape[1:]:
+            fan_in *= d
+        config.keep(site.shape[0], fan_in)
+
+
+def run_select(
+    model_path: str | os.PathLike,
+    data_path: str | os.PathLike | None,
+    select_config: SelectConfig = SelectConfig(),
+    calibration: CalibrationConfig = CalibrationConfig(),
+    data_config: DataConfig = DataConfig(),
+    *,
+    from_stats: str | os.PathLike | None = None,
+    stats_out: str | os.PathLike | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> SelectResult:
+    """FPS masks of every selectable weight of ``model_path``.
+
+    Statistics come from running the model over ``data_path`` or from a stats
+    file (``from_stats``). With ``stats_out`` both sums are collected and saved,
+    so any norm can be re-selected later.
+    """
+    if stats_out is not None:
+        check_writable(stats_out)
+    provider = seconds = None
+    if from_stats is not None:
+        stats = Stats.load(from_stats)
+        sha = sha256_file(model_path) if os.path.isfile(model_path) else None
+        model = load_model(model_path)
+        if stats.model_sha256 != sha:
+            raise StatsError(f"{from_stats} was computed on another model than {model_path}")
+        sites = graph.find_weights(model)
+        check_budget(sites, select_config)
+        missing = [s.key for s in sites if s.key not in stats.weights]
+        if missing:
+            raise StatsError(f"{from_stats} has no statistics for {missing[0]}")
+    else:
+        wanted = ("abs_sum", "sq_sum") if stats_out else (select_config.statistic,)
+        calibration = CalibrationConfig(
+            calibration.provider, wanted, calibration.token_mask, calibration.threads
+        )
+        result = calibrate(
+            model_path, data_path, calibration, data_config,
+            on_batch=on_batch, check_sites=lambda s: check_budget(s, select_config),
+        )
+        stats, sites, provider, seconds = result.stats, result.sites, result.provider, result.seconds
+        if stats_out is not None:
+            stats.save(stats_out)
+        model = load_model(model_path)
+
+    masks = {
+        site.key: select_one(weight, site, stats.weights[site.key], select_config)
+        for site, weight in graph.iter_weight_values(model, sites)
+    }
+    meta = {
+        "method": "fps",
+        "norm": select_config.norm,
+        "level": select_config.level,
+        "budget": describe_budget(select_config),
+        "num_samples": stats.num_samples,
+        "model_sha256": stats.model_sha256,
+    }
+    return SelectResult(maskfile.build(masks, sites, meta), stats, provider, seconds)
+

@@ -1,0 +1,140 @@
+"""FPS scores and top-k selection (Eq. 3/4 of the FPS paper).
+
+Score of weight w[j, k] (PyTorch layout, row j = output neuron, k = input):
+``|w| * mean|a_k|`` (norm "l1") or ``|w| * RMS(a_k)`` (norm "l2"). For a Conv
+weight w[o, c, i, j] the statistic is that of input channel
+``group(o) * C_in/groups + c``, broadcast over the kernel window.
+
+Selection keeps the top K per output neuron (level "neuron") or the top N of
+each tensor (level "layer"). Ties go to the higher score, then the lower flat
+index, so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+import json
+
+import numpy as np
+
+from .errors import BudgetError, NumericError
+from .graph import WeightSite
+from .stats import ChannelStats
+
+NORMS = ("l1", "l2")
+LEVELS = ("neuron", "layer")
+DEFAULT_FRACTION = 0.005
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """How to score and how many entries to keep.
+
+    Give at most one of ``per_neuron`` (K per output neuron; at layer level
+    N = K * out) and ``fraction`` (F of each neuron's fan-in, or of each
+    tensor at layer level); with neither, ``fraction`` = DEFAULT_FRACTION.
+    """
+
+    norm: str = "l1"
+    level: str = "neuron"
+    per_neuron: int | None = None
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise BudgetError(f"norm must be one of {', '.join(NORMS)}, not {self.norm!r}")
+        if self.level not in LEVELS:
+            raise BudgetError(f"level must be one of {', '.join(LEVELS)}, not {self.level!r}")
+        if self.per_neuron is not None and self.fraction is not None:
+            raise BudgetError("give either a per-neuron count or a fraction, not both")
+        if self.per_neuron is not None and self.per_neuron < 1:
+            raise BudgetError(f"per-neuron count must be at least 1, not {self.per_neuron}")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise BudgetError(f"fraction must be in (0, 1], not {self.fraction}")
+
+    @property
+    def budget(self) -> dict:
+        """The budget as recorded in mask files."""
+        if self.per_neuron is not None:
+            return {"per_neuron": self.per_neuron}
+        return {"fraction": DEFAULT_FRACTION if self.fraction is None else self.fraction}
+
+    @property
+    def statistic(self) -> str:
+        """The input statistic the norm needs."""
+        return "abs_sum" if self.norm == "l1" else "sq_sum"
+
+    def keep(self, rows: int, fan_in: int) -> int:
+        """Entries to keep per row (neuron level) or per tensor (layer level)."""
+        budget = self.budget
+        if "per_neuron" in budget:
+            k = budget["per_neuron"]
+            if k > fan_in:
+                raise BudgetError(f"--per-neuron {k} is larger than a fan-in of {fan_in}")
+            return k if self.level == "neuron" else k * rows
+        f = budget["fraction"]
+        n = fan_in if self.level == "neuron" else rows * fan_in
+        return max(1, round(f * n))
+
+
+def channel_statistic(stats: ChannelStats, norm: str) -> np.ndarray:
+    """mean|a| (l1) or RMS(a) (l2) per input channel."""
+    return stats.mean_abs() if norm == "l1" else stats.rms()
+
+
+def scores(weight: np.ndarray, site: WeightSite, activation: np.ndarray) -> np.ndarray:
+    """|w| * activation statistic, in float64, shaped like ``weight`` (PyTorch layout)."""
+    w = np.abs(weight.astype(np.float64, copy=False))
+    if site.layout != "conv":
+        return w * activation[None, :]
+    out, per_group = weight.shape[:2]
+    group = np.arange(out) // (out // site.groups)
+    channel = group[:, None] * per_group + np.arange(per_group)[None, :]
+    act = activation[channel].reshape(out, per_group, *([1] * (weight.ndim - 2)))
+    return w * act
+
+
+def top_k(score: np.ndarray, k: int) -> np.ndarray:
+    """Bool mask of the top ``k`` entries of each row of a 2-D array.
+
+    Higher score first, then lower column index: exact and deterministic,
+    in O(n) per row (partition, then fill ties from the left).
+    """
+    rows, n = score.shape
+    if k >= n:
+        return np.ones_like(score, dtype=bool)
+    threshold = np.partition(score, n - k, axis=1)[:, n - k : n - k + 1]
+    above = score > threshold
+    tied = score == threshold
+    need = k - above.sum(axis=1, keepdims=True)
+    return above | (tied & (np.cumsum(tied, axis=1) <= need))
+
+
+def select_one(
+    weight: np.ndarray, site: WeightSite, stats: ChannelStats, config: SelectConfig
+) -> np.ndarray:
+    """The bool mask of one weight (PyTorch layout)."""
+    if not np.all(np.isfinite(weight)):
+        raise NumericError(f"weight {site.key} holds NaN or Inf")
+    score = scores(weight, site, channel_statistic(stats, config.norm))
+    rows = score.shape[0]
+    fan_in = score[0].size
+    k = config.keep(rows, fan_in)
+    flat = score.reshape(rows, fan_in) if config.level == "neuron" else score.reshape(1, -1)
+    return top_k(flat, k).reshape(score.shape)
+
+
+def select(
+    weights: Mapping[str, np.ndarray],
+    sites: Sequence[WeightSite],
+    stats: Mapping[str, ChannelStats],
+    config: SelectConfig,
+) -> dict[str, np.ndarray]:
+    """Masks of every site, keyed like ``sites``."""
+    return {s.key: select_one(weights[s.key], s, stats[s.key], config) for s in sites}
+
+
+def describe_budget(config: SelectConfig) -> str:
+    """The budget as JSON, for file metadata."""
+    return json.dumps(config.budget, sort_keys=True)
