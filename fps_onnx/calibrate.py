@@ -34,7 +34,7 @@ class CalibrationConfig:
     """How the model is run over the data."""
 
     provider: str = "auto"
-    statistics: tuple[str, ...] = ("abs_sum",)
+    statistics: tuple[str, ...] = ()  # empty: graph.STATISTICS[0] ("abs_sum")
     token_mask: str | None = None  # None: DEFAULT_TOKEN_MASK when the model has that input
     threads: int | None = None
 
@@ -92,7 +92,8 @@ def calibrate(
         tensors = {a.tensor for s in sites for a in s.activations}
         masked = graph.token_leading(model, tensors, mask_name)
         log.info("token mask %s applies to %d of %d weight inputs", mask_name, len(masked), len(tensors))
-    model, outputs = graph.add_statistics(model, sites, config.statistics, mask_name, masked)
+    statistics = config.statistics or graph.STATISTICS[:1]
+    model, outputs = graph.add_statistics(model, sites, statistics, mask_name, masked)
     session = _session(model, Path(model_path), chosen, config.threads)
     del model
     provider = session.get_providers()[0]

@@ -58,7 +58,7 @@ class InputSpec:
         return cls(arg.name, tuple(arg.shape), np.dtype(dtype))
 
     def describe(self) -> str:
-        dims = ", ".join(str(d) if isinstance(d, int) else "N" for d in self.shape)
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
         return f"{self.name} [{dims}] {self.dtype.name}"
 
 

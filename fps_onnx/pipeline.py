@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import logging
 import os
 
@@ -24,6 +24,7 @@ class SelectResult:
 
     masks: maskfile.MaskFile
     stats: Stats
+    sites: list[graph.WeightSite]
     provider: str | None
     seconds: float | None
 
@@ -51,8 +52,9 @@ def run_select(
     """FPS masks of every selectable weight of ``model_path``.
 
     Statistics come from running the model over ``data_path`` or from a stats
-    file (``from_stats``). With ``stats_out`` both sums are collected and saved,
-    so any norm can be re-selected later.
+    file (``from_stats``). The sums the norm needs are always collected, plus
+    ``calibration.statistics``; with ``stats_out`` both sums are collected and
+    saved, so any norm can be re-selected later.
     """
     if stats_out is not None:
         check_writable(stats_out)
@@ -69,10 +71,10 @@ def run_select(
         if missing:
             raise StatsError(f"{from_stats} has no statistics for {missing[0]}")
     else:
-        wanted = ("abs_sum", "sq_sum") if stats_out else (select_config.statistic,)
-        calibration = CalibrationConfig(
-            calibration.provider, wanted, calibration.token_mask, calibration.threads
-        )
+        wanted = {select_config.statistic, *calibration.statistics}
+        if stats_out is not None:
+            wanted |= set(graph.STATISTICS)
+        calibration = replace(calibration, statistics=tuple(sorted(wanted)))
         result = calibrate(
             model_path, data_path, calibration, data_config,
             on_batch=on_batch, check_sites=lambda s: check_budget(s, select_config),
@@ -94,5 +96,5 @@ def run_select(
         "num_samples": stats.num_samples,
         "model_sha256": stats.model_sha256,
     }
-    return SelectResult(maskfile.build(masks, sites, meta), stats, provider, seconds)
+    return SelectResult(maskfile.build(masks, sites, meta), stats, sites, provider, seconds)
 

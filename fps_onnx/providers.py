@@ -51,7 +51,6 @@ def cuda_unavailable() -> str | None:
         ctypes.CDLL("libcuda.so.1")
     except OSError:
         return "no NVIDIA driver (libcuda.so.1) on this machine"
-    import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(

@@ -1,0 +1,75 @@
+"""Tiny models and graphs the tests build for themselves (seeded, no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def make_model(nodes, inputs, outputs, initializers, opset: int = OPSET) -> onnx.ModelProto:
+    """A checked ModelProto from helper parts; initializers given as {name: array}."""
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def tensor(name: str, shape, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def linear_chain(tmp: Path, seed: int = 0) -> Path:
+    """x[N, 6] -> MatMul(W1 [6, 5], stored in_out) -> Relu -> Gemm(W2 [4, 5], transB) -> y."""
+    r = rng(seed)
+    w1 = r.standard_normal((6, 5)).astype(np.float32)
+    w2 = r.standard_normal((4, 5)).astype(np.float32)
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "w2"], ["y"], transB=1),
+        ],
+        [tensor("x", ["N", 6])],
+        [tensor("y", ["N", 4])],
+        {"w1": w1, "w2": w2},
+    )
+    path = tmp / "chain.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def tiny_vit(img: int = 32, seed: int = 0):
+    """A 2-block timm ViT with 32-d embeddings, in eval mode."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=img, patch_size=8,
+        embed_dim=32, depth=2, num_heads=2, num_classes=5,
+    ).eval()
+
+
+def export(model, example, path: Path, input_names=("x",), dynamic=None) -> Path:
+    """Legacy-exporter ONNX file with a dynamic batch axis (transposes folded)."""
+    import torch
+
+    names = list(input_names)
+    dynamic = dynamic or {n: {0: "batch"} for n in names}
+    args = tuple(example) if isinstance(example, (list, tuple)) else (example,)
+    torch.onnx.export(
+        model, args, str(path), input_names=names, output_names=["y"],
+        dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
+    )
+    return path

@@ -1,0 +1,147 @@
+"""Calibration end to end against an independent PyTorch forward-hook computation."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from fps_onnx.calibrate import CalibrationConfig, calibrate
+from fps_onnx.data import DataConfig
+from fps_onnx.errors import DataError, ModelError, NumericError
+from fps_onnx.pipeline import run_select
+from fps_onnx.select import SelectConfig
+
+BOTH = CalibrationConfig(provider="cpu", statistics=("abs_sum", "sq_sum"))
+
+
+def torch_reference(model, data, per_neuron, norm):
+    """Eq. 3/4 with forward pre-hooks, float64, and a stable-sort top-K per row."""
+    import torch
+
+    sums = {}
+
+    def hook(name, module):
+        def pre(mod, args):
+            x = args[0].detach().double()
+            if isinstance(mod, torch.nn.Conv2d):
+                x = x.transpose(1, -1)
+            x = x.reshape(-1, x.shape[-1])
+            acc = sums.setdefault(name, [0.0, 0.0, 0])
+            acc[0] = acc[0] + x.abs().sum(0)
+            acc[1] = acc[1] + (x * x).sum(0)
+            acc[2] += x.shape[0]
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in model.named_modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    with torch.no_grad():
+        model(torch.from_numpy(data))
+    for h in handles:
+        h.remove()
+    modules = dict(model.named_modules())
+    out = {}
+    for name, (abs_sum, sq_sum, count) in sums.items():
+        w = modules[name].weight.detach().double()
+        act = abs_sum / count if norm == "l1" else (sq_sum / count).sqrt()
+        shape = [1, -1] + [1] * (w.dim() - 2)
+        score = (w.abs() * act.reshape(shape)).reshape(w.shape[0], -1)
+        order = torch.sort(-score, dim=1, stable=True).indices[:, :per_neuron]
+        mask = torch.zeros_like(score, dtype=torch.bool).scatter_(1, order, True)
+        out[name] = (modules[name].weight.detach().numpy(), abs_sum.numpy(), sq_sum.numpy(), count,
+                     mask.reshape(w.shape).numpy())
+    return out
+
+
+def by_value(reference, weights):
+    """ONNX key -> torch module name, matching weights exactly (the export only transposes)."""
+    names = {}
+    for key, w in weights.items():
+        hits = [n for n, ref in reference.items() if ref[0].shape == w.shape and np.array_equal(ref[0], w)]
+        assert len(hits) == 1, key
+        names[key] = hits[0]
+    return names
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_masks_and_stats_equal_pytorch_hooks(vit_case, norm):
+    from fps_onnx import graph
+    from fps_onnx.calibrate import load_model
+
+    model, path, data_path = vit_case
+    data = np.load(data_path)
+    ref = torch_reference(model, data, per_neuron=3, norm=norm)
+    result = run_select(path, data_path, SelectConfig(norm=norm, per_neuron=3), BOTH)
+    weights = {s.key: w for s, w in graph.iter_weight_values(load_model(path), result.sites)}
+    names = by_value(ref, weights)
+    assert sorted(names.values()) == sorted(ref)  # every Linear and Conv is covered
+    for key, name in names.items():
+        _, abs_sum, sq_sum, count, mask = ref[name]
+        got = result.stats.weights[key]
+        assert got.count == count
+        np.testing.assert_allclose(got.abs_sum, abs_sum, rtol=1e-4)
+        np.testing.assert_allclose(got.sq_sum, sq_sum, rtol=1e-4)
+        np.testing.assert_array_equal(result.masks.masks[key], mask, err_msg=key)
+
+
+def test_same_result_for_batch_sizes_1_3_16(vit_case):
+    _, path, data_path = vit_case
+    runs = [run_select(path, data_path, SelectConfig(fraction=0.1), BOTH, DataConfig(batch_size=b))
+            for b in (1, 3, 16)]
+    first = runs[0]
+    for other in runs[1:]:
+        for key, mask in first.masks.masks.items():
+            np.testing.assert_array_equal(other.masks.masks[key], mask)
+            np.testing.assert_allclose(other.stats.weights[key].abs_sum,
+                                       first.stats.weights[key].abs_sum, rtol=1e-5)
+            assert other.stats.weights[key].count == first.stats.weights[key].count
+
+
+def test_max_samples_stops_early(vit_case):
+    _, path, data_path = vit_case
+    result = calibrate(path, data_path, BOTH, DataConfig(batch_size=5, max_samples=7))
+    assert result.stats.num_samples == 7
+
+
+def test_python_memory_does_not_grow_with_data(vit_case, tmp_path):
+    _, path, _ = vit_case
+    r = np.random.default_rng(0)
+    peaks = []
+    for files in (2, 12):
+        folder = tmp_path / f"d{files}"
+        folder.mkdir()
+        for i in range(files):
+            np.save(folder / f"{i:03d}.npy", r.standard_normal((8, 3, 32, 32)).astype(np.float32))
+        tracemalloc.start()
+        result = calibrate(path, folder, BOTH, DataConfig(batch_size=8))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert result.stats.num_samples == 8 * files
+    # six times the data; the peak is one batch plus accumulators either way
+    assert peaks[1] < peaks[0] * 1.3 + 200_000, peaks
+
+
+def test_nan_in_activations_is_reported(vit_case, tmp_path):
+    _, path, _ = vit_case
+    bad = np.zeros((2, 3, 32, 32), np.float32)
+    bad[1, 0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(NumericError, match="NaN or Inf in the input of .* in batch 0"):
+        calibrate(path, tmp_path / "nan.npy", BOTH)
+
+
+def test_corrupt_model_is_rejected(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ModelError, match="cannot read ONNX model"):
+        calibrate(bad, tmp_path, BOTH)
+    with pytest.raises(ModelError, match="does not exist"):
+        calibrate(tmp_path / "none.onnx", tmp_path, BOTH)
+
+
+def test_wrong_input_shape_says_what_the_model_expects(vit_case, tmp_path):
+    _, path, _ = vit_case
+    np.save(tmp_path / "small.npy", np.zeros((2, 3, 16, 16), np.float32))
+    with pytest.raises(DataError, match=r"small.npy: x has shape \[2, 3, 16, 16\], the model expects x \[batch, 3, 32, 32\] float32"):
+        calibrate(path, tmp_path / "small.npy", BOTH)

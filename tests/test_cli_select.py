@@ -1,0 +1,135 @@
+"""`fps-onnx select` through click's CliRunner: outputs, JSON, stats, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from _models import linear_chain
+from click.testing import CliRunner
+from fps_onnx.cli.main import main
+import numpy as np
+import pytest
+
+from fps_onnx.maskfile import MaskFile
+from fps_onnx.stats import Stats
+
+
+@pytest.fixture()
+def chain(tmp_path):
+    path = linear_chain(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "x.npy", np.random.default_rng(0).standard_normal((20, 6)).astype(np.float32))
+    return path, data
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def test_select_writes_masks_and_json_summary(chain, tmp_path):
+    model, data = chain
+    out = tmp_path / "masks.safetensors"
+    result = invoke("select", model, data, "-o", out, "--per-neuron", "2", "--json", "--quiet",
+                    "--batch-size", "7")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["tensors"] == {"w1": {"shape": [5, 6], "selected": 10},
+                                  "w2": {"shape": [4, 5], "selected": 8}}
+    assert summary["samples"] == 20 and summary["provider"] == "CPUExecutionProvider"
+    masks = MaskFile.load(out)
+    assert (masks.masks["w1"].sum(1) == 2).all()
+    assert masks.meta["num_samples"] == "20" and json.loads(masks.meta["budget"]) == {"per_neuron": 2}
+    assert masks.tensors["w1"]["onnx_layout"] == "in_out"
+
+
+def test_stats_out_then_from_stats_reselects_without_data(chain, tmp_path):
+    model, data = chain
+    stats, first, second = tmp_path / "s.safetensors", tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert invoke("select", model, data, "-o", first, "--stats-out", stats, "-q").exit_code == 0
+    assert Stats.load(stats).statistics == {"abs_sum", "sq_sum"}
+    result = invoke("select", model, "-o", second, "--from-stats", stats, "--norm", "l2",
+                    "--level", "layer", "--fraction", "0.5", "-q")
+    assert result.exit_code == 0, result.output
+    again = MaskFile.load(second)
+    assert again.meta["norm"] == "l2" and again.meta["level"] == "layer"
+    assert again.masks["w1"].sum() == 15  # half of 30 entries
+
+
+def test_progress_and_provider_line_on_stderr(chain, tmp_path):
+    model, data = chain
+    result = invoke("select", model, data, "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == 0
+    assert "running on CPUExecutionProvider" in result.stderr
+    assert "selected" in result.stderr
+
+
+BAD = [
+    (lambda m, d, t: [t / "none.onnx", d], "model file .*none.onnx does not exist"),
+    (lambda m, d, t: [t / "corrupt.onnx", d], "cannot read ONNX model"),
+    (lambda m, d, t: [m, t / "empty"], "no .npy, .npz or image files under"),
+    (lambda m, d, t: [m, t / "wrong.npy"], r"x has shape \[3, 7\], the model expects x \[N, 6\]"),
+    (lambda m, d, t: [m, d, "--per-neuron", "9"], "--per-neuron 9 is larger than a fan-in of 6"),
+    (lambda m, d, t: [m, d, "--fraction", "1.5"], r"fraction must be in \(0, 1\]"),
+    (lambda m, d, t: [m, d, "--fraction", "0"], r"fraction must be in \(0, 1\]"),
+    (lambda m, d, t: [m, d, "--provider", "cuda"], "CUDA provider cannot be used here"),
+    (lambda m, d, t: [m, d, "--token-mask", "mask"], "token mask 'mask' is not a model input"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD)
+def test_bad_input_gets_one_line_and_no_output(chain, tmp_path, args, message):
+    import re
+
+    model, data = chain
+    (tmp_path / "corrupt.onnx").write_bytes(b"\x08garbage")
+    (tmp_path / "empty").mkdir()
+    np.save(tmp_path / "wrong.npy", np.zeros((3, 7), np.float32))
+    out = tmp_path / "out" / "m.safetensors"
+    out.parent.mkdir()
+    result = invoke("select", *args(model, data, tmp_path), "-o", out)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and re.search(message, lines[-1]), result.stderr
+    assert "Traceback" not in result.output
+    assert list(out.parent.iterdir()) == []
+
+
+def test_unwritable_output_fails_before_running(chain, tmp_path):
+    model, data = chain
+    result = invoke("select", model, data, "-o", tmp_path / "missing" / "m.safetensors")
+    assert result.exit_code == 1
+    assert "folder" in result.stderr and "does not exist" in result.stderr
+    assert "running on" not in result.stderr
+
+
+def test_from_stats_of_another_model_is_rejected(chain, tmp_path):
+    model, data = chain
+    stats = tmp_path / "s.safetensors"
+    assert invoke("select", model, data, "-o", tmp_path / "a.safetensors", "--stats-out", stats, "-q").exit_code == 0
+    other = linear_chain(tmp_path / "data", seed=1)
+    result = invoke("select", other, "-o", tmp_path / "b.safetensors", "--from-stats", stats)
+    assert result.exit_code == 1
+    assert "was computed on another model" in result.stderr
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_data_and_from_stats_are_exclusive(chain, tmp_path):
+    model, data = chain
+    result = invoke("select", model, "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == 2 and "give either DATA or --from-stats" in result.stderr
+
+
+def test_select_does_not_import_torch(chain, tmp_path):
+    model, data = chain
+    code = (
+        "import sys; from fps_onnx.cli.main import main\n"
+        f"try:\n    main(['select', {str(model)!r}, {str(data)!r}, '-o', {str(tmp_path / 'm.safetensors')!r}, '-q'])\n"
+        "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "bad = [m for m in ('torch', 'timm', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,93 @@
+"""FPS scores, top-k with ties, budgets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fps_onnx.errors import BudgetError, NumericError
+from fps_onnx.graph import WeightSite
+from fps_onnx.select import SelectConfig, scores, select_one, top_k
+from fps_onnx.stats import ChannelStats
+
+
+def linear_site(out=3, inp=4):
+    return WeightSite("w", "MatMul", "out_in", (out, inp), inp)
+
+
+def test_top_k_breaks_ties_by_lower_index():
+    s = np.array([[1.0, 2.0, 2.0, 2.0, 0.5], [3.0, 3.0, 3.0, 3.0, 3.0]])
+    mask = top_k(s, 2)
+    assert mask.tolist() == [[False, True, True, False, False], [True, True, False, False, False]]
+
+
+def test_top_k_matches_stable_sort_on_random_scores_with_ties():
+    r = np.random.default_rng(0)
+    s = r.integers(0, 5, size=(50, 40)).astype(np.float64)  # many ties
+    for k in (1, 7, 39, 40):
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        want = np.zeros_like(s, dtype=bool)
+        np.put_along_axis(want, order, True, axis=1)
+        np.testing.assert_array_equal(top_k(s, k), want)
+
+
+def test_l1_score_is_weight_times_mean_abs_activation():
+    w = np.array([[1.0, -2.0], [0.5, 4.0]])
+    stats = ChannelStats()
+    stats.add(abs_sum=np.array([6.0, 2.0]), sq_sum=np.array([20.0, 2.0]), count=2)
+    site = linear_site(2, 2)
+    np.testing.assert_allclose(scores(w, site, stats.mean_abs()), [[3.0, 2.0], [1.5, 4.0]])
+    np.testing.assert_allclose(scores(w, site, stats.rms()), np.abs(w) * np.sqrt([10.0, 1.0]))
+    mask = select_one(w.astype(np.float32), site, stats, SelectConfig(per_neuron=1))
+    assert mask.tolist() == [[True, False], [False, True]]
+
+
+def test_conv_score_uses_the_channel_of_each_group():
+    # 4 output channels, 2 groups, 2 input channels per group -> C_in = 4
+    site = WeightSite("c", "Conv", "conv", (4, 2, 1, 1), 4, groups=2)
+    w = np.ones((4, 2, 1, 1))
+    act = np.array([1.0, 2.0, 3.0, 4.0])
+    s = scores(w, site, act)[:, :, 0, 0]
+    assert s.tolist() == [[1, 2], [1, 2], [3, 4], [3, 4]]
+
+
+def test_neuron_and_layer_budgets():
+    r = np.random.default_rng(1)
+    w = r.standard_normal((10, 40)).astype(np.float32)
+    stats = ChannelStats()
+    stats.add(abs_sum=r.random(40), count=3)
+    site = linear_site(10, 40)
+    neuron = select_one(w, site, stats, SelectConfig(fraction=0.1))
+    assert (neuron.sum(1) == 4).all()
+    layer = select_one(w, site, stats, SelectConfig(level="layer", per_neuron=4))
+    assert layer.sum() == 40
+    layer_f = select_one(w, site, stats, SelectConfig(level="layer", fraction=0.001))
+    assert layer_f.sum() == 1  # at least one entry
+    best = np.unravel_index(np.argmax(np.abs(w) * stats.mean_abs()), w.shape)
+    assert layer_f[best]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"fraction": 0.0}, "fraction must be in"),
+    ({"fraction": 1.5}, "fraction must be in"),
+    ({"per_neuron": 0}, "at least 1"),
+    ({"per_neuron": 1, "fraction": 0.1}, "not both"),
+    ({"norm": "l3"}, "norm must be"),
+])
+def test_bad_budgets_are_rejected(kwargs, message):
+    with pytest.raises(BudgetError, match=message):
+        SelectConfig(**kwargs)
+
+
+def test_k_above_fan_in_is_rejected():
+    with pytest.raises(BudgetError, match="larger than a fan-in of 4"):
+        SelectConfig(per_neuron=5).keep(3, 4)
+
+
+def test_nan_weight_is_rejected():
+    stats = ChannelStats()
+    stats.add(abs_sum=np.ones(4), count=1)
+    w = np.ones((3, 4), np.float32)
+    w[1, 2] = np.nan
+    with pytest.raises(NumericError, match="NaN"):
+        select_one(w, linear_site(), stats, SelectConfig())
