@@ -62,9 +62,12 @@ def select(model, data, output, norm, level, per_neuron, fraction, provider, bat
 
     check_writable(output)
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with tqdm(total=max_samples, unit="sample", disable=quiet or from_stats is not None,
-              dynamic_ncols=True, leave=False) as bar:
+    with logging_redirect_tqdm([log]), tqdm(
+        total=max_samples, unit="sample", disable=quiet or from_stats is not None,
+        dynamic_ncols=True, leave=False,
+    ) as bar:
         result = run_select(
             model, data, config, calibration, data_config,
             from_stats=from_stats, stats_out=stats_out, on_batch=bar.update,
