@@ -335,6 +335,18 @@ def token_leading(model: onnx.ModelProto, tensors: Iterable[str], mask_input: st
     return hits
 
 
+def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """ONNX Runtime's symbolic shape inference, which follows [batch, seq] through
+    the Reshape/Transpose chains of attention where plain ONNX inference gives up."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as exc:  # noqa: BLE001 - fall back to ONNX's own inference
+        log.debug("symbolic shape inference failed: %s", exc)
+        return None
+
+
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
     # Shape inference needs no weight values: keep small constants (shapes,
     # axes) and declare large initializers as typed inputs, so memory stays flat.
@@ -353,11 +365,13 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
             graph.input.append(
                 helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
             )
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - inference failing only loses the mask
-        log.warning("shape inference failed (%s); padded positions will be counted", exc)
-        return {}
+    inferred = _symbolic_inference(light)
+    if inferred is None:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+        except Exception as exc:  # noqa: BLE001 - inference failing only loses the mask
+            log.warning("shape inference failed (%s); padded positions will be counted", exc)
+            return {}
     shapes = {}
     for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):

@@ -73,3 +73,28 @@ def export(model, example, path: Path, input_names=("x",), dynamic=None) -> Path
         dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
     )
     return path
+
+
+def tiny_bert(seed: int = 0):
+    """A 2-layer, 32-d BERT taking (input_ids, attention_mask, token_type_ids) positionally."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    bert = BertModel(config).eval()
+
+    class Positional(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    return Positional().eval()
+
+
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
