@@ -3,9 +3,10 @@ from __future__ import annotations
 import logging
 import warnings
 
-from _models import export, tiny_vit
 import numpy as np
 import pytest
+
+from _models import export, tiny_vit
 
 
 @pytest.fixture(autouse=True)

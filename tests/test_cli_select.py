@@ -6,12 +6,12 @@ import json
 import subprocess
 import sys
 
-from _models import linear_chain
 from click.testing import CliRunner
-from fps_onnx.cli.main import main
 import numpy as np
 import pytest
 
+from _models import linear_chain
+from fps_onnx.cli.main import main
 from fps_onnx.maskfile import MaskFile
 from fps_onnx.stats import Stats
 

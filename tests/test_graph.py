@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from _models import make_model, rng, tensor
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 import onnxruntime as ort
 import pytest
 
+from _models import make_model, rng, tensor
 from fps_onnx import graph
 from fps_onnx.errors import ModelError
 
