@@ -11,7 +11,7 @@ from fps_onnx import providers
 from fps_onnx.calibrate import CalibrationConfig
 from fps_onnx.data import DataConfig
 from fps_onnx.pipeline import run_select
-from fps_onnx.select import LEVELS, NORMS, SelectConfig
+from fps_onnx.select import LEVELS, METHODS, NORMS, SelectConfig, method_names
 
 from .options import floats, quiet_option
 
@@ -28,6 +28,8 @@ def _given(**values):
 @click.argument("data", type=click.Path(), required=False)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Mask file to write (safetensors).")
+@click.option("--method", type=click.Choice(method_names()), help=f"fps, or a baseline: activation (Eq. 5/6), magnitude, random, gps (gradients; needs PyTorch). [default: {SelectConfig().method}]")
+@click.option("--seed", type=int, help=f"Seed of --method random. [default: {SelectConfig().seed}]")
 @click.option("--norm", type=click.Choice(NORMS), help=f"l1: |w|*mean|a| (Eq. 3); l2: |w|*RMS(a) (Eq. 4). [default: {SelectConfig().norm}]")
 @click.option("--level", type=click.Choice(LEVELS), help=f"Top-K per output neuron, or top-N per tensor. [default: {SelectConfig().level}]")
 @click.option("--per-neuron", "per_neuron", type=int, help="Keep K entries per output neuron (layer level: K * out per tensor).")
@@ -43,16 +45,18 @@ def _given(**values):
 @click.option("--from-stats", type=click.Path(dir_okay=False), help="Select from a statistics file instead of running the model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @quiet_option
-def select(model, data, output, norm, level, per_neuron, fraction, provider, batch_size,
+def select(model, data, output, method, seed, norm, level, per_neuron, fraction, provider, batch_size,
            max_samples, image_size, mean, std, token_mask, stats_out, from_stats, as_json, quiet):
     """Select the weights of MODEL (ONNX) to fine-tune, from calibration DATA.
 
     DATA is a folder or one file: .npy (one input), .npz (arrays keyed by input
     name) or images (found recursively). No labels, no gradients.
     """
-    if (data is None) == (from_stats is None):
+    config = SelectConfig(**_given(method=method, seed=seed, norm=norm, level=level,
+                                   per_neuron=per_neuron, fraction=fraction))
+    needs_data = config.method not in METHODS or METHODS[config.method].needs_activations
+    if needs_data and (data is None) == (from_stats is None):
         raise click.UsageError("give either DATA or --from-stats")
-    config = SelectConfig(**_given(norm=norm, level=level, per_neuron=per_neuron, fraction=fraction))
     calibration = CalibrationConfig(**_given(provider=provider, token_mask=token_mask))
     data_config = DataConfig(**_given(
         batch_size=batch_size, max_samples=max_samples, image_size=image_size,

@@ -11,8 +11,8 @@ from . import graph, maskfile
 from ._io import check_writable, sha256_file
 from .calibrate import CalibrationConfig, calibrate, load_model
 from .data import DataConfig
-from .errors import StatsError
-from .select import SelectConfig, describe_budget, select_one
+from .errors import BudgetError, DataError, StatsError
+from .select import METHODS, SelectConfig, describe_budget, select_one
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,17 @@ def run_select(
     """
     if stats_out is not None:
         check_writable(stats_out)
+    if select_config.method not in METHODS:
+        raise BudgetError(f"method {select_config.method!r} needs a PyTorch model (fps_onnx.gps)")
     provider = seconds = None
-    if from_stats is not None:
+    sha = sha256_file(model_path) if os.path.isfile(model_path) else None
+    if not METHODS[select_config.method].needs_activations:
+        model = load_model(model_path)
+        sites = graph.find_weights(model)
+        check_budget(sites, select_config)
+        stats = Stats(sha)
+    elif from_stats is not None:
         stats = Stats.load(from_stats)
-        sha = sha256_file(model_path) if os.path.isfile(model_path) else None
         model = load_model(model_path)
         if stats.model_sha256 != sha:
             raise StatsError(f"{from_stats} was computed on another model than {model_path}")
@@ -71,6 +78,8 @@ def run_select(
         if missing:
             raise StatsError(f"{from_stats} has no statistics for {missing[0]}")
     else:
+        if data_path is None:
+            raise DataError(f"method {select_config.method} needs calibration data or --from-stats")
         wanted = {select_config.statistic, *calibration.statistics}
         if stats_out is not None:
             wanted |= set(graph.STATISTICS)
@@ -85,16 +94,18 @@ def run_select(
         model = load_model(model_path)
 
     masks = {
-        site.key: select_one(weight, site, stats.weights[site.key], select_config)
+        site.key: select_one(weight, site, stats.weights.get(site.key), select_config)
         for site, weight in graph.iter_weight_values(model, sites)
     }
-    meta = {
-        "method": "fps",
+    meta: dict[str, object] = {
+        "method": select_config.method,
         "norm": select_config.norm,
         "level": select_config.level,
         "budget": describe_budget(select_config),
         "num_samples": stats.num_samples,
         "model_sha256": stats.model_sha256,
     }
+    if select_config.method == "random":
+        meta["seed"] = select_config.seed
     return SelectResult(maskfile.build(masks, sites, meta), stats, sites, provider, seconds)
 

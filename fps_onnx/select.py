@@ -1,9 +1,14 @@
-"""FPS scores and top-k selection (Eq. 3/4 of the FPS paper).
+"""Scores and top-k selection: FPS (Eq. 3/4 of the FPS paper) and its baselines.
 
 Score of weight w[j, k] (PyTorch layout, row j = output neuron, k = input):
 ``|w| * mean|a_k|`` (norm "l1") or ``|w| * RMS(a_k)`` (norm "l2"). For a Conv
 weight w[o, c, i, j] the statistic is that of input channel
 ``group(o) * C_in/groups + c``, broadcast over the kernel window.
+
+Other methods plug in through :func:`register_method`: "activation" (Eq. 5/6,
+the activation statistic alone), "magnitude" (|w| alone) and "random" (seeded
+uniform scores) are built in; "gps" (gradients, needs PyTorch) registers
+itself from :mod:`fps_onnx.gps`.
 
 Selection keeps the top K per output neuron (level "neuron") or the top N of
 each tensor (level "layer"). Ties go to the higher score, then the lower flat
@@ -12,9 +17,10 @@ index, so the result is deterministic.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 import json
+import zlib
 
 import numpy as np
 
@@ -40,8 +46,12 @@ class SelectConfig:
     level: str = "neuron"
     per_neuron: int | None = None
     fraction: float | None = None
+    method: str = "fps"
+    seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS and self.method != "gps":
+            raise BudgetError(f"method must be one of {', '.join(method_names())}, not {self.method!r}")
         if self.norm not in NORMS:
             raise BudgetError(f"norm must be one of {', '.join(NORMS)}, not {self.norm!r}")
         if self.level not in LEVELS:
@@ -78,6 +88,32 @@ class SelectConfig:
         return max(1, round(f * n))
 
 
+@dataclass(frozen=True)
+class Method:
+    """A selection method: how it scores a weight, and whether it needs activations."""
+
+    name: str
+    score: Callable[[np.ndarray, WeightSite, np.ndarray | None, SelectConfig], np.ndarray]
+    needs_activations: bool
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, score, needs_activations: bool) -> Method:
+    """Add a selection method; ``score(weight, site, activation, config)`` returns
+    an array shaped like ``weight`` (``activation`` is None when not needed)."""
+    if not name.isidentifier() or name in METHODS:
+        raise ValueError(f"method name {name!r} is not a new identifier")
+    METHODS[name] = Method(name, score, needs_activations)
+    return METHODS[name]
+
+
+def method_names() -> list[str]:
+    """Every method the select command offers ("gps" loads PyTorch when chosen)."""
+    return sorted({*METHODS, "gps"})
+
+
 def channel_statistic(stats: ChannelStats, norm: str) -> np.ndarray:
     """mean|a| (l1) or RMS(a) (l2) per input channel."""
     return stats.mean_abs() if norm == "l1" else stats.rms()
@@ -93,6 +129,21 @@ def scores(weight: np.ndarray, site: WeightSite, activation: np.ndarray) -> np.n
     channel = group[:, None] * per_group + np.arange(per_group)[None, :]
     act = activation[channel].reshape(out, per_group, *([1] * (weight.ndim - 2)))
     return w * act
+
+
+def _broadcast(site: WeightSite, activation: np.ndarray, shape) -> np.ndarray:
+    return scores(np.ones(shape), site, activation)
+
+
+def _random(weight: np.ndarray, site: WeightSite, _act, config: SelectConfig) -> np.ndarray:
+    rng = np.random.default_rng([config.seed, zlib.crc32(site.key.encode())])
+    return rng.random(weight.shape)
+
+
+register_method("fps", lambda w, site, act, _c: scores(w, site, act), needs_activations=True)
+register_method("activation", lambda w, site, act, _c: _broadcast(site, act, w.shape), True)
+register_method("magnitude", lambda w, site, _act, _c: np.abs(w.astype(np.float64)), False)
+register_method("random", _random, needs_activations=False)
 
 
 def top_k(score: np.ndarray, k: int) -> np.ndarray:
@@ -112,27 +163,24 @@ def top_k(score: np.ndarray, k: int) -> np.ndarray:
 
 
 def select_one(
-    weight: np.ndarray, site: WeightSite, stats: ChannelStats, config: SelectConfig
+    weight: np.ndarray, site: WeightSite, stats: ChannelStats | None, config: SelectConfig
 ) -> np.ndarray:
     """The bool mask of one weight (PyTorch layout)."""
     if not np.all(np.isfinite(weight)):
         raise NumericError(f"weight {site.key} holds NaN or Inf")
-    score = scores(weight, site, channel_statistic(stats, config.norm))
+    method = METHODS[config.method]
+    act = channel_statistic(stats, config.norm) if method.needs_activations else None
+    score = method.score(weight, site, act, config)
+    return select_scores(score, config)
+
+
+def select_scores(score: np.ndarray, config: SelectConfig) -> np.ndarray:
+    """The bool mask of one tensor's scores (PyTorch layout, rows = output neurons)."""
     rows = score.shape[0]
     fan_in = score[0].size
     k = config.keep(rows, fan_in)
     flat = score.reshape(rows, fan_in) if config.level == "neuron" else score.reshape(1, -1)
     return top_k(flat, k).reshape(score.shape)
-
-
-def select(
-    weights: Mapping[str, np.ndarray],
-    sites: Sequence[WeightSite],
-    stats: Mapping[str, ChannelStats],
-    config: SelectConfig,
-) -> dict[str, np.ndarray]:
-    """Masks of every site, keyed like ``sites``."""
-    return {s.key: select_one(weights[s.key], s, stats[s.key], config) for s in sites}
 
 
 def describe_budget(config: SelectConfig) -> str:

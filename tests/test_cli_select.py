@@ -133,3 +133,13 @@ def test_select_does_not_import_torch(chain, tmp_path):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_magnitude_needs_no_data_and_records_its_method(chain, tmp_path):
+    model, _ = chain
+    out = tmp_path / "m.safetensors"
+    result = invoke("select", model, "-o", out, "--method", "magnitude", "--per-neuron", "1", "-q")
+    assert result.exit_code == 0, result.output
+    masks = MaskFile.load(out)
+    assert masks.meta["method"] == "magnitude"
+    assert (masks.masks["w2"].sum(1) == 1).all()

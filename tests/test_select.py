@@ -91,3 +91,36 @@ def test_nan_weight_is_rejected():
     w[1, 2] = np.nan
     with pytest.raises(NumericError, match="NaN"):
         select_one(w, linear_site(), stats, SelectConfig())
+
+
+def _stats(act):
+    stats = ChannelStats()
+    stats.add(abs_sum=np.asarray(act, float), count=1)
+    return stats
+
+
+def test_baseline_methods_score_as_documented():
+    w = np.array([[1.0, -3.0, 2.0], [4.0, 0.1, -0.2]], np.float32)
+    stats = _stats([1.0, 0.1, 5.0])
+    site = linear_site(2, 3)
+    pick = {m: select_one(w, site, stats, SelectConfig(method=m, per_neuron=1)).tolist()
+            for m in ("fps", "activation", "magnitude")}
+    assert pick["fps"] == [[False, False, True], [True, False, False]]        # |w| * act
+    assert pick["activation"] == [[False, False, True], [False, False, True]]  # act only
+    assert pick["magnitude"] == [[False, True, False], [True, False, False]]   # |w| only
+
+
+def test_random_method_is_seeded_and_keeps_the_budget():
+    w = np.ones((8, 50), np.float32)
+    site = linear_site(8, 50)
+    a = select_one(w, site, None, SelectConfig(method="random", per_neuron=5, seed=1))
+    b = select_one(w, site, None, SelectConfig(method="random", per_neuron=5, seed=1))
+    c = select_one(w, site, None, SelectConfig(method="random", per_neuron=5, seed=2))
+    assert (a.sum(1) == 5).all()
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(BudgetError, match="method must be one of .*fps.*magnitude"):
+        SelectConfig(method="oracle")
