@@ -40,5 +40,9 @@ def _register() -> None:
 
     main.add_command(select)
 
+    from .train import train
+
+    main.add_command(train)
+
 
 _register()

@@ -1,0 +1,215 @@
+"""``train`` end to end: model, masks, data, (distributed) training and the output folder.
+
+The output folder receives ``model.safetensors`` (merged dense weights,
+PyTorch names), ``delta.safetensors`` (see :func:`sparse.save_delta`) and
+``metrics.json``, each written atomically and only once training has finished,
+by the first process when several run under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+import json
+import logging
+import os
+from pathlib import Path
+
+from .._io import atomic_write, check_writable
+from ..errors import ExportError, OutputError
+from ..maskfile import MaskFile
+from . import loop, sparse
+from ._torch import nn, torch
+from .data import ImageSpec, LabelledSet, open_split
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Paths of the data splits (validation and test are optional)."""
+
+    train: str | os.PathLike
+    val: str | os.PathLike | None = None
+    test: str | os.PathLike | None = None
+
+
+def _build(spec: str, checkpoint=None, num_classes: int | None = None, img_size: int | None = None):
+    """(model, example inputs) for a SPEC, through ``fps_onnx.export.build_model``."""
+    try:
+        from ..export import build_model
+    except ImportError:
+        return _build_fallback(spec, checkpoint, num_classes, img_size)
+    return build_model(spec, checkpoint=checkpoint, num_classes=num_classes, img_size=img_size)
+
+
+def _build_fallback(spec, checkpoint, num_classes, img_size):  # pragma: no cover - until export lands
+    import importlib
+
+    kind, _, name = spec.partition(":")
+    if kind == "timm":
+        import timm
+
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        if img_size:
+            kwargs["img_size"] = img_size
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        if checkpoint is not None:
+            from safetensors.torch import load_file
+
+            state = load_file(checkpoint) if str(checkpoint).endswith(".safetensors") else torch.load(
+                checkpoint, map_location="cpu", weights_only=True)
+            own = model.state_dict()
+            model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape},
+                                  strict=False)
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        return model, torch.randn(1, size[0], img_size or size[1], img_size or size[2])
+    if kind == "module":
+        module_name, _, fn = name.partition(":") if ":" in name else name.rpartition(".")
+        try:
+            built = getattr(importlib.import_module(module_name), fn)()
+        except (ImportError, AttributeError) as exc:
+            raise ExportError(f"cannot build {spec}: {exc}") from exc
+        return built if isinstance(built, tuple) else (built, None)
+    raise ExportError(f"cannot build {spec}: use timm:NAME or module:function")
+
+
+def image_spec(model: nn.Module, example, image_size: int | None) -> ImageSpec | None:
+    """How images must look for ``model``; None when its example input is not an image batch."""
+    if not isinstance(example, torch.Tensor) or example.ndim != 4:
+        if image_size is None:
+            return None
+        channels, size = 3, image_size
+    else:
+        channels, size = int(example.shape[1]), image_size or int(example.shape[-1])
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    return ImageSpec(size, channels, **({"mean": tuple(mean), "std": tuple(std)} if mean and std else {}))
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); joins the process group when run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _loader(dataset: LabelledSet, recipe: Recipe, *, train: bool, rank: int, world: int):
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+    generator = torch.Generator().manual_seed(recipe.seed)
+    if train and world > 1:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=recipe.seed)
+        return DataLoader(dataset, recipe.batch_size, sampler=sampler, num_workers=recipe.workers)
+    if not train and world > 1:
+        dataset = Subset(dataset, range(rank, len(dataset), world))  # every sample once
+    return DataLoader(dataset, recipe.batch_size, shuffle=train, generator=generator,
+                      num_workers=recipe.workers)
+
+
+def run_train(
+    spec: str,
+    masks: str | os.PathLike | MaskFile,
+    splits: Splits,
+    output: str | os.PathLike,
+    recipe: Recipe = Recipe(),
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    onnx_model: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    device: str | None = None,
+    on_step: Callable[[int, float, int], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Fine-tune the entries ``masks`` selects of the model ``spec``; returns the metrics.
+
+    ``onnx_model``: the ONNX file the masks were selected on, when their keys are
+    ONNX initializer names (matched to the model's parameters by value).
+    """
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write to {out}: it is a file, not a folder")
+    rank, world, local_rank = _distributed()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("model.safetensors", "delta.safetensors", "metrics.json"):
+            check_writable(out / name)
+    maskfile = masks if isinstance(masks, MaskFile) else MaskFile.load(masks)
+    train_set = open_split(splits.train)
+    val_set = open_split(splits.val, train_set.classes) if splits.val else None
+    test_set = open_split(splits.test, train_set.classes) if splits.test else None
+    classes = num_classes or train_set.num_classes()
+    for split in (train_set, val_set, test_set):
+        if split is not None:
+            split.check_labels(classes)
+
+    torch.manual_seed(recipe.seed)
+    model, example = _build(spec, checkpoint, classes, image_size)
+    image = image_spec(model, example, image_size)
+    for split in (train_set, val_set, test_set):
+        if split is not None:
+            split.set_image(image)
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
+    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        DDP._set_params_and_buffers_to_ignore_for_model(model, sparse.buffer_names(model))
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    history = loop.fit(
+        net, _loader(train_set, recipe, train=True, rank=rank, world=world),
+        _loader(val_set, recipe, train=False, rank=rank, world=world) if val_set else None,
+        recipe=recipe, device=device,
+        on_step=on_step if rank == 0 else None, on_epoch=on_epoch if rank == 0 else None,
+    )
+    if test_set is not None:
+        history["test_accuracy"] = loop.evaluate(
+            net, _loader(test_set, recipe, train=False, rank=rank, world=world), device, recipe)
+    metrics = {
+        **history,
+        "model": spec,
+        "num_classes": classes,
+        "trainable": {"selected": trainable.selected, "sparse_tensors": len(trainable.deltas),
+                      "dense": sum(dict(model.named_parameters())[n].numel() for n in trainable.dense),
+                      "dense_tensors": trainable.dense},
+        "world_size": world,
+        "device": str(device),
+        "recipe": asdict(recipe),
+    }
+    if rank == 0:
+        write_outputs(model, trainable, metrics, out)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def write_outputs(model: nn.Module, trainable: loop.Trainable, metrics: dict, out: Path) -> None:
+    """delta.safetensors, model.safetensors and metrics.json, each atomically."""
+    from safetensors.torch import save_file
+
+    sparse.save_delta(model, out / "delta.safetensors", dense=trainable.dense)
+    state, seen = {}, set()
+    for name, tensor in sparse.merged_state_dict(model).items():
+        tensor = tensor.detach().cpu()
+        ptr = tensor.untyped_storage().data_ptr()
+        state[name] = tensor.clone() if ptr in seen else tensor.contiguous()  # tied weights
+        seen.add(ptr)
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    text = json.dumps(metrics, indent=2, default=str)
+    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    log.info("wrote %s, %s and %s", out / "model.safetensors", out / "delta.safetensors",
+             out / "metrics.json")

@@ -1,0 +1,297 @@
+"""Sparse deltas on frozen weights: k trainable values at fixed flat indices.
+
+The contract, for every weight a mask selects entries of:
+
+* the weight itself stays a frozen ``nn.Parameter`` (``requires_grad=False``);
+* a :class:`SparseDelta` parametrisation holds ``indices`` (int64 [k], sorted
+  flat indices in the PyTorch layout, row-major), ``base`` (the weight's
+  original values there, [k]) and ``values`` (the trainable delta, an
+  ``nn.Parameter`` [k], zero at the start);
+* the weight the module computes with is ``W0 + scatter(values)``. It is kept
+  merged *in the weight's own storage*: before a forward pass uses the weight,
+  ``base + values`` is written into the k entries (only when ``values`` changed
+  since the last write), and a custom autograd function hands the module a view
+  of that storage whose gradient is gathered at ``indices`` for ``values``.
+  So there is no dense copy of the weight, the dense gradient is a temporary of
+  one layer's backward, and the optimizer only ever sees k-sized tensors.
+  Entries outside the mask are never written.
+
+:func:`merge` removes the parametrisation and leaves a plain module whose
+weight is ``W0 + delta`` (zero inference overhead, ordinary ``state_dict``);
+:func:`save_delta` / :func:`apply_delta` write and apply the deltas alone.
+This works for any module parameter (nn.Linear, nn.Conv2d incl. grouped and
+depthwise, nn.MultiheadAttention's ``in_proj_weight``, ...), because modules
+read it through ``module.weight`` as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Mapping
+import json
+import logging
+import os
+
+import numpy as np
+
+from .._io import atomic_write
+from ..errors import MaskError
+from ..maskfile import MaskFile
+from ._torch import nn, torch
+
+log = logging.getLogger(__name__)
+
+DELTA_FORMAT = "fps-delta"
+DELTA_FORMAT_VERSION = "1"
+_MARK = ".parametrizations."
+
+
+class _GatherGrad(torch.autograd.Function):
+    """Identity on the (already merged) weight; the backward keeps only its k entries."""
+
+    @staticmethod
+    def forward(ctx, weight, values, indices):
+        ctx.save_for_backward(indices)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return None, grad.take(indices), None
+
+
+class SparseDelta(nn.Module):
+    """Parametrisation ``W -> W0 + scatter(values)`` that trains only ``values``."""
+
+    def __init__(self, weight: torch.Tensor, indices: torch.Tensor) -> None:
+        super().__init__()
+        indices = indices.to(device=weight.device, dtype=torch.int64)
+        self.register_buffer("indices", indices)
+        self.register_buffer("base", weight.detach().take(indices).clone())
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=weight.device))
+        self._written: tuple[int, int] | None = None
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        self.write(weight)
+        return _GatherGrad.apply(weight, self.values, self.indices)
+
+    def write(self, weight: torch.Tensor) -> None:
+        """Put ``base + values`` into the weight's storage if ``values`` changed since last time."""
+        stamp = (id(self.values), self.values._version)
+        if stamp == self._written and weight.device == self.values.device:
+            return
+        with torch.no_grad():
+            merged = (self.base.to(self.values.dtype) + self.values).to(weight.dtype)
+            weight.put_(self.indices, merged)
+        self._written = (id(self.values), self.values._version)
+
+    def extra_repr(self) -> str:
+        return f"k={self.indices.numel()}"
+
+
+def attach(model: nn.Module, masks: Mapping[str, object], *, skip: Collection[str] = ()) -> dict[str, SparseDelta]:
+    """Make the entries ``masks`` select trainable deltas; keys are parameter names.
+
+    ``masks``: name -> bool array (NumPy or torch) of the parameter's shape.
+    Names in ``skip`` are left alone (e.g. a head that is trained fully). A mask
+    that selects nothing leaves its weight frozen. Returns name -> SparseDelta.
+    """
+    from torch.nn.utils import parametrize
+
+    params = dict(model.named_parameters())
+    attached: dict[str, SparseDelta] = {}
+    for name, mask in masks.items():
+        if name in skip:
+            continue
+        if name not in params:
+            raise MaskError(f"mask {name!r} names no parameter of the model")
+        weight = params[name]
+        mask = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise MaskError(f"mask {name!r} has shape {list(mask.shape)}, "
+                            f"but the model's weight is {list(weight.shape)}")
+        if not weight.is_floating_point():
+            raise MaskError(f"mask {name!r}: the model's {name} is {weight.dtype}, not a float weight")
+        module_name, _, tensor_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if parametrize.is_parametrized(module, tensor_name):
+            raise MaskError(f"{name} already has a parametrisation; cannot add a sparse delta")
+        flat = np.flatnonzero(mask.reshape(-1))
+        if flat.size == 0:
+            continue
+        weight.requires_grad_(False)
+        delta = SparseDelta(weight, torch.from_numpy(flat))
+        parametrize.register_parametrization(module, tensor_name, delta)
+        attached[name] = delta
+    if not attached:
+        raise MaskError("the mask selects no entries of the model's weights")
+    log.info("sparse deltas on %d weights, %s trainable entries", len(attached),
+             f"{sum(d.indices.numel() for d in attached.values()):,}")
+    return attached
+
+
+def load_masks(
+    model: nn.Module,
+    masks: MaskFile | str | os.PathLike,
+    *,
+    skip: Collection[str] = (),
+    onnx_model=None,
+) -> dict[str, SparseDelta]:
+    """Attach a mask file (or loaded MaskFile) to ``model``.
+
+    Keys that are parameter names are used as they are. Other keys (ONNX
+    initializer names) are matched to the model's parameters through
+    :func:`fps_onnx.mapping.map_masks`: by value when ``onnx_model`` (the ONNX
+    model the masks were selected on: path or ModelProto) is given, by name
+    otherwise. Masks named in ``skip`` (a head trained fully) are ignored.
+    """
+    maskfile = masks if isinstance(masks, MaskFile) else MaskFile.load(masks)
+    if not maskfile.masks:
+        raise MaskError("the mask file holds no masks")
+    return attach(model, _by_parameter_name(model, maskfile, skip, onnx_model), skip=skip)
+
+
+def _by_parameter_name(model: nn.Module, maskfile: MaskFile, skip, onnx_model) -> dict[str, np.ndarray]:
+    names = {n for n, _ in model.named_parameters()}
+    wanted = {k: m for k, m in maskfile.masks.items() if k not in skip}
+    if all(key in names for key in wanted):
+        return wanted
+    if onnx_model is None and not any(key in names for key in wanted):
+        key = next(iter(wanted))
+        raise MaskError(f"mask key {key!r} is not a parameter name of the model; map the masks "
+                        "with `fps-onnx map`, or give the ONNX model they were selected on")
+    from ..mapping import map_masks
+
+    if onnx_model is not None and not hasattr(onnx_model, "graph"):
+        from ..calibrate import load_model
+
+        onnx_model = load_model(onnx_model)
+    subset = MaskFile(wanted, {k: maskfile.tensors.get(k, {}) for k in wanted}, dict(maskfile.meta))
+    mapped, report = map_masks(subset, model.state_dict(), onnx_model)
+    log.info("masks mapped to the model's parameters: %s", report.summary())
+    return mapped.masks
+
+
+def deltas(model: nn.Module) -> dict[str, SparseDelta]:
+    """Plain parameter name -> SparseDelta, for every sparse weight of ``model``."""
+    found = {}
+    for module_name, module in model.named_modules():
+        for tensor_name, plist in getattr(module, "parametrizations", {}).items():
+            for p in plist:
+                if isinstance(p, SparseDelta):
+                    found[f"{module_name}.{tensor_name}" if module_name else tensor_name] = p
+    return found
+
+
+def sync(model: nn.Module) -> None:
+    """Write the current deltas into the weights (done lazily by each forward pass)."""
+    for name, delta in deltas(model).items():
+        module_name, _, tensor_name = name.rpartition(".")
+        original = model.get_submodule(module_name).parametrizations[tensor_name].original
+        delta.write(original)
+
+
+def plain_name(name: str) -> str | None:
+    """``a.parametrizations.weight.original`` -> ``a.weight``; None for a delta's own tensors."""
+    if _MARK not in name:
+        return name
+    head, _, rest = name.partition(_MARK)
+    tensor, _, tail = rest.partition(".")
+    if tail != "original":
+        return None
+    return f"{head}.{tensor}"
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's ordinary state_dict (PyTorch names, deltas merged), without changing it."""
+    sync(model)
+    out = {}
+    for name, tensor in model.state_dict().items():
+        plain = plain_name(name)
+        if plain is not None:
+            out[plain] = tensor
+    return out
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Remove every sparse delta, leaving plain weights ``W0 + delta``; returns ``model``."""
+    from torch.nn.utils import parametrize
+
+    sync(model)
+    for name in deltas(model):
+        module_name, _, tensor_name = name.rpartition(".")
+        # the original's storage already holds W0 + delta: restore it as the parameter
+        parametrize.remove_parametrizations(model.get_submodule(module_name), tensor_name,
+                                            leave_parametrized=False)
+    return model
+
+
+def buffer_names(model: nn.Module) -> list[str]:
+    """State names of the deltas' constant buffers (indices, base): nothing to synchronise."""
+    return [n for n, _ in model.named_buffers() if _MARK in n and n.endswith((".indices", ".base"))]
+
+
+def _delta_tensors(model: nn.Module, dense: Collection[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, delta in deltas(model).items():
+        yield f"{name}:indices", delta.indices
+        yield f"{name}:values", delta.values.detach()
+    state = merged_state_dict(model)
+    for name in dense:
+        yield name, state[name]
+
+
+def save_delta(model: nn.Module, path: str | os.PathLike, *, dense: Collection[str] = ()) -> None:
+    """Write the deltas (and the fully trained tensors named in ``dense``) atomically.
+
+    The file (safetensors) holds ``<name>:indices`` (int64, flat row-major
+    indices) and ``<name>:values`` (the deltas) per sparse weight, and the full
+    values of each ``dense`` tensor under its own name. Metadata: ``format`` =
+    "fps-delta", ``format_version``, ``shapes`` (JSON name -> shape) and
+    ``dense`` (JSON list). Applying it to the starting model reproduces the
+    fine-tuned one (:func:`apply_delta`).
+    """
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in _delta_tensors(model, dense)}
+    state = merged_state_dict(model)
+    shapes = {name: list(state[name].shape) for name in deltas(model)}
+    meta = {
+        "format": DELTA_FORMAT,
+        "format_version": DELTA_FORMAT_VERSION,
+        "shapes": json.dumps(shapes, sort_keys=True),
+        "dense": json.dumps(sorted(dense)),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def apply_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Add the deltas of a delta file to ``model``'s plain weights in place; returns ``model``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except (OSError, SafetensorError) as exc:
+        raise MaskError(f"cannot read delta file {path}: {exc}") from exc
+    if meta.get("format") != DELTA_FORMAT:
+        raise MaskError(f"{path} is not an fps-onnx delta file")
+    params = dict(model.named_parameters())
+    shapes = json.loads(meta.get("shapes", "{}"))
+    with torch.no_grad():
+        for name, shape in shapes.items():
+            if name not in params or list(params[name].shape) != shape:
+                raise MaskError(f"delta for {name} {shape} does not fit the model")
+            weight = params[name]
+            indices = tensors[f"{name}:indices"].to(weight.device)
+            values = tensors[f"{name}:values"].to(weight.device)
+            weight.put_(indices, (weight.take(indices).to(values.dtype) + values).to(weight.dtype))
+        for name in json.loads(meta.get("dense", "[]")):
+            state = model.state_dict()
+            if name not in state or state[name].shape != tensors[name].shape:
+                raise MaskError(f"tensor {name} of {path} does not fit the model")
+            state[name].copy_(tensors[name])
+    return model

@@ -1,0 +1,224 @@
+"""Sparse deltas: only selected entries move, the GPS step is reproduced, merge is exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from fps_onnx.errors import MaskError  # noqa: E402
+from fps_onnx.maskfile import MaskFile  # noqa: E402
+from fps_onnx.train import sparse  # noqa: E402
+
+
+class Tiny(nn.Module):
+    """Conv, grouped conv, depthwise conv, two Linears, one used twice (tied)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.group = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+        self.depth = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = torch.relu(self.group(x)) + self.depth(x)
+        h = torch.tanh(self.fc(x.mean((2, 3))))
+        return self.out(h + torch.tanh(self.fc.weight.sum(1)))
+
+
+def _masks(model, fraction=0.25, seed=0):
+    rng = np.random.default_rng(seed)
+    return {n: rng.random(tuple(p.shape)) < fraction
+            for n, p in model.named_parameters() if n.endswith("weight")}
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return Tiny()
+
+
+def test_only_selected_values_are_trainable_and_k_sized():
+    model = _model()
+    masks = _masks(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    attached = sparse.attach(model, masks)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(attached) == set(masks)
+    assert len(trainable) == len(masks)
+    for name, delta in attached.items():
+        assert delta.values.shape == (int(masks[name].sum()),)
+        assert delta.indices.dtype == torch.int64
+        assert torch.equal(delta.indices, torch.from_numpy(np.flatnonzero(masks[name])))
+
+
+def test_training_moves_selected_entries_only_and_keeps_no_dense_grad():
+    model = _model()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = _masks(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sparse.attach(model, masks)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    x = torch.randn(6, 3, 8, 8)
+    for _ in range(3):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    state = sparse.merged_state_dict(model)
+    assert set(state) == set(start)
+    for name, before in start.items():
+        after = state[name]
+        if name in masks:
+            mask = torch.from_numpy(masks[name])
+            assert torch.equal(after[~mask], before[~mask])  # bit-identical outside the mask
+            assert (after[mask] != before[mask]).float().mean() > 0.9  # selected entries moved
+        else:
+            assert torch.equal(after, before)  # biases were frozen here
+    for state_tensor in opt.state.values():
+        for t in state_tensor.values():
+            assert t.numel() <= max(int(m.sum()) for m in masks.values())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_one_step_equals_gps_dense_masked_gradient(optimizer):
+    x, target = torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))
+    make = {"adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+            "sgd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9)}[optimizer]
+
+    gps = _model()
+    masks = _masks(gps)
+    opt = make(list(gps.parameters()))
+    for _ in range(2):
+        nn.functional.cross_entropy(gps(x), target).backward()
+        for name, p in gps.named_parameters():
+            p.grad = p.grad * torch.from_numpy(masks[name]) if name in masks else torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad()
+
+    ours = _model()
+    for p in ours.parameters():
+        p.requires_grad_(False)
+    sparse.attach(ours, masks)
+    opt = make([p for p in ours.parameters() if p.requires_grad])
+    for _ in range(2):
+        nn.functional.cross_entropy(ours(x), target).backward()
+        opt.step()
+        opt.zero_grad()
+
+    merged = sparse.merged_state_dict(ours)
+    for name, p in gps.named_parameters():
+        torch.testing.assert_close(merged[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_merge_gives_plain_modules_with_same_outputs_and_reloads():
+    model = _model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sparse.attach(model, _masks(model))
+    with torch.no_grad():
+        for delta in sparse.deltas(model).values():
+            delta.values.normal_()
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    sparse.merge(model)
+    assert not sparse.deltas(model)
+    assert type(model.fc) is nn.Linear and not hasattr(model.fc, "parametrizations")
+    state = model.state_dict()
+    assert set(state) == set(_model().state_dict())
+    fresh = _model(seed=1)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+
+
+def test_delta_file_applied_to_start_model_reproduces_merged(tmp_path):
+    model = _model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sparse.attach(model, _masks(model))
+    model.fc.bias.requires_grad_(True)
+    with torch.no_grad():
+        for delta in sparse.deltas(model).values():
+            delta.values.uniform_(-1, 1)
+        model.fc.bias.add_(1.0)
+    sparse.save_delta(model, tmp_path / "delta.safetensors", dense=["fc.bias"])
+    rebuilt = sparse.apply_delta(_model(), tmp_path / "delta.safetensors")
+    merged = sparse.merged_state_dict(model)
+    for name, value in rebuilt.state_dict().items():
+        assert torch.equal(value, merged[name]), name
+
+
+class Tokens(nn.Module):
+    """Linears on [batch, tokens, features]: the exporter folds their transposes away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 12)
+        self.b = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).mean(1)
+
+
+def test_onnx_keyed_masks_are_mapped_by_value(tmp_path):
+    pytest.importorskip("onnx")
+    import onnx
+
+    from fps_onnx import graph
+
+    torch.manual_seed(0)
+    model = Tokens()
+    path = tmp_path / "tokens.onnx"
+    torch.onnx.export(model, (torch.randn(2, 3, 6),), str(path), dynamo=False, input_names=["x"])
+    proto = onnx.load(str(path))
+    sites = graph.find_weights(proto)
+    assert not {s.key for s in sites} & {"a.weight", "b.weight"}  # anonymous initializer names
+    rng = np.random.default_rng(0)
+    masks = {s.key: rng.random(s.shape) < 0.3 for s in sites}
+    tensors = {s.key: {"onnx_initializer": s.key, "onnx_layout": s.layout, "op": s.op,
+                       "shape": list(s.shape), "selected": int(masks[s.key].sum())} for s in sites}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    attached = sparse.load_masks(model, MaskFile(masks, tensors), onnx_model=path)
+    assert set(attached) == {"a.weight", "b.weight"}
+    by_shape = {tuple(m.shape): m for m in masks.values()}
+    for name, delta in attached.items():
+        expected = np.flatnonzero(by_shape[shapes[name]])
+        assert np.array_equal(delta.indices.numpy(), expected)
+
+    with pytest.raises(MaskError, match="fps-onnx map"):
+        sparse.load_masks(Tokens(), MaskFile(masks, tensors))
+
+
+def test_mask_shape_mismatch_is_refused():
+    masks = _masks(_model())
+    masks["fc.weight"] = np.ones((16, 9), bool)
+    with pytest.raises(MaskError, match=r"mask 'fc.weight' has shape \[16, 9\].*\[16, 8\]"):
+        sparse.attach(_model(), masks)
+
+
+def test_empty_selection_and_unknown_names_are_refused():
+    model = _model()
+    empty = {n: np.zeros(tuple(p.shape), bool) for n, p in model.named_parameters()}
+    with pytest.raises(MaskError, match="selects no entries"):
+        sparse.attach(model, empty)
+    with pytest.raises(MaskError, match="names no parameter"):
+        sparse.attach(_model(), {"fc.weight": np.ones((16, 8), bool), "nope.weight": np.ones(3, bool)})
+
+
+def test_works_under_autograd_reuse_and_no_grad_inference():
+    model = _model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sparse.attach(model, _masks(model))
+    with torch.inference_mode():
+        y = model(torch.randn(1, 3, 8, 8))
+    assert y.shape == (1, 4)
+    loss = model(torch.randn(2, 3, 8, 8)).sum() + model(torch.randn(2, 3, 8, 8)).sum()
+    loss.backward()  # the tied fc weight is read three times per step
+    assert sparse.deltas(model)["fc.weight"].values.grad is not None
