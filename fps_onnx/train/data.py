@@ -52,6 +52,9 @@ class LabelledSet(torch.utils.data.Dataset):
         """How images are prepared for the model (None: the model takes no images)."""
         self.spec = spec
 
+    def set_inputs(self, names: list[str]) -> None:
+        """The model's input names (token arrays not among them are not fed)."""
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -112,6 +115,12 @@ class _TokenSet(LabelledSet):
     def __init__(self, path, tokens: dict[str, np.ndarray], labels) -> None:
         super().__init__(path, labels, None)
         self.tokens = tokens
+
+    def set_inputs(self, names: list[str]) -> None:
+        if names[0] not in self.tokens:
+            raise DataError(f"{self.path} has no array {names[0]!r}, which the model takes first "
+                            f"(it holds {sorted(self.tokens)})")
+        self.tokens = {k: v for k, v in self.tokens.items() if k in names}
 
     def __getitem__(self, i):
         return {k: torch.from_numpy(np.asarray(v[i], dtype=np.int64)) for k, v in self.tokens.items()}, int(

@@ -93,6 +93,18 @@ def prepare(model: nn.Module, masks: Mapping[str, object] | sparse.MaskFile | st
     return Trainable(deltas, sorted(dense), head)
 
 
+def check_head(model: nn.Module, num_classes: int) -> None:
+    """DataError when the model's classification head has fewer outputs than there are classes."""
+    names = head_names(model)
+    weights = [n for n in names if n.endswith("weight")]
+    if not weights:
+        return
+    outputs = dict(model.named_parameters())[weights[-1]].shape[0]
+    if outputs < num_classes:
+        raise DataError(f"the model's head has {outputs} outputs, the data has {num_classes} classes "
+                        "(give --num-classes to build a new head)")
+
+
 def _is_delta(name: str) -> bool:
     return sparse._MARK in name
 
@@ -173,6 +185,7 @@ def train_step(model, inputs, labels, optimizer, schedule, recipe: Recipe, devic
 @torch.no_grad()
 def evaluate(model, loader, device, recipe: Recipe = Recipe()) -> float:
     """Top-1 accuracy over ``loader`` (summed over all processes when distributed)."""
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)

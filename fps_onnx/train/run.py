@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from .._io import atomic_write, check_writable
-from ..errors import ExportError, OutputError
+from ..errors import OutputError
 from ..maskfile import MaskFile
 from . import loop, sparse
 from ._torch import nn, torch
@@ -35,48 +35,24 @@ class Splits:
     test: str | os.PathLike | None = None
 
 
-def _build(spec: str, checkpoint=None, num_classes: int | None = None, img_size: int | None = None):
-    """(model, example inputs) for a SPEC, through ``fps_onnx.export.build_model``."""
-    try:
-        from ..export import build_model
-    except ImportError:
-        return _build_fallback(spec, checkpoint, num_classes, img_size)
-    return build_model(spec, checkpoint=checkpoint, num_classes=num_classes, img_size=img_size)
+def _build(spec: str, checkpoint, num_classes: int | None, given_classes: bool, image_size: int | None):
+    """(model, example inputs) for a SPEC, from :func:`fps_onnx.export.build_model`.
 
+    timm and Hugging Face models get a new head for the data's classes; a
+    ``module:function`` model is asked for ``num_classes`` only when the user
+    gave it (its own head must then fit the labels).
+    """
+    from ..export import build_model
 
-def _build_fallback(spec, checkpoint, num_classes, img_size):  # pragma: no cover - until export lands
-    import importlib
-
-    kind, _, name = spec.partition(":")
-    if kind == "timm":
-        import timm
-
-        kwargs = {"num_classes": num_classes} if num_classes else {}
-        if img_size:
-            kwargs["img_size"] = img_size
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        if checkpoint is not None:
-            from safetensors.torch import load_file
-
-            state = load_file(checkpoint) if str(checkpoint).endswith(".safetensors") else torch.load(
-                checkpoint, map_location="cpu", weights_only=True)
-            own = model.state_dict()
-            model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape},
-                                  strict=False)
-        size = model.pretrained_cfg.get("input_size", (3, 224, 224))
-        return model, torch.randn(1, size[0], img_size or size[1], img_size or size[2])
-    if kind == "module":
-        module_name, _, fn = name.partition(":") if ":" in name else name.rpartition(".")
-        try:
-            built = getattr(importlib.import_module(module_name), fn)()
-        except (ImportError, AttributeError) as exc:
-            raise ExportError(f"cannot build {spec}: {exc}") from exc
-        return built if isinstance(built, tuple) else (built, None)
-    raise ExportError(f"cannot build {spec}: use timm:NAME or module:function")
+    if not spec.startswith(("timm:", "hf:")) and not given_classes:
+        num_classes = None
+    return build_model(spec, checkpoint=checkpoint, num_classes=num_classes, img_size=image_size)
 
 
 def image_spec(model: nn.Module, example, image_size: int | None) -> ImageSpec | None:
     """How images must look for ``model``; None when its example input is not an image batch."""
+    if isinstance(example, dict) and len(example) == 1:
+        (example,) = example.values()
     if not isinstance(example, torch.Tensor) or example.ndim != 4:
         if image_size is None:
             return None
@@ -150,11 +126,14 @@ def run_train(
             split.check_labels(classes)
 
     torch.manual_seed(recipe.seed)
-    model, example = _build(spec, checkpoint, classes, image_size)
+    model, example = _build(spec, checkpoint, classes, num_classes is not None, image_size)
+    loop.check_head(model, classes)
     image = image_spec(model, example, image_size)
     for split in (train_set, val_set, test_set):
         if split is not None:
             split.set_image(image)
+            if isinstance(example, dict):
+                split.set_inputs(list(example))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

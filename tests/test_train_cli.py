@@ -1,0 +1,165 @@
+"""``fps-onnx train`` end to end: outputs, reload, bad input, interruption."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+from click.testing import CliRunner
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fps_onnx.cli.main import main  # noqa: E402
+from fps_onnx.maskfile import MaskFile  # noqa: E402
+from fps_onnx.train import sparse  # noqa: E402
+
+MODEL = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self, num_classes):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.fc = nn.Linear(8, 16)
+            self.head = nn.Linear(16, num_classes)
+
+        def forward(self, input):
+            h = self.dw(torch.relu(self.stem(input))).mean((2, 3))
+            return self.head(torch.relu(self.fc(h)))
+
+    def build(num_classes=3):
+        torch.manual_seed(0)
+        return Net(num_classes), torch.randn(2, 3, 8, 8)
+''')
+
+
+@pytest.fixture
+def case(tmp_path):
+    """(model SPEC, mask path, train/val/test .npz paths) of a tiny learnable task."""
+    (tmp_path / "tinynet.py").write_text(MODEL)
+    spec = f"{tmp_path / 'tinynet.py'}:build"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 96), ("val", 48), ("test", 48)):
+        y = rng.integers(0, 3, n)
+        x = rng.standard_normal((n, 3, 8, 8)).astype(np.float32) * 0.5
+        x[np.arange(n), y] += 1.5
+        np.savez(tmp_path / f"{split}.npz", x=x, y=y)
+    shapes = {"stem.weight": (8, 3, 3, 3), "dw.weight": (8, 1, 3, 3), "fc.weight": (16, 8),
+              "head.weight": (3, 16)}
+    masks = {k: rng.random(s) < 0.3 for k, s in shapes.items()}
+    MaskFile(masks, {k: {"shape": list(s), "selected": int(masks[k].sum())} for k, s in shapes.items()}
+             ).save(tmp_path / "masks.safetensors")
+    return spec, tmp_path / "masks.safetensors", tmp_path
+
+
+def _train(spec, masks, tmp, *extra):
+    args = ["train", "--model", spec, "--masks", str(masks), "--train", str(tmp / "train.npz"),
+            "-o", str(tmp / "out"), "--epochs", "3", "--batch-size", "16", "--lr", "0.05", "-q", *extra]
+    return CliRunner().invoke(main, args)
+
+
+def _build(spec):
+    from fps_onnx.export import build_model
+
+    return build_model(spec)[0]
+
+
+def test_train_writes_merged_model_delta_and_metrics(case):
+    spec, masks, tmp = case
+    result = _train(spec, masks, tmp, "--val", str(tmp / "val.npz"), "--test", str(tmp / "test.npz"),
+                    "--json")
+    assert result.exit_code == 0, result.output
+    out = tmp / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["delta.safetensors", "metrics.json", "model.safetensors"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 3
+    assert {"train_loss", "val_accuracy", "seconds", "peak_memory_bytes"} <= set(metrics["epochs"][0])
+    assert metrics["test_accuracy"] > 0.8
+    assert metrics["best_epoch"] in (1, 2, 3)
+    assert metrics["trainable"]["dense_tensors"] == ["dw.bias", "fc.bias", "head.bias", "head.weight",
+                                                     "stem.bias"]
+
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "model.safetensors"))
+    start = _build(spec)
+    assert set(state) == set(start.state_dict())
+    model = _build(spec)
+    model.load_state_dict(state)
+    x = torch.from_numpy(np.load(tmp / "test.npz")["x"])
+    y = torch.from_numpy(np.load(tmp / "test.npz")["y"])
+    acc = float((model(x).argmax(1) == y).float().mean())
+    assert acc == pytest.approx(metrics["test_accuracy"])
+    rebuilt = sparse.apply_delta(_build(spec), out / "delta.safetensors")
+    for name, value in rebuilt.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    loaded = MaskFile.load(masks).masks
+    mask = torch.from_numpy(loaded["fc.weight"])
+    assert torch.equal(state["fc.weight"][~mask], start.fc.weight[~mask])
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("shape", "mask 'fc.weight' has shape [16, 9], but the model's weight is [16, 8]"),
+    ("empty", "the mask selects no entries"),
+    ("labels", "label 3 is out of range for 3 classes"),
+    ("classes", "has no classes"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(case, problem, message):
+    spec, masks, tmp = case
+    train = tmp / "train.npz"
+    if problem in ("shape", "empty"):
+        shapes = {"fc.weight": (16, 9) if problem == "shape" else (16, 8)}
+        fill = (lambda s: np.ones(s, bool)) if problem == "shape" else (lambda s: np.zeros(s, bool))
+        masks = tmp / "bad.safetensors"
+        MaskFile({k: fill(s) for k, s in shapes.items()}, {}).save(masks)
+    elif problem == "labels":
+        np.savez(tmp / "val.npz", x=np.zeros((2, 3, 8, 8), np.float32), y=[0, 3])
+    else:
+        (tmp / "empty").mkdir()
+        train = tmp / "empty"
+    args = ["train", "--model", spec, "--masks", str(masks), "--train", str(train),
+            "-o", str(tmp / "out"), "-q"]
+    if problem == "labels":
+        args += ["--val", str(tmp / "val.npz"), "--num-classes", "3"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not any((tmp / "out").glob("*")) if (tmp / "out").exists() else True
+
+
+def test_interrupt_during_training_or_writing_leaves_no_model_file(case, monkeypatch):
+    spec, masks, tmp = case
+    from fps_onnx.train import loop
+
+    calls = {"n": 0}
+    real_step = loop.train_step
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", interrupted)
+    result = _train(spec, masks, tmp)
+    assert result.exit_code == 130
+    assert not any((tmp / "out").iterdir())
+    monkeypatch.setattr(loop, "train_step", real_step)
+
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+
+    def half_then_interrupt(tensors, path, metadata=None):
+        real_save(dict(list(tensors.items())[:1]), path, metadata=metadata)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_interrupt)
+    result = _train(spec, masks, tmp)
+    assert result.exit_code == 130
+    assert not any((tmp / "out").iterdir())  # neither the files nor their temporaries
