@@ -1,0 +1,479 @@
+"""``export``: build a PyTorch model from a SPEC and write it as a checked ONNX file.
+
+A SPEC names where the model comes from, never downloading anything:
+
+* ``timm:NAME`` - ``timm.create_model(NAME, pretrained=False)``; weights only
+  from ``checkpoint``;
+* ``hf:PATH`` - a local transformers folder (``local_files_only``); text
+  models take ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when
+  the model has it), vision models ``pixel_values``;
+* ``module.path:function`` or ``file.py:function`` - a function returning
+  ``(model, example_inputs)``.
+
+The exported graph keeps the PyTorch name of every selectable weight: the
+legacy exporter runs without constant folding, so a Linear on a 3-D input
+stays ``MatMul(x, Transpose(<param>))`` and no BatchNorm is folded into a
+Conv (ONNX Runtime folds both when it loads the model, so inference is as
+fast). Any weight an exporter still renamed (the dynamo exporter's ``val_13``)
+gets its parameter's name back by value (:mod:`fps_onnx.mapping`). The file
+is then run with ONNX Runtime and compared to PyTorch on the example inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import contextlib
+from dataclasses import dataclass, field
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+from pathlib import Path
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+
+from . import graph, mapping
+from ._io import check_writable
+from .errors import ExportError, FpsError, MissingDependency
+
+log = logging.getLogger(__name__)
+
+EXPORTERS = ("legacy", "dynamo")
+_MAX_PROTO_BYTES = 1_800_000_000  # above this, weights go to an external data file
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How the model is exported and checked."""
+
+    exporter: str = "legacy"
+    opset: int = 18
+    tolerance: float = 1e-3  # max |onnx - torch|, relative to max(1, max |torch|)
+    check: bool = True
+
+    def __post_init__(self) -> None:
+        if self.exporter not in EXPORTERS:
+            raise ExportError(f"unknown exporter {self.exporter!r} (use {' or '.join(EXPORTERS)})")
+        if self.tolerance <= 0:
+            raise ExportError(f"tolerance must be positive, not {self.tolerance}")
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and how well ONNX Runtime agreed with PyTorch."""
+
+    path: Path
+    weights: int  # selectable weights in the graph
+    unnamed: list[str]  # of those, the ones not named like a parameter
+    renamed: dict[str, str] = field(default_factory=dict)  # exporter name -> parameter name
+    max_abs_diff: float | None = None
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_model(
+    spec: str,
+    checkpoint: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+):
+    """The PyTorch model a SPEC names, in eval mode, and example inputs for it.
+
+    Returns ``(model, example_inputs)``: ``example_inputs`` is a dict from input
+    name to a tensor with a batch of 2, ordered like ``model.forward``'s
+    positional parameters, so ``model(*example_inputs.values())`` runs it.
+    ``checkpoint`` (a ``.safetensors`` or ``torch.save`` file holding a
+    state_dict) must fit the model exactly. ``num_classes`` sets the classifier
+    (timm; ``hf:`` adds a sequence/image classification head); ``img_size``
+    the input side. Hugging Face models return tuples (``return_dict=False``).
+    Raises :class:`ExportError` for an unknown SPEC, a model that cannot be
+    built or a checkpoint that does not fit.
+    """
+    torch = _require("torch", "building a PyTorch model")
+    torch.manual_seed(0)
+    if spec.startswith("timm:"):
+        model, inputs = _timm(spec[5:], num_classes, img_size)
+    elif spec.startswith("hf:"):
+        model, inputs = _hf(spec[3:], num_classes, img_size)
+    elif ":" in spec and not spec.startswith(":") and not spec.endswith(":"):
+        model, inputs = _function(spec, num_classes, img_size)
+    else:
+        raise ExportError(f"unknown model SPEC {spec!r}: use timm:NAME, hf:PATH or module.path:function")
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, spec)
+    return model.eval(), inputs
+
+
+def load_checkpoint(model, path: str | os.PathLike, spec: str = "the model") -> None:
+    """Load a state_dict file into ``model``; ExportError unless it fits exactly."""
+    torch = _require("torch", "loading a checkpoint")
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - many formats, many exception types
+        raise ExportError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+    for wrapper in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping) or not state:
+        raise ExportError(f"checkpoint {path} holds no state_dict")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    own = model.state_dict()
+    wrong = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in state.items()
+             if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if wrong or missing or unexpected:
+        parts = []
+        if wrong:
+            parts.append(f"shape mismatch for {', '.join(wrong[:3])}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) ({', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) ({', '.join(unexpected[:3])})")
+        raise ExportError(f"checkpoint {path} does not fit {spec}: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _timm(name: str, num_classes, img_size):
+    torch = _require("torch", "timm models")
+    timm = _require("timm", "timm models")
+    kwargs = {"pretrained": False}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        try:
+            model = timm.create_model(name, **kwargs, **({"img_size": img_size} if img_size else {}))
+        except TypeError as exc:
+            if img_size is None or "img_size" not in str(exc):
+                raise
+            model = timm.create_model(name, **kwargs)  # size-agnostic (ConvNets)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ExportError(f"unknown model SPEC 'timm:{name}': timm has no model {name!r}") from exc
+        raise ExportError(f"cannot build timm:{name}: {_first_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - model constructors raise anything
+        raise ExportError(f"cannot build timm:{name}: {_first_line(exc)}") from exc
+    if img_size:
+        size = (3, img_size, img_size)
+    else:
+        size = tuple(timm.data.resolve_model_data_config(model).get("input_size", (3, 224, 224)))
+    return model, {"input": torch.randn(2, *size)}
+
+
+def _hf(path: str, num_classes, img_size):
+    torch = _require("torch", "Hugging Face models")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = _require("transformers", "Hugging Face models")
+    transformers.utils.logging.disable_progress_bar()
+    if not Path(path, "config.json").is_file():
+        raise ExportError(f"unknown model SPEC 'hf:{path}': no transformers model folder "
+                          "(config.json) there")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        vision = getattr(config, "vocab_size", None) is None
+        if num_classes is None:
+            cls = transformers.AutoModel
+        elif vision:
+            cls = transformers.AutoModelForImageClassification
+        else:
+            cls = transformers.AutoModelForSequenceClassification
+        kwargs = {"num_labels": num_classes} if num_classes is not None else {}
+        model = cls.from_pretrained(path, local_files_only=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"cannot load hf:{path}: {_first_line(exc)}") from exc
+    model.config.return_dict = False
+    params = inspect.signature(model.forward).parameters
+    g = torch.Generator().manual_seed(0)
+    if vision:
+        side = img_size or int(getattr(config, "image_size", 224))
+        return model, {"pixel_values": torch.randn(2, 3, side, side, generator=g)}
+    seq = 16
+    inputs = {"input_ids": torch.randint(0, min(config.vocab_size, 1000), (2, seq), generator=g)}
+    if "attention_mask" in params:
+        mask = torch.ones(2, seq, dtype=torch.long)
+        mask[1, seq - 5:] = 0
+        inputs["attention_mask"] = mask
+    if "token_type_ids" in params and getattr(config, "type_vocab_size", 0):
+        inputs["token_type_ids"] = torch.zeros(2, seq, dtype=torch.long)
+    return model, _positional(model, inputs, f"hf:{path}")
+
+
+def _function(spec: str, num_classes, img_size):
+    torch = _require("torch", "model functions")
+    where, _, func_name = spec.rpartition(":")
+    try:
+        if where.endswith(".py"):
+            file = Path(where)
+            if not file.is_file():
+                raise ExportError(f"unknown model SPEC {spec!r}: {file} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"_fps_spec_{file.stem}", file)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except FpsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - user code
+        raise ExportError(f"unknown model SPEC {spec!r}: cannot import {where}: {_first_line(exc)}") from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ExportError(f"unknown model SPEC {spec!r}: {where} has no function {func_name!r}")
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
+    accepted = inspect.signature(func).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in accepted.values())
+    for key in kwargs:
+        if key not in accepted and not takes_any:
+            raise ExportError(f"{spec} does not take {key}")
+    try:
+        result = func(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - user code
+        raise ExportError(f"{spec} failed: {_first_line(exc)}") from exc
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
+        raise ExportError(f"{spec} must return (torch.nn.Module, example_inputs)")
+    model, example = result
+    if isinstance(example, torch.Tensor):
+        inputs = {"input": example}
+    elif isinstance(example, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example):
+        names = [n for n in inspect.signature(model.forward).parameters][: len(example)]
+        names += [f"input_{i}" for i in range(len(names), len(example))]
+        inputs = dict(zip(names, example))
+    elif isinstance(example, Mapping) and all(isinstance(t, torch.Tensor) for t in example.values()):
+        inputs = _positional(model, dict(example), spec)
+    else:
+        raise ExportError(f"{spec}: example inputs must be a tensor, a tuple of tensors or a dict of tensors")
+    return model, inputs
+
+
+def _positional(model, inputs: dict, spec: str) -> dict:
+    """Order keyword inputs like forward's parameters; they must be its leading ones."""
+    params = [p for p in inspect.signature(model.forward).parameters]
+    order = [p for p in params if p in inputs]
+    if set(order) != set(inputs) or order != params[: len(order)]:
+        raise ExportError(f"{spec}: inputs {list(inputs)} must be the leading parameters of forward "
+                          f"({', '.join(params[:5])}, ...)")
+    return {k: inputs[k] for k in order}
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export(
+    spec: str,
+    output: str | os.PathLike,
+    config: ExportConfig = ExportConfig(),
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+) -> ExportResult:
+    """Export the model of ``spec`` to ``output`` and check it with ONNX Runtime.
+
+    Nothing is written unless the export and the check succeed.
+    """
+    output = check_writable(output)
+    model, inputs = build_model(spec, checkpoint, num_classes, img_size)
+    return export_module(model, inputs, output, config, spec=spec)
+
+
+def export_module(model, inputs: Mapping, output, config: ExportConfig = ExportConfig(), *,
+                  spec: str = "the model") -> ExportResult:
+    """Export an nn.Module called as ``model(*inputs.values())`` (see :func:`build_model`)."""
+    torch = _require("torch", "exporting")
+    output = check_writable(output)
+    start = time.perf_counter()
+    model.eval()
+    inputs = dict(inputs)
+    with torch.no_grad():
+        expected = _flatten(model(*inputs.values()))
+    if not expected:
+        raise ExportError(f"{spec} returns no tensor")
+    token = _is_token_model(inputs)
+    out_names = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
+    axes = {n: _axes(t, token) for n, t in inputs.items()}
+    axes.update({n: _axes(t, token and t.ndim >= 3) for n, t in zip(out_names, expected)})
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        raw = tmp / "raw.onnx"
+        _run_exporter(torch, model, inputs, raw, out_names, axes, config, spec)
+        proto = onnx.load(str(raw))
+        state = model.state_dict()
+        renamed = restore_names(proto, state)
+        sites = graph.find_weights(proto)
+        unnamed = [s.key for s in sites if s.key not in state]
+        final = tmp / output.name
+        big = proto.ByteSize() > _MAX_PROTO_BYTES
+        onnx.save(proto, str(final), save_as_external_data=big, location=f"{output.name}.data")
+        del proto
+        diff = _check(final, model, inputs, expected, config, spec) if config.check else None
+        if big:
+            os.replace(tmp / f"{output.name}.data", output.parent / f"{output.name}.data")
+        os.replace(final, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if unnamed:
+        log.warning("%d weight(s) keep exporter names: %s", len(unnamed), ", ".join(unnamed[:5]))
+    return ExportResult(output, len(sites), unnamed, renamed, diff, time.perf_counter() - start)
+
+
+def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec) -> None:
+    args = tuple(inputs.values())
+    kwargs = dict(input_names=list(inputs), output_names=out_names, dynamic_axes=axes,
+                  opset_version=config.opset)
+    try:
+        if config.exporter == "legacy":
+            with _keyword_forward(model, list(inputs)):
+                torch.onnx.export(model, args, str(path), dynamo=False, do_constant_folding=False, **kwargs)
+        else:
+            torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - exporters raise anything
+        raise ExportError(f"cannot export {spec} ({config.exporter} exporter): {_first_line(exc)}") from exc
+    if not path.is_file():
+        raise ExportError(f"cannot export {spec}: the {config.exporter} exporter wrote nothing")
+
+
+@contextlib.contextmanager
+def _keyword_forward(model, names: list[str]):
+    """Trace ``forward(*inputs)`` as ``forward(**inputs)``.
+
+    The legacy exporter fills a forward's unnamed parameters with their
+    defaults, which collides with models that set some of them themselves
+    (transformers' ``use_cache``). The parameter names stay untouched.
+    """
+    original = model.forward
+    params = inspect.signature(original).parameters
+    by_name = all(n in params for n in names)
+
+    def forward(*args):
+        return original(**dict(zip(names, args))) if by_name else original(*args)
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
+
+
+def restore_names(model: onnx.ModelProto, state_dict: Mapping[str, object]) -> dict[str, str]:
+    """Rename weights an exporter renamed to their parameter's name (in place).
+
+    Each selectable weight not named like a parameter is matched by value
+    (exactly, W or W^T) and its initializer renamed when that name is free.
+    A renamed weight may hold the transpose of the parameter; its layout in
+    :func:`fps_onnx.graph.find_weights` says so. Returns old -> new names.
+    """
+    sites = [s for s in graph.find_weights(model) if s.key not in state_dict]
+    if not sites:
+        return {}
+    values = dict((s.key, w) for s, w in graph.iter_weight_values(model, sites))
+    strict = mapping.MatchConfig(rtol=0.0, atol=0.0, half_rtol=0.0, half_atol=0.0, scaled=False)
+    report = mapping.match_weights(values, state_dict, {s.key: s.dtype for s in sites}, strict)
+    taken = {t.name for t in model.graph.initializer}
+    taken |= {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    renamed = {}
+    for key, match in report.matches.items():
+        if match.how == "order" or match.torch_name in taken:
+            continue  # ambiguous, or the name is used (tied weights): leave it to `map`
+        renamed[key] = match.torch_name
+        taken.add(match.torch_name)
+    _rename(model.graph, renamed)
+    return renamed
+
+
+def _rename(g: onnx.GraphProto, names: Mapping[str, str]) -> None:
+    if not names:
+        return
+    for t in g.initializer:
+        t.name = names.get(t.name, t.name)
+    for vi in [*g.input, *g.value_info]:
+        vi.name = names.get(vi.name, vi.name)
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in names:
+                node.input[i] = names[name]
+        for attr in node.attribute:  # subgraphs (If/Loop) may use the weight too
+            for sub in [attr.g, *attr.graphs] if attr.type in (5, 10) else []:
+                _rename(sub, names)
+
+
+def _check(path: Path, model, inputs, expected, config: ExportConfig, spec: str) -> float:
+    """Max |ORT - torch| on the example inputs and on one sample; ExportError above tolerance."""
+    import onnxruntime as ort
+
+    torch = _require("torch", "checking an export")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"ONNX Runtime cannot load the export of {spec}: {_first_line(exc)}") from exc
+    one = {k: v[:1] for k, v in inputs.items()}  # another batch size: the axis must be dynamic
+    with torch.no_grad():
+        expected_one = _flatten(model(*one.values()))
+    worst = 0.0
+    for feed, want in ((inputs, expected), (one, expected_one)):
+        try:
+            got = session.run(None, {k: v.numpy() for k, v in feed.items()})
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"ONNX Runtime cannot run the export of {spec}: {_first_line(exc)}") from exc
+        for g, w in zip(got, want):
+            w = w.float().numpy() if w.is_floating_point() else w.numpy()
+            diff = float(np.max(np.abs(g.astype(np.float64) - w))) if w.size else 0.0
+            limit = config.tolerance * max(1.0, float(np.max(np.abs(w))) if w.size else 1.0)
+            if not diff <= limit:
+                raise ExportError(f"the ONNX export of {spec} differs from PyTorch by {diff:.3g} "
+                                  f"(tolerance {limit:.3g})")
+            worst = max(worst, diff)
+    log.info("ONNX Runtime vs PyTorch: max abs difference %.3g", worst)
+    return worst
+
+
+def _flatten(out) -> list:
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten(o)]
+    return [out] if hasattr(out, "shape") else []
+
+
+def _is_token_model(inputs: Mapping) -> bool:
+    return any(not t.is_floating_point() and t.ndim == 2 for t in inputs.values())
+
+
+def _axes(t, token: bool) -> dict[int, str]:
+    axes = {0: "batch"} if t.ndim >= 1 else {}
+    if token and t.ndim >= 2:
+        axes[1] = "sequence"
+    return axes
+
+
+def _require(package: str, purpose: str):
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise MissingDependency(package, purpose) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
