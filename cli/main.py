@@ -44,5 +44,11 @@ def _register() -> None:
 
     main.add_command(train)
 
+    from .export import export
+    from .map import map_
+
+    main.add_command(export)
+    main.add_command(map_)
+
 
 _register()

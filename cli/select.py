@@ -43,10 +43,13 @@ def _given(**values):
 @click.option("--token-mask", help="Input whose zeros mark padded tokens. [default: attention_mask, if present]")
 @click.option("--stats-out", type=click.Path(dir_okay=False), help="Also write the accumulated statistics (both norms).")
 @click.option("--from-stats", type=click.Path(dir_okay=False), help="Select from a statistics file instead of running the model.")
+@click.option("--torch-model", help="Key the masks by the parameter names of this PyTorch model SPEC (timm:NAME, hf:PATH, module:function), matched by value.")
+@click.option("--torch-checkpoint", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @quiet_option
 def select(model, data, output, method, seed, norm, level, per_neuron, fraction, provider, batch_size,
-           max_samples, image_size, mean, std, token_mask, stats_out, from_stats, as_json, quiet):
+           max_samples, image_size, mean, std, token_mask, stats_out, from_stats, torch_model,
+           torch_checkpoint, as_json, quiet):
     """Select the weights of MODEL (ONNX) to fine-tune, from calibration DATA.
 
     DATA is a folder or one file: .npy (one input), .npz (arrays keyed by input
@@ -65,6 +68,10 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     from fps_onnx._io import check_writable
 
     check_writable(output)
+    if torch_model is not None:
+        from fps_onnx.export import check_spec
+
+        check_spec(torch_model)
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -76,6 +83,11 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
             model, data, config, calibration, data_config,
             from_stats=from_stats, stats_out=stats_out, on_batch=bar.update,
         )
+    if torch_model is not None:
+        from fps_onnx.mapping import map_to_model
+
+        result.masks, report = map_to_model(result.masks, torch_model, model, checkpoint=torch_checkpoint)
+        log.info("%s", report.summary())
     result.masks.save(output)
     masks = result.masks
     share = masks.selected / max(masks.total, 1)

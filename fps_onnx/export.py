@@ -112,6 +112,19 @@ def build_model(
     return model.eval(), inputs
 
 
+def check_spec(spec: str) -> None:
+    """Fail fast (ExportError) on a SPEC that cannot name a model, without building it."""
+    if spec.startswith("timm:"):
+        timm = _require("timm", "timm models")
+        if not timm.is_model(spec[5:]):
+            raise ExportError(f"unknown model SPEC {spec!r}: timm has no model {spec[5:]!r}")
+    elif spec.startswith("hf:"):
+        if not Path(spec[3:], "config.json").is_file():
+            raise ExportError(f"unknown model SPEC {spec!r}: no transformers model folder (config.json) there")
+    elif ":" not in spec or spec.startswith(":") or spec.endswith(":"):
+        raise ExportError(f"unknown model SPEC {spec!r}: use timm:NAME, hf:PATH or module.path:function")
+
+
 def load_checkpoint(model, path: str | os.PathLike, spec: str = "the model") -> None:
     """Load a state_dict file into ``model``; ExportError unless it fits exactly."""
     torch = _require("torch", "loading a checkpoint")

@@ -389,3 +389,33 @@ def unmapped_names(report: MappingReport, wanted: Iterable[str]) -> list[str]:
     """Which of ``wanted`` parameter names no ONNX weight was mapped to."""
     got = {m.torch_name for m in report.matches.values()}
     return [n for n in wanted if n not in got]
+
+
+def map_to_model(
+    masks: MaskFile,
+    spec: str,
+    onnx_path: str | None = None,
+    *,
+    checkpoint: str | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    strict: bool = False,
+    config: MatchConfig = MatchConfig(),
+) -> tuple[MaskFile, MappingReport]:
+    """:func:`map_masks` onto the model a SPEC builds (:func:`fps_onnx.export.build_model`).
+
+    ``onnx_path`` is the ONNX file the masks were selected on (checked by its
+    SHA-256); without it only names are matched.
+    """
+    from ._io import sha256_file
+    from .calibrate import load_model
+    from .export import build_model
+
+    onnx_model = None
+    if onnx_path is not None:
+        onnx_model = load_model(onnx_path)
+        want = masks.meta.get("model_sha256")
+        if want and want != sha256_file(onnx_path):
+            raise MaskError(f"the masks were selected on another ONNX model than {onnx_path}")
+    model, _ = build_model(spec, checkpoint, num_classes, img_size)
+    return map_masks(masks, model.state_dict(), onnx_model, strict, config)
