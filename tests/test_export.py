@@ -1,0 +1,187 @@
+"""Export: PyTorch names kept on every selectable weight, the ORT check, SPECs, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from fps_onnx import graph  # noqa: E402
+from fps_onnx.errors import ExportError  # noqa: E402
+from fps_onnx.export import ExportConfig, build_model, export, export_module  # noqa: E402
+from fps_onnx.mapping import map_masks, onnx_weights  # noqa: E402
+from fps_onnx.maskfile import build  # noqa: E402
+
+
+class Mixed(nn.Module):
+    """Conv+BatchNorm, Linear on 3-D tokens (MatMul), Linear on 2-D (Gemm), a tied head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.tokens = nn.Linear(8, 12)
+        self.embed = nn.Embedding(10, 12)
+        self.tied = nn.Linear(12, 10, bias=False)
+        self.tied.weight = self.embed.weight
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))  # [N, 8, H, W]
+        t = self.tokens(h.flatten(2).transpose(1, 2))  # [N, HW, 12]: MatMul on 3-D
+        t = t + self.embed.weight[:1]
+        logits = self.tied(t)  # [N, HW, 10], weight shared with the embedding
+        return self.head(t.mean(1)), logits  # Gemm on 2-D
+
+
+def mixed(num_classes=None):
+    """(model, example_inputs) for file:function SPECs."""
+    torch.manual_seed(0)
+    model = Mixed()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding would change the conv
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    return model.eval(), torch.randn(2, 3, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    model, x = mixed()
+    result = export_module(model, {"input": x}, tmp / "mixed.onnx")
+    return model, result
+
+
+def test_every_weight_keeps_its_parameter_name(exported):
+    model, result = exported
+    state = model.state_dict()
+    sites = {s.key: s for s in graph.find_weights(onnx.load(str(result.path)))}
+    assert set(sites) == {"conv.weight", "tokens.weight", "embed.weight", "head.weight"}
+    assert sites["tokens.weight"].op == "MatMul"  # Linear on a 3-D input
+    assert sites["head.weight"].op == "Gemm"  # Linear on a 2-D input
+    assert sites["embed.weight"].shape == (10, 12)  # tied: the head's use traces to the embedding
+    assert result.unnamed == [] and result.weights == 4
+    values, _ = onnx_weights(onnx.load(str(result.path)))
+    for key in sites:  # not folded: the conv holds the parameter itself, not conv * BN scale
+        np.testing.assert_array_equal(values[key], state[key].numpy())
+
+
+def test_export_is_checked_and_has_a_dynamic_batch(exported):
+    import onnxruntime as ort
+
+    model, result = exported
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    x = torch.randn(5, 3, 4, 4)
+    got = ort.InferenceSession(str(result.path)).run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-4)
+
+
+def test_dynamo_export_gets_parameter_names_back(tmp_path):
+    model, x = mixed()
+    result = export_module(model, {"input": x}, tmp_path / "d.onnx", ExportConfig(exporter="dynamo"))
+    keys = {s.key for s in graph.find_weights(onnx.load(str(result.path)))}
+    assert keys <= set(model.state_dict()), keys
+    assert {"conv.weight", "tokens.weight", "head.weight"} <= keys
+    assert result.renamed  # the dynamo optimizer folded and renamed some weights
+
+
+def test_folded_export_maps_by_value(tmp_path):
+    model, x = mixed()
+    path = tmp_path / "folded.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=True,
+                      input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+    folded = onnx.load(str(path))
+    sites = graph.find_weights(folded)
+    assert any(s.key not in model.state_dict() for s in sites)  # the exporter renamed some
+    r = np.random.default_rng(0)
+    masks = build({s.key: r.random(s.shape) < 0.5 for s in sites}, sites, {})
+    mapped, report = map_masks(masks, model.state_dict(), folded, strict=True)
+    assert set(mapped.masks) == {"conv.weight", "tokens.weight", "embed.weight", "head.weight"}
+    assert report.matches[next(s.key for s in sites if s.op == "Conv")].how == "scaled"  # BN folded
+    for name, mask in mapped.masks.items():
+        assert mask.shape == tuple(model.state_dict()[name].shape)
+
+
+def test_check_failure_writes_nothing(tmp_path):
+    model, x = mixed()
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        export_module(model, {"input": x}, out, ExportConfig(tolerance=1e-30))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unexportable_model_fails_cleanly(tmp_path):
+    class Eig(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.linalg.eigvals(self.fc(x)).real
+
+    with pytest.raises(ExportError, match="cannot export"):
+        export_module(Eig(), {"input": torch.randn(2, 4, 4)}, tmp_path / "e.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_function_spec_and_checkpoint(tmp_path):
+    model, inputs = build_model(f"{__file__}:mixed")
+    assert list(inputs) == ["input"] and model.training is False
+    good = tmp_path / "good.pt"
+    torch.save(model.state_dict(), good)
+    loaded, _ = build_model(f"{__file__}:mixed", checkpoint=good)
+    assert torch.equal(loaded.conv.weight, model.conv.weight)
+
+    bad = tmp_path / "bad.pt"
+    torch.save(nn.Linear(3, 3).state_dict(), bad)
+    with pytest.raises(ExportError, match="does not fit"):
+        build_model(f"{__file__}:mixed", checkpoint=bad)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nothing", "unknown model SPEC"),
+    ("timm:no_such_net", "timm has no model"),
+    ("hf:/no/such/folder", "no transformers model folder"),
+    ("no_such_module_xyz:build", "cannot import"),
+    ("fps_onnx.errors:nothing", "has no function"),
+])
+def test_unknown_specs(spec, message):
+    with pytest.raises(ExportError, match=message):
+        build_model(spec)
+
+
+def test_timm_spec_exports_with_names(tmp_path):
+    timm = pytest.importorskip("timm")  # noqa: F841
+    result = export("timm:resnet10t", tmp_path / "r.onnx", img_size=32)
+    state = build_model("timm:resnet10t")[0].state_dict()
+    assert result.unnamed == [] and result.weights > 10
+    keys = {s.key for s in graph.find_weights(onnx.load(str(result.path)))}
+    assert keys <= set(state)
+
+
+def test_hf_text_model_has_dynamic_batch_and_sequence(tmp_path):
+    import onnxruntime as ort
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=40)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    result = export(f"hf:{tmp_path / 'bert'}", tmp_path / "bert.onnx")
+    model, inputs = build_model(f"hf:{tmp_path / 'bert'}")
+    assert list(inputs) == ["input_ids", "attention_mask", "token_type_ids"]
+    assert result.unnamed == []
+    session = ort.InferenceSession(str(result.path))
+    ids = np.random.default_rng(0).integers(0, 50, (3, 7))
+    feed = {"input_ids": ids, "attention_mask": np.ones((3, 7), np.int64),
+            "token_type_ids": np.zeros((3, 7), np.int64)}
+    got = session.run(None, feed)[0]
+    with torch.no_grad():
+        want = model(*(torch.from_numpy(v) for v in feed.values()))[0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
