@@ -73,6 +73,7 @@ class Match:
     torch_name: str
     how: str
     transposed: bool = False
+    same_values: bool = True  # False: matched by name, but the parameter holds other values
 
 
 @dataclass
@@ -140,7 +141,9 @@ def match_weights(
         name = canonical.get(key, key)
         p = params.get(name)
         if p is not None and p.shape in (w.shape, w.shape[::-1]):
-            report.matches[key] = Match(key, name, "name", p.shape != w.shape)
+            transposed = p.shape != w.shape
+            same = index.agrees(w, p.T if transposed else p, dtypes.get(key, TensorProto.FLOAT), config)
+            report.matches[key] = Match(key, name, "name", transposed, same)
             continue
         hits, how = index.find(w, dtypes.get(key, TensorProto.FLOAT), config)
         if len(hits) == 1:
@@ -232,6 +235,15 @@ class _Index:
             items.sort()
             self.by_size[size] = ([s for s, _ in items], [n for _, n in items])
 
+    def agrees(self, w: np.ndarray, p: np.ndarray, dtype: int, config: MatchConfig) -> bool:
+        """Whether ``w`` equals ``p`` (same layout) within tolerance, or is a row-scaled copy."""
+        half = _HALF.get(dtype)
+        rtol, atol = (config.half_rtol, config.half_atol) if half is not None else (config.rtol, config.atol)
+        cand = p.astype(half) if half is not None else p
+        if np.allclose(w, cand, rtol=rtol, atol=atol):
+            return True
+        return config.scaled and _row_scaled(w, p, config.scaled_rtol)
+
     def find(self, w: np.ndarray, dtype: int, config: MatchConfig) -> tuple[list[tuple[str, bool]], str]:
         """Parameters equal to ``w`` or its transpose: [(name, transposed)], and how."""
         sums, names = self.by_size.get(w.size, ((), ()))
@@ -265,21 +277,23 @@ class _Index:
         """Parameters whose every output row, times one factor, equals ``w``'s row."""
         if w.ndim < 2 or not np.any(w):
             return []
-        a = w.reshape(w.shape[0], -1).astype(np.float64)
-        hits = []
-        for name in self.by_size.get(w.size, ((), ()))[1]:
-            p = self.params[name]
-            if p.shape != w.shape:
-                continue
-            b = p.reshape(p.shape[0], -1).astype(np.float64)
-            bb = np.einsum("ij,ij->i", b, b)
-            if np.any(bb == 0) and np.any(a[bb == 0]):
-                continue
-            scale = np.einsum("ij,ij->i", a, b) / np.where(bb == 0, 1.0, bb)
-            resid = np.linalg.norm(a - scale[:, None] * b, axis=1)
-            if np.all(resid <= config.scaled_rtol * np.linalg.norm(a, axis=1) + 1e-12):
-                hits.append((name, False))
-        return hits
+        names = self.by_size.get(w.size, ((), ()))[1]
+        return [(n, False) for n in names
+                if self.params[n].shape == w.shape and _row_scaled(w, self.params[n], config.scaled_rtol)]
+
+
+def _row_scaled(w: np.ndarray, p: np.ndarray, rtol: float) -> bool:
+    """Every output row of ``w`` is one factor times that row of ``p`` (a folded BatchNorm)."""
+    if w.shape != p.shape or w.ndim < 2 or not np.any(w):
+        return False
+    a = w.reshape(w.shape[0], -1).astype(np.float64)
+    b = p.reshape(p.shape[0], -1).astype(np.float64)
+    bb = np.einsum("ij,ij->i", b, b)
+    if np.any(bb == 0) and np.any(a[bb == 0]):
+        return False
+    scale = np.einsum("ij,ij->i", a, b) / np.where(bb == 0, 1.0, bb)
+    resid = np.linalg.norm(a - scale[:, None] * b, axis=1)
+    return bool(np.all(resid <= rtol * np.linalg.norm(a, axis=1) + 1e-12))
 
 
 # --------------------------------------------------------------------------- masks
@@ -319,6 +333,16 @@ def map_masks(
             f"none of the {len(masks.masks)} masks fits a parameter of the model "
             "(masks from another model?)"
         )
+    differ = [m.onnx_key for m in report.matches.values() if not m.same_values]
+    if onnx_model is not None and report.unmapped and len(differ) == len(report.matches):
+        raise MaskError(
+            f"{len(report.unmapped)} weight(s) match no parameter and the {len(differ)} matched by "
+            "name hold other values: the PyTorch model does not have the ONNX model's weights "
+            "(masks from another model, or another checkpoint?)"
+        )
+    if differ:
+        log.warning("%d weight(s) matched by name hold other values than in the ONNX model: %s",
+                    len(differ), ", ".join(differ[:5]))
     if strict and report.unmapped:
         raise MaskError(f"{len(report.unmapped)} weight(s) could not be mapped to a parameter: "
                         f"{', '.join(report.unmapped)}")
