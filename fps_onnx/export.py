@@ -93,7 +93,7 @@ def build_model(
     ``checkpoint`` (a ``.safetensors`` or ``torch.save`` file holding a
     state_dict) must fit the model exactly. ``num_classes`` sets the classifier
     (timm; ``hf:`` adds a sequence/image classification head); ``img_size``
-    the input side. Hugging Face models return tuples (``return_dict=False``).
+    the input side.
     Raises :class:`ExportError` for an unknown SPEC, a model that cannot be
     built or a checkpoint that does not fit.
     """
@@ -211,7 +211,6 @@ def _hf(path: str, num_classes, img_size):
         model = cls.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"cannot load hf:{path}: {_first_line(exc)}") from exc
-    model.config.return_dict = False
     params = inspect.signature(model.forward).parameters
     g = torch.Generator().manual_seed(0)
     if vision:
