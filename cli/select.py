@@ -54,6 +54,10 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
 
     DATA is a folder or one file: .npy (one input), .npz (arrays keyed by input
     name) or images (found recursively). No labels, no gradients.
+
+    With --method gps, MODEL is a PyTorch SPEC (timm:NAME, hf:PATH,
+    module:function; weights from --torch-checkpoint) and DATA a labelled
+    training split (class folders, or .npz with labels): the gradient baseline.
     """
     config = SelectConfig(**_given(method=method, seed=seed, norm=norm, level=level,
                                    per_neuron=per_neuron, fraction=fraction))
@@ -68,10 +72,10 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     from fps_onnx._io import check_writable
 
     check_writable(output)
-    if torch_model is not None:
+    if torch_model is not None or config.method == "gps":
         from fps_onnx.export import check_spec
 
-        check_spec(torch_model)
+        check_spec(model if config.method == "gps" else torch_model)
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -79,21 +83,30 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
         total=max_samples, unit="sample", disable=quiet or from_stats is not None,
         dynamic_ncols=True, leave=False,
     ) as bar:
-        result = run_select(
-            model, data, config, calibration, data_config,
-            from_stats=from_stats, stats_out=stats_out, on_batch=bar.update,
-        )
-    if torch_model is not None:
+        if config.method == "gps":
+            from fps_onnx.gps import gps_select
+
+            gps = gps_select(model, data, config, checkpoint=torch_checkpoint, image_size=image_size,
+                             batch_size=data_config.batch_size, max_samples=max_samples,
+                             on_batch=bar.update)
+            masks, samples, provider, seconds = gps.masks, gps.samples, "torch", gps.seconds
+        else:
+            result = run_select(
+                model, data, config, calibration, data_config,
+                from_stats=from_stats, stats_out=stats_out, on_batch=bar.update,
+            )
+            masks, samples = result.masks, result.stats.num_samples
+            provider, seconds = result.provider, result.seconds
+    if torch_model is not None and config.method != "gps":
         from fps_onnx.mapping import map_to_model
 
-        result.masks, report = map_to_model(result.masks, torch_model, model, checkpoint=torch_checkpoint)
+        masks, report = map_to_model(masks, torch_model, model, checkpoint=torch_checkpoint)
         log.info("%s", report.summary())
-    result.masks.save(output)
-    masks = result.masks
+    masks.save(output)
     share = masks.selected / max(masks.total, 1)
     log.info("selected %s of %s weights (%.3f%%) in %d tensors from %d samples -> %s",
              f"{masks.selected:,}", f"{masks.total:,}", 100 * share, len(masks.masks),
-             result.stats.num_samples, output)
+             samples, output)
     if as_json:
         click.echo(json.dumps({
             "output": str(output),
@@ -102,9 +115,9 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
             "selected": masks.selected,
             "total": masks.total,
             "fraction": share,
-            "provider": result.provider,
-            "samples": result.stats.num_samples,
-            "seconds": result.seconds,
+            "provider": provider,
+            "samples": samples,
+            "seconds": seconds,
             "norm": config.norm,
             "level": config.level,
             "budget": config.budget,

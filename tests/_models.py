@@ -98,3 +98,36 @@ def tiny_bert(seed: int = 0):
 
 
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def small_cnn():
+    """(model, example) for `module:function` SPECs: Conv, grouped Conv, Linear and a head."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.mix = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.fc = nn.Linear(8, 6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            x = torch.relu(self.mix(torch.relu(self.stem(x))))
+            return self.head(torch.relu(self.fc(x.mean((2, 3)))))
+
+    return Net(), torch.randn(2, 3, 16, 16)
+
+
+def image_folder(root: Path, classes=("a", "b"), per_class: int = 6, size: int = 16, seed: int = 0) -> Path:
+    """An ImageFolder tree of random RGB PNGs."""
+    from PIL import Image
+
+    r = rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = r.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
