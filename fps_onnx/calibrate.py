@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import logging
 import os
 from pathlib import Path
+import tempfile
 import time
 
 import numpy as np
@@ -135,6 +136,13 @@ def _token_mask(model: onnx.ModelProto, requested: str | None) -> str | None:
 
 
 def _session(model: onnx.ModelProto, path: Path, chosen: list[str], threads: int | None):
+    """An ORT session for the rewritten ``model`` (whose embedded weights it consumes).
+
+    A model whose weights are embedded is staged in a temporary folder with its
+    weights as external data and loaded from there: ORT then keeps one copy of
+    the weights, as for plain inference, where a session built from serialised
+    bytes keeps the bytes too (about one more model size of RSS).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -144,14 +152,26 @@ def _session(model: onnx.ModelProto, path: Path, chosen: list[str], threads: int
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if threads:
         options.intra_op_num_threads = threads
-    options.add_session_config_entry(
-        "session.model_external_initializers_file_folder_path", str(path.resolve().parent)
-    )
     try:
-        payload = model.SerializeToString()
-        return ort.InferenceSession(payload, options, providers=chosen)
+        if _uses_external_data(model):  # weights stay in place; only the graph is passed
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(path.resolve().parent)
+            )
+            return ort.InferenceSession(model.SerializeToString(), options, providers=chosen)
+        with tempfile.TemporaryDirectory(prefix="fps-onnx-", ignore_cleanup_errors=True) as tmp:
+            staged = Path(tmp) / "model.onnx"
+            onnx.save_model(model, str(staged), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location="model.onnx.data")
+            log.debug("staged the rewritten model in %s", tmp)
+            return ort.InferenceSession(str(staged), options, providers=chosen)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types
         raise ModelError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from exc
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+    )
 
 
 def _run(session, names, feed, index):

@@ -122,6 +122,28 @@ def test_python_memory_does_not_grow_with_data(vit_case, tmp_path):
     assert peaks[1] < peaks[0] * 1.3 + 200_000, peaks
 
 
+def test_embedded_and_external_weights_give_the_same_statistics(vit_case, tmp_path, monkeypatch):
+    import tempfile
+
+    import onnx
+
+    _, path, data_path = vit_case
+    external = tmp_path / "ext" / "vit.onnx"
+    external.parent.mkdir()
+    onnx.save_model(onnx.load(str(path)), str(external), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="vit.data", size_threshold=0)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    embedded = calibrate(path, data_path, BOTH)  # staged with external weights, then removed
+    assert list(staging.iterdir()) == []
+    outside = calibrate(external, data_path, BOTH)  # weights read where they are
+    for key, stats in embedded.stats.weights.items():
+        np.testing.assert_array_equal(outside.stats.weights[key].abs_sum, stats.abs_sum)
+        np.testing.assert_array_equal(outside.stats.weights[key].sq_sum, stats.sq_sum)
+    assert embedded.stats.weights
+
+
 def test_nan_in_activations_is_reported(vit_case, tmp_path):
     _, path, _ = vit_case
     bad = np.zeros((2, 3, 32, 32), np.float32)
