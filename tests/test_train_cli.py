@@ -163,3 +163,28 @@ def test_interrupt_during_training_or_writing_leaves_no_model_file(case, monkeyp
     result = _train(spec, masks, tmp)
     assert result.exit_code == 130
     assert not any((tmp / "out").iterdir())  # neither the files nor their temporaries
+
+
+def test_text_model_from_a_transformers_folder(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 50, (64, 8))
+    labels = (ids[:, 0] >= 27).astype(np.int64)  # the first token decides the class
+    np.savez(tmp_path / "train.npz", input_ids=ids, attention_mask=np.ones_like(ids), labels=labels)
+    masks = {"bert.encoder.layer.0.attention.self.query.weight": rng.random((16, 16)) < 0.2,
+             "bert.encoder.layer.0.output.dense.weight": rng.random((16, 32)) < 0.2}
+    MaskFile(masks, {}).save(tmp_path / "m.safetensors")
+    result = CliRunner().invoke(main, [
+        "train", "--model", f"hf:{tmp_path / 'bert'}", "--masks", str(tmp_path / "m.safetensors"),
+        "--train", str(tmp_path / "train.npz"), "--val", str(tmp_path / "train.npz"),
+        "-o", str(tmp_path / "out"), "--epochs", "3", "--batch-size", "16", "--lr", "0.01", "-q", "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["trainable"]["selected"] == sum(int(m.sum()) for m in masks.values())
+    assert "classifier.weight" in metrics["trainable"]["dense_tensors"]
+    assert metrics["epochs"][0]["val_accuracy"] >= 0.0

@@ -177,3 +177,23 @@ def test_token_npz_and_labels_out_of_range(tmp_path):
     np.savez(tmp_path / "nolabels.npz", x=np.zeros((2, 3)))
     with pytest.raises(DataError, match="no labels"):
         open_split(tmp_path / "nolabels.npz")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_cuda_with_bf16_autocast_keeps_frozen_entries():
+    torch.manual_seed(0)
+    model = Net()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = _masks(model)
+    trainable = loop.prepare(model, masks)
+    model.cuda()
+    train = torch.utils.data.DataLoader(_task(96), batch_size=16, shuffle=True)
+    val = torch.utils.data.DataLoader(_task(48, seed=1), batch_size=16)
+    history = loop.fit(model, train, val, recipe=Recipe(epochs=4, lr=0.05), device="cuda")
+    assert max(r["val_accuracy"] for r in history["epochs"]) >= 0.9
+    assert history["epochs"][0]["peak_memory_kind"] == "cuda_max_allocated"
+    final = {k: v.cpu() for k, v in sparse.merged_state_dict(model).items()}
+    for name in trainable.deltas:
+        mask = torch.from_numpy(masks[name])
+        assert torch.equal(final[name][~mask], start[name][~mask])
+        assert not torch.equal(final[name][mask], start[name][mask])
