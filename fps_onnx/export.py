@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import importlib
 import importlib.util
 import inspect
+import io
 import logging
 import os
 from pathlib import Path
@@ -34,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import onnx
@@ -350,16 +352,44 @@ def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec) -> 
     args = tuple(inputs.values())
     kwargs = dict(input_names=list(inputs), output_names=out_names, dynamic_axes=axes,
                   opset_version=config.opset)
+    chatter: list[str] = []
     try:
-        if config.exporter == "legacy":
-            with _keyword_forward(model, list(inputs)):
-                torch.onnx.export(model, args, str(path), dynamo=False, do_constant_folding=False, **kwargs)
-        else:
-            torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, **kwargs)
+        with _captured_output(chatter), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if config.exporter == "legacy":
+                with _keyword_forward(model, list(inputs)):
+                    torch.onnx.export(model, args, str(path), dynamo=False, do_constant_folding=False, **kwargs)
+            else:
+                torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, **kwargs)
     except Exception as exc:  # noqa: BLE001 - exporters raise anything
         raise ExportError(f"cannot export {spec} ({config.exporter} exporter): {_first_line(exc)}") from exc
+    finally:
+        log.debug("exporter output:\n%s", "".join(chatter))
     if not path.is_file():
         raise ExportError(f"cannot export {spec}: the {config.exporter} exporter wrote nothing")
+
+
+@contextlib.contextmanager
+def _captured_output(into: list[str]):
+    """Collect what the exporters print (progress, C++ graph dumps on failure) instead of showing it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        try:
+            for fd in saved:
+                os.dup2(sink.fileno(), fd)
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
+                try:
+                    yield
+                finally:
+                    into.append(out.getvalue())
+        finally:
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            into.append(sink.read().decode(errors="replace"))
 
 
 @contextlib.contextmanager
@@ -454,7 +484,7 @@ def _check(path: Path, model, inputs, expected, config: ExportConfig, spec: str)
                 raise ExportError(f"the ONNX export of {spec} differs from PyTorch by {diff:.3g} "
                                   f"(tolerance {limit:.3g})")
             worst = max(worst, diff)
-    log.info("ONNX Runtime vs PyTorch: max abs difference %.3g", worst)
+    log.debug("ONNX Runtime vs PyTorch: max abs difference %.3g", worst)
     return worst
 
 
