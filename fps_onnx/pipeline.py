@@ -61,16 +61,15 @@ def run_select(
     if select_config.method not in METHODS:
         raise BudgetError(f"method {select_config.method!r} needs a PyTorch model (fps_onnx.gps)")
     provider = seconds = None
-    sha = sha256_file(model_path) if os.path.isfile(model_path) else None
     if not METHODS[select_config.method].needs_activations:
         model = load_model(model_path)
         sites = graph.find_weights(model)
         check_budget(sites, select_config)
-        stats = Stats(sha)
+        stats = Stats(sha256_file(model_path))
     elif from_stats is not None:
         stats = Stats.load(from_stats)
         model = load_model(model_path)
-        if stats.model_sha256 != sha:
+        if stats.model_sha256 != sha256_file(model_path):
             raise StatsError(f"{from_stats} was computed on another model than {model_path}")
         sites = graph.find_weights(model)
         check_budget(sites, select_config)
