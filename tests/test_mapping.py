@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from _models import make_model, rng, tensor
 import numpy as np
 from onnx import TensorProto, helper
 import pytest
 
+from _models import make_model, rng, tensor
 from fps_onnx import graph
 from fps_onnx.errors import MaskError
 from fps_onnx.mapping import MatchConfig, map_masks, match_weights, onnx_weights
