@@ -11,7 +11,14 @@ A safetensors file any training stack can read:
   ``method``, ``norm``, ``level``, ``budget`` (JSON), ``num_samples``,
   ``model_sha256`` (SHA-256 of the ONNX file's bytes), ``tool`` and ``tensors``:
   JSON object key -> {"onnx_initializer", "onnx_layout" ("out_in", "in_out" or
-  "conv"), "op", "shape", "selected"} (plus "torch_name" once mapped).
+  "conv"), "op", "shape", "selected"}.
+
+Mapping onto PyTorch names (:mod:`fps_onnx.mapping`) adds, per tensor,
+``torch_name``, ``match`` ("name", "exact", "close", "scaled" or "order") and
+where relevant ``torch_transposed``, ``tied_onnx_initializers`` and
+``torch_aliases``; at file level ``torch_mapping`` and ``unmapped``. Masks of
+``method`` = "gps" (gradients of a PyTorch model) are keyed by parameter name
+from the start, with ``onnx_initializer`` null, ``loss`` and ``labels``.
 """
 
 from __future__ import annotations
