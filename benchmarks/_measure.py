@@ -14,6 +14,7 @@ import os
 import resource
 import subprocess
 import tempfile
+import threading
 import time
 
 GIB = 1024**3
@@ -24,12 +25,15 @@ def run_measured(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike | None = None,
     capture: bool = True,
+    timeout_s: float | None = None,
 ) -> dict:
     """Run ``cmd`` to completion.
 
-    Returns ``wall_s``, ``peak_rss_gib`` (of the child), ``returncode``,
-    ``stdout``/``stderr`` (text, when ``capture``) and ``parent_floor_gib``.
-    ``env`` entries are added to the current environment.
+    Returns ``wall_s``, ``peak_rss_gib`` and ``cpu_s`` (user + system time)
+    of the child, ``returncode``, ``stdout``/``stderr`` (text, when
+    ``capture``) and ``parent_floor_gib``.
+    ``env`` entries are added to the current environment. A child still
+    running after ``timeout_s`` is killed (``timed_out`` says so).
     """
     full_env = None if env is None else {**os.environ, **env}
     floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
@@ -41,7 +45,18 @@ def run_measured(
             list(cmd), env=full_env, cwd=cwd,
             stdout=out if capture else None, stderr=err if capture else None,
         )
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout_s, kill) if timeout_s else None
+        if timer is not None:
+            timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        if timer is not None:
+            timer.cancel()
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits again
         texts = []
@@ -51,8 +66,10 @@ def run_measured(
     return {
         "wall_s": wall,
         "peak_rss_gib": usage.ru_maxrss * 1024 / GIB,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
         "returncode": proc.returncode,
         "stdout": texts[0],
         "stderr": texts[1],
         "parent_floor_gib": floor,
+        "timed_out": killed.is_set(),
     }

@@ -45,6 +45,7 @@ TARGETS = {  # ratio: (bound, "<=" or ">=")
     "select/plain peak RSS": (1.25, "<="),
     "gps/select peak RSS": (5.0, ">="),
 }
+METRICS = ("wall_s", "cpu_s", "peak_rss_gib")
 
 
 # --------------------------------------------------------------------------- children
@@ -144,6 +145,7 @@ def _ratios(med: dict) -> dict:
     out = {}
     if "select" in med and "plain" in med:
         out["select/plain time"] = med["select"]["wall_s"] / med["plain"]["wall_s"]
+        out["select/plain CPU time"] = med["select"]["cpu_s"] / med["plain"]["cpu_s"]
         out["select/plain peak RSS"] = med["select"]["peak_rss_gib"] / med["plain"]["peak_rss_gib"]
     if "gps" in med and "select" in med:
         out["gps/select time"] = med["gps"]["wall_s"] / med["select"]["wall_s"]
@@ -164,12 +166,12 @@ def _markdown(report: dict) -> str:
         "--provider cpu`; gps: PyTorch fp32 train mode, forward + backward per batch, "
         "summed gradients, per-row top-k |grad|",
         "",
-        "| variant | wall time (s) | peak RSS (GiB) | runs (s) |",
-        "|---|---:|---:|---|",
+        "| variant | wall time (s) | CPU time (s) | peak RSS (GiB) | wall time of each run (s) |",
+        "|---|---:|---:|---:|---|",
     ]
     for name, m in report["median"].items():
         runs = ", ".join(f"{r['wall_s']:.1f}" for r in report["runs"][name])
-        lines.append(f"| {name} | {m['wall_s']:.1f} | {m['peak_rss_gib']:.2f} | {runs} |")
+        lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['peak_rss_gib']:.2f} | {runs} |")
     lines += ["", "| ratio | value | target | met |", "|---|---:|---:|---|"]
     for name, value in report["ratios"].items():
         bound, op = TARGETS.get(name, (None, None))
@@ -218,11 +220,11 @@ def main() -> None:
     for i in range(args.repeat):
         for name, cmd in variants.items():
             r = _check(name, run_measured(cmd))
-            runs[name].append({k: r[k] for k in ("wall_s", "peak_rss_gib")})
-            print(f"[{i + 1}/{args.repeat}] {name:6s} {r['wall_s']:6.1f} s  {r['peak_rss_gib']:5.2f} GiB",
-                  flush=True)
+            runs[name].append({k: r[k] for k in METRICS})
+            print(f"[{i + 1}/{args.repeat}] {name:6s} {r['wall_s']:6.1f} s  {r['cpu_s']:6.1f} s CPU  "
+                  f"{r['peak_rss_gib']:5.2f} GiB", flush=True)
     median = {
-        name: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "peak_rss_gib")}
+        name: {k: statistics.median(r[k] for r in rs) for k in METRICS}
         for name, rs in runs.items()
     }
     report = {
