@@ -8,14 +8,19 @@ runs as its own process, measured by :func:`_measure.run_measured` (exact peak
 RSS of the child); step times are measured inside it after warm-up steps.
 
 * full:   every parameter trainable, dense AdamW;
-* gps:    every parameter keeps requires_grad and a dense AdamW; after each
-  backward the masked weights' gradients are multiplied by their (bool) mask
-  and the frozen ones (norms, pos_embed, cls_token) zeroed - GPS's training;
+* gps:    every parameter keeps requires_grad and a dense AdamW; the masks are
+  dense fp32 tensors, 1 = frozen, as GPS keeps them (``--gps-masks bool``: one
+  byte per entry instead); after each backward the frozen entries' gradients
+  are zeroed (``where(mask, 0, grad)``) and so are those of the frozen tensors
+  (norms, pos_embed, cls_token) - GPS's training, without its EMA copy;
 * sparse: ``fps_onnx.train`` (k-sized deltas; head and biases trained fully,
   norms frozen: the same tensors as gps), its AdamW.
 
 All fp32 on the CPU (``--device cuda`` adds the CUDA allocator's peak; ``--amp``
-runs bf16 autocast there). Usage::
+runs bf16 autocast there). The children run with ``MALLOC_MMAP_THRESHOLD_=131072``
+so that glibc returns freed activation buffers to the OS and peak RSS follows
+live memory in every variant alike (``--default-malloc`` leaves glibc's adaptive
+threshold on). Usage::
 
     python benchmarks/train_memory.py [--steps 3] [--warmup 1] [--batch-size 32] [--device cpu]
 
@@ -79,7 +84,8 @@ def child(args) -> dict:
     elif args.child == "gps":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
         frozen = [p for n, p in model.named_parameters() if any(f in n for f in FROZEN)]
-        masked = [(model.get_parameter(n), m) for n, m in masks.items()]
+        dtype = torch.float32 if args.gps_masks == "fp32" else torch.bool
+        masked = [(model.get_parameter(n), (~m).to(dtype)) for n, m in masks.items()]  # 1 = frozen
     else:
         from fps_onnx.train import loop
         from fps_onnx.train.recipe import Recipe
@@ -87,8 +93,7 @@ def child(args) -> dict:
         trainable = loop.prepare(model, {n: m.cpu().numpy() for n, m in masks.items()})
         optimizer = loop.make_optimizer(model, Recipe(lr=1e-4))
         extra["dense_trainable"] = sum(dict(model.named_parameters())[n].numel() for n in trainable.dense)
-    if args.child != "gps":
-        del masks  # only the GPS trainer keeps dense masks
+    masks = None  # the selection masks are not kept (GPS keeps its own copy, above)
     model.train()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch_size, 3, 224, 224, generator=g).to(device)
@@ -104,7 +109,7 @@ def child(args) -> dict:
         if args.child == "gps":
             with torch.no_grad():
                 for p, m in masked:
-                    p.grad.mul_(m)
+                    p.grad = torch.where(m.bool() if m.dtype != torch.bool else m, 0.0, p.grad)
                 for p in frozen:
                     p.grad.zero_()
         optimizer.step()
@@ -151,6 +156,8 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.008)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", action="store_true")
+    ap.add_argument("--gps-masks", choices=("fp32", "bool"), default="fp32")
+    ap.add_argument("--default-malloc", action="store_true")
     ap.add_argument("--output", type=Path, default=HERE / "results" / "train_memory.md")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -159,10 +166,12 @@ def main() -> None:
         return
 
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-              "--fraction", str(args.fraction), "--device", args.device] + (["--amp"] if args.amp else [])
+              "--fraction", str(args.fraction), "--device", args.device, "--gps-masks", args.gps_masks]
+    common += ["--amp"] if args.amp else []
+    env = None if args.default_malloc else {"MALLOC_MMAP_THRESHOLD_": "131072"}
     rows = {}
     for variant in VARIANTS:
-        done = run_measured([sys.executable, __file__, "--child", variant, *common])
+        done = run_measured([sys.executable, __file__, "--child", variant, *common], env=env)
         if done["returncode"] != 0:
             sys.exit(f"{variant} failed:\n{done['stderr'][-3000:]}")
         rows[variant] = {**json.loads(done["stdout"].strip().splitlines()[-1]),
@@ -193,7 +202,9 @@ def write_report(args, rows) -> None:
         f"`{cmd}` on {dt.date.today()}, {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"device {args.device}{' (bf16 autocast)' if args.amp else ' (fp32)'}.",
         f"{MODEL} random init, 100-class head, batch {args.batch_size}, 224 px; "
-        f"{args.warmup} warm-up + {args.steps} timed steps per variant, each variant its own process.",
+        f"{args.warmup} warm-up + {args.steps} timed steps per variant, each variant its own process; "
+        f"GPS masks {args.gps_masks}; "
+        + ("glibc's default malloc." if args.default_malloc else "children with MALLOC_MMAP_THRESHOLD_=131072."),
         f"Mask: top-round({args.fraction} x fan-in) |w| per output row of every backbone weight: "
         f"{ours['selected']:,} of {ours['backbone_weights']:,} ({100 * ours['selected'] / ours['backbone_weights']:.2f}%).",
         "",

@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 
-from ..errors import DataError
+from ..errors import DataError, NumericError
 from . import sparse
 from ._torch import nn, torch
 from .recipe import Recipe
@@ -106,7 +106,7 @@ def check_head(model: nn.Module, num_classes: int) -> None:
 
 
 def _is_delta(name: str) -> bool:
-    return sparse._MARK in name
+    return sparse.plain_name(name) != name
 
 
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
@@ -168,8 +168,6 @@ def train_step(model, inputs, labels, optimizer, schedule, recipe: Recipe, devic
     with _autocast(device, recipe):
         loss = criterion(logits_of(forward(model, inputs)).float(), labels)
     if not torch.isfinite(loss):
-        from ..errors import NumericError
-
         raise NumericError(f"the training loss became {loss.item()}; lower --lr or enable --clip-grad")
     loss.backward()
     if recipe.clip_grad is not None:

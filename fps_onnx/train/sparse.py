@@ -77,8 +77,7 @@ class SparseDelta(nn.Module):
 
     def write(self, weight: torch.Tensor) -> None:
         """Put ``base + values`` into the weight's storage if ``values`` changed since last time."""
-        stamp = (id(self.values), self.values._version)
-        if stamp == self._written and weight.device == self.values.device:
+        if (id(self.values), self.values._version) == self._written:
             return
         with torch.no_grad():
             merged = (self.base.to(self.values.dtype) + self.values).to(weight.dtype)
