@@ -121,7 +121,6 @@ def _cli_case(tmp: Path) -> list[str]:
             "--epochs", "2", "--batch-size", "8", "--lr", "0.05", "-q"]
 
 
-@pytest.mark.slow
 def test_cli_under_torchrun_two_processes(tmp_path):
     script = shutil.which("fps-onnx", path=str(Path(sys.executable).parent))
     assert script is not None
