@@ -168,3 +168,16 @@ def test_token_mask_excludes_padded_positions():
     kept = x[mask.astype(bool)]
     np.testing.assert_allclose(got[("x", "abs_sum")], np.abs(kept).sum(0), rtol=1e-6)
     np.testing.assert_allclose(got[("x", "sq_sum")], (kept**2).sum(0), rtol=1e-5)
+
+
+def test_fp16_activations_are_summed_in_fp32():
+    w = rng().standard_normal((8, 3)).astype(np.float16)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                       [tensor("x", ["N", 8], TensorProto.FLOAT16)],
+                       [tensor("y", ["N", 3], TensorProto.FLOAT16)], {"w": w})
+    sites = graph.find_weights(model)
+    assert sites[0].dtype == TensorProto.FLOAT16
+    x = np.full((400, 8), 300.0, np.float16)  # the sum (120,000) overflows fp16
+    got = run_stats(model, sites, {"x": x})
+    np.testing.assert_allclose(got[("x", "abs_sum")], np.full(8, 120_000.0), rtol=1e-6)
+    assert got[("x", "abs_sum")].dtype == np.float32
