@@ -9,11 +9,11 @@ the size of the data set.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 import logging
 import os
 from pathlib import Path
-import tempfile
 import time
 
 import numpy as np
@@ -48,6 +48,8 @@ class Calibration:
     sites: list[graph.WeightSite]
     provider: str
     seconds: float
+    model: onnx.ModelProto | None = None  # the graph, weights referenced in the file
+    base_dir: str = ""  # folder its external weight references are relative to
 
 
 def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:
@@ -82,7 +84,10 @@ def calibrate(
     """
     chosen = providers.resolve(config.provider)
     model = load_model(model_path, load_weights=False)
-    sha = sha256_file(model_path)
+    # Hash beside the rest of the set-up (hashlib releases the GIL).
+    hashing = ThreadPoolExecutor(1)
+    sha_future = hashing.submit(sha256_file, model_path)
+    hashing.shutdown(wait=False)
     sites = graph.find_weights(model)
     if check_sites is not None:
         check_sites(sites)
@@ -95,8 +100,10 @@ def calibrate(
         log.info("token mask %s applies to %d of %d weight inputs", mask_name, len(masked), len(tensors))
     statistics = config.statistics or graph.STATISTICS[:1]
     model, outputs = graph.add_statistics(model, sites, statistics, mask_name, masked)
-    session = _session(model, Path(model_path), chosen, config.threads)
-    del model
+    path = Path(model_path)
+    if not _uses_external_data(model):
+        model = _reference_in_place(model, path)
+    session = _session(model, path, chosen, config.threads)
     provider = session.get_providers()[0]
     log.info("running on %s", provider)
 
@@ -116,14 +123,14 @@ def calibrate(
         raise DataError(f"no samples were read from {data_path}")
     seconds = time.perf_counter() - start
 
-    stats = Stats(sha, num_samples=samples)
+    stats = Stats(sha_future.result(), num_samples=samples)
     for site in sites:
         acc = ChannelStats()
         for act in site.activations:
             got = per_act[act]
             acc.add(got.abs_sum, got.sq_sum, got.count)
         stats.weights[site.key] = acc
-    return Calibration(stats, sites, provider, seconds)
+    return Calibration(stats, sites, provider, seconds, model, str(path.resolve().parent))
 
 
 def _token_mask(model: onnx.ModelProto, requested: str | None) -> str | None:
@@ -136,13 +143,7 @@ def _token_mask(model: onnx.ModelProto, requested: str | None) -> str | None:
 
 
 def _session(model: onnx.ModelProto, path: Path, chosen: list[str], threads: int | None):
-    """An ORT session for the rewritten ``model`` (whose embedded weights it consumes).
-
-    A model whose weights are embedded is staged in a temporary folder with its
-    weights as external data and loaded from there: ORT then keeps one copy of
-    the weights, as for plain inference, where a session built from serialised
-    bytes keeps the bytes too (about one more model size of RSS).
-    """
+    """An ORT session for the rewritten ``model``; external weights are read from ``path``'s folder."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -152,20 +153,55 @@ def _session(model: onnx.ModelProto, path: Path, chosen: list[str], threads: int
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if threads:
         options.intra_op_num_threads = threads
+    options.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", str(path.resolve().parent)
+    )
     try:
-        if _uses_external_data(model):  # weights stay in place; only the graph is passed
-            options.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", str(path.resolve().parent)
-            )
-            return ort.InferenceSession(model.SerializeToString(), options, providers=chosen)
-        with tempfile.TemporaryDirectory(prefix="fps-onnx-", ignore_cleanup_errors=True) as tmp:
-            staged = Path(tmp) / "model.onnx"
-            onnx.save_model(model, str(staged), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location="model.onnx.data")
-            log.debug("staged the rewritten model in %s", tmp)
-            return ort.InferenceSession(str(staged), options, providers=chosen)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=chosen)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types
         raise ModelError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from exc
+
+
+_IN_PLACE_MIN_BYTES = 4096
+
+
+def _reference_in_place(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """``model`` with its large embedded weights turned into external-data
+    references to where their bytes already lie inside the ONNX file ``path``.
+
+    ORT then reads the weights straight from the user's file, as plain inference
+    does: no second copy in memory (a session built from serialised bytes keeps
+    the bytes) and none on disk. Each tensor's raw bytes are found in file order
+    and compared in full; a tensor that is not found stays embedded.
+    """
+    import mmap
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = 0
+        for tensor in model.graph.initializer:
+            raw = tensor.raw_data
+            if len(raw) < _IN_PLACE_MIN_BYTES:
+                continue
+            offset = _find(mm, raw, pos)
+            if offset < 0:
+                continue
+            pos = offset + len(raw)
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", path.name), ("offset", offset), ("length", len(raw))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+    # A fresh message: the embedded weights' memory goes with the old one.
+    return onnx.ModelProto.FromString(model.SerializeToString())
+
+
+def _find(mm, raw: bytes, start: int) -> int:
+    head = raw[:64]
+    offset = mm.find(head, start)
+    while offset >= 0 and mm[offset : offset + len(raw)] != raw:
+        offset = mm.find(head, offset + 1)
+    return offset
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:

@@ -181,8 +181,11 @@ def _trace(name, initializers, producers):
             return None
 
 
-def iter_weight_values(model: onnx.ModelProto, sites: Sequence[WeightSite]):
-    """(site, weight in PyTorch layout as a NumPy array), one weight at a time."""
+def iter_weight_values(model: onnx.ModelProto, sites: Sequence[WeightSite], base_dir: str = ""):
+    """(site, weight in PyTorch layout as a NumPy array), one weight at a time.
+
+    Weights stored as external data are read from ``base_dir``.
+    """
     by_name = {t.name: t for t in model.graph.initializer}
     constants = {
         n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
@@ -190,7 +193,7 @@ def iter_weight_values(model: onnx.ModelProto, sites: Sequence[WeightSite]):
     }
     for site in sites:
         tensor = by_name[site.key] if site.key in by_name else constants[site.key]
-        array = numpy_helper.to_array(tensor)
+        array = numpy_helper.to_array(tensor, base_dir)
         yield site, (array.T if site.layout == "in_out" else array)
 
 

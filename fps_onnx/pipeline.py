@@ -63,6 +63,7 @@ def run_select(
     if select_config.method not in METHODS:
         raise BudgetError(f"method {select_config.method!r} needs a PyTorch model (fps_onnx.gps)")
     provider = seconds = None
+    base_dir = ""
     if not METHODS[select_config.method].needs_activations:
         model = load_model(model_path)
         sites = graph.find_weights(model)
@@ -92,9 +93,9 @@ def run_select(
         stats, sites, provider, seconds = result.stats, result.sites, result.provider, result.seconds
         if stats_out is not None:
             stats.save(stats_out)
-        model = load_model(model_path)
+        model, base_dir = result.model, result.base_dir
 
-    masks = _select_all(model, sites, stats, select_config)
+    masks = _select_all(model, sites, stats, select_config, base_dir)
     meta: dict[str, object] = {
         "method": select_config.method,
         "norm": select_config.norm,
@@ -108,12 +109,12 @@ def run_select(
     return SelectResult(maskfile.build(masks, sites, meta), stats, sites, provider, seconds)
 
 
-def _select_all(model, sites, stats: Stats, config: SelectConfig) -> dict:
+def _select_all(model, sites, stats: Stats, config: SelectConfig, base_dir: str = "") -> dict:
     """Masks of every site, one weight at a time, in site order."""
     # C order: weights stored [in, out] come back as transposed views, and the
     # per-row partitions of top-k run ~3x slower over strided rows (ViT-B/16:
     # 2.45 s -> 0.85 s for all 50 weights).
     return {
         site.key: select_one(np.ascontiguousarray(weight), site, stats.weights.get(site.key), config)
-        for site, weight in graph.iter_weight_values(model, sites)
+        for site, weight in graph.iter_weight_values(model, sites, base_dir)
     }

@@ -122,26 +122,31 @@ def test_python_memory_does_not_grow_with_data(vit_case, tmp_path):
     assert peaks[1] < peaks[0] * 1.3 + 200_000, peaks
 
 
-def test_embedded_and_external_weights_give_the_same_statistics(vit_case, tmp_path, monkeypatch):
-    import tempfile
-
+def test_embedded_and_external_weights_give_the_same_statistics(vit_case, tmp_path):
     import onnx
+
+    from fps_onnx import graph
 
     _, path, data_path = vit_case
     external = tmp_path / "ext" / "vit.onnx"
     external.parent.mkdir()
     onnx.save_model(onnx.load(str(path)), str(external), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="vit.data", size_threshold=0)
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(staging))
-    embedded = calibrate(path, data_path, BOTH)  # staged with external weights, then removed
-    assert list(staging.iterdir()) == []
+    before = sorted(path.parent.iterdir())
+    embedded = calibrate(path, data_path, BOTH)  # weights referenced inside the .onnx file
+    assert sorted(path.parent.iterdir()) == before  # nothing staged beside it
+    refs = {e.value for t in embedded.model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert refs == {path.name}
     outside = calibrate(external, data_path, BOTH)  # weights read where they are
     for key, stats in embedded.stats.weights.items():
         np.testing.assert_array_equal(outside.stats.weights[key].abs_sum, stats.abs_sum)
         np.testing.assert_array_equal(outside.stats.weights[key].sq_sum, stats.sq_sum)
     assert embedded.stats.weights
+    # the referenced bytes are the weights themselves
+    full = onnx.load(str(path))
+    want = dict(graph.iter_weight_values(full, embedded.sites))
+    for site, got in graph.iter_weight_values(embedded.model, embedded.sites, embedded.base_dir):
+        np.testing.assert_array_equal(got, want[site])
 
 
 def test_nan_in_activations_is_reported(vit_case, tmp_path):
