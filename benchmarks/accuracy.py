@@ -64,8 +64,8 @@ METHODS = {
 }
 SELECTORS = ("fps", "gps", "random", "magnitude", "activation")
 
-FULL = {"train": 800, "val": 200, "test": 2000, "epochs": 3, "warmup_epochs": 0.5, "batch_size": 32,
-        "lr": 1e-3, "full_lr_scale": 0.1, "fraction": 0.008, "seeds": [0, 1, 2]}
+FULL = {"train": 800, "val": 200, "test": 2000, "epochs": 4, "warmup_epochs": 0.5, "batch_size": 32,
+        "lr": 3e-3, "full_lr_scale": 0.05, "fraction": 0.008, "seeds": [0, 1, 2]}
 SMOKE = {**FULL, "train": 64, "val": 32, "test": 64, "epochs": 1, "seeds": [0]}
 
 
@@ -74,8 +74,8 @@ def log(msg: str) -> None:
 
 
 class Bench:
-    def __init__(self, smoke: bool, work: Path, results: Path, sizes: dict[str, int]) -> None:
-        self.cfg = SMOKE if smoke else FULL
+    def __init__(self, cfg: dict, smoke: bool, work: Path, results: Path, sizes: dict[str, int]) -> None:
+        self.cfg = cfg
         self.smoke = smoke
         self.work = work
         self.results = results
@@ -141,9 +141,13 @@ class Bench:
 
     def cell(self, task: str, method: str, seed: int) -> None:
         path = self.cells / f"{task}__{method}__s{seed}.json"
-        if path.exists():
-            return
         c, t = self.cfg, TASKS[task]
+        config = {k: v for k, v in c.items() if k != "seeds"}
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old["config"] == config and old["size"] == self.sizes[task]:
+                return
+            log(f"{path.name} was made with other settings: running it again")
         start = time.perf_counter()
         data = self.data(task, seed)
         masks, selection = None, None
@@ -162,7 +166,7 @@ class Bench:
         m = self._run([PY, str(HERE / "_accuracy_train.py"), str(args_file), str(out_file)])
         train = json.loads(out_file.read_text())
         cell = {"task": task, "method": method, "seed": seed, "test_accuracy": train["test_accuracy"],
-                "size": self.sizes[task], "config": {k: v for k, v in c.items() if k != "seeds"},
+                "size": self.sizes[task], "config": config,
                 "selection": selection, "train": train,
                 "train_process": {"wall_s": m["wall_s"], "peak_rss_gib": m["peak_rss_gib"], "cpu_s": m["cpu_s"]},
                 "cell_seconds": time.perf_counter() - start,
@@ -373,6 +377,11 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only build the report from finished cells")
     parser.add_argument("--size", action="append", default=[], metavar="TASK=N",
                         help="image side / sequence length of a task (changes the work folders)")
+    parser.add_argument("--epochs", type=int, help=f"training epochs [default: {FULL['epochs']}]")
+    parser.add_argument("--lr", type=float, help=f"peak learning rate [default: {FULL['lr']:g}]")
+    parser.add_argument("--full-lr-scale", type=float, help=f"backbone lr factor of full fine-tuning "
+                        f"[default: {FULL['full_lr_scale']:g}]")
+    parser.add_argument("--fraction", type=float, help=f"selection budget [default: {FULL['fraction']:g}]")
     parser.add_argument("--note", default="", help="a line appended to the markdown")
     args = parser.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
@@ -380,7 +389,10 @@ def main() -> None:
     bad = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in METHODS]
     if bad:
         parser.error(f"unknown task/method {bad[0]!r}")
-    cfg = SMOKE if args.smoke else FULL
+    cfg = dict(SMOKE if args.smoke else FULL)
+    for key in ("epochs", "lr", "full_lr_scale", "fraction"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else cfg["seeds"]
     sizes = {k: v["size"] for k, v in TASKS.items()}
     for item in args.size:
@@ -389,7 +401,7 @@ def main() -> None:
     work = HERE / "work" / ("smoke" if args.smoke else "accuracy")
     results = work / "results" if args.smoke else HERE / "results" / "accuracy"
     if not args.report:
-        bench = Bench(args.smoke, work, results, sizes)
+        bench = Bench(cfg, args.smoke, work, results, sizes)
         for seed in seeds:  # seed-major: a partial run has every cell of the first seeds
             for task in tasks:
                 for method in methods:
