@@ -51,3 +51,14 @@ def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="No space left"):
         built.save(tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_file_gets_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    site = WeightSite("w", "MatMul", "out_in", (1, 1), 1)
+    maskfile.build({"w": np.ones((1, 1), bool)}, [site], {}).save(tmp_path / "m.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o666 & ~mask
