@@ -8,9 +8,11 @@ import sys
 
 from click.testing import CliRunner
 import numpy as np
+import onnx
+from onnx import helper
 import pytest
 
-from _models import linear_chain
+from _models import linear_chain, make_model, tensor
 from fps_onnx.cli.main import main
 from fps_onnx.maskfile import MaskFile
 from fps_onnx.stats import Stats
@@ -71,6 +73,7 @@ BAD = [
     (lambda m, d, t: [t / "none.onnx", d], "model file .*none.onnx does not exist"),
     (lambda m, d, t: [t / "corrupt.onnx", d], "cannot read ONNX model"),
     (lambda m, d, t: [m, t / "empty"], "no .npy, .npz or image files under"),
+    (lambda m, d, t: [t / "relu.onnx", d], "no weight consumed by a MatMul, Gemm or Conv"),
     (lambda m, d, t: [m, t / "wrong.npy"], r"x has shape \[3, 7\], the model expects x \[N, 6\]"),
     (lambda m, d, t: [m, d, "--per-neuron", "9"], "--per-neuron 9 is larger than a fan-in of 6"),
     (lambda m, d, t: [m, d, "--fraction", "1.5"], r"fraction must be in \(0, 1\]"),
@@ -86,6 +89,8 @@ def test_bad_input_gets_one_line_and_no_output(chain, tmp_path, args, message):
 
     model, data = chain
     (tmp_path / "corrupt.onnx").write_bytes(b"\x08garbage")
+    onnx.save(make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", ["N", 6])],
+                         [tensor("y", ["N", 6])], {}), tmp_path / "relu.onnx")
     (tmp_path / "empty").mkdir()
     np.save(tmp_path / "wrong.npy", np.zeros((3, 7), np.float32))
     out = tmp_path / "out" / "m.safetensors"
