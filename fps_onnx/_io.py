@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import contextlib
 import hashlib
 import os
@@ -55,3 +55,36 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_safetensors(path: str | os.PathLike, arrays: Mapping, meta: Mapping[str, str]) -> Path:
+    """A safetensors file of NumPy ``arrays`` with string metadata, written atomically."""
+    from safetensors.numpy import save_file
+
+    return atomic_write(path, lambda tmp: save_file(dict(arrays), tmp, metadata=dict(meta)))
+
+
+def read_safetensors(
+    path: str | os.PathLike, fmt: str, version: str, error: type[Exception], what: str
+) -> tuple[dict, dict]:
+    """(arrays, metadata) of an fps-onnx safetensors file whose ``format`` is ``fmt``.
+
+    Raises ``error`` when the file is missing, unreadable, another kind of file
+    or another version of the format.
+    """
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise error(f"{what} file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = dict(fh.metadata() or {})
+            arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means "not a safetensors file"
+        raise error(f"cannot read {what} file {path}: {exc}") from exc
+    if meta.get("format") != fmt:
+        raise error(f"{path} is not an fps-onnx {what} file")
+    if meta.get("format_version") != version:
+        raise error(f"{path} has {what} format version {meta.get('format_version')}, "
+                    f"this fps-onnx reads {version}")
+    return arrays, meta

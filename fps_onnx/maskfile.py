@@ -31,10 +31,9 @@ import os
 import numpy as np
 
 from . import __version__
-from ._io import atomic_write
+from ._io import read_safetensors, write_safetensors
 from .errors import MaskError
 from .graph import WeightSite
-from .stats import _read_safetensors
 
 FORMAT = "fps-mask"
 FORMAT_VERSION = "1"
@@ -58,8 +57,6 @@ class MaskFile:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temporary file, then rename)."""
-        from safetensors.numpy import save_file
-
         meta = {
             **self.meta,
             "format": FORMAT,
@@ -68,17 +65,12 @@ class MaskFile:
             "tensors": json.dumps(self.tensors, sort_keys=True),
         }
         arrays = {k: np.ascontiguousarray(v, dtype=bool) for k, v in self.masks.items()}
-        atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
+        write_safetensors(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MaskFile:
         """Read and check a mask file."""
-        arrays, meta = _read_safetensors(path, MaskError, "mask")
-        if meta.get("format") != FORMAT:
-            raise MaskError(f"{path} is not an fps-onnx mask file")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise MaskError(f"{path} has mask format version {meta.get('format_version')}, "
-                            f"this fps-onnx reads {FORMAT_VERSION}")
+        arrays, meta = read_safetensors(path, FORMAT, FORMAT_VERSION, MaskError, "mask")
         try:
             tensors = json.loads(meta.pop("tensors", "{}"))
         except json.JSONDecodeError as exc:

@@ -9,13 +9,13 @@ Two files of the same model add up, which is how sharded calibration merges.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 import os
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import read_safetensors, write_safetensors
 from .errors import StatsError
 
 FORMAT = "fps-stats"
@@ -87,8 +87,6 @@ class Stats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the stats file atomically."""
-        from safetensors.numpy import save_file
-
         tensors = {}
         for key, c in self.weights.items():
             for name in ("abs_sum", "sq_sum"):
@@ -102,17 +100,12 @@ class Stats:
             "model_sha256": self.model_sha256,
             "num_samples": str(self.num_samples),
         }
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        write_safetensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Stats:
         """Read a stats file, checking its format."""
-        tensors, meta = _read_safetensors(path, StatsError, "statistics")
-        if meta.get("format") != FORMAT:
-            raise StatsError(f"{path} is not an fps-onnx statistics file")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise StatsError(f"{path} has stats format version {meta.get('format_version')}, "
-                             f"this fps-onnx reads {FORMAT_VERSION}")
+        tensors, meta = read_safetensors(path, FORMAT, FORMAT_VERSION, StatsError, "statistics")
         stats = cls(meta.get("model_sha256", ""), num_samples=int(meta.get("num_samples", 0)))
         for name, value in tensors.items():
             key, _, stat = name.rpartition(":")
@@ -134,16 +127,3 @@ def merge_all(stats: Iterable[Stats]) -> Stats:
         total = total.merge(shard)
     return total
 
-
-def _read_safetensors(path, error: type[Exception], what: str) -> tuple[Mapping, dict]:
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise error(f"{what} file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="numpy") as fh:
-            meta = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # noqa: BLE001 - any decoding failure means "not a safetensors file"
-        raise error(f"cannot read {what} file {path}: {exc}") from exc
-    return tensors, meta
