@@ -74,6 +74,8 @@ def main(args_path: str, out_path: str) -> None:
             return torch.optim.AdamW(groups, lr=rec.lr, weight_decay=rec.weight_decay)
 
         loop.make_optimizer = make_optimizer
+    if not recipe.train_norm and os.environ.get("ACCURACY_FROZEN_BN", "eval") == "eval":
+        _frozen_batchnorm_in_eval(model, torch)
     params = dict(model.named_parameters())
     if mode == "full":
         count = total
@@ -102,6 +104,8 @@ def main(args_path: str, out_path: str) -> None:
         "dense_tensors": len(trainable.dense),
         "total_params": total,
         "backbone_weights": backbone_weights,
+        "frozen_batchnorm": "eval" if not recipe.train_norm and os.environ.get("ACCURACY_FROZEN_BN", "eval") == "eval"
+        else "train",
         "recipe": {k: getattr(recipe, k) for k in ("epochs", "batch_size", "lr", "warmup_epochs", "seed",
                                                    "train_head", "train_bias", "train_norm")},
     }
@@ -109,6 +113,26 @@ def main(args_path: str, out_path: str) -> None:
     Path(tmp).write_text(json.dumps(result, indent=1))
     os.replace(tmp, out_path)
 
+
+def _frozen_batchnorm_in_eval(model, torch) -> None:
+    """Keep frozen BatchNorm layers in eval mode while training (running statistics, no updates).
+
+    fit() calls model.train() every epoch, which would normalise with batch
+    statistics and move the running ones (EfficientNet's momentum is 0.01),
+    so features at training and at test time differ.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    plain_train = model.train
+
+    def train(mode: bool = True):
+        plain_train(mode)
+        for m in norms:
+            m.eval()
+        return model
+
+    model.train = train
 
 
 if __name__ == "__main__":
