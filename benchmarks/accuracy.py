@@ -320,8 +320,9 @@ def _markdown(summary: dict, tasks, methods, seeds, note: str) -> str:
         parts = []
         if "gps" in e:
             d = f - e["gps"]["accuracy_mean"]
-            parts.append(f"FPS − GPS {d:+.1f} points ({'within' if abs(d) <= 1 or d > 0 else 'NOT within'} 1 point"
-                         f"{', FPS higher' if d > 1 else ''})")
+            verdict = ("within 1 point" if abs(d) <= 1 else "FPS higher by more than 1 point" if d > 0
+                       else "NOT within 1 point: FPS lower")
+            parts.append(f"FPS − GPS {d:+.1f} points ({verdict})")
         for m in ("random", "probe"):
             if m in e:
                 d = f - e[m]["accuracy_mean"]
