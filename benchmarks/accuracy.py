@@ -372,7 +372,7 @@ def _figure(summary: dict, tasks, methods, path: Path) -> None:
     ax.set_ylim(max(0, min(lows, default=0) - 5), 100)
     ax.set_xticks(range(len(tasks)), [TASKS[k]["label"] for k in tasks], fontsize=8)
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, ncol=4, loc="upper center")
     ax.set_title("accuracy")
     sel = [m for m in SELECTORS if m in methods]
     for ax, key, label in ((axes[1], "select_wall_s", "selection wall time (s)"),
