@@ -283,16 +283,20 @@ def _markdown(summary: dict, tasks, methods, seeds, note: str) -> str:
              "Linear/Conv weight (head excluded)",
              "- sizes: " + ", ".join(f"{k} {v}{' tokens' if k == 'minilm' else ' px'}"
                                      for k, v in summary["sizes"].items()), ""]
-    head = "| method | " + " | ".join(TASKS[k]["label"] for k in tasks) + " | mean | trainable (%) |"
-    lines += ["## Test accuracy (%)", "", head, "|---|" + "---:|" * (len(tasks) + 2)]
+    head = ("| method | " + " | ".join(TASKS[k]["label"] for k in tasks)
+            + " | mean | trainable (%) | selected (% of backbone weights) |")
+    lines += ["## Test accuracy (%)", "", head, "|---|" + "---:|" * (len(tasks) + 3)]
     for m in methods:
         row = [_fmt(t.get(k, {}).get(m), len(seeds)) for k in tasks]
         means = [t[k][m]["accuracy_mean"] for k in tasks if m in t.get(k, {})]
         mean = f"{sum(means) / len(means):.1f}" if len(means) == len(tasks) else "missing"
         pcts = [f"{t[k][m]['trainable_pct']:.2f}" for k in tasks if m in t.get(k, {})]
-        lines.append(f"| {METHODS[m]} | " + " | ".join(row) + f" | {mean} | {' / '.join(pcts) or '-'} |")
+        sel = [f"{t[k][m]['selected_pct_backbone']:.2f}" for k in tasks if m in t.get(k, {})]
+        lines.append(f"| {METHODS[m]} | " + " | ".join(row) + f" | {mean} | {' / '.join(pcts) or '-'} | "
+                     f"{' / '.join(sel) if m in SELECTORS else '-'} |")
     lines += ["", "Trainable (%): trainable parameters (selected entries + head + biases for the sparse "
-              "methods) over all parameters of the model, per task in column order.", "",
+              "methods) over all parameters of the model; selected: mask entries the trainer attached over the "
+              "backbone's Linear/Conv weights; per task in column order.", "",
               "## Selection cost (whole `fps-onnx select` process, mean over seeds)", "",
               "| method | " + " | ".join(f"{TASKS[k]['label']}: wall s / peak RSS GiB" for k in tasks) + " |",
               "|---|" + "---:|" * len(tasks)]
