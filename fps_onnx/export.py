@@ -86,13 +86,15 @@ def build_model(
     checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
     img_size: int | None = None,
+    seed: int = 0,
 ):
     """The PyTorch model a SPEC names, in eval mode, and example inputs for it.
 
     Returns ``(model, example_inputs)``: ``example_inputs`` is a dict from input
     name to a tensor with a batch of 2, ordered like ``model.forward``'s
     positional parameters, so ``model(*example_inputs.values())`` runs it.
-    ``checkpoint`` (a ``.safetensors`` or ``torch.save`` file holding a
+    ``seed`` seeds every random initialisation (a new head, a model without
+    ``checkpoint``). ``checkpoint`` (a ``.safetensors`` or ``torch.save`` file holding a
     state_dict) must fit the model exactly. ``num_classes`` sets the classifier
     (timm; ``hf:`` adds a sequence/image classification head); ``img_size``
     the input side.
@@ -100,15 +102,18 @@ def build_model(
     built or a checkpoint that does not fit.
     """
     torch = _require("torch", "building a PyTorch model")
-    torch.manual_seed(0)
-    if spec.startswith("timm:"):
-        model, inputs = _timm(spec[5:], num_classes, img_size)
-    elif spec.startswith("hf:"):
-        model, inputs = _hf(spec[3:], num_classes, img_size)
-    elif ":" in spec and not spec.startswith(":") and not spec.endswith(":"):
-        model, inputs = _function(spec, num_classes, img_size)
-    else:
-        raise ExportError(f"unknown model SPEC {spec!r}: use timm:NAME, hf:PATH or module.path:function")
+    torch.manual_seed(seed)
+    # Model code that prints (e.g. "Loaded pretrained weights") must not reach
+    # stdout, where --json output goes.
+    with contextlib.redirect_stdout(sys.stderr):
+        if spec.startswith("timm:"):
+            model, inputs = _timm(spec[5:], num_classes, img_size)
+        elif spec.startswith("hf:"):
+            model, inputs = _hf(spec[3:], num_classes, img_size)
+        elif ":" in spec and not spec.startswith(":") and not spec.endswith(":"):
+            model, inputs = _function(spec, num_classes, img_size)
+        else:
+            raise ExportError(f"unknown model SPEC {spec!r}: use timm:NAME, hf:PATH or module.path:function")
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, spec)
     return model.eval(), inputs

@@ -285,3 +285,31 @@ def test_real_models_export_select_and_map(spec, img_size, exporter, tmp_path):
     assert set(mapped.masks) == wanted
     for name, mask in mapped.masks.items():
         assert mask.shape == tuple(model.state_dict()[name].shape)
+
+
+def noisy_model():
+    """A SPEC function that prints, as some model packages do."""
+    import torch
+
+    print("Loaded pretrained weights for noisy_model")
+    return torch.nn.Linear(3, 2), torch.randn(2, 3)
+
+
+def test_build_model_seeds_new_weights_and_keeps_stdout_clean(capsys):
+    from pathlib import Path
+
+    from fps_onnx.export import build_model
+
+    spec = f"{Path(__file__)}:noisy_model"
+    a, _ = build_model(spec, seed=1)
+    b, _ = build_model(spec, seed=1)
+    c, _ = build_model(spec, seed=2)
+    assert torch_equal(a.weight, b.weight) and not torch_equal(a.weight, c.weight)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Loaded pretrained weights" in captured.err
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))

@@ -197,3 +197,27 @@ def test_fit_on_cuda_with_bf16_autocast_keeps_frozen_entries():
         mask = torch.from_numpy(masks[name])
         assert torch.equal(final[name][~mask], start[name][~mask])
         assert not torch.equal(final[name][mask], start[name][mask])
+
+
+class BnNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("train_norm", [False, True])
+def test_frozen_batch_norm_keeps_its_running_statistics(train_norm):
+    torch.manual_seed(0)
+    model = BnNet()
+    model.bn.running_mean.fill_(0.5)
+    before = model.bn.running_mean.clone()
+    recipe = Recipe(epochs=1, lr=1e-2, train_norm=train_norm)
+    loop.prepare(model, _masks(model), recipe)
+    loader = torch.utils.data.DataLoader(_task(32), batch_size=8)
+    loop.fit(model, loader, recipe=recipe)
+    assert torch.equal(model.bn.running_mean, before) != train_norm

@@ -62,6 +62,15 @@ def _is_norm(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__
 
 
+def _freeze_norm_statistics(model: nn.Module) -> None:
+    """Frozen norms keep their pretrained running statistics too: batch norms stay
+    in eval mode while the rest trains (in train mode their statistics drift to
+    the new data's batches, and training and test features part ways)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def prepare(model: nn.Module, masks: Mapping[str, object] | sparse.MaskFile | str,
             recipe: Recipe = Recipe(), *, onnx_model=None) -> Trainable:
     """Freeze ``model``, attach ``masks`` and unfreeze what ``recipe`` trains fully.
@@ -255,6 +264,8 @@ def fit(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         model.train()
+        if not recipe.train_norm:
+            _freeze_norm_statistics(model)
         start, total_loss, seen = time.perf_counter(), 0.0, 0
         for inputs, labels in train_loader:
             inputs, labels = to_device(inputs, device), labels.to(device)
