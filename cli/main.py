@@ -36,19 +36,13 @@ def main() -> None:
 
 
 def _register() -> None:
-    from .select import select
-
-    main.add_command(select)
-
-    from .train import train
-
-    main.add_command(train)
-
     from .export import export
     from .map import map_
+    from .select import select
+    from .train import train
 
-    main.add_command(export)
-    main.add_command(map_)
+    for command in (select, export, map_, train):
+        main.add_command(command)
 
 
 _register()

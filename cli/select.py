@@ -8,8 +8,8 @@ import logging
 import click
 
 from fps_onnx import providers
-from fps_onnx.calibrate import CalibrationConfig
-from fps_onnx.data import DataConfig
+from fps_onnx.calibrate import DEFAULT_TOKEN_MASK, CalibrationConfig
+from fps_onnx.data import DEFAULT_IMAGE_SIZE, DataConfig
 from fps_onnx.pipeline import run_select
 from fps_onnx.select import LEVELS, METHODS, NORMS, SelectConfig, method_names
 
@@ -34,13 +34,13 @@ def _given(**values):
 @click.option("--level", type=click.Choice(LEVELS), help=f"Top-K per output neuron, or top-N per tensor. [default: {SelectConfig().level}]")
 @click.option("--per-neuron", "per_neuron", type=int, help="Keep K entries per output neuron (layer level: K * out per tensor).")
 @click.option("--fraction", type=float, help=f"Keep this fraction of each fan-in (layer level: of each tensor). [default: {SelectConfig().budget['fraction']}]")
-@click.option("--provider", type=click.Choice(providers.CHOICES), help="ONNX Runtime provider; auto uses CUDA only where it really works. [default: auto]")
+@click.option("--provider", type=click.Choice(providers.CHOICES), help=f"ONNX Runtime provider; auto uses CUDA only where it really works. [default: {CalibrationConfig().provider}]")
 @click.option("--batch-size", type=int, help=f"Samples per batch. [default: {DataConfig().batch_size}]")
 @click.option("--max-samples", type=int, help="Stop after this many samples.")
-@click.option("--image-size", type=int, help="Image side when the model's input size is not static. [default: 224]")
+@click.option("--image-size", type=int, help=f"Image side when the model's input size is not static. [default: {DEFAULT_IMAGE_SIZE}]")
 @click.option("--mean", help="Per-channel mean for images, e.g. 0.5,0.5,0.5. [default: ImageNet]")
 @click.option("--std", help="Per-channel std for images. [default: ImageNet]")
-@click.option("--token-mask", help="Input whose zeros mark padded tokens. [default: attention_mask, if present]")
+@click.option("--token-mask", help=f"Input whose zeros mark padded tokens. [default: {DEFAULT_TOKEN_MASK}, if present]")
 @click.option("--stats-out", type=click.Path(dir_okay=False), help="Also write the accumulated statistics (both norms).")
 @click.option("--from-stats", type=click.Path(dir_okay=False), help="Select from a statistics file instead of running the model.")
 @click.option("--torch-model", help="Key the masks by the parameter names of this PyTorch model SPEC (timm:NAME, hf:PATH, module:function), matched by value.")
