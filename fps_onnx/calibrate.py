@@ -22,7 +22,7 @@ import onnx
 from . import graph, providers
 from ._io import sha256_file
 from .data import DataConfig, InputSpec, iter_batches
-from .errors import DataError, ModelError, NumericError
+from .errors import DataError, ModelError, NumericError, first_line
 from .stats import ChannelStats, Stats
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def _session(model: onnx.ModelProto, path: Path, chosen: list[str], threads: int
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=chosen)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types
-        raise ModelError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from exc
+        raise ModelError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from exc
 
 
 _IN_PLACE_MIN_BYTES = 4096
@@ -215,7 +215,7 @@ def _run(session, names, feed, index):
         return session.run(names, feed)
     except Exception as exc:  # noqa: BLE001
         shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feed.items())
-        raise DataError(f"the model rejected batch {index} ({shapes}): {_first_line(exc)}") from exc
+        raise DataError(f"the model rejected batch {index} ({shapes}): {first_line(exc)}") from exc
 
 
 def _accumulate(per_act, outputs, names, values, mask, channels, sites, index) -> None:
@@ -236,7 +236,3 @@ def _accumulate(per_act, outputs, names, values, mask, channels, sites, index) -
             )
         acc.add(**{what.statistic: value})
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

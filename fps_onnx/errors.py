@@ -50,3 +50,9 @@ class MissingDependency(FpsError):
         super().__init__(
             f"{purpose} needs {package}; install it with: pip install 'fps-onnx[torch]'"
         )
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (third-party errors can run to pages)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

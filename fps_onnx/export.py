@@ -42,7 +42,7 @@ import onnx
 
 from . import graph, mapping
 from ._io import check_writable
-from .errors import ExportError, FpsError, MissingDependency
+from .errors import ExportError, FpsError, MissingDependency, first_line
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def load_checkpoint(model, path: str | os.PathLike, spec: str = "the model") -> 
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - many formats, many exception types
-        raise ExportError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+        raise ExportError(f"cannot read checkpoint {path}: {first_line(exc)}") from exc
     for wrapper in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
@@ -187,9 +187,9 @@ def _timm(name: str, num_classes, img_size):
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ExportError(f"unknown model SPEC 'timm:{name}': timm has no model {name!r}") from exc
-        raise ExportError(f"cannot build timm:{name}: {_first_line(exc)}") from exc
+        raise ExportError(f"cannot build timm:{name}: {first_line(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - model constructors raise anything
-        raise ExportError(f"cannot build timm:{name}: {_first_line(exc)}") from exc
+        raise ExportError(f"cannot build timm:{name}: {first_line(exc)}") from exc
     if img_size:
         size = (3, img_size, img_size)
     else:
@@ -217,7 +217,7 @@ def _hf(path: str, num_classes, img_size):
         kwargs = {"num_labels": num_classes} if num_classes is not None else {}
         model = cls.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"cannot load hf:{path}: {_first_line(exc)}") from exc
+        raise ExportError(f"cannot load hf:{path}: {first_line(exc)}") from exc
     params = inspect.signature(model.forward).parameters
     g = torch.Generator().manual_seed(0)
     if vision:
@@ -251,7 +251,7 @@ def _function(spec: str, num_classes, img_size):
     except FpsError:
         raise
     except Exception as exc:  # noqa: BLE001 - user code
-        raise ExportError(f"unknown model SPEC {spec!r}: cannot import {where}: {_first_line(exc)}") from exc
+        raise ExportError(f"unknown model SPEC {spec!r}: cannot import {where}: {first_line(exc)}") from exc
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ExportError(f"unknown model SPEC {spec!r}: {where} has no function {func_name!r}")
@@ -264,7 +264,7 @@ def _function(spec: str, num_classes, img_size):
     try:
         result = func(**kwargs)
     except Exception as exc:  # noqa: BLE001 - user code
-        raise ExportError(f"{spec} failed: {_first_line(exc)}") from exc
+        raise ExportError(f"{spec} failed: {first_line(exc)}") from exc
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise ExportError(f"{spec} must return (torch.nn.Module, example_inputs)")
     model, example = result
@@ -367,7 +367,7 @@ def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec) -> 
             else:
                 torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, **kwargs)
     except Exception as exc:  # noqa: BLE001 - exporters raise anything
-        raise ExportError(f"cannot export {spec} ({config.exporter} exporter): {_first_line(exc)}") from exc
+        raise ExportError(f"cannot export {spec} ({config.exporter} exporter): {first_line(exc)}") from exc
     finally:
         log.debug("exporter output:\n%s", "".join(chatter))
     if not path.is_file():
@@ -471,7 +471,7 @@ def _check(path: Path, model, inputs, expected, config: ExportConfig, spec: str)
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"ONNX Runtime cannot load the export of {spec}: {_first_line(exc)}") from exc
+        raise ExportError(f"ONNX Runtime cannot load the export of {spec}: {first_line(exc)}") from exc
     one = {k: v[:1] for k, v in inputs.items()}  # another batch size: the axis must be dynamic
     with torch.no_grad():
         expected_one = _flatten(model(*one.values()))
@@ -480,7 +480,7 @@ def _check(path: Path, model, inputs, expected, config: ExportConfig, spec: str)
         try:
             got = session.run(None, {k: v.numpy() for k, v in feed.items()})
         except Exception as exc:  # noqa: BLE001
-            raise ExportError(f"ONNX Runtime cannot run the export of {spec}: {_first_line(exc)}") from exc
+            raise ExportError(f"ONNX Runtime cannot run the export of {spec}: {first_line(exc)}") from exc
         for g, w in zip(got, want):
             w = w.float().numpy() if w.is_floating_point() else w.numpy()
             diff = float(np.max(np.abs(g.astype(np.float64) - w))) if w.size else 0.0
@@ -520,7 +520,3 @@ def _require(package: str, purpose: str):
     except ImportError:
         raise MissingDependency(package, purpose) from None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
