@@ -76,6 +76,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         opt.zero_grad()
     if rank == 0:
         torch.save({"state": sparse.merged_state_dict(model), "reduced": reduced}, out)
+    # Both ranks leave together: a rank tearing gloo down while its peer still
+    # works can abort the peer ("terminate called without an active exception").
+    torch.distributed.barrier()
+    del ddp
     torch.distributed.destroy_process_group()
 
 
