@@ -151,6 +151,10 @@ def _session(model: onnx.ModelProto, path: Path, chosen: list[str], threads: int
     # Run each reduction as soon as its input exists, so activations die early
     # and peak memory stays that of plain inference.
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    # ORT's memory pattern plans one block for every tensor of a run, the added
+    # reductions' included; without it the arena reuses freed chunks (ViT-B/16,
+    # batch 32: peak RSS 1.20 -> 0.82 GB, below plain inference, same speed).
+    options.enable_mem_pattern = False
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry(

@@ -119,16 +119,23 @@ def channel_statistic(stats: ChannelStats, norm: str) -> np.ndarray:
     return stats.mean_abs() if norm == "l1" else stats.rms()
 
 
+def magnitudes(weight: np.ndarray) -> np.ndarray:
+    """|w| in float64, C-contiguous whatever the layout of ``weight`` (the per-row
+    partitions of top-k run ~3x slower over strided rows)."""
+    return np.abs(weight, dtype=np.float64, order="C")
+
+
 def scores(weight: np.ndarray, site: WeightSite, activation: np.ndarray) -> np.ndarray:
     """|w| * activation statistic, in float64, shaped like ``weight`` (PyTorch layout)."""
-    w = np.abs(weight.astype(np.float64, copy=False))
+    w = magnitudes(weight)
     if site.layout != "conv":
-        return w * activation[None, :]
+        w *= activation[None, :]
+        return w
     out, per_group = weight.shape[:2]
     group = np.arange(out) // (out // site.groups)
     channel = group[:, None] * per_group + np.arange(per_group)[None, :]
-    act = activation[channel].reshape(out, per_group, *([1] * (weight.ndim - 2)))
-    return w * act
+    w *= activation[channel].reshape(out, per_group, *([1] * (weight.ndim - 2)))
+    return w
 
 
 def _broadcast(site: WeightSite, activation: np.ndarray, shape) -> np.ndarray:
@@ -142,7 +149,7 @@ def _random(weight: np.ndarray, site: WeightSite, _act, config: SelectConfig) ->
 
 register_method("fps", lambda w, site, act, _c: scores(w, site, act), needs_activations=True)
 register_method("activation", lambda w, site, act, _c: _broadcast(site, act, w.shape), True)
-register_method("magnitude", lambda w, site, _act, _c: np.abs(w.astype(np.float64)), False)
+register_method("magnitude", lambda w, site, _act, _c: magnitudes(w), False)
 register_method("random", _random, needs_activations=False)
 
 
@@ -156,11 +163,12 @@ def top_k(score: np.ndarray, k: int) -> np.ndarray:
     if k >= n:
         return np.ones_like(score, dtype=bool)
     threshold = np.partition(score, n - k, axis=1)[:, n - k : n - k + 1]
+    keep = score >= threshold
+    if np.all(np.count_nonzero(keep, axis=1) == k):
+        return keep  # no row has a tie across its threshold (the usual case)
     above = score > threshold
     tied = score == threshold
-    need = k - above.sum(axis=1, keepdims=True)
-    if np.array_equal(tied.sum(axis=1, keepdims=True), need):
-        return above | tied  # no row has more ties than places left (the usual case)
+    need = k - np.count_nonzero(above, axis=1).reshape(rows, 1)
     return above | (tied & (np.cumsum(tied, axis=1) <= need))
 
 
@@ -168,11 +176,15 @@ def select_one(
     weight: np.ndarray, site: WeightSite, stats: ChannelStats | None, config: SelectConfig
 ) -> np.ndarray:
     """The bool mask of one weight (PyTorch layout)."""
-    if not np.all(np.isfinite(weight)):
+    # A float64 sum of float32/16 values is finite exactly when every value is
+    # (and it reads the weight once, in memory order, without a bool copy).
+    if not np.isfinite(np.sum(weight, dtype=np.float64)):
         raise NumericError(f"weight {site.key} holds NaN or Inf")
     method = METHODS[config.method]
     act = channel_statistic(stats, config.norm) if method.needs_activations else None
     score = method.score(weight, site, act, config)
+    if not np.isfinite(np.sum(score)):  # scores are >= 0: same argument
+        raise NumericError(f"the scores of weight {site.key} are not finite (NaN or Inf statistics)")
     return select_scores(score, config)
 
 
