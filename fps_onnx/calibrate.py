@@ -19,7 +19,7 @@ import time
 import numpy as np
 import onnx
 
-from . import graph, providers
+from . import _onnxfile, graph, providers
 from ._io import sha256_file
 from .data import DataConfig, InputSpec, iter_batches
 from .errors import DataError, ModelError, NumericError, first_line
@@ -57,10 +57,25 @@ def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.Model
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ModelError(f"model file {path} is empty")
     try:
         return onnx.load(str(path), load_external_data=load_weights)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types
         raise ModelError(f"cannot read ONNX model {path}: {exc}") from exc
+
+
+def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model with its large embedded weights referenced where they lie in
+    the file (see :mod:`fps_onnx._onnxfile`): ONNX Runtime and the scoring read
+    them from there, as plain inference does, and no copy is held in memory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    try:
+        return _onnxfile.load_graph(path)
+    except (_onnxfile.MalformedProto, OSError):
+        return load_model(path, load_weights=False)  # says what is wrong, or reads it whole
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[str]:
@@ -83,7 +98,7 @@ def calibrate(
     early); ``on_batch(n)`` after each batch of ``n`` samples (progress bars).
     """
     chosen = providers.resolve(config.provider)
-    model = load_model(model_path, load_weights=False)
+    model = load_graph(model_path)
     # Hash beside the rest of the set-up (hashlib releases the GIL).
     hashing = ThreadPoolExecutor(1)
     sha_future = hashing.submit(sha256_file, model_path)
@@ -101,8 +116,6 @@ def calibrate(
     statistics = config.statistics or graph.STATISTICS[:1]
     model, outputs = graph.add_statistics(model, sites, statistics, mask_name, masked)
     path = Path(model_path)
-    if not _uses_external_data(model):
-        model = _reference_in_place(model, path)
     session = _session(model, path, chosen, config.threads)
     provider = session.get_providers()[0]
     log.info("running on %s", provider)
@@ -164,54 +177,6 @@ def _session(model: onnx.ModelProto, path: Path, chosen: list[str], threads: int
         return ort.InferenceSession(model.SerializeToString(), options, providers=chosen)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types
         raise ModelError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from exc
-
-
-_IN_PLACE_MIN_BYTES = 4096
-
-
-def _reference_in_place(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
-    """``model`` with its large embedded weights turned into external-data
-    references to where their bytes already lie inside the ONNX file ``path``.
-
-    ORT then reads the weights straight from the user's file, as plain inference
-    does: no second copy in memory (a session built from serialised bytes keeps
-    the bytes) and none on disk. Each tensor's raw bytes are found in file order
-    and compared in full; a tensor that is not found stays embedded.
-    """
-    import mmap
-
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        pos = 0
-        for tensor in model.graph.initializer:
-            raw = tensor.raw_data
-            if len(raw) < _IN_PLACE_MIN_BYTES:
-                continue
-            offset = _find(mm, raw, pos)
-            if offset < 0:
-                continue
-            pos = offset + len(raw)
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            del tensor.external_data[:]
-            for key, value in (("location", path.name), ("offset", offset), ("length", len(raw))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, str(value)
-    # A fresh message: the embedded weights' memory goes with the old one.
-    return onnx.ModelProto.FromString(model.SerializeToString())
-
-
-def _find(mm, raw: bytes, start: int) -> int:
-    head = raw[:64]
-    offset = mm.find(head, start)
-    while offset >= 0 and mm[offset : offset + len(raw)] != raw:
-        offset = mm.find(head, offset + 1)
-    return offset
-
-
-def _uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
-    )
 
 
 def _run(session, names, feed, index):

@@ -49,7 +49,7 @@ class MaskFile:
 
     @property
     def selected(self) -> int:
-        return int(sum(int(m.sum()) for m in self.masks.values()))
+        return int(sum(np.count_nonzero(m) for m in self.masks.values()))
 
     @property
     def total(self) -> int:
@@ -93,7 +93,7 @@ def build(
             "onnx_layout": s.layout,
             "op": s.op,
             "shape": list(s.shape),
-            "selected": int(masks[s.key].sum()),
+            "selected": int(np.count_nonzero(masks[s.key])),
         }
         for s in sites
     }

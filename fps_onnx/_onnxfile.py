@@ -1,0 +1,147 @@
+"""An ONNX file's graph without its weights' bytes.
+
+``onnx.load`` copies every embedded weight into the parsed message (ViT-B/16:
+346 MB read, then copied again by the parser). Selection needs the graph, and
+ONNX Runtime and the scoring can read each weight from the file themselves.
+:func:`load_graph` walks the protobuf wire format of the file (memory-mapped,
+nothing copied) down to ``ModelProto.graph.initializer[*].raw_data`` and
+parses a copy of the file in which each large ``raw_data`` is replaced by an
+external-data reference to where its bytes already lie in the file
+(``location`` = the file's name, ``offset``, ``length``). Everything else,
+subgraphs and their weights included, is kept byte for byte.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import onnx
+
+#: Embedded weights at least this large become references into the file.
+MIN_REFERENCED_BYTES = 4096
+
+# Field numbers of onnx.proto3 that the walk follows or writes.
+_MODEL_GRAPH = 7
+_GRAPH_INITIALIZER = 5
+_TENSOR_RAW_DATA = 9
+_TENSOR_EXTERNAL_DATA = 13
+_TENSOR_DATA_LOCATION = 14
+_LENGTH_DELIMITED = 2
+
+
+class MalformedProto(ValueError):
+    """The bytes are not a protobuf message the walk understands."""
+
+
+def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model in ``path`` with large embedded weights referenced in place.
+
+    Raises MalformedProto when the file is not a well-formed protobuf message
+    (the caller then reads it with ``onnx.load``, which says what is wrong).
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            raise MalformedProto("empty file")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                light = _model(view, path.name)
+            finally:
+                view.release()
+    try:
+        return onnx.ModelProto.FromString(light)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise MalformedProto(str(exc)) from exc
+
+
+def _model(buf: memoryview, location: str) -> bytes:
+    out = bytearray()
+    for field, wire, start, value, end in _fields(buf, 0, len(buf)):
+        if field == _MODEL_GRAPH and wire == _LENGTH_DELIMITED:
+            out += _delimited(field, _graph(buf, value, end, location))
+        else:
+            out += buf[start:end]
+    return bytes(out)
+
+
+def _graph(buf: memoryview, pos: int, end: int, location: str) -> bytes:
+    out = bytearray()
+    for field, wire, start, value, stop in _fields(buf, pos, end):
+        if field == _GRAPH_INITIALIZER and wire == _LENGTH_DELIMITED:
+            out += _delimited(field, _tensor(buf, value, stop, location))
+        else:
+            out += buf[start:stop]
+    return bytes(out)
+
+
+def _tensor(buf: memoryview, pos: int, end: int, location: str) -> bytes:
+    out = bytearray()
+    raw = None
+    for field, wire, start, value, stop in _fields(buf, pos, end):
+        if (field == _TENSOR_RAW_DATA and wire == _LENGTH_DELIMITED
+                and stop - value >= MIN_REFERENCED_BYTES):
+            raw = (value, stop - value)
+        else:
+            out += buf[start:stop]
+    if raw is not None:
+        for key, text in (("location", location), ("offset", raw[0]), ("length", raw[1])):
+            entry = _delimited(1, str(key).encode()) + _delimited(2, str(text).encode())
+            out += _delimited(_TENSOR_EXTERNAL_DATA, entry)
+        # A later scalar field wins in protobuf: this overrides any DEFAULT.
+        out += _varint_bytes(_TENSOR_DATA_LOCATION << 3) + _varint_bytes(onnx.TensorProto.EXTERNAL)
+    return bytes(out)
+
+
+def _fields(buf: memoryview, pos: int, end: int):
+    """(field, wire type, start of the field, start of its value, end) of each field."""
+    while pos < end:
+        start = pos
+        tag, pos = _varint(buf, pos)
+        field, wire = tag >> 3, tag & 7
+        value = pos
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == _LENGTH_DELIMITED:
+            size, value = _varint(buf, pos)
+            pos = value + size
+        else:
+            raise MalformedProto(f"unsupported wire type {wire} at byte {start}")
+        if field == 0 or pos > end:
+            raise MalformedProto(f"field at byte {start} runs past its message")
+        yield field, wire, start, value, pos
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise MalformedProto(f"bad varint at byte {pos}")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _delimited(field: int, payload: bytes) -> bytes:
+    return _varint_bytes(field << 3 | _LENGTH_DELIMITED) + _varint_bytes(len(payload)) + payload
