@@ -18,7 +18,7 @@ from .stats import Stats
 
 log = logging.getLogger(__name__)
 
-#: Weights scored at once (each holds two float64 copies of its weight).
+#: Weights scored at once (each holds its weight, its scores and a partitioned copy).
 SCORING_THREADS = 4
 
 
