@@ -261,6 +261,7 @@ def add_statistics(
     if opset < 9:
         raise ModelError(f"the model uses ONNX opset {opset}; fps-onnx needs opset 9 or later")
     builder = _Builder(model.graph, opset)
+    producers = {o: n for n in model.graph.node for o in n.output}
     outputs: dict[str, StatOutput] = {}
     seen: set[Activation] = set()
     mask_f = None
@@ -277,13 +278,28 @@ def add_statistics(
             for stat in statistics:
                 name = f"fps_stat::{index}::{stat}"
                 builder.reduce(act, site.in_features, stat, name, mask_f if is_masked else None,
-                               site.dtype)
+                               site.dtype, _non_negative(act.tensor, producers))
                 outputs[name] = StatOutput(act, stat, is_masked)
             name = f"fps_stat::{index}::count"
             builder.node("Size", [act.tensor], out=name)
             builder.output(name, TensorProto.INT64, [])
             outputs[name] = StatOutput(act, "count", is_masked)
     return model, outputs
+
+
+#: Ops whose output is never negative: sum |a| is then sum a, and the Abs pass
+#: is left out (conv inputs after ReLU, attention probabilities).
+_NON_NEGATIVE = ("Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Softplus", "HardSigmoid")
+#: Ops that keep the sign of every value of their (first) input.
+_SIGN_KEEPING = ("Identity", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
+                 "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+
+
+def _non_negative(tensor: str, producers: dict) -> bool:
+    node = producers.get(tensor)
+    while node is not None and node.domain in ("", "ai.onnx") and node.op_type in _SIGN_KEEPING:
+        node = producers.get(node.input[0])
+    return node is not None and node.domain in ("", "ai.onnx") and node.op_type in _NON_NEGATIVE
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -337,7 +353,7 @@ class _Builder:
         return self.node("ConstantOfShape", [shape], value=one)
 
     def reduce(self, act: Activation, channels: int, stat: str, out: str, mask: str | None,
-               dtype: int = TensorProto.FLOAT) -> None:
+               dtype: int = TensorProto.FLOAT, non_negative: bool = False) -> None:
         """``out`` = sum over rows of |x| (or x^2) per channel, as a [channels] output.
 
         The sum over rows is a matrix-vector product with ones (or with the token
@@ -353,7 +369,10 @@ class _Builder:
             x = self.node("Reshape", [x, self.const([0, 0, -1])])
         elif act.axis == -1:  # [..., K] -> [R, K]
             x = self.node("Reshape", [x, self.const([-1, channels])])
-        x = self.node("Abs", [x]) if stat == "abs_sum" else self.node("Mul", [x, x])
+        if stat == "sq_sum":
+            x = self.node("Mul", [x, x])
+        elif not non_negative:
+            x = self.node("Abs", [x])
         if act.axis == 1 or act.axis == 0:  # [N*C, S] @ [S, 1]; Gemm transA: [K, M] @ [M, 1]
             x = self.node("MatMul", [x, self.ones(x, 1, row=False)])
         elif mask is not None:  # [B, 1, S] @ [B, S, R*K] -> [B, 1, R*K]

@@ -181,3 +181,30 @@ def test_fp16_activations_are_summed_in_fp32():
     got = run_stats(model, sites, {"x": x})
     np.testing.assert_allclose(got[("x", "abs_sum")], np.full(8, 120_000.0), rtol=1e-6)
     assert got[("x", "abs_sum")].dtype == np.float32
+
+
+@pytest.mark.parametrize("before, abs_pass", [("Relu", False), ("Sigmoid", False), ("Neg", True)])
+def test_abs_pass_is_left_out_only_after_non_negative_ops(before, abs_pass):
+    # before -> MaxPool (keeps signs) -> Conv 1x1: sum |a| of the conv input
+    w = rng().standard_normal((3, 2, 1, 1)).astype(np.float32)
+    model = make_model(
+        [helper.make_node(before, ["x"], ["a"]),
+         helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2]),
+         helper.make_node("Conv", ["p", "w"], ["y"])],
+        [tensor("x", ["N", 2, 4, 4])], [tensor("y", ["N", 3, 3, 3])], {"w": w})
+    sites = graph.find_weights(model)
+    x = rng(5).standard_normal((2, 2, 4, 4)).astype(np.float32)
+    got = run_stats(model, sites, {"x": x})
+    a = {"Relu": np.maximum(x, 0), "Sigmoid": 1 / (1 + np.exp(-x)), "Neg": -x}[before]
+    pooled = np.lib.stride_tricks.sliding_window_view(a, (2, 2), axis=(2, 3)).max((-2, -1))
+    np.testing.assert_allclose(got[("p", "abs_sum")], np.abs(pooled).sum((0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(got[("p", "sq_sum")], (pooled**2).sum((0, 2, 3)), rtol=1e-5)
+    assert any(n.op_type == "Abs" for n in model.graph.node) == abs_pass
+
+
+def test_models_before_opset_9_are_refused():
+    w = rng().standard_normal((6, 4)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                       [tensor("x", ["N", 6])], [tensor("y", ["N", 4])], {"w": w}, opset=8)
+    with pytest.raises(ModelError, match="opset 8"):
+        graph.add_statistics(model, graph.find_weights(model))
