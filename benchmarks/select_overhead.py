@@ -14,7 +14,7 @@ of the whole process and its exact peak RSS):
 
 Usage::
 
-    python benchmarks/select_overhead.py [--images 64] [--batch-size 32] [--repeat 1] [--skip-gps]
+    python benchmarks/select_overhead.py [--images 64] [--batch-size 32] [--repeat 5] [--skip-gps]
 
 Writes benchmarks/results/select_overhead.{md,json}. The model and the data are
 cached in benchmarks/work/.
@@ -141,15 +141,21 @@ def _check(name: str, result: dict) -> dict:
     return result
 
 
-def _ratios(med: dict) -> dict:
+def _paired(runs: dict, a: str, b: str, key: str) -> float:
+    """Median over repeats of run i of ``a`` / run i of ``b`` (they ran back to back)."""
+    return statistics.median(x[key] / y[key] for x, y in zip(runs[a], runs[b]))
+
+
+def _ratios(med: dict, runs: dict) -> dict:
     out = {}
     if "select" in med and "plain" in med:
-        out["select/plain time"] = med["select"]["wall_s"] / med["plain"]["wall_s"]
-        out["select/plain CPU time"] = med["select"]["cpu_s"] / med["plain"]["cpu_s"]
-        out["select/plain peak RSS"] = med["select"]["peak_rss_gib"] / med["plain"]["peak_rss_gib"]
+        out["select/plain time"] = _paired(runs, "select", "plain", "wall_s")
+        out["select/plain time (ratio of medians)"] = med["select"]["wall_s"] / med["plain"]["wall_s"]
+        out["select/plain CPU time"] = _paired(runs, "select", "plain", "cpu_s")
+        out["select/plain peak RSS"] = _paired(runs, "select", "plain", "peak_rss_gib")
     if "gps" in med and "select" in med:
-        out["gps/select time"] = med["gps"]["wall_s"] / med["select"]["wall_s"]
-        out["gps/select peak RSS"] = med["gps"]["peak_rss_gib"] / med["select"]["peak_rss_gib"]
+        out["gps/select time"] = _paired(runs, "gps", "select", "wall_s")
+        out["gps/select peak RSS"] = _paired(runs, "gps", "select", "peak_rss_gib")
     return out
 
 
@@ -161,7 +167,9 @@ def _markdown(report: dict) -> str:
         f"- machine: {report['machine']}",
         f"- command: `{report['command']}`",
         f"- {report['images']} images, batch {report['batch_size']}, {report['model']} "
-        f"(random init), median of {report['repeat']} interleaved run(s) per variant",
+        f"(random init), {report['repeat']} interleaved round(s) (plain, select, gps back to back); "
+        "times are medians over rounds, ratios the median of the per-round ratios (the machine's "
+        "speed drifts between rounds; a round's runs share it)",
         "- plain: ORT default session options, CPU provider; select: `fps-onnx select "
         "--provider cpu`; gps: PyTorch fp32 train mode, forward + backward per batch, "
         "summed gradients, per-row top-k |grad|",
@@ -189,7 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=1, help="runs per variant (interleaved); median reported")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds (each runs every variant once); medians reported")
     parser.add_argument("--skip-gps", action="store_true")
     parser.add_argument("--note", default="", help="free text added to the results (e.g. machine load)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for select_overhead.{md,json}")
@@ -240,7 +248,7 @@ def main() -> None:
         "commands": {k: " ".join(v) for k, v in variants.items()},
         "runs": runs,
         "median": median,
-        "ratios": _ratios(median),
+        "ratios": _ratios(median, runs),
         "note": args.note,
     }
     text = _markdown(report)
