@@ -58,20 +58,22 @@ def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def _model(buf: memoryview, location: str) -> bytes:
-    out = bytearray()
-    for field, wire, start, value, end in _fields(buf, 0, len(buf)):
-        if field == _MODEL_GRAPH and wire == _LENGTH_DELIMITED:
-            out += _delimited(field, _graph(buf, value, end, location))
-        else:
-            out += buf[start:end]
-    return bytes(out)
+    def tensor(pos: int, end: int) -> bytes:
+        return _tensor(buf, pos, end, location)
+
+    def graph(pos: int, end: int) -> bytes:
+        return _rewrite_field(buf, pos, end, _GRAPH_INITIALIZER, tensor)
+
+    return _rewrite_field(buf, 0, len(buf), _MODEL_GRAPH, graph)
 
 
-def _graph(buf: memoryview, pos: int, end: int, location: str) -> bytes:
+def _rewrite_field(buf: memoryview, pos: int, end: int, number: int, rewrite) -> bytes:
+    """The message in buf[pos:end] with every message field ``number`` replaced by
+    ``rewrite(start, end)`` of its value; all other fields byte for byte."""
     out = bytearray()
     for field, wire, start, value, stop in _fields(buf, pos, end):
-        if field == _GRAPH_INITIALIZER and wire == _LENGTH_DELIMITED:
-            out += _delimited(field, _tensor(buf, value, stop, location))
+        if field == number and wire == _LENGTH_DELIMITED:
+            out += _delimited(field, rewrite(value, stop))
         else:
             out += buf[start:stop]
     return bytes(out)
