@@ -177,13 +177,12 @@ def _read_npz(file: Path, inputs) -> dict[str, np.ndarray]:
     try:
         with np.load(file, allow_pickle=False) as archive:
             names = set(archive.files)
-            arrays = {s.name: archive[s.name] for s in inputs if s.name in names}
+            keys = {s.name: s.name for s in inputs if s.name in names}
+            if len(inputs) == 1 and not keys and len(names) == 1:
+                keys = {inputs[0].name: next(iter(names))}  # one unnamed array, one input
+            arrays = {name: archive[key] for name, key in keys.items()}
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"cannot read {file}: {exc}") from exc
-    if len(inputs) == 1 and not arrays and len(names) == 1:
-        (only,) = names  # a single unnamed array feeds a single-input model
-        with np.load(file, allow_pickle=False) as archive:
-            arrays = {inputs[0].name: archive[only]}
     missing = [s.name for s in inputs if s.name not in arrays and s.name not in ZERO_FILLED]
     if missing:
         raise DataError(f"{file} has no array {missing[0]!r} (it holds {sorted(names)}; "

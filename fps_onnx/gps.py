@@ -52,12 +52,12 @@ def gps_select(
     from .train._torch import nn, torch
     from .train.data import open_split
     from .train.loop import forward, head_names, logits_of, to_device
-    from .train.run import _build, image_spec
+    from .train.run import build_for_data, image_spec
 
     data = open_split(train)
     classes = data.num_classes()
     data.check_labels(classes)
-    model, example = _build(spec, checkpoint, classes, False, image_size)
+    model, example = build_for_data(spec, checkpoint, classes, False, image_size)
     data.set_image(image_spec(model, example, image_size))
     if isinstance(example, dict):
         data.set_inputs(list(example))

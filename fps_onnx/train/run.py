@@ -35,8 +35,8 @@ class Splits:
     test: str | os.PathLike | None = None
 
 
-def _build(spec: str, checkpoint, num_classes: int | None, given_classes: bool, image_size: int | None,
-           seed: int = 0):
+def build_for_data(spec: str, checkpoint, num_classes: int | None, given_classes: bool,
+                   image_size: int | None, seed: int = 0):
     """(model, example inputs) for a SPEC, from :func:`fps_onnx.export.build_model`.
 
     timm and Hugging Face models get a new head for the data's classes; a
@@ -152,7 +152,7 @@ def run_train(
             split.check_labels(classes)
 
     torch.manual_seed(recipe.seed)
-    model, example = _build(spec, checkpoint, classes, num_classes is not None, image_size, recipe.seed)
+    model, example = build_for_data(spec, checkpoint, classes, num_classes is not None, image_size, recipe.seed)
     loop.check_head(model, classes)
     image = image_spec(model, example, image_size)
     for split in (train_set, val_set, test_set):
