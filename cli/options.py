@@ -21,6 +21,12 @@ def quiet_option(fn):
     )(fn)
 
 
+def bar_disabled(off: bool) -> bool | None:
+    """tqdm's ``disable``: off when asked, and (None) wherever stderr is not a
+    terminal, so CI logs get the summary lines without progress-bar redraws."""
+    return True if off else None
+
+
 def floats(text: str | None) -> tuple[float, ...] | None:
     """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5)."""
     if text is None:

@@ -13,7 +13,7 @@ from fps_onnx.data import DEFAULT_IMAGE_SIZE, DataConfig
 from fps_onnx.pipeline import run_select
 from fps_onnx.select import LEVELS, METHODS, NORMS, SelectConfig, method_names
 
-from .options import floats, quiet_option
+from .options import bar_disabled, floats, quiet_option
 
 log = logging.getLogger("fps_onnx")
 
@@ -80,7 +80,7 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm([log]), tqdm(
-        total=max_samples, unit="sample", disable=quiet or from_stats is not None,
+        total=max_samples, unit="sample", disable=bar_disabled(quiet or from_stats is not None),
         dynamic_ncols=True, leave=False,
     ) as bar:
         if config.method == "gps":

@@ -9,7 +9,7 @@ import click
 
 from fps_onnx.train.recipe import Recipe
 
-from .options import quiet_option
+from .options import bar_disabled, quiet_option
 
 log = logging.getLogger("fps_onnx")
 _R = Recipe()
@@ -80,7 +80,7 @@ def train(spec, checkpoint, masks, onnx_model, train_path, val_path, test_path, 
         bar = bars.get(epoch)
         if bar is None:
             bar = bars[epoch] = tqdm(desc=f"epoch {epoch}/{recipe.epochs}", unit="sample",
-                                     disable=quiet, dynamic_ncols=True, leave=False)
+                                     disable=bar_disabled(quiet), dynamic_ncols=True, leave=False)
         bar.update(n)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 

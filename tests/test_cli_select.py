@@ -61,17 +61,21 @@ def test_stats_out_then_from_stats_reselects_without_data(chain, tmp_path):
     assert again.masks["w1"].sum() == 15  # half of 30 entries
 
 
-def test_progress_and_provider_line_on_stderr(chain, tmp_path):
+def test_provider_and_summary_lines_on_stderr_and_no_bar_outside_a_terminal(chain, tmp_path):
     model, data = chain
     result = invoke("select", model, data, "-o", tmp_path / "m.safetensors")
     assert result.exit_code == 0
-    assert "running on CPUExecutionProvider" in result.stderr
-    assert "selected" in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == "running on CPUExecutionProvider"
+    assert lines[-1].startswith("selected ") and len(lines) == 2
+    assert "\r" not in result.stderr and "sample/s" not in result.stderr  # CI logs stay clean
 
 
 BAD = [
     (lambda m, d, t: [t / "none.onnx", d], "model file .*none.onnx does not exist"),
     (lambda m, d, t: [t / "corrupt.onnx", d], "cannot read ONNX model"),
+    (lambda m, d, t: [t / "truncated.onnx", d], "cannot read ONNX model .*truncated.onnx"),
+    (lambda m, d, t: [t / "zero.onnx", d], "model file .*zero.onnx is empty"),
     (lambda m, d, t: [m, t / "empty"], "no .npy, .npz or image files under"),
     (lambda m, d, t: [t / "relu.onnx", d], "no weight consumed by a MatMul, Gemm or Conv"),
     (lambda m, d, t: [m, t / "wrong.npy"], r"x has shape \[3, 7\], the model expects x \[N, 6\]"),
@@ -89,6 +93,8 @@ def test_bad_input_gets_one_line_and_no_output(chain, tmp_path, args, message):
 
     model, data = chain
     (tmp_path / "corrupt.onnx").write_bytes(b"\x08garbage")
+    (tmp_path / "truncated.onnx").write_bytes(model.read_bytes()[:-40])
+    (tmp_path / "zero.onnx").write_bytes(b"")
     onnx.save(make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", ["N", 6])],
                          [tensor("y", ["N", 6])], {}), tmp_path / "relu.onnx")
     (tmp_path / "empty").mkdir()
