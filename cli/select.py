@@ -42,7 +42,7 @@ def _given(**values):
 @click.option("--std", help="Per-channel std for images. [default: ImageNet]")
 @click.option("--token-mask", help=f"Input whose zeros mark padded tokens. [default: {DEFAULT_TOKEN_MASK}, if present]")
 @click.option("--stats-out", type=click.Path(dir_okay=False), help="Also write the accumulated statistics (both norms).")
-@click.option("--from-stats", type=click.Path(dir_okay=False), help="Select from a statistics file instead of running the model.")
+@click.option("--from-stats", type=click.Path(dir_okay=False), multiple=True, help="Select from a statistics file instead of running the model; repeat it to merge the shards of one calibration (with --stats-out: also write the merged file).")
 @click.option("--torch-model", help="Key the masks by the parameter names of this PyTorch model SPEC (timm:NAME, hf:PATH, module:function), matched by value.")
 @click.option("--torch-checkpoint", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
@@ -62,7 +62,7 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     config = SelectConfig(**_given(method=method, seed=seed, norm=norm, level=level,
                                    per_neuron=per_neuron, fraction=fraction))
     needs_data = config.method not in METHODS or METHODS[config.method].needs_activations
-    if needs_data and (data is None) == (from_stats is None):
+    if needs_data and (data is None) == (not from_stats):
         raise click.UsageError("give either DATA or --from-stats")
     calibration = CalibrationConfig(**_given(provider=provider, token_mask=token_mask))
     data_config = DataConfig(**_given(
@@ -80,7 +80,7 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm([log]), tqdm(
-        total=max_samples, unit="sample", disable=bar_disabled(quiet or from_stats is not None),
+        total=max_samples, unit="sample", disable=bar_disabled(quiet or bool(from_stats)),
         dynamic_ncols=True, leave=False,
     ) as bar:
         if config.method == "gps":

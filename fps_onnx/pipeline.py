@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 import logging
 import os
+from pathlib import Path
 
 from . import graph, maskfile
 from ._io import check_writable, sha256_file
-from .calibrate import CalibrationConfig, calibrate, load_model
+from .calibrate import CalibrationConfig, calibrate, load_graph
 from .data import DataConfig
 from .errors import BudgetError, DataError, StatsError
 from .select import METHODS, SelectConfig, describe_budget, select_one
-from .stats import Stats
+from .stats import Stats, merge_all
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,17 @@ def run_select(
     calibration: CalibrationConfig = CalibrationConfig(),
     data_config: DataConfig = DataConfig(),
     *,
-    from_stats: str | os.PathLike | None = None,
+    from_stats: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     stats_out: str | os.PathLike | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> SelectResult:
     """FPS masks of every selectable weight of ``model_path``.
 
-    Statistics come from running the model over ``data_path`` or from a stats
-    file (``from_stats``). The sums the norm needs are always collected, plus
-    ``calibration.statistics``; with ``stats_out`` both sums are collected and
-    saved, so any norm can be re-selected later.
+    Statistics come from running the model over ``data_path`` or from stats
+    files (``from_stats``: one, or several shards of the same model, merged).
+    The sums the norm needs are always collected, plus ``calibration.statistics``;
+    with ``stats_out`` both sums are collected and saved (or the merged shards
+    are), so any norm can be re-selected later.
     """
     if stats_out is not None:
         check_writable(stats_out)
@@ -67,20 +69,28 @@ def run_select(
     provider = seconds = None
     base_dir = ""
     if not METHODS[select_config.method].needs_activations:
-        model = load_model(model_path)
+        model, base_dir = load_graph(model_path), _folder(model_path)
         sites = graph.find_weights(model)
         check_budget(sites, select_config)
         stats = Stats(sha256_file(model_path))
-    elif from_stats is not None:
-        stats = Stats.load(from_stats)
-        model = load_model(model_path)
-        if stats.model_sha256 != sha256_file(model_path):
-            raise StatsError(f"{from_stats} was computed on another model than {model_path}")
+    elif from_stats:
+        files = [from_stats] if isinstance(from_stats, (str, os.PathLike)) else list(from_stats)
+        model, base_dir = load_graph(model_path), _folder(model_path)
+        digest = sha256_file(model_path)
+        shards = []
+        for file in files:
+            shard = Stats.load(file)
+            if shard.model_sha256 != digest:
+                raise StatsError(f"{file} was computed on another model than {model_path}")
+            shards.append(shard)
+        stats = merge_all(shards)  # shards of one calibration add up
         sites = graph.find_weights(model)
         check_budget(sites, select_config)
         missing = [s.key for s in sites if s.key not in stats.weights]
         if missing:
-            raise StatsError(f"{from_stats} has no statistics for {missing[0]}")
+            raise StatsError(f"{files[0]} has no statistics for {missing[0]}")
+        if stats_out is not None:
+            stats.save(stats_out)
     else:
         if data_path is None:
             raise DataError(f"method {select_config.method} needs calibration data or --from-stats")
@@ -109,6 +119,11 @@ def run_select(
     if select_config.method == "random":
         meta["seed"] = select_config.seed
     return SelectResult(maskfile.build(masks, sites, meta), stats, sites, provider, seconds)
+
+
+def _folder(model_path) -> str:
+    """Where a model's external weight references are resolved."""
+    return str(Path(model_path).resolve().parent)
 
 
 def _select_all(model, sites, stats: Stats, config: SelectConfig, base_dir: str = "") -> dict:

@@ -61,6 +61,31 @@ def test_stats_out_then_from_stats_reselects_without_data(chain, tmp_path):
     assert again.masks["w1"].sum() == 15  # half of 30 entries
 
 
+def test_stats_of_shards_merge_into_the_selection_of_the_whole_set(chain, tmp_path):
+    model, data = chain
+    whole = np.load(data / "x.npy")
+    for name, part in (("a", whole[:12]), ("b", whole[12:])):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "x.npy", part)
+        assert invoke("select", model, tmp_path / name, "-o", tmp_path / f"{name}.m", "--stats-out",
+                      tmp_path / f"{name}.s", "-q").exit_code == 0
+    assert invoke("select", model, data, "-o", tmp_path / "all.m", "--stats-out", tmp_path / "all.s",
+                  "--per-neuron", "2", "-q").exit_code == 0
+    result = invoke("select", model, "-o", tmp_path / "merged.m", "--from-stats", tmp_path / "a.s",
+                    "--from-stats", tmp_path / "b.s", "--stats-out", tmp_path / "merged.s",
+                    "--per-neuron", "2", "-q")
+    assert result.exit_code == 0, result.output
+    merged, alone = Stats.load(tmp_path / "merged.s"), Stats.load(tmp_path / "all.s")
+    assert merged.num_samples == alone.num_samples == 20
+    for key, got in merged.weights.items():
+        np.testing.assert_allclose(got.abs_sum, alone.weights[key].abs_sum, rtol=1e-6)
+        assert got.count == alone.weights[key].count
+    a, b = MaskFile.load(tmp_path / "merged.m"), MaskFile.load(tmp_path / "all.m")
+    assert a.masks.keys() == b.masks.keys()
+    assert all(np.array_equal(a.masks[k], b.masks[k]) for k in a.masks)
+    assert a.meta["num_samples"] == "20"
+
+
 def test_provider_and_summary_lines_on_stderr_and_no_bar_outside_a_terminal(chain, tmp_path):
     model, data = chain
     result = invoke("select", model, data, "-o", tmp_path / "m.safetensors")
