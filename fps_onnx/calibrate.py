@@ -166,7 +166,7 @@ def _session(model: onnx.ModelProto, path: Path, chosen: list[str], threads: int
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     # ORT's memory pattern plans one block for every tensor of a run, the added
     # reductions' included; without it the arena reuses freed chunks (ViT-B/16,
-    # batch 32: peak RSS 1.20 -> 0.82 GB, below plain inference, same speed).
+    # batch 32: peak RSS 1.14 -> 0.79 GiB, below plain inference, same speed).
     options.enable_mem_pattern = False
     if threads:
         options.intra_op_num_threads = threads
