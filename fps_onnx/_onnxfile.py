@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import mmap
 import os
-from pathlib import Path
 
 import onnx
 
@@ -35,36 +34,54 @@ class MalformedProto(ValueError):
     """The bytes are not a protobuf message the walk understands."""
 
 
-def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
-    """The model in ``path`` with large embedded weights referenced in place.
+def load_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
+    """The model in ``path`` with large embedded weights referenced in place, and
+    the folder its external-data locations are relative to.
+
+    The references name the file a symlink points to (the Hugging Face cache
+    links ``model.onnx`` to a blob named by hash), in that file's folder: ONNX
+    Runtime refuses locations that resolve outside the folder. A model with
+    external data of its own keeps its folder (that of ``path`` as given); if the
+    link leads elsewhere, its embedded weights then stay embedded.
 
     Raises MalformedProto when the file is not a well-formed protobuf message
     (the caller then reads it with ``onnx.load``, which says what is wrong).
     """
-    path = Path(path)
-    with open(path, "rb") as fh:
+    given = os.path.dirname(os.path.abspath(path))
+    real = os.path.realpath(path)
+    with open(real, "rb") as fh:
         if os.fstat(fh.fileno()).st_size == 0:
             raise MalformedProto("empty file")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)
             try:
-                light = _model(view, path.name)
+                light, own_external = _model(view, os.path.basename(real), MIN_REFERENCED_BYTES)
+                folder = os.path.dirname(real)
+                if own_external:
+                    folder = given
+                    if os.path.dirname(real) != os.path.realpath(given):
+                        light, _ = _model(view, "", None)
             finally:
                 view.release()
     try:
-        return onnx.ModelProto.FromString(light)
+        return onnx.ModelProto.FromString(light), folder
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
         raise MalformedProto(str(exc)) from exc
 
 
-def _model(buf: memoryview, location: str) -> bytes:
+def _model(buf: memoryview, location: str, min_bytes: int | None) -> tuple[bytes, bool]:
+    """(the rewritten model, whether it has external data of its own)."""
+    own_external = []
+
     def tensor(pos: int, end: int) -> bytes:
-        return _tensor(buf, pos, end, location)
+        out, external = _tensor(buf, pos, end, location, min_bytes)
+        own_external.append(external)
+        return out
 
     def graph(pos: int, end: int) -> bytes:
         return _rewrite_field(buf, pos, end, _GRAPH_INITIALIZER, tensor)
 
-    return _rewrite_field(buf, 0, len(buf), _MODEL_GRAPH, graph)
+    return _rewrite_field(buf, 0, len(buf), _MODEL_GRAPH, graph), any(own_external)
 
 
 def _rewrite_field(buf: memoryview, pos: int, end: int, number: int, rewrite) -> bytes:
@@ -79,22 +96,27 @@ def _rewrite_field(buf: memoryview, pos: int, end: int, number: int, rewrite) ->
     return bytes(out)
 
 
-def _tensor(buf: memoryview, pos: int, end: int, location: str) -> bytes:
+def _tensor(buf: memoryview, pos: int, end: int, location: str, min_bytes: int | None
+            ) -> tuple[bytes, bool]:
+    """(the tensor, its raw_data referenced in place if large; whether it was external already)."""
     out = bytearray()
     raw = None
+    external = False
     for field, wire, start, value, stop in _fields(buf, pos, end):
-        if (field == _TENSOR_RAW_DATA and wire == _LENGTH_DELIMITED
-                and stop - value >= MIN_REFERENCED_BYTES):
+        if (field == _TENSOR_RAW_DATA and wire == _LENGTH_DELIMITED and min_bytes is not None
+                and stop - value >= min_bytes):
             raw = (value, stop - value)
-        else:
-            out += buf[start:stop]
+            continue
+        if field == _TENSOR_DATA_LOCATION and wire == 0:
+            external = _varint(buf, value)[0] == onnx.TensorProto.EXTERNAL
+        out += buf[start:stop]
     if raw is not None:
         for key, text in (("location", location), ("offset", raw[0]), ("length", raw[1])):
             entry = _delimited(1, str(key).encode()) + _delimited(2, str(text).encode())
             out += _delimited(_TENSOR_EXTERNAL_DATA, entry)
         # A later scalar field wins in protobuf: this overrides any DEFAULT.
         out += _varint_bytes(_TENSOR_DATA_LOCATION << 3) + _varint_bytes(onnx.TensorProto.EXTERNAL)
-    return bytes(out)
+    return bytes(out), external
 
 
 def _fields(buf: memoryview, pos: int, end: int):

@@ -65,17 +65,19 @@ def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.Model
         raise ModelError(f"cannot read ONNX model {path}: {exc}") from exc
 
 
-def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+def load_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
     """The model with its large embedded weights referenced where they lie in
-    the file (see :mod:`fps_onnx._onnxfile`): ONNX Runtime and the scoring read
-    them from there, as plain inference does, and no copy is held in memory."""
+    the file (see :mod:`fps_onnx._onnxfile`), and the folder its external-data
+    locations are relative to. ONNX Runtime and the scoring read the weights
+    from there, as plain inference does, and no copy is held in memory."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     try:
         return _onnxfile.load_graph(path)
     except (_onnxfile.MalformedProto, OSError):
-        return load_model(path, load_weights=False)  # says what is wrong, or reads it whole
+        # says what is wrong, or reads it whole
+        return load_model(path, load_weights=False), os.path.dirname(os.path.abspath(path))
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[str]:
@@ -98,7 +100,7 @@ def calibrate(
     early); ``on_batch(n)`` after each batch of ``n`` samples (progress bars).
     """
     chosen = providers.resolve(config.provider)
-    model = load_graph(model_path)
+    model, folder = load_graph(model_path)
     # Hash beside the rest of the set-up (hashlib releases the GIL).
     hashing = ThreadPoolExecutor(1)
     sha_future = hashing.submit(sha256_file, model_path)
@@ -116,7 +118,7 @@ def calibrate(
     statistics = config.statistics or graph.STATISTICS[:1]
     model, outputs = graph.add_statistics(model, sites, statistics, mask_name, masked)
     path = Path(model_path)
-    session = _session(model, path, chosen, config.threads)
+    session = _session(model, path, folder, chosen, config.threads)
     provider = session.get_providers()[0]
     log.info("running on %s", provider)
 
@@ -143,7 +145,7 @@ def calibrate(
             got = per_act[act]
             acc.add(got.abs_sum, got.sq_sum, got.count)
         stats.weights[site.key] = acc
-    return Calibration(stats, sites, provider, seconds, model, str(path.resolve().parent))
+    return Calibration(stats, sites, provider, seconds, model, folder)
 
 
 def _token_mask(model: onnx.ModelProto, requested: str | None) -> str | None:
@@ -155,8 +157,8 @@ def _token_mask(model: onnx.ModelProto, requested: str | None) -> str | None:
     return DEFAULT_TOKEN_MASK if DEFAULT_TOKEN_MASK in names else None
 
 
-def _session(model: onnx.ModelProto, path: Path, chosen: list[str], threads: int | None):
-    """An ORT session for the rewritten ``model``; external weights are read from ``path``'s folder."""
+def _session(model: onnx.ModelProto, path: Path, folder: str, chosen: list[str], threads: int | None):
+    """An ORT session for the rewritten ``model`` of ``path``; external weights are read from ``folder``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -171,7 +173,7 @@ def _session(model: onnx.ModelProto, path: Path, chosen: list[str], threads: int
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry(
-        "session.model_external_initializers_file_folder_path", str(path.resolve().parent)
+        "session.model_external_initializers_file_folder_path", folder
     )
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=chosen)

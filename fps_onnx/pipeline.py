@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 import logging
 import os
-from pathlib import Path
 
 from . import graph, maskfile
 from ._io import check_writable, sha256_file
@@ -69,13 +68,13 @@ def run_select(
     provider = seconds = None
     base_dir = ""
     if not METHODS[select_config.method].needs_activations:
-        model, base_dir = load_graph(model_path), _folder(model_path)
+        model, base_dir = load_graph(model_path)
         sites = graph.find_weights(model)
         check_budget(sites, select_config)
         stats = Stats(sha256_file(model_path))
     elif from_stats:
         files = [from_stats] if isinstance(from_stats, (str, os.PathLike)) else list(from_stats)
-        model, base_dir = load_graph(model_path), _folder(model_path)
+        model, base_dir = load_graph(model_path)
         digest = sha256_file(model_path)
         shards = []
         for file in files:
@@ -119,11 +118,6 @@ def run_select(
     if select_config.method == "random":
         meta["seed"] = select_config.seed
     return SelectResult(maskfile.build(masks, sites, meta), stats, sites, provider, seconds)
-
-
-def _folder(model_path) -> str:
-    """Where a model's external weight references are resolved."""
-    return str(Path(model_path).resolve().parent)
 
 
 def _select_all(model, sites, stats: Stats, config: SelectConfig, base_dir: str = "") -> dict:

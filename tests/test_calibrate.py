@@ -149,6 +149,32 @@ def test_embedded_and_external_weights_give_the_same_statistics(vit_case, tmp_pa
         np.testing.assert_array_equal(got, want[site])
 
 
+def test_symlinked_models_are_read_where_their_bytes_are(vit_case, tmp_path):
+    # The Hugging Face cache layout: snapshot/model.onnx -> ../blobs/<hash>. Weights
+    # referenced in place name the blob; a model's own external data stays relative
+    # to the link's folder, as onnx.load reads it.
+    import onnx
+
+    _, path, data_path = vit_case
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    (blobs / "3f9a").write_bytes(path.read_bytes())
+    (snapshot / "model.onnx").symlink_to(blobs / "3f9a")
+    onnx.save_model(onnx.load(str(path)), str(snapshot / "ext.onnx"), save_as_external_data=True,
+                    location="ext.onnx.data", size_threshold=0)
+    (blobs / "77c1").write_bytes((snapshot / "ext.onnx").read_bytes())
+    (snapshot / "ext.onnx").unlink()
+    (snapshot / "ext.onnx").symlink_to(blobs / "77c1")
+
+    direct = run_select(path, data_path, calibration=BOTH)
+    for linked in (snapshot / "model.onnx", snapshot / "ext.onnx"):
+        got = run_select(linked, data_path, calibration=BOTH)
+        assert got.masks.masks.keys() == direct.masks.masks.keys()
+        for key, mask in direct.masks.masks.items():
+            np.testing.assert_array_equal(got.masks.masks[key], mask)
+
+
 def test_nan_in_activations_is_reported(vit_case, tmp_path):
     _, path, _ = vit_case
     bad = np.zeros((2, 3, 32, 32), np.float32)

@@ -45,7 +45,8 @@ def test_large_weights_become_references_to_their_bytes_in_the_file(tmp_path):
     model = _model()
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    light = _onnxfile.load_graph(path)
+    light, folder = _onnxfile.load_graph(path)
+    assert folder == str(tmp_path)
 
     by_name = {t.name: t for t in light.graph.initializer}
     w = by_name["W"]
@@ -65,8 +66,8 @@ def test_large_weights_become_references_to_their_bytes_in_the_file(tmp_path):
 def test_a_model_with_external_data_is_read_unchanged(tmp_path):
     path = tmp_path / "ext.onnx"
     onnx.save_model(_model(), str(path), save_as_external_data=True, location="ext.data", size_threshold=0)
-    light = _onnxfile.load_graph(path)
-    assert light == onnx.load(str(path), load_external_data=False)
+    light, folder = _onnxfile.load_graph(path)
+    assert light == onnx.load(str(path), load_external_data=False) and folder == str(tmp_path)
 
 
 @pytest.mark.parametrize("content", [b"", b"\x0a\xff\xff\xff\xff\x0f", b"\x3b garbage", b"not an onnx model at all"])
@@ -85,3 +86,25 @@ def test_truncated_model_is_refused_with_its_name(tmp_path):
     path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(ModelError, match="cut.onnx"):
         load_graph(path)
+
+
+def test_a_linked_model_with_its_own_external_data_keeps_that_folder(tmp_path):
+    model = _model()
+    w = numpy_helper.to_array(model.graph.initializer[0])  # saving moves it out of the message
+    onnx.save_model(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.data",
+                    size_threshold=5000)  # W (8 KiB) external
+    mixed = onnx.load(str(tmp_path / "ext.onnx"), load_external_data=False)
+    big = np.arange(2048, dtype=np.float32)
+    mixed.graph.initializer.append(numpy_helper.from_array(big, "E"))  # 8 KiB embedded
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "9c").write_bytes(mixed.SerializeToString())
+    (tmp_path / "linked.onnx").symlink_to(tmp_path / "blobs" / "9c")
+
+    here, folder = _onnxfile.load_graph(tmp_path / "blobs" / "9c")  # not a link: E referenced in place
+    e = {t.name: t for t in here.graph.initializer}["E"]
+    assert e.data_location == TensorProto.EXTERNAL and folder == str(tmp_path / "blobs")
+    linked, folder = _onnxfile.load_graph(tmp_path / "linked.onnx")  # ext.data lies beside the link
+    by_name = {t.name: t for t in linked.graph.initializer}
+    assert folder == str(tmp_path)
+    np.testing.assert_array_equal(numpy_helper.to_array(by_name["E"]), big)  # stays embedded
+    np.testing.assert_array_equal(tensor_value(by_name["W"], folder), w)
