@@ -70,13 +70,10 @@ def load_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
     the file (see :mod:`fps_onnx._onnxfile`), and the folder its external-data
     locations are relative to. ONNX Runtime and the scoring read the weights
     from there, as plain inference does, and no copy is held in memory."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model file {path} does not exist")
     try:
         return _onnxfile.load_graph(path)
     except (_onnxfile.MalformedProto, OSError):
-        # says what is wrong, or reads it whole
+        # load_model says what is wrong (missing, empty, corrupt), or reads it whole
         return load_model(path, load_weights=False), os.path.dirname(os.path.abspath(path))
 
 

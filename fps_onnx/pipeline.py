@@ -66,31 +66,8 @@ def run_select(
     if select_config.method not in METHODS:
         raise BudgetError(f"method {select_config.method!r} needs a PyTorch model (fps_onnx.gps)")
     provider = seconds = None
-    base_dir = ""
-    if not METHODS[select_config.method].needs_activations:
-        model, base_dir = load_graph(model_path)
-        sites = graph.find_weights(model)
-        check_budget(sites, select_config)
-        stats = Stats(sha256_file(model_path))
-    elif from_stats:
-        files = [from_stats] if isinstance(from_stats, (str, os.PathLike)) else list(from_stats)
-        model, base_dir = load_graph(model_path)
-        digest = sha256_file(model_path)
-        shards = []
-        for file in files:
-            shard = Stats.load(file)
-            if shard.model_sha256 != digest:
-                raise StatsError(f"{file} was computed on another model than {model_path}")
-            shards.append(shard)
-        stats = merge_all(shards)  # shards of one calibration add up
-        sites = graph.find_weights(model)
-        check_budget(sites, select_config)
-        missing = [s.key for s in sites if s.key not in stats.weights]
-        if missing:
-            raise StatsError(f"{files[0]} has no statistics for {missing[0]}")
-        if stats_out is not None:
-            stats.save(stats_out)
-    else:
+    needs_activations = METHODS[select_config.method].needs_activations
+    if needs_activations and not from_stats:
         if data_path is None:
             raise DataError(f"method {select_config.method} needs calibration data or --from-stats")
         wanted = {select_config.statistic, *calibration.statistics}
@@ -102,9 +79,17 @@ def run_select(
             on_batch=on_batch, check_sites=lambda s: check_budget(s, select_config),
         )
         stats, sites, provider, seconds = result.stats, result.sites, result.provider, result.seconds
-        if stats_out is not None:
-            stats.save(stats_out)
         model, base_dir = result.model, result.base_dir
+    else:
+        model, base_dir = load_graph(model_path)
+        sites = graph.find_weights(model)
+        check_budget(sites, select_config)
+        if needs_activations:
+            stats = _load_shards(from_stats, model_path, sites)
+        else:
+            stats = Stats(sha256_file(model_path))
+    if stats_out is not None and stats.weights:
+        stats.save(stats_out)
 
     masks = _select_all(model, sites, stats, select_config, base_dir)
     meta: dict[str, object] = {
@@ -118,6 +103,23 @@ def run_select(
     if select_config.method == "random":
         meta["seed"] = select_config.seed
     return SelectResult(maskfile.build(masks, sites, meta), stats, sites, provider, seconds)
+
+
+def _load_shards(from_stats, model_path, sites) -> Stats:
+    """The statistics of one stats file, or the merged shards of one calibration."""
+    files = [from_stats] if isinstance(from_stats, (str, os.PathLike)) else list(from_stats)
+    digest = sha256_file(model_path)
+    shards = []
+    for file in files:
+        shard = Stats.load(file)
+        if shard.model_sha256 != digest:
+            raise StatsError(f"{file} was computed on another model than {model_path}")
+        shards.append(shard)
+    stats = merge_all(shards)
+    missing = [s.key for s in sites if s.key not in stats.weights]
+    if missing:
+        raise StatsError(f"{files[0]} has no statistics for {missing[0]}")
+    return stats
 
 
 def _select_all(model, sites, stats: Stats, config: SelectConfig, base_dir: str = "") -> dict:
