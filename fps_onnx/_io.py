@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 import contextlib
 import hashlib
 import os
 from pathlib import Path
+import secrets
+import shutil
+import stat
 import tempfile
 
 from .errors import OutputError
@@ -26,14 +29,19 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result onto ``path``; nothing is left on failure."""
+    """Call ``write(tmp_path)`` and move the result onto ``path``; nothing is left on failure.
+
+    The temporary file is created with the mode a new file gets (0666 less the
+    umask, applied by the kernel: the process umask is never changed), or with
+    the mode of the file it replaces; its bytes reach the disk before the rename.
+    """
     path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temp(path.parent, path.name, _mode_of(path))
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
+        write(str(tmp))
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
@@ -42,10 +50,89 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``path`` that becomes ``path`` as one rename.
+
+    Write every file of a multi-file output into the folder this yields; when
+    the block ends without error the files are flushed and the folder is renamed
+    onto ``path``. A folder already at ``path`` is swapped out (files the new
+    output does not hold are carried over) and removed; on error nothing at
+    ``path`` changes and the temporary folder is removed.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a file, not a folder")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {path}: permission denied")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync(file)
+        old = None
+        if path.is_dir():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
+            os.rmdir(old)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(parent)
+        if old is not None:
+            for item in old.iterdir():
+                if not (path / item.name).exists():
+                    os.rename(item, path / item.name)
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _mode_of(path: Path) -> int | None:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+
+
+def _new_temp(folder: Path, name: str, mode: int | None) -> Path:
+    """An empty new file in ``folder``: ``mode``, or 0666 less the umask."""
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else 0o600)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"cannot write {folder / name}: {exc.strerror or exc}") from exc
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        return tmp
+    raise OutputError(f"cannot write {folder / name}: no free temporary name")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system syncs folders
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
