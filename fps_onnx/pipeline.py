@@ -114,12 +114,13 @@ def _load_shards(from_stats, model_path, sites) -> Stats:
         shard = Stats.load(file)
         if shard.model_sha256 != digest:
             raise StatsError(f"{file} was computed on another model than {model_path}")
+        shard.check_fits({s.key: s.in_features for s in sites}, file)
+        if shards and shard.statistics != shards[0].statistics:
+            held = [" and ".join(sorted(s.statistics)) for s in (shards[0], shard)]
+            raise StatsError(f"cannot merge {files[0]} ({held[0]}) with {file} ({held[1]}): "
+                             "shards must hold the same sums (write each with --stats-out)")
         shards.append(shard)
-    stats = merge_all(shards)
-    missing = [s.key for s in sites if s.key not in stats.weights]
-    if missing:
-        raise StatsError(f"{files[0]} has no statistics for {missing[0]}")
-    return stats
+    return merge_all(shards)
 
 
 def _select_all(model, sites, stats: Stats, config: SelectConfig, base_dir: str = "") -> dict:

@@ -24,9 +24,9 @@ import zlib
 
 import numpy as np
 
-from .errors import BudgetError, NumericError
+from .errors import BudgetError, NumericError, StatsError
 from .graph import WeightSite
-from .stats import ChannelStats
+from .stats import ChannelStats, no_rows
 
 NORMS = ("l1", "l2")
 LEVELS = ("neuron", "layer")
@@ -198,7 +198,13 @@ def select_one(
     if not np.isfinite(np.sum(weight, dtype=np.float64)):
         raise NumericError(f"weight {site.key} holds NaN or Inf")
     method = METHODS[config.method]
-    act = channel_statistic(stats, config.norm) if method.needs_activations else None
+    act = None
+    if method.needs_activations:
+        if stats is None:
+            raise StatsError(f"there are no statistics for weight {site.key}")
+        if stats.count < 1:  # all-zero sums would keep the leftmost entries of every row
+            raise StatsError(no_rows(site.key))
+        act = channel_statistic(stats, config.norm)
     score = method.score(weight, site, act, config)
     if not np.isfinite(np.sum(score)):  # scores are >= 0: same argument
         raise NumericError(f"the scores of weight {site.key} are not finite (NaN or Inf statistics)")

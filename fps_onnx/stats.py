@@ -2,16 +2,22 @@
 
 The stats file (safetensors) holds, per weight key, ``<key>:abs_sum`` and/or
 ``<key>:sq_sum`` (float64, [in_features], or [C_in] for Conv) and
-``<key>:count`` (int64, [1]: rows the sums run over). Metadata: ``format`` =
-"fps-stats", ``format_version`` = "1", ``model_sha256``, ``num_samples``.
-Two files of the same model add up, which is how sharded calibration merges.
+``<key>:count`` (int64, [1]: rows the sums run over, at least 1). Metadata:
+``format`` = "fps-stats", ``format_version`` = "1", ``model_sha256``,
+``num_samples`` (an integer >= 1). Every weight holds the same sums. Two files
+of the same model add up, which is how sharded calibration merges.
+
+Reading a file checks all of it (names, dtypes, shapes, finite non-negative
+sums, counts >= 1); :meth:`Stats.check_fits` checks the lengths against the
+model's weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 import os
+import re
 
 import numpy as np
 
@@ -20,6 +26,7 @@ from .errors import StatsError
 
 FORMAT = "fps-stats"
 FORMAT_VERSION = "1"
+SUMS = ("abs_sum", "sq_sum")
 
 
 @dataclass
@@ -54,6 +61,11 @@ class ChannelStats:
             raise StatsError(f"the statistics hold no {name}, which --norm {norm} needs")
         return value
 
+    @property
+    def sums(self) -> frozenset[str]:
+        """The sums this accumulator holds ("abs_sum", "sq_sum")."""
+        return frozenset(n for n in SUMS if getattr(self, n) is not None)
+
 
 @dataclass
 class Stats:
@@ -66,16 +78,24 @@ class Stats:
     @property
     def statistics(self) -> set[str]:
         """The sums every weight holds ("abs_sum", "sq_sum")."""
-        held = [{n for n in ("abs_sum", "sq_sum") if getattr(c, n) is not None}
-                for c in self.weights.values()]
+        held = [set(c.sums) for c in self.weights.values()]
         return set.intersection(*held) if held else set()
 
     def merge(self, other: Stats) -> Stats:
-        """The sum of two shards' statistics of the same model."""
+        """The sum of two shards' statistics of the same model (holding the same sums)."""
         if other.model_sha256 != self.model_sha256:
             raise StatsError("cannot merge statistics of different models")
         if set(other.weights) != set(self.weights):
             raise StatsError("cannot merge statistics over different weights")
+        for key, mine in self.weights.items():
+            theirs = other.weights[key].sums
+            if mine.sums != theirs:
+                raise StatsError(
+                    f"cannot merge statistics holding different sums ({_names(mine.sums)} and "
+                    f"{_names(theirs)} for {key}): collect every shard with --stats-out")
+            size = {np.shape(getattr(c, n)) for c in (mine, other.weights[key]) for n in mine.sums}
+            if len(size) > 1:
+                raise StatsError(f"cannot merge statistics of {key} over different channel counts")
         merged = Stats(self.model_sha256, num_samples=self.num_samples + other.num_samples)
         for key, mine in self.weights.items():
             theirs = other.weights[key]
@@ -85,8 +105,27 @@ class Stats:
             merged.weights[key] = acc
         return merged
 
+    def check_fits(self, in_features: Mapping[str, int], source: object = "the statistics") -> None:
+        """Raise StatsError unless the statistics are those of exactly these weights
+        (key -> in_features, C_in for Conv): every key present, one sum per input channel."""
+        for key, c in self.weights.items():
+            if key not in in_features:
+                raise StatsError(f"{source} has statistics for {key!r}, which is not a selectable "
+                                 "weight of the model")
+            for name in sorted(c.sums):
+                size = np.shape(getattr(c, name))[0]
+                if size != in_features[key]:
+                    raise StatsError(f"{source}: {key}:{name} has {size} channels, the weight's "
+                                     f"input has {in_features[key]}")
+        missing = [k for k in in_features if k not in self.weights]
+        if missing:
+            raise StatsError(f"{source} has no statistics for {missing[0]}")
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the stats file atomically."""
+        for key, c in self.weights.items():
+            if c.count < 1:
+                raise StatsError(no_rows(key))
         tensors = {}
         for key, c in self.weights.items():
             for name in ("abs_sum", "sq_sum"):
@@ -104,25 +143,79 @@ class Stats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Stats:
-        """Read a stats file, checking its format."""
+        """Read a stats file, checking its format and every tensor."""
         tensors, meta = read_safetensors(path, FORMAT, FORMAT_VERSION, StatsError, "statistics")
-        stats = cls(meta.get("model_sha256", ""), num_samples=int(meta.get("num_samples", 0)))
+        sha = meta.get("model_sha256")
+        if not sha:
+            raise StatsError(f"{path}: metadata 'model_sha256' is missing")
+        num_samples = meta.get("num_samples", "")
+        if not re.fullmatch(r"[0-9]+", num_samples) or int(num_samples) < 1:
+            raise StatsError(f"{path}: metadata 'num_samples' must be an integer >= 1, "
+                             f"not {num_samples!r}")
+        stats = cls(sha, num_samples=int(num_samples))
         for name, value in tensors.items():
             key, _, stat = name.rpartition(":")
+            if not key or stat not in ("count", *SUMS):
+                raise StatsError(f"{path}: unexpected tensor {name!r}")
             acc = stats.weights.setdefault(key, ChannelStats())
             if stat == "count":
-                acc.count = int(value.reshape(-1)[0])
-            elif stat in ("abs_sum", "sq_sum"):
-                setattr(acc, stat, value.astype(np.float64))
+                acc.count = _count(value, f"{path}: {name}")
             else:
-                raise StatsError(f"{path}: unexpected tensor {name!r}")
+                setattr(acc, stat, _sum(value, f"{path}: {name}"))
+        if not stats.weights:
+            raise StatsError(f"{path} holds no statistics")
+        held = None
+        for key, acc in stats.weights.items():
+            if f"{key}:count" not in tensors:
+                raise StatsError(f"{path}: {key} has no count")
+            if not acc.sums:
+                raise StatsError(f"{path}: {key} has a count but no sums")
+            if len({getattr(acc, n).shape for n in acc.sums}) > 1:
+                raise StatsError(f"{path}: the sums of {key} differ in length")
+            if held is None:
+                held = acc.sums
+            elif acc.sums != held:
+                raise StatsError(f"{path}: some weights hold {_names(held)}, {key} holds "
+                                 f"{_names(acc.sums)}")
         return stats
+
+
+def no_rows(key: str) -> str:
+    """The message for a weight whose input had no rows to measure."""
+    return (f"no input rows were measured for weight {key} (count 0: is every position of "
+            "the calibration data padding?)")
+
+
+def _names(sums) -> str:
+    return " and ".join(sorted(sums)) or "no sums"
+
+
+def _sum(value: np.ndarray, what: str) -> np.ndarray:
+    if value.dtype != np.float64 or value.ndim != 1 or value.size == 0:
+        raise StatsError(f"{what} must be a non-empty 1-D float64 vector, not "
+                         f"{value.dtype} {list(value.shape)}")
+    if not np.all(np.isfinite(value)):
+        raise StatsError(f"{what} holds NaN or Inf")
+    if np.any(value < 0):
+        raise StatsError(f"{what} holds negative sums")
+    return value
+
+
+def _count(value: np.ndarray, what: str) -> int:
+    if value.dtype != np.int64 or value.shape not in ((), (1,)):
+        raise StatsError(f"{what} must be one int64 count, not {value.dtype} {list(value.shape)}")
+    count = int(value.reshape(-1)[0])
+    if count < 1:
+        raise StatsError(f"{what} is {count}, a count must be at least 1")
+    return count
 
 
 def merge_all(stats: Iterable[Stats]) -> Stats:
     """Merge statistics shards of one model."""
     it = iter(stats)
-    total = next(it)
+    total = next(it, None)
+    if total is None:
+        raise StatsError("no statistics to merge")
     for shard in it:
         total = total.merge(shard)
     return total

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
+from click.testing import CliRunner
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
+from _models import linear_chain
+from fps_onnx._io import sha256_file
+from fps_onnx.cli.main import main
 from fps_onnx.errors import StatsError
+from fps_onnx.graph import WeightSite
+from fps_onnx.select import SelectConfig, select_one
 from fps_onnx.stats import ChannelStats, Stats, merge_all
 
 
@@ -60,3 +69,167 @@ def test_not_a_stats_file(tmp_path):
         Stats.load(bad)
     with pytest.raises(StatsError, match="does not exist"):
         Stats.load(tmp_path / "missing.safetensors")
+
+
+# --------------------------------------------------------------------------- forged files
+
+
+def _valid(sha="abc"):
+    """Tensors and metadata of a valid stats file (w1: 6 channels, w2: 5)."""
+    r = np.random.default_rng(0)
+    tensors = {}
+    for key, n in (("w1", 6), ("w2", 5)):
+        tensors[f"{key}:abs_sum"] = r.random(n)
+        tensors[f"{key}:sq_sum"] = r.random(n)
+        tensors[f"{key}:count"] = np.array([20], np.int64)
+    meta = {"format": "fps-stats", "format_version": "1", "model_sha256": sha, "num_samples": "20"}
+    return tensors, meta
+
+
+def _set(name, value):
+    return lambda t, m: t.__setitem__(name, value)
+
+
+def _drop(name):
+    return lambda t, m: t.pop(name)
+
+
+def _meta(name, value):
+    return lambda t, m: m.__setitem__(name, value)
+
+
+FORGED = [
+    (_set("w1:abs_sum", np.array([1.0])), "sums of w1 differ in length"),
+    (_set("w1:abs_sum", -np.ones(6)), "w1:abs_sum holds negative sums"),
+    (_set("w1:sq_sum", np.array([1, np.nan, 1, 1, 1, 1.0])), "w1:sq_sum holds NaN or Inf"),
+    (_set("w1:abs_sum", np.ones(6, np.float32)), "w1:abs_sum must be a non-empty 1-D float64"),
+    (_set("w1:abs_sum", np.ones((2, 3))), r"w1:abs_sum must be a non-empty 1-D float64 vector, not float64 \[2, 3\]"),
+    (_set("w1:count", np.array([-3], np.int64)), "w1:count is -3, a count must be at least 1"),
+    (_set("w1:count", np.array([0], np.int64)), "w1:count is 0"),
+    (_set("w1:count", np.array([], np.int64)), r"w1:count must be one int64 count, not int64 \[0\]"),
+    (_set("w1:count", np.array([2, 3], np.int64)), "w1:count must be one int64 count"),
+    (_set("w1:count", np.array([2.0])), "w1:count must be one int64 count, not float64"),
+    (_set("w1:mean", np.ones(6)), "unexpected tensor 'w1:mean'"),
+    (_set("w1", np.ones(6)), "unexpected tensor 'w1'"),
+    (_drop("w2:count"), "w2 has no count"),
+    (lambda t, m: [t.pop("w2:abs_sum"), t.pop("w2:sq_sum")], "w2 has a count but no sums"),
+    (_drop("w2:sq_sum"), "some weights hold abs_sum and sq_sum, w2 holds abs_sum"),
+    (_meta("num_samples", "abc"), "'num_samples' must be an integer >= 1, not 'abc'"),
+    (_meta("num_samples", "0"), "'num_samples' must be an integer >= 1"),
+    (_meta("num_samples", "-4"), "'num_samples' must be an integer >= 1"),
+    (lambda t, m: m.pop("num_samples"), "'num_samples' must be an integer >= 1, not ''"),
+    (lambda t, m: m.pop("model_sha256"), "'model_sha256' is missing"),
+    (_meta("format_version", "2"), "has statistics format version 2"),
+]
+
+
+def _forge(path, change, sha="abc"):
+    tensors, meta = _valid(sha)
+    change(tensors, meta)
+    save_file(tensors, path, metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("change, message", FORGED)
+def test_forged_stats_files_are_refused_on_load(tmp_path, change, message):
+    with pytest.raises(StatsError, match=message):
+        Stats.load(_forge(tmp_path / "s.safetensors", change))
+
+
+def test_the_valid_file_loads_and_a_scalar_count_is_accepted(tmp_path):
+    s = Stats.load(_forge(tmp_path / "s.safetensors", _set("w2:count", np.array(7, np.int64))))
+    assert s.weights["w1"].count == 20 and s.weights["w2"].count == 7 and s.num_samples == 20
+
+
+def test_lengths_are_checked_against_the_weights():
+    tensors, _ = _valid()
+    s = Stats("abc")
+    for key in ("w1", "w2"):
+        s.weights[key] = ChannelStats(tensors[f"{key}:abs_sum"], None, 3)
+    s.check_fits({"w1": 6, "w2": 5}, "f")
+    with pytest.raises(StatsError, match="f: w2:abs_sum has 5 channels, the weight's input has 4"):
+        s.check_fits({"w1": 6, "w2": 4}, "f")
+    with pytest.raises(StatsError, match="f has no statistics for w3"):
+        s.check_fits({"w1": 6, "w2": 5, "w3": 2}, "f")
+    with pytest.raises(StatsError, match="f has statistics for 'w2', which is not a selectable"):
+        s.check_fits({"w1": 6}, "f")
+
+
+def test_merging_shards_with_different_sums_fails():
+    a, b = shard(0), shard(1)
+    for c in b.weights.values():
+        c.abs_sum = None
+    with pytest.raises(StatsError, match="different sums"):
+        a.merge(b)
+
+
+def test_a_count_of_zero_is_never_written(tmp_path):
+    s = shard(0)
+    s.weights["conv.weight"].count = 0
+    with pytest.raises(StatsError, match="no input rows were measured for weight conv.weight"):
+        s.save(tmp_path / "s.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_zero_count_fails_selection_naming_the_weight():
+    site = WeightSite("w", "Gemm", "out_in", (2, 3), 3)
+    c = ChannelStats(np.zeros(3), np.zeros(3), 0)
+    with pytest.raises(StatsError, match="no input rows were measured for weight w"):
+        select_one(np.ones((2, 3), np.float32), site, c, SelectConfig(per_neuron=1))
+    # weight-only methods need no statistics
+    assert select_one(np.ones((2, 3), np.float32), site, None, SelectConfig(method="magnitude", per_neuron=1)).sum() == 2
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+@pytest.fixture()
+def chain_model(tmp_path):
+    return linear_chain(tmp_path)
+
+
+def _select(*args):
+    return CliRunner().invoke(main, ["select", *map(str, args)])
+
+
+def _fails_with_one_line(result, message, out):
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+CLI_FORGED = FORGED + [
+    # length 1 for both sums: consistent in the file, but not the weight's 6 input channels
+    (lambda t, m: [t.__setitem__("w1:abs_sum", np.ones(1)), t.__setitem__("w1:sq_sum", np.ones(1))],
+     "w1:abs_sum has 1 channels, the weight's input has 6"),
+    (lambda t, m: [t.__setitem__("w3:abs_sum", np.ones(2)), t.__setitem__("w3:sq_sum", np.ones(2)),
+                   t.__setitem__("w3:count", np.array([1], np.int64))], "statistics for 'w3', which is not"),
+    (lambda t, m: [t.pop(f"w2:{n}") for n in ("abs_sum", "sq_sum", "count")], "has no statistics for w2"),
+]
+
+
+@pytest.mark.parametrize("change, message", CLI_FORGED)
+def test_forged_stats_fail_select_with_one_line(tmp_path, chain_model, change, message):
+    stats = _forge(tmp_path / "s.safetensors", change, sha=sha256_file(chain_model))
+    out = tmp_path / "m.safetensors"
+    _fails_with_one_line(_select(chain_model, "-o", out, "--from-stats", stats), message, out)
+
+
+def test_valid_forged_stats_select(tmp_path, chain_model):
+    stats = _forge(tmp_path / "s.safetensors", lambda t, m: None, sha=sha256_file(chain_model))
+    out = tmp_path / "m.safetensors"
+    result = _select(chain_model, "-o", out, "--from-stats", stats, "-q")
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+
+
+def test_shards_with_different_sums_fail_select_with_one_line(tmp_path, chain_model):
+    sha = sha256_file(chain_model)
+    a = _forge(tmp_path / "a.safetensors", lambda t, m: [t.pop(k) for k in list(t) if k.endswith("sq_sum")], sha)
+    b = _forge(tmp_path / "b.safetensors", lambda t, m: [t.pop(k) for k in list(t) if k.endswith("abs_sum")], sha)
+    out, merged = tmp_path / "m.safetensors", tmp_path / "merged.safetensors"
+    result = _select(chain_model, "-o", out, "--from-stats", a, "--from-stats", b, "--stats-out", merged)
+    _fails_with_one_line(result, r"cannot merge .*a.safetensors \(abs_sum\) with .*b.safetensors \(sq_sum\)", out)
+    assert not merged.exists()
