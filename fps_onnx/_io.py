@@ -10,7 +10,6 @@ from pathlib import Path
 import secrets
 import shutil
 import stat
-import tempfile
 
 from .errors import OutputError
 
@@ -34,11 +33,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     The temporary file is created with the mode a new file gets (0666 less the
     umask, applied by the kernel: the process umask is never changed), or with
     the mode of the file it replaces; its bytes reach the disk before the rename.
+    A ``write`` that replaces the file instead of writing into it (safetensors
+    writes its own temporary file and renames it, with mode 0600) gets that
+    mode back.
     """
     path = check_writable(path)
     tmp = _new_temp(path.parent, path.name, _mode_of(path))
     try:
+        mode = _mode_of(tmp)
         write(str(tmp))
+        if mode is not None and _mode_of(tmp) not in (mode, None):
+            os.chmod(tmp, mode)
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -50,46 +55,119 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def check_folder(path: str | os.PathLike) -> Path:
+    """Fail early when the folder ``path`` cannot be written as one output
+    (by :func:`atomic_folder`, after creating missing parent folders)."""
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a file, not a folder")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.R_OK | os.X_OK)):
+        raise OutputError(f"cannot write {path}: permission denied")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary folder beside ``path`` that becomes ``path`` as one rename.
 
     Write every file of a multi-file output into the folder this yields; when
-    the block ends without error the files are flushed and the folder is renamed
-    onto ``path``. A folder already at ``path`` is swapped out (files the new
-    output does not hold are carried over) and removed; on error nothing at
-    ``path`` changes and the temporary folder is removed.
+    the block ends without error the files are flushed and the folder takes the
+    place of ``path``. Files of a folder already at ``path`` that the new output
+    does not hold are carried over (hard links, else copies) before the swap,
+    which on Linux is one atomic exchange of the two folders (elsewhere: two
+    renames); the old folder is then removed. On error nothing at ``path``
+    changes and the temporary folder is removed. The new folder gets the mode
+    of the folder it replaces, or 0777 less the umask. A symbolic link at
+    ``path`` is followed.
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"cannot write {path}: it is a file, not a folder")
-    parent = path.parent if str(path.parent) else Path(".")
+    path = check_folder(path)
+    parent = path.parent
     if not parent.is_dir():
         raise OutputError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {path}: permission denied")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    tmp = _new_temp_dir(parent, path.name, _mode_of(path))
     try:
         yield tmp
         for file in tmp.rglob("*"):
-            if file.is_file():
+            if file.is_file() and not file.is_symlink():
                 _fsync(file)
-        old = None
+        _fsync_dir(tmp)
         if path.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
-            os.rmdir(old)
-            os.rename(path, old)
-        os.rename(tmp, path)
+            _carry_over(path, tmp)
+            if not _exchange(tmp, path):
+                old = parent / f".{path.name}.{secrets.token_hex(6)}.old"
+                os.rename(path, old)
+                try:
+                    os.rename(tmp, path)
+                except OSError:
+                    os.rename(old, path)
+                    raise
+                os.rename(old, tmp)  # removed below
+        else:
+            os.rename(tmp, path)
         _fsync_dir(parent)
-        if old is not None:
-            for item in old.iterdir():
-                if not (path / item.name).exists():
-                    os.rename(item, path / item.name)
-            shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _new_temp_dir(parent: Path, name: str, mode: int | None) -> Path:
+    """An empty new folder in ``parent``: ``mode``, or 0777 less the umask."""
+    for _ in range(100):
+        tmp = parent / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.mkdir(tmp, 0o777 if mode is None else 0o700)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"cannot write {parent / name}: {exc.strerror or exc}") from exc
+        if mode is not None:
+            os.chmod(tmp, mode)
+        return tmp
+    raise OutputError(f"cannot write {parent / name}: no free temporary name")
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (else copy) into ``new`` every entry of ``old`` it does not hold."""
+    for item in old.iterdir():
+        target = new / item.name
+        if os.path.lexists(target):
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.copytree(item, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(item, target)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where
+    the system or file system cannot."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _mode_of(path: Path) -> int | None:

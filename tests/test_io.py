@@ -1,0 +1,133 @@
+"""Atomic writes: single files (mode, no leftovers) and multi-file output folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import stat
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from fps_onnx import _io
+from fps_onnx._io import atomic_folder, atomic_write, check_folder
+from fps_onnx.errors import OutputError
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture()
+def umask_027():
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def _plain(text):
+    return lambda tmp: Path(tmp).write_text(text)
+
+
+def _replacing(tmp):
+    """Like safetensors: writes its own file (0600) and renames it onto ``tmp``."""
+    save_file({"a": np.ones(2)}, tmp)
+
+
+@pytest.mark.parametrize("writer", [_plain("new"), _replacing])
+def test_atomic_write_keeps_the_mode_of_the_replaced_file(tmp_path, writer, umask_027):
+    target = tmp_path / "out"
+    target.write_text("old")
+    os.chmod(target, 0o600)
+    atomic_write(target, writer)
+    assert _mode(target) == 0o600
+    assert target.read_bytes() != b"old"
+    os.chmod(target, 0o664)  # wider than the umask allows: still kept
+    atomic_write(target, writer)
+    assert _mode(target) == 0o664
+
+
+@pytest.mark.parametrize("writer", [_plain("new"), _replacing])
+def test_a_new_file_gets_0666_less_the_umask(tmp_path, writer, umask_027):
+    atomic_write(tmp_path / "out", writer)
+    assert _mode(tmp_path / "out") == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), ValueError("bad")])
+def test_a_failed_write_leaves_no_temporary_and_the_old_file(tmp_path, error):
+    target = tmp_path / "out"
+    target.write_text("old")
+
+    def fail(tmp):
+        Path(tmp).write_text("partial")
+        raise error
+
+    with pytest.raises(OutputError if isinstance(error, OSError) else ValueError):
+        atomic_write(target, fail)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and target.read_text() == "old"
+    with pytest.raises(OutputError, match="does not exist"):
+        atomic_write(tmp_path / "missing" / "out", _plain("x"))
+
+
+def test_atomic_folder_creates_the_folder_in_one_step(tmp_path, umask_027):
+    out = tmp_path / "run"
+    with atomic_folder(out) as tmp:
+        (tmp / "a.txt").write_text("a")
+        (tmp / "b.txt").write_text("b")
+        assert not out.exists()  # nothing is visible until the block ends
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    assert sorted(os.listdir(out)) == ["a.txt", "b.txt"]
+    assert _mode(out) == 0o750
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_atomic_folder_swaps_and_carries_other_files_over(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(_io, "_exchange", lambda a, b: False)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "a.txt").write_text("old a")
+    (out / "notes.txt").write_text("mine")
+    (out / "logs").mkdir()
+    (out / "logs" / "1.log").write_text("log")
+    os.chmod(out, 0o700)
+    with atomic_folder(out) as tmp:
+        (tmp / "a.txt").write_text("new a")
+        (tmp / "b.txt").write_text("new b")
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no temporary or old folder left
+    assert sorted(os.listdir(out)) == ["a.txt", "b.txt", "logs", "notes.txt"]
+    assert (out / "a.txt").read_text() == "new a" and (out / "notes.txt").read_text() == "mine"
+    assert (out / "logs" / "1.log").read_text() == "log"
+    assert _mode(out) == 0o700
+
+
+def test_atomic_folder_changes_nothing_on_error(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "a.txt").write_text("old a")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_folder(out) as tmp:
+            (tmp / "a.txt").write_text("new a")
+            raise RuntimeError("interrupted")
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    assert os.listdir(out) == ["a.txt"] and (out / "a.txt").read_text() == "old a"
+    with pytest.raises(OutputError, match="No space"):
+        with atomic_folder(tmp_path / "new") as tmp:
+            raise OSError(28, "No space left on device")
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_atomic_folder_refuses_files_and_missing_parents(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="it is a file, not a folder"):
+        with atomic_folder(tmp_path / "file"):
+            pass
+    with pytest.raises(OutputError, match="does not exist"):
+        with atomic_folder(tmp_path / "a" / "b"):
+            pass
+    check_folder(tmp_path / "a" / "b")  # missing parents can be created
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        check_folder(tmp_path / "file" / "b")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
