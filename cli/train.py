@@ -36,7 +36,8 @@ def _given(**values):
 @click.option("--val", "val_path", type=click.Path(), help="Validation split; the best epoch by it is kept.")
 @click.option("--test", "test_path", type=click.Path(), help="Test split, evaluated once at the end.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
-              help="Folder for model.safetensors, delta.safetensors and metrics.json.")
+              help="Folder for model.safetensors, delta.safetensors and metrics.json, which appear "
+                   "together once training has finished (other files in it are kept).")
 @click.option("--epochs", type=int, help=f"Training epochs. [default: {_R.epochs}]")
 @click.option("--batch-size", type=int, help=f"Samples per batch (per process). [default: {_R.batch_size}]")
 @click.option("--lr", type=float, help=f"Peak learning rate (AdamW). [default: {_R.lr:g}]")

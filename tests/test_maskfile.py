@@ -62,3 +62,147 @@ def test_saved_file_gets_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o666 & ~mask
+
+
+# --------------------------------------------------------------------------- forged metadata
+
+
+def _entry(**change):
+    entry = {"onnx_initializer": "W", "onnx_layout": "in_out", "op": "MatMul", "shape": [3, 4], "selected": 3}
+    entry.update(change)
+    return {k: v for k, v in entry.items() if v is not _DROP}
+
+
+_DROP = object()
+
+
+def _mask():
+    mask = np.zeros((3, 4), bool)
+    mask[:, 1] = True
+    return mask
+
+
+def _write(path, tensors=None, masks=None, **meta):
+    """A mask file with crafted metadata; ``tensors`` is dumped to JSON unless a str."""
+    masks = {"W": _mask()} if masks is None else masks
+    tensors = {"W": _entry()} if tensors is None else tensors
+    full = {"format": "fps-mask", "format_version": "1", "model_sha256": "",
+            "tensors": tensors if isinstance(tensors, str) or tensors is _DROP else json.dumps(tensors),
+            **meta}
+    save_file(masks, str(path), metadata={k: v for k, v in full.items() if v is not _DROP})
+    return path
+
+
+FORGED = [
+    (dict(tensors="[]"), "metadata 'tensors' must be a JSON object, not list"),
+    (dict(tensors='{"W": 5}'), "the entry of 'W' must be a JSON object"),
+    (dict(tensors="{not json"), "metadata 'tensors' is not JSON"),
+    (dict(tensors=_DROP), "metadata 'tensors' is missing"),
+    (dict(tensors={"W": _entry(), "V": _entry()}), "describes 'V', which is not a mask of the file"),
+    (dict(tensors={"W": _entry(shape="x")}), "shape of 'W' must be a list of non-negative integers"),
+    (dict(tensors={"W": _entry(shape=[-3, 4])}), "shape of 'W' must be a list of non-negative integers"),
+    (dict(tensors={"W": _entry(shape=[3.0, 4])}), "shape of 'W' must be a list of non-negative integers"),
+    (dict(tensors={"W": _entry(shape=[True, 4])}), "shape of 'W' must be a list of non-negative integers"),
+    (dict(tensors={"W": _entry(shape=_DROP)}), "shape of 'W' must be a list"),
+    (dict(tensors={"W": _entry(shape=[4, 3])}), r"shape of 'W' is \[4, 3\], the mask's \[3, 4\]"),
+    (dict(tensors={"W": _entry(selected="3")}), "selected of 'W' must be an integer"),
+    (dict(tensors={"W": _entry(selected=_DROP)}), "selected of 'W' must be an integer"),
+    (dict(tensors={"W": _entry(selected=4)}), "selected of 'W' is 4, the mask selects 3"),
+    (dict(tensors={"W": _entry(onnx_initializer=5)}), "onnx_initializer of 'W' must be a string or null"),
+    (dict(tensors={"W": _entry(onnx_layout="rows")}), "onnx_layout of 'W' must be one of out_in, in_out, conv"),
+    (dict(tensors={"W": _entry(op=["MatMul"])}), "op of 'W' must be a string"),
+    (dict(tensors={"W": _entry(torch_name=None)}), "torch_name of 'W' must be a string"),
+    (dict(tensors={"W": _entry(torch_transposed="yes")}), "torch_transposed of 'W' must be true or false"),
+    (dict(tensors={"W": _entry(tied_onnx_initializers="a")}), "tied_onnx_initializers of 'W' must be a list"),
+    (dict(tensors={"W": _entry(torch_aliases=[1])}), "torch_aliases of 'W' must be a list of strings"),
+    (dict(masks={"W": _mask().astype(np.uint8)}), "mask 'W' is uint8, not bool"),
+    (dict(format_version="2"), "has mask format version 2, this fps-onnx reads 1"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", FORGED)
+def test_forged_metadata_is_refused_on_load(tmp_path, kwargs, message):
+    with pytest.raises(MaskError, match=message):
+        maskfile.MaskFile.load(_write(tmp_path / "m.safetensors", **kwargs))
+
+
+def test_unknown_keys_and_masks_without_an_entry_are_accepted(tmp_path):
+    masks = {"W": _mask(), "V": np.ones((2, 2), bool)}
+    tensors = {"W": _entry(true_means=[1.0, 2.0], layout="anything", torch_name="w", match="exact",
+                           torch_transposed=True, tied_onnx_initializers=["A", None], torch_aliases=["b"])}
+    back = maskfile.MaskFile.load(_write(tmp_path / "m.safetensors", tensors, masks, layout="future"))
+    assert back.tensors["W"]["true_means"] == [1.0, 2.0] and "V" not in back.tensors
+    assert back.meta["layout"] == "future"
+    gps = _entry(onnx_initializer=None, onnx_layout="out_in", torch_name="W")
+    assert maskfile.MaskFile.load(_write(tmp_path / "g.safetensors", {"W": gps})).tensors["W"] == gps
+
+
+def test_save_writes_shape_and_selected_from_the_masks(tmp_path):
+    masks = {"W": _mask(), "V": np.ones((2, 2), bool)}
+    built = maskfile.MaskFile(masks, {"W": {"shape": [9], "selected": 0, "op": "MatMul"}})
+    built.save(tmp_path / "m.safetensors")
+    back = maskfile.MaskFile.load(tmp_path / "m.safetensors")
+    assert back.tensors == {"W": {"shape": [3, 4], "selected": 3, "op": "MatMul"},
+                            "V": {"shape": [2, 2], "selected": 4}}
+    with pytest.raises(MaskError, match="op of 'W' must be a string"):
+        maskfile.MaskFile(masks, {"W": {"op": 3}}).save(tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+SPEC = '''
+import torch
+
+
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.randn(2, 4)
+'''
+
+
+@pytest.mark.parametrize("kwargs, message", FORGED)
+def test_forged_masks_fail_map_and_train_with_one_line(tmp_path, kwargs, message):
+    import re
+
+    pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from fps_onnx.cli.main import main
+
+    (tmp_path / "spec.py").write_text(SPEC)
+    spec = f"{tmp_path / 'spec.py'}:build"
+    kwargs = dict(kwargs)
+    if "masks" in kwargs:
+        kwargs["masks"] = {"0.weight": kwargs["masks"]["W"]}
+    if isinstance(kwargs.get("tensors"), dict) and "W" in kwargs["tensors"]:
+        kwargs["tensors"] = {"0.weight" if k == "W" else k: v for k, v in kwargs["tensors"].items()}
+    elif isinstance(kwargs.get("tensors"), str):
+        kwargs["tensors"] = kwargs["tensors"].replace('"W"', '"0.weight"')
+    elif "tensors" not in kwargs:
+        kwargs["tensors"] = {"0.weight": _entry()}
+    kwargs.setdefault("masks", {"0.weight": _mask()})
+    masks = _write(tmp_path / "m.safetensors", **kwargs)
+    np.savez(tmp_path / "train.npz", x=np.zeros((4, 4), np.float32), y=np.array([0, 1, 2, 0]))
+    out = tmp_path / "out.safetensors"
+    for args in (["map", masks, "--model", spec, "-o", out],
+                 ["train", "--model", spec, "--masks", masks, "--train", tmp_path / "train.npz", "-o", out]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 1, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and re.search(message.replace("'W'", "'0.weight'"), errors[0]), result.output
+        assert "Traceback" not in result.output
+        assert not out.exists()
+
+
+def test_a_valid_forged_mask_file_maps(tmp_path):
+    pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from fps_onnx.cli.main import main
+
+    (tmp_path / "spec.py").write_text(SPEC)
+    masks = _write(tmp_path / "m.safetensors", {"0.weight": _entry()}, {"0.weight": _mask()})
+    out = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(main, ["map", str(masks), "--model", f"{tmp_path / 'spec.py'}:build",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert maskfile.MaskFile.load(out).tensors["0.weight"]["torch_name"] == "0.weight"

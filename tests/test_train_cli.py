@@ -129,7 +129,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, problem, message):
     assert result.exit_code == 1
     assert message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
-    assert not any((tmp / "out").glob("*")) if (tmp / "out").exists() else True
+    assert not (tmp / "out").exists()
 
 
 def test_interrupt_during_training_or_writing_leaves_no_model_file(case, monkeypatch):
@@ -148,7 +148,8 @@ def test_interrupt_during_training_or_writing_leaves_no_model_file(case, monkeyp
     monkeypatch.setattr(loop, "train_step", interrupted)
     result = _train(spec, masks, tmp)
     assert result.exit_code == 130
-    assert not any((tmp / "out").iterdir())
+    assert "no output was written" in result.output
+    assert not (tmp / "out").exists()
     monkeypatch.setattr(loop, "train_step", real_step)
 
     import safetensors.torch
@@ -162,7 +163,42 @@ def test_interrupt_during_training_or_writing_leaves_no_model_file(case, monkeyp
     monkeypatch.setattr(safetensors.torch, "save_file", half_then_interrupt)
     result = _train(spec, masks, tmp)
     assert result.exit_code == 130
-    assert not any((tmp / "out").iterdir())  # neither the files nor their temporaries
+    assert sorted(p.name for p in tmp.iterdir() if "out" in p.name) == []  # nor temporaries
+
+
+def test_outputs_replace_a_previous_run_together(case, monkeypatch):
+    spec, masks, tmp = case
+    out = tmp / "runs" / "a" / "out"  # missing parents are created at the end
+    args = ["train", "--model", spec, "--masks", str(masks), "--train", str(tmp / "train.npz"),
+            "-o", str(out), "--epochs", "1", "--batch-size", "16", "-q"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+    calls = []
+
+    def fail_second(tensors, path, metadata=None):  # delta written, then the model fails
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_second)
+    result = CliRunner().invoke(main, [*args, "--seed", "1"])
+    assert result.exit_code == 1 and "No space left on device" in result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # the first run, whole
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+
+    assert CliRunner().invoke(main, [*args, "--seed", "1"]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["delta.safetensors", "metrics.json",
+                                                     "model.safetensors", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "metrics.json").read_text())["recipe"]["seed"] == 1
+    assert (out / "model.safetensors").read_bytes() != first["model.safetensors"]
 
 
 def test_text_model_from_a_transformers_folder(tmp_path, monkeypatch):

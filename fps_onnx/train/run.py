@@ -2,8 +2,10 @@
 
 The output folder receives ``model.safetensors`` (merged dense weights,
 PyTorch names), ``delta.safetensors`` (see :func:`sparse.save_delta`) and
-``metrics.json``, each written atomically and only once training has finished,
-by the first process when several run under ``torchrun``.
+``metrics.json``, written together (one folder renamed into place, other
+files already in the folder kept) and only once training has finished, by the
+first process when several run under ``torchrun``. Until then nothing is
+created, not even the folder.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import os
 from pathlib import Path
 
-from .._io import atomic_write, check_writable
+from .._io import atomic_folder, atomic_write, check_folder
 from ..errors import OutputError
 from ..maskfile import MaskFile
 from . import loop, sparse
@@ -139,9 +141,7 @@ def run_train(
         raise OutputError(f"cannot write to {out}: it is a file, not a folder")
     rank, world, local_rank = _distributed()
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("model.safetensors", "delta.safetensors", "metrics.json"):
-            check_writable(out / name)
+        check_folder(out)  # created only with the outputs, at the end
     maskfile = masks if isinstance(masks, MaskFile) else MaskFile.load(masks)
     train_set = open_split(splits.train)
     val_set = open_split(splits.val, train_set.classes) if splits.val else None
@@ -203,18 +203,26 @@ def run_train(
 
 
 def write_outputs(model: nn.Module, trainable: loop.Trainable, metrics: dict, out: Path) -> None:
-    """delta.safetensors, model.safetensors and metrics.json, each atomically."""
+    """delta.safetensors, model.safetensors and metrics.json, appearing in ``out`` together.
+
+    They are written into a temporary folder that then takes the place of
+    ``out`` (:func:`atomic_folder`; missing parent folders are created first);
+    on failure ``out`` is as it was.
+    """
     from safetensors.torch import save_file
 
-    sparse.save_delta(model, out / "delta.safetensors", dense=trainable.dense)
+    out = check_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     state, seen = {}, set()
     for name, tensor in sparse.merged_state_dict(model).items():
         tensor = tensor.detach().cpu()
         ptr = tensor.untyped_storage().data_ptr()
         state[name] = tensor.clone() if ptr in seen else tensor.contiguous()  # tied weights
         seen.add(ptr)
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps(metrics, indent=2, default=str)
-    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    with atomic_folder(out) as tmp:
+        sparse.save_delta(model, tmp / "delta.safetensors", dense=trainable.dense)
+        atomic_write(tmp / "model.safetensors", lambda f: save_file(state, f, metadata={"format": "pt"}))
+        atomic_write(tmp / "metrics.json", lambda f: Path(f).write_text(text))
     log.info("wrote %s, %s and %s", out / "model.safetensors", out / "delta.safetensors",
              out / "metrics.json")
