@@ -11,6 +11,7 @@ from fps_onnx import providers
 from fps_onnx.calibrate import DEFAULT_TOKEN_MASK, CalibrationConfig
 from fps_onnx.data import DEFAULT_IMAGE_SIZE, DataConfig
 from fps_onnx.pipeline import run_select
+from fps_onnx.scope import ScopeConfig
 from fps_onnx.select import LEVELS, METHODS, NORMS, SelectConfig, method_names
 
 from .options import bar_disabled, floats, quiet_option
@@ -40,6 +41,11 @@ def _given(**values):
 @click.option("--image-size", type=int, help=f"Image side when the model's input size is not static. [default: {DEFAULT_IMAGE_SIZE}]")
 @click.option("--mean", help="Per-channel mean for images, e.g. 0.5,0.5,0.5. [default: ImageNet]")
 @click.option("--std", help="Per-channel std for images. [default: ImageNet]")
+@click.option("--max-length", type=int, help=f"Text: tokens per sample, longer ones are truncated. [default: {DataConfig().max_length}]")
+@click.option("--text-field", help=f"Text: the .jsonl field holding the text. [default: {DataConfig().text_field}]")
+@click.option("--tokenizer", type=click.Path(), help="Text: a tokenizer.json, or a folder holding one. [default: the tokenizer.json beside MODEL]")
+@click.option("--include-lm-head", is_flag=True, default=None, help="Also select the vocabulary projection (lm_head) and tied embeddings of a language model.")
+@click.option("--exclude", multiple=True, help="Never select a weight whose key (or PyTorch name) matches this regular expression (re.search); repeatable.")
 @click.option("--token-mask", help=f"Input whose zeros mark padded tokens. [default: {DEFAULT_TOKEN_MASK}, if present]")
 @click.option("--stats-out", type=click.Path(dir_okay=False), help="Also write the accumulated statistics (both norms).")
 @click.option("--from-stats", type=click.Path(dir_okay=False), multiple=True, help="Select from a statistics file instead of running the model; repeat it to merge the shards of one calibration (with --stats-out: also write the merged file).")
@@ -48,12 +54,13 @@ def _given(**values):
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @quiet_option
 def select(model, data, output, method, seed, norm, level, per_neuron, fraction, provider, batch_size,
-           max_samples, image_size, mean, std, token_mask, stats_out, from_stats, torch_model,
-           torch_checkpoint, as_json, quiet):
+           max_samples, image_size, mean, std, max_length, text_field, tokenizer, include_lm_head,
+           exclude, token_mask, stats_out, from_stats, torch_model, torch_checkpoint, as_json, quiet):
     """Select the weights of MODEL (ONNX) to fine-tune, from calibration DATA.
 
     DATA is a folder or one file: .npy (one input), .npz (arrays keyed by input
-    name) or images (found recursively). No labels, no gradients.
+    name), images (found recursively) or text (.txt, one sample a line; .jsonl),
+    tokenized with the model's tokenizer.json. No labels, no gradients.
 
     With --method gps, MODEL is a PyTorch SPEC (timm:NAME, hf:PATH,
     module:function; weights from --torch-checkpoint) and DATA a labelled
@@ -67,8 +74,10 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     calibration = CalibrationConfig(**_given(provider=provider, token_mask=token_mask))
     data_config = DataConfig(**_given(
         batch_size=batch_size, max_samples=max_samples, image_size=image_size,
-        mean=floats(mean), std=floats(std),
+        mean=floats(mean), std=floats(std), max_length=max_length, text_field=text_field,
+        tokenizer=tokenizer,
     ))
+    scope = ScopeConfig(**_given(include_lm_head=include_lm_head, exclude=tuple(exclude) or None))
     from fps_onnx._io import check_writable
 
     check_writable(output)
@@ -93,15 +102,17 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
         else:
             result = run_select(
                 model, data, config, calibration, data_config,
-                from_stats=from_stats, stats_out=stats_out, on_batch=bar.update,
+                from_stats=from_stats, stats_out=stats_out, on_batch=bar.update, scope=scope,
             )
             masks, samples = result.masks, result.stats.num_samples
             provider, seconds = result.provider, result.seconds
     if torch_model is not None and config.method != "gps":
         from fps_onnx.mapping import map_to_model
+        from fps_onnx.scope import drop_excluded
 
         masks, report = map_to_model(masks, torch_model, model, checkpoint=torch_checkpoint)
         log.info("%s", report.summary())
+        masks = drop_excluded(masks, scope)  # --exclude also matches PyTorch names
     masks.save(output)
     share = masks.selected / max(masks.total, 1)
     log.info("selected %s of %s weights (%.3f%%) in %d tensors from %d samples -> %s",

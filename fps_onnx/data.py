@@ -5,7 +5,10 @@
   ``attention_mask``, ...); a missing ``token_type_ids`` is filled with zeros;
 * images (jpg, jpeg, png, webp, bmp; found recursively, so an ImageFolder tree
   works): decoded with Pillow, resized and centre-cropped to the model's input
-  size, scaled to [0, 1] and normalised with ``mean``/``std``.
+  size, scaled to [0, 1] and normalised with ``mean``/``std``;
+* raw text (``.txt``, ``.jsonl``; see :mod:`fps_onnx.text`), tokenized with the
+  model's tokenizer.json; in a folder, text files are read only when it holds
+  no array or image file (an ImageFolder tree may carry a labels.txt).
 
 Only one batch (plus one file's chunk) is held at a time, so memory does not
 grow with the number of samples or files.
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .text import TEXT_SUFFIXES, TextReader
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -72,6 +76,9 @@ class DataConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     crop_pct: float = 0.875
+    max_length: int = 512  # text: tokens per sample (longer ones are truncated)
+    text_field: str = "text"  # .jsonl: the field holding the text
+    tokenizer: str | None = None  # text: tokenizer.json (or its folder); None: beside the model
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -82,6 +89,8 @@ class DataConfig:
             raise DataError(f"image size must be at least 1, not {self.image_size}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise DataError(f"crop fraction must be in (0, 1], not {self.crop_pct}")
+        if self.max_length < 1:
+            raise DataError(f"--max-length must be at least 1, not {self.max_length}")
 
 
 def find_files(path: str | os.PathLike) -> list[Path]:
@@ -90,25 +99,32 @@ def find_files(path: str | os.PathLike) -> list[Path]:
     if not path.exists():
         raise DataError(f"data path {path} does not exist")
     if path.is_file():
-        if path.suffix.lower() not in (*ARRAY_SUFFIXES, *IMAGE_SUFFIXES):
-            raise DataError(f"{path}: unknown data file type (use .npy, .npz or images)")
+        if path.suffix.lower() not in (*ARRAY_SUFFIXES, *IMAGE_SUFFIXES, *TEXT_SUFFIXES):
+            raise DataError(f"{path}: unknown data file type (use .npy, .npz, images, .txt or .jsonl)")
         return [path]
-    suffixes = (*ARRAY_SUFFIXES, *IMAGE_SUFFIXES)
+    suffixes = (*ARRAY_SUFFIXES, *IMAGE_SUFFIXES, *TEXT_SUFFIXES)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if any(p.suffix.lower() not in TEXT_SUFFIXES for p in files):
+        files = [p for p in files if p.suffix.lower() not in TEXT_SUFFIXES]
     if not files:
-        raise DataError(f"no .npy, .npz or image files under {path}")
+        raise DataError(f"no .npy, .npz or image files under {path}, nor .txt or .jsonl text")
     return files
 
 
 def iter_batches(
-    path: str | os.PathLike, inputs: Sequence[InputSpec], config: DataConfig = DataConfig()
+    path: str | os.PathLike, inputs: Sequence[InputSpec], config: DataConfig = DataConfig(),
+    model_path: str | os.PathLike | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of ``config.batch_size`` samples (the last may be smaller), as model feeds."""
+    """Batches of ``config.batch_size`` samples (the last may be smaller), as model feeds.
+
+    ``model_path`` locates what text data needs beside the model (its
+    tokenizer.json and config.json).
+    """
     dtypes = {s.name: s.dtype for s in inputs}
     remaining = config.max_samples
     buffer: list[dict[str, np.ndarray]] = []
     held = 0
-    for chunk in _chunks(find_files(path), inputs, config):
+    for chunk in _chunks(find_files(path), inputs, config, TextReader(model_path, config)):
         if buffer and not _same_shapes(buffer[0], chunk):
             yield _concat(buffer, dtypes)  # e.g. another sequence length: never mix in one batch
             buffer, held = [], 0
@@ -149,9 +165,13 @@ def _concat(parts: list[dict[str, np.ndarray]], dtypes) -> dict[str, np.ndarray]
             for k in parts[0]}
 
 
-def _chunks(files, inputs, config) -> Iterator[dict[str, np.ndarray]]:
+def _chunks(files, inputs, config, text: TextReader) -> Iterator[dict[str, np.ndarray]]:
     for file in files:
         suffix = file.suffix.lower()
+        if suffix in TEXT_SUFFIXES:
+            for chunk in text.chunks(file, inputs):  # one chunk per batch
+                yield {spec.name: _fit(file, spec, chunk[spec.name]) for spec in inputs}
+            continue
         if suffix == ".npy":
             chunk = _read_npy(file, inputs)
         elif suffix == ".npz":

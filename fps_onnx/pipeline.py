@@ -13,6 +13,7 @@ from ._io import check_writable, sha256_file
 from .calibrate import CalibrationConfig, calibrate, load_graph
 from .data import DataConfig
 from .errors import BudgetError, DataError, StatsError
+from .scope import ScopeConfig, in_scope
 from .select import METHODS, SelectConfig, describe_budget, select_one
 from .stats import Stats, merge_all
 
@@ -52,6 +53,7 @@ def run_select(
     from_stats: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     stats_out: str | os.PathLike | None = None,
     on_batch: Callable[[int], None] | None = None,
+    scope: ScopeConfig = ScopeConfig(),
 ) -> SelectResult:
     """FPS masks of every selectable weight of ``model_path``.
 
@@ -76,13 +78,13 @@ def run_select(
         calibration = replace(calibration, statistics=tuple(sorted(wanted)))
         result = calibrate(
             model_path, data_path, calibration, data_config,
-            on_batch=on_batch, check_sites=lambda s: check_budget(s, select_config),
+            on_batch=on_batch, check_sites=lambda s: check_budget(s, select_config), scope=scope,
         )
         stats, sites, provider, seconds = result.stats, result.sites, result.provider, result.seconds
         model, base_dir = result.model, result.base_dir
     else:
         model, base_dir = load_graph(model_path)
-        sites = graph.find_weights(model)
+        sites = in_scope(model, graph.find_weights(model), scope)
         check_budget(sites, select_config)
         if needs_activations:
             stats = _load_shards(from_stats, model_path, sites)

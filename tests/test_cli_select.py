@@ -159,8 +159,16 @@ def test_data_and_from_stats_are_exclusive(chain, tmp_path):
     assert result.exit_code == 2 and "give either DATA or --from-stats" in result.stderr
 
 
-def test_select_does_not_import_torch(chain, tmp_path):
+@pytest.mark.parametrize("kind", ["arrays", "text"])
+def test_select_does_not_import_torch(chain, tmp_path, kind):
     model, data = chain
+    if kind == "text":  # raw text, tokenized with tokenizer.json: no transformers either
+        from test_text import save_tokenizer, tiny_lm
+
+        model = tiny_lm(tmp_path / "lm", with_mask=False)
+        data = tmp_path / "a.txt"
+        data.write_text("the cat sat\nmat\n")
+        save_tokenizer(model.parent)
     code = (
         "import sys; from fps_onnx.cli.main import main\n"
         f"try:\n    main(['select', {str(model)!r}, {str(data)!r}, '-o', {str(tmp_path / 'm.safetensors')!r}, '-q'])\n"
@@ -169,6 +177,7 @@ def test_select_does_not_import_torch(chain, tmp_path):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "m.safetensors").exists()
 
 
 def test_magnitude_needs_no_data_and_records_its_method(chain, tmp_path):

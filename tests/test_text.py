@@ -1,0 +1,300 @@
+"""Raw text as calibration data: .txt/.jsonl, tokenized with the model's tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from click.testing import CliRunner
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+import pytest
+
+from _models import make_model, rng, tensor
+from fps_onnx.cli.main import main
+from fps_onnx.data import DataConfig, InputSpec, find_files, iter_batches
+from fps_onnx.errors import DataError
+from fps_onnx.maskfile import MaskFile
+from fps_onnx.stats import Stats
+from fps_onnx.text import find_tokenizer, max_positions
+
+VOCAB = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "the": 3, "cat": 4, "sat": 5, "on": 6, "mat": 7, "<eos>": 8}
+IDS = InputSpec("input_ids", ("N", "S"), np.dtype(np.int64))
+MASK = InputSpec("attention_mask", ("N", "S"), np.dtype(np.int64))
+TYPES = InputSpec("token_type_ids", ("N", "S"), np.dtype(np.int64))
+LINES = ["the cat sat", "", "cat", "the cat sat on the mat", "   ", "mat dog"]
+# BOS, then word ids ("dog" is unknown)
+TOKENS = [[2, 3, 4, 5], [2, 4], [2, 3, 4, 5, 6, 3, 7], [2, 7, 1]]
+
+
+def save_tokenizer(folder, padding: int | None = None):
+    """A word-level tokenizer with [PAD]/[UNK] whose post-processor adds [BOS]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
+    if padding is not None:
+        tok.enable_padding(pad_id=padding, pad_token="[PAD]")
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+def tiny_lm(folder, with_types: bool = False, with_mask: bool = True):
+    """input_ids, attention_mask -> Gather(emb) * mask -> MatMul(w1) -> Relu -> MatMul(w2) -> y."""
+    r = rng(0)
+    inputs = [tensor("input_ids", ["N", "S"], TensorProto.INT64),
+              tensor("attention_mask", ["N", "S"], TensorProto.INT64)]
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["e"]),
+        helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mf", "axis"], ["m"]),
+        helper.make_node("Mul", ["e", "m"], ["em"]),
+        helper.make_node("MatMul", ["em", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("MatMul", ["hr", "w2"], ["y"]),
+    ]
+    inits = {"emb": r.standard_normal((len(VOCAB), 6)).astype(np.float32),
+             "axis": np.array([-1], np.int64),
+             "w1": r.standard_normal((6, 5)).astype(np.float32),
+             "w2": r.standard_normal((5, 4)).astype(np.float32)}
+    if with_types:
+        inputs.append(tensor("token_type_ids", ["N", "S"], TensorProto.INT64))
+        nodes[3].output[0] = "em_raw"
+        nodes[4:4] = [helper.make_node("Gather", ["types", "token_type_ids"], ["t"]),
+                      helper.make_node("Add", ["em_raw", "t"], ["em"])]
+        inits["types"] = r.standard_normal((2, 6)).astype(np.float32)
+    if not with_mask:  # input_ids alone
+        del inputs[1], nodes[1:4], inits["axis"]
+        nodes[0].output[0] = "em"
+    model = make_model(nodes, inputs, [tensor("y", ["N", "S", 4])], inits)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / "model.onnx")
+    save_tokenizer(folder)
+    return folder / "model.onnx"
+
+
+def batches(path, inputs=(IDS, MASK), model=None, **config):
+    return list(iter_batches(path, list(inputs), DataConfig(**config), model))
+
+
+def test_txt_lines_are_tokenized_with_bos_and_padded_to_each_batch_longest(tmp_path):
+    tok = save_tokenizer(tmp_path / "tok")
+    (tmp_path / "a.txt").write_text("\n".join(LINES) + "\n")
+    got = batches(tmp_path / "a.txt", batch_size=2, tokenizer=str(tok))
+    assert [b["input_ids"].shape for b in got] == [(2, 4), (2, 7)]
+    for batch, rows in zip(got, (TOKENS[:2], TOKENS[2:])):
+        assert batch["input_ids"].dtype == np.int64 and batch["attention_mask"].dtype == np.int64
+        for row, tokens in enumerate(rows):
+            n = len(tokens)
+            assert batch["input_ids"][row, :n].tolist() == tokens
+            assert (batch["input_ids"][row, n:] == 0).all()  # [PAD]
+            assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+
+
+def test_jsonl_text_field_dtype_and_zero_token_type_ids(tmp_path):
+    tok = save_tokenizer(tmp_path / "tok")
+    records = [{"body": "the cat", "id": 1}, {"body": "mat"}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    ids32 = InputSpec("input_ids", ("N", "S"), np.dtype(np.int32))
+    (batch,) = batches(tmp_path / "a.jsonl", (ids32, MASK, TYPES), tokenizer=str(tmp_path / "tok"),
+                       text_field="body")
+    assert batch["input_ids"].dtype == np.int32
+    assert batch["input_ids"].tolist() == [[2, 3, 4], [2, 7, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["token_type_ids"].shape == (2, 3) and not batch["token_type_ids"].any()
+    assert find_tokenizer(None, tok) == tok
+
+
+def test_max_length_truncates_counting_the_bos(tmp_path):
+    tok = save_tokenizer(tmp_path / "tok")
+    (tmp_path / "a.txt").write_text("the cat sat on the mat\ncat\n")
+    (batch,) = batches(tmp_path / "a.txt", tokenizer=str(tok), max_length=3)
+    assert batch["input_ids"].tolist() == [[2, 3, 4], [2, 4, 0]]
+
+
+def test_max_samples_stops_reading_and_pads_to_what_was_read(tmp_path):
+    tok = save_tokenizer(tmp_path / "tok")
+    (tmp_path / "a.txt").write_text("cat\nthe cat\nthe cat sat on the mat\n")
+    (batch,) = batches(tmp_path / "a.txt", tokenizer=str(tok), max_samples=2)
+    assert batch["input_ids"].tolist() == [[2, 4, 0], [2, 3, 4]]
+
+
+def test_pad_id_from_tokenizer_json_then_tokenizer_config_then_eos(tmp_path):
+    (tmp_path / "a.txt").write_text("cat\nthe cat\n")
+    folder = tmp_path / "m"
+    save_tokenizer(folder, padding=7)
+    assert batches(tmp_path / "a.txt", model=folder / "model.onnx")[0]["input_ids"][0].tolist() == [2, 4, 7]
+    save_tokenizer(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": {"content": "sat"}}))
+    assert batches(tmp_path / "a.txt", model=folder / "model.onnx")[0]["input_ids"][0].tolist() == [2, 4, 5]
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": None}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    assert batches(tmp_path / "a.txt", model=folder / "model.onnx")[0]["input_ids"][0].tolist() == [2, 4, 8]
+
+
+def test_text_files_in_a_folder_unless_it_holds_other_data(tmp_path):
+    (tmp_path / "b.jsonl").write_text('{"text": "cat"}\n')
+    (tmp_path / "a.txt").write_text("cat\n")
+    assert [p.name for p in find_files(tmp_path)] == ["a.txt", "b.jsonl"]
+    np.save(tmp_path / "x.npy", np.zeros((1, 2)))
+    assert [p.name for p in find_files(tmp_path)] == ["x.npy"]  # a labels.txt beside data is not data
+
+
+def test_max_positions_from_config_or_genai_config(tmp_path):
+    model = tmp_path / "model.onnx"
+    assert max_positions(model) is None
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"context_length": 128}}))
+    assert max_positions(model) == 128
+    (tmp_path / "config.json").write_text(json.dumps({"n_positions": 64}))
+    assert max_positions(model) == 64
+
+
+def test_text_needs_input_ids_and_nothing_else(tmp_path):
+    tok = save_tokenizer(tmp_path / "tok")
+    (tmp_path / "a.txt").write_text("cat\n")
+    with pytest.raises(DataError, match="needs a model input input_ids"):
+        batches(tmp_path / "a.txt", [InputSpec("x", ("N", 3), np.dtype(np.float32))], tokenizer=str(tok))
+    with pytest.raises(DataError, match=r"also expects position_ids \[N, S\] int64"):
+        batches(tmp_path / "a.txt", [IDS, MASK, InputSpec("position_ids", ("N", "S"), np.dtype(np.int64))],
+                tokenizer=str(tok))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["select", *(str(a) for a in args)])
+
+
+def test_cli_text_selection_equals_the_same_tokens_as_npz(tmp_path):
+    model = tiny_lm(tmp_path / "m")
+    (tmp_path / "a.txt").write_text("\n".join(LINES) + "\n")
+    text = invoke(model, tmp_path / "a.txt", "-o", tmp_path / "t.safetensors", "--stats-out",
+                  tmp_path / "t.stats", "--batch-size", "3", "--json", "-q")
+    assert text.exit_code == 0, text.output
+    assert json.loads(text.stdout)["samples"] == 4
+    # the same four sequences, padded once to 7 tokens, as one .npz
+    ids = np.zeros((4, 7), np.int64)
+    for row, tokens in enumerate(TOKENS):
+        ids[row, : len(tokens)] = tokens
+    np.savez(tmp_path / "a.npz", input_ids=ids, attention_mask=(np.arange(7) < np.array([4, 2, 7, 3])[:, None]))
+    arrays = invoke(model, tmp_path / "a.npz", "-o", tmp_path / "n.safetensors", "--stats-out",
+                    tmp_path / "n.stats", "-q")
+    assert arrays.exit_code == 0, arrays.output
+    a, b = Stats.load(tmp_path / "t.stats"), Stats.load(tmp_path / "n.stats")
+    assert sorted(a.weights) == ["w1", "w2"] and a.weights["w1"].count == 16  # unpadded tokens
+    for key in a.weights:
+        np.testing.assert_allclose(a.weights[key].abs_sum, b.weights[key].abs_sum, rtol=1e-6)
+        assert a.weights[key].count == b.weights[key].count
+    t, n = MaskFile.load(tmp_path / "t.safetensors"), MaskFile.load(tmp_path / "n.safetensors")
+    assert all(np.array_equal(t.masks[k], n.masks[k]) for k in n.masks)
+
+
+def test_cli_jsonl_with_text_field_tokenizer_and_token_type_ids(tmp_path):
+    model = tiny_lm(tmp_path / "m", with_types=True)
+    (model.parent / "tokenizer.json").unlink()
+    save_tokenizer(tmp_path / "tok")
+    (tmp_path / "a.jsonl").write_text('{"t": "the cat"}\n{"t": "mat"}\n')
+    result = invoke(model, tmp_path / "a.jsonl", "-o", tmp_path / "o.safetensors", "--text-field", "t",
+                    "--tokenizer", tmp_path / "tok", "--max-length", "2", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["samples"] == 2
+
+
+BAD = {
+    "empty": ("a.txt", "\n  \n\n", (), r"a.txt holds no text \(every line is blank\)"),
+    "not json": ("a.jsonl", '{"text": "cat"}\n\n{"text": \n', (), r"a.jsonl:3: not a JSON line"),
+    "no field": ("a.jsonl", '{"text": "cat"}\n{"body": "cat"}\n', (), r"a.jsonl:2: no text field 'text' \(name another with --text-field NAME\)"),
+    "field type": ("a.jsonl", '{"body": 3}\n', ("--text-field", "body"), r"a.jsonl:1: no text field 'body'"),
+    "max length 0": ("a.txt", "cat\n", ("--max-length", "0"), "--max-length must be at least 1, not 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_cli_bad_text_is_one_line_and_no_output(tmp_path, case):
+    name, content, extra, message = BAD[case]
+    model = tiny_lm(tmp_path / "m")
+    (tmp_path / name).write_text(content)
+    out = tmp_path / "o.safetensors"
+    result = invoke(model, tmp_path / name, "-o", out, "-q", *extra)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert not out.exists()
+
+
+def bad_setup(case, folder):
+    """Break the model folder of ``tiny_lm`` as ``case`` says; extra CLI arguments."""
+    if case == "no tokenizer":
+        (folder / "tokenizer.json").unlink()
+        return (), r"none is beside .*model.onnx; pass one with --tokenizer PATH"
+    if case == "missing --tokenizer":
+        return ("--tokenizer", folder / "nope"), r"tokenizer .*/nope does not exist"
+    if case == "--tokenizer folder without one":
+        (folder / "empty").mkdir()
+        return ("--tokenizer", folder / "empty"), r"tokenizer .*/empty/tokenizer.json does not exist"
+    if case == "unreadable tokenizer":
+        (folder / "tokenizer.json").write_text('{"model": ')
+        return (), r"cannot read tokenizer .*tokenizer.json: "
+    if case == "beyond positions":
+        (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 16}))
+        return ("--max-length", "17"), "--max-length 17 is beyond the model's 16 positions"
+    if case == "beyond context":
+        (folder / "genai_config.json").write_text(json.dumps({"model": {"context_length": 8}}))
+        return (), "--max-length 512 is beyond the model's 8 positions"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["no tokenizer", "missing --tokenizer", "--tokenizer folder without one",
+                                  "unreadable tokenizer",
+                                  "beyond positions", "beyond context"])
+def test_cli_bad_tokenizer_or_length_is_one_line_and_no_output(tmp_path, case):
+    model = tiny_lm(tmp_path / "m")
+    extra, message = bad_setup(case, model.parent)
+    (tmp_path / "a.txt").write_text("cat\n")
+    out = tmp_path / "o.safetensors"
+    result = invoke(model, tmp_path / "a.txt", "-o", out, "-q", *extra)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert not out.exists()
+
+
+def test_positions_within_the_model_pass(tmp_path):
+    model = tiny_lm(tmp_path / "m")
+    (model.parent / "config.json").write_text(json.dumps({"max_position_embeddings": 16}))
+    (tmp_path / "a.txt").write_text("cat\n")
+    result = invoke(model, tmp_path / "a.txt", "-o", tmp_path / "o.safetensors", "-q", "--max-length", "16")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+def test_text_on_an_exported_bert_matches_its_npz(tmp_path):
+    """A real token model: text tokenized here gives the statistics of the same ids as .npz."""
+    import torch
+
+    from _models import TOKEN_INPUTS, export, tiny_bert
+
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    example = (torch.randint(0, 9, (2, 5)), torch.ones(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long))
+    model = export(tiny_bert(), example, folder / "model.onnx", TOKEN_INPUTS,
+                   {n: {0: "batch", 1: "sequence"} for n in TOKEN_INPUTS})
+    save_tokenizer(folder)
+    (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+    (tmp_path / "a.txt").write_text("\n".join(LINES) + "\n")
+    assert invoke(model, tmp_path / "a.txt", "-o", tmp_path / "t.m", "--stats-out", tmp_path / "t.s",
+                  "--max-length", "64", "-q").exit_code == 0
+    ids = np.zeros((4, 7), np.int64)
+    for row, tokens in enumerate(TOKENS):
+        ids[row, : len(tokens)] = tokens
+    np.savez(tmp_path / "a.npz", input_ids=ids, attention_mask=(ids > 0).astype(np.int64))
+    assert invoke(model, tmp_path / "a.npz", "-o", tmp_path / "n.m", "--stats-out", tmp_path / "n.s",
+                  "-q").exit_code == 0
+    a, b = Stats.load(tmp_path / "t.s"), Stats.load(tmp_path / "n.s")
+    assert len(a.weights) == 12
+    for key in a.weights:
+        np.testing.assert_allclose(a.weights[key].abs_sum, b.weights[key].abs_sum, rtol=1e-4)
