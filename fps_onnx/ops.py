@@ -352,5 +352,6 @@ def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return packed
     shifts = np.arange(0, 8, bits, dtype=np.uint8)
-    codes = (packed[:, :, None] >> shifts) & np.uint8((1 << bits) - 1)
+    codes = packed[:, :, None] >> shifts
+    codes &= np.uint8((1 << bits) - 1)
     return codes.reshape(packed.shape[0], -1)

@@ -283,6 +283,22 @@ def test_packed_attention_weight_is_one_in_out_site():
         graph.find_weights(model)
 
 
+def test_fused_gemm_and_fused_conv_are_read_as_gemm_and_conv():
+    w = rng().standard_normal((4, 6)).astype(np.float32)
+    k = rng(1).standard_normal((8, 2, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("FusedGemm", ["x", "w"], ["y"], domain="com.microsoft", transB=1,
+                              activation="Relu"),
+             helper.make_node("FusedConv", ["img", "k"], ["z"], domain="com.microsoft", group=2,
+                              activation="Relu")]
+    model = ms_model(nodes, [tensor("x", ["N", 6]), tensor("img", ["N", 4, 5, 5])],
+                     [tensor("y", ["N", 4]), tensor("z", ["N", 8, 3, 3])], {"w": w, "k": k})
+    gemm, conv = graph.find_weights(model)
+    assert (gemm.op, gemm.layout, gemm.shape, gemm.activations) == \
+        ("FusedGemm", "out_in", (4, 6), (graph.Activation("x", -1),))
+    assert (conv.op, conv.layout, conv.shape, conv.groups, conv.in_features) == \
+        ("FusedConv", "conv", (8, 2, 3, 3), 2, 4)
+
+
 def test_every_rule_is_registered_once():
     assert {("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("com.microsoft", "MatMulNBits"),
             ("com.microsoft", "FusedMatMul"), ("com.microsoft", "Attention")} <= set(ops.RULES)
