@@ -222,3 +222,108 @@ def test_works_under_autograd_reuse_and_no_grad_inference():
     loss = model(torch.randn(2, 3, 8, 8)).sum() + model(torch.randn(2, 3, 8, 8)).sum()
     loss.backward()  # the tied fc weight is read three times per step
     assert sparse.deltas(model)["fc.weight"].values.grad is not None
+
+
+# --------------------------------------------------------------------------- forged delta files
+
+
+def _delta_file(tmp_path):
+    """(tensors, metadata) of a real delta file of Tiny (sparse weights, dense fc.bias)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model = _model()
+    sparse.attach(model, _masks(model))
+    with torch.no_grad():
+        for delta in sparse.deltas(model).values():
+            delta.values.uniform_(-1, 1)
+    sparse.save_delta(model, tmp_path / "real.safetensors", dense=["fc.bias"])
+    with safe_open(str(tmp_path / "real.safetensors"), "pt") as fh:
+        meta = dict(fh.metadata())
+    return load_file(str(tmp_path / "real.safetensors")), meta
+
+
+def _tensor(name, value):
+    return lambda t, m: t.__setitem__(name, value)
+
+
+def _meta(name, value):
+    return lambda t, m: m.__setitem__(name, value)
+
+
+def _pop(name):
+    return lambda t, m: t.pop(name)
+
+
+N = 16 * 8  # fc.weight entries
+
+
+FORGED_DELTAS = [
+    (_meta("format_version", "99"), "has delta format version 99, this fps-onnx reads 1"),
+    (_meta("format", "pt"), "is not an fps-onnx delta file"),
+    (lambda t, m: m.pop("shapes"), "metadata 'shapes' is missing"),
+    (_meta("shapes", "{oops"), "metadata 'shapes' is not JSON"),
+    (_meta("shapes", "[]"), "metadata 'shapes' must map names to lists of non-negative integers"),
+    (lambda t, m: m.__setitem__("shapes", m["shapes"].replace("[16, 8]", '"16x8"')), "'shapes' must map"),
+    (lambda t, m: m.__setitem__("shapes", m["shapes"].replace("[16, 8]", "[-16, 8]")), "'shapes' must map"),
+    (_meta("dense", '"fc.bias"'), "metadata 'dense' must be a list of distinct names"),
+    (_meta("dense", '["fc.bias", "fc.bias"]'), "metadata 'dense' must be a list of distinct names"),
+    (_pop("fc.weight:values"), "tensor 'fc.weight:values' is missing"),
+    (_pop("fc.weight:indices"), "tensor 'fc.weight:indices' is missing"),
+    (_pop("fc.bias"), "tensor 'fc.bias' is missing"),
+    (_tensor("extra", torch.zeros(2)), "unexpected tensor 'extra'"),
+    (_tensor("head.weight:values", torch.zeros(2)), "unexpected tensor 'head.weight:values'"),
+    (lambda t, m: m.__setitem__("shapes", m["shapes"].replace("[16, 8]", "[16, 9]")),
+     r"delta for fc.weight \[16, 9\] does not fit the model \(its fc.weight is \[16, 8\]\)"),
+    (lambda t, m: [m.__setitem__("shapes", m["shapes"].replace('"fc.weight"', '"fc.w"')),
+                   t.__setitem__("fc.w:indices", t.pop("fc.weight:indices")),
+                   t.__setitem__("fc.w:values", t.pop("fc.weight:values"))], "its fc.w does not exist"),
+    (lambda t, m: t["fc.weight:indices"].__setitem__(0, N), rf"fc.weight:indices must lie in \[0, {N}\)"),
+    (lambda t, m: t["fc.weight:indices"].__setitem__(0, -1), rf"fc.weight:indices must lie in \[0, {N}\)"),
+    (lambda t, m: t["fc.weight:indices"].__setitem__(1, int(t["fc.weight:indices"][0])),
+     "fc.weight:indices repeat an entry"),
+    (lambda t, m: t.__setitem__("fc.weight:indices", t["fc.weight:indices"].int()),
+     "fc.weight:indices must be a 1-D int64 tensor, not torch.int32"),
+    (lambda t, m: t.__setitem__("fc.weight:indices", t["fc.weight:indices"][None]),
+     "fc.weight:indices must be a 1-D int64 tensor"),
+    (lambda t, m: t.__setitem__("fc.weight:values", t["fc.weight:values"][1:]),
+     "fc.weight:values must be a 1-D float tensor of"),
+    (lambda t, m: t.__setitem__("fc.weight:values", t["fc.weight:values"].long()),
+     "fc.weight:values must be a 1-D float tensor of .* not torch.int64"),
+    (lambda t, m: t["fc.weight:values"].__setitem__(0, float("nan")), "fc.weight:values holds NaN or Inf"),
+    (_tensor("fc.bias", torch.zeros(3)), r"tensor fc.bias \[3\] does not fit the model"),
+    (_tensor("fc.bias", torch.full((16,), float("inf"))), "tensor fc.bias holds NaN or Inf"),
+]
+
+
+@pytest.mark.parametrize("change, message", FORGED_DELTAS)
+def test_forged_delta_files_are_refused_and_change_nothing(tmp_path, change, message):
+    from safetensors.torch import save_file
+
+    tensors, meta = _delta_file(tmp_path)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    change(tensors, meta)
+    save_file(tensors, str(tmp_path / "d.safetensors"), metadata=meta)
+    model, start = _model(), _model().state_dict()
+    with pytest.raises(MaskError, match=message) as info:
+        sparse.apply_delta(model, tmp_path / "d.safetensors")
+    assert len(str(info.value).splitlines()) == 1
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, start[name]), name
+
+
+def test_the_unforged_delta_file_applies(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors, meta = _delta_file(tmp_path)
+    save_file(tensors, str(tmp_path / "d.safetensors"), metadata=meta)
+    model = sparse.apply_delta(_model(), tmp_path / "d.safetensors")
+    assert not torch.equal(model.fc.weight, _model().fc.weight)
+
+
+def test_missing_and_corrupt_delta_files(tmp_path):
+    with pytest.raises(MaskError, match="delta file .*none.safetensors does not exist"):
+        sparse.apply_delta(_model(), tmp_path / "none.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(MaskError, match="cannot read delta file"):
+        sparse.apply_delta(_model(), tmp_path / "bad.safetensors")

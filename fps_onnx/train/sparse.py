@@ -34,7 +34,7 @@ import os
 import numpy as np
 
 from .._io import atomic_write
-from ..errors import MaskError
+from ..errors import MaskError, first_line
 from ..maskfile import MaskFile
 from ._torch import nn, torch
 
@@ -264,33 +264,97 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, dense: Collection[s
 
 
 def apply_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Add the deltas of a delta file to ``model``'s plain weights in place; returns ``model``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Add the deltas of a delta file to ``model``'s plain weights in place; returns ``model``.
 
-    try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
+    The whole file is checked against the format and the model first (format
+    and version, ``shapes`` and ``dense`` metadata, int64 indices in range and
+    without repeats, float values of the same length, every named tensor
+    present and nothing else); a file that fails any check raises
+    :class:`MaskError` and leaves ``model`` unchanged.
+    """
+    tensors, meta = _read_delta(path)
+    shapes = _json_meta(meta, "shapes", path)
+    if not isinstance(shapes, dict) or not all(
+            isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
+            for v in shapes.values()):
+        raise MaskError(f"{path}: metadata 'shapes' must map names to lists of non-negative integers")
+    dense = _json_meta(meta, "dense", path)
+    if not isinstance(dense, list) or not all(isinstance(n, str) for n in dense) or len(set(dense)) < len(dense):
+        raise MaskError(f"{path}: metadata 'dense' must be a list of distinct names")
+    both = set(shapes) & set(dense)
+    if both:
+        raise MaskError(f"{path}: {sorted(both)[0]} is both a sparse delta and a dense tensor")
+    expected = {f"{n}:{part}" for n in shapes for part in ("indices", "values")} | set(dense)
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise MaskError(f"{path}: tensor {missing[0]!r} is missing")
+    unknown = sorted(set(tensors) - expected)
+    if unknown:
+        raise MaskError(f"{path}: unexpected tensor {unknown[0]!r}")
 
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-    except (OSError, SafetensorError) as exc:
-        raise MaskError(f"cannot read delta file {path}: {exc}") from exc
-    if meta.get("format") != DELTA_FORMAT:
-        raise MaskError(f"{path} is not an fps-onnx delta file")
     params = dict(model.named_parameters())
-    shapes = json.loads(meta.get("shapes", "{}"))
+    state = model.state_dict()
+    for name, shape in shapes.items():
+        if name not in params or list(params[name].shape) != shape:
+            have = f"is {list(params[name].shape)}" if name in params else "does not exist"
+            raise MaskError(f"{path}: delta for {name} {shape} does not fit the model (its {name} {have})")
+        _check_sparse(name, tensors[f"{name}:indices"], tensors[f"{name}:values"], params[name].numel(), path)
+    for name in dense:
+        if name not in state or state[name].shape != tensors[name].shape:
+            raise MaskError(f"{path}: tensor {name} {list(tensors[name].shape)} does not fit the model")
+        if state[name].is_floating_point() and not bool(torch.isfinite(tensors[name]).all()):
+            raise MaskError(f"{path}: tensor {name} holds NaN or Inf")
+
     with torch.no_grad():
-        for name, shape in shapes.items():
-            if name not in params or list(params[name].shape) != shape:
-                raise MaskError(f"delta for {name} {shape} does not fit the model")
+        for name in shapes:
             weight = params[name]
             indices = tensors[f"{name}:indices"].to(weight.device)
             values = tensors[f"{name}:values"].to(weight.device)
             weight.put_(indices, (weight.take(indices).to(values.dtype) + values).to(weight.dtype))
-        for name in json.loads(meta.get("dense", "[]")):
-            state = model.state_dict()
-            if name not in state or state[name].shape != tensors[name].shape:
-                raise MaskError(f"tensor {name} of {path} does not fit the model")
+        for name in dense:
             state[name].copy_(tensors[name])
     return model
+
+
+def _read_delta(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a delta file whose format and version are this module's."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise MaskError(f"delta file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means "not a safetensors file"
+        raise MaskError(f"cannot read delta file {path}: {first_line(exc)}") from exc
+    if meta.get("format") != DELTA_FORMAT:
+        raise MaskError(f"{path} is not an fps-onnx delta file")
+    if meta.get("format_version") != DELTA_FORMAT_VERSION:
+        raise MaskError(f"{path} has delta format version {meta.get('format_version')}, "
+                        f"this fps-onnx reads {DELTA_FORMAT_VERSION}")
+    return tensors, meta
+
+
+def _json_meta(meta: Mapping[str, str], key: str, path) -> object:
+    if key not in meta:
+        raise MaskError(f"{path}: metadata {key!r} is missing")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as exc:
+        raise MaskError(f"{path}: metadata {key!r} is not JSON") from exc
+
+
+def _check_sparse(name: str, indices: torch.Tensor, values: torch.Tensor, numel: int, path) -> None:
+    where = f"{path}: {name}"
+    if indices.dtype != torch.int64 or indices.ndim != 1:
+        raise MaskError(f"{where}:indices must be a 1-D int64 tensor, not {indices.dtype} {list(indices.shape)}")
+    if not values.is_floating_point() or values.ndim != 1 or values.numel() != indices.numel():
+        raise MaskError(f"{where}:values must be a 1-D float tensor of {indices.numel()} values, "
+                        f"not {values.dtype} {list(values.shape)}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+        raise MaskError(f"{where}:indices must lie in [0, {numel})")
+    if indices.unique().numel() != indices.numel():
+        raise MaskError(f"{where}:indices repeat an entry")
+    if not bool(torch.isfinite(values).all()):
+        raise MaskError(f"{where}:values holds NaN or Inf")
