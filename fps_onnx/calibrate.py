@@ -19,11 +19,10 @@ import time
 import numpy as np
 import onnx
 
-from . import _onnxfile, graph, providers
+from . import _onnxfile, decoder, graph, providers
 from ._io import sha256_file
 from .data import DataConfig, InputSpec, iter_batches
 from .errors import DataError, ModelError, NumericError, first_line
-from .scope import ScopeConfig, in_scope
 from .stats import ChannelStats, Stats
 
 log = logging.getLogger(__name__)
@@ -70,12 +69,17 @@ def load_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
     """The model with its large embedded weights referenced where they lie in
     the file (see :mod:`fps_onnx._onnxfile`), and the folder its external-data
     locations are relative to. ONNX Runtime and the scoring read the weights
-    from there, as plain inference does, and no copy is held in memory."""
+    from there, as plain inference does, and no copy is held in memory.
+
+    A merged decoder (every node inside ``If(use_cache_branch)``) comes back
+    with its no-past branch inlined (:func:`fps_onnx.decoder.inline_cache_branch`)."""
     try:
-        return _onnxfile.load_graph(path)
+        model, folder = _onnxfile.load_graph(path)
     except (_onnxfile.MalformedProto, OSError):
         # load_model says what is wrong (missing, empty, corrupt), or reads it whole
-        return load_model(path, load_weights=False), os.path.dirname(os.path.abspath(path))
+        model = load_model(path, load_weights=False)
+        folder = os.path.dirname(os.path.abspath(path))
+    return decoder.inline_cache_branch(model)[0], folder
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[str]:
@@ -91,7 +95,6 @@ def calibrate(
     data_config: DataConfig = DataConfig(),
     on_batch: Callable[[int], None] | None = None,
     check_sites: Callable[[list[graph.WeightSite]], None] | None = None,
-    scope: ScopeConfig = ScopeConfig(),
 ) -> Calibration:
     """Run the model over the data once and return the statistics of every weight input.
 
@@ -104,7 +107,7 @@ def calibrate(
     hashing = ThreadPoolExecutor(1)
     sha_future = hashing.submit(sha256_file, model_path)
     hashing.shutdown(wait=False)
-    sites = in_scope(model, graph.find_weights(model), scope)
+    sites = graph.find_weights(model)
     if check_sites is not None:
         check_sites(sites)
     channels = {a: s.in_features for s in sites for a in s.activations}
@@ -117,17 +120,23 @@ def calibrate(
     statistics = config.statistics or graph.STATISTICS[:1]
     model, outputs = graph.add_statistics(model, sites, statistics, mask_name, masked)
     path = Path(model_path)
-    session = _session(model, path, folder, chosen, config.threads)
+    # The session computes the statistics only: logits, present.* and the
+    # nodes only they need are left out.
+    session = _session(decoder.prune(model, list(outputs)), path, folder, chosen, config.threads)
     provider = session.get_providers()[0]
     log.info("running on %s", provider)
 
     inputs = [InputSpec.from_ort(i) for i in session.get_inputs()]
+    feeder = decoder.make_feeder(inputs, mask_name, model.producer_name)
+    if feeder.provided:
+        log.info("inputs made by fps-onnx (first generation step): %s", _names(feeder.provided))
+    inputs = [s for s in inputs if s.name not in feeder.provided]  # what the data must hold
     names = list(outputs)
     per_act: dict[graph.Activation, ChannelStats] = {}
     samples = 0
     start = time.perf_counter()
-    for index, feed in enumerate(iter_batches(data_path, inputs, data_config, model_path)):
-        values = _run(session, names, feed, index)
+    for index, feed in enumerate(iter_batches(data_path, inputs, data_config)):
+        values = _run(session, names, feeder.complete(feed), index)
         n = len(next(iter(feed.values())))
         _accumulate(per_act, outputs, names, values, feed.get(mask_name), channels, sites, index)
         samples += n
@@ -145,6 +154,15 @@ def calibrate(
             acc.add(got.abs_sum, got.sq_sum, got.count)
         stats.weights[site.key] = acc
     return Calibration(stats, sites, provider, seconds, model, folder)
+
+
+def _names(names) -> str:
+    """Names for a log line, the past inputs of every layer as one entry."""
+    past = [n for n in names if decoder.is_past(n)]
+    shown = [n for n in names if not decoder.is_past(n)]
+    if past:
+        shown.append(f"{past[0].split('.')[0]}.* ({len(past)} empty)")
+    return ", ".join(shown)
 
 
 def _token_mask(model: onnx.ModelProto, requested: str | None) -> str | None:
@@ -196,6 +214,12 @@ def _accumulate(per_act, outputs, names, values, mask, channels, sites, index) -
             rows = int(value) // channels[what.activation]
             if what.masked:
                 batch, seq = mask.shape
+                if rows % (batch * seq):
+                    weights = [s.key for s in sites if what.activation in s.activations]
+                    raise ModelError(
+                        f"the input of {', '.join(weights[:3])} is not [batch, seq, ...] as "
+                        f"{list(mask.shape)} of the token mask: its padded positions cannot be left out"
+                    )
                 rows = rows // (batch * seq) * int(np.count_nonzero(mask))
             acc.add(count=rows)
             continue
