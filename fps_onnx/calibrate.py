@@ -23,6 +23,7 @@ from . import _onnxfile, decoder, graph, providers
 from ._io import sha256_file
 from .data import DataConfig, InputSpec, iter_batches
 from .errors import DataError, ModelError, NumericError, first_line
+from .scope import ScopeConfig, in_scope
 from .stats import ChannelStats, Stats
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def calibrate(
     data_config: DataConfig = DataConfig(),
     on_batch: Callable[[int], None] | None = None,
     check_sites: Callable[[list[graph.WeightSite]], None] | None = None,
+    scope: ScopeConfig = ScopeConfig(),
 ) -> Calibration:
     """Run the model over the data once and return the statistics of every weight input.
 
@@ -107,7 +109,7 @@ def calibrate(
     hashing = ThreadPoolExecutor(1)
     sha_future = hashing.submit(sha256_file, model_path)
     hashing.shutdown(wait=False)
-    sites = graph.find_weights(model)
+    sites = in_scope(model, graph.find_weights(model), scope)
     if check_sites is not None:
         check_sites(sites)
     channels = {a: s.in_features for s in sites for a in s.activations}
@@ -135,7 +137,7 @@ def calibrate(
     per_act: dict[graph.Activation, ChannelStats] = {}
     samples = 0
     start = time.perf_counter()
-    for index, feed in enumerate(iter_batches(data_path, inputs, data_config)):
+    for index, feed in enumerate(iter_batches(data_path, inputs, data_config, model_path)):
         values = _run(session, names, feeder.complete(feed), index)
         n = len(next(iter(feed.values())))
         _accumulate(per_act, outputs, names, values, feed.get(mask_name), channels, sites, index)

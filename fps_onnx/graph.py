@@ -3,8 +3,9 @@
 Two passes over an ``onnx.ModelProto``, neither doing any I/O:
 
 * :func:`find_weights` traces the weight input of every MatMul, Gemm and Conv
-  back through Transpose/Identity/Cast to an initializer (or Constant) and
-  returns one :class:`WeightSite` per weight, with every node that consumes it.
+  (and the ONNX Runtime ops of :mod:`fps_onnx.ops`) back through
+  Transpose/Identity/Cast to an initializer (or Constant) and returns one
+  :class:`WeightSite` per weight, with every node that consumes it.
 * :func:`add_statistics` adds reduction nodes so that, for each distinct input
   activation of those nodes, only per-input-channel vectors leave the session
   (sum |a|, sum a^2, and the element count). It returns an explicit map from
@@ -14,9 +15,10 @@ Two passes over an ``onnx.ModelProto``, neither doing any I/O:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -24,21 +26,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelError
 
+if TYPE_CHECKING:
+    from .ops import BlockQuant
+
 log = logging.getLogger(__name__)
 
 #: Statistics an activation can be reduced to; ``count`` is always added.
 STATISTICS = ("abs_sum", "sq_sum")
-
-_PASS_THROUGH = ("Identity", "Cast")
-_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
 @dataclass(frozen=True)
 class Activation:
     """An input activation of a weight: tensor name and the axis holding its channels.
 
-    ``axis`` is -1 for MatMul/Gemm inputs (in_features last), 1 for Conv inputs
-    and 0 for Gemm with transA=1. ``rank`` is known for Conv inputs only.
+    ``axis`` is -1 for MatMul/Gemm inputs (in_features last), 1 for Conv inputs,
+    0 for Gemm with transA=1 and -2 for FusedMatMul with transA=1 ([..., K, M]).
+    ``rank`` is known for Conv inputs only.
     """
 
     tensor: str
@@ -52,7 +55,10 @@ class WeightSite:
 
     ``shape`` is the weight's PyTorch layout: [out, in] for MatMul/Gemm,
     [out, in/groups, kh, kw] for Conv. ``layout`` says how the ONNX tensor
-    ``key`` stores it: "out_in", "in_out" (transposed) or "conv".
+    ``key`` stores it: "out_in", "in_out" (transposed) or "conv". A
+    block-quantized weight (MatMulNBits) has ``quant``: ``key`` is its packed
+    initializer and :func:`weight_reader` dequantizes it; ``dtype`` is then
+    that of its scales (and its input activation).
     """
 
     key: str
@@ -63,6 +69,7 @@ class WeightSite:
     groups: int = 1
     activations: tuple[Activation, ...] = field(default_factory=tuple)
     dtype: int = TensorProto.FLOAT
+    quant: BlockQuant | None = None
 
 
 @dataclass(frozen=True)
@@ -78,26 +85,30 @@ class StatOutput:
 
 
 def find_weights(model: onnx.ModelProto) -> list[WeightSite]:
-    """Every weight consumed by a MatMul, Gemm or Conv node, in graph order.
+    """Every weight consumed by a MatMul, Gemm, Conv or other op with a rule in
+    :mod:`fps_onnx.ops`, in graph order.
 
     MatMuls whose inputs are both activations (attention) are skipped. A weight
     consumed by several nodes is returned once with all their activations.
-    Raises :class:`ModelError` when the graph holds no selectable weight.
+    Raises :class:`ModelError` when the graph holds no selectable weight, or a
+    quantized weight fps-onnx cannot score.
     """
-    graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
+    from . import ops
 
+    graph = model.graph
+    lookup = ops.Lookup(
+        {t.name: t for t in graph.initializer},
+        {out: node for node in graph.node for out in node.output},
+    )
     sites: dict[str, WeightSite] = {}
     for node in graph.node:
-        found = _weight_of(node, initializers, producers)
-        if found is None:
+        site = ops.weight_of(node, lookup)
+        if site is None:
             continue
-        site = found
         known = sites.get(site.key)
         if known is None:
             sites[site.key] = site
-        elif (known.layout, known.shape) != (site.layout, site.shape):
+        elif (known.layout, known.shape, known.quant) != (site.layout, site.shape, site.quant):
             log.warning(
                 "weight %s is used by %s as %s %s and by %s as %s %s; "
                 "only the first use is measured",
@@ -114,72 +125,7 @@ def find_weights(model: onnx.ModelProto) -> list[WeightSite]:
 def _with_activations(site: WeightSite, more: Iterable[Activation]) -> WeightSite:
     merged = list(site.activations)
     merged += [a for a in more if a not in merged]
-    return WeightSite(
-        site.key, site.op, site.layout, site.shape, site.in_features,
-        site.groups, tuple(merged), site.dtype,
-    )
-
-
-def _weight_of(node, initializers, producers) -> WeightSite | None:
-    op = node.op_type
-    if node.domain not in ("", "ai.onnx") or op not in ("MatMul", "Gemm", "Conv"):
-        return None
-    if len(node.input) < 2 or _trace(node.input[0], initializers, producers) is not None:
-        return None  # the data input is itself a constant
-    traced = _trace(node.input[1], initializers, producers)
-    if traced is None:
-        return None  # activation x activation (attention)
-    key, tensor, transposed = traced
-    dims = tuple(int(d) for d in tensor.dims)
-    if tensor.data_type not in _FLOAT_TYPES:
-        return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-    if op == "Conv":
-        if transposed or len(dims) < 3:
-            return None
-        groups = int(attrs.get("group", 1))
-        act = Activation(node.input[0], 1, len(dims))
-        return WeightSite(key, op, "conv", dims, dims[1] * groups, groups, (act,), tensor.data_type)
-
-    if len(dims) != 2:
-        return None  # batched or 1-D operands are not Linear weights
-    stored_out_in = transposed
-    axis = -1
-    if op == "Gemm":
-        stored_out_in ^= bool(attrs.get("transB", 0))
-        if attrs.get("transA", 0):
-            axis = 0
-    out_f, in_f = (dims[0], dims[1]) if stored_out_in else (dims[1], dims[0])
-    layout = "out_in" if stored_out_in else "in_out"
-    act = Activation(node.input[0], axis)
-    return WeightSite(key, op, layout, (out_f, in_f), in_f, 1, (act,), tensor.data_type)
-
-
-def _trace(name, initializers, producers):
-    """Follow ``name`` back to (key, TensorProto, transposed) or None for activations."""
-    transposed = False
-    while True:
-        if name in initializers:
-            return name, initializers[name], transposed
-        node = producers.get(name)
-        if node is None:
-            return None
-        if node.op_type == "Constant":
-            value = next((a for a in node.attribute if a.name == "value"), None)
-            if value is None:
-                return None
-            return name, value.t, transposed
-        if node.op_type in _PASS_THROUGH:
-            name = node.input[0]
-        elif node.op_type == "Transpose":
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
-            if perm != [1, 0]:
-                return None
-            transposed = not transposed
-            name = node.input[0]
-        else:
-            return None
+    return replace(site, activations=tuple(merged))
 
 
 def iter_weight_values(model: onnx.ModelProto, sites: Sequence[WeightSite], base_dir: str = ""):
@@ -202,6 +148,10 @@ def weight_reader(model: onnx.ModelProto, base_dir: str = ""):
     })
 
     def read(site: WeightSite) -> np.ndarray:
+        if site.quant is not None:
+            from .ops import dequantize
+
+            return dequantize(site.quant, lambda name: tensor_value(by_name[name], base_dir))
         array = tensor_value(by_name[site.key], base_dir)
         return array.T if site.layout == "in_out" else array
 
@@ -375,6 +325,8 @@ class _Builder:
             x = self.node("Abs", [x])
         if act.axis == 1 or act.axis == 0:  # [N*C, S] @ [S, 1]; Gemm transA: [K, M] @ [M, 1]
             x = self.node("MatMul", [x, self.ones(x, 1, row=False)])
+        elif act.axis == -2:  # FusedMatMul transA: [..., K, M] @ [M, 1]
+            x = self.node("MatMul", [x, self.ones(x, -1, row=False)])
         elif mask is not None:  # [B, 1, S] @ [B, S, R*K] -> [B, 1, R*K]
             x = self.node("MatMul", [mask, x])
         else:  # [1, R] @ [R, K]
