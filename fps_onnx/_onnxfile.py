@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 
 import onnx
 
@@ -49,6 +50,8 @@ def load_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
     """
     given = os.path.dirname(os.path.abspath(path))
     real = os.path.realpath(path)
+    if not stat.S_ISREG(os.stat(real).st_mode):  # a FIFO would block the open
+        raise MalformedProto("not a regular file")
     with open(real, "rb") as fh:
         if os.fstat(fh.fileno()).st_size == 0:
             raise MalformedProto("empty file")

@@ -14,15 +14,17 @@ from dataclasses import dataclass
 import logging
 import os
 from pathlib import Path
+import re
+import sys
+import threading
 import time
 
 import numpy as np
 import onnx
 
-from . import _onnxfile, decoder, graph, providers
-from ._io import sha256_file
+from . import _onnxfile, decoder, external, graph, providers
 from .data import DataConfig, InputSpec, iter_batches
-from .errors import DataError, ModelError, NumericError, first_line
+from .errors import DataError, FpsError, ModelError, NumericError, first_line
 from .scope import ScopeConfig, in_scope
 from .stats import ChannelStats, Stats
 
@@ -56,6 +58,8 @@ class Calibration:
 def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:
     """Read an ONNX file, or raise ModelError saying why it cannot be read."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ModelError(f"model file {path} is not a regular file")
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     if path.stat().st_size == 0:
@@ -73,14 +77,25 @@ def load_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
     from there, as plain inference does, and no copy is held in memory.
 
     A merged decoder (every node inside ``If(use_cache_branch)``) comes back
-    with its no-past branch inlined (:func:`fps_onnx.decoder.inline_cache_branch`)."""
+    with its no-past branch inlined (:func:`fps_onnx.decoder.inline_cache_branch`).
+    Every external-data reference is checked first (:func:`load_checked`)."""
+    model, folder, _ = load_checked(path)
+    return model, folder
+
+
+def load_checked(path: str | os.PathLike) -> tuple[onnx.ModelProto, str, list[external.ExternalRef]]:
+    """:func:`load_graph` with every external-data reference of the model (all
+    graphs) checked and pointed at the real file it names
+    (:func:`fps_onnx.external.resolve`): (model, folder, references). Raises
+    ModelError before anything is read from a file the references name."""
     try:
         model, folder = _onnxfile.load_graph(path)
     except (_onnxfile.MalformedProto, OSError):
         # load_model says what is wrong (missing, empty, corrupt), or reads it whole
         model = load_model(path, load_weights=False)
         folder = os.path.dirname(os.path.abspath(path))
-    return decoder.inline_cache_branch(model)[0], folder
+    refs, folder = external.resolve(model, folder, path)
+    return decoder.inline_cache_branch(model)[0], folder, refs
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[str]:
@@ -104,58 +119,66 @@ def calibrate(
     early); ``on_batch(n)`` after each batch of ``n`` samples (progress bars).
     """
     chosen = providers.resolve(config.provider)
-    model, folder = load_graph(model_path)
-    # Hash beside the rest of the set-up (hashlib releases the GIL).
+    model, folder, refs = load_checked(model_path)
+    # Hash beside the rest of the set-up (hashlib releases the GIL); any error stops it.
+    stop = threading.Event()
     hashing = ThreadPoolExecutor(1)
-    sha_future = hashing.submit(sha256_file, model_path)
+    sha_future = hashing.submit(external.model_sha256, model_path, refs, stop)
     hashing.shutdown(wait=False)
-    sites = in_scope(model, graph.find_weights(model), scope)
-    if check_sites is not None:
-        check_sites(sites)
-    channels = {a: s.in_features for s in sites for a in s.activations}
-    mask_name = _token_mask(model, config.token_mask)
-    masked: set[str] = set()
-    if mask_name is not None:
-        tensors = {a.tensor for s in sites for a in s.activations}
-        masked = graph.token_leading(model, tensors, mask_name)
-        log.info("token mask %s applies to %d of %d weight inputs", mask_name, len(masked), len(tensors))
-    statistics = config.statistics or graph.STATISTICS[:1]
-    model, outputs = graph.add_statistics(model, sites, statistics, mask_name, masked)
-    path = Path(model_path)
-    # The session computes the statistics only: logits, present.* and the
-    # nodes only they need are left out.
-    session = _session(decoder.prune(model, list(outputs)), path, folder, chosen, config.threads)
-    provider = session.get_providers()[0]
-    log.info("running on %s", provider)
+    try:
+        sites = in_scope(model, graph.find_weights(model), scope)
+        if check_sites is not None:
+            check_sites(sites)
+        channels = {a: s.in_features for s in sites for a in s.activations}
+        mask_name = _token_mask(model, config.token_mask)
+        masked: set[str] = set()
+        if mask_name is not None:
+            shapes = graph.inferred_shapes(model, mask_name)
+            sites = decoder.lift_row_views(model, sites, shapes, mask_name)
+            channels = {a: s.in_features for s in sites for a in s.activations}
+            tensors = {a.tensor for s in sites for a in s.activations}
+            masked = graph.token_leading(model, tensors, mask_name, shapes)
+            log.info("token mask %s applies to %d of %d weight inputs", mask_name, len(masked), len(tensors))
+        statistics = config.statistics or graph.STATISTICS[:1]
+        model, outputs = graph.add_statistics(model, sites, statistics, mask_name, masked)
+        path = Path(model_path)
+        # The session computes the statistics only: logits, present.* and the
+        # nodes only they need are left out.
+        session = _session(decoder.prune(model, list(outputs)), path, folder, chosen, config.threads)
+        provider = session.get_providers()[0]
+        log.info("running on %s", provider)
 
-    inputs = [InputSpec.from_ort(i) for i in session.get_inputs()]
-    feeder = decoder.make_feeder(inputs, mask_name, model.producer_name)
-    if feeder.provided:
-        log.info("inputs made by fps-onnx (first generation step): %s", _names(feeder.provided))
-    inputs = [s for s in inputs if s.name not in feeder.provided]  # what the data must hold
-    names = list(outputs)
-    per_act: dict[graph.Activation, ChannelStats] = {}
-    samples = 0
-    start = time.perf_counter()
-    for index, feed in enumerate(iter_batches(data_path, inputs, data_config, model_path)):
-        values = _run(session, names, feeder.complete(feed), index)
-        n = len(next(iter(feed.values())))
-        _accumulate(per_act, outputs, names, values, feed.get(mask_name), channels, sites, index)
-        samples += n
-        if on_batch is not None:
-            on_batch(n)
-    if samples == 0:
-        raise DataError(f"no samples were read from {data_path}")
-    seconds = time.perf_counter() - start
+        inputs = [InputSpec.from_ort(i) for i in session.get_inputs()]
+        feeder = decoder.make_feeder(inputs, mask_name, model.producer_name)
+        if feeder.provided:
+            log.info("inputs made by fps-onnx (first generation step): %s", _names(feeder.provided))
+        inputs = [s for s in inputs if s.name not in feeder.provided]  # what the data must hold
+        names = list(outputs)
+        per_act: dict[graph.Activation, ChannelStats] = {}
+        samples = 0
+        start = time.perf_counter()
+        for index, feed in enumerate(iter_batches(data_path, inputs, data_config, model_path)):
+            values = _run(session, names, feeder.complete(feed), index)
+            n = len(next(iter(feed.values())))
+            _accumulate(per_act, outputs, names, values, feed.get(mask_name), channels, sites, index)
+            samples += n
+            if on_batch is not None:
+                on_batch(n)
+        if samples == 0:
+            raise DataError(f"no samples were read from {data_path}")
+        seconds = time.perf_counter() - start
 
-    stats = Stats(sha_future.result(), num_samples=samples)
-    for site in sites:
-        acc = ChannelStats()
-        for act in site.activations:
-            got = per_act[act]
-            acc.add(got.abs_sum, got.sq_sum, got.count)
-        stats.weights[site.key] = acc
-    return Calibration(stats, sites, provider, seconds, model, folder)
+        stats = Stats(sha_future.result(), num_samples=samples)
+        for site in sites:
+            acc = ChannelStats()
+            for act in site.activations:
+                got = per_act[act]
+                acc.add(got.abs_sum, got.sq_sum, got.count)
+            stats.weights[site.key] = acc
+        return Calibration(stats, sites, provider, seconds, model, folder)
+    except BaseException:
+        stop.set()
+        raise
 
 
 def _names(names) -> str:
@@ -177,9 +200,15 @@ def _token_mask(model: onnx.ModelProto, requested: str | None) -> str | None:
 
 
 def _session(model: onnx.ModelProto, path: Path, folder: str, chosen: list[str], threads: int | None):
-    """An ORT session for the rewritten ``model`` of ``path``; external weights are read from ``folder``."""
+    """An ORT session for the rewritten ``model`` of ``path``; external weights are read from ``folder``.
+
+    A runtime older than :data:`MIN_ORT` is refused. A graph of a newer IR
+    version than the runtime reads is given the runtime's IR version when it
+    uses nothing that version lacks (:func:`_ir_needed`).
+    """
     import onnxruntime as ort
 
+    _check_runtime(ort.__version__)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Run each reduction as soon as its input exists, so activations die early
@@ -194,10 +223,89 @@ def _session(model: onnx.ModelProto, path: Path, folder: str, chosen: list[str],
     options.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", folder
     )
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=chosen)
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own types
-        raise ModelError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from exc
+    for attempt in range(2):
+        try:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=chosen)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+            refused = _IR_REFUSED.search(str(exc))
+            if attempt or refused is None:
+                raise ModelError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from exc
+            _lower_ir(model, int(refused.group(1)), path, ort.__version__)
+    raise AssertionError("unreachable")
+
+
+#: The oldest ONNX Runtime a session is built with (as in pyproject.toml):
+#: 1.24.1 is the first release that refuses external data outside the model's
+#: folder; on Python 3.10, whose wheels end at 1.23.2, 1.18 (fps-onnx checks
+#: every reference itself before a session is built, :mod:`fps_onnx.external`).
+MIN_ORT = (1, 24, 1) if sys.version_info >= (3, 11) else (1, 18, 0)
+
+_IR_REFUSED = re.compile(r"Unsupported model IR version: \d+, max supported IR version: (\d+)")
+#: The IR version that brought each element type from IR 10 on (onnx.proto).
+_TYPE_IR = {21: 10, 22: 10, 23: 11, 24: 12, 25: 13, 26: 13, 27: 14, 28: 14}
+_DTYPE_ATTRIBUTES = ("to", "dtype", "output_dtype")
+
+
+def _check_runtime(version: str) -> None:
+    found = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    have = tuple(int(p or 0) for p in found.groups()) if found else (0, 0, 0)
+    if have < MIN_ORT:
+        need = ".".join(map(str, MIN_ORT))
+        raise FpsError(f"ONNX Runtime {version} is too old: fps-onnx needs {need} or later "
+                       f"(pip install -U 'onnxruntime>={need}', or onnxruntime-gpu)")
+
+
+def _lower_ir(model: onnx.ModelProto, top: int, path: Path, version: str) -> None:
+    """Give ``model`` IR version ``top`` (in place), or ModelError when it needs a newer one."""
+    needed, why = _ir_needed(model)
+    if needed > top:
+        raise ModelError(f"{path} needs ONNX IR version {needed} ({why}); ONNX Runtime {version} "
+                         f"reads IR version {top} at most")
+    log.info("ONNX IR version %d given as %d, the newest ONNX Runtime %s reads",
+             model.ir_version, top, version)
+    model.ir_version = top
+
+
+def _ir_needed(model: onnx.ModelProto) -> tuple[int, str]:
+    """(the lowest IR version the graph can be given, what needs it): the IR
+    version that brought each element type and type kind it uses, 10 at least
+    (the model's own when lower), 11 with device configurations."""
+    needed = [(min(10, model.ir_version), "")]
+    types: list[onnx.TypeProto] = []
+    elements: set[int] = set()
+    for g in external.iter_graphs(model):
+        types += [vi.type for vi in (*g.input, *g.output, *g.value_info)]
+        for node in g.node:
+            if getattr(node, "device_configurations", None):
+                needed.append((11, "device configurations"))
+            for a in node.attribute:
+                if a.name in _DTYPE_ATTRIBUTES and a.type == onnx.AttributeProto.INT:
+                    elements.add(a.i)
+                if a.HasField("tp"):
+                    types.append(a.tp)
+                types += list(a.type_protos)
+    for f in model.functions:
+        types += [vi.type for vi in getattr(f, "value_info", [])]
+    if getattr(model, "configuration", None):
+        needed.append((11, "device configurations"))
+    elements |= {t.data_type for t in external.iter_tensors(model)}
+    while types:
+        t = types.pop()
+        kind = t.WhichOneof("value")
+        if kind in ("tensor_type", "sparse_tensor_type"):
+            elements.add(getattr(t, kind).elem_type)
+        elif kind in ("sequence_type", "optional_type"):
+            types.append(getattr(t, kind).elem_type)
+        elif kind == "map_type":
+            elements.add(t.map_type.key_type)
+            types.append(t.map_type.value_type)
+        elif kind == "opaque_type":
+            needed.append((14, "an opaque type"))
+    for element in elements:
+        if element in _TYPE_IR:
+            name = onnx.TensorProto.DataType.Name(element)
+            needed.append((_TYPE_IR[element], f"element type {name}"))
+    return max(needed)
 
 
 def _run(session, names, feed, index):

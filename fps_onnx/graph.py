@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 import logging
-import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -163,24 +162,30 @@ _PLAIN_DTYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16,
 
 
 def tensor_value(tensor: onnx.TensorProto, base_dir: str = "") -> np.ndarray:
-    """The value of ``tensor``; external data is read from ``base_dir`` with one
-    read (no copy of the bytes is kept in ``tensor``)."""
-    if tensor.data_location != TensorProto.EXTERNAL:
-        return numpy_helper.to_array(tensor)
-    info = {e.key: e.value for e in tensor.external_data}
-    dtype = _PLAIN_DTYPES.get(tensor.data_type)
-    if dtype is None or "location" not in info:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(tensor)
-        return numpy_helper.to_array(copy, base_dir)
-    dims = tuple(int(d) for d in tensor.dims)
-    count = int(np.prod(dims, dtype=np.int64))
-    path = os.path.join(base_dir, info["location"])
-    array = np.fromfile(path, dtype=np.dtype(dtype).newbyteorder("<"), count=count,
-                        offset=int(info.get("offset", 0)))
-    if array.size != count:
-        raise ModelError(f"external data of {tensor.name} in {path} is shorter than its shape")
-    return array.astype(dtype, copy=False).reshape(dims)
+    """The value of ``tensor``, or ModelError naming it.
+
+    External data is checked before anything is read or allocated (a regular
+    file inside ``base_dir``, holding the bytes its dims ask for: see
+    :func:`fps_onnx.external.check_tensor`) and read with one read; no copy of
+    the bytes is kept in ``tensor``.
+    """
+    from . import external
+
+    name = tensor.name or "(unnamed)"
+    if tensor.data_location == TensorProto.EXTERNAL:
+        raw = external.read_bytes(external.check_tensor(tensor, base_dir))
+        dtype = _PLAIN_DTYPES.get(tensor.data_type)
+        if dtype is not None:
+            array = np.frombuffer(raw, np.dtype(dtype).newbyteorder("<"))
+            return array.astype(dtype, copy=False).reshape(tuple(tensor.dims))
+        embedded = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                    raw_data=bytes(raw))
+        return _embedded_value(embedded, name)
+    nbytes = external.tensor_nbytes(tensor)
+    if nbytes is not None and nbytes > 16 * tensor.ByteSize() + 64:
+        raise ModelError(f"tensor {name!r} has dims {list(tensor.dims)} ({nbytes} bytes) "
+                         f"but holds {tensor.ByteSize()} bytes of data")
+    return _embedded_value(tensor, name)
 
 
 # --------------------------------------------------------------------------- rewrite
@@ -414,3 +419,13 @@ def _inferred_shapes(model: onnx.ModelProto, mask_input: str | None = None) -> d
                 dims.append(None)
         shapes[vi.name] = dims
     return shapes
+
+
+def _embedded_value(tensor: onnx.TensorProto, name: str) -> np.ndarray:
+    """``tensor``'s value, its bytes in the message, or ModelError naming it."""
+    from .errors import first_line
+
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as exc:  # noqa: BLE001 - reshape, decoding and type errors of onnx
+        raise ModelError(f"tensor {name!r} cannot be read: {first_line(exc)}") from exc

@@ -430,7 +430,7 @@ def map_to_model(
     ``onnx_path`` is the ONNX file the masks were selected on (checked by its
     SHA-256); without it only names are matched.
     """
-    from ._io import sha256_file
+    from .external import model_sha256 as sha256_file
     from .calibrate import load_model
     from .export import build_model
 

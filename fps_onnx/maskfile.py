@@ -9,7 +9,7 @@ A safetensors file any training stack can read:
   the PyTorch parameter name);
 * ``__metadata__`` (all strings): ``format`` = "fps-mask", ``format_version`` = "1",
   ``method``, ``norm``, ``level``, ``budget`` (JSON), ``num_samples``,
-  ``model_sha256`` (SHA-256 of the ONNX file's bytes), ``tool`` and ``tensors``:
+  ``model_sha256`` (SHA-256 of the ONNX file and its external data), ``tool`` and ``tensors``:
   JSON object key -> {"onnx_initializer", "onnx_layout" ("out_in", "in_out" or
   "conv"), "op", "shape", "selected"}.
 

@@ -9,10 +9,11 @@ import logging
 import os
 
 from . import graph, maskfile
-from ._io import check_writable, sha256_file
-from .calibrate import CalibrationConfig, calibrate, load_graph
+from ._io import check_writable
+from .calibrate import CalibrationConfig, calibrate, load_checked
 from .data import DataConfig
 from .errors import BudgetError, DataError, StatsError
+from .external import model_sha256
 from .scope import ScopeConfig, in_scope
 from .select import METHODS, SelectConfig, describe_budget, select_one
 from .stats import Stats, merge_all
@@ -83,13 +84,13 @@ def run_select(
         stats, sites, provider, seconds = result.stats, result.sites, result.provider, result.seconds
         model, base_dir = result.model, result.base_dir
     else:
-        model, base_dir = load_graph(model_path)
+        model, base_dir, refs = load_checked(model_path)
         sites = in_scope(model, graph.find_weights(model), scope)
         check_budget(sites, select_config)
         if needs_activations:
             stats = _load_shards(from_stats, model_path, sites)
         else:
-            stats = Stats(sha256_file(model_path))
+            stats = Stats(model_sha256(model_path, refs))
     if stats_out is not None and stats.weights:
         stats.save(stats_out)
 
@@ -110,7 +111,7 @@ def run_select(
 def _load_shards(from_stats, model_path, sites) -> Stats:
     """The statistics of one stats file, or the merged shards of one calibration."""
     files = [from_stats] if isinstance(from_stats, (str, os.PathLike)) else list(from_stats)
-    digest = sha256_file(model_path)
+    digest = model_sha256(model_path)
     shards = []
     for file in files:
         shard = Stats.load(file)

@@ -3,7 +3,7 @@
 The stats file (safetensors) holds, per weight key, ``<key>:abs_sum`` and/or
 ``<key>:sq_sum`` (float64, [in_features], or [C_in] for Conv) and
 ``<key>:count`` (int64, [1]: rows the sums run over, at least 1). Metadata:
-``format`` = "fps-stats", ``format_version`` = "1", ``model_sha256``,
+``format`` = "fps-stats", ``format_version`` = "1", ``model_sha256`` (:func:`fps_onnx.external.model_sha256`),
 ``num_samples`` (an integer >= 1). Every weight holds the same sums. Two files
 of the same model add up, which is how sharded calibration merges.
 
