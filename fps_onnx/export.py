@@ -41,8 +41,8 @@ import numpy as np
 import onnx
 
 from . import graph, mapping
-from ._io import check_writable
-from .errors import ExportError, FpsError, MissingDependency, first_line
+from ._io import _fsync as _fsync_file, check_writable
+from .errors import ExportError, FpsError, MissingDependency, OutputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -340,17 +340,61 @@ def export_module(model, inputs: Mapping, output, config: ExportConfig = ExportC
         unnamed = [s.key for s in sites if s.key not in state]
         final = tmp / output.name
         big = proto.ByteSize() > _MAX_PROTO_BYTES
-        onnx.save(proto, str(final), save_as_external_data=big, location=f"{output.name}.data")
+        # The .onnx and its data file must change as a pair: an old model.onnx
+        # reading a new data file (or the reverse) is a corrupt model. Weights go
+        # to whichever of two names the old .onnx does not use, so moving the
+        # new data file into place leaves the old pair whole; replacing the
+        # .onnx (one rename) then switches from the old pair to the new one, and
+        # only after that is the old data file removed. A crash at any point
+        # leaves the old pair or the new one, plus at most an unused data file.
+        names = [f"{output.name}.data", f"{output.name}.1.data"]
+        in_use = _external_locations(output)
+        data_name = next((n for n in names if n not in in_use), names[0])
+        onnx.save(proto, str(final), save_as_external_data=big, location=data_name)
         del proto
         diff = _check(final, model, inputs, expected, config, spec) if config.check else None
-        if big:
-            os.replace(tmp / f"{output.name}.data", output.parent / f"{output.name}.data")
-        os.replace(final, output)
+        with_data = (tmp / data_name).exists()  # (small tensors stay in the .onnx)
+        try:
+            for file in (tmp / data_name, final) if with_data else (final,):
+                _fsync_file(file)
+            if with_data:
+                os.replace(tmp / data_name, output.parent / data_name)
+            os.replace(final, output)
+        except OSError as exc:
+            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
+        for name in names:
+            if name != data_name or not with_data:
+                with contextlib.suppress(OSError):
+                    os.unlink(output.parent / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if unnamed:
         log.warning("%d weight(s) keep exporter names: %s", len(unnamed), ", ".join(unnamed[:5]))
     return ExportResult(output, len(sites), unnamed, renamed, diff, time.perf_counter() - start)
+
+
+def _external_locations(path: Path) -> set[str]:
+    """The external-data file names an existing ONNX file refers to (none if it is unreadable)."""
+    from ._onnxfile import load_graph
+
+    try:
+        model, _ = load_graph(path)
+    except Exception:  # noqa: BLE001 - no readable old model: nothing of it to keep
+        return set()
+    found: set[str] = set()
+
+    def walk(g) -> None:
+        tensors = list(g.initializer)
+        for node in g.node:
+            for attr in node.attribute:
+                tensors += [attr.t, *attr.tensors]
+                for sub in [attr.g, *attr.graphs]:
+                    walk(sub)
+        for t in tensors:
+            found.update(e.value for e in t.external_data if e.key == "location")
+
+    walk(model.graph)
+    return found
 
 
 def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec) -> None:

@@ -131,3 +131,64 @@ def test_atomic_folder_refuses_files_and_missing_parents(tmp_path):
     with pytest.raises(OutputError, match="is a file, not a folder"):
         check_folder(tmp_path / "file" / "b")
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+# --------------------------------------------------------------------------- ONNX model + data file
+
+
+def _export_pair(tmp_path, monkeypatch, seed):
+    torch = pytest.importorskip("torch")
+    from fps_onnx import export
+
+    monkeypatch.setattr(export, "_MAX_PROTO_BYTES", 0)  # every model gets an external data file
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Linear(64, 3))  # > 1 KiB: external
+    return model, lambda out: export.export_module(model, {"input": torch.randn(2, 4)}, out)
+
+
+def _run(path, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_a_reexported_model_and_its_data_change_as_a_pair(tmp_path, monkeypatch):
+    import torch
+
+    out = tmp_path / "m.onnx"
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    first, export_first = _export_pair(tmp_path, monkeypatch, 0)
+    export_first(out)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    want_first = first(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(_run(out, x), want_first, rtol=1e-5, atol=1e-6)
+
+    second, export_second = _export_pair(tmp_path, monkeypatch, 1)
+    real_replace = os.replace
+
+    def fail_on_the_model(src, dst):
+        if Path(dst) == out:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_the_model)
+    with pytest.raises(OutputError, match="No space left"):
+        export_second(out)
+    monkeypatch.setattr(os, "replace", real_replace)
+    # the new data file went under the other name: the old pair is whole
+    np.testing.assert_allclose(_run(out, x), want_first, rtol=1e-5, atol=1e-6)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+    export_second(out)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.1.data"]  # old data removed
+    np.testing.assert_allclose(_run(out, x), second(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+    export_first(out)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    np.testing.assert_allclose(_run(out, x), want_first, rtol=1e-5, atol=1e-6)
+
+    from fps_onnx import export
+
+    monkeypatch.setattr(export, "_MAX_PROTO_BYTES", 1 << 40)  # small again: no data file left over
+    export_first(out)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+    np.testing.assert_allclose(_run(out, x), want_first, rtol=1e-5, atol=1e-6)
