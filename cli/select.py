@@ -82,7 +82,7 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
 
     check_writable(output)
     if torch_model is not None or config.method == "gps":
-        from fps_onnx.export import check_spec
+        from fps_onnx.models import check_spec
 
         check_spec(model if config.method == "gps" else torch_model)
     from tqdm import tqdm

@@ -1,14 +1,8 @@
-"""``export``: build a PyTorch model from a SPEC and write it as a checked ONNX file.
+"""``export``: write the PyTorch model of a SPEC as a checked ONNX file.
 
-A SPEC names where the model comes from, never downloading anything:
-
-* ``timm:NAME`` - ``timm.create_model(NAME, pretrained=False)``; weights only
-  from ``checkpoint``;
-* ``hf:PATH`` - a local transformers folder (``local_files_only``); text
-  models take ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when
-  the model has it), vision models ``pixel_values``;
-* ``module.path:function`` or ``file.py:function`` - a function returning
-  ``(model, example_inputs)``.
+The model comes from :func:`fps_onnx.models.build_model` (SPECs
+``timm:NAME``, ``hf:PATH``, ``module.path:function``); without
+``num_classes`` an ``hf:`` folder is exported as its bare backbone.
 
 The exported graph keeps the PyTorch name of every selectable weight: the
 legacy exporter runs without constant folding, so a Linear on a 3-D input
@@ -24,8 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 import contextlib
 from dataclasses import dataclass, field
-import importlib
-import importlib.util
 import inspect
 import io
 import logging
@@ -42,7 +34,9 @@ import onnx
 
 from . import graph, mapping
 from ._io import _fsync as _fsync_file, check_writable
-from .errors import ExportError, FpsError, MissingDependency, OutputError, first_line
+from .errors import ExportError, OutputError, first_line
+from .models import build_model, check_spec, load_checkpoint  # noqa: F401 - also importable from here
+from .models import require as _require
 
 log = logging.getLogger(__name__)
 
@@ -76,219 +70,6 @@ class ExportResult:
     renamed: dict[str, str] = field(default_factory=dict)  # exporter name -> parameter name
     max_abs_diff: float | None = None
     seconds: float = 0.0
-
-
-# --------------------------------------------------------------------------- models
-
-
-def build_model(
-    spec: str,
-    checkpoint: str | os.PathLike | None = None,
-    num_classes: int | None = None,
-    img_size: int | None = None,
-    seed: int = 0,
-):
-    """The PyTorch model a SPEC names, in eval mode, and example inputs for it.
-
-    Returns ``(model, example_inputs)``: ``example_inputs`` is a dict from input
-    name to a tensor with a batch of 2, ordered like ``model.forward``'s
-    positional parameters, so ``model(*example_inputs.values())`` runs it.
-    ``seed`` seeds every random initialisation (a new head, a model without
-    ``checkpoint``). ``checkpoint`` (a ``.safetensors`` or ``torch.save`` file holding a
-    state_dict) must fit the model exactly. ``num_classes`` sets the classifier
-    (timm; ``hf:`` adds a sequence/image classification head); ``img_size``
-    the input side.
-    Raises :class:`ExportError` for an unknown SPEC, a model that cannot be
-    built or a checkpoint that does not fit.
-    """
-    torch = _require("torch", "building a PyTorch model")
-    torch.manual_seed(seed)
-    # Model code that prints (e.g. "Loaded pretrained weights") must not reach
-    # stdout, where --json output goes.
-    with contextlib.redirect_stdout(sys.stderr):
-        if spec.startswith("timm:"):
-            model, inputs = _timm(spec[5:], num_classes, img_size)
-        elif spec.startswith("hf:"):
-            model, inputs = _hf(spec[3:], num_classes, img_size)
-        elif ":" in spec and not spec.startswith(":") and not spec.endswith(":"):
-            model, inputs = _function(spec, num_classes, img_size)
-        else:
-            raise ExportError(f"unknown model SPEC {spec!r}: use timm:NAME, hf:PATH or module.path:function")
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, spec)
-    return model.eval(), inputs
-
-
-def check_spec(spec: str) -> None:
-    """Fail fast (ExportError) on a SPEC that cannot name a model, without building it."""
-    if spec.startswith("timm:"):
-        timm = _require("timm", "timm models")
-        if not timm.is_model(spec[5:]):
-            raise ExportError(f"unknown model SPEC {spec!r}: timm has no model {spec[5:]!r}")
-    elif spec.startswith("hf:"):
-        if not Path(spec[3:], "config.json").is_file():
-            raise ExportError(f"unknown model SPEC {spec!r}: no transformers model folder (config.json) there")
-    elif ":" not in spec or spec.startswith(":") or spec.endswith(":"):
-        raise ExportError(f"unknown model SPEC {spec!r}: use timm:NAME, hf:PATH or module.path:function")
-
-
-def load_checkpoint(model, path: str | os.PathLike, spec: str = "the model") -> None:
-    """Load a state_dict file into ``model``; ExportError unless it fits exactly."""
-    torch = _require("torch", "loading a checkpoint")
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - many formats, many exception types
-        raise ExportError(f"cannot read checkpoint {path}: {first_line(exc)}") from exc
-    for wrapper in ("state_dict", "model", "model_state_dict", "module"):
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-    if not isinstance(state, Mapping) or not state:
-        raise ExportError(f"checkpoint {path} holds no state_dict")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    own = model.state_dict()
-    wrong = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in state.items()
-             if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if wrong or missing or unexpected:
-        parts = []
-        if wrong:
-            parts.append(f"shape mismatch for {', '.join(wrong[:3])}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) ({', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) ({', '.join(unexpected[:3])})")
-        raise ExportError(f"checkpoint {path} does not fit {spec}: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
-
-
-def _timm(name: str, num_classes, img_size):
-    torch = _require("torch", "timm models")
-    timm = _require("timm", "timm models")
-    kwargs = {"pretrained": False}
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    try:
-        try:
-            model = timm.create_model(name, **kwargs, **({"img_size": img_size} if img_size else {}))
-        except TypeError as exc:
-            if img_size is None or "img_size" not in str(exc):
-                raise
-            model = timm.create_model(name, **kwargs)  # size-agnostic (ConvNets)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise ExportError(f"unknown model SPEC 'timm:{name}': timm has no model {name!r}") from exc
-        raise ExportError(f"cannot build timm:{name}: {first_line(exc)}") from exc
-    except Exception as exc:  # noqa: BLE001 - model constructors raise anything
-        raise ExportError(f"cannot build timm:{name}: {first_line(exc)}") from exc
-    if img_size:
-        size = (3, img_size, img_size)
-    else:
-        size = tuple(timm.data.resolve_model_data_config(model).get("input_size", (3, 224, 224)))
-    return model, {"input": torch.randn(2, *size)}
-
-
-def _hf(path: str, num_classes, img_size):
-    torch = _require("torch", "Hugging Face models")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers = _require("transformers", "Hugging Face models")
-    transformers.utils.logging.disable_progress_bar()
-    if not Path(path, "config.json").is_file():
-        raise ExportError(f"unknown model SPEC 'hf:{path}': no transformers model folder "
-                          "(config.json) there")
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        vision = getattr(config, "vocab_size", None) is None
-        if num_classes is None:
-            cls = transformers.AutoModel
-        elif vision:
-            cls = transformers.AutoModelForImageClassification
-        else:
-            cls = transformers.AutoModelForSequenceClassification
-        kwargs = {"num_labels": num_classes} if num_classes is not None else {}
-        model = cls.from_pretrained(path, local_files_only=True, **kwargs)
-    except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"cannot load hf:{path}: {first_line(exc)}") from exc
-    params = inspect.signature(model.forward).parameters
-    g = torch.Generator().manual_seed(0)
-    if vision:
-        side = img_size or int(getattr(config, "image_size", 224))
-        return model, {"pixel_values": torch.randn(2, 3, side, side, generator=g)}
-    seq = 16
-    inputs = {"input_ids": torch.randint(0, min(config.vocab_size, 1000), (2, seq), generator=g)}
-    if "attention_mask" in params:
-        mask = torch.ones(2, seq, dtype=torch.long)
-        mask[1, seq - 5:] = 0
-        inputs["attention_mask"] = mask
-    if "token_type_ids" in params and getattr(config, "type_vocab_size", 0):
-        inputs["token_type_ids"] = torch.zeros(2, seq, dtype=torch.long)
-    return model, _positional(model, inputs, f"hf:{path}")
-
-
-def _function(spec: str, num_classes, img_size):
-    torch = _require("torch", "model functions")
-    where, _, func_name = spec.rpartition(":")
-    try:
-        if where.endswith(".py"):
-            file = Path(where)
-            if not file.is_file():
-                raise ExportError(f"unknown model SPEC {spec!r}: {file} does not exist")
-            module_spec = importlib.util.spec_from_file_location(f"_fps_spec_{file.stem}", file)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_spec.name] = module
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except FpsError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - user code
-        raise ExportError(f"unknown model SPEC {spec!r}: cannot import {where}: {first_line(exc)}") from exc
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise ExportError(f"unknown model SPEC {spec!r}: {where} has no function {func_name!r}")
-    kwargs = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
-    accepted = inspect.signature(func).parameters
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in accepted.values())
-    for key in kwargs:
-        if key not in accepted and not takes_any:
-            raise ExportError(f"{spec} does not take {key}")
-    try:
-        result = func(**kwargs)
-    except Exception as exc:  # noqa: BLE001 - user code
-        raise ExportError(f"{spec} failed: {first_line(exc)}") from exc
-    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
-        raise ExportError(f"{spec} must return (torch.nn.Module, example_inputs)")
-    model, example = result
-    if isinstance(example, torch.Tensor):
-        inputs = {"input": example}
-    elif isinstance(example, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example):
-        names = [n for n in inspect.signature(model.forward).parameters][: len(example)]
-        names += [f"input_{i}" for i in range(len(names), len(example))]
-        inputs = dict(zip(names, example))
-    elif isinstance(example, Mapping) and all(isinstance(t, torch.Tensor) for t in example.values()):
-        inputs = _positional(model, dict(example), spec)
-    else:
-        raise ExportError(f"{spec}: example inputs must be a tensor, a tuple of tensors or a dict of tensors")
-    return model, inputs
-
-
-def _positional(model, inputs: dict, spec: str) -> dict:
-    """Order keyword inputs like forward's parameters; they must be its leading ones."""
-    params = [p for p in inspect.signature(model.forward).parameters]
-    order = [p for p in params if p in inputs]
-    if set(order) != set(inputs) or order != params[: len(order)]:
-        raise ExportError(f"{spec}: inputs {list(inputs)} must be the leading parameters of forward "
-                          f"({', '.join(params[:5])}, ...)")
-    return {k: inputs[k] for k in order}
 
 
 # --------------------------------------------------------------------------- export
@@ -556,11 +337,4 @@ def _axes(t, token: bool) -> dict[int, str]:
     if token and t.ndim >= 2:
         axes[1] = "sequence"
     return axes
-
-
-def _require(package: str, purpose: str):
-    try:
-        return importlib.import_module(package)
-    except ImportError:
-        raise MissingDependency(package, purpose) from None
 

@@ -49,10 +49,11 @@ def gps_select(
     on_batch: Callable[[int], None] | None = None,
 ) -> GpsResult:
     """GPS masks for the model ``spec`` from the labelled split ``train``."""
+    from .models import build_for_data
     from .train._torch import nn, torch
     from .train.data import open_split
     from .train.loop import forward, head_names, logits_of, to_device
-    from .train.run import build_for_data, image_spec
+    from .train.run import image_spec
 
     data = open_split(train)
     classes = data.num_classes()

@@ -425,14 +425,17 @@ def map_to_model(
     strict: bool = False,
     config: MatchConfig = MatchConfig(),
 ) -> tuple[MaskFile, MappingReport]:
-    """:func:`map_masks` onto the model a SPEC builds (:func:`fps_onnx.export.build_model`).
+    """:func:`map_masks` onto the model users fine-tune for a SPEC.
 
+    That is ``fps_onnx.models.build_model(spec, task=True)``, the model
+    ``fps-onnx train`` builds, so the mapped keys are its parameter names.
     ``onnx_path`` is the ONNX file the masks were selected on (checked by its
-    SHA-256); without it only names are matched.
+    SHA-256); without it only names are matched, a backbone's names standing
+    for the task model's (:func:`fps_onnx.models.resolve_keys`).
     """
     from .external import model_sha256 as sha256_file
     from .calibrate import load_model
-    from .export import build_model
+    from .models import build_model, rekey_masks
 
     onnx_model = None
     if onnx_path is not None:
@@ -440,5 +443,8 @@ def map_to_model(
         want = masks.meta.get("model_sha256")
         if want and want != sha256_file(onnx_path):
             raise MaskError(f"the masks were selected on another ONNX model than {onnx_path}")
-    model, _ = build_model(spec, checkpoint, num_classes, img_size)
-    return map_masks(masks, model.state_dict(), onnx_model, strict, config)
+    model, _ = build_model(spec, checkpoint, num_classes, img_size, task=True)
+    state = model.state_dict()
+    if onnx_model is None:
+        masks = rekey_masks(masks, state)
+    return map_masks(masks, state, onnx_model, strict, config)

@@ -55,7 +55,7 @@ def _folded(spec, path):
     """The same model exported with constant folding: its Linear weights lose their names."""
     import torch
 
-    from fps_onnx.export import build_model
+    from fps_onnx.models import build_model
 
     model, inputs = build_model(spec)
     torch.onnx.export(model, tuple(inputs.values()), str(path), dynamo=False, do_constant_folding=True,

@@ -11,9 +11,10 @@ nn = torch.nn
 
 from fps_onnx import graph  # noqa: E402
 from fps_onnx.errors import ExportError  # noqa: E402
-from fps_onnx.export import ExportConfig, build_model, export, export_module  # noqa: E402
+from fps_onnx.export import ExportConfig, export, export_module  # noqa: E402
 from fps_onnx.mapping import map_masks, onnx_weights  # noqa: E402
 from fps_onnx.maskfile import build  # noqa: E402
+from fps_onnx.models import build_model  # noqa: E402
 
 
 class Mixed(nn.Module):
@@ -301,8 +302,6 @@ def noisy_model():
 
 def test_build_model_seeds_new_weights_and_keeps_stdout_clean(capsys):
     from pathlib import Path
-
-    from fps_onnx.export import build_model
 
     spec = f"{Path(__file__)}:noisy_model"
     a, _ = build_model(spec, seed=1)

@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from fps_onnx.errors import DataError  # noqa: E402
+from fps_onnx.errors import DataError, MaskError  # noqa: E402
+from fps_onnx.maskfile import MaskFile  # noqa: E402
 from fps_onnx.train import loop, sparse  # noqa: E402
 from fps_onnx.train.data import ImageSpec, open_split  # noqa: E402
 from fps_onnx.train.recipe import Recipe, RecipeError  # noqa: E402
@@ -84,6 +85,41 @@ def test_recipe_switches():
                      "fc.parametrizations.weight.0.values", "head.parametrizations.weight.0.values"}
     groups = loop.param_groups(model, Recipe(weight_decay=0.1))
     assert {id(p) for p in groups[1]["params"]} == {id(model.norm.weight), id(model.norm.bias)}
+
+
+class Wrapped(nn.Module):
+    """A task wrapper: the backbone ``Net`` under ``net.``, a new classifier beside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Net()
+        self.classifier = nn.Linear(3, 2)
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_backbone_mask_keys_name_the_wrapped_parameters(tmp_path, as_file):
+    torch.manual_seed(0)
+    model = Wrapped()
+    masks = _masks(model.net)  # stem.weight, fc.weight, head.weight: the backbone's own names
+    source = masks
+    if as_file:
+        source = tmp_path / "m.safetensors"
+        MaskFile(masks, {}).save(source)
+    trainable = loop.prepare(model, source)
+    assert set(trainable.deltas) == {"net.stem.weight", "net.fc.weight", "net.head.weight"}
+    assert trainable.selected == sum(int(m.sum()) for m in masks.values())
+    assert trainable.head == ["classifier.weight", "classifier.bias"]
+
+
+def test_a_mask_key_several_parameters_end_with_is_refused():
+    class Twin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = Net(), Net()
+
+    model = Twin()
+    with pytest.raises(MaskError, match="'fc.weight' is ambiguous: 2 parameters end with it"):
+        loop.prepare(model, {"fc.weight": np.ones((8, 8), bool)})
 
 
 def test_fit_learns_keeps_best_epoch_and_frozen_entries():

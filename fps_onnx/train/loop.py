@@ -18,6 +18,8 @@ import sys
 import time
 
 from ..errors import DataError, NumericError
+from ..maskfile import MaskFile
+from ..models import rekey_masks, resolve_keys
 from . import sparse
 from ._torch import nn, torch
 from .recipe import Recipe
@@ -76,15 +78,22 @@ def prepare(model: nn.Module, masks: Mapping[str, object] | sparse.MaskFile | st
     """Freeze ``model``, attach ``masks`` and unfreeze what ``recipe`` trains fully.
 
     ``masks``: name -> bool array, a MaskFile or its path; ``onnx_model``: the
-    ONNX model the masks were selected on, to match its weights by value.
+    ONNX model the masks were selected on, to match its weights by value. Keys
+    are parameter names; a backbone's name stands for the one parameter of a
+    task wrapper that ends with it (``encoder.layer.0.output.dense.weight`` for
+    ``bert.encoder.layer.0.output.dense.weight``; see
+    :func:`fps_onnx.models.resolve_keys`).
     """
     for p in model.parameters():
         p.requires_grad_(False)
     head = head_names(model) if recipe.train_head else []
+    names = [n for n, _ in model.named_parameters()]
     if isinstance(masks, Mapping):
-        deltas = sparse.attach(model, masks, skip=head)
+        resolved = resolve_keys(masks, names)
+        deltas = sparse.attach(model, {resolved.get(k, k): m for k, m in masks.items()}, skip=head)
     else:
-        deltas = sparse.load_masks(model, masks, skip=head, onnx_model=onnx_model)
+        maskfile = masks if isinstance(masks, MaskFile) else MaskFile.load(masks)
+        deltas = sparse.load_masks(model, rekey_masks(maskfile, names), skip=head, onnx_model=onnx_model)
     dense = set(head)
     for module_name, module in model.named_modules():
         norm = _is_norm(module)

@@ -20,6 +20,7 @@ from pathlib import Path
 from .._io import atomic_folder, atomic_write, check_folder
 from ..errors import OutputError
 from ..maskfile import MaskFile
+from ..models import build_for_data
 from . import loop, sparse
 from ._torch import nn, torch
 from .data import ImageSpec, LabelledSet, open_split
@@ -35,22 +36,6 @@ class Splits:
     train: str | os.PathLike
     val: str | os.PathLike | None = None
     test: str | os.PathLike | None = None
-
-
-def build_for_data(spec: str, checkpoint, num_classes: int | None, given_classes: bool,
-                   image_size: int | None, seed: int = 0):
-    """(model, example inputs) for a SPEC, from :func:`fps_onnx.export.build_model`.
-
-    timm and Hugging Face models get a new head for the data's classes; a
-    ``module:function`` model is asked for ``num_classes`` only when the user
-    gave it (its own head must then fit the labels).
-    """
-    from ..export import build_model
-
-    if not spec.startswith(("timm:", "hf:")) and not given_classes:
-        num_classes = None
-    return build_model(spec, checkpoint=checkpoint, num_classes=num_classes, img_size=image_size,
-                       seed=seed)
 
 
 def image_spec(model: nn.Module, example, image_size: int | None) -> ImageSpec | None:
