@@ -10,23 +10,38 @@
   model's tokenizer.json; in a folder, text files are read only when it holds
   no array or image file (an ImageFolder tree may carry a labels.txt).
 
-Only one batch (plus one file's chunk) is held at a time, so memory does not
-grow with the number of samples or files.
+Only one batch (plus one block of rows of a file) is held at a time, so memory
+does not grow with the number of samples or files; ``.npz`` members are
+decompressed only as far as the rows read (``max_samples`` stops early).
+
+Data may be untrusted: only regular files are read (a symbolic link to one is
+fine; a device, FIFO or socket is refused by name); ``.npy`` headers are checked
+against the bytes that follow before anything is mapped or read, object arrays
+are never unpickled; images are decoded only as JPEG, PNG, WebP or BMP, and one
+whose declared size (or size once resized) exceeds ``max_image_pixels``
+(8192x8192 by default; Pillow's own decompression-bomb limit applies too) is
+refused before it is decoded. Every failure is one ``DataError`` naming the file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+import math
 import os
 from pathlib import Path
+import stat
+import warnings
+import zipfile
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, FpsError, first_line
 from .text import TEXT_SUFFIXES, TextReader
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")  # what Pillow may decode them as
 ARRAY_SUFFIXES = (".npy", ".npz")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,6 +91,7 @@ class DataConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     crop_pct: float = 0.875
+    max_image_pixels: int = 8192 * 8192  # larger images (declared size, or once resized) are refused
     max_length: int = 512  # text: tokens per sample (longer ones are truncated)
     text_field: str = "text"  # .jsonl: the field holding the text
     tokenizer: str | None = None  # text: tokenizer.json (or its folder); None: beside the model
@@ -89,6 +105,19 @@ class DataConfig:
             raise DataError(f"image size must be at least 1, not {self.image_size}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise DataError(f"crop fraction must be in (0, 1], not {self.crop_pct}")
+        if self.max_image_pixels < 1:
+            raise DataError(f"max image pixels must be at least 1, not {self.max_image_pixels}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            try:
+                values = tuple(float(v) for v in values)
+            except (TypeError, ValueError):
+                raise DataError(f"image {name} must be numbers, not {values!r}") from None
+            if not values or not all(math.isfinite(v) for v in values):
+                raise DataError(f"image {name} must be finite numbers, not {list(values)}")
+            object.__setattr__(self, name, values)
+        if not all(v > 0 for v in self.std):
+            raise DataError(f"image std must be above 0, not {list(self.std)}")
         if self.max_length < 1:
             raise DataError(f"--max-length must be at least 1, not {self.max_length}")
 
@@ -98,12 +127,13 @@ def find_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"data path {path} does not exist")
-    if path.is_file():
+    if not path.is_dir():
         if path.suffix.lower() not in (*ARRAY_SUFFIXES, *IMAGE_SUFFIXES, *TEXT_SUFFIXES):
             raise DataError(f"{path}: unknown data file type (use .npy, .npz, images, .txt or .jsonl)")
+        _is_data_file(path)  # a device, FIFO or socket is refused
         return [path]
     suffixes = (*ARRAY_SUFFIXES, *IMAGE_SUFFIXES, *TEXT_SUFFIXES)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and _is_data_file(p))
     if any(p.suffix.lower() not in TEXT_SUFFIXES for p in files):
         files = [p for p in files if p.suffix.lower() not in TEXT_SUFFIXES]
     if not files:
@@ -173,48 +203,208 @@ def _chunks(files, inputs, config, text: TextReader) -> Iterator[dict[str, np.nd
                 yield {spec.name: _fit(file, spec, chunk[spec.name]) for spec in inputs}
             continue
         if suffix == ".npy":
-            chunk = _read_npy(file, inputs)
+            chunks = _read_npy(file, inputs, config)
         elif suffix == ".npz":
-            chunk = _read_npz(file, inputs)
+            chunks = _read_npz(file, inputs, config)
         else:
-            chunk = _read_image(file, inputs, config)
-        yield {spec.name: _fit(file, spec, chunk[spec.name]) for spec in inputs}
+            chunks = _read_image(file, inputs, config)
+        for chunk in chunks:
+            yield {spec.name: _fit(file, spec, chunk[spec.name]) for spec in inputs}
 
 
-def _read_npy(file: Path, inputs) -> dict[str, np.ndarray]:
+def open_regular(file: str | os.PathLike):
+    """``file`` opened for binary reading, if it is a regular file (a symbolic link
+    to one is fine); a device, FIFO or socket is refused by name, and never waited on."""
+    _is_data_file(Path(file))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(file, flags)
+    except OSError as exc:
+        raise DataError(f"cannot read {file}: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # replaced since it was looked at
+            raise DataError(f"{file} is {_kind(mode)}, not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _is_data_file(path: Path) -> bool:
+    """True for a regular file (or a link to one), False for a folder; anything
+    else (device, FIFO, socket, broken link) is refused by name."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        what = "a broken symbolic link" if path.is_symlink() else "gone"
+        raise DataError(f"data file {path} is {what}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        return False
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path} is {_kind(mode)}, not a regular file; data files must be regular files")
+    return True
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+@contextmanager
+def _reading(what: object) -> Iterator[None]:
+    """Any failure of a parser on the bytes of ``what`` becomes one DataError line."""
+    try:
+        yield
+    except FpsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hostile bytes can fail a parser in any way
+        raise DataError(f"cannot read {what}: {first_line(exc)}") from exc
+
+
+def _block_rows(config: DataConfig) -> int:
+    """Rows read from an array file at a time: one batch, or fewer if fewer are wanted."""
+    return min(config.batch_size, config.max_samples or config.batch_size)
+
+
+@dataclass(frozen=True)
+class _NpyHeader:
+    """What a .npy header declares, checked against the bytes that follow it."""
+
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+    offset: int  # bytes before the data
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    def like(self) -> np.ndarray:
+        """A read-only stand-in of the declared shape and dtype (no memory)."""
+        return np.broadcast_to(np.zeros((), self.dtype), self.shape)
+
+
+def _npy_header(fh, where: str, size: int) -> _NpyHeader:
+    """Reads the header of the .npy data in ``fh`` (``size`` bytes in all).
+
+    Refuses object arrays (never unpickled), 0-d arrays and negative sizes, and a
+    header declaring more data than the ``size`` bytes hold, before any data is read.
+    """
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = fmt.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, fortran, dtype = fmt.read_array_header_2_0(fh)
+    else:
+        raise DataError(f"{where}: .npy format version {version[0]}.{version[1]} is not supported")
+    if dtype.hasobject:
+        raise DataError(f"{where} holds Python objects (a pickled object array), which are never "
+                        "loaded; save plain numeric arrays")
+    if not shape:
+        raise DataError(f"{where} is a single value (a 0-d array); samples go on axis 0")
+    if any(d < 0 for d in shape):
+        raise DataError(f"{where}: its header declares a negative size {list(shape)}")
+    header = _NpyHeader(tuple(shape), bool(fortran), dtype, fh.tell())
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > size - header.offset:
+        raise DataError(f"{where}: its header declares {list(shape)} {dtype.name} ({declared:,} bytes) "
+                        f"but only {max(size - header.offset, 0):,} bytes follow")
+    return header
+
+
+def _read_npy(file: Path, inputs, config: DataConfig) -> Iterator[dict[str, np.ndarray]]:
+    """Blocks of rows of a memory-mapped .npy file."""
     if len(inputs) != 1:
         names = ", ".join(s.name for s in inputs)
         raise DataError(f"{file}: .npy data fits a model with one input; this model has {names} "
                         "(use .npz with one array per input name)")
-    try:
-        array = np.load(file, mmap_mode="r", allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - any failure means the file is unreadable
-        raise DataError(f"cannot read {file}: {exc}") from exc
-    return {inputs[0].name: array}
+    spec = inputs[0]
+    with open_regular(file) as fh, _reading(file):
+        header = _npy_header(fh, str(file), os.fstat(fh.fileno()).st_size)
+        _fit(file, spec, header.like())
+        if math.prod(header.shape) == 0:
+            return
+        array = np.memmap(fh, header.dtype, mode="r", offset=header.offset, shape=header.shape,
+                          order="F" if header.fortran else "C")
+        rows = _block_rows(config)
+        for start in range(0, len(array), rows):
+            yield {spec.name: array[start : start + rows]}
 
 
-def _read_npz(file: Path, inputs) -> dict[str, np.ndarray]:
-    try:
-        with np.load(file, allow_pickle=False) as archive:
-            names = set(archive.files)
-            keys = {s.name: s.name for s in inputs if s.name in names}
-            if len(inputs) == 1 and not keys and len(names) == 1:
-                keys = {inputs[0].name: next(iter(names))}  # one unnamed array, one input
-            arrays = {name: archive[key] for name, key in keys.items()}
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"cannot read {file}: {exc}") from exc
-    missing = [s.name for s in inputs if s.name not in arrays and s.name not in ZERO_FILLED]
-    if missing:
-        raise DataError(f"{file} has no array {missing[0]!r} (it holds {sorted(names)}; "
-                        f"the model expects {', '.join(s.describe() for s in inputs)})")
-    lengths = {k: len(v) for k, v in arrays.items()}
-    if len(set(lengths.values())) > 1:
-        raise DataError(f"{file}: arrays hold different numbers of samples {lengths}")
-    for spec in inputs:
-        if spec.name not in arrays:  # zero-filled, shaped like the first token input
-            like = next(iter(arrays.values()))
-            arrays[spec.name] = np.zeros(like.shape, dtype=spec.dtype)
-    return arrays
+class _MemberRows:
+    """The rows of one .npy member of a zip archive, read in order, only as asked for.
+
+    A C-ordered member is streamed (decompressing only what is read); a
+    Fortran-ordered one, whose rows are not contiguous, is read whole.
+    """
+
+    def __init__(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> None:
+        self.where = where
+        self.stream = archive.open(info)
+        self.header = _npy_header(self.stream, where, info.file_size)
+        self.whole: np.ndarray | None = None
+        self.done = 0
+
+    def read(self, rows: int) -> np.ndarray:
+        start, self.done = self.done, self.done + rows
+        shape, dtype = self.header.shape, self.header.dtype
+        if self.header.fortran and len(shape) > 1:
+            if self.whole is None:
+                data = self._bytes(math.prod(shape) * dtype.itemsize)
+                self.whole = np.frombuffer(data, dtype).reshape(shape, order="F")
+            return self.whole[start : start + rows]
+        return np.frombuffer(self._bytes(rows * self.header.row_bytes), dtype).reshape(rows, *shape[1:])
+
+    def _bytes(self, n: int) -> bytearray:
+        data = bytearray()
+        while len(data) < n:  # in pieces: a forged size fails at the end of the data, not in malloc
+            try:
+                piece = self.stream.read(min(n - len(data), 1 << 24))
+            except EOFError:  # the archive ends before the entry's declared size
+                piece = b""
+            if not piece:
+                raise DataError(f"{self.where} ends before the {self.header.shape[0]:,} rows "
+                                "its header declares")
+            data += piece
+        return data
+
+
+def _read_npz(file: Path, inputs, config: DataConfig) -> Iterator[dict[str, np.ndarray]]:
+    """Blocks of rows of the arrays of an .npz file, decompressed as they are read."""
+    with open_regular(file) as fh, _reading(file), zipfile.ZipFile(fh) as archive:
+        members = {i.filename.removesuffix(".npy"): i for i in archive.infolist() if not i.is_dir()}
+        keys = {s.name: s.name for s in inputs if s.name in members}
+        if len(inputs) == 1 and not keys and len(members) == 1:
+            keys = {inputs[0].name: next(iter(members))}  # one unnamed array, one input
+        missing = [s.name for s in inputs if s.name not in keys and s.name not in ZERO_FILLED]
+        if missing or not keys:
+            name = missing[0] if missing else inputs[0].name
+            raise DataError(f"{file} has no array {name!r} (it holds {sorted(members)}; "
+                            f"the model expects {', '.join(s.describe() for s in inputs)})")
+        arrays = {name: _MemberRows(archive, members[key], f"{file} [{key}]")
+                  for name, key in keys.items()}
+        specs = {s.name: s for s in inputs}
+        for name, member in arrays.items():
+            _fit(file, specs[name], member.header.like())
+        lengths = {k: m.header.shape[0] for k, m in arrays.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"{file}: arrays hold different numbers of samples {lengths}")
+        total, rows = next(iter(lengths.values())), _block_rows(config)
+        for start in range(0, total, rows):
+            chunk = {name: m.read(min(rows, total - start)) for name, m in arrays.items()}
+            for spec in inputs:
+                if spec.name not in chunk:  # zero-filled, shaped like the first token input
+                    like = next(iter(chunk.values()))
+                    chunk[spec.name] = np.zeros(like.shape, dtype=spec.dtype)
+            yield chunk
 
 
 def image_geometry(spec: InputSpec, config: DataConfig) -> tuple[int, int, int]:
@@ -227,35 +417,73 @@ def image_geometry(spec: InputSpec, config: DataConfig) -> tuple[int, int, int]:
     return channels, height or size, width or size
 
 
-def _read_image(file: Path, inputs, config: DataConfig) -> dict[str, np.ndarray]:
+def _normalisation(spec: InputSpec, channels: int, config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``mean`` and ``std`` as per-channel arrays for ``channels``-channel images."""
+    if channels not in (1, 3):
+        raise DataError(f"model input {spec.describe()} does not take RGB or grey images")
+    for name, values in (("mean", config.mean), ("std", config.std)):
+        if len(values) not in (1, channels):
+            raise DataError(f"image {name} has {len(values)} values but the model takes {channels}-channel "
+                            f"images (give {channels} values, or 1 for every channel)")
+    return np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
+
+
+def _read_image(file: Path, inputs, config: DataConfig) -> Iterator[dict[str, np.ndarray]]:
     from PIL import Image, UnidentifiedImageError
 
     if len(inputs) != 1:
         raise DataError(f"{file}: images fit a model with one input, this one has {len(inputs)}")
     spec = inputs[0]
     channels, height, width = image_geometry(spec, config)
-    if channels not in (1, 3) or len(config.mean) not in (1, channels):
-        raise DataError(f"model input {spec.describe()} does not take RGB or grey images")
-    try:
-        with Image.open(file) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            img = _resize_crop(img, height, width, config.crop_pct)
-            pixels = np.asarray(img, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"cannot decode image {file}: {exc}") from exc
+    mean, std = _normalisation(spec, channels, config)
+    with open_regular(file) as fh:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(fh, formats=_IMAGE_FORMATS) as img:
+                    _check_image_size(file, img.size, height, width, config)  # before decoding
+                    img = img.convert("L" if channels == 1 else "RGB")
+                    img = _resize_crop(img, height, width, config.crop_pct)
+                    pixels = np.asarray(img, dtype=np.float32) / 255.0
+        except FpsError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DataError(f"image {file} is too large: {first_line(exc)}") from exc
+        except UnidentifiedImageError:
+            raise DataError(f"cannot decode image {file}: not a JPEG, PNG, WebP or BMP image") from None
+        except Exception as exc:  # noqa: BLE001 - Pillow fails on hostile files in many ways
+            raise DataError(f"cannot decode image {file}: {first_line(exc)}") from exc
     pixels = pixels.reshape(height, width, channels)
-    mean = np.asarray(config.mean[:channels], np.float32)
-    std = np.asarray(config.std[:channels], np.float32)
     pixels = (pixels - mean) / std
-    return {spec.name: pixels.transpose(2, 0, 1)[None]}
+    yield {spec.name: pixels.transpose(2, 0, 1)[None]}
+
+
+def _check_image_size(file: Path, size: tuple[int, int], height: int, width: int,
+                      config: DataConfig) -> None:
+    """Refuses an image whose declared size, or the size it would be resized to,
+    exceeds ``config.max_image_pixels`` (a small file can declare any size)."""
+    limit = config.max_image_pixels
+    w, h = size
+    if w < 1 or h < 1:
+        raise DataError(f"image {file} declares an empty size {w}x{h}")
+    if w * h > limit:
+        raise DataError(f"image {file} declares {w}x{h} pixels, over the limit of {limit:,} pixels")
+    new = _resized_size(size, height, width, config.crop_pct)
+    if new[0] * new[1] > limit:
+        raise DataError(f"image {file} ({w}x{h}) is too elongated: resizing it for a {width}x{height} "
+                        f"input would make {new[0]}x{new[1]} pixels, over the limit of {limit:,}")
+
+
+def _resized_size(size: tuple[int, int], height: int, width: int, crop_pct: float) -> tuple[int, int]:
+    """(width, height) of an image of ``size`` with its shorter side scaled to the crop."""
+    scale = max(height, width) / crop_pct / min(size)
+    return max(width, round(size[0] * scale)), max(height, round(size[1] * scale))
 
 
 def _resize_crop(img, height: int, width: int, crop_pct: float):
     from PIL import Image
 
-    scale = max(height, width) / crop_pct / min(img.size)
-    new = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
-    img = img.resize(new, Image.Resampling.BICUBIC)
+    img = img.resize(_resized_size(img.size, height, width, crop_pct), Image.Resampling.BICUBIC)
     left = (img.width - width) // 2
     top = (img.height - height) // 2
     return img.crop((left, top, left + width, top + height))

@@ -102,3 +102,86 @@ def test_npy_needs_a_single_input_model(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros((2, 4), np.int64))
     with pytest.raises(DataError, match="use .npz with one array per input name"):
         list(iter_batches(tmp_path, TOKENS))
+
+
+@pytest.mark.parametrize("savez", [np.savez, np.savez_compressed])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_npz_rows_are_read_in_blocks_exactly(tmp_path, savez, order):
+    r = np.random.default_rng(0)
+    ids = np.asarray(r.integers(0, 100, (11, 5)), order=order)
+    mask = np.asarray(r.integers(0, 2, (11, 5)), order=order)
+    savez(tmp_path / "a.npz", input_ids=ids, attention_mask=mask)
+    savez(tmp_path / "b.npz", input_ids=ids[:3], attention_mask=mask[:3])
+    batches = list(iter_batches(tmp_path, TOKENS, DataConfig(batch_size=4)))
+    assert sizes(batches) == [4, 4, 4, 2]
+    got = np.concatenate([b["input_ids"] for b in batches])
+    np.testing.assert_array_equal(got, np.concatenate([ids, ids[:3]]))
+    np.testing.assert_array_equal(np.concatenate([b["attention_mask"] for b in batches]),
+                                  np.concatenate([mask, mask[:3]]))
+    (first,) = iter_batches(tmp_path, TOKENS, DataConfig(batch_size=4, max_samples=2))
+    np.testing.assert_array_equal(first["input_ids"], ids[:2])
+
+
+def test_fortran_ordered_npy_is_read_row_by_row(tmp_path):
+    x = np.asfortranarray(np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32))
+    np.save(tmp_path / "a.npy", x)
+    batches = list(iter_batches(tmp_path, [IMG], DataConfig(batch_size=2)))
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), x)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"std": (0.5, 0.0, 0.5)}, "image std must be above 0"),
+    ({"std": (-1.0,)}, "image std must be above 0"),
+    ({"mean": (float("nan"),)}, "image mean must be finite"),
+    ({"std": (float("inf"), 1.0, 1.0)}, "image std must be finite"),
+    ({"mean": ()}, "image mean must be finite numbers"),
+    ({"mean": ("a",)}, "image mean must be numbers"),
+    ({"max_image_pixels": 0}, "max image pixels must be at least 1"),
+])
+def test_bad_normalisation_is_refused_up_front(kwargs, message):
+    with pytest.raises(DataError, match=message):
+        DataConfig(**kwargs)
+
+
+def test_normalisation_is_stored_as_float_tuples():
+    config = DataConfig(mean=[0, 1, 2], std=np.array([1, 2, 3]))
+    assert config.mean == (0.0, 1.0, 2.0) and config.std == (1.0, 2.0, 3.0)
+
+
+def test_mean_and_std_lengths_must_fit_the_channels(tmp_path):
+    from PIL import Image
+
+    Image.new("L", (8, 8), 200).save(tmp_path / "a.png")
+    grey = InputSpec("x", ("N", 1, 8, 8), np.dtype(np.float32))
+    with pytest.raises(DataError, match="image std has 2 values but the model takes 3-channel images"):
+        list(iter_batches(tmp_path, [IMG], DataConfig(std=(1.0, 1.0))))
+    with pytest.raises(DataError, match="image mean has 3 values but the model takes 1-channel images"):
+        list(iter_batches(tmp_path, [grey], DataConfig(mean=(0.5, 0.5, 0.5), std=(0.5,))))
+    (batch,) = iter_batches(tmp_path, [grey], DataConfig(mean=(0.5,), std=(0.5,)))
+    np.testing.assert_allclose(batch["x"], 200 / 255 * 2 - 1, atol=0.02)
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
+    with pytest.raises(DataError, match=r"a.png declares 20x10 pixels, over the limit of 199 pixels"):
+        list(iter_batches(tmp_path, [IMG], DataConfig(max_image_pixels=199)))
+    # within the limit, but resized (short side to 8/0.875) it would be 1829x9 pixels
+    (tmp_path / "a.png").unlink()
+    Image.new("RGB", (200, 1)).save(tmp_path / "b.png")
+    with pytest.raises(DataError, match=r"b.png \(200x1\) is too elongated: .* 1829x9 pixels"):
+        list(iter_batches(tmp_path, [IMG], DataConfig(max_image_pixels=1000)))
+    assert len(list(iter_batches(tmp_path, [IMG], DataConfig(max_image_pixels=20000)))) == 1
+
+
+def test_only_regular_files_are_data(tmp_path):
+    import os
+
+    (tmp_path / "dir.npy").mkdir()  # a folder named like data is not data
+    np.save(tmp_path / "a.npy", np.zeros((1, 3, 8, 8), np.float32))
+    (tmp_path / "link.npy").symlink_to(tmp_path / "a.npy")  # a link to a regular file is
+    assert [p.name for p in find_files(tmp_path)] == ["a.npy", "link.npy"]
+    os.mkfifo(tmp_path / "b.npz")
+    with pytest.raises(DataError, match=r"b.npz is a FIFO, not a regular file"):
+        find_files(tmp_path)
