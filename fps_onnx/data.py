@@ -421,10 +421,11 @@ def _normalisation(spec: InputSpec, channels: int, config: DataConfig) -> tuple[
     """``mean`` and ``std`` as per-channel arrays for ``channels``-channel images."""
     if channels not in (1, 3):
         raise DataError(f"model input {spec.describe()} does not take RGB or grey images")
+    give = "one value" if channels == 1 else f"{channels} values, or 1 for every channel"
     for name, values in (("mean", config.mean), ("std", config.std)):
         if len(values) not in (1, channels):
             raise DataError(f"image {name} has {len(values)} values but the model takes {channels}-channel "
-                            f"images (give {channels} values, or 1 for every channel)")
+                            f"images (give {give})")
     return np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
 
 

@@ -155,7 +155,7 @@ def test_mean_and_std_lengths_must_fit_the_channels(tmp_path):
     grey = InputSpec("x", ("N", 1, 8, 8), np.dtype(np.float32))
     with pytest.raises(DataError, match="image std has 2 values but the model takes 3-channel images"):
         list(iter_batches(tmp_path, [IMG], DataConfig(std=(1.0, 1.0))))
-    with pytest.raises(DataError, match="image mean has 3 values but the model takes 1-channel images"):
+    with pytest.raises(DataError, match=r"image mean has 3 values but the model takes 1-channel images \(give one value\)"):
         list(iter_batches(tmp_path, [grey], DataConfig(mean=(0.5, 0.5, 0.5), std=(0.5,))))
     (batch,) = iter_batches(tmp_path, [grey], DataConfig(mean=(0.5,), std=(0.5,)))
     np.testing.assert_allclose(batch["x"], 200 / 255 * 2 - 1, atol=0.02)
