@@ -36,12 +36,14 @@ def main() -> None:
 
 
 def _register() -> None:
+    from .diff import diff
     from .export import export
+    from .inspect import inspect
     from .map import map_
     from .select import select
     from .train import train
 
-    for command in (select, export, map_, train):
+    for command in (select, export, map_, train, inspect, diff):
         main.add_command(command)
 
 
