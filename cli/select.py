@@ -49,7 +49,7 @@ def _given(**values):
 @click.option("--token-mask", help=f"Input whose zeros mark padded tokens. [default: {DEFAULT_TOKEN_MASK}, if present]")
 @click.option("--stats-out", type=click.Path(dir_okay=False), help="Also write the accumulated statistics (both norms).")
 @click.option("--from-stats", type=click.Path(dir_okay=False), multiple=True, help="Select from a statistics file instead of running the model; repeat it to merge the shards of one calibration (with --stats-out: also write the merged file).")
-@click.option("--torch-model", help="Key the masks by the parameter names of this PyTorch model SPEC (timm:NAME, hf:PATH, module:function), matched by value.")
+@click.option("--torch-model", help="Key the masks by the parameter names of this PyTorch model SPEC (timm:NAME, hf:PATH, module:function), matched by value: the model `fps-onnx train --model SPEC` builds (hf: its task model).")
 @click.option("--torch-checkpoint", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @quiet_option

@@ -232,7 +232,8 @@ def _hf(path: str, num_classes, img_size, task: bool):
         kind = hf_task(config)
         with_head = task or num_classes is not None
         cls = getattr(transformers, kind.auto_class if with_head else "AutoModel")
-        kwargs = {"num_labels": num_classes} if with_head and kind.num_labels and num_classes is not None else {}
+        new_head = with_head and kind.num_labels and num_classes is not None
+        kwargs = {"num_labels": num_classes} if new_head else {}
         model = cls.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"cannot load hf:{path}: {first_line(exc)}") from exc

@@ -50,7 +50,7 @@ def test_a_key_several_parameters_end_with_is_an_error():
 
 def test_two_keys_for_one_parameter_are_an_error():
     keys = ["encoder.layer.0.output.dense.weight", "bert.encoder.layer.0.output.dense.weight"]
-    with pytest.raises(MaskError, match="both stand for the parameter 'bert.encoder.layer.0.output.dense.weight'"):
+    with pytest.raises(MaskError, match="both stand for the parameter 'bert.encoder.layer.0.output.dense"):
         resolve_keys(keys, BERT_PARAMS)
 
 
@@ -119,7 +119,8 @@ def _save(tmp_path: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind, backbone, task", [
-    ("bert", "encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.self.query.weight"),
+    ("bert", "encoder.layer.0.attention.self.query.weight",
+     "bert.encoder.layer.0.attention.self.query.weight"),
     ("vit", "layers.0.attention.q_proj.weight", "vit.layers.0.attention.q_proj.weight"),
 ])
 def test_hf_export_model_is_the_backbone_and_the_task_model_wraps_it(tmp_path, kind, backbone, task):
