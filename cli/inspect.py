@@ -12,12 +12,15 @@ import click
 @click.option("--stats", "stats_path", type=click.Path(dir_okay=False),
               help="Statistics file of the same model (--stats-out): adds the activation statistic "
                    "per tensor and how much of the selection falls on its top 10% input channels.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False),
+              help="The ONNX model the masks were selected on: its node names tell depth and kind "
+                   "where weight names (onnx::MatMul_123) do not.")
 @click.option("--png", type=click.Path(dir_okay=False),
               help="Also write a figure: selected fraction by depth and kind, and selected entries "
                    "per output neuron (needs matplotlib: pip install 'fps-onnx[plot]').")
 @click.option("--markdown", is_flag=True, help="GitHub-flavoured markdown (for $GITHUB_STEP_SUMMARY).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
-def inspect(masks, stats_path, png, markdown, as_json):
+def inspect(masks, stats_path, onnx_path, png, markdown, as_json):
     """Summarise MASKS: per tensor shape, selected entries and fraction; totals per layer
     depth and per kind (attention q/k/v/o, MLP up/gate/down, conv, lm_head, other)."""
     from fps_onnx import report
@@ -31,8 +34,10 @@ def inspect(masks, stats_path, png, markdown, as_json):
 
         check_writable(png)
         report.require_matplotlib()
+    loaded = MaskFile.load(masks)
     stats = Stats.load(stats_path) if stats_path else None
-    summary = report.summarise(MaskFile.load(masks), stats, source=str(masks))
+    nodes = report.node_names(onnx_path) if onnx_path else None
+    summary = report.summarise(loaded, stats, source=str(masks), nodes=nodes)
     if png:
         report.plot(summary, png)
     if as_json:

@@ -2,7 +2,8 @@
 
 Pure functions on loaded files, for people and for CI jobs:
 
-* :func:`summarise` (a :class:`MaskFile`, optionally its :class:`Stats`) -> :class:`Summary`:
+* :func:`summarise` (a :class:`MaskFile`, optionally its :class:`Stats` and the node names of
+  its ONNX model, :func:`node_names`) -> :class:`Summary`:
   per tensor shape, selected entries and fraction, its layer depth and kind
   (:func:`classify`), totals per depth, per kind and per (depth, kind), and the
   number of output neurons (mask rows) per count of selected entries.
@@ -24,7 +25,7 @@ Nothing here imports PyTorch; matplotlib is imported by :func:`plot` only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 import functools
 import json
@@ -103,10 +104,29 @@ def classify(names: Iterable[str], op: str | None = None, ndim: int = 2) -> tupl
     return depth, "other"
 
 
-def _names(key: str, entry: dict) -> list[str]:
+def _names(key: str, entry: dict, nodes: Mapping[str, Sequence[str]]) -> list[str]:
     names = [entry.get("torch_name"), key, entry.get("onnx_initializer"), entry.get("node")]
     names += list(entry.get("torch_aliases") or []) + list(entry.get("nodes") or [])
+    names += list(nodes.get(key, ())) + list(nodes.get(entry.get("onnx_initializer") or "", ()))
     return [n for n in names if isinstance(n, str)]
+
+
+def node_names(model_path: str | os.PathLike) -> dict[str, list[str]]:
+    """Weight key -> names of the nodes that consume it, read from an ONNX file's graph
+    (without its weights' bytes): exporter node names ("/blocks.0/attn/qkv/MatMul") tell
+    depth and kind where weight names ("onnx::MatMul_416") do not."""
+    from . import ops
+    from .calibrate import load_graph
+
+    graph = load_graph(model_path)[0].graph
+    lookup = ops.Lookup({t.name: t for t in graph.initializer},
+                        {out: node for node in graph.node for out in node.output})
+    names: dict[str, list[str]] = {}
+    for node in graph.node:
+        site = ops.weight_of(node, lookup)
+        if site is not None and node.name:
+            names.setdefault(site.key, []).append(node.name)
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,9 +261,12 @@ def _activation(mask: np.ndarray, entry: dict, acc: ChannelStats, key: str) -> A
     return Activation(float(stat.mean()), float(stat.max()), share, name)
 
 
-def summarise(masks: MaskFile, stats: Stats | None = None, source: str = "masks") -> Summary:
+def summarise(masks: MaskFile, stats: Stats | None = None, source: str = "masks",
+              nodes: Mapping[str, Sequence[str]] | None = None) -> Summary:
     """Per-tensor, per-depth and per-kind selection of ``masks``; with ``stats`` (of the same
-    model) the activation statistic of each tensor's input and how the selection follows it."""
+    model) the activation statistic of each tensor's input and how the selection follows it;
+    ``nodes`` (:func:`node_names`) adds node names to read depth and kind from."""
+    nodes = nodes or {}
     if stats is not None:
         sha = masks.meta.get("model_sha256")
         if sha and stats.model_sha256 != sha:
@@ -254,7 +277,7 @@ def summarise(masks: MaskFile, stats: Stats | None = None, source: str = "masks"
     for key in sorted(masks.masks):
         mask = masks.masks[key]
         entry = masks.tensors.get(key, {})
-        depth, kind = classify(_names(key, entry), entry.get("op"), mask.ndim)
+        depth, kind = classify(_names(key, entry, nodes), entry.get("op"), mask.ndim)
         activation = None
         if stats is not None:
             acc = stats.weights.get(key) or stats.weights.get(entry.get("onnx_initializer") or "")
@@ -623,10 +646,12 @@ def plot(s: Summary, path: str | os.PathLike) -> None:
                  f"{c.tensors} tensors" + (f"\n{_meta_line(s.meta)}" if s.meta else ""), fontsize=11)
 
     finite = grid[np.isfinite(grid)]
-    # colours span up to the 95th percentile of the cells, so that one outlier (a classifier
-    # head selected at 50%) does not flatten the rest; cells above it take the top colour
-    vmax = max(float(np.percentile(finite, 95)) if finite.size else 1.0, 1e-9)
-    clipped = bool(finite.size and finite.max() > 1.05 * vmax)
+    # where the largest cell is an outlier (a classifier head selected at 50%), colours span up
+    # to the 95th percentile of the cells, so that it does not flatten the rest
+    vmax = float(finite.max()) if finite.size else 1.0
+    p95 = float(np.percentile(finite, 95)) if finite.size else vmax
+    clipped = vmax > 2 * p95 > 0
+    vmax = max(p95 if clipped else vmax, 1e-9)
     cmap = colormaps["viridis"].copy()
     cmap.set_bad("#dddddd")
     image = top.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0, vmax=vmax,

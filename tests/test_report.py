@@ -8,8 +8,10 @@ import sys
 
 from click.testing import CliRunner
 import numpy as np
+import onnx
 import pytest
 
+from _models import make_model, tensor
 from fps_onnx import report
 from fps_onnx.cli.main import main
 from fps_onnx.errors import MaskError, StatsError
@@ -155,6 +157,29 @@ def test_inspect_text_json_and_markdown(masks_file, tmp_path):
     assert "| 0 | 12.500% | 9.375% |  |  | 10.417% |" in md
     assert "| **all** | 9.375% | 9.375% | 20.833% | 0.000% | **9.821%** |" in md
     assert "**11** of **112** weights selected" in md
+
+
+def test_inspect_reads_depth_and_kind_from_the_node_names_of_the_onnx_model(tmp_path):
+    from onnx import helper
+
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "onnx::MatMul_7"], ["h"],
+                              name="/model/layers.2/mlp/up_proj/MatMul"),
+             helper.make_node("MatMul", ["h", "onnx::MatMul_8"], ["y"],
+                              name="/model/layers.2/mlp/down_proj/MatMul")]
+    model = make_model(nodes, [tensor("x", [1, 4])], [tensor("y", [1, 4])],
+                       {"onnx::MatMul_7": w, "onnx::MatMul_8": w.T.copy()})
+    onnx.save(model, tmp_path / "m.onnx")
+    path = save(tmp_path / "m.safetensors", {"onnx::MatMul_7": mask((3, 4), (0, 0)),
+                                             "onnx::MatMul_8": mask((4, 3), (1, 1), (2, 2))})
+    assert json.loads(invoke("inspect", path, "--json").stdout)["by_kind"].keys() == {"other"}
+    result = invoke("inspect", path, "--onnx", tmp_path / "m.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {k: (t["depth"], t["kind"]) for k, t in data["tensors"].items()} == {
+        "onnx::MatMul_7": (2, "mlp.up"), "onnx::MatMul_8": (2, "mlp.down")}
+    missing = invoke("inspect", path, "--onnx", tmp_path / "none.onnx")
+    assert missing.exit_code == 1 and len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_inspect_with_stats_adds_the_activation_columns(tmp_path):
