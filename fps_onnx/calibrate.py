@@ -132,12 +132,20 @@ def calibrate(
         channels = {a: s.in_features for s in sites for a in s.activations}
         mask_name = _token_mask(model, config.token_mask)
         masked: set[str] = set()
+        shapes: dict[str, list] = {}
         if mask_name is not None:
             shapes = graph.inferred_shapes(model, mask_name)
             sites = decoder.lift_row_views(model, sites, shapes, mask_name)
             channels = {a: s.in_features for s in sites for a in s.activations}
             tensors = {a.tensor for s in sites for a in s.activations}
             masked = graph.token_leading(model, tensors, mask_name, shapes)
+            if len(masked) < len(tensors) and decoder.is_decoder(model):
+                # Every weight input of a decoder is [batch, seq, ...]; _accumulate
+                # checks each batch's element counts against that.
+                log.info("shape inference followed [batch, seq] to %d of %d weight inputs; "
+                         "all are taken as [batch, seq, ...] (checked on every batch)",
+                         len(masked), len(tensors))
+                masked = {a.tensor for s in sites for a in s.activations if a.axis == -1}
             log.info("token mask %s applies to %d of %d weight inputs", mask_name, len(masked), len(tensors))
         statistics = config.statistics or graph.STATISTICS[:1]
         model, outputs = graph.add_statistics(model, sites, statistics, mask_name, masked)
@@ -149,7 +157,9 @@ def calibrate(
         log.info("running on %s", provider)
 
         inputs = [InputSpec.from_ort(i) for i in session.get_inputs()]
-        feeder = decoder.make_feeder(inputs, mask_name, model.producer_name)
+        feeder = decoder.make_feeder(inputs, mask_name, model.producer_name,
+                                     decoder.past_head_sizes(model, shapes),
+                                     decoder.needs_right_padding(model))
         if feeder.provided:
             log.info("inputs made by fps-onnx (first generation step): %s", _names(feeder.provided))
         inputs = [s for s in inputs if s.name not in feeder.provided]  # what the data must hold
@@ -158,9 +168,11 @@ def calibrate(
         samples = 0
         start = time.perf_counter()
         for index, feed in enumerate(iter_batches(data_path, inputs, data_config, model_path)):
-            values = _run(session, names, feeder.complete(feed), index)
+            full = feeder.complete(feed)  # may move padding: its mask is the one to apply
+            values = _run(session, names, full, index)
             n = len(next(iter(feed.values())))
-            _accumulate(per_act, outputs, names, values, feed.get(mask_name), channels, sites, index)
+            mask = full.get(mask_name, feed.get(mask_name)) if mask_name else None
+            _accumulate(per_act, outputs, names, values, mask, channels, sites, index)
             samples += n
             if on_batch is not None:
                 on_batch(n)

@@ -344,13 +344,16 @@ class _Builder:
 # --------------------------------------------------------------------------- token axes
 
 
-def token_leading(model: onnx.ModelProto, tensors: Iterable[str], mask_input: str) -> set[str]:
+def token_leading(model: onnx.ModelProto, tensors: Iterable[str], mask_input: str,
+                  shapes: dict[str, list] | None = None) -> set[str]:
     """The tensors among ``tensors`` whose two leading axes are those of ``mask_input``.
 
-    Decided by ONNX shape inference with symbolic dimensions; a tensor whose
-    shape cannot be inferred is not counted (its statistics include padding).
+    Decided by ONNX shape inference with symbolic dimensions (``shapes``, from
+    :func:`inferred_shapes`, or inferred here); a tensor whose shape cannot be
+    inferred is not counted (its statistics include padding).
     """
-    shapes = _inferred_shapes(model, mask_input)
+    if shapes is None:
+        shapes = inferred_shapes(model, mask_input)
     mask_shape = shapes.get(mask_input)
     if mask_shape is None or len(mask_shape) != 2 or None in mask_shape:
         return set()
@@ -374,7 +377,9 @@ def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
         return None
 
 
-def _inferred_shapes(model: onnx.ModelProto, mask_input: str | None = None) -> dict[str, list]:
+def inferred_shapes(model: onnx.ModelProto, mask_input: str | None = None) -> dict[str, list]:
+    """Shapes by tensor name (ints, symbolic names, None where unknown). Decoders
+    are inferred as on a first step: past length 0, ``mask_input`` [batch, seq]."""
     from .decoder import first_step_inputs
 
     # Shape inference needs no weight values: keep small constants (shapes,
@@ -392,7 +397,7 @@ def _inferred_shapes(model: onnx.ModelProto, mask_input: str | None = None) -> d
             vi.type.tensor_type.ClearField("shape")
     declared = {vi.name for vi in model.graph.input}
     for tensor in model.graph.initializer:
-        if int(np.prod(tensor.dims)) <= 64:
+        if int(np.prod(tensor.dims)) <= 64 and tensor.data_location != TensorProto.EXTERNAL:
             graph.initializer.append(tensor)
         elif tensor.name not in declared:
             graph.input.append(

@@ -200,7 +200,7 @@ def test_empty_past_takes_the_graph_dtype_and_static_sizes():
 
 
 def test_past_without_static_head_sizes_is_a_model_error():
-    with pytest.raises(ModelError, match="past-length axis"):
+    with pytest.raises(ModelError, match="shape of an empty"):
         decoder.make_feeder(specs(past_shape=("b", "heads", "past", 8)), "attention_mask")
 
 
@@ -343,3 +343,113 @@ def test_llama_first_step_shapes_give_batch_and_sequence(llama_case):
     model = load_model(path, load_weights=False)
     acts = {a.tensor for s in graph.find_weights(model) for a in s.activations}
     assert graph.token_leading(model, acts, "attention_mask") == acts
+
+
+# --------------------------------------------------------------------------- real exporter files
+
+
+def hooked_input_sums(model, ids, mask):
+    """(weight, sum |x| over real tokens) of every nn.Linear and GPT-2 Conv1D input."""
+    import torch
+
+    keep = torch.from_numpy(mask).bool()
+    sums, handles = [], []
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
+            def pre(m, args):
+                sums.append((m.weight.detach().numpy(), args[0].detach().double()[keep].abs().sum(0).numpy()))
+            handles.append(mod.register_forward_pre_hook(pre))
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+              position_ids=torch.from_numpy(decoder.position_ids(mask, *mask.shape, 1)))
+    for h in handles:
+        h.remove()
+    return sums
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter, kind, layout", [
+    ("optimum", "llama", "with-past"), ("optimum", "qwen2", "without-past"),
+    ("optimum", "gpt2", "merged"), ("optimum", "llama-tied", "merged"),
+    ("genai", "llama", "fp32"), ("genai", "qwen2", "fp32"),
+])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_exported_llm_statistics_equal_pytorch_hooks(tmp_path, exporter, kind, layout, side, caplog):
+    llm_models = pytest.importorskip("llm_models")
+    python = llm_models.require_exporter(exporter)
+    folder = llm_models.save_tiny_llm(kind, tmp_path / "hf")
+    if exporter == "genai":
+        path = llm_models.genai_export(folder, tmp_path / "onnx", precision=layout, python=python)
+    elif layout == "merged":
+        path = llm_models.optimum_merged(folder, tmp_path / "onnx", python=python)
+    else:
+        path = llm_models.optimum_export(folder, tmp_path / "onnx", with_past=layout == "with-past",
+                                         python=python)
+    r = np.random.default_rng(2)
+    lengths = np.array([9, 3, 5, 1, 9, 6])
+    start = 9 - lengths if side == "left" else np.zeros_like(lengths)
+    pos = np.arange(9)[None, :]
+    mask = ((pos >= start[:, None]) & (pos < (start + lengths)[:, None])).astype(np.int64)
+    ids = r.integers(5, llm_models.VOCAB, (6, 9)) * mask
+    np.savez(tmp_path / "tokens.npz", input_ids=ids, attention_mask=mask)
+    with caplog.at_level("INFO", logger="fps_onnx"):
+        result = calibrate(path, tmp_path / "tokens.npz", CalibrationConfig(provider="cpu"))
+    acts = {a.tensor for s in result.sites for a in s.activations}
+    assert f"applies to {len(acts)} of {len(acts)} weight inputs" in caplog.text
+    reference = hooked_input_sums(llm_models.tiny_llm(kind), ids, mask)
+    model, base = load_graph(path)
+    for site, w in graph.iter_weight_values(model, result.sites, base):
+        got = result.stats.weights[site.key]
+        assert got.count == mask.sum(), site.key
+        same = [a for rw, a in reference if rw.size == w.size and any(
+            rw.shape == v.shape and np.allclose(rw, v, atol=1e-6) for v in (w, w.T))]
+        if not same:  # packed q/k/v (genai): the inputs of q_proj, k_proj and v_proj agree
+            assert "qkv" in site.key, site.key
+            continue
+        np.testing.assert_allclose(got.abs_sum, same[0], rtol=1e-3, atol=1e-4, err_msg=site.key)
+
+
+# --------------------------------------------------------------------------- small passes
+
+
+def test_row_view_of_a_token_activation_is_measured_where_the_mask_applies():
+    """GPT-2's Conv1D: x [B, S, 4] -> Reshape [-1, 4] -> Gemm(w)."""
+    w = rng(7).standard_normal((4, 3)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("Reshape", ["x", "rows"], ["x2"]),
+         helper.make_node("Gemm", ["x2", "w"], ["y"])],
+        [tensor("x", ["B", "S", 4]), tensor("attention_mask", ["B", "S"], TensorProto.INT64)],
+        [tensor("y", [None, 3])], {"w": w, "rows": np.array([-1, 4], np.int64)})
+    sites = graph.find_weights(model)
+    shapes = graph.inferred_shapes(model, "attention_mask")
+    (site,) = decoder.lift_row_views(model, sites, shapes, "attention_mask")
+    assert site.activations == (graph.Activation("x", -1),)
+    assert graph.token_leading(model, ["x", "x2"], "attention_mask", shapes) == {"x"}
+
+
+def test_head_size_of_symbolic_past_comes_from_the_concat_partner():
+    model = make_model(
+        [helper.make_node("Concat", ["past_key_values.0.key", "k"], ["present.0.key"], axis=2)],
+        [tensor("past_key_values.0.key", ["b", 2, "past_sequence_length", "kv_cache_dim"]),
+         tensor("k", ["b", 2, "s", 16])],
+        [tensor("present.0.key", ["b", 2, None, None])], {})
+    shapes = graph.inferred_shapes(model)
+    sizes = decoder.past_head_sizes(model, shapes)
+    assert sizes == {"past_key_values.0.key": 16}
+    spec = InputSpec("past_key_values.0.key", ("b", 2, "past_sequence_length", "kv_cache_dim"),
+                     np.dtype(np.float32))
+    feeder = decoder.make_feeder([spec], None, head_sizes=sizes)
+    assert feeder.complete({"input_ids": np.ones((3, 5))})[spec.name].shape == (3, 2, 0, 16)
+
+
+def test_left_padding_is_moved_right_for_group_query_attention():
+    feeder = decoder.make_feeder(specs()[:3], "attention_mask", "onnxruntime-genai", right_pad=True)
+    ids = np.arange(15).reshape(3, 5)
+    out = feeder.complete({"input_ids": ids, "attention_mask": LEFT})
+    np.testing.assert_array_equal(out["attention_mask"], [[1, 1, 1, 0, 0], [1] * 5, [1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(out["input_ids"][0, :3], [2, 3, 4])
+    np.testing.assert_array_equal(out["input_ids"][2, :1], [14])
+    np.testing.assert_array_equal(out["position_ids"], [[0, 1, 2, 0, 0], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]])
+    from fps_onnx.errors import DataError
+    with pytest.raises(DataError, match="one block"):
+        feeder.complete({"input_ids": ids, "attention_mask": np.array([[1, 0, 1, 1, 1]] * 3)})
