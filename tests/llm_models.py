@@ -147,20 +147,54 @@ def save_tiny_llm(kind: str, directory: str | os.PathLike, seed: int = 0) -> Pat
     return out
 
 
-def token_batch(batch: int = 2, seq: int = 8, seed: int = 0, vocab_size: int = VOCAB, pad_first: int = 0):
-    """``input_ids``/``attention_mask``/``position_ids`` (int64 [batch, seq]) with left padding.
+def token_batch(
+    batch: int = 2, seq: int = 8, seed: int = 0, vocab_size: int = VOCAB, pad_first: int = 0,
+    padding_side: str = "left",
+) -> dict[str, np.ndarray]:
+    """``input_ids``/``attention_mask``/``position_ids`` (int64 [batch, seq]).
 
-    The first row gets ``pad_first`` pad tokens (id 0, mask 0) on the left; position ids count
-    the real tokens from 0 and are 1 on padding, as Hugging Face ``generate`` makes them.
+    The first row gets ``pad_first`` pad tokens (id 0, mask 0) on ``padding_side``; position ids
+    count the real tokens from 0 and are 1 on padding, as Hugging Face ``generate`` makes them.
+    The onnxruntime-genai fp32/int4 graphs (GroupQueryAttention) give correct logits only with
+    right padding.
     """
     rng = np.random.default_rng(seed)
     ids = rng.integers(4, vocab_size, size=(batch, seq), dtype=np.int64)
     mask = np.ones((batch, seq), dtype=np.int64)
-    mask[0, :pad_first] = 0
+    if pad_first:
+        mask[0, slice(0, pad_first) if padding_side == "left" else slice(seq - pad_first, seq)] = 0
     ids[mask == 0] = 0
     pos = np.cumsum(mask, axis=1) - 1
     pos[mask == 0] = 1
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos.astype(np.int64)}
+
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+               "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def decoder_feeds(session, tokens: dict[str, np.ndarray], head_dim: int = HIDDEN // HEADS) -> dict:
+    """Feeds for a decoder ONNX session's first step: ``tokens`` plus an empty past.
+
+    Works for optimum (with or without past, merged: ``use_cache_branch`` False) and genai files
+    (no ``position_ids`` input except fp16; past head dim is the dim_param ``kv_cache_dim``).
+    Past tensors are [batch, kv_heads, 0, head_dim] in the input's dtype.
+    """
+    batch = next(iter(tokens.values())).shape[0]
+    feeds = {}
+    for inp in session.get_inputs():
+        dtype = _ORT_DTYPES[inp.type]
+        if inp.name in tokens:
+            feeds[inp.name] = tokens[inp.name].astype(dtype)
+        elif inp.name == "use_cache_branch":
+            feeds[inp.name] = np.array([False])
+        elif inp.name.startswith("past_key_values"):
+            kv_heads = inp.shape[1] if isinstance(inp.shape[1], int) else None
+            last = inp.shape[3] if isinstance(inp.shape[3], int) else head_dim
+            feeds[inp.name] = np.zeros((batch, kv_heads, 0, last), dtype)
+        else:
+            raise KeyError(f"no feed for decoder input {inp.name!r}")
+    return feeds
 
 
 # --------------------------------------------------------------------------- exporters
@@ -185,7 +219,10 @@ def require_exporter(name: str) -> str:
 
 
 def _run(python: str, args: list[str], timeout: float) -> None:
-    """Run ``python args`` offline; Hugging Face caches go to a temporary folder, removed after."""
+    """Run ``python args`` offline; Hugging Face caches go to a temporary folder, removed after.
+
+    ``{work}`` in an argument stands for that folder.
+    """
     with tempfile.TemporaryDirectory(prefix="fps-exporter-") as work:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
         env.update(
