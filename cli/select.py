@@ -35,6 +35,7 @@ def _given(**values):
 @click.option("--level", type=click.Choice(LEVELS), help=f"Top-K per output neuron, or top-N per tensor. [default: {SelectConfig().level}]")
 @click.option("--per-neuron", "per_neuron", type=int, help="Keep K entries per output neuron (layer level: K * out per tensor).")
 @click.option("--fraction", type=float, help=f"Keep this fraction of each fan-in (layer level: of each tensor). [default: {SelectConfig().budget['fraction']}]")
+@click.option("--shira-r", "shira_r", type=int, help="SHiRA budget: keep the top R*(in+out) entries of each Linear weight [out, in] (per tensor), the size PEFT's ShiraConfig(r=R) needs.")
 @click.option("--provider", type=click.Choice(providers.CHOICES), help=f"ONNX Runtime provider; auto uses CUDA only where it really works. [default: {CalibrationConfig().provider}]")
 @click.option("--batch-size", type=int, help=f"Samples per batch. [default: {DataConfig().batch_size}]")
 @click.option("--max-samples", type=int, help="Stop after this many samples.")
@@ -53,7 +54,7 @@ def _given(**values):
 @click.option("--torch-checkpoint", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @quiet_option
-def select(model, data, output, method, seed, norm, level, per_neuron, fraction, provider, batch_size,
+def select(model, data, output, method, seed, norm, level, per_neuron, fraction, shira_r, provider, batch_size,
            max_samples, image_size, mean, std, max_length, text_field, tokenizer, include_lm_head,
            exclude, token_mask, stats_out, from_stats, torch_model, torch_checkpoint, as_json, quiet):
     """Select the weights of MODEL (ONNX) to fine-tune, from calibration DATA.
@@ -66,8 +67,12 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     module:function; weights from --torch-checkpoint) and DATA a labelled
     training split (class folders, or .npz with labels): the gradient baseline.
     """
+    if shira_r is not None and level == "neuron":
+        from fps_onnx.errors import BudgetError
+
+        raise BudgetError("--shira-r selects per tensor (level layer); leave out --level neuron")
     config = SelectConfig(**_given(method=method, seed=seed, norm=norm, level=level,
-                                   per_neuron=per_neuron, fraction=fraction))
+                                   per_neuron=per_neuron, fraction=fraction, shira_r=shira_r))
     needs_data = config.method not in METHODS or METHODS[config.method].needs_activations
     if needs_data and (data is None) == (not from_stats):
         raise click.UsageError("give either DATA or --from-stats")

@@ -11,8 +11,10 @@ uniform scores) are built in; "gps" (gradients, needs PyTorch) registers
 itself from :mod:`fps_onnx.gps`.
 
 Selection keeps the top K per output neuron (level "neuron") or the top N of
-each tensor (level "layer"). Ties go to the higher score, then the lower flat
-index, so the result is deterministic.
+each tensor (level "layer"); the SHiRA budget (``shira_r`` = r) keeps the top
+r*(in+out) of each Linear weight [out, in], the adapter size PEFT's SHiRA
+requires. Ties go to the higher score, then the lower flat index, so the
+result is deterministic.
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ class SelectConfig:
     """How to score and how many entries to keep.
 
     Give at most one of ``per_neuron`` (K per output neuron; at layer level
-    N = K * out) and ``fraction`` (F of each neuron's fan-in, or of each
-    tensor at layer level); with neither, ``fraction`` = DEFAULT_FRACTION.
+    N = K * out), ``fraction`` (F of each neuron's fan-in, or of each
+    tensor at layer level) and ``shira_r`` (r: the top r*(in+out) of each
+    Linear weight [out, in], as PEFT's SHiRA needs; implies level "layer";
+    a Conv weight, or one with fewer than r*(in+out) entries, is a
+    BudgetError); with none, ``fraction`` = DEFAULT_FRACTION.
     """
 
     norm: str = "l1"
@@ -48,6 +53,7 @@ class SelectConfig:
     fraction: float | None = None
     method: str = "fps"
     seed: int = 0
+    shira_r: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS and self.method != "gps":
@@ -56,8 +62,12 @@ class SelectConfig:
             raise BudgetError(f"norm must be one of {', '.join(NORMS)}, not {self.norm!r}")
         if self.level not in LEVELS:
             raise BudgetError(f"level must be one of {', '.join(LEVELS)}, not {self.level!r}")
-        if self.per_neuron is not None and self.fraction is not None:
-            raise BudgetError("give either a per-neuron count or a fraction, not both")
+        if sum(b is not None for b in (self.per_neuron, self.fraction, self.shira_r)) > 1:
+            raise BudgetError("give one budget, not both: a per-neuron count, a fraction or a SHiRA r")
+        if self.shira_r is not None:
+            if isinstance(self.shira_r, bool) or not isinstance(self.shira_r, int) or self.shira_r < 1:
+                raise BudgetError(f"SHiRA r must be a whole number of at least 1, not {self.shira_r!r}")
+            object.__setattr__(self, "level", "layer")  # r*(in+out) entries per tensor
         if self.per_neuron is not None and self.per_neuron < 1:
             raise BudgetError(f"per-neuron count must be at least 1, not {self.per_neuron}")
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
@@ -68,6 +78,8 @@ class SelectConfig:
         """The budget as recorded in mask files."""
         if self.per_neuron is not None:
             return {"per_neuron": self.per_neuron}
+        if self.shira_r is not None:
+            return {"shira_r": self.shira_r}
         return {"fraction": DEFAULT_FRACTION if self.fraction is None else self.fraction}
 
     @property
@@ -76,8 +88,14 @@ class SelectConfig:
         return "abs_sum" if self.norm == "l1" else "sq_sum"
 
     def keep(self, rows: int, fan_in: int) -> int:
-        """Entries to keep per row (neuron level) or per tensor (layer level)."""
+        """Entries to keep per row (neuron level) or per tensor (layer level).
+
+        For ``shira_r`` that is r*(rows+fan_in) whatever the tensor;
+        :func:`check_shira` says whether a weight can take it.
+        """
         budget = self.budget
+        if "shira_r" in budget:
+            return budget["shira_r"] * (rows + fan_in)
         if "per_neuron" in budget:
             k = budget["per_neuron"]
             if k > fan_in:
@@ -195,6 +213,7 @@ def select_one(
     """The bool mask of one weight (PyTorch layout)."""
     # A float64 sum of float32/16 values is finite exactly when every value is
     # (and it reads the weight once, in memory order, without a bool copy).
+    check_shira(config, site.shape, f"weight {site.key}")
     if not np.isfinite(np.sum(weight, dtype=np.float64)):
         raise NumericError(f"weight {site.key} holds NaN or Inf")
     method = METHODS[config.method]
@@ -208,11 +227,30 @@ def select_one(
     score = method.score(weight, site, act, config)
     if not np.isfinite(np.sum(score)):  # scores are >= 0: same argument
         raise NumericError(f"the scores of weight {site.key} are not finite (NaN or Inf statistics)")
-    return select_scores(score, config)
+    return select_scores(score, config, f"weight {site.key}")
 
 
-def select_scores(score: np.ndarray, config: SelectConfig) -> np.ndarray:
-    """The bool mask of one tensor's scores (PyTorch layout, rows = output neurons)."""
+def check_shira(config: SelectConfig, shape, key: str = "a weight") -> None:
+    """BudgetError unless weight ``key`` of ``shape`` (PyTorch layout) takes the SHiRA
+    budget: a Linear weight [out, in] with at least r*(in+out) entries. Nothing
+    to check for other budgets."""
+    r = config.shira_r
+    if r is None:
+        return
+    shape = [int(d) for d in shape]
+    if len(shape) != 2:
+        raise BudgetError(f"--shira-r: {key} {shape} is a Conv weight; SHiRA adapts Linear weights only "
+                          "(leave it out with --exclude)")
+    out, fan_in = shape
+    if r * (out + fan_in) > out * fan_in:
+        raise BudgetError(f"--shira-r {r}: {key} {shape} has {out * fan_in} entries, fewer than "
+                          f"r*(in+out) = {r * (out + fan_in)} (lower r, or leave it out with --exclude)")
+
+
+def select_scores(score: np.ndarray, config: SelectConfig, key: str = "a weight") -> np.ndarray:
+    """The bool mask of one tensor's scores (PyTorch layout, rows = output neurons);
+    ``key`` names the weight in errors."""
+    check_shira(config, score.shape, key)
     rows = score.shape[0]
     fan_in = score[0].size
     k = config.keep(rows, fan_in)

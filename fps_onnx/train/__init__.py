@@ -10,21 +10,22 @@ Accelerate, Lightning)::
     fps_onnx.train.merge(model)                           # plain dense weights again
     model.save_pretrained("out")                          # or torch.save(model.state_dict(), ...)
 
-:func:`prepare` (:func:`fps_onnx.train.loop.prepare`) freezes every
-parameter, turns each weight a mask selects entries of into a frozen tensor
-plus a trainable delta of k values at fixed indices, and, by the default
+:func:`prepare` (:func:`fps_onnx.train.loop.prepare`) freezes every parameter,
+turns each weight a mask selects entries of into a frozen tensor plus a
+trainable delta of k values at fixed indices, and, by the default
 :class:`~fps_onnx.train.recipe.Recipe`, also trains the classification head
 and the biases fully (norms frozen); ``prepare(model, masks,
 Recipe(train_head=False, train_bias=False))`` trains the selected entries
-alone. Build the optimizer afterwards, from the parameters that require
-grad (``Trainer`` and ``accelerator.prepare`` do). Entries outside the masks are
+alone. Build the optimizer afterwards, from the parameters that require grad
+(``Trainer`` and ``accelerator.prepare`` do). Entries outside the masks are
 never written: weight decay on the deltas pulls a delta towards zero, never a
 frozen entry. Use a non-fused optimizer: fused AdamW (``fused=True``, and
-``Trainer``'s default ``optim="adamw_torch_fused"`` on torch >= 2.8) updates the
-deltas without bumping the version counter they are re-written by, so pass
-``optim="adamw_torch"`` to ``TrainingArguments``. :func:`merge` (:func:`fps_onnx.train.sparse.merge`) writes the
-deltas into the weights and removes the parametrisation; :func:`save_delta`
-and :func:`apply_delta` keep the deltas alone.
+``Trainer``'s default ``optim="adamw_torch_fused"`` on torch >= 2.8) updates
+the deltas without bumping the version counter they are re-written by, so pass
+``optim="adamw_torch"`` to ``TrainingArguments``. :func:`merge`
+(:func:`fps_onnx.train.sparse.merge`) writes the deltas into the weights and
+removes the parametrisation; :func:`save_delta` and :func:`apply_delta` keep
+the deltas alone.
 
 Modules: ``sparse`` holds the parametrisation (k values + indices per weight)
 and the attach / merge / delta-file API; ``data`` the training data readers;
