@@ -9,7 +9,9 @@ A safetensors file any training stack can read:
   the PyTorch parameter name);
 * ``__metadata__`` (all strings): ``format`` = "fps-mask", ``format_version`` = "1",
   ``method``, ``norm``, ``level``, ``budget`` (JSON), ``num_samples``,
-  ``model_sha256`` (SHA-256 of the ONNX file and its external data), ``tool`` and ``tensors``:
+  ``model_sha256`` (SHA-256 of the ONNX file and its external data), ``tool``,
+  ``true_means`` = "trainable" and ``layout`` = "torch" (both optional, written
+  since they were added; readers ignore unknown keys) and ``tensors``:
   JSON object key -> {"onnx_initializer", "onnx_layout" ("out_in", "in_out" or
   "conv"), "op", "shape", "selected"}.
 
@@ -76,6 +78,8 @@ class MaskFile:
             **self.meta,
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "true_means": "trainable",
+            "layout": "torch",
             "tool": f"fps-onnx {__version__}",
             "tensors": json.dumps(tensors, sort_keys=True),
         }

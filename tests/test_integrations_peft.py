@@ -67,6 +67,9 @@ def test_select_shira_r_writes_r_times_in_plus_out_per_weight(chain, tmp_path):
     assert summary["level"] == "layer" and summary["budget"] == {"shira_r": 1}
     masks = MaskFile.load(out)
     assert json.loads(masks.meta["budget"]) == {"shira_r": 1} and masks.meta["level"] == "layer"
+    # what True means and the layout are stated for readers in other stacks
+    assert masks.meta["true_means"] == "trainable" and masks.meta["layout"] == "torch"
+    assert masks.meta["format_version"] == "1"
 
 
 @pytest.mark.parametrize("args, message", [
