@@ -31,6 +31,9 @@ def export(spec, output, checkpoint, num_classes, img_size, exporter, opset, tol
     SPEC is timm:NAME, hf:PATH (a local transformers folder) or
     module.path:function / file.py:function returning (model, example_inputs).
     Nothing is downloaded. The export is checked against PyTorch with ONNX Runtime.
+    A decoder-only LLM folder is exported as its causal LM (input_ids,
+    attention_mask -> logits, no key/value cache), with its config and tokenizer
+    files copied beside the .onnx.
     """
     from fps_onnx.export import export as run_export
 
@@ -38,11 +41,15 @@ def export(spec, output, checkpoint, num_classes, img_size, exporter, opset, tol
     result = run_export(spec, output, ExportConfig(**given), checkpoint=checkpoint,
                         num_classes=num_classes, img_size=img_size)
     named = result.weights - len(result.unnamed)
-    log.info("wrote %s: %d selectable weights, %d named like their parameter; "
+    data = f" (weights in {result.external_data})" if result.external_data else ""
+    log.info("wrote %s%s: %d selectable weights, %d named like their parameter; "
              "max abs difference to PyTorch %.3g (%.1f s)",
-             result.path, result.weights, named, result.max_abs_diff or 0.0, result.seconds)
+             result.path, data, result.weights, named, result.max_abs_diff or 0.0, result.seconds)
+    if result.copied:
+        log.info("beside it: %s", ", ".join(result.copied))
     if as_json:
         click.echo(json.dumps({
             "output": str(result.path), "weights": result.weights, "unnamed": result.unnamed,
             "renamed": result.renamed, "max_abs_diff": result.max_abs_diff, "seconds": result.seconds,
+            "external_data": result.external_data, "copied": result.copied,
         }, indent=2))

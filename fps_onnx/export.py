@@ -11,6 +11,23 @@ Conv (ONNX Runtime folds both when it loads the model, so inference is as
 fast). Any weight an exporter still renamed (the dynamo exporter's ``val_13``)
 gets its parameter's name back by value (:mod:`fps_onnx.mapping`). The file
 is then run with ONNX Runtime and compared to PyTorch on the example inputs.
+
+Decoder-only language models (``hf:`` folders of a causal LM, or any
+transformers ``...ForCausalLM`` / ``...LMHeadModel``) are exported as their
+causal LM without a key/value cache: inputs ``input_ids`` and
+``attention_mask`` (int64, dynamic batch and sequence), output ``logits``;
+position ids are computed in the graph from the attention mask (as
+``generate`` does), so left-padded batches give the logits of unpadded ones.
+They are checked on real tokens only, and the folder's ``config.json`` and
+tokenizer files are copied beside the ``.onnx`` (``select`` reads text with
+them).
+
+Models above ``_MAX_PROTO_BYTES`` are written with their weights in one
+external data file beside the ``.onnx``. Memory: the PyTorch model is freed
+(when :func:`export` built it) as soon as the exporter has run and names are
+restored; the weights are then copied into the output one tensor at a time
+(external data) or into one message (embedded), and ONNX Runtime checks the
+file by path.
 """
 
 from __future__ import annotations
@@ -18,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 import contextlib
 from dataclasses import dataclass, field
+import gc
 import inspect
 import io
 import logging
@@ -32,16 +50,23 @@ import warnings
 import numpy as np
 import onnx
 
-from . import graph, mapping
-from ._io import _fsync as _fsync_file, check_writable
+from . import external, graph, mapping
+from ._io import _fsync as _fsync_file, atomic_write, check_writable
 from .errors import ExportError, OutputError, first_line
 from .models import build_model, check_spec, load_checkpoint  # noqa: F401 - also importable from here
+from .models import is_causal_lm_model
 from .models import require as _require
 
 log = logging.getLogger(__name__)
 
 EXPORTERS = ("legacy", "dynamo")
 _MAX_PROTO_BYTES = 1_800_000_000  # above this, weights go to an external data file
+#: Files of an ``hf:`` causal LM folder copied beside its export (those that exist).
+LLM_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json",
+                  "merges.txt", "chat_template.jinja")
+CAUSAL_INPUTS = ("input_ids", "attention_mask")
+_COPY_CHUNK = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -70,6 +95,8 @@ class ExportResult:
     renamed: dict[str, str] = field(default_factory=dict)  # exporter name -> parameter name
     max_abs_diff: float | None = None
     seconds: float = 0.0
+    external_data: str | None = None  # the weights' file beside the .onnx, if any
+    copied: list[str] = field(default_factory=list)  # files copied beside it (causal LMs)
 
 
 # --------------------------------------------------------------------------- export
@@ -86,41 +113,76 @@ def export(
 ) -> ExportResult:
     """Export the model of ``spec`` to ``output`` and check it with ONNX Runtime.
 
-    Nothing is written unless the export and the check succeed.
+    Nothing is written unless the export and the check succeed. For an ``hf:``
+    causal LM the folder's config and tokenizer files are copied beside it.
     """
     output = check_writable(output)
     model, inputs = build_model(spec, checkpoint, num_classes, img_size)
-    return export_module(model, inputs, output, config, spec=spec)
+    causal = is_causal_lm_model(model)
+    holder = [model]
+    del model  # the export frees it once it is no longer needed
+    result = _export(holder, inputs, output, config, spec)
+    if causal and spec.startswith("hf:"):
+        result.copied = _copy_side_files(Path(spec[3:]), output)
+    return result
 
 
 def export_module(model, inputs: Mapping, output, config: ExportConfig = ExportConfig(), *,
                   spec: str = "the model") -> ExportResult:
-    """Export an nn.Module called as ``model(*inputs.values())`` (see :func:`build_model`)."""
+    """Export an nn.Module called as ``model(*inputs.values())`` (see :func:`build_model`).
+
+    A transformers causal LM is called by keyword and exported as
+    ``input_ids, attention_mask -> logits`` (see the module docstring).
+    """
+    return _export([model], inputs, output, config, spec)
+
+
+def _export(holder: list, inputs: Mapping, output, config: ExportConfig, spec: str) -> ExportResult:
+    """Export the model in ``holder`` (a one-item list: it is taken out and dropped as
+    soon as it is no longer needed, which frees it when nothing else refers to it)."""
     torch = _require("torch", "exporting")
     output = check_writable(output)
     start = time.perf_counter()
+    model = holder.pop()
     model.eval()
-    inputs = dict(inputs)
-    with torch.no_grad():
-        expected = _flatten(model(*inputs.values()))
-    if not expected:
-        raise ExportError(f"{spec} returns no tensor")
-    token = _is_token_model(inputs)
-    out_names = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
-    axes = {n: _axes(t, token) for n, t in inputs.items()}
-    axes.update({n: _axes(t, token and t.ndim >= 3) for n, t in zip(out_names, expected)})
+    causal = is_causal_lm_model(model)
+    inputs = _causal_inputs(inputs, spec) if causal else dict(inputs)
+    one = {k: v[:1] for k, v in inputs.items()}  # another batch size: the axis must be dynamic
+    real = inputs["attention_mask"].numpy() != 0 if causal else None  # logits compared there
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        raw = tmp / "raw.onnx"
-        _run_exporter(torch, model, inputs, raw, out_names, axes, config, spec)
-        proto = onnx.load(str(raw))
+        raw = tmp / "raw" / "raw.onnx"  # (the exporter may put one file per weight beside it)
+        raw.parent.mkdir()
+        with _causal_forward(model) if causal else contextlib.nullcontext():
+            with torch.no_grad():
+                expected = _flatten(model(*inputs.values()))
+                expected_one = _flatten(model(*one.values()))
+            if not expected:
+                raise ExportError(f"{spec} returns no tensor")
+            if causal:
+                out_names = ["logits"]
+                axes = {n: {0: "batch", 1: "sequence"} for n in [*inputs, *out_names]}
+            else:
+                token = _is_token_model(inputs)
+                out_names = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
+                axes = {n: _axes(t, token) for n, t in inputs.items()}
+                axes.update({n: _axes(t, token and t.ndim >= 3) for n, t in zip(out_names, expected)})
+            checks = [(inputs, [_numpy(t) for t in expected], real),
+                      (one, [_numpy(t) for t in expected_one], None if real is None else real[:1])]
+            del expected, expected_one
+            _run_exporter(torch, model, inputs, raw, out_names, axes, config, spec)
+        # The graph, its weights left in the exporter's files; names restored by value.
+        proto, base = _load_light(raw, spec)
         state = model.state_dict()
-        renamed = restore_names(proto, state)
+        renamed = restore_names(proto, state, base)
+        parameter_names = set(state)
+        del state, model
+        gc.collect()  # the PyTorch weights go here when export() built the model
         sites = graph.find_weights(proto)
-        unnamed = [s.key for s in sites if s.key not in state]
+        unnamed = [s.key for s in sites if s.key not in parameter_names]
         final = tmp / output.name
-        big = proto.ByteSize() > _MAX_PROTO_BYTES
+        big = _total_bytes(proto) > _MAX_PROTO_BYTES
         # The .onnx and its data file must change as a pair: an old model.onnx
         # reading a new data file (or the reverse) is a corrupt model. Weights go
         # to whichever of two names the old .onnx does not use, so moving the
@@ -131,9 +193,18 @@ def export_module(model, inputs: Mapping, output, config: ExportConfig = ExportC
         names = [f"{output.name}.data", f"{output.name}.1.data"]
         in_use = _external_locations(output)
         data_name = next((n for n in names if n not in in_use), names[0])
-        onnx.save(proto, str(final), save_as_external_data=big, location=data_name)
+        if big:
+            _to_one_data_file(proto, base, tmp / data_name, data_name)
+        else:
+            _embed(proto, base)
+        try:
+            onnx.save(proto, str(final))
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot write the ONNX export of {spec}: {first_line(exc)}") from exc
         del proto
-        diff = _check(final, model, inputs, expected, config, spec) if config.check else None
+        shutil.rmtree(raw.parent, ignore_errors=True)
+        gc.collect()
+        diff = _check(final, checks, config, spec) if config.check else None
         with_data = (tmp / data_name).exists()  # (small tensors stay in the .onnx)
         try:
             for file in (tmp / data_name, final) if with_data else (final,):
@@ -151,7 +222,127 @@ def export_module(model, inputs: Mapping, output, config: ExportConfig = ExportC
         shutil.rmtree(tmp, ignore_errors=True)
     if unnamed:
         log.warning("%d weight(s) keep exporter names: %s", len(unnamed), ", ".join(unnamed[:5]))
-    return ExportResult(output, len(sites), unnamed, renamed, diff, time.perf_counter() - start)
+    return ExportResult(output, len(sites), unnamed, renamed, diff, time.perf_counter() - start,
+                        external_data=data_name if with_data else None)
+
+
+def _causal_inputs(inputs: Mapping, spec: str) -> dict:
+    """``input_ids`` and ``attention_mask`` (int64; all ones when not given)."""
+    extra = [n for n in inputs if n not in CAUSAL_INPUTS]
+    if "input_ids" not in inputs or extra:
+        raise ExportError(f"{spec}: a causal LM is exported from input_ids and attention_mask only, "
+                          f"not {', '.join(map(str, inputs)) or 'nothing'}")
+    ids = inputs["input_ids"].long()
+    mask = inputs.get("attention_mask")
+    mask = ids.new_ones(ids.shape) if mask is None else mask.long()
+    if tuple(mask.shape) != tuple(ids.shape) or ids.ndim != 2:
+        raise ExportError(f"{spec}: input_ids and attention_mask must both be [batch, sequence], "
+                          f"not {list(ids.shape)} and {list(mask.shape)}")
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+_NO_ATTRIBUTE = object()
+
+
+@contextlib.contextmanager
+def _causal_forward(model):
+    """Make ``model(input_ids, attention_mask)`` return the logits of a causal LM
+    without a key/value cache; position ids count the real tokens (padding: 1)."""
+    original = model.forward
+    params = inspect.signature(original).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    fixed = {"use_cache": False} if "use_cache" in params or takes_any else {}
+
+    def forward(input_ids, attention_mask):
+        kwargs = dict(fixed)
+        if "position_ids" in params:
+            kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        out = original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+    saved = model.__dict__.get("forward", _NO_ATTRIBUTE)
+    model.forward = forward
+    try:
+        yield
+    finally:
+        _restore_forward(model, saved)
+
+
+def _restore_forward(model, saved) -> None:
+    if saved is _NO_ATTRIBUTE:
+        model.__dict__.pop("forward", None)
+    else:
+        model.forward = saved
+
+
+def _load_light(raw: Path, spec: str) -> tuple[onnx.ModelProto, str]:
+    """The exporter's model, its weights referenced where they lie (see :mod:`_onnxfile`)."""
+    from ._onnxfile import MalformedProto, load_graph
+
+    try:
+        return load_graph(raw)
+    except (MalformedProto, OSError) as exc:
+        raise ExportError(f"cannot read the ONNX export of {spec}: {first_line(exc)}") from exc
+
+
+def _external_tensors(proto: onnx.ModelProto):
+    return [t for t in external.iter_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _total_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the model with every weight embedded."""
+    return proto.ByteSize() + sum(external.tensor_nbytes(t) or 0 for t in _external_tensors(proto))
+
+
+def _embed(proto: onnx.ModelProto, base: str) -> None:
+    """Read every externally stored weight into ``proto``, one tensor at a time."""
+    for tensor in _external_tensors(proto):
+        data = external.read_bytes(external.check_tensor(tensor, base))
+        tensor.raw_data = bytes(data)
+        del data
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _to_one_data_file(proto: onnx.ModelProto, base: str, path: Path, location: str) -> None:
+    """Copy every externally stored weight into the one file ``path`` (named ``location``
+    beside the model), a chunk at a time, and point the references there."""
+    offset = 0
+    with open(path, "wb") as out:
+        for tensor in _external_tensors(proto):
+            ref = external.check_tensor(tensor, base)
+            pad = -offset % 4096  # page-aligned, so the runtime may map the weights
+            out.write(b"\0" * pad)
+            offset += pad
+            with open(ref.path, "rb") as src:
+                src.seek(ref.offset)
+                left = ref.length
+                while left:
+                    chunk = src.read(min(left, _COPY_CHUNK))
+                    if not chunk:
+                        raise ExportError(f"the exporter's data for {tensor.name!r} ended early")
+                    out.write(chunk)
+                    left -= len(chunk)
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(ref.length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += ref.length
+
+
+def _copy_side_files(folder: Path, output: Path) -> list[str]:
+    """Copy the model folder's config and tokenizer files beside ``output`` (atomically)."""
+    copied = []
+    for name in LLM_SIDE_FILES:
+        source, target = folder / name, output.parent / name
+        if not source.is_file():
+            continue
+        with contextlib.suppress(OSError):
+            if target.exists() and os.path.samefile(source, target):
+                continue
+        atomic_write(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
+        copied.append(name)
+    return copied
 
 
 def _external_locations(path: Path) -> set[str]:
@@ -237,25 +428,28 @@ def _keyword_forward(model, names: list[str]):
     def forward(*args):
         return original(**dict(zip(names, args))) if by_name else original(*args)
 
+    saved = model.__dict__.get("forward", _NO_ATTRIBUTE)
     model.forward = forward
     try:
         yield
     finally:
-        del model.forward
+        _restore_forward(model, saved)
 
 
-def restore_names(model: onnx.ModelProto, state_dict: Mapping[str, object]) -> dict[str, str]:
+def restore_names(model: onnx.ModelProto, state_dict: Mapping[str, object],
+                  base_dir: str = "") -> dict[str, str]:
     """Rename weights an exporter renamed to their parameter's name (in place).
 
     Each selectable weight not named like a parameter is matched by value
     (exactly, W or W^T) and its initializer renamed when that name is free.
     A renamed weight may hold the transpose of the parameter; its layout in
-    :func:`fps_onnx.graph.find_weights` says so. Returns old -> new names.
+    :func:`fps_onnx.graph.find_weights` says so. External data is read from
+    ``base_dir``. Returns old -> new names.
     """
     sites = [s for s in graph.find_weights(model) if s.key not in state_dict]
     if not sites:
         return {}
-    values = dict((s.key, w) for s, w in graph.iter_weight_values(model, sites))
+    values = dict((s.key, w) for s, w in graph.iter_weight_values(model, sites, base_dir))
     strict = mapping.MatchConfig(rtol=0.0, atol=0.0, half_rtol=0.0, half_atol=0.0, scaled=False)
     report = mapping.match_weights(values, state_dict, {s.key: s.dtype for s in sites}, strict)
     taken = {t.name for t in model.graph.initializer}
@@ -286,36 +480,42 @@ def _rename(g: onnx.GraphProto, names: Mapping[str, str]) -> None:
                 _rename(sub, names)
 
 
-def _check(path: Path, model, inputs, expected, config: ExportConfig, spec: str) -> float:
-    """Max |ORT - torch| on the example inputs and on one sample; ExportError above tolerance."""
+def _check(path: Path, checks, config: ExportConfig, spec: str) -> float:
+    """Max |ORT - torch| over ``checks`` ((feed, expected outputs, real-token mask or
+    None)); ExportError above tolerance. ONNX Runtime reads the file by path, so
+    external data is read where it lies. Where a token mask is given, outputs
+    shaped [batch, sequence, ...] are compared on real tokens only."""
     import onnxruntime as ort
 
-    torch = _require("torch", "checking an export")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"ONNX Runtime cannot load the export of {spec}: {first_line(exc)}") from exc
-    one = {k: v[:1] for k, v in inputs.items()}  # another batch size: the axis must be dynamic
-    with torch.no_grad():
-        expected_one = _flatten(model(*one.values()))
     worst = 0.0
-    for feed, want in ((inputs, expected), (one, expected_one)):
+    for feed, want, real in checks:
         try:
             got = session.run(None, {k: v.numpy() for k, v in feed.items()})
         except Exception as exc:  # noqa: BLE001
             raise ExportError(f"ONNX Runtime cannot run the export of {spec}: {first_line(exc)}") from exc
         for g, w in zip(got, want):
-            w = w.float().numpy() if w.is_floating_point() else w.numpy()
+            if real is not None and g.shape[:2] == real.shape == w.shape[:2]:
+                g, w = g[real], w[real]
             diff = float(np.max(np.abs(g.astype(np.float64) - w))) if w.size else 0.0
             limit = config.tolerance * max(1.0, float(np.max(np.abs(w))) if w.size else 1.0)
             if not diff <= limit:
                 raise ExportError(f"the ONNX export of {spec} differs from PyTorch by {diff:.3g} "
                                   f"(tolerance {limit:.3g})")
             worst = max(worst, diff)
+    del session
     log.debug("ONNX Runtime vs PyTorch: max abs difference %.3g", worst)
     return worst
+
+
+def _numpy(t) -> np.ndarray:
+    t = t.detach()
+    return t.float().numpy() if t.is_floating_point() else t.numpy()
 
 
 def _flatten(out) -> list:

@@ -6,7 +6,9 @@ A SPEC names where the model comes from, never downloading anything:
   from ``checkpoint``;
 * ``hf:PATH`` - a local transformers folder (``local_files_only``); text
   models take ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when
-  the model has it), vision models ``pixel_values``;
+  the model has it), vision models ``pixel_values``; a decoder-only language
+  model is always its causal LM (``AutoModelForCausalLM``), called by keyword
+  with ``input_ids`` and ``attention_mask``;
 * ``module.path:function`` or ``file.py:function`` - a function returning
   ``(model, example_inputs)``.
 
@@ -49,16 +51,52 @@ class HfTask:
 
     auto_class: str  # e.g. "AutoModelForSequenceClassification"
     fits: Callable[[object], bool]  # config -> whether this task applies
-    inputs: str = "tokens"  # example inputs: "tokens" or "pixels"
+    inputs: str = "tokens"  # example inputs: "tokens", "causal" or "pixels"
     num_labels: bool = True  # the class takes num_labels (a new classification head)
+    export_task: bool = False  # export writes the task model itself, not the backbone
 
 
 def _is_vision(config) -> bool:
     return getattr(config, "vocab_size", None) is None
 
 
+#: Class-name endings of causal language model heads (LlamaForCausalLM, GPT2LMHeadModel).
+CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")
+
+
+def is_causal_lm(config) -> bool:
+    """Whether a transformers config is that of a decoder-only language model.
+
+    Not an encoder-decoder, and has a vocabulary; then the saved
+    ``architectures`` decide when they name a causal LM head (yes) or any other
+    head (``...ForSequenceClassification``: no); a bare backbone, or none named,
+    is a causal LM when ``AutoModelForCausalLM`` knows its model type and
+    ``AutoModelForMaskedLM`` does not (BERT-style encoders are in both).
+    """
+    if getattr(config, "is_encoder_decoder", False) or _is_vision(config):
+        return False
+    architectures = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+    if any(a.endswith(CAUSAL_LM_HEADS) for a in architectures):
+        return True
+    if any("For" in a for a in architectures):
+        return False
+    from transformers.models.auto import modeling_auto as auto
+
+    model_type = getattr(config, "model_type", None)
+    return (model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def is_causal_lm_model(model) -> bool:
+    """Whether ``model`` is a transformers causal LM (with its lm_head)."""
+    config = getattr(model, "config", None)
+    return (config is not None and type(model).__name__.endswith(CAUSAL_LM_HEADS)
+            and callable(getattr(model, "get_output_embeddings", None)))
+
+
 #: Tried in order; the first that fits a folder's config builds its task model.
 HF_TASKS: tuple[HfTask, ...] = (
+    HfTask("AutoModelForCausalLM", is_causal_lm, inputs="causal", num_labels=False, export_task=True),
     HfTask("AutoModelForImageClassification", _is_vision, inputs="pixels"),
     HfTask("AutoModelForSequenceClassification", lambda config: True),
 )
@@ -85,7 +123,8 @@ def build_model(
 
     Returns ``(model, example_inputs)``: ``example_inputs`` is a dict from input
     name to a tensor with a batch of 2, ordered like ``model.forward``'s
-    positional parameters, so ``model(*example_inputs.values())`` runs it.
+    positional parameters, so ``model(*example_inputs.values())`` runs it (a
+    causal LM takes them by keyword: ``model(**example_inputs)``).
     ``seed`` seeds every random initialisation (a new head, a model without
     ``checkpoint``). ``checkpoint`` (a ``.safetensors`` or ``torch.save`` file holding a
     state_dict) must fit the model exactly. ``num_classes`` sets the classifier
@@ -230,7 +269,7 @@ def _hf(path: str, num_classes, img_size, task: bool):
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         kind = hf_task(config)
-        with_head = task or num_classes is not None
+        with_head = task or num_classes is not None or kind.export_task
         cls = getattr(transformers, kind.auto_class if with_head else "AutoModel")
         new_head = with_head and kind.num_labels and num_classes is not None
         kwargs = {"num_labels": num_classes} if new_head else {}
@@ -244,6 +283,8 @@ def _hf(path: str, num_classes, img_size, task: bool):
         return model, {"pixel_values": torch.randn(2, 3, side, side, generator=g)}
     seq = 16
     inputs = {"input_ids": torch.randint(0, min(config.vocab_size, 1000), (2, seq), generator=g)}
+    if kind.inputs == "causal":
+        return model, causal_lm_inputs(inputs["input_ids"], getattr(config, "pad_token_id", None))
     if "attention_mask" in params:
         mask = torch.ones(2, seq, dtype=torch.long)
         mask[1, seq - 5:] = 0
@@ -251,6 +292,20 @@ def _hf(path: str, num_classes, img_size, task: bool):
     if "token_type_ids" in params and getattr(config, "type_vocab_size", 0):
         inputs["token_type_ids"] = torch.zeros(2, seq, dtype=torch.long)
     return model, _positional(model, inputs, f"hf:{path}")
+
+
+def causal_lm_inputs(input_ids, pad_token_id: int | None = None, padded: int = 5) -> dict:
+    """Example inputs of a causal LM: ``input_ids`` and ``attention_mask`` (int64), the
+    first row left-padded by ``padded`` tokens (``pad_token_id``, else 0), as batched
+    generation pads; the model takes them by keyword."""
+    torch = require("torch", "Hugging Face models")
+    input_ids = input_ids.clone().long()
+    mask = torch.ones_like(input_ids)
+    padded = min(padded, input_ids.shape[1] - 1)
+    mask[0, :padded] = 0
+    pad = pad_token_id if isinstance(pad_token_id, int) and pad_token_id >= 0 else 0
+    input_ids[0, :padded] = pad
+    return {"input_ids": input_ids, "attention_mask": mask}
 
 
 def _function(spec: str, num_classes, img_size):

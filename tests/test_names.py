@@ -134,16 +134,16 @@ def test_hf_export_model_is_the_backbone_and_the_task_model_wraps_it(tmp_path, k
     np.testing.assert_array_equal(bare[backbone].detach().numpy(), wrapped[task].detach().numpy())
 
 
-def test_a_causal_lm_is_one_more_hf_task(tmp_path, monkeypatch):
+def test_a_decoder_only_folder_is_its_causal_lm(tmp_path):
+    """A bare LlamaModel folder (no head named) is still fine-tuned as LlamaForCausalLM."""
     from fps_onnx import models
 
-    causal = models.HfTask("AutoModelForCausalLM", lambda config: config.model_type == "llama",
-                           num_labels=False)
-    monkeypatch.setattr(models, "HF_TASKS", (causal, *models.HF_TASKS))
     spec = f"hf:{_save(tmp_path, 'llama')}"
     model, inputs = models.build_for_data(spec, None, 3, False, None)
     names = [n for n, _ in model.named_parameters()]
-    assert type(model).__name__ == "LlamaForCausalLM" and list(inputs)[0] == "input_ids"
+    assert type(model).__name__ == "LlamaForCausalLM" and list(inputs) == ["input_ids", "attention_mask"]
+    exported, _ = models.build_model(spec)  # export writes the causal LM too, not the backbone
+    assert type(exported).__name__ == "LlamaForCausalLM"
     assert "model.layers.0.self_attn.q_proj.weight" in names
     assert resolve_keys(["layers.0.self_attn.q_proj.weight"], names) == {
         "layers.0.self_attn.q_proj.weight": "model.layers.0.self_attn.q_proj.weight"}
