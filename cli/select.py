@@ -39,6 +39,7 @@ def _given(**values):
 @click.option("--provider", type=click.Choice(providers.CHOICES), help=f"ONNX Runtime provider; auto uses CUDA only where it really works. [default: {CalibrationConfig().provider}]")
 @click.option("--batch-size", type=int, help=f"Samples per batch. [default: {DataConfig().batch_size}]")
 @click.option("--max-samples", type=int, help="Stop after this many samples.")
+@click.option("--shard", help="K/N: calibrate on batches K, K+N, K+2N, ... only (K counts from 0), e.g. one job of a CI matrix; write --stats-out and merge the N files with --from-stats.")
 @click.option("--image-size", type=int, help=f"Image side when the model's input size is not static. [default: {DEFAULT_IMAGE_SIZE}]")
 @click.option("--mean", help="Per-channel mean for images, e.g. 0.5,0.5,0.5. [default: ImageNet]")
 @click.option("--std", help="Per-channel std for images. [default: ImageNet]")
@@ -55,7 +56,7 @@ def _given(**values):
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @quiet_option
 def select(model, data, output, method, seed, norm, level, per_neuron, fraction, shira_r, provider, batch_size,
-           max_samples, image_size, mean, std, max_length, text_field, tokenizer, include_lm_head,
+           max_samples, shard, image_size, mean, std, max_length, text_field, tokenizer, include_lm_head,
            exclude, token_mask, stats_out, from_stats, torch_model, torch_checkpoint, as_json, quiet):
     """Select the weights of MODEL (ONNX) to fine-tune, from calibration DATA.
 
@@ -80,8 +81,12 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     data_config = DataConfig(**_given(
         batch_size=batch_size, max_samples=max_samples, image_size=image_size,
         mean=floats(mean), std=floats(std), max_length=max_length, text_field=text_field,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer, shard=shard,
     ))
+    if data_config.shard is not None and config.method == "gps":
+        from fps_onnx.errors import DataError
+
+        raise DataError("--shard splits FPS calibration data; --method gps reads all of DATA")
     scope = ScopeConfig(**_given(include_lm_head=include_lm_head, exclude=tuple(exclude) or None))
     from fps_onnx._io import check_writable
 
@@ -94,8 +99,8 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm([log]), tqdm(
-        total=max_samples, unit="sample", disable=bar_disabled(quiet or bool(from_stats)),
-        dynamic_ncols=True, leave=False,
+        total=max_samples if shard is None else None, unit="sample",
+        disable=bar_disabled(quiet or bool(from_stats)), dynamic_ncols=True, leave=False,
     ) as bar:
         if config.method == "gps":
             from fps_onnx.gps import gps_select

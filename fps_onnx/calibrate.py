@@ -167,7 +167,9 @@ def calibrate(
         per_act: dict[graph.Activation, ChannelStats] = {}
         samples = 0
         start = time.perf_counter()
-        for index, feed in enumerate(iter_batches(data_path, inputs, data_config, model_path)):
+        first, step = data_config.shard or (0, 1)  # batches are numbered as in an unsharded run
+        for i, feed in enumerate(iter_batches(data_path, inputs, data_config, model_path)):
+            index = first + i * step
             full = feeder.complete(feed)  # may move padding: its mask is the one to apply
             values = _run(session, names, full, index)
             n = len(next(iter(feed.values())))
@@ -180,7 +182,8 @@ def calibrate(
             raise DataError(f"no samples were read from {data_path}")
         seconds = time.perf_counter() - start
 
-        stats = Stats(sha_future.result(), num_samples=samples)
+        stats = Stats(sha_future.result(), num_samples=samples, shard=data_config.shard,
+                      batch_size=data_config.batch_size if data_config.shard else None)
         for site in sites:
             acc = ChannelStats()
             for act in site.activations:

@@ -14,6 +14,13 @@ Only one batch (plus one block of rows of a file) is held at a time, so memory
 does not grow with the number of samples or files; ``.npz`` members are
 decompressed only as far as the rows read (``max_samples`` stops early).
 
+Sharding (``DataConfig.shard = (K, N)``, ``--shard K/N``): the batches are cut
+exactly as without it, and batch ``b`` goes to shard ``b % N`` (K counts from
+0), so N shards partition the batches of one run with the same ``batch_size``
+and ``max_samples``. Another shard's batches are never assembled, and its
+images never decoded (array rows are sliced or streamed past, text is still
+tokenized, as padding decides where batches end).
+
 Data may be untrusted: only regular files are read (a symbolic link to one is
 fine; a device, FIFO or socket is refused by name); ``.npy`` headers are checked
 against the bytes that follow before anything is mapped or read, object arrays
@@ -25,12 +32,14 @@ refused before it is decoded. Every failure is one ``DataError`` naming the file
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+import functools
 import math
 import os
 from pathlib import Path
+import re
 import stat
 import warnings
 import zipfile
@@ -95,8 +104,11 @@ class DataConfig:
     max_length: int = 512  # text: tokens per sample (longer ones are truncated)
     text_field: str = "text"  # .jsonl: the field holding the text
     tokenizer: str | None = None  # text: tokenizer.json (or its folder); None: beside the model
+    shard: tuple[int, int] | None = None  # (K, N): batches K, K+N, K+2N, ...; "K/N" is parsed
 
     def __post_init__(self) -> None:
+        if self.shard is not None:
+            object.__setattr__(self, "shard", parse_shard(self.shard))
         if self.batch_size < 1:
             raise DataError(f"batch size must be at least 1, not {self.batch_size}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -120,6 +132,30 @@ class DataConfig:
             raise DataError(f"image std must be above 0, not {list(self.std)}")
         if self.max_length < 1:
             raise DataError(f"--max-length must be at least 1, not {self.max_length}")
+
+
+def parse_shard(value: str | Sequence[int]) -> tuple[int, int]:
+    """(K, N) from "K/N" or a pair: shard K (counted from 0) of N; DataError if it is not one."""
+    if isinstance(value, str):
+        found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
+        pair = (int(found[1]), int(found[2])) if found else None
+        shown = value
+    else:
+        pair = tuple(value) if isinstance(value, (tuple, list)) else None
+        if pair is not None and (len(pair) != 2 or not all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair)):
+            pair = None
+        shown = "/".join(map(str, value)) if pair is not None else repr(value)
+    if pair is None:
+        raise DataError(f"--shard must be K/N, two whole numbers (shard K of N, K counted from 0), "
+                        f"not {shown!r}")
+    k, n = int(pair[0]), int(pair[1])
+    if n < 1:
+        raise DataError(f"--shard {shown}: N, the number of shards, must be at least 1")
+    if not 0 <= k < n:
+        raise DataError(f"--shard {shown}: K counts from 0, so shard K of {n} is one of "
+                        f"0..{n - 1}")
+    return k, n
 
 
 def find_files(path: str | os.PathLike) -> list[Path]:
@@ -148,15 +184,45 @@ def iter_batches(
     """Batches of ``config.batch_size`` samples (the last may be smaller), as model feeds.
 
     ``model_path`` locates what text data needs beside the model (its
-    tokenizer.json and config.json).
+    tokenizer.json and config.json). With ``config.shard = (K, N)`` only batches
+    K, K+N, K+2N, ... of the unsharded sequence are assembled and yielded; a
+    shard that gets none is a DataError.
     """
     dtypes = {s.name: s.dtype for s in inputs}
+    k, n = config.shard or (0, 1)
+    cut = 0
+    got = False
+    for pieces in _cut(_chunks(find_files(path), inputs, config, TextReader(model_path, config)), config):
+        if cut % n == k:
+            got = True
+            yield _concat([_rows(chunk, start, stop) for chunk, start, stop in pieces], dtypes)
+        cut += 1
+    if config.shard is not None and not got:
+        raise DataError(f"shard {k}/{n} gets no batch: {path} makes {cut} batch{'es' * (cut != 1)} "
+                        f"of --batch-size {config.batch_size} and batch b goes to shard b mod {n}; "
+                        "use fewer shards or a smaller --batch-size")
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """One sample not read yet (an image): stand-ins of its arrays, and how to read them."""
+
+    like: dict[str, np.ndarray]
+    read: Callable[[], dict[str, np.ndarray]]
+
+
+_Chunk = dict[str, np.ndarray] | _Deferred  # rows read, or an image to decode
+
+
+def _cut(chunks: Iterator[_Chunk], config: DataConfig) -> Iterator[list[tuple[_Chunk, int, int]]]:
+    """The batches, as lists of (chunk, start, stop) row ranges: where each batch
+    ends is decided from the chunks' lengths and shapes alone, nothing is read."""
     remaining = config.max_samples
-    buffer: list[dict[str, np.ndarray]] = []
+    buffer: list[tuple[_Chunk, int, int]] = []
     held = 0
-    for chunk in _chunks(find_files(path), inputs, config, TextReader(model_path, config)):
-        if buffer and not _same_shapes(buffer[0], chunk):
-            yield _concat(buffer, dtypes)  # e.g. another sequence length: never mix in one batch
+    for chunk in chunks:
+        if buffer and not _same_shapes(buffer[0][0], chunk):
+            yield buffer  # e.g. another sequence length: never mix in one batch
             buffer, held = [], 0
         n = _length(chunk)
         start = 0
@@ -167,23 +233,33 @@ def iter_batches(
             if remaining is not None:
                 take = min(take, remaining)
                 remaining -= take
-            buffer.append({k: v[start : start + take] for k, v in chunk.items()})
+            buffer.append((chunk, start, start + take))
             held += take
             start += take
             if held == config.batch_size:
-                yield _concat(buffer, dtypes)
+                yield buffer
                 buffer, held = [], 0
         if remaining is not None and remaining <= 0:
             break
     if buffer:
-        yield _concat(buffer, dtypes)
+        yield buffer
 
 
-def _length(chunk: Mapping[str, np.ndarray]) -> int:
-    return len(next(iter(chunk.values())))
+def _arrays(chunk: _Chunk) -> Mapping[str, np.ndarray]:
+    return chunk.like if isinstance(chunk, _Deferred) else chunk
 
 
-def _same_shapes(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
+def _rows(chunk: _Chunk, start: int, stop: int) -> dict[str, np.ndarray]:
+    data = chunk.read() if isinstance(chunk, _Deferred) else chunk
+    return {k: v[start:stop] for k, v in data.items()}
+
+
+def _length(chunk: _Chunk) -> int:
+    return len(next(iter(_arrays(chunk).values())))
+
+
+def _same_shapes(a: _Chunk, b: _Chunk) -> bool:
+    a, b = _arrays(a), _arrays(b)
     return all(a[k].shape[1:] == b[k].shape[1:] for k in a)
 
 
@@ -207,7 +283,8 @@ def _chunks(files, inputs, config, text: TextReader) -> Iterator[dict[str, np.nd
         elif suffix == ".npz":
             chunks = _read_npz(file, inputs, config)
         else:
-            chunks = _read_image(file, inputs, config)
+            yield _image(file, inputs, config)  # decoded only when its batch is assembled
+            continue
         for chunk in chunks:
             yield {spec.name: _fit(file, spec, chunk[spec.name]) for spec in inputs}
 
@@ -429,12 +506,21 @@ def _normalisation(spec: InputSpec, channels: int, config: DataConfig) -> tuple[
     return np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
 
 
-def _read_image(file: Path, inputs, config: DataConfig) -> Iterator[dict[str, np.ndarray]]:
-    from PIL import Image, UnidentifiedImageError
-
+def _image(file: Path, inputs, config: DataConfig) -> _Deferred:
+    """One image as a sample of the model's input, checked against it now and decoded on read."""
     if len(inputs) != 1:
         raise DataError(f"{file}: images fit a model with one input, this one has {len(inputs)}")
     spec = inputs[0]
+    channels, height, width = image_geometry(spec, config)
+    _normalisation(spec, channels, config)
+    like = np.broadcast_to(np.zeros((), np.float32), (1, channels, height, width))
+    return _Deferred({spec.name: _fit(file, spec, like)},
+                     functools.partial(_read_image, file, spec, config))
+
+
+def _read_image(file: Path, spec: InputSpec, config: DataConfig) -> dict[str, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
     channels, height, width = image_geometry(spec, config)
     mean, std = _normalisation(spec, channels, config)
     with open_regular(file) as fh:
@@ -456,7 +542,7 @@ def _read_image(file: Path, inputs, config: DataConfig) -> Iterator[dict[str, np
             raise DataError(f"cannot decode image {file}: {first_line(exc)}") from exc
     pixels = pixels.reshape(height, width, channels)
     pixels = (pixels - mean) / std
-    yield {spec.name: pixels.transpose(2, 0, 1)[None]}
+    return {spec.name: pixels.transpose(2, 0, 1)[None]}
 
 
 def _check_image_size(file: Path, size: tuple[int, int], height: int, width: int,

@@ -70,6 +70,12 @@ def run_select(
         raise BudgetError(f"method {select_config.method!r} needs a PyTorch model (fps_onnx.gps)")
     provider = seconds = None
     needs_activations = METHODS[select_config.method].needs_activations
+    if data_config.shard is not None and from_stats:
+        raise DataError("--shard splits calibration data, which --from-stats does not read: merge "
+                        "the shards by giving each shard's --stats-out file to --from-stats")
+    if data_config.shard is not None and not needs_activations:
+        raise DataError(f"--shard splits calibration data, which method {select_config.method} "
+                        "does not read")
     if needs_activations and not from_stats:
         if data_path is None:
             raise DataError(f"method {select_config.method} needs calibration data or --from-stats")
@@ -103,6 +109,8 @@ def run_select(
         "num_samples": stats.num_samples,
         "model_sha256": stats.model_sha256,
     }
+    if stats.shard is not None:
+        meta["shard"] = "/".join(map(str, stats.shard))
     if select_config.method == "random":
         meta["seed"] = select_config.seed
     return SelectResult(maskfile.build(masks, sites, meta), stats, sites, provider, seconds)
@@ -123,7 +131,7 @@ def _load_shards(from_stats, model_path, sites) -> Stats:
             raise StatsError(f"cannot merge {files[0]} ({held[0]}) with {file} ({held[1]}): "
                              "shards must hold the same sums (write each with --stats-out)")
         shards.append(shard)
-    return merge_all(shards)
+    return merge_all(shards, files)
 
 
 def _select_all(model, sites, stats: Stats, config: SelectConfig, base_dir: str = "") -> dict:

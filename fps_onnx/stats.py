@@ -4,8 +4,13 @@ The stats file (safetensors) holds, per weight key, ``<key>:abs_sum`` and/or
 ``<key>:sq_sum`` (float64, [in_features], or [C_in] for Conv) and
 ``<key>:count`` (int64, [1]: rows the sums run over, at least 1). Metadata:
 ``format`` = "fps-stats", ``format_version`` = "1", ``model_sha256`` (:func:`fps_onnx.external.model_sha256`),
-``num_samples`` (an integer >= 1). Every weight holds the same sums. Two files
-of the same model add up, which is how sharded calibration merges.
+``num_samples`` (an integer >= 1); a shard's file (``--shard K/N``) also has
+``shard`` = "K/N" (0 <= K < N) and ``batch_size``, with which the data was cut.
+Every weight holds the same sums. Two files of the same model add up, which is
+how sharded calibration merges: among the files merged, no two may be the same
+shard, and shards must agree on N and ``batch_size`` (else they do not
+partition one run's batches); a missing shard is only logged. A merged file has
+no ``shard`` (nor ``batch_size``).
 
 Reading a file checks all of it (names, dtypes, shapes, finite non-negative
 sums, counts >= 1); :meth:`Stats.check_fits` checks the lengths against the
@@ -14,8 +19,9 @@ model's weights.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+import logging
 import os
 import re
 
@@ -23,6 +29,8 @@ import numpy as np
 
 from ._io import read_safetensors, write_safetensors
 from .errors import StatsError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "fps-stats"
 FORMAT_VERSION = "1"
@@ -74,6 +82,8 @@ class Stats:
     model_sha256: str
     weights: dict[str, ChannelStats] = field(default_factory=dict)
     num_samples: int = 0
+    shard: tuple[int, int] | None = None  # (K, N) of a shard's statistics
+    batch_size: int | None = None  # the batch size a shard's data was cut with
 
     @property
     def statistics(self) -> set[str]:
@@ -85,6 +95,7 @@ class Stats:
         """The sum of two shards' statistics of the same model (holding the same sums)."""
         if other.model_sha256 != self.model_sha256:
             raise StatsError("cannot merge statistics of different models")
+        _check_shards([self, other], ["the first statistics", "the second"])
         if set(other.weights) != set(self.weights):
             raise StatsError("cannot merge statistics over different weights")
         for key, mine in self.weights.items():
@@ -139,6 +150,10 @@ class Stats:
             "model_sha256": self.model_sha256,
             "num_samples": str(self.num_samples),
         }
+        if self.shard is not None:
+            meta["shard"] = "/".join(map(str, self.shard))
+        if self.batch_size is not None:
+            meta["batch_size"] = str(self.batch_size)
         write_safetensors(path, tensors, meta)
 
     @classmethod
@@ -153,6 +168,17 @@ class Stats:
             raise StatsError(f"{path}: metadata 'num_samples' must be an integer >= 1, "
                              f"not {num_samples!r}")
         stats = cls(sha, num_samples=int(num_samples))
+        if "shard" in meta:
+            shard = re.fullmatch(r"([0-9]{1,9})/([0-9]{1,9})", meta["shard"])
+            if not shard or not 0 <= int(shard[1]) < int(shard[2]):
+                raise StatsError(f"{path}: metadata 'shard' must be K/N with 0 <= K < N, "
+                                 f"not {meta['shard']!r}")
+            stats.shard = (int(shard[1]), int(shard[2]))
+        if "batch_size" in meta:
+            if not re.fullmatch(r"[0-9]{1,9}", meta["batch_size"]) or int(meta["batch_size"]) < 1:
+                raise StatsError(f"{path}: metadata 'batch_size' must be an integer >= 1, "
+                                 f"not {meta['batch_size']!r}")
+            stats.batch_size = int(meta["batch_size"])
         for name, value in tensors.items():
             key, _, stat = name.rpartition(":")
             if not key or stat not in ("count", *SUMS):
@@ -210,13 +236,50 @@ def _count(value: np.ndarray, what: str) -> int:
     return count
 
 
-def merge_all(stats: Iterable[Stats]) -> Stats:
-    """Merge statistics shards of one model."""
-    it = iter(stats)
-    total = next(it, None)
-    if total is None:
+def merge_all(stats: Iterable[Stats], sources: Sequence[object] | None = None) -> Stats:
+    """Merge statistics shards of one model (``sources``: their names, for messages).
+
+    One file comes back as it is; a merge has no ``shard``."""
+    stats = list(stats)
+    if not stats:
         raise StatsError("no statistics to merge")
-    for shard in it:
+    sources = list(sources) if sources is not None else [f"statistics {i + 1}" for i in range(len(stats))]
+    missing = _check_shards(stats, sources)
+    if missing and len(stats) > 1:
+        log.warning("shard %s not among the statistics merged: they cover part of the data",
+                    ", ".join(missing[:5]) + " ..." * (len(missing) > 5))
+    total = stats[0]
+    for shard in stats[1:]:
         total = total.merge(shard)
     return total
+
+
+def _check_shards(stats: Sequence[Stats], sources: Sequence[object]) -> list[str]:
+    """Raise StatsError unless the shards among ``stats`` can be parts of one run:
+    distinct K, one N, one batch size. Returns the shards ("K/N") not among them."""
+    seen: dict[tuple[int, int], object] = {}
+    first: tuple[Stats, object] | None = None
+    for s, source in zip(stats, sources):
+        if s.shard is None:
+            continue
+        k, n = s.shard
+        if s.shard in seen:
+            raise StatsError(f"cannot merge {seen[s.shard]} with {source}: both are shard {k}/{n}, "
+                             "the same part of the data twice")
+        seen[s.shard] = source
+        if first is None:
+            first = (s, source)
+            continue
+        other, where = first
+        if n != other.shard[1]:
+            raise StatsError(f"cannot merge {where} (shard {other.shard[0]}/{other.shard[1]}) with "
+                             f"{source} (shard {k}/{n}): the shards of one calibration share N")
+        if s.batch_size != other.batch_size:
+            raise StatsError(f"cannot merge {where} (batch size {other.batch_size}) with {source} "
+                             f"(batch size {s.batch_size}): shards cut with different --batch-size "
+                             "do not partition the data")
+    if first is None:
+        return []
+    n = first[0].shard[1]
+    return [f"{k}/{n}" for k in range(n) if (k, n) not in seen]
 
