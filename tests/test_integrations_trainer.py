@@ -165,3 +165,18 @@ def test_fused_adamw_updates_reach_the_weights():
         optimizer.zero_grad()
     fps_onnx.train.merge(model)
     check_only_selected_moved(before, model, masks)
+
+
+def test_hf_trainer_example_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    summary = example.main(["-o", str(tmp_path), "--steps", "2"])
+    assert summary["frozen_moved"] == 0 and summary["moved"] > 0.9 * summary["selected"]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "model")
+    assert not any("parametrizations" in k for k in reloaded.state_dict())
