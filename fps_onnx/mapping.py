@@ -13,13 +13,28 @@ parameter of the PyTorch model, in this order:
    so nothing is compared in full twice;
 3. **scaled**: every output row is the parameter's row times one factor (a
    Conv or Gemm with a BatchNorm folded into it by the exporter);
-4. **order**: several weights equal to the same several parameters (e.g.
+4. **rows**: a packed weight (onnxruntime-genai's ``qkv_proj``: the q, k and
+   v weights stacked along the output axis, [q+k+v, in] in PyTorch layout) is
+   cut into consecutive row blocks, each equal to one parameter (W or W^T,
+   exactly or within tolerance), found block by block from the first row;
+5. **builder names**: weights named by the onnxruntime-genai model builder
+   (initializers ``model.layers.0.attn.qkv_proj.MatMul.weight[_Q4]``, nodes
+   ``/model/layers.0/attn/qkv_proj/MatMul[_Q4]``) or by module path (optimum's
+   node ``/model/layers.0/self_attn/q_proj/MatMul``) are matched to
+   parameters through :data:`BUILDER_NAMES`, packed ones split by rows in the
+   table's order, when the shapes fit. The values then confirm the match
+   ("exact"/"close"); block-quantized weights (``MatMulNBits``) cannot match
+   exactly and count as "quantized" when the dequantized weight is within
+   ``MatchConfig.quant_rtol`` of the parameter (RMS error over its std), else
+   as "name" (values unconfirmed, warned);
+6. **order**: several weights equal to the same several parameters (e.g.
    all-zero initial weights) are paired in graph order.
 
 A weight that matches nothing, or several parameters equally well, is left
-unmapped and reported. Masks then end in the layout of the matched parameter
-(transposed when the parameter is stored [in, out]); several ONNX weights
-matched to one parameter (tied weights) become one mask, their logical OR.
+unmapped and reported. After mapping, each mask has its parameter's shape:
+rows ``a:b`` of a packed weight's [out, in] mask for a row block, transposed
+when the parameter is stored [in, out] (GPT-2's ``Conv1D``); several ONNX
+weights matched to one parameter (tied weights) become one mask, their logical OR.
 
 Neither torch nor transformers is imported here: a state_dict is any mapping
 from names to arrays or tensors.
@@ -29,10 +44,11 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 import json
 import logging
+import re
 
 import numpy as np
 import onnx
@@ -44,7 +60,7 @@ from .maskfile import MaskFile
 
 log = logging.getLogger(__name__)
 
-HOW = ("name", "exact", "close", "scaled", "order")
+HOW = ("name", "exact", "close", "quantized", "scaled", "order")
 
 _HALF = {TensorProto.FLOAT16: np.float16}
 
@@ -59,6 +75,7 @@ class MatchConfig:
     half_atol: float = 1e-5
     scaled: bool = True  # also accept per-output-row scaled copies (folded BatchNorm)
     scaled_rtol: float = 1e-4
+    quant_rtol: float = 0.2  # quantized: RMS(dequantized - parameter) below this times its std
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,8 @@ class Match:
 
     ``transposed``: the parameter holds the transpose of the weight's PyTorch
     layout (e.g. a Conv1D-style [in, out] parameter), so masks are transposed.
+    ``rows``: (start, stop) of the block of the weight's [out, in] rows that is
+    this parameter (a packed weight), or None for the whole weight.
     """
 
     onnx_key: str
@@ -74,6 +93,7 @@ class Match:
     how: str
     transposed: bool = False
     same_values: bool = True  # False: matched by name, but the parameter holds other values
+    rows: tuple[int, int] | None = None
 
 
 @dataclass
@@ -83,24 +103,36 @@ class MappingReport:
     matches: dict[str, Match] = field(default_factory=dict)  # ONNX key -> Match
     unmapped: dict[str, str] = field(default_factory=dict)  # ONNX key -> reason
     aliases: dict[str, list[str]] = field(default_factory=dict)  # parameter -> tied names
+    parts: dict[str, tuple[Match, ...]] = field(default_factory=dict)  # packed key -> row blocks
+
+    def pairs(self) -> list[tuple[str, Match]]:
+        """Every (ONNX key, Match): whole weights, then the row blocks of packed ones."""
+        out = list(self.matches.items())
+        out += [(key, m) for key, ms in self.parts.items() for m in ms]
+        return out
 
     @property
     def tied(self) -> dict[str, list[str]]:
         """Parameters matched by several ONNX weights: name -> ONNX keys."""
         by_param: dict[str, list[str]] = defaultdict(list)
-        for key, m in self.matches.items():
+        for key, m in self.pairs():
             by_param[m.torch_name].append(key)
         return {k: v for k, v in by_param.items() if len(v) > 1}
 
     def counts(self) -> dict[str, int]:
+        """Matches per kind (a packed weight counts once per row block)."""
         out = {how: 0 for how in HOW}
-        for m in self.matches.values():
+        for _, m in self.pairs():
             out[m.how] += 1
         return {k: v for k, v in out.items() if v}
 
     def summary(self) -> str:
         how = ", ".join(f"{n} by {k}" for k, n in self.counts().items()) or "none"
-        text = f"mapped {len(self.matches)} of {len(self.matches) + len(self.unmapped)} weights ({how})"
+        mapped = len(self.matches) + len(self.parts)
+        text = f"mapped {mapped} of {mapped + len(self.unmapped)} weights ({how})"
+        if self.parts:
+            blocks = sum(len(ms) for ms in self.parts.values())
+            text += f"; {len(self.parts)} packed weight(s) split into {blocks} parameters"
         if self.tied:
             text += f"; {len(self.tied)} tied parameter(s)"
         if self.unmapped:
@@ -108,12 +140,13 @@ class MappingReport:
         return text
 
     def to_json(self) -> dict:
-        return {
-            "mapped": {k: {"torch_name": m.torch_name, "how": m.how, "transposed": m.transposed}
-                       for k, m in self.matches.items()},
-            "unmapped": dict(self.unmapped),
-            "tied": self.tied,
-        }
+        mapped: dict[str, object] = {
+            k: {"torch_name": m.torch_name, "how": m.how, "transposed": m.transposed}
+            for k, m in self.matches.items()}
+        for k, ms in self.parts.items():
+            mapped[k] = {"parts": [{"torch_name": m.torch_name, "how": m.how,
+                                    "transposed": m.transposed, "rows": list(m.rows)} for m in ms]}
+        return {"mapped": mapped, "unmapped": dict(self.unmapped), "tied": self.tied}
 
 
 # --------------------------------------------------------------------------- matching
@@ -124,26 +157,49 @@ def match_weights(
     state_dict: Mapping[str, object],
     dtypes: Mapping[str, int] | None = None,
     config: MatchConfig = MatchConfig(),
+    *,
+    sources: Mapping[str, Sequence[str]] | None = None,
+    quantized: Collection[str] = (),
 ) -> MappingReport:
     """Match ONNX weights (key -> array in PyTorch layout) to ``state_dict`` parameters.
 
     ``dtypes`` gives the ONNX element type of each weight (default float32);
-    half-precision weights compare in half precision.
+    half-precision weights compare in half precision. ``sources`` gives the
+    names of the nodes that consume each weight (for :data:`BUILDER_NAMES`);
+    ``quantized`` the keys of dequantized block-quantized weights, which are
+    matched by name only and confirmed within ``config.quant_rtol``.
     """
     params, aliases = _parameters(state_dict)
     report = MappingReport(aliases=aliases)
     index = _Index(params)
     canonical = {a: name for name, names in aliases.items() for a in names}
     dtypes = dtypes or {}
+    sources = sources or {}
+    quantized = set(quantized)
     ambiguous: dict[str, tuple[tuple[str, bool], ...]] = {}
     scaled_todo: list[str] = []
+    by_name: list[str] = []
     for key, w in weights.items():
         name = canonical.get(key, key)
         p = params.get(name)
         if p is not None and p.shape in (w.shape, w.shape[::-1]):
-            transposed = p.shape != w.shape
-            same = index.agrees(w, p.T if transposed else p, dtypes.get(key, TensorProto.FLOAT), config)
-            report.matches[key] = Match(key, name, "name", transposed, same)
+            # A square parameter may be stored either way (Conv1D [in, out]): the values say which.
+            found = None
+            for transposed in (p.shape != w.shape, *((True,) if p.shape == w.shape[::-1] == w.shape else ())):
+                cand = p.T if transposed else p
+                if key in quantized:
+                    same = _quantized_close(w, cand, config.quant_rtol)
+                    how = "quantized" if same else "name"
+                else:
+                    same, how = index.agrees(w, cand, dtypes.get(key, TensorProto.FLOAT), config), "name"
+                if found is None or same:
+                    found = Match(key, name, how, transposed, same)
+                if same:
+                    break
+            report.matches[key] = found
+            continue
+        if key in quantized:
+            by_name.append(key)
             continue
         hits, how = index.find(w, dtypes.get(key, TensorProto.FLOAT), config)
         if len(hits) == 1:
@@ -154,16 +210,137 @@ def match_weights(
             scaled_todo.append(key)
 
     for key in scaled_todo:
+        blocks = index.find_blocks(key, weights[key], dtypes.get(key, TensorProto.FLOAT), config)
+        if blocks:
+            report.parts[key] = blocks
+            continue
         hits = index.find_scaled(weights[key], config) if config.scaled else []
         if len(hits) == 1:
             report.matches[key] = Match(key, hits[0][0], "scaled", hits[0][1])
         elif hits:
             ambiguous[key] = tuple(hits)
         else:
-            report.unmapped[key] = "no parameter of this shape holds these values"
+            by_name.append(key)
+
+    for key in list(ambiguous):  # equal values: the exporter's names may tell them apart
+        found = _by_builder_name(key, weights[key], sources.get(key, ()), params, canonical, index,
+                                 dtypes.get(key, TensorProto.FLOAT), False, config)
+        if found and len(found) == 1 and (found[0].torch_name, found[0].transposed) in ambiguous[key]:
+            report.matches[key] = replace(found[0], rows=None)
+            del ambiguous[key]
+
+    for key in by_name:
+        found = _by_builder_name(key, weights[key], sources.get(key, ()), params, canonical, index,
+                                 dtypes.get(key, TensorProto.FLOAT), key in quantized, config)
+        if found is None:
+            report.unmapped[key] = ("quantized, and its name fits no parameter" if key in quantized
+                                    else "no parameter of this shape holds these values")
+        elif len(found) == 1 and found[0].rows == (0, weights[key].shape[0]):
+            report.matches[key] = replace(found[0], rows=None)
+        else:
+            report.parts[key] = found
 
     _pair_in_order(ambiguous, params, report)
     return report
+
+
+# --------------------------------------------------------------------------- builder names
+
+#: Weight names of the onnxruntime-genai model builder, as module paths, and the
+#: transformers modules they stand for. Each entry is (pattern, alternatives): the
+#: first alternative whose parameters exist and fit the weight's shape is taken;
+#: an alternative of several modules is a packed weight, their ``.weight`` rows
+#: stacked in that order (the builder's ``torch.cat(dim=0)``: q, k, v; gate, up).
+#: A path no pattern fits stands for itself (optimum's node names are module paths).
+BUILDER_NAMES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
+    (r"\.attn\.qkv_proj$", ((".self_attn.qkv_proj",),
+                            (".self_attn.q_proj", ".self_attn.k_proj", ".self_attn.v_proj"))),
+    (r"\.attn\.([qkvo])_proj$", ((r".self_attn.\1_proj",),)),
+    (r"\.mlp\.gate_up_proj$", ((".mlp.gate_up_proj",), (".mlp.gate_proj", ".mlp.up_proj"))),
+)
+
+#: Module path from an initializer name (builder: ``<path>.MatMul.weight[_Q4]``)
+#: or a node name (``/<path with slashes>/MatMul[_Q4]``).
+_INIT_PATH = re.compile(r"^(?P<path>.+?)\.(?:MatMul|Gemm)\.weight(?:_Q\d+)?$")
+_NODE_PATH = re.compile(r"^/?(?P<path>.+?)/(?:MatMul|Gemm|MatMulNBits)(?:_Q\d+)?$")
+
+
+def module_paths(key: str, nodes: Iterable[str] = ()) -> list[str]:
+    """Dotted module paths a weight's initializer name or its nodes' names give."""
+    out = []
+    for text, pattern in ((key, _INIT_PATH), *((n, _NODE_PATH) for n in nodes)):
+        m = pattern.match(text)
+        path = m and m.group("path").replace("/", ".")
+        if path and path not in out:
+            out.append(path)
+    return out
+
+
+def builder_candidates(path: str) -> list[tuple[str, ...]]:
+    """Parameter names (one, or several packed in row order) a module path may stand for."""
+    out: list[tuple[str, ...]] = []
+    for pattern, alternatives in BUILDER_NAMES:
+        if re.search(pattern, path):
+            out += [tuple(re.sub(pattern, m, path) + ".weight" for m in alt) for alt in alternatives]
+    out.append((path + ".weight",))
+    return out
+
+
+def _by_builder_name(key, w, nodes, params, canonical, index, dtype, quantized,
+                     config) -> tuple[Match, ...] | None:
+    """Row blocks of ``w`` matched through :data:`BUILDER_NAMES`, or None when no names fit
+    (float weights: or the values differ; quantized ones are then matched by "name")."""
+    if w.ndim != 2:
+        return None
+    n, k = w.shape
+    for path in module_paths(key, nodes):
+        for names in builder_candidates(path):
+            resolved = [_param_named(name, params, canonical) for name in names]
+            if None in resolved:
+                continue
+            layout = []
+            for name in resolved:
+                p = params[name]
+                if p.ndim != 2 or k not in p.shape:
+                    break
+                transposed = p.shape[1] != k
+                layout.append((name, transposed, p.shape[1] if transposed else p.shape[0]))
+            if len(layout) != len(resolved) or sum(rows for *_, rows in layout) != n:
+                continue
+            out, start = [], 0
+            for name, transposed, rows in layout:
+                block, p = w[start:start + rows], params[name]
+                cand = p.T if transposed else p
+                if quantized:
+                    same = _quantized_close(block, cand, config.quant_rtol)
+                    how = "quantized" if same else "name"
+                else:  # float values are the parameter's own: a name alone is not enough
+                    how = index.compare(block, cand, dtype, config)
+                    same = how is not None
+                    if not same:
+                        break
+                out.append(Match(key, name, how, transposed, same, (start, start + rows)))
+                start += rows
+            if start == n:
+                return tuple(out)
+    return None
+
+
+def _param_named(name: str, params: Mapping[str, np.ndarray], canonical: Mapping[str, str]) -> str | None:
+    """The parameter ``name`` is (a tied name: the one its storage is kept under), or the one
+    ending with ``"." + name`` (a task model's)."""
+    if name in params or name in canonical:
+        return canonical.get(name, name)
+    hits = {canonical.get(p, p) for p in (*params, *canonical) if p.endswith("." + name)}
+    return hits.pop() if len(hits) == 1 else None
+
+
+def _quantized_close(w: np.ndarray, p: np.ndarray, rtol: float) -> bool:
+    """Whether dequantized ``w`` is ``p`` within quantization error: RMS(w - p) <= rtol * std(p)."""
+    if w.shape != p.shape or not w.size:
+        return False
+    a, b = w.astype(np.float64), p.astype(np.float64)
+    return bool(np.sqrt(np.mean((a - b) ** 2)) <= rtol * b.std() + 1e-12)
 
 
 def _pair_in_order(ambiguous, params, report: MappingReport) -> None:
@@ -227,6 +404,7 @@ class _Index:
 
     def __init__(self, params: Mapping[str, np.ndarray]) -> None:
         self.params = params
+        self._rows: dict[int, tuple[list[float], list[tuple[str, bool]]]] | None = None
         self.by_size: dict[int, tuple[list[float], list[str]]] = {}
         rows = defaultdict(list)
         for name, p in params.items():
@@ -273,6 +451,73 @@ class _Index:
             return exact, "exact"
         return close, "close"
 
+    def compare(self, w: np.ndarray, p: np.ndarray, dtype: int, config: MatchConfig) -> str | None:
+        """"exact" or "close" when ``w`` equals ``p`` (same layout; half weights in half), else None."""
+        if w.shape != p.shape:
+            return None
+        half = _HALF.get(dtype)
+        rtol, atol = (config.half_rtol, config.half_atol) if half or dtype == TensorProto.BFLOAT16 \
+            else (config.rtol, config.atol)
+        cand = p.astype(half) if half is not None else p
+        if np.array_equal(cand, w):
+            return "exact"
+        return "close" if np.allclose(w, cand, rtol=rtol, atol=atol) else None
+
+    def first_rows(self, k: int) -> tuple[list[float], list[tuple[str, bool]]]:
+        """Parameters with ``k`` inputs (W, or W^T of an [in, out] one), by their first row's abs-sum."""
+        if self._rows is None:
+            rows = defaultdict(list)
+            for name, p in self.params.items():
+                if p.ndim != 2 or not p.size:
+                    continue
+                rows[p.shape[1]].append((float(np.abs(p[0], dtype=np.float64).sum()), (name, False)))
+                rows[p.shape[0]].append((float(np.abs(p[:, 0], dtype=np.float64).sum()), (name, True)))
+            self._rows = {}
+            for size, items in rows.items():
+                items.sort()
+                self._rows[size] = ([s for s, _ in items], [h for _, h in items])
+        return self._rows.get(k, ([], []))
+
+    def find_blocks(self, key: str, w: np.ndarray, dtype: int, config: MatchConfig) -> tuple[Match, ...] | None:
+        """``w`` [out, in] as consecutive row blocks, each equal to one parameter (W or W^T), or None.
+
+        At each offset, the parameters whose first row equals ``w``'s row there
+        are compared in full; exactly one must match (exact ones preferred), and
+        the blocks must cover every row, with at least two blocks.
+        """
+        if w.ndim != 2 or w.shape[0] < 2:
+            return None
+        n, k = w.shape
+        sums, hits = self.first_rows(k)
+        if not hits:
+            return None
+        half = _HALF.get(dtype)
+        rtol, atol = (config.half_rtol, config.half_atol) if half or dtype == TensorProto.BFLOAT16 \
+            else (config.rtol, config.atol)
+        out: list[Match] = []
+        start = 0
+        while start < n:
+            target = float(np.abs(w[start], dtype=np.float64).sum())
+            slack = 10 * (rtol * target + atol * k) + 1e-9 * target + 1e-12
+            lo, hi = bisect_left(sums, target - slack), bisect_right(sums, target + slack)
+            found: dict[str, list[tuple[str, bool, int]]] = {"exact": [], "close": []}
+            for name, transposed in hits[lo:hi]:
+                p = self.params[name]
+                cand = p.T if transposed else p
+                rows = cand.shape[0]
+                if rows >= n or start + rows > n:
+                    continue  # whole weights are matched elsewhere
+                how = self.compare(w[start:start + rows], cand, dtype, config)
+                if how:
+                    found[how].append((name, transposed, rows))
+            best, how = (found["exact"], "exact") if found["exact"] else (found["close"], "close")
+            if len(best) != 1:
+                return None
+            name, transposed, rows = best[0]
+            out.append(Match(key, name, how, transposed, rows=(start, start + rows)))
+            start += rows
+        return tuple(out) if len(out) > 1 else None
+
     def find_scaled(self, w: np.ndarray, config: MatchConfig) -> list[tuple[str, bool]]:
         """Parameters whose every output row, times one factor, equals ``w``'s row."""
         if w.ndim < 2 or not np.any(w):
@@ -299,11 +544,42 @@ def _row_scaled(w: np.ndarray, p: np.ndarray, rtol: float) -> bool:
 # --------------------------------------------------------------------------- masks
 
 
-def onnx_weights(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Every selectable weight of ``model`` in PyTorch layout, and its ONNX element type."""
+def onnx_weights(model: onnx.ModelProto, base_dir: str = "") -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Every selectable weight of ``model`` in PyTorch layout (block-quantized
+    ones dequantized), and its ONNX element type."""
     sites = graph.find_weights(model)
-    values = {site.key: w for site, w in graph.iter_weight_values(model, sites)}
+    values = {site.key: w for site, w in graph.iter_weight_values(model, sites, base_dir)}
     return values, {s.key: s.dtype for s in sites}
+
+
+def weight_nodes(model: onnx.ModelProto, keys: Collection[str]) -> dict[str, list[str]]:
+    """Names of the nodes whose inputs trace back to each of ``keys`` (through
+    Transpose/Identity/Cast), for matching by the exporter's node names."""
+    from .ops import Lookup
+
+    g = model.graph
+    lookup = Lookup({t.name: t for t in g.initializer}, {o: n for n in g.node for o in n.output})
+    out: dict[str, list[str]] = defaultdict(list)
+    for node in g.node:
+        if not node.name or node.op_type in ("Transpose", "Identity", "Cast"):
+            continue
+        for name in node.input:
+            traced = lookup.constant(name) if name else None
+            if traced is not None and traced.key in keys and node.name not in out[traced.key]:
+                out[traced.key].append(node.name)
+    return dict(out)
+
+
+def _without_cache_branch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A merged decoder (``If(use_cache_branch)``) with its no-past branch inlined, on a copy,
+    as selection measured it; any other model as it is."""
+    from .decoder import USE_CACHE_BRANCH, inline_cache_branch
+
+    if not any(i.name == USE_CACHE_BRANCH for i in model.graph.input):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return inline_cache_branch(copy)[0]
 
 
 def map_masks(
@@ -312,28 +588,37 @@ def map_masks(
     onnx_model: onnx.ModelProto | None = None,
     strict: bool = False,
     config: MatchConfig = MatchConfig(),
+    *,
+    base_dir: str = "",
 ) -> tuple[MaskFile, MappingReport]:
     """Re-key ``masks`` by the PyTorch parameter names of ``state_dict``.
 
-    ``onnx_model`` (the model the masks were selected on) supplies the weight
-    values for matching by value; without it only names are matched. Masks
-    end in the layout of their parameter; tied weights are OR-ed into one mask.
-    Unmapped masks are left out of the result and listed in its metadata
-    (``unmapped``) and in the report; with ``strict`` they raise
+    ``onnx_model`` (the model the masks were selected on; a merged decoder is
+    read as selection reads it, its no-past branch inlined) supplies the weight
+    values for matching by value, and its node names for matching by the
+    exporter's names; ``base_dir`` is the folder its external data lies in.
+    Without it only names are matched. After mapping each mask has its
+    parameter's shape: a packed weight's mask is cut into its row blocks, a
+    mask is transposed for a parameter stored [in, out]; tied weights are OR-ed
+    into one mask. Unmapped masks are left out of the result and listed in its
+    metadata (``unmapped``) and in the report; with ``strict`` they raise
     :class:`MaskError`, as does a mask file that fits nothing in the model.
     """
     if onnx_model is None:
         report = _match_names({k: m.shape for k, m in masks.masks.items()}, state_dict)
     else:
-        weights, dtypes = _weights_for(masks, onnx_model)
-        report = match_weights(weights, state_dict, dtypes, config)
+        onnx_model = _without_cache_branch(onnx_model)
+        weights, dtypes, quantized = _weights_for(masks, onnx_model, base_dir)
+        report = match_weights(weights, state_dict, dtypes, config,
+                               sources=weight_nodes(onnx_model, weights), quantized=quantized)
 
-    if not report.matches:
+    pairs = report.pairs()
+    if not pairs:
         hint = "masks from another model?" if onnx_model is not None else \
             "masks from another model? without the ONNX model only names are matched"
         raise MaskError(f"none of the {len(masks.masks)} masks fits a parameter of the model ({hint})")
-    differ = [m.onnx_key for m in report.matches.values() if not m.same_values]
-    if onnx_model is not None and report.unmapped and len(differ) == len(report.matches):
+    differ = sorted({key for key, m in pairs if not m.same_values})
+    if onnx_model is not None and report.unmapped and all(not m.same_values for _, m in pairs):
         raise MaskError(
             f"{len(report.unmapped)} weight(s) match no parameter and the {len(differ)} matched by "
             "name hold other values: the PyTorch model does not have the ONNX model's weights "
@@ -352,15 +637,18 @@ def map_masks(
     return _rekey(masks, report), report
 
 
-def _weights_for(masks: MaskFile, model: onnx.ModelProto):
-    weights, dtypes = onnx_weights(model)
+def _weights_for(masks: MaskFile, model: onnx.ModelProto, base_dir: str = ""):
+    """(weights of the masks' keys, their ONNX types, the keys of block-quantized ones)."""
+    sites = {s.key: s for s in graph.find_weights(model)}
     for key, mask in masks.masks.items():
-        if key not in weights:
+        if key not in sites:
             raise MaskError(f"mask {key!r} is not a weight of the ONNX model (masks from another model?)")
-        if weights[key].shape != mask.shape:
+        if tuple(sites[key].shape) != mask.shape:
             raise MaskError(f"mask {key!r} has shape {list(mask.shape)}, the ONNX weight "
-                            f"{list(weights[key].shape)} (masks from another model?)")
-    return {k: weights[k] for k in masks.masks}, dtypes
+                            f"{list(sites[key].shape)} (masks from another model?)")
+    wanted = [sites[k] for k in masks.masks]
+    weights = {s.key: w for s, w in graph.iter_weight_values(model, wanted, base_dir)}
+    return weights, {s.key: s.dtype for s in wanted}, {s.key for s in wanted if s.quant is not None}
 
 
 def _match_names(shapes: Mapping[str, tuple], state_dict) -> MappingReport:
@@ -383,8 +671,9 @@ def _match_names(shapes: Mapping[str, tuple], state_dict) -> MappingReport:
 def _rekey(masks: MaskFile, report: MappingReport) -> MaskFile:
     out_masks: dict[str, np.ndarray] = {}
     tensors: dict[str, dict] = {}
-    for key, m in report.matches.items():
-        mask = masks.masks[key].T if m.transposed else masks.masks[key]
+    for key, m in report.pairs():
+        mask = masks.masks[key] if m.rows is None else masks.masks[key][m.rows[0]:m.rows[1]]
+        mask = mask.T if m.transposed else mask
         entry = dict(masks.tensors.get(key, {}))
         entry.setdefault("onnx_initializer", key)
         if m.torch_name in out_masks:
@@ -395,6 +684,8 @@ def _rekey(masks: MaskFile, report: MappingReport) -> MaskFile:
         else:
             out_masks[m.torch_name] = np.array(mask, dtype=bool)
             entry.update(torch_name=m.torch_name, match=m.how, shape=list(mask.shape))
+            if m.rows is not None:
+                entry["torch_rows"] = list(m.rows)
             if m.transposed:
                 entry["torch_transposed"] = True
             aliases = report.aliases.get(m.torch_name)
@@ -410,7 +701,7 @@ def _rekey(masks: MaskFile, report: MappingReport) -> MaskFile:
 
 def unmapped_names(report: MappingReport, wanted: Iterable[str]) -> list[str]:
     """Which of ``wanted`` parameter names no ONNX weight was mapped to."""
-    got = {m.torch_name for m in report.matches.values()}
+    got = {m.torch_name for _, m in report.pairs()}
     return [n for n in wanted if n not in got]
 
 
@@ -434,17 +725,17 @@ def map_to_model(
     for the task model's (:func:`fps_onnx.models.resolve_keys`).
     """
     from .external import model_sha256 as sha256_file
-    from .calibrate import load_model
+    from .calibrate import load_checked
     from .models import build_model, rekey_masks
 
-    onnx_model = None
+    onnx_model, folder = None, ""
     if onnx_path is not None:
-        onnx_model = load_model(onnx_path)
+        onnx_model, folder, refs = load_checked(onnx_path)
         want = masks.meta.get("model_sha256")
-        if want and want != sha256_file(onnx_path):
+        if want and want != sha256_file(onnx_path, refs):
             raise MaskError(f"the masks were selected on another ONNX model than {onnx_path}")
     model, _ = build_model(spec, checkpoint, num_classes, img_size, task=True)
     state = model.state_dict()
     if onnx_model is None:
         masks = rekey_masks(masks, state)
-    return map_masks(masks, state, onnx_model, strict, config)
+    return map_masks(masks, state, onnx_model, strict, config, base_dir=folder)
