@@ -1,0 +1,358 @@
+"""What ``fps-onnx select`` costs on a decoder-only LLM, next to plain inference and to GPS.
+
+A random-init Llama (seeded; by default hidden 2048, intermediate 5632, 16 layers, 32 heads, 8
+key/value heads, vocabulary 32000: 0.86 B parameters, 3.4 GB of fp32 weights), saved with
+``save_pretrained`` and exported with ``fps-onnx export hf:DIR -o model.onnx`` (weights as
+external data beside it). Data: N sequences of L seeded random token ids in an .npz
+(``input_ids``, ``attention_mask``); one sequence is right-padded and one left-padded, so the
+attention mask matters. Every variant runs as its own process, measured by
+:func:`_measure.run_measured` (wall and CPU time of the whole process, its exact peak RSS):
+
+* plain:  ONNX Runtime inference of the same model file on the same batches (input_ids,
+  attention_mask -> logits), default session options, CPU provider;
+* select: ``fps-onnx select model.onnx data.npz -o masks.safetensors --batch-size B``;
+* gps:    GPS-style selection in PyTorch, fp32: train mode, forward + backward of the causal LM
+  loss (next-token cross-entropy on real tokens) per batch, gradients summed over the set (no
+  zero_grad), then per row the top-k ``|grad|`` of every Linear weight of the decoder layers
+  (the weights ``select`` scores; lm_head is left out by both), with ``select``'s budget and its
+  ``select_scores``, as :mod:`fps_onnx.gps` does.
+
+Usage::
+
+    python benchmarks/llm_select.py [--repeat 3] [--size full|small] [--skip-gps] [--note "..."]
+    python benchmarks/llm_select.py --size small --repeat 1 --out /tmp/x   # code paths, ~1 min
+
+Writes benchmarks/results/llm_select.{md,json} (``--out`` elsewhere). The model folder, its
+ONNX export and the data are cached in benchmarks/work/llm-<size>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+from pathlib import Path
+import platform
+import shutil
+import statistics
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import run_measured  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"
+RESULTS = HERE / "results"
+SEED = 0
+PAD = 0
+SIZES = {  # LlamaConfig fields
+    "full": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+    "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, vocab_size=32000),
+}
+TARGETS = {  # ratio: (bound, "<=" or ">=")
+    "select/plain time": (1.10, "<="),
+    "select/plain peak RSS": (1.10, "<="),
+    "gps/select peak RSS": (2.5, ">="),
+}
+METRICS = ("wall_s", "cpu_s", "peak_rss_gib")
+
+
+# --------------------------------------------------------------------------- children
+# Each runs in its own process; heavy imports stay inside them, so the parent
+# (whose RSS is every child's starting high-water mark) stays small.
+
+
+def prepare_model(size: str, folder: str) -> None:
+    """Save the seeded random-init Llama of ``size`` as a Hugging Face folder."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        **SIZES[size], max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
+    tmp = Path(folder + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tmp.rename(folder)
+    print(json.dumps({"parameters": sum(p.numel() for p in model.parameters())}))
+
+
+def prepare_data(path: str, sequences: int, length: int, vocab: int) -> None:
+    """Seeded random token ids; sequence 1 right-padded (last quarter), the last left-padded (first 3/8)."""
+    import numpy as np
+
+    rng = np.random.default_rng(SEED)
+    ids = rng.integers(3, vocab, size=(sequences, length), dtype=np.int64)
+    mask = np.ones((sequences, length), dtype=np.int64)
+    if sequences > 1:
+        mask[1, length - length // 4:] = 0
+        mask[-1, : length * 3 // 8] = 0
+    ids[mask == 0] = PAD
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, input_ids=ids, attention_mask=mask)
+    os.replace(tmp, path)
+
+
+def _feed(session, batch: dict) -> dict:
+    """The session's inputs for one batch (positions and an empty cache, should the file take them)."""
+    import numpy as np
+
+    mask = batch["attention_mask"]
+    feed = {}
+    for arg in session.get_inputs():
+        if arg.name in batch:
+            feed[arg.name] = batch[arg.name]
+        elif arg.name == "position_ids":
+            pos = np.cumsum(mask, axis=1) - 1
+            pos[mask == 0] = 1
+            feed[arg.name] = pos.astype(np.int64)
+        elif arg.name.startswith(("past_key_values.", "past_key.", "past_value.")):
+            _, heads, _, dim = arg.shape
+            dtype = np.float16 if "float16" in arg.type else np.float32
+            feed[arg.name] = np.zeros((mask.shape[0], heads, 0, dim), dtype)
+        else:
+            raise SystemExit(f"plain: no value for input {arg.name}")
+    return feed
+
+
+def plain(model: str, data: str, batch_size: int) -> None:
+    """Plain ORT inference over the .npz in batches, default session options, CPU provider."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    arrays = dict(np.load(data))
+    rows = len(arrays["input_ids"])
+    for start in range(0, rows, batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in arrays.items()}
+        session.run(None, _feed(session, batch))
+
+
+def gps(folder: str, data: str, batch_size: int) -> None:
+    """GPS-style selection on the causal LM loss: summed gradients, then per-row top-k of |grad|."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fps_onnx.select import SelectConfig, select_scores
+
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
+    arrays = {k: torch.from_numpy(v) for k, v in np.load(data).items()}
+    rows = len(arrays["input_ids"])
+    for start in range(0, rows, batch_size):
+        ids = arrays["input_ids"][start : start + batch_size]
+        mask = arrays["attention_mask"][start : start + batch_size]
+        labels = ids.masked_fill(mask == 0, -100)  # next-token cross-entropy on real tokens only
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()  # grads accumulate
+    config = SelectConfig(method="gps")
+    selected, tensors = 0, 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+                score = module.weight.grad.detach().abs().double().numpy()
+                selected += int(select_scores(score, config, name).sum())
+                tensors += 1
+    print(json.dumps({"tensors": tensors, "selected": selected}))
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def _fps_onnx() -> str:
+    beside = Path(sys.executable).parent / "fps-onnx"
+    found = str(beside) if beside.exists() else shutil.which("fps-onnx")
+    if found is None:
+        raise SystemExit("fps-onnx is not installed (pip install -e .)")
+    return found
+
+
+def _child(role: str, *args) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--role", role, *map(str, args)]
+
+
+def _check(name: str, result: dict) -> dict:
+    if result["returncode"] != 0:
+        tail = (result["stderr"] or result["stdout"]).strip().splitlines()[-8:]
+        raise SystemExit(f"{name} failed (exit {result['returncode']}):\n" + "\n".join(tail))
+    return result
+
+
+def prepare(size: str, sequences: int, length: int) -> dict:
+    """Make the model folder, its ONNX export and the data once (then cached); what making them cost."""
+    work = WORK / f"llm-{size}"
+    work.mkdir(parents=True, exist_ok=True)
+    folder, onnx_path = work / "hf", work / "model.onnx"
+    data = work / f"tokens-{sequences}x{length}.npz"
+    made = {}
+    if not folder.is_dir():
+        r = _check("save model", run_measured(_child("prepare-model", size, folder)))
+        made["save model"] = {k: r[k] for k in METRICS}
+    if not onnx_path.exists():
+        r = _check("export", run_measured([_fps_onnx(), "export", f"hf:{folder}", "-o", str(onnx_path), "--json"]))
+        made["export"] = {k: r[k] for k in METRICS} | {"summary": r["stdout"].strip()}
+    if not data.exists():
+        _check("data", run_measured(_child("prepare-data", data, sequences, length, SIZES[size]["vocab_size"])))
+    return made
+
+
+def _paired(runs: dict, a: str, b: str, key: str) -> float:
+    """Median over rounds of run i of ``a`` / run i of ``b`` (they ran back to back)."""
+    return statistics.median(x[key] / y[key] for x, y in zip(runs[a], runs[b]))
+
+
+def _ratios(med: dict, runs: dict) -> dict:
+    out = {}
+    if "select" in med and "plain" in med:
+        out["select/plain time"] = _paired(runs, "select", "plain", "wall_s")
+        out["select/plain time (ratio of medians)"] = med["select"]["wall_s"] / med["plain"]["wall_s"]
+        out["select/plain CPU time"] = _paired(runs, "select", "plain", "cpu_s")
+        out["select/plain peak RSS"] = _paired(runs, "select", "plain", "peak_rss_gib")
+    if "gps" in med and "select" in med:
+        out["gps/select time"] = _paired(runs, "gps", "select", "wall_s")
+        out["gps/select peak RSS"] = _paired(runs, "gps", "select", "peak_rss_gib")
+    return out
+
+
+def _met(name: str, value: float) -> bool | None:
+    bound, op = TARGETS.get(name, (None, None))
+    if bound is None:
+        return None
+    return value <= bound if op == "<=" else value >= bound
+
+
+def _markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = [
+        "# `fps-onnx select` on a decoder-only LLM (CPU)",
+        "",
+        f"- date: {report['date']}",
+        f"- machine: {report['machine']}",
+        f"- command: `{report['command']}`",
+        f"- model: random-init Llama ({report['size']}: hidden {cfg['hidden_size']}, intermediate "
+        f"{cfg['intermediate_size']}, {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} "
+        f"heads, {cfg['num_key_value_heads']} key/value heads, vocabulary {cfg['vocab_size']}; "
+        f"{report['parameters'] / 1e9:.2f} B parameters, {report['weights_gb']:.2f} GB of fp32 "
+        "weights as external data), exported with `fps-onnx export hf:DIR -o model.onnx`",
+        f"- data: {report['sequences']} sequences of {report['length']} seeded random token ids "
+        f"(one right-padded, one left-padded), batch {report['batch_size']}",
+        f"- {report['repeat']} round(s) (plain, select, gps back to back); times are medians over "
+        "rounds, ratios the median of the per-round ratios; CPU time counts every core",
+        "",
+        "| variant | wall time (s) | CPU time (s) | peak RSS (GiB) | wall time of each run (s) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, m in report["median"].items():
+        runs = ", ".join(f"{r['wall_s']:.1f}" for r in report["runs"][name])
+        lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['peak_rss_gib']:.2f} | {runs} |")
+    lines += ["", "| ratio | value | target | met |", "|---|---:|---:|---|"]
+    for name, value in report["ratios"].items():
+        met = _met(name, value)
+        if met is None:
+            lines.append(f"| {name} | {value:.2f} | | |")
+        else:
+            bound, op = TARGETS[name]
+            lines.append(f"| {name} | {value:.2f} | {op} {bound} | {'yes' if met else 'NO'} |")
+    lines += ["", "Commands:", ""]
+    lines += [f"- {name}: `{cmd}`" for name, cmd in report["commands"].items()]
+    if report.get("note"):
+        lines += ["", report["note"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--sequences", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds (each runs every variant once)")
+    parser.add_argument("--skip-gps", action="store_true")
+    parser.add_argument("--note", default="", help="free text added to the results (e.g. machine load)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for llm_select.{md,json}")
+    parser.add_argument("--role", help=argparse.SUPPRESS)
+    parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.role == "prepare-model":
+        return prepare_model(args.rest[0], args.rest[1])
+    if args.role == "prepare-data":
+        return prepare_data(args.rest[0], int(args.rest[1]), int(args.rest[2]), int(args.rest[3]))
+    if args.role == "plain":
+        return plain(args.rest[0], args.rest[1], int(args.rest[2]))
+    if args.role == "gps":
+        return gps(args.rest[0], args.rest[1], int(args.rest[2]))
+
+    work = WORK / f"llm-{args.size}"
+    folder, model, data = work / "hf", work / "model.onnx", work / f"tokens-{args.sequences}x{args.length}.npz"
+    made = prepare(args.size, args.sequences, args.length)
+    for step, r in made.items():
+        print(f"{step}: {r['wall_s']:.1f} s, {r['peak_rss_gib']:.2f} GiB", flush=True)
+    masks = work / "masks.safetensors"
+    variants = {
+        "plain": _child("plain", model, data, args.batch_size),
+        "select": [_fps_onnx(), "select", str(model), str(data), "-o", str(masks),
+                   "--batch-size", str(args.batch_size), "--quiet"],
+    }
+    if not args.skip_gps:
+        variants["gps"] = _child("gps", folder, data, args.batch_size)
+
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for i in range(args.repeat):
+        for name, cmd in variants.items():
+            r = _check(name, run_measured(cmd))
+            runs[name].append({k: r[k] for k in METRICS})
+            print(f"[{i + 1}/{args.repeat}] {name:6s} {r['wall_s']:6.1f} s  {r['cpu_s']:6.1f} s CPU  "
+                  f"{r['peak_rss_gib']:5.2f} GiB", flush=True)
+    median = {name: {k: statistics.median(r[k] for r in rs) for k in METRICS} for name, rs in runs.items()}
+    config = json.loads((folder / "config.json").read_text())
+    weights = sum(f.stat().st_size for f in work.glob("model.onnx*"))
+    parameters = sum(
+        config[a] * config["hidden_size"] * 2 for a in ("vocab_size",)
+    ) + config["num_hidden_layers"] * _layer_params(config) + config["hidden_size"]
+    ratios = _ratios(median, runs)
+    report = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}, "
+                   f"Python {platform.python_version()}",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "size": args.size,
+        "config": {k: config[k] for k in SIZES[args.size]},
+        "parameters": parameters,
+        "weights_gb": weights / 1e9,
+        "sequences": args.sequences,
+        "length": args.length,
+        "batch_size": args.batch_size,
+        "repeat": args.repeat,
+        "parent_floor_gib": run_measured([sys.executable, "-c", "pass"])["parent_floor_gib"],
+        "prepared": made,
+        "commands": {k: " ".join(v) for k, v in variants.items()},
+        "runs": runs,
+        "median": median,
+        "ratios": ratios,
+        "targets": {k: {"bound": b, "op": op, "met": _met(k, ratios[k])} for k, (b, op) in TARGETS.items()
+                    if k in ratios},
+        "note": args.note,
+    }
+    text = _markdown(report)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "llm_select.md").write_text(text)
+    (args.out / "llm_select.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _layer_params(c: dict) -> int:
+    h, i = c["hidden_size"], c["intermediate_size"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    return 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+
+
+if __name__ == "__main__":
+    main()
