@@ -271,7 +271,7 @@ def _concat(parts: list[dict[str, np.ndarray]], dtypes) -> dict[str, np.ndarray]
             for k in parts[0]}
 
 
-def _chunks(files, inputs, config, text: TextReader) -> Iterator[dict[str, np.ndarray]]:
+def _chunks(files, inputs, config, text: TextReader) -> Iterator[_Chunk]:
     for file in files:
         suffix = file.suffix.lower()
         if suffix in TEXT_SUFFIXES:
