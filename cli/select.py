@@ -39,7 +39,7 @@ def _given(**values):
 @click.option("--provider", type=click.Choice(providers.CHOICES), help=f"ONNX Runtime provider; auto uses CUDA only where it really works. [default: {CalibrationConfig().provider}]")
 @click.option("--batch-size", type=int, help=f"Samples per batch. [default: {DataConfig().batch_size}]")
 @click.option("--max-samples", type=int, help="Stop after this many samples.")
-@click.option("--shard", help="K/N: calibrate on batches K, K+N, K+2N, ... only (K counts from 0), e.g. one job of a CI matrix; write --stats-out and merge the N files with --from-stats.")
+@click.option("--shard", metavar="K/N", help="Calibrate on batches K, K+N, K+2N, ... only (K counts from 0), e.g. one job of a CI matrix; write --stats-out and merge the N files with --from-stats.")
 @click.option("--image-size", type=int, help=f"Image side when the model's input size is not static. [default: {DEFAULT_IMAGE_SIZE}]")
 @click.option("--mean", help="Per-channel mean for images, e.g. 0.5,0.5,0.5. [default: ImageNet]")
 @click.option("--std", help="Per-channel std for images. [default: ImageNet]")
