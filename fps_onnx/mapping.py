@@ -11,12 +11,12 @@ parameter of the PyTorch model, in this order:
    fp16/bf16 ONNX weights are compared after casting the parameter to the
    same precision. Candidates are found through a sorted index of abs-sums,
    so nothing is compared in full twice;
-3. **scaled**: every output row is the parameter's row times one factor (a
-   Conv or Gemm with a BatchNorm folded into it by the exporter);
-4. **rows**: a packed weight (onnxruntime-genai's ``qkv_proj``: the q, k and
+3. **rows**: a packed weight (onnxruntime-genai's ``qkv_proj``: the q, k and
    v weights stacked along the output axis, [q+k+v, in] in PyTorch layout) is
    cut into consecutive row blocks, each equal to one parameter (W or W^T,
    exactly or within tolerance), found block by block from the first row;
+4. **scaled**: every output row is the parameter's row times one factor (a
+   Conv or Gemm with a BatchNorm folded into it by the exporter);
 5. **builder names**: weights named by the onnxruntime-genai model builder
    (initializers ``model.layers.0.attn.qkv_proj.MatMul.weight[_Q4]``, nodes
    ``/model/layers.0/attn/qkv_proj/MatMul[_Q4]``) or by module path (optimum's
@@ -646,9 +646,26 @@ def _weights_for(masks: MaskFile, model: onnx.ModelProto, base_dir: str = ""):
         if tuple(sites[key].shape) != mask.shape:
             raise MaskError(f"mask {key!r} has shape {list(mask.shape)}, the ONNX weight "
                             f"{list(sites[key].shape)} (masks from another model?)")
-    wanted = [sites[k] for k in masks.masks]
-    weights = {s.key: w for s, w in graph.iter_weight_values(model, wanted, base_dir)}
-    return weights, {s.key: s.dtype for s in wanted}, {s.key for s in wanted if s.quant is not None}
+    wanted = {k: sites[k] for k in masks.masks}
+    weights = _Weights(graph.weight_reader(model, base_dir), wanted)
+    return weights, {k: s.dtype for k, s in wanted.items()}, {k for k, s in wanted.items() if s.quant is not None}
+
+
+class _Weights(Mapping):
+    """Weights in PyTorch layout, read (block-quantized ones dequantized) each time one is
+    asked for, so that one weight at a time is in memory, as when scoring."""
+
+    def __init__(self, read, sites: Mapping[str, graph.WeightSite]) -> None:
+        self._read, self._sites = read, sites
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._read(self._sites[key])
+
+    def __iter__(self):
+        return iter(self._sites)
+
+    def __len__(self) -> int:
+        return len(self._sites)
 
 
 def _match_names(shapes: Mapping[str, tuple], state_dict) -> MappingReport:

@@ -16,9 +16,14 @@ A safetensors file any training stack can read:
   "conv"), "op", "shape", "selected"}.
 
 Mapping onto PyTorch names (:mod:`fps_onnx.mapping`) adds, per tensor,
-``torch_name``, ``match`` ("name", "exact", "close", "scaled" or "order") and
-where relevant ``torch_transposed``, ``tied_onnx_initializers`` and
-``torch_aliases``; at file level ``torch_mapping`` and ``unmapped``. Masks of
+``torch_name``, ``match`` ("name", "exact", "close", "quantized", "scaled" or
+"order") and where relevant ``torch_transposed``, ``torch_rows``,
+``tied_onnx_initializers`` and ``torch_aliases``; at file level
+``torch_mapping`` and ``unmapped``. After mapping, each mask has its
+parameter's shape: ``torch_transposed`` = true when the parameter is stored
+[in, out] (GPT-2's Conv1D) and the mask was transposed to it;
+``torch_rows`` = [start, stop] when the mask is those rows of the [out, in]
+mask of a packed ONNX weight (``onnx_initializer``, e.g. a qkv projection). Masks of
 ``method`` = "gps" (gradients of a PyTorch model) are keyed by parameter name
 from the start, with ``onnx_initializer`` null, ``loss`` and ``labels``.
 
