@@ -19,10 +19,7 @@ Recipe(train_head=False, train_bias=False))`` trains the selected entries
 alone. Build the optimizer afterwards, from the parameters that require grad
 (``Trainer`` and ``accelerator.prepare`` do). Entries outside the masks are
 never written: weight decay on the deltas pulls a delta towards zero, never a
-frozen entry. Use a non-fused optimizer: fused AdamW (``fused=True``, and
-``Trainer``'s default ``optim="adamw_torch_fused"`` on torch >= 2.8) updates
-the deltas without bumping the version counter they are re-written by, so pass
-``optim="adamw_torch"`` to ``TrainingArguments``. :func:`merge`
+frozen entry. Any optimizer works, fused AdamW (``Trainer``'s default) included. :func:`merge`
 (:func:`fps_onnx.train.sparse.merge`) writes the deltas into the weights and
 removes the parametrisation; :func:`save_delta` and :func:`apply_delta` keep
 the deltas alone.

@@ -69,20 +69,28 @@ class SparseDelta(nn.Module):
         self.register_buffer("base", weight.detach().take(indices).clone())
         dtype = torch.promote_types(weight.dtype, torch.float32)
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=weight.device))
-        self._written: tuple[int, int] | None = None
+        self._written: torch.Tensor | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         self.write(weight)
         return _GatherGrad.apply(weight, self.values, self.indices)
 
     def write(self, weight: torch.Tensor) -> None:
-        """Put ``base + values`` into the weight's storage if ``values`` changed since last time."""
-        if (id(self.values), self.values._version) == self._written:
-            return
+        """Put ``base + values`` into the weight's storage if ``values`` changed since last time.
+
+        "Changed" compares the k values with a copy of those last written: fused
+        optimizers update ``values`` in place without bumping its version counter,
+        and writing an unchanged weight again would invalidate the views that
+        earlier forward passes still hold.
+        """
         with torch.no_grad():
+            written = self._written
+            if (written is not None and written.device == self.values.device
+                    and torch.equal(written, self.values)):
+                return
             merged = (self.base.to(self.values.dtype) + self.values).to(weight.dtype)
             weight.put_(self.indices, merged)
-        self._written = (id(self.values), self.values._version)
+            self._written = self.values.detach().clone()
 
     def extra_repr(self) -> str:
         return f"k={self.indices.numel()}"
