@@ -369,12 +369,30 @@ def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """ONNX Runtime's symbolic shape inference, which follows [batch, seq] through
     the Reshape/Transpose chains of attention where plain ONNX inference gives up."""
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        return _symbolic_shape_infer().SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     except Exception as exc:  # noqa: BLE001 - fall back to ONNX's own inference
         log.debug("symbolic shape inference failed: %s", exc)
         return None
+
+
+def _symbolic_shape_infer():
+    """ONNX Runtime's ``tools/symbolic_shape_infer.py``, loaded on its own: the
+    ``onnxruntime.tools`` package imports torch whenever torch is installed, and
+    selection must not pay for (or depend on) PyTorch."""
+    import importlib.util
+    import os
+    import sys
+
+    import onnxruntime
+
+    name = "fps_onnx._ort_symbolic_shape_infer"
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(onnxruntime.__file__), "tools", "symbolic_shape_infer.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
 
 
 def inferred_shapes(model: onnx.ModelProto, mask_input: str | None = None) -> dict[str, list]:

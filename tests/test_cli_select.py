@@ -162,10 +162,10 @@ def test_data_and_from_stats_are_exclusive(chain, tmp_path):
 @pytest.mark.parametrize("kind", ["arrays", "text"])
 def test_select_does_not_import_torch(chain, tmp_path, kind):
     model, data = chain
-    if kind == "text":  # raw text, tokenized with tokenizer.json: no transformers either
+    if kind == "text":  # raw text, tokenized with tokenizer.json, token mask: no transformers either
         from test_text import save_tokenizer, tiny_lm
 
-        model = tiny_lm(tmp_path / "lm", with_mask=False)
+        model = tiny_lm(tmp_path / "lm", with_mask=True)
         data = tmp_path / "a.txt"
         data.write_text("the cat sat\nmat\n")
         save_tokenizer(model.parent)
