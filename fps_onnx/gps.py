@@ -87,7 +87,7 @@ def gps_select(
         if name in head or any(f in name for f in FROZEN_NAMES) or module.weight.grad is None:
             continue
         score = module.weight.grad.detach().abs().double().cpu().numpy()
-        mask = select_scores(score, config)
+        mask = select_scores(score, config, f"weight {name}")
         masks[name] = mask
         tensors[name] = {"torch_name": name, "op": type(module).__name__, "shape": list(mask.shape),
                          "selected": int(mask.sum()), "onnx_initializer": None,

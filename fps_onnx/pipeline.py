@@ -15,7 +15,7 @@ from .data import DataConfig
 from .errors import BudgetError, DataError, StatsError
 from .external import model_sha256
 from .scope import ScopeConfig, in_scope
-from .select import METHODS, SelectConfig, describe_budget, select_one
+from .select import METHODS, SelectConfig, check_shira, describe_budget, select_one
 from .stats import Stats, merge_all
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ def check_budget(sites: list[graph.WeightSite], config: SelectConfig) -> None:
         for d in site.shape[1:]:
             fan_in *= d
         config.keep(site.shape[0], fan_in)
+        check_shira(config, site.shape, f"weight {site.key}")
 
 
 def run_select(

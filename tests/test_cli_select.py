@@ -188,3 +188,14 @@ def test_magnitude_needs_no_data_and_records_its_method(chain, tmp_path):
     masks = MaskFile.load(out)
     assert masks.meta["method"] == "magnitude"
     assert (masks.masks["w2"].sum(1) == 1).all()
+
+
+def test_shira_budget_is_checked_before_any_data_is_read(chain, tmp_path):
+    model, _ = chain
+    bad = tmp_path / "x.npy"
+    bad.write_bytes(b"not an array")  # reading it would fail with another message
+    out = tmp_path / "m.safetensors"
+    result = invoke("select", model, bad, "-o", out, "--shira-r", "3")
+    assert result.exit_code == 1
+    assert "--shira-r 3: weight w1 [5, 6] has 30 entries, fewer than r*(in+out) = 33" in result.stderr
+    assert not out.exists()
