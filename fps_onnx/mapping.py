@@ -478,7 +478,8 @@ class _Index:
                 self._rows[size] = ([s for s, _ in items], [h for _, h in items])
         return self._rows.get(k, ([], []))
 
-    def find_blocks(self, key: str, w: np.ndarray, dtype: int, config: MatchConfig) -> tuple[Match, ...] | None:
+    def find_blocks(self, key: str, w: np.ndarray, dtype: int,
+                    config: MatchConfig) -> tuple[Match, ...] | None:
         """``w`` [out, in] as consecutive row blocks, each equal to one parameter (W or W^T), or None.
 
         At each offset, the parameters whose first row equals ``w``'s row there
@@ -648,7 +649,8 @@ def _weights_for(masks: MaskFile, model: onnx.ModelProto, base_dir: str = ""):
                             f"{list(sites[key].shape)} (masks from another model?)")
     wanted = {k: sites[k] for k in masks.masks}
     weights = _Weights(graph.weight_reader(model, base_dir), wanted)
-    return weights, {k: s.dtype for k, s in wanted.items()}, {k for k, s in wanted.items() if s.quant is not None}
+    quantized = {k for k, s in wanted.items() if s.quant is not None}
+    return weights, {k: s.dtype for k, s in wanted.items()}, quantized
 
 
 class _Weights(Mapping):

@@ -22,8 +22,7 @@ import pytest
 from _models import make_model, rng, tensor
 from fps_onnx import graph
 from fps_onnx.errors import MaskError
-from fps_onnx.mapping import (MatchConfig, builder_candidates, map_masks, match_weights, module_paths,
-                              onnx_weights)
+from fps_onnx.mapping import MatchConfig, builder_candidates, map_masks, module_paths
 from fps_onnx.maskfile import MaskFile, build
 
 HIDDEN, Q, KV, FFN = 16, 16, 8, 24  # 4 heads of 4, 2 kv heads: q rows 16, k and v rows 8
@@ -333,7 +332,8 @@ def test_conv1d_masks_end_in_the_parameters_in_out_layout(by):
     r = rng(5)
     state = {"transformer.h.0.attn.c_attn.weight": r.standard_normal((HIDDEN, 3 * HIDDEN)).astype(np.float32),
              # square: the shape alone cannot tell [in, out] from [out, in]
-             "transformer.h.0.attn.c_proj.weight": r.standard_normal((3 * HIDDEN, 3 * HIDDEN)).astype(np.float32)}
+             "transformer.h.0.attn.c_proj.weight":
+                 r.standard_normal((3 * HIDDEN, 3 * HIDDEN)).astype(np.float32)}
     names = tuple(state) if by == "name" else ("onnx::Gemm_3", "onnx::Gemm_4")
     model = _conv1d_gemm(*state.values(), names=names)
     masks = _masks_for(model)
@@ -350,7 +350,8 @@ def test_optimum_node_names_map_a_weight_that_values_cannot_tell_apart():
     # Two parameters with equal values: the node name (a module path) says which is which.
     q = rng(1).standard_normal((HIDDEN, HIDDEN)).astype(np.float32)
     state = {"model.layers.0.self_attn.q_proj.weight": q, "model.layers.0.self_attn.o_proj.weight": q.copy()}
-    nodes = [helper.make_node("MatMul", ["x", "onnx::MatMul_9"], ["y"], name="/model/layers.0/self_attn/o_proj/MatMul")]
+    nodes = [helper.make_node("MatMul", ["x", "onnx::MatMul_9"], ["y"],
+                              name="/model/layers.0/self_attn/o_proj/MatMul")]
     model = make_model(nodes, [tensor("x", ["N", HIDDEN])], [tensor("y", ["N", HIDDEN])],
                        {"onnx::MatMul_9": q.T.copy()})
     _, report = map_masks(_masks_for(model), state, model, strict=True)
@@ -420,3 +421,128 @@ def test_cli_select_and_map_split_a_packed_weight(tmp_path):
     again = MaskFile.load(direct)
     assert all(np.array_equal(again.masks[k], mapped.masks[k]) for k in mapped.masks)
     assert again.tensors["v_proj.weight"]["torch_rows"] == [Q + KV, Q + 2 * KV]
+
+
+# --------------------------------------------------------------------------- real exporters (slow)
+
+LAYOUTS = ("optimum", "optimum-merged", "genai-fp32", "genai-int4")
+_DECODER_LINEAR = re.compile(r"\.(layers|h)\.\d+\..+\.weight$")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(kind, layout) -> (model folder, ONNX file, data .npz), exported once per module."""
+    llm_models = pytest.importorskip("llm_models")
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("llm_map")
+    made: dict[tuple[str, str], tuple] = {}
+
+    def get(kind: str, layout: str):
+        if (kind, layout) not in made:
+            exporter = "optimum" if layout.startswith("optimum") else "genai"
+            llm_models.require_exporter(exporter)
+            folder = root / kind / "hf"
+            if not folder.is_dir():
+                llm_models.save_tiny_llm(kind, folder)
+            out = root / kind / layout
+            if layout == "optimum":
+                path = llm_models.optimum_export(folder, out)
+            elif layout == "optimum-merged":
+                path = llm_models.optimum_merged(folder, out)
+            else:
+                path = llm_models.genai_export(folder, out, precision=layout.split("-")[1])
+            tokens = llm_models.token_batch(batch=6, seq=10, seed=2, pad_first=3, padding_side="right")
+            data = root / kind / "tokens.npz"
+            np.savez(data, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            made[kind, layout] = (folder, path, data)
+        return made[kind, layout]
+
+    return get
+
+
+def _parameters(folder) -> dict[str, tuple[int, ...]]:
+    """Shapes of the 2-D parameters of the causal LM in ``folder`` (tied lm_head included)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if v.dim() == 2}
+
+
+def _select_and_map(folder, path, data, tmp_path):
+    from fps_onnx.cli.main import main
+
+    run = CliRunner().invoke
+    raw, out = tmp_path / "raw.safetensors", tmp_path / "mapped.safetensors"
+    result = run(main, ["select", str(path), str(data), "-o", str(raw), "-q"])
+    assert result.exit_code == 0, result.output
+    result = run(main, ["map", str(raw), "--model", f"hf:{folder}", "--onnx", str(path), "-o", str(out),
+                        "--strict", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    return MaskFile.load(raw), MaskFile.load(out), json.loads(result.output)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_exported_llm_masks_map_onto_every_decoder_linear(exported, kind, layout, tmp_path):
+    folder, path, data = exported(kind, layout)
+    raw, mapped, summary = _select_and_map(folder, path, data, tmp_path)
+    shapes = _parameters(folder)
+    decoder = {k for k in shapes if _DECODER_LINEAR.search(k)}
+    assert len(decoder) == 14  # 2 layers x q, k, v, o, gate, up, down
+    keys = set(mapped.masks)
+    assert decoder <= keys and not summary["unmapped"]
+    for key, mask in mapped.masks.items():
+        assert mask.shape == shapes[key], key  # each mask has its parameter's shape
+    if layout != "genai-int4":
+        # lm_head is not selected by default. (An int4 lm_head, MatMulNBits feeding logits,
+        # is selected today; it then maps onto lm_head.weight.)
+        assert keys == decoder
+    else:
+        assert keys - {"lm_head.weight"} == decoder
+    kinds = {t["match"] for t in mapped.tensors.values()}
+    assert kinds == ({"quantized"} if layout == "genai-int4" else {"exact"})
+    if layout.startswith("genai"):
+        # The builder packs q, k, v: their masks are rows of one selected mask, in that order.
+        for i in range(2):
+            packed_key = mapped.tensors[f"model.layers.{i}.self_attn.q_proj.weight"]["onnx_initializer"]
+            assert re.fullmatch(rf"model\.layers\.{i}\.attn\.qkv_proj\.MatMul\.weight(_Q4)?", packed_key)
+            names = [f"model.layers.{i}.self_attn.{p}_proj.weight" for p in "qkv"]
+            assert [mapped.tensors[n]["torch_rows"] for n in names] == [[0, 64], [64, 96], [96, 128]]
+            stacked = np.concatenate([mapped.masks[n] for n in names])
+            np.testing.assert_array_equal(stacked, raw.masks[packed_key])
+    else:
+        assert not any("torch_rows" in t for t in mapped.tensors.values())
+        assert sum(t["selected"] for t in mapped.tensors.values()) == raw.selected
+
+
+@pytest.mark.slow
+def test_exported_int4_select_with_torch_model_in_one_step(exported, tmp_path):
+    from fps_onnx.cli.main import main
+
+    folder, path, data = exported("llama", "genai-int4")
+    _, two_steps, _ = _select_and_map(folder, path, data, tmp_path)
+    out = tmp_path / "direct.safetensors"
+    result = CliRunner().invoke(main, ["select", str(path), str(data), "-o", str(out), "-q",
+                                       "--torch-model", f"hf:{folder}"])
+    assert result.exit_code == 0, result.output
+    direct = MaskFile.load(out)
+    assert set(direct.masks) == set(two_steps.masks)
+    assert all(np.array_equal(direct.masks[k], two_steps.masks[k]) for k in direct.masks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["optimum", "optimum-merged"])
+def test_exported_gpt2_conv1d_masks_keep_the_parameters_in_out_layout(exported, layout, tmp_path):
+    folder, path, data = exported("gpt2", layout)
+    raw, mapped, summary = _select_and_map(folder, path, data, tmp_path)
+    shapes = _parameters(folder)
+    decoder = {k for k in shapes if _DECODER_LINEAR.search(k)}
+    assert len(decoder) == 8 and set(mapped.masks) == decoder and not summary["unmapped"]
+    for key, mask in mapped.masks.items():
+        assert mask.shape == shapes[key], key  # Conv1D [in, out], c_proj's square one included
+        entry = mapped.tensors[key]
+        assert entry["torch_transposed"] is True and entry["onnx_layout"] == "in_out"
+        np.testing.assert_array_equal(mask, raw.masks[entry["onnx_initializer"]].T)
+        # neuron level: each output neuron (a column of the [in, out] parameter) keeps entries
+        assert (mask.sum(axis=0) > 0).all()
