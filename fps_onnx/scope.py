@@ -9,9 +9,11 @@ left out too.
 
 In an ONNX graph the lm_head is found two ways:
 
-* the MatMul/Gemm whose output reaches the graph output ``logits``, through
-  Identity, Cast, Reshape, Add of a bias (and the constant scalings of logit
-  soft-capping);
+* the MatMul/Gemm (FusedMatMul, MatMulNBits) whose output reaches the graph
+  output ``logits``, through Identity, Cast, Reshape, Add of a bias (and the
+  constant scalings of logit soft-capping), in a model that reads
+  ``input_ids`` and whose ``logits`` are not [batch, classes] (a classifier's
+  head is not a vocabulary projection);
 * a weight that a Gather also reads (the token embedding, tied to the lm_head
   through a Transpose).
 """
@@ -32,6 +34,9 @@ from .maskfile import MaskFile
 log = logging.getLogger(__name__)
 
 LOGITS = "logits"
+TOKEN_INPUT = "input_ids"
+#: Ops whose input 1 is the lm_head weight (MatMulNBits: its packed int4 codes).
+_WEIGHT_OPS = ("MatMul", "Gemm", "FusedMatMul", "MatMulNBits")
 #: Ops between the lm_head's MatMul and the ``logits`` output: data on input 0,
 #: or (binary) the one input that is not a constant (a bias, a soft-capping scale).
 _TO_LOGITS_UNARY = ("Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Tanh")
@@ -100,13 +105,26 @@ def lm_head_keys(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> dict[st
             key = _weight_key(node.input[0], keys, producers)
             if key is not None:
                 found[key] = "embedding, read by a Gather"
-    if any(o.name == LOGITS for o in graph.output):
+    if _predicts_tokens(graph):
         node = _logits_node(producers, constants)
         if node is not None:
             key = _weight_key(node.input[1], keys, producers)
             if key is not None:
                 found.setdefault(key, f"lm_head, feeds {LOGITS}")
     return found
+
+
+def _predicts_tokens(graph: onnx.GraphProto) -> bool:
+    """Whether ``logits`` is a language model's [batch, seq, vocab] output: the
+    model reads ``input_ids`` and ``logits`` is not declared [batch, classes] (a
+    classifier's head, like an image model's, stays selectable)."""
+    if not any(i.name == TOKEN_INPUT for i in graph.input):
+        return False
+    for out in graph.output:
+        if out.name == LOGITS:
+            tensor_type = out.type.tensor_type
+            return not (tensor_type.HasField("shape") and len(tensor_type.shape.dim) == 2)
+    return False
 
 
 def _logits_node(producers, constants) -> onnx.NodeProto | None:
@@ -116,7 +134,7 @@ def _logits_node(producers, constants) -> onnx.NodeProto | None:
         node = producers.get(name)
         if node is None:
             return None
-        if node.op_type in ("MatMul", "Gemm"):
+        if node.op_type in _WEIGHT_OPS:
             return node if len(node.input) >= 2 else None
         if node.op_type in _TO_LOGITS_UNARY:
             name = node.input[0]

@@ -42,22 +42,31 @@ def tied_lm(out: str = "logits") -> onnx.ModelProto:
     )
 
 
-def untied_lm() -> onnx.ModelProto:
-    """x -> MatMul(w1) -> MatMul(lm_head.weight) -> Add(bias) -> Cast -> logits."""
+def untied_lm(logits_shape=("N", "S", V), token_input: str = "input_ids") -> onnx.ModelProto:
+    """Gather(emb, ids) -> MatMul(w1) -> MatMul(lm_head.weight) -> Add(bias) -> Cast -> logits."""
     r = rng(1)
     return make_model(
         [
+            helper.make_node("Gather", ["emb", token_input], ["x"]),
             helper.make_node("MatMul", ["x", "w1"], ["h"]),
             helper.make_node("MatMul", ["h", "lm_head.weight"], ["z"]),
             helper.make_node("Add", ["z", "lm_head.bias"], ["zb"]),
             helper.make_node("Cast", ["zb"], ["logits"], to=TensorProto.FLOAT),
         ],
-        [tensor("x", ["N", "S", D])],
-        [tensor("logits", ["N", "S", V])],
-        {"w1": r.standard_normal((D, D)).astype(np.float32),
+        [tensor(token_input, ["N", "S"], TensorProto.INT64)],
+        [tensor("logits", list(logits_shape))],
+        {"emb": r.standard_normal((V, D)).astype(np.float32),
+         "w1": r.standard_normal((D, D)).astype(np.float32),
          "lm_head.weight": r.standard_normal((D, V)).astype(np.float32),
          "lm_head.bias": r.standard_normal(V).astype(np.float32)},
     )
+
+
+def test_a_classifier_head_feeding_logits_stays_selectable():
+    """[batch, classes] logits (a sequence classifier), or a model without input_ids
+    (an image classifier's `logits`), are not a vocabulary projection."""
+    assert keys(untied_lm(logits_shape=("N", V))) == ["w1", "lm_head.weight"]
+    assert keys(untied_lm(token_input="pixels")) == ["w1", "lm_head.weight"]
 
 
 def keys(model, config=ScopeConfig()):
@@ -128,7 +137,7 @@ def test_drop_excluded_matches_pytorch_names_of_mapped_masks():
 def untied_file(tmp_path):
     path = tmp_path / "lm.onnx"
     onnx.save(untied_lm(), path)
-    np.save(tmp_path / "x.npy", rng(2).standard_normal((5, 3, D)).astype(np.float32))
+    np.save(tmp_path / "x.npy", rng(2).integers(0, V, (5, 3)))
     return path, tmp_path / "x.npy"
 
 
