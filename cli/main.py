@@ -36,6 +36,7 @@ def main() -> None:
 
 
 def _register() -> None:
+    from .apply_delta import apply_delta
     from .diff import diff
     from .export import export
     from .inspect import inspect
@@ -43,7 +44,7 @@ def _register() -> None:
     from .select import select
     from .train import train
 
-    for command in (select, export, map_, train, inspect, diff):
+    for command in (select, export, map_, train, apply_delta, inspect, diff):
         main.add_command(command)
 
 

@@ -142,9 +142,10 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr)
 
 
-def make_schedule(optimizer, recipe: Recipe, steps_per_epoch: int):
-    """Per step: linear warm-up from lr/steps to lr, then cosine down to ``min_lr``."""
-    total = recipe.epochs * steps_per_epoch
+def make_schedule(optimizer, recipe: Recipe, steps_per_epoch: int, *, total: int | None = None):
+    """Per step: linear warm-up from lr/steps to lr, then cosine down to ``min_lr``
+    at ``total`` steps (default: all epochs)."""
+    total = recipe.epochs * steps_per_epoch if total is None else total
     warmup = min(int(round(recipe.warmup_epochs * steps_per_epoch)), total)
     floor = recipe.min_lr / recipe.lr
 

@@ -1,8 +1,12 @@
 """``train`` end to end: model, masks, data, (distributed) training and the output folder.
 
-The output folder receives ``model.safetensors`` (merged dense weights,
-PyTorch names), ``delta.safetensors`` (see :func:`sparse.save_delta`) and
-``metrics.json``, written together (one folder renamed into place, other
+Classification (:func:`run_train`): the output folder receives
+``model.safetensors`` (merged dense weights, PyTorch names),
+``delta.safetensors`` (see :func:`sparse.save_delta`) and ``metrics.json``.
+Causal language modelling (:func:`run_train_causal`): ``delta.safetensors``
+(naming the base model's hash), ``model/`` (a folder
+``AutoModelForCausalLM.from_pretrained`` loads) and ``metrics.json``.
+Either way they are written together (one folder renamed into place, other
 files already in the folder kept) and only once training has finished, by the
 first process when several run under ``torchrun``. Until then nothing is
 created, not even the folder.
@@ -18,13 +22,13 @@ import os
 from pathlib import Path
 
 from .._io import atomic_folder, atomic_write, check_folder
-from ..errors import OutputError
+from ..errors import MaskError, OutputError
 from ..maskfile import MaskFile
-from ..models import build_for_data
-from . import loop, sparse
+from ..models import build_for_data, rekey_masks
+from . import causal, hf_folder, lm_data, loop, sparse
 from ._torch import nn, torch
 from .data import ImageSpec, LabelledSet, open_split
-from .recipe import Recipe
+from .recipe import CausalLMRecipe, Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +128,10 @@ def run_train(
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise OutputError(f"cannot write to {out}: it is a file, not a folder")
+    for given, option in ((recipe.max_steps is not None, "--max-steps"), (recipe.accumulate != 1, "--accumulate"),
+                          (recipe.checkpointing, "--checkpointing")):
+        if given:
+            raise RecipeError(f"{option} applies to --task causal-lm only")
     rank, world, local_rank = _distributed()
     if rank == 0:
         check_folder(out)  # created only with the outputs, at the end
@@ -211,3 +219,140 @@ def write_outputs(model: nn.Module, trainable: loop.Trainable, metrics: dict, ou
         atomic_write(tmp / "metrics.json", lambda f: Path(f).write_text(text))
     log.info("wrote %s, %s and %s", out / "model.safetensors", out / "delta.safetensors",
              out / "metrics.json")
+
+
+def _check_causal_masks(model: nn.Module, maskfile: MaskFile) -> MaskFile:
+    """The masks keyed by parameter names of this causal LM, or one MaskError line."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    masks = rekey_masks(maskfile, names)
+    if not masks.masks:
+        raise MaskError("the mask file holds no masks")
+    unknown = [k for k in masks.masks if k not in set(names)]
+    if unknown:
+        raise MaskError(f"mask key {unknown[0]!r} is not a parameter of {type(model).__name__} "
+                        f"({len(unknown)} of {len(masks.masks)} keys are not): masks of another model? "
+                        "Map ONNX names with `fps-onnx map` or --onnx MODEL.onnx")
+    return masks
+
+
+def run_train_causal(
+    spec: str,
+    masks: str | os.PathLike | MaskFile,
+    splits: Splits,
+    output: str | os.PathLike,
+    recipe: Recipe = CausalLMRecipe(),
+    *,
+    onnx_model: str | os.PathLike | None = None,
+    device: str | None = None,
+    on_step: Callable[[int, float, int], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Fine-tune the entries ``masks`` selects of the causal LM ``hf:DIR``; returns the metrics.
+
+    Data: see :mod:`.lm_data`; loss, accumulation and perplexity: :mod:`.causal`.
+    Writes ``delta.safetensors``, ``model/`` and ``metrics.json`` into ``output``
+    (see the module docstring). ``onnx_model``: the ONNX file the masks were
+    selected on, when their keys are ONNX initializer names.
+    """
+    _return_freed_memory()
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write to {out}: it is a file, not a folder")
+    folder = hf_folder.causal_lm_folder(spec)
+    rank, world, local_rank = _distributed()
+    if rank == 0:
+        check_folder(out)
+    maskfile = masks if isinstance(masks, MaskFile) else MaskFile.load(masks)
+    base_hash = hf_folder.base_sha256(folder)
+
+    torch.manual_seed(recipe.seed)
+    model = hf_folder.build_causal_lm(spec, recipe.seed)
+    if onnx_model is None:
+        maskfile = _check_causal_masks(model, maskfile)
+    tokenizer = lm_data.load_tokenizer(folder)
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    max_length = min(recipe.max_length, positions) if isinstance(positions, int) else recipe.max_length
+    vocab = model.get_input_embeddings().weight.shape[0]
+    sets = {name: lm_data.open_lm_split(path, tokenizer, max_length, vocab) if path else None
+            for name, path in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+    log.info("%d training samples, %s tokens to predict, max length %d", len(sets["train"]),
+             f"{sets['train'].predicted_tokens():,}", max_length)
+
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
+    tied = sparse.tied_names(model)
+    for name in trainable.dense:
+        if name in tied:
+            log.warning("%s are one tied tensor, trained fully", " and ".join(tied[name]))
+    if recipe.checkpointing:
+        causal.enable_checkpointing(model)
+    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        DDP._set_params_and_buffers_to_ignore_for_model(model, sparse.buffer_names(model))
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    collate = lm_data.Collate(lm_data.pad_id(tokenizer))
+
+    def loader(dataset, train: bool):
+        if dataset is None:
+            return None
+        from torch.utils.data import DataLoader
+
+        plain = _loader(dataset, recipe, train=train, rank=rank, world=world)
+        return DataLoader(plain.dataset, recipe.batch_size, sampler=plain.sampler, collate_fn=collate,
+                          num_workers=recipe.workers)
+
+    history = causal.fit(
+        net, loader(sets["train"], True), loader(sets["val"], False), recipe=recipe, device=device,
+        on_step=on_step if rank == 0 else None, on_epoch=on_epoch if rank == 0 else None,
+    )
+    if sets["test"] is not None:
+        test = causal.evaluate(net, loader(sets["test"], False), device, recipe)
+        history["test_loss"], history["test_perplexity"] = test["loss"], test["perplexity"]
+    params = dict(model.named_parameters())
+    metrics = {
+        **history,
+        "task": "causal-lm",
+        "model": spec,
+        "base_sha256": base_hash,
+        "max_length": max_length,
+        "trainable": {"selected": trainable.selected, "sparse_tensors": len(trainable.deltas),
+                      "dense": sum(params[n].numel() for n in trainable.dense),
+                      "dense_tensors": trainable.dense},
+        "world_size": world,
+        "device": str(device),
+        "recipe": asdict(recipe),
+    }
+    if rank == 0:
+        write_causal_outputs(model, trainable, metrics, out, folder, base_hash)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def write_causal_outputs(model: nn.Module, trainable: loop.Trainable, metrics: dict, out: Path,
+                         base: Path, base_hash: str) -> None:
+    """delta.safetensors, model/ and metrics.json, appearing in ``out`` together.
+
+    The deltas are saved first, then merged into the model (which is left
+    plain, with merged weights) for ``save_pretrained``.
+    """
+    out = check_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(metrics, indent=2, default=str)
+    model.eval()
+    with atomic_folder(out) as tmp:
+        sparse.save_delta(model, tmp / "delta.safetensors", dense=trainable.dense,
+                          metadata={hf_folder.BASE_HASH_KEY: base_hash, "task": "causal-lm"})
+        sparse.merge(model)
+        hf_folder.save_model_folder(model.cpu(), base, tmp / "model")
+        atomic_write(tmp / "metrics.json", lambda f: Path(f).write_text(text))
+    log.info("wrote %s, %s and %s", out / "delta.safetensors", out / "model", out / "metrics.json")

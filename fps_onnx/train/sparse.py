@@ -22,10 +22,19 @@ weight is ``W0 + delta`` (zero inference overhead, ordinary ``state_dict``);
 This works for any module parameter (nn.Linear, nn.Conv2d incl. grouped and
 depthwise, nn.MultiheadAttention's ``in_proj_weight``, ...), because modules
 read it through ``module.weight`` as usual.
+
+Tied parameters (a language model's ``lm_head.weight`` that is its input
+embedding) are one tensor: a mask on any of its names selects entries of that
+one tensor, under its first name in ``named_parameters()``
+(``model.embed_tokens.weight``), and every module that shares it gets the same
+delta, so the gradient of both uses reaches it and the tie survives
+:func:`merge`. Selecting entries of a tied ``lm_head`` changes the embedding too
+(logged as a warning).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Collection, Iterator, Mapping
 import json
 import logging
@@ -105,33 +114,46 @@ def attach(model: nn.Module, masks: Mapping[str, object], *, skip: Collection[st
     """
     from torch.nn.utils import parametrize
 
-    params = dict(model.named_parameters())
-    attached: dict[str, SparseDelta] = {}
-    for name, mask in masks.items():
-        if name in skip:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names = tied_names(model)
+    combined: dict[str, np.ndarray] = {}
+    for key, mask in masks.items():
+        if key in skip:
             continue
-        if name not in params:
-            raise MaskError(f"mask {name!r} names no parameter of the model")
-        weight = params[name]
+        if key not in params:
+            raise MaskError(f"mask {key!r} names no parameter of the model")
+        weight = params[key]
         mask = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
         if tuple(mask.shape) != tuple(weight.shape):
-            raise MaskError(f"mask {name!r} has shape {list(mask.shape)}, "
+            raise MaskError(f"mask {key!r} has shape {list(mask.shape)}, "
                             f"but the model's weight is {list(weight.shape)}")
         if not weight.is_floating_point():
-            raise MaskError(f"mask {name!r}: the model's {name} is {weight.dtype}, not a float weight")
-        module_name, _, tensor_name = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if parametrize.is_parametrized(module, tensor_name):
-            raise MaskError(f"{name} already has a parametrisation; cannot add a sparse delta")
+            raise MaskError(f"mask {key!r}: the model's {key} is {weight.dtype}, not a float weight")
+        name = names.get(key, [key])[0]
+        combined[name] = combined[name] | mask.astype(bool) if name in combined else mask.astype(bool)
+    attached: dict[str, SparseDelta] = {}
+    for name, mask in combined.items():
+        if name in skip:
+            continue
+        weight = params[name]
         flat = np.flatnonzero(mask.reshape(-1))
         if flat.size == 0:
             continue
         weight.requires_grad_(False)
         delta = SparseDelta(weight, torch.from_numpy(flat))
-        parametrize.register_parametrization(module, tensor_name, delta)
+        for alias in names.get(name, [name]):  # every module sharing the tensor uses the delta
+            module_name, _, tensor_name = alias.rpartition(".")
+            module = model.get_submodule(module_name)
+            if parametrize.is_parametrized(module, tensor_name):
+                raise MaskError(f"{alias} already has a parametrisation; cannot add a sparse delta")
+            parametrize.register_parametrization(module, tensor_name, delta)
         attached[name] = delta
     if not attached:
         raise MaskError("the mask selects no entries of the model's weights")
+    for name in attached:
+        if name in names:
+            log.warning("%s are one tied tensor: the entries selected in it change all of them "
+                        "(trained as %s)", " and ".join(names[name]), name)
     log.info("sparse deltas on %d weights, %s trainable entries", len(attached),
              f"{sum(d.indices.numel() for d in attached.values()):,}")
     return attached
@@ -158,8 +180,17 @@ def load_masks(
     return attach(model, _by_parameter_name(model, maskfile, skip, onnx_model), skip=skip)
 
 
+def tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """Each name of a parameter that several modules share -> all its names
+    (``named_parameters`` order: the first is the name it is known by)."""
+    by_tensor: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor[id(param)].append(name)
+    return {name: group for group in by_tensor.values() if len(group) > 1 for name in group}
+
+
 def _by_parameter_name(model: nn.Module, maskfile: MaskFile, skip, onnx_model) -> dict[str, np.ndarray]:
-    names = {n for n, _ in model.named_parameters()}
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     wanted = {k: m for k, m in maskfile.masks.items() if k not in skip}
     if all(key in names for key in wanted):
         return wanted
@@ -180,7 +211,8 @@ def _by_parameter_name(model: nn.Module, maskfile: MaskFile, skip, onnx_model) -
 
 
 def deltas(model: nn.Module) -> dict[str, SparseDelta]:
-    """Plain parameter name -> SparseDelta, for every sparse weight of ``model``."""
+    """Plain parameter name -> SparseDelta, for every sparse weight of ``model``
+    (a tied weight under each of its names, one SparseDelta)."""
     found = {}
     for module_name, module in model.named_modules():
         for tensor_name, plist in getattr(module, "parametrizations", {}).items():
@@ -238,8 +270,19 @@ def buffer_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_buffers() if _MARK in n and n.endswith((".indices", ".base"))]
 
 
-def _delta_tensors(model: nn.Module, dense: Collection[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def unique_deltas(model: nn.Module) -> dict[str, SparseDelta]:
+    """:func:`deltas` with each tied weight once, under its first name."""
+    found: dict[str, SparseDelta] = {}
+    seen: set[int] = set()
     for name, delta in deltas(model).items():
+        if id(delta) not in seen:
+            seen.add(id(delta))
+            found[name] = delta
+    return found
+
+
+def _delta_tensors(model: nn.Module, dense: Collection[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, delta in unique_deltas(model).items():
         yield f"{name}:indices", delta.indices
         yield f"{name}:values", delta.values.detach()
     state = merged_state_dict(model)
@@ -247,7 +290,8 @@ def _delta_tensors(model: nn.Module, dense: Collection[str]) -> Iterator[tuple[s
         yield name, state[name]
 
 
-def save_delta(model: nn.Module, path: str | os.PathLike, *, dense: Collection[str] = ()) -> None:
+def save_delta(model: nn.Module, path: str | os.PathLike, *, dense: Collection[str] = (),
+               metadata: Mapping[str, str] | None = None) -> None:
     """Write the deltas (and the fully trained tensors named in ``dense``) atomically.
 
     The file (safetensors) holds ``<name>:indices`` (int64, flat row-major
@@ -255,14 +299,16 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, dense: Collection[s
     values of each ``dense`` tensor under its own name. Metadata: ``format`` =
     "fps-delta", ``format_version``, ``shapes`` (JSON name -> shape) and
     ``dense`` (JSON list). Applying it to the starting model reproduces the
-    fine-tuned one (:func:`apply_delta`).
+    fine-tuned one (:func:`apply_delta`). ``metadata``: more string entries
+    (e.g. ``base_sha256``, the base model's hash); the format's own keys win.
     """
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in _delta_tensors(model, dense)}
     state = merged_state_dict(model)
-    shapes = {name: list(state[name].shape) for name in deltas(model)}
+    shapes = {name: list(state[name].shape) for name in unique_deltas(model)}
     meta = {
+        **dict(metadata or {}),
         "format": DELTA_FORMAT,
         "format_version": DELTA_FORMAT_VERSION,
         "shapes": json.dumps(shapes, sort_keys=True),
@@ -300,8 +346,11 @@ def apply_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if unknown:
         raise MaskError(f"{path}: unexpected tensor {unknown[0]!r}")
 
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     state = model.state_dict()
+    targets = [id(params[n]) for n in shapes if n in params]
+    if len(set(targets)) < len(targets):
+        raise MaskError(f"{path}: two deltas name one tied weight of the model")
     for name, shape in shapes.items():
         if name not in params or list(params[name].shape) != shape:
             have = f"is {list(params[name].shape)}" if name in params else "does not exist"
@@ -324,7 +373,12 @@ def apply_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def _read_delta(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def delta_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a delta file (MaskError unless it is one this module reads)."""
+    return _read_delta(path, with_tensors=False)[1]
+
+
+def _read_delta(path, *, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a delta file whose format and version are this module's."""
     from safetensors import safe_open
 
@@ -333,7 +387,7 @@ def _read_delta(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()} if with_tensors else {}
     except Exception as exc:  # noqa: BLE001 - any decoding failure means "not a safetensors file"
         raise MaskError(f"cannot read delta file {path}: {first_line(exc)}") from exc
     if meta.get("format") != DELTA_FORMAT:
