@@ -494,12 +494,7 @@ def test_exported_llm_masks_map_onto_every_decoder_linear(exported, kind, layout
     assert decoder <= keys and not summary["unmapped"]
     for key, mask in mapped.masks.items():
         assert mask.shape == shapes[key], key  # each mask has its parameter's shape
-    if layout != "genai-int4":
-        # lm_head is not selected by default. (An int4 lm_head, MatMulNBits feeding logits,
-        # is selected today; it then maps onto lm_head.weight.)
-        assert keys == decoder
-    else:
-        assert keys - {"lm_head.weight"} == decoder
+    assert keys == decoder  # lm_head (an int4 MatMulNBits one too) is not selected by default
     kinds = {t["match"] for t in mapped.tensors.values()}
     assert kinds == ({"quantized"} if layout == "genai-int4" else {"exact"})
     if layout.startswith("genai"):
