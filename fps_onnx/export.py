@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 EXPORTERS = ("legacy", "dynamo")
 _MAX_PROTO_BYTES = 1_800_000_000  # above this, weights go to an external data file
+_MIN_EXTERNAL_BYTES = 1024  # embedded tensors this large move to it too (smaller stay inline)
 #: Files of an ``hf:`` causal LM folder copied beside its export (those that exist).
 LLM_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json",
@@ -305,11 +306,12 @@ def _embed(proto: onnx.ModelProto, base: str) -> None:
 
 
 def _to_one_data_file(proto: onnx.ModelProto, base: str, path: Path, location: str) -> None:
-    """Copy every externally stored weight into the one file ``path`` (named ``location``
-    beside the model), a chunk at a time, and point the references there."""
+    """Copy every externally stored weight, and every embedded initializer of at least
+    ``_MIN_EXTERNAL_BYTES``, into the one file ``path`` (named ``location`` beside the
+    model), a chunk at a time, and point the references there."""
     offset = 0
     with open(path, "wb") as out:
-        for tensor in _external_tensors(proto):
+        for tensor in _external_tensors(proto):  # what the exporter wrote aside
             ref = external.check_tensor(tensor, base)
             pad = -offset % 4096  # page-aligned, so the runtime may map the weights
             out.write(b"\0" * pad)
@@ -323,11 +325,30 @@ def _to_one_data_file(proto: onnx.ModelProto, base: str, path: Path, location: s
                         raise ExportError(f"the exporter's data for {tensor.name!r} ended early")
                     out.write(chunk)
                     left -= len(chunk)
-            del tensor.external_data[:]
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(ref.length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+            _point(tensor, location, offset, ref.length)
             offset += ref.length
+        for tensor in proto.graph.initializer:  # what it left inline (node attributes stay)
+            if tensor.data_location != onnx.TensorProto.EXTERNAL and len(tensor.raw_data) >= _MIN_EXTERNAL_BYTES:
+                length = len(tensor.raw_data)
+                offset += _write_aligned(out, offset, tensor.raw_data)
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                _point(tensor, location, offset - length, length)
+
+
+def _write_aligned(out, offset: int, data: bytes) -> int:
+    """Write ``data`` at the next page boundary after ``offset``; the bytes written."""
+    pad = -offset % 4096
+    out.write(b"\0" * pad)
+    out.write(data)
+    return pad + len(data)
+
+
+def _point(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
 
 
 def _copy_side_files(folder: Path, output: Path) -> list[str]:
