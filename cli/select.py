@@ -13,6 +13,7 @@ from fps_onnx.data import DEFAULT_IMAGE_SIZE, DataConfig
 from fps_onnx.pipeline import run_select
 from fps_onnx.scope import ScopeConfig
 from fps_onnx.select import LEVELS, METHODS, NORMS, SelectConfig, method_names
+from fps_onnx.text import DEFAULT_MAX_LENGTH
 
 from .options import bar_disabled, floats, quiet_option
 
@@ -43,7 +44,7 @@ def _given(**values):
 @click.option("--image-size", type=int, help=f"Image side when the model's input size is not static. [default: {DEFAULT_IMAGE_SIZE}]")
 @click.option("--mean", help="Per-channel mean for images, e.g. 0.5,0.5,0.5. [default: ImageNet]")
 @click.option("--std", help="Per-channel std for images. [default: ImageNet]")
-@click.option("--max-length", type=int, help=f"Text: tokens per sample, longer ones are truncated. [default: {DataConfig().max_length}]")
+@click.option("--max-length", type=int, help=f"Text: tokens per sample, longer ones are truncated. [default: {DEFAULT_MAX_LENGTH}, or the model's positions if fewer]")
 @click.option("--text-field", help=f"Text: the .jsonl field holding the text. [default: {DataConfig().text_field}]")
 @click.option("--tokenizer", type=click.Path(), help="Text: a tokenizer.json, or a folder holding one. [default: the tokenizer.json beside MODEL]")
 @click.option("--include-lm-head", is_flag=True, default=None, help="Also select the vocabulary projection (lm_head) and tied embeddings of a language model.")

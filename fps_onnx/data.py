@@ -101,7 +101,7 @@ class DataConfig:
     std: tuple[float, ...] = IMAGENET_STD
     crop_pct: float = 0.875
     max_image_pixels: int = 8192 * 8192  # larger images (declared size, or once resized) are refused
-    max_length: int = 512  # text: tokens per sample (longer ones are truncated)
+    max_length: int | None = None  # text: tokens per sample, longer ones truncated; None: see below
     text_field: str = "text"  # .jsonl: the field holding the text
     tokenizer: str | None = None  # text: tokenizer.json (or its folder); None: beside the model
     shard: tuple[int, int] | None = None  # (K, N): batches K, K+N, K+2N, ...; "K/N" is parsed
@@ -130,7 +130,7 @@ class DataConfig:
             object.__setattr__(self, name, values)
         if not all(v > 0 for v in self.std):
             raise DataError(f"image std must be above 0, not {list(self.std)}")
-        if self.max_length < 1:
+        if self.max_length is not None and self.max_length < 1:
             raise DataError(f"--max-length must be at least 1, not {self.max_length}")
 
 

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKENIZER_FILE = "tokenizer.json"
+#: Tokens per sample when --max-length is not given (capped at the model's positions).
+DEFAULT_MAX_LENGTH = 512
 #: Inputs text data provides; ``token_type_ids`` is all zeros.
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _POSITION_KEYS = ("max_position_embeddings", "n_positions")
@@ -97,13 +99,14 @@ class TextReader:
     def _load(self):
         if self._tokenizer is None:
             positions = max_positions(self.model_path)
-            if positions is not None and self.config.max_length > positions:
-                raise DataError(f"--max-length {self.config.max_length} is beyond the model's "
-                                f"{positions} positions")
+            length = self.config.max_length
+            if length is None:
+                length = min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
+            elif positions is not None and length > positions:
+                raise DataError(f"--max-length {length} is beyond the model's {positions} positions")
             path = find_tokenizer(self.model_path, self.config.tokenizer)
-            self._tokenizer, self._pad_id = load_tokenizer(path, self.config.max_length)
-            log.info("tokenizer %s, max length %d, pad id %d", path, self.config.max_length,
-                     self._pad_id)
+            self._tokenizer, self._pad_id = load_tokenizer(path, length)
+            log.info("tokenizer %s, max length %d, pad id %d", path, length, self._pad_id)
         return self._tokenizer
 
     def chunks(self, file: Path, inputs: Sequence) -> Iterator[dict[str, np.ndarray]]:

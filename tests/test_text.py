@@ -244,7 +244,7 @@ def bad_setup(case, folder):
         return ("--max-length", "17"), "--max-length 17 is beyond the model's 16 positions"
     if case == "beyond context":
         (folder / "genai_config.json").write_text(json.dumps({"model": {"context_length": 8}}))
-        return (), "--max-length 512 is beyond the model's 8 positions"
+        return ("--max-length", "9"), "--max-length 9 is beyond the model's 8 positions"
     raise AssertionError(case)
 
 
@@ -298,3 +298,22 @@ def test_text_on_an_exported_bert_matches_its_npz(tmp_path):
     assert len(a.weights) == 12
     for key in a.weights:
         np.testing.assert_allclose(a.weights[key].abs_sum, b.weights[key].abs_sum, rtol=1e-4)
+
+
+def test_default_max_length_is_capped_at_the_model_positions(tmp_path):
+    """Without --max-length, samples are cut at min(512, the model's positions) and the
+    model's limit is not an error; given explicitly beyond it, it is."""
+    import json
+
+    from fps_onnx.data import DataConfig
+    from fps_onnx.text import TextReader
+
+    model = tiny_lm(tmp_path / "lm")
+    save_tokenizer(model.parent)
+    (model.parent / "config.json").write_text(json.dumps({"max_position_embeddings": 3}))
+    text = tmp_path / "a.txt"
+    text.write_text("the cat sat on the mat the cat\n")
+    reader = TextReader(model, DataConfig())
+    assert reader._load().truncation["max_length"] == 3
+    with pytest.raises(DataError, match="beyond the model's 3 positions"):
+        TextReader(model, DataConfig(max_length=4))._load()
