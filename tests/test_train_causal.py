@@ -337,3 +337,24 @@ def test_torchrun_two_processes(case, tmp_path):
     for name, before in base.items():
         changed = (tuned[name] != before).numpy()
         assert not changed.any() if name not in masks else not (changed & ~masks[name]).any(), name
+
+
+def test_several_forward_passes_before_one_backward_share_the_merged_weights(folders):
+    """Each use re-writes the delta without bumping the weight's version counter: graphs
+    still waiting for their backward pass stay valid and see the same weights."""
+    folder = folders / "llama"
+    masks = _masks(_load(folder), SELECTED, 0.2)
+    model = _prepared(folder, masks, CausalLMRecipe())
+    delta = sparse.unique_deltas(model)["lm_head.weight"]
+    with torch.no_grad():
+        delta.values.normal_(0, 0.1)  # as an optimizer step leaves them
+    ids = torch.tensor([[5, 17, 42, 9, 77, 3]])
+    first = model(input_ids=ids).logits
+    second = model(input_ids=ids).logits
+    (first.square().sum() + second.square().sum()).backward()  # no "modified by an inplace operation"
+    grad = delta.values.grad.clone()
+    delta.values.grad = None
+    (2 * model(input_ids=ids).logits.square().sum()).backward()
+    torch.testing.assert_close(grad, delta.values.grad)
+    merged = sparse.merge(model)
+    torch.testing.assert_close(merged(input_ids=ids).logits, first)

@@ -9,8 +9,8 @@ The contract, for every weight a mask selects entries of:
   ``nn.Parameter`` [k], zero at the start);
 * the weight the module computes with is ``W0 + scatter(values)``. It is kept
   merged *in the weight's own storage*: before a forward pass uses the weight,
-  ``base + values`` is written into the k entries (only when ``values`` changed
-  since the last write), and a custom autograd function hands the module a view
+  ``base + values`` is written into the k entries (without touching the
+  weight's version counter), and a custom autograd function hands the module a view
   of that storage whose gradient is gathered at ``indices`` for ``values``.
   So there is no dense copy of the weight, the dense gradient is a temporary of
   one layer's backward, and the optimizer only ever sees k-sized tensors.
@@ -78,28 +78,26 @@ class SparseDelta(nn.Module):
         self.register_buffer("base", weight.detach().take(indices).clone())
         dtype = torch.promote_types(weight.dtype, torch.float32)
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=weight.device))
-        self._written: torch.Tensor | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         self.write(weight)
         return _GatherGrad.apply(weight, self.values, self.indices)
 
     def write(self, weight: torch.Tensor) -> None:
-        """Put ``base + values`` into the weight's storage if ``values`` changed since last time.
+        """Put ``base + values`` into the weight's storage (two k-sized kernels).
 
-        "Changed" compares the k values with a copy of those last written: fused
-        optimizers update ``values`` in place without bumping its version counter,
-        and writing an unchanged weight again would invalidate the views that
-        earlier forward passes still hold.
+        Done on every use, without first asking whether ``values`` changed:
+        that check needs the values on the host (a device synchronisation per
+        weight on GPU), and the version counter cannot answer it (fused
+        optimizers update in place without bumping it). The write goes through
+        ``weight.data``, whose version counter is not the weight's, so the
+        graphs of forward passes not yet back-propagated (gradient
+        accumulation, activation checkpointing's recomputation) stay valid:
+        they see the same values, which change only at the optimizer step.
         """
         with torch.no_grad():
-            written = self._written
-            if (written is not None and written.device == self.values.device
-                    and torch.equal(written, self.values)):
-                return
             merged = (self.base.to(self.values.dtype) + self.values).to(weight.dtype)
-            weight.put_(self.indices, merged)
-            self._written = self.values.detach().clone()
+            weight.data.put_(self.indices, merged)
 
     def extra_repr(self) -> str:
         return f"k={self.indices.numel()}"
