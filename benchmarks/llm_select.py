@@ -163,6 +163,45 @@ def gps(folder: str, data: str, batch_size: int) -> None:
     print(json.dumps({"tensors": tensors, "selected": selected}))
 
 
+#: Stages of a profiled run: label -> (files the function may be in, by suffix; function name).
+STAGES = {
+    "whole process": (("bin/fps-onnx", "llm_select.py"), "<module>"),
+    "ORT session build": (("onnxruntime_inference_collection.py",), "_create_inference_session"),
+    "ORT runs": (("~",), "<built-in method onnxruntime.capi.onnxruntime_pybind11_state.run>"),
+    "select: calibrate (session build + runs + sums)": (("fps_onnx/calibrate.py",), "calibrate"),
+    "select: shape inference": (("fps_onnx/graph.py",), "inferred_shapes"),
+    "select: scoring and top-k": (("fps_onnx/pipeline.py",), "_select_all"),
+    "select: writing the mask file": (("fps_onnx/maskfile.py",), "save"),
+}
+
+
+def stages(prof: str) -> None:
+    """Cumulative seconds of each of :data:`STAGES` in a cProfile file, as JSON."""
+    import pstats
+
+    stats = pstats.Stats(prof).stats  # (file, line, function) -> (cc, nc, tt, cumulative, callers)
+    out = {}
+    for label, (files, func) in STAGES.items():
+        hits = [v[3] for (file, _, name), v in stats.items() if name == func and file.endswith(files)]
+        if hits:
+            out[label] = max(hits)
+    print(json.dumps(out))
+
+
+def profile(variants: dict, work: Path) -> dict:
+    """Run plain and select once each under cProfile; the cumulative seconds of their stages."""
+    found = {}
+    for name in ("plain", "select"):
+        prof = work / f"{name}.prof"
+        cmd = variants[name][1:] if variants[name][0] == sys.executable else variants[name]
+        r = _check(f"{name} (profiled)", run_measured([sys.executable, "-m", "cProfile", "-o", str(prof), *cmd]))
+        s = _check("stages", run_measured(_child("stages", prof)))
+        found[name] = {"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "peak_rss_gib": r["peak_rss_gib"],
+                       "stages_s": json.loads(s["stdout"])}
+        print(f"profiled {name}: {found[name]}", flush=True)
+    return found
+
+
 # --------------------------------------------------------------------------- parent
 
 
@@ -260,6 +299,17 @@ def _markdown(report: dict) -> str:
         else:
             bound, op = TARGETS[name]
             lines.append(f"| {name} | {value:.2f} | {op} {bound} | {'yes' if met else 'NO'} |")
+    if report.get("profile"):
+        lines += ["", "One more run of plain and of select under cProfile (cumulative seconds; "
+                  "the profiler adds a little):", "", "| stage | plain (s) | select (s) |", "|---|---:|---:|"]
+        prof = report["profile"]
+        for label in STAGES:
+            cells = [prof.get(v, {}).get("stages_s", {}).get(label) for v in ("plain", "select")]
+            if any(c is not None for c in cells):
+                lines.append(f"| {label} | " + " | ".join("" if c is None else f"{c:.1f}" for c in cells) + " |")
+        lines.append("| (process wall, CPU time, peak RSS) | " + " | ".join(
+            f"{prof[v]['wall_s']:.1f} s, {prof[v]['cpu_s']:.1f} s, {prof[v]['peak_rss_gib']:.2f} GiB"
+            for v in ("plain", "select")) + " |")
     lines += ["", "Commands:", ""]
     lines += [f"- {name}: `{cmd}`" for name, cmd in report["commands"].items()]
     if report.get("note"):
@@ -275,6 +325,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3, help="rounds (each runs every variant once)")
     parser.add_argument("--skip-gps", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the rounds, run plain and select once more under cProfile and report their stages")
     parser.add_argument("--note", default="", help="free text added to the results (e.g. machine load)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for llm_select.{md,json}")
     parser.add_argument("--role", help=argparse.SUPPRESS)
@@ -289,6 +341,8 @@ def main() -> None:
         return plain(args.rest[0], args.rest[1], int(args.rest[2]))
     if args.role == "gps":
         return gps(args.rest[0], args.rest[1], int(args.rest[2]))
+    if args.role == "stages":
+        return stages(args.rest[0])
 
     work = WORK / f"llm-{args.size}"
     folder, model, data = work / "hf", work / "model.onnx", work / f"tokens-{args.sequences}x{args.length}.npz"
@@ -312,6 +366,7 @@ def main() -> None:
             print(f"[{i + 1}/{args.repeat}] {name:6s} {r['wall_s']:6.1f} s  {r['cpu_s']:6.1f} s CPU  "
                   f"{r['peak_rss_gib']:5.2f} GiB", flush=True)
     median = {name: {k: statistics.median(r[k] for r in rs) for k in METRICS} for name, rs in runs.items()}
+    profiled = profile(variants, work) if args.profile else {}
     config = json.loads((folder / "config.json").read_text())
     weights = sum(f.stat().st_size for f in work.glob("model.onnx*"))
     parameters = sum(
@@ -337,6 +392,7 @@ def main() -> None:
         "runs": runs,
         "median": median,
         "ratios": ratios,
+        "profile": profiled,
         "targets": {k: {"bound": b, "op": op, "met": _met(k, ratios[k])} for k, (b, op) in TARGETS.items()
                     if k in ratios},
         "note": args.note,
