@@ -23,11 +23,15 @@ tokenizer files are copied beside the ``.onnx`` (``select`` reads text with
 them).
 
 Models above ``_MAX_PROTO_BYTES`` are written with their weights in one
-external data file beside the ``.onnx``. Memory: the PyTorch model is freed
-(when :func:`export` built it) as soon as the exporter has run and names are
-restored; the weights are then copied into the output one tensor at a time
-(external data) or into one message (embedded), and ONNX Runtime checks the
-file by path.
+external data file beside the ``.onnx``. Memory: the legacy exporter writes
+the graph alone (every parameter and buffer it uses a graph input named by
+its state_dict key, tied weights under the first name), and each weight is
+written from the model's own tensor straight into the output (the data file,
+or the ``.onnx`` as ``onnx.save`` would serialize it), so the weights exist
+once; a graph input the state_dict does not explain makes the exporter write
+the weights itself instead (as the dynamo exporter always does). The PyTorch
+model is then freed (when :func:`export` built it), and ONNX Runtime checks
+the file reading each weight where it lies in it.
 """
 
 from __future__ import annotations
@@ -172,18 +176,31 @@ def _export(holder: list, inputs: Mapping, output, config: ExportConfig, spec: s
             checks = [(inputs, [_numpy(t) for t in expected], real),
                       (one, [_numpy(t) for t in expected_one], None if real is None else real[:1])]
             del expected, expected_one
-            _run_exporter(torch, model, inputs, raw, out_names, axes, config, spec)
-        # The graph, its weights left in the exporter's files; names restored by value.
-        proto, base = _load_light(raw, spec)
-        state = model.state_dict()
+            # The legacy exporter writes the graph alone (every weight a graph input named
+            # by its state_dict key) and the weights are streamed from the model into the
+            # output, so no copy of them is ever made; the exporter's own copies (the
+            # model's ModelProto, its serialized string) cost three times the weights.
+            streamed = config.exporter == "legacy"
+            _run_exporter(torch, model, inputs, raw, out_names, axes, config, spec, params=not streamed)
+            proto, base = _load_light(raw, spec)
+            state = model.state_dict()
+            weights = _input_weights(proto, state, inputs) if streamed else None
+            if streamed and weights is None:  # inputs the state_dict does not explain
+                _run_exporter(torch, model, inputs, raw, out_names, axes, config, spec)
+                proto, base = _load_light(raw, spec)
+        if weights is not None:
+            _inputs_to_initializers(proto, weights)
+        # The graph, its weights left in the exporter's files or the model; names restored by value.
         renamed = restore_names(proto, state, base)
         parameter_names = set(state)
-        del state, model
-        gc.collect()  # the PyTorch weights go here when export() built the model
+        del state
+        if weights is None:
+            model = None
+            gc.collect()  # the PyTorch weights go here when export() built the model
         sites = graph.find_weights(proto)
         unnamed = [s.key for s in sites if s.key not in parameter_names]
         final = tmp / output.name
-        big = _total_bytes(proto) > _MAX_PROTO_BYTES
+        big = _total_bytes(proto) + sum(t.nbytes for t in (weights or {}).values()) > _MAX_PROTO_BYTES
         # The .onnx and its data file must change as a pair: an old model.onnx
         # reading a new data file (or the reverse) is a corrupt model. Weights go
         # to whichever of two names the old .onnx does not use, so moving the
@@ -194,17 +211,23 @@ def _export(holder: list, inputs: Mapping, output, config: ExportConfig, spec: s
         names = [f"{output.name}.data", f"{output.name}.1.data"]
         in_use = _external_locations(output)
         data_name = next((n for n in names if n not in in_use), names[0])
-        if big:
-            _to_one_data_file(proto, base, tmp / data_name, data_name)
-        else:
-            _embed(proto, base)
         try:
-            onnx.save(proto, str(final))
+            if weights is not None and big:
+                _weights_to_data_file(proto, weights, tmp / data_name, data_name)
+                onnx.save(proto, str(final))
+            elif weights is not None:
+                _save_streamed(proto, weights, final)
+            else:
+                if big:
+                    _to_one_data_file(proto, base, tmp / data_name, data_name)
+                else:
+                    _embed(proto, base)
+                onnx.save(proto, str(final))
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot write the ONNX export of {spec}: {first_line(exc)}") from exc
-        del proto
+        proto = weights = model = None
         shutil.rmtree(raw.parent, ignore_errors=True)
-        gc.collect()
+        gc.collect()  # the PyTorch weights go here when export() built the model
         diff = _check(final, checks, config, spec) if config.check else None
         with_data = (tmp / data_name).exists()  # (small tensors stay in the .onnx)
         try:
@@ -302,7 +325,7 @@ def _embed(proto: onnx.ModelProto, base: str) -> None:
         tensor.raw_data = bytes(data)
         del data
         del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.ClearField("data_location")  # embedded, as the exporter writes it
 
 
 def _to_one_data_file(proto: onnx.ModelProto, base: str, path: Path, location: str) -> None:
@@ -351,6 +374,146 @@ def _point(tensor: onnx.TensorProto, location: str, offset: int, length: int) ->
         entry.key, entry.value = key, value
 
 
+# --------------------------------------------------------------------------- weights streamed from the model
+
+#: ONNX element type of each torch dtype (by name: some builds lack the float8 types).
+_ONNX_TYPES = {
+    "float32": onnx.TensorProto.FLOAT, "float64": onnx.TensorProto.DOUBLE,
+    "float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16,
+    "int8": onnx.TensorProto.INT8, "int16": onnx.TensorProto.INT16, "int32": onnx.TensorProto.INT32,
+    "int64": onnx.TensorProto.INT64, "uint8": onnx.TensorProto.UINT8, "bool": onnx.TensorProto.BOOL,
+    "float8_e4m3fn": onnx.TensorProto.FLOAT8E4M3FN, "float8_e5m2": onnx.TensorProto.FLOAT8E5M2,
+}
+
+
+def _onnx_type(tensor) -> int | None:
+    return _ONNX_TYPES.get(str(tensor.dtype).removeprefix("torch."))
+
+
+def _input_weights(proto: onnx.ModelProto, state: Mapping, inputs: Mapping) -> dict | None:
+    """Graph input name -> state_dict tensor, for every input of a graph exported
+    without its parameters that is not one of ``inputs``; None when an input is
+    neither (or has a dtype without an ONNX type), so the graph cannot be completed
+    from the state_dict."""
+    found = {}
+    for value in proto.graph.input:
+        if value.name in inputs:
+            continue
+        tensor = state.get(value.name)
+        if tensor is None or getattr(tensor, "is_quantized", False) or _onnx_type(tensor) is None:
+            return None
+        found[value.name] = tensor
+    return found
+
+
+def _inputs_to_initializers(proto: onnx.ModelProto, weights: Mapping) -> None:
+    """Turn the graph inputs named in ``weights`` into initializers (in input order,
+    as the exporter orders them) that give dims, type and name but no data yet."""
+    g = proto.graph
+    for value in g.input:
+        tensor = weights.get(value.name)
+        if tensor is not None:
+            init = g.initializer.add()
+            init.dims.extend(tensor.shape)
+            init.data_type = _onnx_type(tensor)
+            init.name = value.name
+    kept = [value for value in g.input if value.name not in weights]
+    del g.input[:]
+    g.input.extend(kept)
+
+
+def _tensor_bytes(tensor):
+    """The bytes of a CPU tensor as ONNX raw_data holds them, without a copy (a
+    non-contiguous tensor is copied, alone)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return flat.view(_require("torch", "exporting").uint8).numpy()
+
+
+def _weights_to_data_file(proto: onnx.ModelProto, weights: Mapping, path: Path, location: str) -> None:
+    """Write each initializer named in ``weights`` of at least ``_MIN_EXTERNAL_BYTES``
+    into the one file ``path`` (named ``location`` beside the model), page-aligned,
+    straight from its tensor, and point the initializer there; smaller ones are
+    embedded. The layout is that :func:`_to_one_data_file` gives a file the exporter
+    wrote with the weights inside (those the light graph references first)."""
+    from ._onnxfile import MIN_REFERENCED_BYTES
+
+    inits = [t for t in proto.graph.initializer if t.name in weights]
+    offset = 0
+    with open(path, "wb") as out:
+        for low, high in ((MIN_REFERENCED_BYTES, None), (_MIN_EXTERNAL_BYTES, MIN_REFERENCED_BYTES)):
+            for tensor in inits:
+                size = weights[tensor.name].nbytes
+                if size < low or (high is not None and size >= high):
+                    continue
+                data = _tensor_bytes(weights[tensor.name])
+                offset += _write_aligned(out, offset, data)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                _point(tensor, location, offset - data.nbytes, data.nbytes)
+    for tensor in inits:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            tensor.raw_data = _tensor_bytes(weights[tensor.name]).tobytes()
+
+
+def _save_streamed(proto: onnx.ModelProto, weights: Mapping, path: Path) -> None:
+    """Write ``proto`` to ``path`` exactly as ``onnx.save`` would with each initializer
+    named in ``weights`` holding its tensor's bytes as raw_data, written straight
+    from the tensors. Fields are serialized in field-number order, so the model is
+    split around the graph (field 7), the graph around its initializers (5) and
+    each initializer around raw_data (9)."""
+    g = proto.graph
+    model_head, model_tail = _split(proto, 7)
+    graph_head, graph_tail = _split(g, 5)
+    parts = []  # per initializer: (bytes before raw_data, data or None, bytes after)
+    for tensor in g.initializer:
+        if tensor.name in weights:
+            head, tail = _split(tensor, 9)
+            parts.append((head, _tensor_bytes(weights[tensor.name]), tail))
+        else:
+            parts.append((tensor.SerializeToString(), None, b""))
+    sizes = [len(head) + len(tail) + (0 if data is None else _field_size(9, data.nbytes))
+             for head, data, tail in parts]
+    graph_size = len(graph_head) + len(graph_tail) + sum(_field_size(5, n) for n in sizes)
+    with open(path, "wb") as out:
+        out.write(model_head + _key(7) + _varint(graph_size) + graph_head)
+        for (head, data, tail), size in zip(parts, sizes):
+            out.write(_key(5) + _varint(size) + head)
+            if data is not None:
+                out.write(_key(9) + _varint(data.nbytes))
+                out.write(memoryview(data))
+            out.write(tail)
+        out.write(graph_tail + model_tail)
+
+
+def _split(message, number: int) -> tuple[bytes, bytes]:
+    """``message`` serialized as (its fields numbered below ``number``, those above)."""
+    halves = []
+    for keep_low in (True, False):
+        half = type(message)()
+        half.CopyFrom(message)
+        for fd in message.DESCRIPTOR.fields:
+            if fd.number == number or (fd.number > number) == keep_low:
+                half.ClearField(fd.name)
+        halves.append(half.SerializeToString())
+    return halves[0], halves[1]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _key(number: int) -> bytes:
+    return _varint(number << 3 | 2)  # a length-delimited field
+
+
+def _field_size(number: int, length: int) -> int:
+    return len(_key(number)) + len(_varint(length)) + length
+
+
 def _copy_side_files(folder: Path, output: Path) -> list[str]:
     """Copy the model folder's config and tokenizer files beside ``output`` (atomically)."""
     copied = []
@@ -390,7 +553,9 @@ def _external_locations(path: Path) -> set[str]:
     return found
 
 
-def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec) -> None:
+def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec, params: bool = True) -> None:
+    """Export ``model`` to ``path``; ``params=False`` (legacy exporter only) leaves the
+    weights out, each one a graph input named by its state_dict key."""
     args = tuple(inputs.values())
     kwargs = dict(input_names=list(inputs), output_names=out_names, dynamic_axes=axes,
                   opset_version=config.opset)
@@ -400,7 +565,8 @@ def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec) -> 
             warnings.simplefilter("ignore")
             if config.exporter == "legacy":
                 with _keyword_forward(model, list(inputs)):
-                    torch.onnx.export(model, args, str(path), dynamo=False, do_constant_folding=False, **kwargs)
+                    torch.onnx.export(model, args, str(path), dynamo=False, do_constant_folding=False,
+                                      export_params=params, **kwargs)
             else:
                 torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, **kwargs)
     except Exception as exc:  # noqa: BLE001 - exporters raise anything
@@ -505,15 +671,28 @@ def _check(path: Path, checks, config: ExportConfig, spec: str) -> float:
     """Max |ORT - torch| over ``checks`` ((feed, expected outputs, real-token mask or
     None)); ExportError above tolerance. ONNX Runtime reads the file by path, so
     external data is read where it lies. Where a token mask is given, outputs
-    shaped [batch, sequence, ...] are compared on real tokens only."""
+    shaped [batch, sequence, ...] are compared on real tokens only. The runtime gets
+    the file's graph with its embedded weights referenced where they lie in it (see
+    :mod:`_onnxfile`), so it reads them from the file instead of a parsed copy."""
     import onnxruntime as ort
+
+    from ._onnxfile import MalformedProto, load_graph
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        light, folder = load_graph(path)
+    except MalformedProto:
+        model = str(path)
+    else:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        model = light.SerializeToString()
+        del light
+    try:
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"ONNX Runtime cannot load the export of {spec}: {first_line(exc)}") from exc
+    del model
     worst = 0.0
     for feed, want, real in checks:
         try:

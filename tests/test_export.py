@@ -188,6 +188,123 @@ def test_hf_text_model_has_dynamic_batch_and_sequence(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+# --------------------------------------------------------------------------- weights streamed from the model
+
+
+def _export_both_ways(model, inputs, out, monkeypatch, streamed_calls):
+    """Export ``model`` twice into ``out``: weights streamed from the model (the legacy
+    path) and weights written by the exporter (its fallback); the two folders."""
+    from fps_onnx import export as ex
+
+    folders = []
+    for streamed in (True, False):
+        folder = out / ("streamed" if streamed else "exporter")
+        folder.mkdir()
+        with monkeypatch.context() as patch:
+            if not streamed:
+                patch.setattr(ex, "_input_weights", lambda *args: None)
+            before = len(streamed_calls)
+            export_module(model, inputs, folder / "m.onnx")
+            assert (len(streamed_calls) > before) == streamed
+        folders.append(folder)
+    return folders
+
+
+@pytest.fixture
+def streamed_calls(monkeypatch):
+    """Names of the writers of streamed weights called (embedded, external)."""
+    from fps_onnx import export as ex
+
+    calls = []
+    for name in ("_save_streamed", "_weights_to_data_file"):
+        real = getattr(ex, name)
+        monkeypatch.setattr(ex, name, lambda *a, real=real, name=name: (calls.append(name), real(*a))[1])
+    return calls
+
+
+def _assert_same_files(a, b, state):
+    """Byte-identical model (and data) files whose initializers hold the state_dict's values."""
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for file in a.iterdir():
+        assert file.read_bytes() == (b / file.name).read_bytes(), file.name
+    model = onnx.load(str(a / "m.onnx"))
+    assert len(model.graph.initializer) > 5
+    for init in model.graph.initializer:  # every weight under its state_dict name, bit for bit
+        want = state[init.name].numpy()
+        got = onnx.numpy_helper.to_array(init)
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), init.name
+    graph_inputs = [i.name for i in model.graph.input]
+    assert not set(graph_inputs) & set(state)  # no weight left as a graph input
+    return graph_inputs
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["embedded", "external"])
+@pytest.mark.parametrize("kind", ["vit", "bert"])
+def test_streamed_weights_give_the_exporters_file(kind, external, tmp_path, monkeypatch, streamed_calls):
+    """The legacy path (graph exported without weights, weights written from the
+    model) writes the very file the exporter with its weights gives."""
+    import onnxruntime as ort
+
+    from _models import TOKEN_INPUTS, tiny_bert, tiny_vit
+    from fps_onnx import export as ex
+
+    if external:
+        monkeypatch.setattr(ex, "_MAX_PROTO_BYTES", 0)
+    if kind == "vit":
+        pytest.importorskip("timm")
+        model, inputs = tiny_vit(), {"x": torch.randn(2, 3, 32, 32)}
+    else:
+        pytest.importorskip("transformers")
+        model = tiny_bert()
+        ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, 5:] = 0
+        inputs = dict(zip(TOKEN_INPUTS, (ids, mask, torch.zeros(2, 8, dtype=torch.long))))
+    streamed, exporter = _export_both_ways(model, inputs, tmp_path, monkeypatch, streamed_calls)
+    assert streamed_calls == ["_weights_to_data_file" if external else "_save_streamed"]
+    assert (streamed / "m.onnx.data").exists() == external
+    graph_inputs = _assert_same_files(streamed, exporter, model.state_dict())
+    assert graph_inputs == list(inputs)
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    got, want = (ort.InferenceSession(str(f / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+                 for f in (streamed, exporter))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_save_streamed_writes_what_onnx_save_writes(tmp_path):
+    """A Constant, an initializer of the graph's own and two streamed weights (one
+    non-contiguous, one bfloat16): the bytes onnx.save writes."""
+    from onnx import helper, numpy_helper
+
+    from fps_onnx.export import _inputs_to_initializers, _save_streamed
+
+    w = torch.randn(3, 4).t()  # [4, 3], not contiguous
+    b = torch.randn(3).to(torch.bfloat16)
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones(4, np.float32))),
+             helper.make_node("Add", ["x", "c"], ["h"]),
+             helper.make_node("MatMul", ["h", "w"], ["m"]),
+             helper.make_node("Add", ["m", "b32"], ["y"])]
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [vi("x", onnx.TensorProto.FLOAT, ["n", 4]), vi("w", 0, None),
+                                           vi("b", 0, None)],
+                              [vi("y", onnx.TensorProto.FLOAT, ["n", 3])],
+                              [numpy_helper.from_array(np.arange(3, dtype=np.float32), "b32")], doc_string="doc")
+    model = helper.make_model(graph, producer_name="test", opset_imports=[helper.make_opsetid("", 18)])
+    weights = {"w": w, "b": b}
+    _inputs_to_initializers(model, weights)
+    assert [i.name for i in model.graph.input] == ["x"]
+    assert [t.name for t in model.graph.initializer] == ["b32", "w", "b"]
+    _save_streamed(model, weights, tmp_path / "streamed.onnx")
+    for t in model.graph.initializer[1:]:  # the same model with the data inside
+        t.raw_data = weights[t.name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    onnx.save(model, str(tmp_path / "saved.onnx"))
+    assert (tmp_path / "streamed.onnx").read_bytes() == (tmp_path / "saved.onnx").read_bytes()
+    loaded = onnx.load(str(tmp_path / "streamed.onnx"))
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[1]), w.numpy())
+    assert loaded.graph.initializer[2].data_type == onnx.TensorProto.BFLOAT16
+
+
 # --------------------------------------------------------------------------- real models (slow)
 
 
