@@ -6,9 +6,10 @@ reference of a model (main graph, subgraphs of If/Loop/Scan, node attributes,
 sparse tensors, functions) must name a regular file inside the model's folder
 (after resolving symlinks), with integer offset and length whose bytes lie in
 the file, and dims that ask for exactly those bytes. :func:`resolve` checks
-them all and rewrites each location to the real file, so that ONNX Runtime and
-:func:`read_bytes` read only what was checked. :func:`model_sha256` is the
-digest of a model's weights: the ONNX file and the external files it names.
+them all and rewrites each location to the real file, so that ONNX Runtime,
+:func:`read_bytes` and :func:`map_bytes` read only what was checked.
+:func:`model_sha256` is the digest of a model's weights: the ONNX file and
+the external files it names.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 import hashlib
 import json
+import mmap
 import os
 import re
 import stat
@@ -227,6 +229,38 @@ def read_bytes(ref: ExternalRef) -> bytearray:
                 raise ModelError(f"external data of tensor {ref.tensor!r}: {ref.location!r} ended early")
             done += got
         return out
+
+
+def map_bytes(ref: ExternalRef) -> memoryview | bytearray:
+    """The ``ref.length`` bytes ``ref`` names as a read-only memory map (page
+    cache pages: nothing is copied or zeroed), from a file opened and checked
+    as :func:`read_bytes` opens and checks it; where the file cannot be mapped,
+    the bytes read. The map lives as long as the view (or an array on it).
+
+    As for the weights ONNX Runtime maps, the file must not shrink while the
+    view is in use (reading a page past its new end raises SIGBUS).
+    """
+    with _open_regular(ref.path, ref.tensor) as fh:
+        if ref.offset + ref.length > os.fstat(fh.fileno()).st_size:
+            raise ModelError(f"external data of tensor {ref.tensor!r}: {ref.location!r} is shorter "
+                             "than when it was checked")
+        start = ref.offset - ref.offset % mmap.ALLOCATIONGRANULARITY
+        if ref.length == 0:
+            return bytearray()
+        try:
+            mapped = mmap.mmap(fh.fileno(), ref.offset + ref.length - start, offset=start, **_MAP_READ)
+        except (OSError, ValueError, OverflowError):
+            mapped = None
+    if mapped is None:  # a file system that cannot map files
+        return read_bytes(ref)
+    return memoryview(mapped)[ref.offset - start:]
+
+
+#: Read-only, shared, page tables filled at once (one fault per map, not per page).
+_MAP_READ = (
+    {"flags": mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), "prot": mmap.PROT_READ}
+    if hasattr(mmap, "MAP_SHARED") else {"access": mmap.ACCESS_READ}
+)
 
 
 # --------------------------------------------------------------------------- digest

@@ -138,8 +138,13 @@ def iter_weight_values(model: onnx.ModelProto, sites: Sequence[WeightSite], base
         yield site, read(site)
 
 
-def weight_reader(model: onnx.ModelProto, base_dir: str = ""):
-    """A function giving a site's weight in PyTorch layout (safe to call from threads)."""
+def weight_reader(model: onnx.ModelProto, base_dir: str = "", mapped: bool = False):
+    """A function giving a site's weight in PyTorch layout (safe to call from threads).
+
+    ``mapped``: weights stored as external data come as read-only arrays on a
+    memory map of their bytes (:func:`fps_onnx.external.map_bytes`) instead of
+    arrays of their own; block-quantized weights are dequantized either way.
+    """
     by_name = {t.name: t for t in model.graph.initializer}
     by_name.update({
         n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
@@ -151,7 +156,7 @@ def weight_reader(model: onnx.ModelProto, base_dir: str = ""):
             from .ops import dequantize
 
             return dequantize(site.quant, lambda name: tensor_value(by_name[name], base_dir))
-        array = tensor_value(by_name[site.key], base_dir)
+        array = tensor_value(by_name[site.key], base_dir, mapped)
         return array.T if site.layout == "in_out" else array
 
     return read
@@ -161,20 +166,22 @@ _PLAIN_DTYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16,
                  TensorProto.DOUBLE: np.float64}
 
 
-def tensor_value(tensor: onnx.TensorProto, base_dir: str = "") -> np.ndarray:
+def tensor_value(tensor: onnx.TensorProto, base_dir: str = "", mapped: bool = False) -> np.ndarray:
     """The value of ``tensor``, or ModelError naming it.
 
     External data is checked before anything is read or allocated (a regular
     file inside ``base_dir``, holding the bytes its dims ask for: see
     :func:`fps_onnx.external.check_tensor`) and read with one read; no copy of
-    the bytes is kept in ``tensor``.
+    the bytes is kept in ``tensor``. ``mapped``: float external data comes as a
+    read-only array on a memory map of the file (:func:`fps_onnx.external.map_bytes`).
     """
     from . import external
 
     name = tensor.name or "(unnamed)"
     if tensor.data_location == TensorProto.EXTERNAL:
-        raw = external.read_bytes(external.check_tensor(tensor, base_dir))
+        ref = external.check_tensor(tensor, base_dir)
         dtype = _PLAIN_DTYPES.get(tensor.data_type)
+        raw = external.map_bytes(ref) if mapped and dtype is not None else external.read_bytes(ref)
         if dtype is not None:
             array = np.frombuffer(raw, np.dtype(dtype).newbyteorder("<"))
             return array.astype(dtype, copy=False).reshape(tuple(tensor.dims))

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 import logging
 import os
+import threading
 
 from . import graph, maskfile
 from ._io import check_writable
@@ -15,12 +16,12 @@ from .data import DataConfig
 from .errors import BudgetError, DataError, StatsError
 from .external import model_sha256
 from .scope import ScopeConfig, in_scope
-from .select import METHODS, SelectConfig, check_shira, describe_budget, select_one
+from .select import METHODS, Scratch, SelectConfig, check_shira, describe_budget, select_one
 from .stats import Stats, merge_all
 
 log = logging.getLogger(__name__)
 
-#: Weights scored at once (each holds its weight, its scores and a partitioned copy).
+#: Weights scored at once (each thread holds its scores and a partitioned copy).
 SCORING_THREADS = 4
 
 
@@ -137,11 +138,17 @@ def _load_shards(from_stats, model_path, sites) -> Stats:
 
 def _select_all(model, sites, stats: Stats, config: SelectConfig, base_dir: str = "") -> dict:
     """Masks of every site, in site order, a few weights at a time in threads
-    (NumPy's partitions and arithmetic release the GIL)."""
-    read = graph.weight_reader(model, base_dir)
+    (NumPy's partitions and arithmetic release the GIL). Weights stored as
+    external data are read through read-only memory maps; each thread scores
+    and partitions into work arrays it reuses from one weight to the next."""
+    read = graph.weight_reader(model, base_dir, mapped=True)
+    local = threading.local()
 
     def one(site):
-        return select_one(read(site), site, stats.weights.get(site.key), config)
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:
+            scratch = local.scratch = Scratch()
+        return select_one(read(site), site, stats.weights.get(site.key), config, scratch)
 
     with ThreadPoolExecutor(max(1, min(SCORING_THREADS, os.cpu_count() or 1))) as pool:
         return dict(zip((s.key for s in sites), pool.map(one, sites)))

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 import json
+import math
 import zlib
 
 import numpy as np
@@ -108,23 +109,52 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class Method:
-    """A selection method: how it scores a weight, and whether it needs activations."""
+    """A selection method: how it scores a weight, and whether it needs activations.
+
+    ``fills_out``: ``score`` takes a keyword ``out``, an array shaped like the
+    weight of dtype ``np.result_type(weight.dtype, np.float32)``, and returns
+    it filled. ``weighted``: every score is |w| times a factor, so scores that
+    are all finite mean a finite weight.
+    """
 
     name: str
-    score: Callable[[np.ndarray, WeightSite, np.ndarray | None, SelectConfig], np.ndarray]
+    score: Callable[..., np.ndarray]
     needs_activations: bool
+    fills_out: bool = False
+    weighted: bool = False
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, score, needs_activations: bool) -> Method:
+def register_method(name: str, score, needs_activations: bool, *, fills_out: bool = False,
+                    weighted: bool = False) -> Method:
     """Add a selection method; ``score(weight, site, activation, config)`` returns
-    an array shaped like ``weight`` (``activation`` is None when not needed)."""
+    an array shaped like ``weight`` (``activation`` is None when not needed).
+    See :class:`Method` for ``fills_out`` and ``weighted``."""
     if not name.isidentifier() or name in METHODS:
         raise ValueError(f"method name {name!r} is not a new identifier")
-    METHODS[name] = Method(name, score, needs_activations)
+    METHODS[name] = Method(name, score, needs_activations, fills_out, weighted)
     return METHODS[name]
+
+
+class Scratch:
+    """Work arrays reused from one weight to the next (one per thread): a fresh
+    array the size of a large weight costs a page fault per 4 KiB, several
+    times what filling it costs."""
+
+    def __init__(self) -> None:
+        self._bytes: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, shape, dtype) -> np.ndarray:
+        """An uninitialised C-contiguous array of ``shape`` and ``dtype``, the
+        memory of buffer ``name`` (the previous array of that name is overwritten)."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = self._bytes.get(name)
+        if buf is None or buf.size < nbytes:
+            buf = self._bytes[name] = np.empty(max(nbytes, 1), np.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape)
 
 
 def method_names() -> list[str]:
@@ -140,13 +170,15 @@ def channel_statistic(stats: ChannelStats, norm: str) -> np.ndarray:
 _TILE = 64
 
 
-def magnitudes(weight: np.ndarray) -> np.ndarray:
+def magnitudes(weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """|w|, C-contiguous whatever the layout of ``weight`` (the per-row partitions
     of top-k run ~3x slower over strided rows), in float32 (float64 weights:
     float64). float32 carries the scores as far as the statistics go: those are
     sums of float32 activations, good to about 1e-6, far coarser than its 6e-8.
+    ``out``: the array to fill (C-contiguous, shaped like ``weight``, that dtype).
     """
-    out = np.empty(weight.shape, np.result_type(weight.dtype, np.float32))
+    if out is None:
+        out = np.empty(weight.shape, np.result_type(weight.dtype, np.float32))
     if weight.ndim == 2 and weight.strides[0] < weight.strides[1]:
         # A transposed view ([in, out] storage): copy in tiles, which stay in cache.
         rows, cols = weight.shape
@@ -158,10 +190,11 @@ def magnitudes(weight: np.ndarray) -> np.ndarray:
     return out
 
 
-def scores(weight: np.ndarray, site: WeightSite, activation: np.ndarray) -> np.ndarray:
+def scores(weight: np.ndarray, site: WeightSite, activation: np.ndarray,
+           out: np.ndarray | None = None) -> np.ndarray:
     """|w| * activation statistic, shaped like ``weight`` (PyTorch layout), in the
-    precision of :func:`magnitudes`."""
-    w = magnitudes(weight)
+    precision of :func:`magnitudes` (into ``out`` when given, as there)."""
+    w = magnitudes(weight, out)
     activation = activation.astype(w.dtype)
     if site.layout != "conv":
         w *= activation[None, :]
@@ -182,52 +215,82 @@ def _random(weight: np.ndarray, site: WeightSite, _act, config: SelectConfig) ->
     return rng.random(weight.shape)
 
 
-register_method("fps", lambda w, site, act, _c: scores(w, site, act), needs_activations=True)
+register_method("fps", lambda w, site, act, _c, out=None: scores(w, site, act, out),
+                needs_activations=True, fills_out=True, weighted=True)
 register_method("activation", lambda w, site, act, _c: _broadcast(site, act, w.shape), True)
-register_method("magnitude", lambda w, site, _act, _c: magnitudes(w), False)
+register_method("magnitude", lambda w, site, _act, _c, out=None: magnitudes(w, out),
+                needs_activations=False, fills_out=True, weighted=True)
 register_method("random", _random, needs_activations=False)
 
 
-def top_k(score: np.ndarray, k: int) -> np.ndarray:
+def top_k(score: np.ndarray, k: int, scratch: Scratch | None = None) -> np.ndarray:
     """Bool mask of the top ``k`` entries of each row of a 2-D array.
 
     Higher score first, then lower column index: exact and deterministic,
-    in O(n) per row (partition, then fill ties from the left).
+    in O(n) per row (partition a copy, then fill ties from the left). The copy
+    is made in ``scratch`` when given.
     """
     rows, n = score.shape
     if k >= n:
         return np.ones_like(score, dtype=bool)
-    threshold = np.partition(score, n - k, axis=1)[:, n - k : n - k + 1]
+    part = np.empty(score.shape, score.dtype) if scratch is None else \
+        scratch.array("partition", score.shape, score.dtype)
+    np.copyto(part, score)
+    part.partition(n - k, axis=1)
+    threshold = part[:, n - k : n - k + 1]
     keep = score >= threshold
-    if np.all(np.count_nonzero(keep, axis=1) == k):
-        return keep  # no row has a tie across its threshold (the usual case)
-    above = score > threshold
-    tied = score == threshold
-    need = k - np.count_nonzero(above, axis=1).reshape(rows, 1)
-    return above | (tied & (np.cumsum(tied, axis=1) <= need))
+    # A row keeps more than k exactly when an entry left of its k-th largest
+    # (all <= it after the partition) equals it: a tie across the threshold.
+    tied = np.flatnonzero(part[:, : n - k].max(axis=1) == threshold[:, 0])
+    if tied.size == 0:
+        return keep  # the usual case
+    sub, at = score[tied], threshold[tied]
+    above = sub > at
+    equal = sub == at
+    need = k - np.count_nonzero(above, axis=1).reshape(-1, 1)
+    rank = np.cumsum(equal, axis=1, dtype=np.int32 if n < 2**31 else np.int64)
+    keep[tied] = above | (equal & (rank <= need))
+    return keep
 
 
 def select_one(
-    weight: np.ndarray, site: WeightSite, stats: ChannelStats | None, config: SelectConfig
+    weight: np.ndarray, site: WeightSite, stats: ChannelStats | None, config: SelectConfig,
+    scratch: Scratch | None = None,
 ) -> np.ndarray:
-    """The bool mask of one weight (PyTorch layout)."""
-    # A float64 sum of float32/16 values is finite exactly when every value is
-    # (and it reads the weight once, in memory order, without a bool copy).
+    """The bool mask of one weight (PyTorch layout). ``scratch``: work arrays to
+    reuse (scores and the partitioned copy), else fresh ones."""
     check_shira(config, site.shape, f"weight {site.key}")
-    if not np.isfinite(np.sum(weight, dtype=np.float64)):
-        raise NumericError(f"weight {site.key} holds NaN or Inf")
     method = METHODS[config.method]
-    act = None
+    missing = None
     if method.needs_activations:
         if stats is None:
-            raise StatsError(f"there are no statistics for weight {site.key}")
-        if stats.count < 1:  # all-zero sums would keep the leftmost entries of every row
-            raise StatsError(no_rows(site.key))
-        act = channel_statistic(stats, config.norm)
-    score = method.score(weight, site, act, config)
-    if not np.isfinite(np.sum(score)):  # scores are >= 0: same argument
+            missing = StatsError(f"there are no statistics for weight {site.key}")
+        elif stats.count < 1:  # all-zero sums would keep the leftmost entries of every row
+            missing = StatsError(no_rows(site.key))
+    # Scores of a weighted method are finite only where the weight is: its own
+    # pass over the weight is needed only to say which is to blame.
+    if missing is not None or not method.weighted:
+        _check_weight(weight, site)
+    if missing is not None:
+        raise missing
+    act = channel_statistic(stats, config.norm) if method.needs_activations else None
+    if scratch is not None and method.fills_out:
+        out = scratch.array("score", weight.shape, np.result_type(weight.dtype, np.float32))
+        score = method.score(weight, site, act, config, out=out)
+    else:
+        score = method.score(weight, site, act, config)
+    if not np.isfinite(np.sum(score)):  # scores are >= 0: finite exactly when every one is
+        if method.weighted:
+            _check_weight(weight, site)
         raise NumericError(f"the scores of weight {site.key} are not finite (NaN or Inf statistics)")
-    return select_scores(score, config, f"weight {site.key}")
+    return select_scores(score, config, f"weight {site.key}", scratch)
+
+
+def _check_weight(weight: np.ndarray, site: WeightSite) -> None:
+    # A float64 sum of float32/16 values is finite exactly when every value is
+    # (and it reads the weight once, in memory order, without a bool copy).
+    if not np.isfinite(np.sum(weight, dtype=np.float64)):
+        raise NumericError(f"weight {site.key} holds NaN or Inf")
 
 
 def check_shira(config: SelectConfig, shape, key: str = "a weight") -> None:
@@ -247,15 +310,16 @@ def check_shira(config: SelectConfig, shape, key: str = "a weight") -> None:
                           f"r*(in+out) = {r * (out + fan_in)} (lower r, or leave it out with --exclude)")
 
 
-def select_scores(score: np.ndarray, config: SelectConfig, key: str = "a weight") -> np.ndarray:
+def select_scores(score: np.ndarray, config: SelectConfig, key: str = "a weight",
+                  scratch: Scratch | None = None) -> np.ndarray:
     """The bool mask of one tensor's scores (PyTorch layout, rows = output neurons);
-    ``key`` names the weight in errors."""
+    ``key`` names the weight in errors; ``scratch``: see :func:`top_k`."""
     check_shira(config, score.shape, key)
     rows = score.shape[0]
     fan_in = score[0].size
     k = config.keep(rows, fan_in)
     flat = score.reshape(rows, fan_in) if config.level == "neuron" else score.reshape(1, -1)
-    return top_k(flat, k).reshape(score.shape)
+    return top_k(flat, k, scratch).reshape(score.shape)
 
 
 def describe_budget(config: SelectConfig) -> str:

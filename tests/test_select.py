@@ -7,7 +7,7 @@ import pytest
 
 from fps_onnx.errors import BudgetError, NumericError
 from fps_onnx.graph import WeightSite
-from fps_onnx.select import SelectConfig, scores, select_one, top_k
+from fps_onnx.select import Scratch, SelectConfig, scores, select_one, top_k
 from fps_onnx.stats import ChannelStats
 
 
@@ -124,3 +124,66 @@ def test_random_method_is_seeded_and_keeps_the_budget():
 def test_unknown_method_is_rejected():
     with pytest.raises(BudgetError, match="method must be one of .*fps.*magnitude"):
         SelectConfig(method="oracle")
+
+
+def _stable_top_k(s, k):
+    """The documented order (higher score, then lower index) by a stable sort."""
+    want = np.zeros(s.shape, bool)
+    np.put_along_axis(want, np.argsort(-s, axis=1, kind="stable")[:, :k], True, axis=1)
+    return want
+
+
+def test_top_k_in_reused_work_arrays_matches_stable_sort():
+    r = np.random.default_rng(3)
+    scratch = Scratch()
+    top_k(r.random((64, 300)), 5, scratch)  # leaves larger, unrelated values in the work array
+    for s, k in [(r.integers(0, 4, (30, 20)).astype(np.float32), 6),    # ties in most rows
+                 (r.random((30, 20)).astype(np.float32), 6),            # no ties
+                 (np.vstack([np.full((1, 20), 2.0), r.random((5, 20))]), 3),  # one tied row
+                 (r.integers(0, 3, (1, 500)).astype(np.float64), 77)]:  # layer level: one row
+        np.testing.assert_array_equal(top_k(s, k, scratch), _stable_top_k(s, k))
+        np.testing.assert_array_equal(top_k(s, k), _stable_top_k(s, k))
+
+
+@pytest.mark.parametrize("method", ["fps", "magnitude", "activation", "random"])
+@pytest.mark.parametrize("level", ["neuron", "layer"])
+def test_select_one_with_reused_work_arrays_keeps_the_documented_order(method, level):
+    r = np.random.default_rng(4)
+    scratch = Scratch()
+    big = r.standard_normal((40, 70)).astype(np.float32)
+    cases = [
+        (big, linear_site(40, 70)),  # fills the work arrays first
+        (r.integers(-2, 3, (6, 9)).astype(np.float32), linear_site(6, 9)),  # ties
+        (r.standard_normal((9, 6)).astype(np.float32).T, WeightSite("t", "MatMul", "in_out", (6, 9), 9)),
+        (r.standard_normal((6, 9)).astype(np.float16), linear_site(6, 9)),
+        (r.standard_normal((6, 9)), linear_site(6, 9)),  # float64 scores
+        (r.standard_normal((4, 2, 3, 3)).astype(np.float32), WeightSite("c", "Conv", "conv", (4, 2, 3, 3), 4, 2)),
+    ]
+    config = SelectConfig(method=method, level=level, per_neuron=2)
+    for w, site in cases:
+        stats = _stats(r.random(site.in_features) + (np.arange(site.in_features) % 2))
+        got = select_one(w, site, stats, config, scratch)
+        np.testing.assert_array_equal(got, select_one(w, site, stats, config))
+        if method == "random":
+            continue
+        act = stats.mean_abs()
+        ones = np.ones(w.shape)
+        s = {"fps": scores(w, site, act), "magnitude": np.abs(w.astype(np.result_type(w.dtype, np.float32))),
+             "activation": scores(ones, site, act)}[method]
+        rows = w.shape[0] if level == "neuron" else 1
+        k = 2 if level == "neuron" else 2 * w.shape[0]
+        want = _stable_top_k(s.reshape(rows, -1), k).reshape(w.shape)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("method", ["fps", "magnitude"])
+def test_a_non_finite_weight_is_named_even_where_its_score_is_nan(method):
+    w = np.ones((3, 4), np.float32)
+    w[0, 1] = np.inf  # its activation is 0: its score is inf * 0 = NaN
+    with pytest.raises(NumericError, match="weight w holds NaN or Inf"):
+        select_one(w, linear_site(), _stats([1.0, 0.0, 1.0, 1.0]), SelectConfig(method=method), Scratch())
+    with pytest.raises(NumericError, match="weight w holds NaN or Inf"):  # before missing statistics
+        select_one(w, linear_site(), None, SelectConfig(method=method))
+    with pytest.raises(NumericError, match="scores of weight w are not finite"):
+        select_one(np.ones((3, 4), np.float32), linear_site(), _stats([1.0, np.nan, 1.0, 1.0]),
+                   SelectConfig(method="fps"), Scratch())

@@ -375,3 +375,29 @@ def test_a_runtime_older_than_the_floor_is_refused(place, monkeypatch):
     path = place / "m.onnx"
     onnx.save(chain_model(), str(path))
     refused(place, [path, place / "data"], r"ONNX Runtime 1\.17\.3 is too old: fps-onnx needs 1\.")
+
+
+def test_mapped_external_weights_are_the_checked_bytes_and_read_only(place):
+    folder = place / "m"
+    folder.mkdir()
+    value = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    (folder / "w.bin").write_bytes(b"\1" * 12 + value.tobytes() + b"\2" * 8)  # offset 12: not page-aligned
+    t = numpy_helper.from_array(value, "w")
+    set_external(t, "w.bin", offset=12, length=value.nbytes)
+    ref = external.check_tensor(t, str(folder))
+    assert bytes(external.map_bytes(ref)) == bytes(external.read_bytes(ref)) == value.tobytes()
+    mapped = tensor_value(t, str(folder), mapped=True)
+    np.testing.assert_array_equal(mapped, value)
+    assert not mapped.flags.writeable
+    del mapped
+
+    def swapped(make, message):
+        (folder / "w.bin").unlink()
+        make(folder / "w.bin")
+        with pytest.raises(ModelError, match=message):
+            external.map_bytes(ref)
+
+    swapped(lambda p: p.write_bytes(b"\1" * 12 + value.tobytes()[:-4]), "shorter than when it was checked")
+    swapped(os.mkfifo, "not a regular file")  # opened without blocking
+    (place / "other.bin").write_bytes(b"\0" * 4100)
+    swapped(lambda p: p.symlink_to(place / "other.bin"), "cannot read")  # a link is not followed
