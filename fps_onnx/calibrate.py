@@ -134,11 +134,9 @@ def calibrate(
         masked: set[str] = set()
         shapes: dict[str, list] = {}
         if mask_name is not None:
-            shapes = graph.inferred_shapes(model, mask_name)
-            sites = decoder.lift_row_views(model, sites, shapes, mask_name)
+            shapes, sites, masked = _token_shapes(model, sites, mask_name)
             channels = {a: s.in_features for s in sites for a in s.activations}
             tensors = {a.tensor for s in sites for a in s.activations}
-            masked = graph.token_leading(model, tensors, mask_name, shapes)
             if len(masked) < len(tensors) and decoder.is_decoder(model):
                 # Every weight input of a decoder is [batch, seq, ...]; _accumulate
                 # checks each batch's element counts against that.
@@ -194,6 +192,35 @@ def calibrate(
     except BaseException:
         stop.set()
         raise
+
+
+def _token_shapes(model: onnx.ModelProto, sites: list[graph.WeightSite], mask_name: str
+                  ) -> tuple[dict[str, list], list[graph.WeightSite], set[str]]:
+    """(inferred shapes, ``sites`` with row views lifted, the weight inputs whose
+    leading axes are the mask's). ONNX's own shape inference first; ONNX Runtime's
+    symbolic inference (slower, and it loads sympy) only where that leaves a
+    weight input not [batch, seq, ...] or a symbolic past head size unknown."""
+    for symbolic in (False, True):
+        shapes = graph.inferred_shapes(model, mask_name, symbolic=symbolic)
+        lifted = decoder.lift_row_views(model, sites, shapes, mask_name)
+        tensors = {a.tensor for s in lifted for a in s.activations}
+        masked = graph.token_leading(model, tensors, mask_name, shapes)
+        if len(masked) == len(tensors) and _head_sizes_known(model, shapes):
+            break
+    return shapes, lifted, masked
+
+
+def _head_sizes_known(model: onnx.ModelProto, shapes: dict[str, list]) -> bool:
+    """Whether every past input of rank 3 or more has a static last axis or one
+    :func:`fps_onnx.decoder.past_head_sizes` finds in ``shapes``."""
+    sizes = None
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if decoder.is_past(vi.name) and len(dims) >= 3 and not dims[-1].HasField("dim_value"):
+            sizes = decoder.past_head_sizes(model, shapes) if sizes is None else sizes
+            if vi.name not in sizes:
+                return False
+    return True
 
 
 def _names(names) -> str:

@@ -198,3 +198,40 @@ def test_wrong_input_shape_says_what_the_model_expects(vit_case, tmp_path):
     np.save(tmp_path / "small.npy", np.zeros((2, 3, 16, 16), np.float32))
     with pytest.raises(DataError, match=r"small.npy: x has shape \[2, 3, 16, 16\], the model expects x \[batch, 3, 32, 32\] float32"):
         calibrate(path, tmp_path / "small.npy", BOTH)
+
+
+@pytest.mark.parametrize("contrib", [False, True])
+def test_symbolic_shape_inference_runs_only_where_onnx_inference_loses_the_token_axes(
+        tmp_path, monkeypatch, caplog, contrib):
+    """x [B, S, 4] -> Relu (ONNX infers it) or com.microsoft Gelu (ONNX does not) -> MatMul(w)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fps_onnx import graph
+
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    act = (helper.make_node("Gelu", ["x"], ["h"], domain="com.microsoft") if contrib
+           else helper.make_node("Relu", ["x"], ["h"]))
+    g = helper.make_graph(
+        [act, helper.make_node("MatMul", ["h", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 4]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "S"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 3])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                                helper.make_opsetid("com.microsoft", 1)], ir_version=8)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((3, 5, 4)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1] * 5, [1, 1, 0, 0, 0]], np.int64)
+    np.savez(tmp_path / "d.npz", x=x, attention_mask=mask)
+    calls = []
+    symbolic = graph._symbolic_inference
+    monkeypatch.setattr(graph, "_symbolic_inference", lambda m: calls.append(1) or symbolic(m))
+    with caplog.at_level("INFO", logger="fps_onnx"):
+        result = calibrate(tmp_path / "m.onnx", tmp_path / "d.npz", CalibrationConfig(provider="cpu"))
+    assert len(calls) == (1 if contrib else 0)
+    assert "token mask attention_mask applies to 1 of 1 weight inputs" in caplog.text
+    got = result.stats.weights["w"]
+    assert got.count == mask.sum()  # padded positions left out
+    if not contrib:
+        np.testing.assert_allclose(got.abs_sum, np.maximum(x, 0)[mask == 1].sum(0), rtol=1e-5)
