@@ -74,11 +74,12 @@ class MaskFile:
         """Write atomically (temporary file, then rename); ``shape`` and ``selected``
         of each entry of ``tensors`` are those of its mask."""
         arrays = {k: np.ascontiguousarray(v, dtype=bool) for k, v in self.masks.items()}
+        counts = {k: int(np.count_nonzero(m)) for k, m in arrays.items()}
         tensors = {
-            k: {**self.tensors.get(k, {}), "shape": list(m.shape), "selected": int(np.count_nonzero(m))}
+            k: {**self.tensors.get(k, {}), "shape": list(m.shape), "selected": counts[k]}
             for k, m in arrays.items()
         }
-        check_tensors(tensors, arrays, "mask metadata")
+        check_tensors(tensors, arrays, "mask metadata", counts)
         meta = {
             **self.meta,
             "format": FORMAT,
@@ -128,12 +129,14 @@ _FIELDS = {
 }
 
 
-def check_tensors(tensors: object, masks: Mapping[str, np.ndarray], source: object) -> None:
+def check_tensors(tensors: object, masks: Mapping[str, np.ndarray], source: object,
+                  counts: Mapping[str, int] | None = None) -> None:
     """Raise MaskError unless ``tensors`` (the decoded ``tensors`` metadata) describes ``masks``.
 
     An object keyed by mask keys; each entry an object with ``shape`` (the
     mask's shape) and ``selected`` (its count of True entries), and the
     documented optional fields with their types. Unknown fields are allowed.
+    ``counts``: the masks' counts of True entries, where already known.
     """
     where = f"{source}: metadata 'tensors'"
     if not isinstance(tensors, dict):
@@ -152,9 +155,9 @@ def check_tensors(tensors: object, masks: Mapping[str, np.ndarray], source: obje
         selected = entry.get("selected")
         if not _is_int(selected):
             raise MaskError(f"{where}: selected of {key!r} must be an integer")
-        if selected != int(np.count_nonzero(mask)):
-            raise MaskError(f"{where}: selected of {key!r} is {selected}, the mask selects "
-                            f"{int(np.count_nonzero(mask))}")
+        count = counts[key] if counts is not None else int(np.count_nonzero(mask))
+        if selected != count:
+            raise MaskError(f"{where}: selected of {key!r} is {selected}, the mask selects {count}")
         for name, (ok, what) in _FIELDS.items():
             if name in entry and not ok(entry[name]):
                 raise MaskError(f"{where}: {name} of {key!r} must be {what}")
