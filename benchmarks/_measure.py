@@ -5,19 +5,29 @@ child (and any children it waited for), not a sampled estimate. Linux starts a
 child's high-water mark at its parent's when it is spawned, so the parent
 should stay small (stdlib only, no big arrays): ``parent_floor_gib`` reports
 that floor, and no figure below it means anything.
+
+Also the scaffolding the benchmark scripts share: finding ``fps-onnx``,
+rounds of measured variants with their medians and paired ratios, the
+markdown tables of those. Stdlib only, so the parent stays small.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import os
+from pathlib import Path
+import platform
 import resource
+import shutil
+import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 
 GIB = 1024**3
+METRICS = ("wall_s", "cpu_s", "peak_rss_gib")
 
 
 def run_measured(
@@ -73,3 +83,101 @@ def run_measured(
         "parent_floor_gib": floor,
         "timed_out": killed.is_set(),
     }
+
+
+# --------------------------------------------------------------------------- variants and rounds
+
+
+def fps_onnx_command() -> str:
+    """The ``fps-onnx`` beside this Python, else the one on PATH."""
+    beside = Path(sys.executable).parent / "fps-onnx"
+    found = str(beside) if beside.exists() else shutil.which("fps-onnx")
+    if found is None:
+        raise SystemExit("fps-onnx is not installed (pip install -e .)")
+    return found
+
+
+def child_command(script: str, role: str, *args) -> list[str]:
+    """The command running ``script --role ROLE ARGS...`` with this Python."""
+    return [sys.executable, str(Path(script).resolve()), "--role", role, *map(str, args)]
+
+
+def output_tail(result: dict, lines: int) -> str:
+    """The last ``lines`` lines of a run's stderr (its stdout when stderr is empty)."""
+    return "\n".join((result["stderr"] or result["stdout"]).strip().splitlines()[-lines:])
+
+
+def check(name: str, result: dict, lines: int = 8) -> dict:
+    """``result``, or SystemExit with the tail of its output when it failed."""
+    if result["returncode"] != 0:
+        raise SystemExit(f"{name} failed (exit {result['returncode']}):\n" + output_tail(result, lines))
+    return result
+
+
+def machine() -> str:
+    """Architecture, cores, platform and Python version of this machine, in one line."""
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}, "
+            f"Python {platform.python_version()}")
+
+
+def measure_rounds(variants: dict[str, list[str]], repeat: int, tail: int = 8) -> tuple[dict, dict]:
+    """Run every variant once per round, back to back; (runs, medians) of :data:`METRICS`.
+
+    A failed run ends the benchmark with the last ``tail`` lines of its output."""
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for i in range(repeat):
+        for name, cmd in variants.items():
+            r = check(name, run_measured(cmd), tail)
+            runs[name].append({k: r[k] for k in METRICS})
+            print(f"[{i + 1}/{repeat}] {name:6s} {r['wall_s']:6.1f} s  {r['cpu_s']:6.1f} s CPU  "
+                  f"{r['peak_rss_gib']:5.2f} GiB", flush=True)
+    median = {name: {k: statistics.median(r[k] for r in rs) for k in METRICS} for name, rs in runs.items()}
+    return runs, median
+
+
+def _paired(runs: dict, a: str, b: str, key: str) -> float:
+    """Median over rounds of run i of ``a`` / run i of ``b`` (they ran back to back)."""
+    return statistics.median(x[key] / y[key] for x, y in zip(runs[a], runs[b]))
+
+
+def ratios(med: dict, runs: dict) -> dict:
+    """select/plain and gps/select ratios of time, CPU time and peak RSS, where both ran."""
+    out = {}
+    if "select" in med and "plain" in med:
+        out["select/plain time"] = _paired(runs, "select", "plain", "wall_s")
+        out["select/plain time (ratio of medians)"] = med["select"]["wall_s"] / med["plain"]["wall_s"]
+        out["select/plain CPU time"] = _paired(runs, "select", "plain", "cpu_s")
+        out["select/plain peak RSS"] = _paired(runs, "select", "plain", "peak_rss_gib")
+    if "gps" in med and "select" in med:
+        out["gps/select time"] = _paired(runs, "gps", "select", "wall_s")
+        out["gps/select peak RSS"] = _paired(runs, "gps", "select", "peak_rss_gib")
+    return out
+
+
+def met(targets: dict, name: str, value: float) -> bool | None:
+    """Whether ``value`` meets ``targets[name]`` = (bound, "<=" or ">="); None without a target."""
+    bound, op = targets.get(name, (None, None))
+    if bound is None:
+        return None
+    return value <= bound if op == "<=" else value >= bound
+
+
+def round_tables(report: dict, targets: dict) -> list[str]:
+    """Markdown lines: the variants' medians and runs, then the ratios against ``targets``."""
+    lines = [
+        "| variant | wall time (s) | CPU time (s) | peak RSS (GiB) | wall time of each run (s) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, m in report["median"].items():
+        runs = ", ".join(f"{r['wall_s']:.1f}" for r in report["runs"][name])
+        lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['peak_rss_gib']:.2f} | {runs} |")
+    lines += ["", "| ratio | value | target | met |", "|---|---:|---:|---|"]
+    for name, value in report["ratios"].items():
+        ok = met(targets, name, value)
+        if ok is None:
+            lines.append(f"| {name} | {value:.2f} | | |")
+        else:
+            bound, op = targets[name]
+            lines.append(f"| {name} | {value:.2f} | {op} {bound} | {'yes' if ok else 'NO'} |")
+    return lines
+

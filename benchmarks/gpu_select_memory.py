@@ -44,7 +44,7 @@ import threading
 import time
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import run_measured  # noqa: E402
+from _measure import child_command, output_tail, run_measured  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
@@ -345,7 +345,7 @@ class NvmlPoller:
 
 
 def _child(role: str, *args) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--role", role, *map(str, args)]
+    return child_command(__file__, role, *args)
 
 
 def _parse(result: dict) -> dict | None:
@@ -361,8 +361,7 @@ def _run_child(name: str, cmd: list[str], poller: NvmlPoller, timeout_s: float) 
     row = {"variant": name, "returncode": measured["returncode"], "wall_s": measured["wall_s"],
            "peak_rss_gib": measured["peak_rss_gib"], **nvml, **(parsed or {})}
     if measured["returncode"] != 0 or parsed is None:
-        tail = (measured["stderr"] or measured["stdout"]).strip().splitlines()[-8:]
-        row["error"] = "\n".join(tail) or f"exit {measured['returncode']}"
+        row["error"] = output_tail(measured, 8) or f"exit {measured['returncode']}"
         print(f"{name} FAILED (exit {measured['returncode']}):\n{row['error']}", flush=True)
     else:
         print(f"{name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "variant"),

@@ -33,13 +33,14 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
-import platform
 import shutil
-import statistics
 import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import run_measured  # noqa: E402
+from _measure import (  # noqa: E402
+    METRICS, check, child_command, fps_onnx_command, machine, measure_rounds, met, ratios, round_tables,
+    run_measured,
+)
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
@@ -57,7 +58,6 @@ TARGETS = {  # ratio: (bound, "<=" or ">=")
     "select/plain peak RSS": (1.10, "<="),
     "gps/select peak RSS": (2.5, ">="),
 }
-METRICS = ("wall_s", "cpu_s", "peak_rss_gib")
 
 
 # --------------------------------------------------------------------------- children
@@ -205,23 +205,12 @@ def profile(variants: dict, work: Path) -> dict:
 # --------------------------------------------------------------------------- parent
 
 
-def _fps_onnx() -> str:
-    beside = Path(sys.executable).parent / "fps-onnx"
-    found = str(beside) if beside.exists() else shutil.which("fps-onnx")
-    if found is None:
-        raise SystemExit("fps-onnx is not installed (pip install -e .)")
-    return found
-
-
 def _child(role: str, *args) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--role", role, *map(str, args)]
+    return child_command(__file__, role, *args)
 
 
 def _check(name: str, result: dict) -> dict:
-    if result["returncode"] != 0:
-        tail = (result["stderr"] or result["stdout"]).strip().splitlines()[-8:]
-        raise SystemExit(f"{name} failed (exit {result['returncode']}):\n" + "\n".join(tail))
-    return result
+    return check(name, result, 8)
 
 
 def prepare(size: str, sequences: int, length: int) -> dict:
@@ -235,36 +224,11 @@ def prepare(size: str, sequences: int, length: int) -> dict:
         r = _check("save model", run_measured(_child("prepare-model", size, folder)))
         made["save model"] = {k: r[k] for k in METRICS}
     if not onnx_path.exists():
-        r = _check("export", run_measured([_fps_onnx(), "export", f"hf:{folder}", "-o", str(onnx_path), "--json"]))
+        r = _check("export", run_measured([fps_onnx_command(), "export", f"hf:{folder}", "-o", str(onnx_path), "--json"]))
         made["export"] = {k: r[k] for k in METRICS} | {"summary": r["stdout"].strip()}
     if not data.exists():
         _check("data", run_measured(_child("prepare-data", data, sequences, length, SIZES[size]["vocab_size"])))
     return made
-
-
-def _paired(runs: dict, a: str, b: str, key: str) -> float:
-    """Median over rounds of run i of ``a`` / run i of ``b`` (they ran back to back)."""
-    return statistics.median(x[key] / y[key] for x, y in zip(runs[a], runs[b]))
-
-
-def _ratios(med: dict, runs: dict) -> dict:
-    out = {}
-    if "select" in med and "plain" in med:
-        out["select/plain time"] = _paired(runs, "select", "plain", "wall_s")
-        out["select/plain time (ratio of medians)"] = med["select"]["wall_s"] / med["plain"]["wall_s"]
-        out["select/plain CPU time"] = _paired(runs, "select", "plain", "cpu_s")
-        out["select/plain peak RSS"] = _paired(runs, "select", "plain", "peak_rss_gib")
-    if "gps" in med and "select" in med:
-        out["gps/select time"] = _paired(runs, "gps", "select", "wall_s")
-        out["gps/select peak RSS"] = _paired(runs, "gps", "select", "peak_rss_gib")
-    return out
-
-
-def _met(name: str, value: float) -> bool | None:
-    bound, op = TARGETS.get(name, (None, None))
-    if bound is None:
-        return None
-    return value <= bound if op == "<=" else value >= bound
 
 
 def _markdown(report: dict) -> str:
@@ -285,20 +249,8 @@ def _markdown(report: dict) -> str:
         f"- {report['repeat']} round(s) (plain, select, gps back to back); times are medians over "
         "rounds, ratios the median of the per-round ratios; CPU time counts every core",
         "",
-        "| variant | wall time (s) | CPU time (s) | peak RSS (GiB) | wall time of each run (s) |",
-        "|---|---:|---:|---:|---|",
     ]
-    for name, m in report["median"].items():
-        runs = ", ".join(f"{r['wall_s']:.1f}" for r in report["runs"][name])
-        lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['peak_rss_gib']:.2f} | {runs} |")
-    lines += ["", "| ratio | value | target | met |", "|---|---:|---:|---|"]
-    for name, value in report["ratios"].items():
-        met = _met(name, value)
-        if met is None:
-            lines.append(f"| {name} | {value:.2f} | | |")
-        else:
-            bound, op = TARGETS[name]
-            lines.append(f"| {name} | {value:.2f} | {op} {bound} | {'yes' if met else 'NO'} |")
+    lines += round_tables(report, TARGETS)
     if report.get("profile"):
         lines += ["", "One more run of plain and of select under cProfile (cumulative seconds; "
                   "the profiler adds a little):", "", "| stage | plain (s) | select (s) |", "|---|---:|---:|"]
@@ -352,31 +304,23 @@ def main() -> None:
     masks = work / "masks.safetensors"
     variants = {
         "plain": _child("plain", model, data, args.batch_size),
-        "select": [_fps_onnx(), "select", str(model), str(data), "-o", str(masks),
+        "select": [fps_onnx_command(), "select", str(model), str(data), "-o", str(masks),
                    "--batch-size", str(args.batch_size), "--quiet"],
     }
     if not args.skip_gps:
         variants["gps"] = _child("gps", folder, data, args.batch_size)
 
-    runs: dict[str, list[dict]] = {name: [] for name in variants}
-    for i in range(args.repeat):
-        for name, cmd in variants.items():
-            r = _check(name, run_measured(cmd))
-            runs[name].append({k: r[k] for k in METRICS})
-            print(f"[{i + 1}/{args.repeat}] {name:6s} {r['wall_s']:6.1f} s  {r['cpu_s']:6.1f} s CPU  "
-                  f"{r['peak_rss_gib']:5.2f} GiB", flush=True)
-    median = {name: {k: statistics.median(r[k] for r in rs) for k in METRICS} for name, rs in runs.items()}
+    runs, median = measure_rounds(variants, args.repeat)
     profiled = profile(variants, work) if args.profile else {}
     config = json.loads((folder / "config.json").read_text())
     weights = sum(f.stat().st_size for f in work.glob("model.onnx*"))
     parameters = sum(
         config[a] * config["hidden_size"] * 2 for a in ("vocab_size",)
     ) + config["num_hidden_layers"] * _layer_params(config) + config["hidden_size"]
-    ratios = _ratios(median, runs)
+    found = ratios(median, runs)
     report = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}, "
-                   f"Python {platform.python_version()}",
+        "machine": machine(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "size": args.size,
         "config": {k: config[k] for k in SIZES[args.size]},
@@ -391,10 +335,10 @@ def main() -> None:
         "commands": {k: " ".join(v) for k, v in variants.items()},
         "runs": runs,
         "median": median,
-        "ratios": ratios,
+        "ratios": found,
         "profile": profiled,
-        "targets": {k: {"bound": b, "op": op, "met": _met(k, ratios[k])} for k, (b, op) in TARGETS.items()
-                    if k in ratios},
+        "targets": {k: {"bound": b, "op": op, "met": met(TARGETS, k, found[k])} for k, (b, op) in TARGETS.items()
+                    if k in found},
         "note": args.note,
     }
     text = _markdown(report)

@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 from pathlib import Path
-import platform
-import shutil
-import statistics
 import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import run_measured  # noqa: E402
+from _measure import (  # noqa: E402
+    check, child_command, fps_onnx_command, machine, measure_rounds, ratios, round_tables, run_measured,
+)
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
@@ -45,7 +43,6 @@ TARGETS = {  # ratio: (bound, "<=" or ">=")
     "select/plain peak RSS": (1.25, "<="),
     "gps/select peak RSS": (5.0, ">="),
 }
-METRICS = ("wall_s", "cpu_s", "peak_rss_gib")
 
 
 # --------------------------------------------------------------------------- children
@@ -122,41 +119,12 @@ def gps(data: str, batch_size: int) -> None:
 # --------------------------------------------------------------------------- parent
 
 
-def _fps_onnx() -> str:
-    beside = Path(sys.executable).parent / "fps-onnx"
-    found = str(beside) if beside.exists() else shutil.which("fps-onnx")
-    if found is None:
-        raise SystemExit("fps-onnx is not installed (pip install -e .)")
-    return found
-
-
 def _child(role: str, *args) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--role", role, *map(str, args)]
+    return child_command(__file__, role, *args)
 
 
 def _check(name: str, result: dict) -> dict:
-    if result["returncode"] != 0:
-        tail = (result["stderr"] or result["stdout"]).strip().splitlines()[-5:]
-        raise SystemExit(f"{name} failed (exit {result['returncode']}):\n" + "\n".join(tail))
-    return result
-
-
-def _paired(runs: dict, a: str, b: str, key: str) -> float:
-    """Median over repeats of run i of ``a`` / run i of ``b`` (they ran back to back)."""
-    return statistics.median(x[key] / y[key] for x, y in zip(runs[a], runs[b]))
-
-
-def _ratios(med: dict, runs: dict) -> dict:
-    out = {}
-    if "select" in med and "plain" in med:
-        out["select/plain time"] = _paired(runs, "select", "plain", "wall_s")
-        out["select/plain time (ratio of medians)"] = med["select"]["wall_s"] / med["plain"]["wall_s"]
-        out["select/plain CPU time"] = _paired(runs, "select", "plain", "cpu_s")
-        out["select/plain peak RSS"] = _paired(runs, "select", "plain", "peak_rss_gib")
-    if "gps" in med and "select" in med:
-        out["gps/select time"] = _paired(runs, "gps", "select", "wall_s")
-        out["gps/select peak RSS"] = _paired(runs, "gps", "select", "peak_rss_gib")
-    return out
+    return check(name, result, 5)
 
 
 def _markdown(report: dict) -> str:
@@ -174,20 +142,8 @@ def _markdown(report: dict) -> str:
         "--provider cpu`; gps: PyTorch fp32 train mode, forward + backward per batch, "
         "summed gradients, per-row top-k |grad|",
         "",
-        "| variant | wall time (s) | CPU time (s) | peak RSS (GiB) | wall time of each run (s) |",
-        "|---|---:|---:|---:|---|",
     ]
-    for name, m in report["median"].items():
-        runs = ", ".join(f"{r['wall_s']:.1f}" for r in report["runs"][name])
-        lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['peak_rss_gib']:.2f} | {runs} |")
-    lines += ["", "| ratio | value | target | met |", "|---|---:|---:|---|"]
-    for name, value in report["ratios"].items():
-        bound, op = TARGETS.get(name, (None, None))
-        if bound is None:
-            lines.append(f"| {name} | {value:.2f} | | |")
-        else:
-            met = value <= bound if op == "<=" else value >= bound
-            lines.append(f"| {name} | {value:.2f} | {op} {bound} | {'yes' if met else 'NO'} |")
+    lines += round_tables(report, TARGETS)
     if report.get("note"):
         lines += ["", report["note"]]
     return "\n".join(lines) + "\n"
@@ -218,27 +174,16 @@ def main() -> None:
     masks = WORK / "masks.safetensors"
     variants = {
         "plain": _child("plain", model, data, args.batch_size),
-        "select": [_fps_onnx(), "select", str(model), str(data), "-o", str(masks),
+        "select": [fps_onnx_command(), "select", str(model), str(data), "-o", str(masks),
                    "--batch-size", str(args.batch_size), "--quiet", "--provider", "cpu"],
     }
     if not args.skip_gps:
         variants["gps"] = _child("gps", data, args.batch_size)
 
-    runs: dict[str, list[dict]] = {name: [] for name in variants}
-    for i in range(args.repeat):
-        for name, cmd in variants.items():
-            r = _check(name, run_measured(cmd))
-            runs[name].append({k: r[k] for k in METRICS})
-            print(f"[{i + 1}/{args.repeat}] {name:6s} {r['wall_s']:6.1f} s  {r['cpu_s']:6.1f} s CPU  "
-                  f"{r['peak_rss_gib']:5.2f} GiB", flush=True)
-    median = {
-        name: {k: statistics.median(r[k] for r in rs) for k in METRICS}
-        for name, rs in runs.items()
-    }
+    runs, median = measure_rounds(variants, args.repeat, tail=5)
     report = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}, "
-                   f"Python {platform.python_version()}",
+        "machine": machine(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": MODEL,
         "images": args.images,
@@ -248,7 +193,7 @@ def main() -> None:
         "commands": {k: " ".join(v) for k, v in variants.items()},
         "runs": runs,
         "median": median,
-        "ratios": _ratios(median, runs),
+        "ratios": ratios(median, runs),
         "note": args.note,
     }
     text = _markdown(report)
