@@ -8,12 +8,15 @@ that floor, and no figure below it means anything.
 
 Also the scaffolding the benchmark scripts share: finding ``fps-onnx``,
 rounds of measured variants with their medians and paired ratios, the
-markdown tables of those. Stdlib only, so the parent stays small.
+markdown tables of those, and the run-and-record steps of the fine-tuning
+benchmarks. Stdlib only, so the parent stays small.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import datetime as dt
+import json
 import os
 from pathlib import Path
 import platform
@@ -181,3 +184,33 @@ def round_tables(report: dict, targets: dict) -> list[str]:
             lines.append(f"| {name} | {value:.2f} | {op} {bound} | {'yes' if ok else 'NO'} |")
     return lines
 
+
+# --------------------------------------------------------------------------- fine-tuning cells
+
+
+def log(msg: str) -> None:
+    """Print ``msg`` with the UTC time, at once."""
+    print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {msg}", flush=True)
+
+
+def run_offline(cmd: list[str], root: Path) -> dict:
+    """:func:`run_measured` in ``root`` with the hub offline and ``root`` importable;
+    RuntimeError with the end of stderr when it fails."""
+    env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "TOKENIZERS_PARALLELISM": "false"}
+    m = run_measured(cmd, env=env, cwd=root)
+    if m["returncode"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({m['returncode']}):\n{m['stderr'][-3000:]}")
+    return m
+
+
+def stdout_json(result: dict):
+    """The JSON on a run's stdout from its first ``{`` on (some packages print before it)."""
+    return json.loads(result["stdout"][result["stdout"].index("{"):])
+
+
+def write_cell(path: Path, cell: dict) -> None:
+    """Write ``cell`` as JSON to ``path`` through a temporary file beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".tmp")
+    part.write_text(json.dumps(cell, indent=1))
+    os.replace(part, path)

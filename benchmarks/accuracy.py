@@ -39,7 +39,7 @@ import time
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _measure import run_measured  # noqa: E402
+from _measure import log, run_offline, stdout_json, write_cell  # noqa: E402
 
 PY = sys.executable
 FPS_ONNX = str(Path(PY).with_name("fps-onnx"))
@@ -84,10 +84,6 @@ NOTES = [
     "gradients summed, top-k |grad| per output neuron (`fps_onnx/gps.py`); FPS: `|w| · mean|a|` per output neuron "
     "from the same 800 inputs without labels; activation: mean|a| only; magnitude: |w|; random: seeded.",
 ]
-
-
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {msg}", flush=True)
 
 
 class Bench:
@@ -148,7 +144,7 @@ class Bench:
                 cmd += ["--seed", str(seed)]
         log(f"select {task} {method} seed {seed}")
         m = self._run(cmd)
-        summary = json.loads(m["stdout"][m["stdout"].index("{"):])  # some packages print first
+        summary = stdout_json(m)
         rec = {"wall_s": m["wall_s"], "peak_rss_gib": m["peak_rss_gib"], "cpu_s": m["cpu_s"],
                "parent_floor_gib": m["parent_floor_gib"], "loop_seconds": summary["seconds"],
                "samples": summary["samples"], "selected": summary["selected"], "total": summary["total"],
@@ -188,19 +184,12 @@ class Bench:
                 "train_process": {"wall_s": m["wall_s"], "peak_rss_gib": m["peak_rss_gib"], "cpu_s": m["cpu_s"]},
                 "cell_seconds": time.perf_counter() - start,
                 "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        self.cells.mkdir(parents=True, exist_ok=True)
-        part = path.with_suffix(".tmp")
-        part.write_text(json.dumps(cell, indent=1))
-        os.replace(part, path)
+        write_cell(path, cell)
         log(f"done {task} {method} seed {seed}: test {train['test_accuracy']:.4f} "
             f"(best epoch {train['best_epoch']}, {cell['cell_seconds']:.0f} s)")
 
     def _run(self, cmd: list[str]) -> dict:
-        env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-        m = run_measured(cmd, env=env, cwd=ROOT)
-        if m["returncode"] != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({m['returncode']}):\n{m['stderr'][-3000:]}")
-        return m
+        return run_offline(cmd, ROOT)
 
 
 # ------------------------------------------------------------------------------------- report

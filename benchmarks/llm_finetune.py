@@ -43,7 +43,7 @@ import time
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _measure import run_measured  # noqa: E402
+from _measure import log, run_offline, stdout_json, write_cell  # noqa: E402
 
 PY = sys.executable
 FPS_ONNX = str(Path(PY).with_name("fps-onnx"))
@@ -66,10 +66,6 @@ FULL = {"seq": 64, "batch_size": 4, "steps": 20, "val": 8, "test": 32, "calib": 
         "warmup": 0.1, "shira_r": 8, "lora_alpha": 16,
         "lr": {"full": 5e-5, "lora": 1e-3, "sparse": 1e-3}, "seeds": [0]}
 SMOKE = {**FULL, "seq": 32, "batch_size": 2, "steps": 2, "val": 2, "test": 2, "calib": 4}
-
-
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {msg}", flush=True)
 
 
 class Bench:
@@ -130,7 +126,7 @@ class Bench:
                 cmd += ["--seed", str(seed)]
         log(f"select {method} seed {seed}")
         m = self._run(cmd)
-        summary = json.loads(m["stdout"][m["stdout"].index("{"):])
+        summary = stdout_json(m)
         rec = {"wall_s": m["wall_s"], "peak_rss_gib": m["peak_rss_gib"], "cpu_s": m["cpu_s"],
                "parent_floor_gib": m["parent_floor_gib"], "loop_seconds": summary.get("seconds"),
                "selected": summary["selected"], "total": summary["total"], "command": " ".join(cmd)}
@@ -182,18 +178,11 @@ class Bench:
                                   "parent_floor_gib": m["parent_floor_gib"]},
                 "cell_seconds": time.perf_counter() - start,
                 "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        self.cells.mkdir(parents=True, exist_ok=True)
-        part = path.with_suffix(".tmp")
-        part.write_text(json.dumps(cell, indent=1))
-        os.replace(part, path)
+        write_cell(path, cell)
         log(f"done {method} seed {seed}: test ppl {train['test_ppl']:.3f} ({cell['cell_seconds']:.0f} s)")
 
     def _run(self, cmd: list[str]) -> dict:
-        env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-        m = run_measured(cmd, env=env, cwd=ROOT)
-        if m["returncode"] != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({m['returncode']}):\n{m['stderr'][-3000:]}")
-        return m
+        return run_offline(cmd, ROOT)
 
 
 def _from_metrics(metrics: dict, c: dict) -> dict:
