@@ -284,19 +284,22 @@ def _causal_forward(model):
         out = original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
 
+    with _replaced_forward(model, forward):
+        yield
+
+
+@contextlib.contextmanager
+def _replaced_forward(model, forward):
+    """Set ``model.forward`` to ``forward``; afterwards the instance attribute is as it was."""
     saved = model.__dict__.get("forward", _NO_ATTRIBUTE)
     model.forward = forward
     try:
         yield
     finally:
-        _restore_forward(model, saved)
-
-
-def _restore_forward(model, saved) -> None:
-    if saved is _NO_ATTRIBUTE:
-        model.__dict__.pop("forward", None)
-    else:
-        model.forward = saved
+        if saved is _NO_ATTRIBUTE:
+            model.__dict__.pop("forward", None)
+        else:
+            model.forward = saved
 
 
 def _load_light(raw: Path, spec: str) -> tuple[onnx.ModelProto, str]:
@@ -615,12 +618,8 @@ def _keyword_forward(model, names: list[str]):
     def forward(*args):
         return original(**dict(zip(names, args))) if by_name else original(*args)
 
-    saved = model.__dict__.get("forward", _NO_ATTRIBUTE)
-    model.forward = forward
-    try:
+    with _replaced_forward(model, forward):
         yield
-    finally:
-        _restore_forward(model, saved)
 
 
 def restore_names(model: onnx.ModelProto, state_dict: Mapping[str, object],
