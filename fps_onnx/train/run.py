@@ -104,6 +104,51 @@ def _return_freed_memory() -> None:
         pass
 
 
+def _output_folder(output: str | os.PathLike) -> Path:
+    """``output`` as a Path, or OutputError when it is a file (memory handling set up first)."""
+    _return_freed_memory()
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write to {out}: it is a file, not a folder")
+    return out
+
+
+def _device(device: str | None, local_rank: int) -> torch.device:
+    """``device``, else this process's GPU when there is one, else the CPU."""
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def _place(model: nn.Module, device: torch.device, world: int, **ddp) -> nn.Module:
+    """Move ``model`` to ``device``; the module to train: ``model``, or its DDP wrapper
+    (``ddp``: its keyword arguments) when ``world`` > 1, the masks' buffers not synced."""
+    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(model, sparse.buffer_names(model))
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **ddp)
+
+
+def _trainable_summary(model: nn.Module, trainable: loop.Trainable) -> dict:
+    """The metrics' ``trainable`` entry: selected entries, sparse tensors and dense parameters."""
+    params = dict(model.named_parameters())
+    return {"selected": trainable.selected, "sparse_tensors": len(trainable.deltas),
+            "dense": sum(params[n].numel() for n in trainable.dense),
+            "dense_tensors": trainable.dense}
+
+
+def _finish(world: int) -> None:
+    """Wait for every process, then leave the process group (several processes only)."""
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def run_train(
     spec: str,
     masks: str | os.PathLike | MaskFile,
@@ -124,10 +169,7 @@ def run_train(
     ``onnx_model``: the ONNX file the masks were selected on, when their keys are
     ONNX initializer names (matched to the model's parameters by value).
     """
-    _return_freed_memory()
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"cannot write to {out}: it is a file, not a folder")
+    out = _output_folder(output)
     for given, option in ((recipe.max_steps is not None, "--max-steps"), (recipe.accumulate != 1, "--accumulate"),
                           (recipe.checkpointing, "--checkpointing")):
         if given:
@@ -153,19 +195,9 @@ def run_train(
             split.set_image(image)
             if isinstance(example, dict):
                 split.set_inputs(list(example))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = _device(device, local_rank)
     trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
-    model.to(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        DDP._set_params_and_buffers_to_ignore_for_model(model, sparse.buffer_names(model))
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = _place(model, device, world)
 
     history = loop.fit(
         net, _loader(train_set, recipe, train=True, rank=rank, world=world),
@@ -180,18 +212,14 @@ def run_train(
         **history,
         "model": spec,
         "num_classes": classes,
-        "trainable": {"selected": trainable.selected, "sparse_tensors": len(trainable.deltas),
-                      "dense": sum(dict(model.named_parameters())[n].numel() for n in trainable.dense),
-                      "dense_tensors": trainable.dense},
+        "trainable": _trainable_summary(model, trainable),
         "world_size": world,
         "device": str(device),
         "recipe": asdict(recipe),
     }
     if rank == 0:
         write_outputs(model, trainable, metrics, out)
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    _finish(world)
     return metrics
 
 
@@ -254,10 +282,7 @@ def run_train_causal(
     (see the module docstring). ``onnx_model``: the ONNX file the masks were
     selected on, when their keys are ONNX initializer names.
     """
-    _return_freed_memory()
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"cannot write to {out}: it is a file, not a folder")
+    out = _output_folder(output)
     folder = hf_folder.causal_lm_folder(spec)
     rank, world, local_rank = _distributed()
     if rank == 0:
@@ -278,9 +303,7 @@ def run_train_causal(
     log.info("%d training samples, %s tokens to predict, max length %d", len(sets["train"]),
              f"{sets['train'].predicted_tokens():,}", max_length)
 
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = _device(device, local_rank)
     trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
     tied = sparse.tied_names(model)
     for name in trainable.dense:
@@ -288,15 +311,7 @@ def run_train_causal(
             log.warning("%s are one tied tensor, trained fully", " and ".join(tied[name]))
     if recipe.checkpointing:
         causal.enable_checkpointing(model)
-    model.to(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        DDP._set_params_and_buffers_to_ignore_for_model(model, sparse.buffer_names(model))
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    net = _place(model, device, world, broadcast_buffers=False)
 
     collate = lm_data.Collate(lm_data.pad_id(tokenizer))
 
@@ -316,25 +331,20 @@ def run_train_causal(
     if sets["test"] is not None:
         test = causal.evaluate(net, loader(sets["test"], False), device, recipe)
         history["test_loss"], history["test_perplexity"] = test["loss"], test["perplexity"]
-    params = dict(model.named_parameters())
     metrics = {
         **history,
         "task": "causal-lm",
         "model": spec,
         "base_sha256": base_hash,
         "max_length": max_length,
-        "trainable": {"selected": trainable.selected, "sparse_tensors": len(trainable.deltas),
-                      "dense": sum(params[n].numel() for n in trainable.dense),
-                      "dense_tensors": trainable.dense},
+        "trainable": _trainable_summary(model, trainable),
         "world_size": world,
         "device": str(device),
         "recipe": asdict(recipe),
     }
     if rank == 0:
         write_causal_outputs(model, trainable, metrics, out, folder, base_hash)
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    _finish(world)
     return metrics
 
 
