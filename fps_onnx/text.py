@@ -184,8 +184,12 @@ def _pad_id(tokenizer, folder: Path) -> int:
     return 0
 
 
-def read_texts(file: Path, field: str = "text") -> Iterator[tuple[int, str]]:
-    """(line number, text) of every non-blank line of a .txt or .jsonl file, lazily."""
+def read_lines(file: Path) -> Iterator[tuple[int, object]]:
+    """(line number, content) of every non-blank line of a .txt or .jsonl file, lazily.
+
+    Content: the line without its line break (.txt) or the parsed JSON value (.jsonl).
+    DataError for a file that cannot be read, is not UTF-8 or holds a line that is not JSON.
+    """
     jsonl = file.suffix.lower() == ".jsonl"
     try:
         with open(file, encoding="utf-8") as handle:
@@ -199,13 +203,23 @@ def read_texts(file: Path, field: str = "text") -> Iterator[tuple[int, str]]:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{file}:{number}: not a JSON line ({exc.msg})") from exc
-                text = record.get(field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(f"{file}:{number}: no text field {field!r} "
-                                    "(name another with --text-field NAME)")
-                if text.strip():
-                    yield number, text
+                yield number, record
     except UnicodeDecodeError as exc:
         raise DataError(f"{file} is not UTF-8 text: {exc}") from exc
     except OSError as exc:
         raise DataError(f"cannot read {file}: {exc}") from exc
+
+
+def read_texts(file: Path, field: str = "text") -> Iterator[tuple[int, str]]:
+    """(line number, text) of every non-blank line of a .txt or .jsonl file, lazily."""
+    jsonl = file.suffix.lower() == ".jsonl"
+    for number, content in read_lines(file):
+        if not jsonl:
+            yield number, content
+            continue
+        text = content.get(field) if isinstance(content, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{file}:{number}: no text field {field!r} "
+                            "(name another with --text-field NAME)")
+        if text.strip():
+            yield number, text

@@ -20,7 +20,6 @@ sample; padding (and the prompt) is -100 in the labels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-import json
 import logging
 import os
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, first_line
+from ..text import read_lines
 from ._torch import torch
 
 log = logging.getLogger(__name__)
@@ -115,32 +115,20 @@ def _records(path: Path) -> list[tuple[int, str, str | None]]:
     """(line number, prompt or text, completion or None) of every non-blank line."""
     jsonl = path.suffix.lower() == ".jsonl"
     records = []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                if not jsonl:
-                    records.append((number, line.rstrip("\r\n"), None))
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: not a JSON line ({exc.msg})") from exc
-                if isinstance(record, dict) and "prompt" in record and "completion" in record:
-                    prompt, completion = record["prompt"], record["completion"]
-                elif isinstance(record, dict) and "text" in record:
-                    prompt, completion = record["text"], None
-                else:
-                    raise DataError(f"{path}:{number}: expected an object with 'text', "
-                                    "or 'prompt' and 'completion'")
-                if not isinstance(prompt, str) or not isinstance(completion, (str, type(None))):
-                    raise DataError(f"{path}:{number}: 'text', 'prompt' and 'completion' must be strings")
-                records.append((number, prompt, completion))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text: {exc}") from exc
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
+    for number, record in read_lines(path):
+        if not jsonl:
+            records.append((number, record, None))
+            continue
+        if isinstance(record, dict) and "prompt" in record and "completion" in record:
+            prompt, completion = record["prompt"], record["completion"]
+        elif isinstance(record, dict) and "text" in record:
+            prompt, completion = record["text"], None
+        else:
+            raise DataError(f"{path}:{number}: expected an object with 'text', "
+                            "or 'prompt' and 'completion'")
+        if not isinstance(prompt, str) or not isinstance(completion, (str, type(None))):
+            raise DataError(f"{path}:{number}: 'text', 'prompt' and 'completion' must be strings")
+        records.append((number, prompt, completion))
     if not records:
         raise DataError(f"{path} holds no text (every line is blank)")
     return records
