@@ -271,17 +271,22 @@ def _save(path: Path, arrays: dict, meta: dict) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata=meta)
 
 
+def _forge(valid: Path, target: Path, edits, key_index: int, meta_edits: dict, flips) -> Path:
+    """``valid`` with its arrays and metadata edited, saved as ``target``, then its bytes flipped."""
+    arrays, meta = _reload(valid)
+    _save(target, _edit_arrays(arrays, edits, key_index), {**meta, **meta_edits})
+    if flips:
+        target.write_bytes(_mutate_bytes(target.read_bytes(), flips))
+    return target
+
+
 @FUZZ
 @given(edits=st.lists(_ARRAY_EDIT, max_size=3), key_index=st.integers(0, 20),
        meta_edits=st.dictionaries(st.sampled_from(["format", "format_version", "model_sha256",
                                                    "num_samples", "extra"]), _META_VALUE, max_size=2),
        flips=st.lists(_mutation, max_size=1), norm=st.sampled_from(["l1", "l2"]))
 def test_forged_stats(box, valid_stats, edits, key_index, meta_edits, flips, norm):
-    arrays, meta = _reload(valid_stats)
-    target = box.work / "forged_stats.safetensors"
-    _save(target, _edit_arrays(arrays, edits, key_index), {**meta, **meta_edits})
-    if flips:
-        target.write_bytes(_mutate_bytes(target.read_bytes(), flips))
+    target = _forge(valid_stats, box.work / "forged_stats.safetensors", edits, key_index, meta_edits, flips)
     out = _fresh_out(box, "m_stats.safetensors")
     code, output, exc = _run("select", box.model, "--from-stats", target, "-o", out, "--norm", norm, "-q")
     _assert_clean(code, output, exc, out, _valid_masks)
@@ -330,11 +335,7 @@ def valid_masks(box):
                                                    "budget", "extra"]), _META_VALUE, max_size=2),
        flips=st.lists(_mutation, max_size=1))
 def test_forged_masks(box, valid_masks, torch_spec, edits, key_index, meta_edits, flips):
-    arrays, meta = _reload(valid_masks)
-    target = box.work / "forged_masks.safetensors"
-    _save(target, _edit_arrays(arrays, edits, key_index), {**meta, **meta_edits})
-    if flips:
-        target.write_bytes(_mutate_bytes(target.read_bytes(), flips))
+    target = _forge(valid_masks, box.work / "forged_masks.safetensors", edits, key_index, meta_edits, flips)
     out = _fresh_out(box, "m_mapped.safetensors")
     code, output, exc = _run("map", target, "--model", torch_spec, "--onnx", box.model, "-o", out, "-q")
     _assert_clean(code, output, exc, out, _valid_masks)
