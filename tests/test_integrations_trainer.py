@@ -93,13 +93,20 @@ def test_hf_trainer_with_weight_decay_moves_only_the_selected_entries(tmp_path):
     assert {"classifier.weight", "bert.encoder.layer.0.output.dense.bias"} <= set(trainable.dense)
 
 
-def test_plain_loop_with_adamw_decay_and_mask_alone(tmp_path):
-    model = tiny_bert(1)
-    masks = random_masks(model, seed=1)
+def _masks_alone(seed: int):
+    """A tiny BERT prepared to train its masked entries alone, with random masks of ``seed``:
+    (model, masks, state before, AdamW with decay over the trainable parameters)."""
+    model = tiny_bert(seed)
+    masks = random_masks(model, seed=seed)
     before = plain_state(model)
     fps_onnx.train.prepare(model, masks, Recipe(train_head=False, train_bias=False))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
                                   weight_decay=0.1)
+    return model, masks, before, optimizer
+
+
+def test_plain_loop_with_adamw_decay_and_mask_alone(tmp_path):
+    model, masks, before, optimizer = _masks_alone(1)
     batch = {k: torch.stack([s[k] for s in samples(8, 1)]) for k in ("input_ids", "attention_mask", "labels")}
     for _ in range(3):
         model(**batch).loss.backward()
@@ -117,12 +124,7 @@ def test_plain_loop_with_adamw_decay_and_mask_alone(tmp_path):
 
 def test_accelerate_prepare_keeps_frozen_entries():
     accelerate = pytest.importorskip("accelerate")
-    model = tiny_bert(2)
-    masks = random_masks(model, seed=2)
-    before = plain_state(model)
-    fps_onnx.train.prepare(model, masks, Recipe(train_head=False, train_bias=False))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
-                                  weight_decay=0.1)
+    model, masks, before, optimizer = _masks_alone(2)
     loader = torch.utils.data.DataLoader(samples(8, 2), batch_size=4)
     accelerator = accelerate.Accelerator(cpu=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
