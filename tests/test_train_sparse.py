@@ -327,3 +327,142 @@ def test_missing_and_corrupt_delta_files(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
     with pytest.raises(MaskError, match="cannot read delta file"):
         sparse.apply_delta(_model(), tmp_path / "bad.safetensors")
+
+
+# --------------------------------------------------------------------------- sparse Linear gradient
+
+
+class Shared(nn.Module):
+    """Linears on [batch, tokens, features]; ``b`` and ``c`` share one weight, the
+    embedding is tied to the output head, ``a``'s weight is also read directly."""
+
+    def __init__(self, d=12, hidden=20, vocab=17, bias=True) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.a = nn.Linear(d, hidden, bias=bias)
+        self.b = nn.Linear(hidden, d, bias=bias)
+        self.c = nn.Linear(hidden, d, bias=False)
+        self.c.weight = self.b.weight
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = torch.tanh(self.a(self.emb(ids)))
+        return self.head(self.b(h) * self.c(h).sigmoid() + self.a.weight.mean())
+
+
+def _grads(model, masks, sparse_linear, ids, train_bias=False):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sparse.attach(model, masks, sparse_linear=sparse_linear)
+    if train_bias:
+        model.a.bias.requires_grad_(True)
+    model(ids).square().mean().backward()
+    out = {n: d.values.grad.clone() for n, d in sparse.unique_deltas(model).items()}
+    if train_bias:
+        out["a.bias"] = model.a.bias.grad.clone()
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sparse_linear_gradient_equals_dense_path(seed):
+    rng = np.random.default_rng(seed)
+    d, hidden, vocab = (int(v) for v in rng.integers(3, 40, 3))
+    bias = bool(seed % 2)
+    ids = torch.from_numpy(rng.integers(0, vocab, (int(rng.integers(1, 4)), int(rng.integers(1, 9)))))
+
+    def build():
+        torch.manual_seed(seed)
+        return Shared(d, hidden, vocab, bias)
+
+    masks = _masks(build(), fraction=float(rng.uniform(0.05, 0.9)), seed=seed)
+    dense = _grads(build(), masks, False, ids, train_bias=bias)
+    fast_model = build()
+    fast = _grads(fast_model, masks, True, ids, train_bias=bias)
+    assert all(isinstance(m, sparse._SparseForward) for m in (fast_model.a, fast_model.b, fast_model.c, fast_model.head))
+    assert set(fast) == set(dense)
+    for name in dense:
+        torch.testing.assert_close(fast[name], dense[name], rtol=1e-5, atol=1e-7)
+
+
+def test_sparse_linear_never_builds_a_dense_weight_gradient(monkeypatch):
+    def fail(ctx, grad):
+        raise AssertionError("dense weight gradient computed")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sparse.attach(model, _masks(model, 0.3))
+    monkeypatch.setattr(sparse._GatherGrad, "backward", staticmethod(fail))
+    model(torch.randn(4, 5, 6)).sum().backward()
+    assert all(d.values.grad is not None for d in sparse.deltas(model).values())
+    sparse.merge(model)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+
+
+def test_sparse_linear_training_gives_the_dense_paths_updates():
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, 17, (3, 7)))
+    merged = []
+    for sparse_linear in (False, True):
+        torch.manual_seed(3)
+        model = Shared()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        sparse.attach(model, _masks(model, 0.2), sparse_linear=sparse_linear)
+        model.a.bias.requires_grad_(True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(4):
+            model(ids).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        merged.append(sparse.merged_state_dict(model))
+    start = Shared().state_dict()
+    for name, value in merged[0].items():
+        torch.testing.assert_close(merged[1][name], value, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(merged[1]["a.weight"], start["a.weight"])
+
+
+def test_sparse_linear_under_checkpointing_and_cpu_autocast():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    grads = {}
+    for mode in ("dense", "checkpoint", "autocast-dense", "autocast"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        sparse.attach(model, _masks(model, 0.3), sparse_linear=not mode.endswith("dense"))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.startswith("autocast")):
+            y = checkpoint(model, x, use_reentrant=False) if mode == "checkpoint" else model(x)
+        assert y.dtype == (torch.bfloat16 if mode.startswith("autocast") else torch.float32)
+        y.float().square().sum().backward()
+        grads[mode] = [d.values.grad for d in sparse.deltas(model).values()]
+        assert all(g.dtype == torch.float32 for g in grads[mode])
+    for a, b in zip(grads["checkpoint"], grads["dense"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads["autocast"], grads["autocast-dense"]):  # bf16 matmuls on both paths
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * float(b.abs().max()))
+
+
+def test_sparse_linear_on_transformers_conv1d():
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6)
+    grads = []
+    for sparse_linear in (False, True):
+        torch.manual_seed(2)
+        model = nn.Sequential(pytorch_utils.Conv1D(10, 6), nn.Tanh(), pytorch_utils.Conv1D(5, 10))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        sparse.attach(model, _masks(model, 0.4), sparse_linear=sparse_linear)
+        model[0].bias.requires_grad_(True)
+        model(x).square().sum().backward()
+        grads.append([d.values.grad for d in sparse.deltas(model).values()] + [model[0].bias.grad])
+        assert isinstance(model[0], sparse._SparseForward) == sparse_linear
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    sparse.merge(model)
+    assert type(model[0]) is pytorch_utils.Conv1D

@@ -74,7 +74,7 @@ def _freeze_norm_statistics(model: nn.Module) -> None:
 
 
 def prepare(model: nn.Module, masks: Mapping[str, object] | sparse.MaskFile | str,
-            recipe: Recipe = Recipe(), *, onnx_model=None) -> Trainable:
+            recipe: Recipe = Recipe(), *, onnx_model=None, sparse_linear: bool = True) -> Trainable:
     """Freeze ``model``, attach ``masks`` and unfreeze what ``recipe`` trains fully.
 
     ``masks``: name -> bool array, a MaskFile or its path; ``onnx_model``: the
@@ -82,7 +82,8 @@ def prepare(model: nn.Module, masks: Mapping[str, object] | sparse.MaskFile | st
     are parameter names; a backbone's name stands for the one parameter of a
     task wrapper that ends with it (``encoder.layer.0.output.dense.weight`` for
     ``bert.encoder.layer.0.output.dense.weight``; see
-    :func:`fps_onnx.models.resolve_keys`).
+    :func:`fps_onnx.models.resolve_keys`). ``sparse_linear``: nn.Linear/Conv1D
+    modules compute only the selected entries' gradient (see :func:`sparse.attach`).
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -90,10 +91,12 @@ def prepare(model: nn.Module, masks: Mapping[str, object] | sparse.MaskFile | st
     names = [n for n, _ in model.named_parameters()]
     if isinstance(masks, Mapping):
         resolved = resolve_keys(masks, names)
-        deltas = sparse.attach(model, {resolved.get(k, k): m for k, m in masks.items()}, skip=head)
+        deltas = sparse.attach(model, {resolved.get(k, k): m for k, m in masks.items()}, skip=head,
+                               sparse_linear=sparse_linear)
     else:
         maskfile = masks if isinstance(masks, MaskFile) else MaskFile.load(masks)
-        deltas = sparse.load_masks(model, rekey_masks(maskfile, names), skip=head, onnx_model=onnx_model)
+        deltas = sparse.load_masks(model, rekey_masks(maskfile, names), skip=head, onnx_model=onnx_model,
+                                    sparse_linear=sparse_linear)
     dense = set(head)
     for module_name, module in model.named_modules():
         norm = _is_norm(module)

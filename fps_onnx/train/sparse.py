@@ -30,6 +30,13 @@ one tensor, under its first name in ``named_parameters()``
 delta, so the gradient of both uses reaches it and the tie survives
 :func:`merge`. Selecting entries of a tied ``lm_head`` changes the embedding too
 (logged as a warning).
+
+An ``nn.Linear`` (or transformers' ``Conv1D``) whose weight gets a delta also
+computes with it without the dense weight gradient: its forward pass is one
+:class:`_SparseLinear` call that returns the input's gradient and, for the
+deltas, only the k sums ``grad_values[i] = sum_n g[n, r_i] * x[n, c_i]`` over
+the tokens (O(tokens x k) instead of a second dense matmul). Other modules, and
+any other read of such a weight (a tied use), go through the parametrisation.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from collections.abc import Collection, Iterator, Mapping
 import json
 import logging
 import os
+import sys
 
 import numpy as np
 
@@ -103,12 +111,152 @@ class SparseDelta(nn.Module):
         return f"k={self.indices.numel()}"
 
 
-def attach(model: nn.Module, masks: Mapping[str, object], *, skip: Collection[str] = ()) -> dict[str, SparseDelta]:
+# elements of one gathered [chunk, tokens] block of the deltas' gradient: small
+# enough to stay in cache, large enough to amortise the per-kernel overhead
+_CHUNK_ELEMENTS = 1 << 19
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes a matmul of ``x`` in, or None when it is off for ``x``."""
+    kind = x.device.type
+    if x.dtype == torch.float64 or not x.is_floating_point() or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+class _SparseLinear(torch.autograd.Function):
+    """``y = x W^T + b`` (``transposed``: ``x W + b``) on the merged weight ``W``.
+
+    The backward gives the input's gradient (dense), the bias's, and for
+    ``values`` only the selected entries of the weight's gradient: gathered
+    rows of ``g^T`` and ``x^T`` at the entries' rows and columns, multiplied and
+    summed over the flattened tokens, in float32, in chunks of about
+    ``_CHUNK_ELEMENTS``. ``W`` gets no gradient. Under autocast the matmuls
+    run in autocast's dtype, as ``F.linear`` would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, values, indices, bias, transposed):
+        original = weight  # saved as it is: no copy of the weight is kept
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            if transposed:  # transformers' Conv1D: weight [in, out]
+                flat = x.reshape(-1, x.shape[-1])
+                out = torch.addmm(bias, flat, weight) if bias is not None else flat.mm(weight)
+                out = out.view(*x.shape[:-1], weight.shape[1])
+            else:
+                out = nn.functional.linear(x, weight, bias)
+        # x in the matmul's dtype (under autocast the copy F.linear would keep too)
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, original, indices)
+        ctx.transposed = transposed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, indices = ctx.saved_tensors
+        transposed = ctx.transposed
+        grad_x = grad_values = grad_bias = None
+        with torch.autocast(grad.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                weight = weight.to(grad.dtype)
+                grad_x = grad.matmul(weight.t() if transposed else weight)
+            g = grad.reshape(-1, grad.shape[-1])
+            if x is not None:
+                grad_values = _entry_grad(g, x.reshape(-1, x.shape[-1]), indices, weight.shape[1], transposed)
+            if ctx.needs_input_grad[4]:
+                grad_bias = g.sum(0, dtype=torch.float32)
+        return grad_x, None, grad_values, None, grad_bias, None
+
+
+def _entry_grad(g: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, columns: int,
+                transposed: bool) -> torch.Tensor:
+    """float32 ``(g^T x)`` (``transposed``: ``x^T g``) at the flat ``indices`` of a
+    [*, ``columns``] weight; ``g`` [N, out], ``x`` [N, in]."""
+    gt = g.t().to(torch.float32).contiguous()  # [out, N]: each entry's row is contiguous
+    xt = x.t().to(torch.float32).contiguous()  # [in, N]
+    left, right = (xt, gt) if transposed else (gt, xt)
+    rows, cols = indices // columns, indices % columns
+    out = torch.empty(indices.numel(), dtype=torch.float32, device=g.device)
+    step = max(64, _CHUNK_ELEMENTS // max(g.shape[0], 1))
+    for start in range(0, indices.numel(), step):
+        end = start + step
+        block = left.index_select(0, rows[start:end])
+        block.mul_(right.index_select(0, cols[start:end]))
+        torch.sum(block, 1, out=out[start:end])
+    return out
+
+
+class _SparseForward:
+    """Forward of a Linear/Conv1D whose weight has a sparse delta: :class:`_SparseLinear`.
+
+    Mixed in below the module's class (and below the class parametrisation
+    injects), so ``isinstance`` and the class name stay those of the module.
+    Without a sparse delta on its weight the module's own forward runs.
+    """
+
+    _dense_class: type
+    _transposed: bool
+
+    def forward(self, input):
+        plist = self.parametrizations["weight"] if "weight" in getattr(self, "parametrizations", {}) else ()
+        if len(plist) != 1 or not isinstance(plist[0], SparseDelta):
+            return self._dense_class.forward(self, input)
+        delta, weight = plist[0], plist.original
+        delta.write(weight)
+        return _SparseLinear.apply(input, weight, delta.values, delta.indices, self.bias, self._transposed)
+
+
+_SPARSE_CLASSES: dict[type, type] = {}
+
+
+def _sparse_layout(module: nn.Module) -> bool | None:
+    """False for an nn.Linear, True for transformers' Conv1D (weight [in, out]), each
+    with its class's own forward; None for any other module."""
+    cls = type(module)
+    if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
+        return False
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    if conv1d is not None and isinstance(module, conv1d) and cls.forward is conv1d.forward:
+        return True
+    return None
+
+
+def _use_sparse_forward(module: nn.Module) -> None:
+    """Give a plain Linear/Conv1D the sparse-gradient forward (before its parametrisation)."""
+    from torch.nn.utils import parametrize
+
+    layout = _sparse_layout(module)
+    if layout is None or parametrize.is_parametrized(module) or isinstance(module, _SparseForward):
+        return
+    cls = type(module)
+    if cls not in _SPARSE_CLASSES:
+        _SPARSE_CLASSES[cls] = type(cls.__name__, (_SparseForward, cls), {
+            "_dense_class": cls, "_transposed": layout, "__qualname__": cls.__qualname__,
+            "__module__": cls.__module__})
+    module.__class__ = _SPARSE_CLASSES[cls]
+
+
+def _restore_classes(model: nn.Module) -> None:
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if isinstance(module, _SparseForward) and not parametrize.is_parametrized(module):
+            module.__class__ = module._dense_class
+
+
+def attach(model: nn.Module, masks: Mapping[str, object], *, skip: Collection[str] = (),
+           sparse_linear: bool = True) -> dict[str, SparseDelta]:
     """Make the entries ``masks`` select trainable deltas; keys are parameter names.
 
     ``masks``: name -> bool array (NumPy or torch) of the parameter's shape.
     Names in ``skip`` are left alone (e.g. a head that is trained fully). A mask
     that selects nothing leaves its weight frozen. Returns name -> SparseDelta.
+    ``sparse_linear``: nn.Linear / Conv1D modules compute only the selected
+    entries' gradient (:class:`_SparseLinear`); False keeps every module on the
+    parametrisation (dense weight gradient, then gathered). Same values either way.
     """
     from torch.nn.utils import parametrize
 
@@ -144,6 +292,8 @@ def attach(model: nn.Module, masks: Mapping[str, object], *, skip: Collection[st
             module = model.get_submodule(module_name)
             if parametrize.is_parametrized(module, tensor_name):
                 raise MaskError(f"{alias} already has a parametrisation; cannot add a sparse delta")
+            if sparse_linear and tensor_name == "weight":
+                _use_sparse_forward(module)
             parametrize.register_parametrization(module, tensor_name, delta)
         attached[name] = delta
     if not attached:
@@ -163,6 +313,7 @@ def load_masks(
     *,
     skip: Collection[str] = (),
     onnx_model=None,
+    sparse_linear: bool = True,
 ) -> dict[str, SparseDelta]:
     """Attach a mask file (or loaded MaskFile) to ``model``.
 
@@ -171,11 +322,13 @@ def load_masks(
     :func:`fps_onnx.mapping.map_masks`: by value when ``onnx_model`` (the ONNX
     model the masks were selected on: path or ModelProto) is given, by name
     otherwise. Masks named in ``skip`` (a head trained fully) are ignored.
+    ``sparse_linear``: as in :func:`attach`.
     """
     maskfile = masks if isinstance(masks, MaskFile) else MaskFile.load(masks)
     if not maskfile.masks:
         raise MaskError("the mask file holds no masks")
-    return attach(model, _by_parameter_name(model, maskfile, skip, onnx_model), skip=skip)
+    return attach(model, _by_parameter_name(model, maskfile, skip, onnx_model), skip=skip,
+                  sparse_linear=sparse_linear)
 
 
 def tied_names(model: nn.Module) -> dict[str, list[str]]:
@@ -260,6 +413,7 @@ def merge(model: nn.Module) -> nn.Module:
         # the original's storage already holds W0 + delta: restore it as the parameter
         parametrize.remove_parametrizations(model.get_submodule(module_name), tensor_name,
                                             leave_parametrized=False)
+    _restore_classes(model)
     return model
 
 
