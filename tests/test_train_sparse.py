@@ -364,8 +364,11 @@ def _grads(model, masks, sparse_linear, ids, train_bias=False):
     return out
 
 
+@pytest.mark.parametrize("sampled", [True, False])
 @pytest.mark.parametrize("seed", range(4))
-def test_sparse_linear_gradient_equals_dense_path(seed):
+def test_sparse_linear_gradient_equals_dense_path(seed, sampled, monkeypatch):
+    if not sampled:  # the gathering kernel (used off CPU)
+        monkeypatch.setattr(sparse, "_SAMPLED_DEVICES", ())
     rng = np.random.default_rng(seed)
     d, hidden, vocab = (int(v) for v in rng.integers(3, 40, 3))
     bias = bool(seed % 2)
@@ -447,7 +450,10 @@ def test_sparse_linear_under_checkpointing_and_cpu_autocast():
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * float(b.abs().max()))
 
 
-def test_sparse_linear_on_transformers_conv1d():
+@pytest.mark.parametrize("sampled", [True, False])
+def test_sparse_linear_on_transformers_conv1d(sampled, monkeypatch):
+    if not sampled:
+        monkeypatch.setattr(sparse, "_SAMPLED_DEVICES", ())
     pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
     torch.manual_seed(0)
     x = torch.randn(3, 4, 6)
@@ -466,3 +472,16 @@ def test_sparse_linear_on_transformers_conv1d():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     sparse.merge(model)
     assert type(model[0]) is pytorch_utils.Conv1D
+
+
+def test_entry_gradient_kernels_agree_on_large_and_unsorted_inputs(monkeypatch):
+    torch.manual_seed(0)
+    g, x = torch.randn(300, 40), torch.randn(300, 30)  # [tokens, out], [tokens, in]
+    picked = torch.randperm(40 * 30)[:500]
+    monkeypatch.setattr(sparse, "_CHUNK_ELEMENTS", 300 * 64)  # several chunks
+    for devices in (("cpu",), ()):  # sampled_addmm, then the gathering kernel
+        monkeypatch.setattr(sparse, "_SAMPLED_DEVICES", devices)
+        for indices in (picked.sort().values, picked):  # unsorted: always gathered
+            for transposed, full in ((False, g.t() @ x), (True, x.t() @ g)):
+                got = sparse._entry_grad(g, x, indices, full.shape[1], transposed)
+                torch.testing.assert_close(got, full.reshape(-1)[indices], rtol=1e-5, atol=1e-5)
