@@ -400,6 +400,9 @@ def test_sparse_linear_never_builds_a_dense_weight_gradient(monkeypatch):
     monkeypatch.setattr(sparse._GatherGrad, "backward", staticmethod(fail))
     model(torch.randn(4, 5, 6)).sum().backward()
     assert all(d.values.grad is not None for d in sparse.deltas(model).values())
+    monkeypatch.setattr(sparse, "_SPARSE_GRAD_DEVICES", ())  # other devices: the parametrisation
+    with pytest.raises(AssertionError, match="dense weight gradient"):
+        model(torch.randn(4, 5, 6)).sum().backward()
     sparse.merge(model)
     assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
 

@@ -31,12 +31,13 @@ delta, so the gradient of both uses reaches it and the tie survives
 :func:`merge`. Selecting entries of a tied ``lm_head`` changes the embedding too
 (logged as a warning).
 
-An ``nn.Linear`` (or transformers' ``Conv1D``) whose weight gets a delta also
-computes with it without the dense weight gradient: its forward pass is one
-:class:`_SparseLinear` call that returns the input's gradient and, for the
-deltas, only the k sums ``grad_values[i] = sum_n g[n, r_i] * x[n, c_i]`` over
-the tokens (O(tokens x k) instead of a second dense matmul). Other modules, and
-any other read of such a weight (a tied use), go through the parametrisation.
+An ``nn.Linear`` (or transformers' ``Conv1D``) whose weight gets a delta
+computes, on CPU, without the dense weight gradient: its forward pass is one
+:class:`_SparseLinear` call whose backward returns the input's gradient and,
+for the deltas, only the k sums ``grad_values[i] = sum_n g[n, r_i] * x[n, c_i]``
+over the tokens (O(tokens x k) instead of a second dense matmul). Other
+modules, other devices, and any other read of such a weight (a tied use) go
+through the parametrisation; the gradients of every use add up in ``values``.
 """
 
 from __future__ import annotations
@@ -184,6 +185,10 @@ def _entry_grad(g: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, columns
 
 # where torch.sparse.sampled_addmm computes the entries (measured faster than gathering on CPU)
 _SAMPLED_DEVICES = ("cpu",)
+# where Linear/Conv1D skip the dense weight gradient: measured on CPU only (SmolLM2-135M, 4 x 64
+# tokens: 0.96-1.00x LoRA r=8's step, dense weight gradient 1.14x); on a GPU a bf16 dense matmul
+# may well beat per-entry sums, so other devices keep the parametrisation until measured there
+_SPARSE_GRAD_DEVICES = ("cpu",)
 
 
 def _sampled(left, right, rows, cols, columns: int) -> torch.Tensor:
@@ -219,7 +224,8 @@ class _SparseForward:
 
     Mixed in below the module's class (and below the class parametrisation
     injects), so ``isinstance`` and the class name stay those of the module.
-    Without a sparse delta on its weight the module's own forward runs.
+    Without a sparse delta on its weight, or with the weight on a device not in
+    ``_SPARSE_GRAD_DEVICES``, the module's own forward runs (the parametrisation).
     """
 
     _dense_class: type
@@ -227,7 +233,8 @@ class _SparseForward:
 
     def forward(self, input):
         plist = self.parametrizations["weight"] if "weight" in getattr(self, "parametrizations", {}) else ()
-        if len(plist) != 1 or not isinstance(plist[0], SparseDelta):
+        if (len(plist) != 1 or not isinstance(plist[0], SparseDelta)
+                or plist.original.device.type not in _SPARSE_GRAD_DEVICES):
             return self._dense_class.forward(self, input)
         delta, weight = plist[0], plist.original
         delta.write(weight)
@@ -279,8 +286,9 @@ def attach(model: nn.Module, masks: Mapping[str, object], *, skip: Collection[st
     Names in ``skip`` are left alone (e.g. a head that is trained fully). A mask
     that selects nothing leaves its weight frozen. Returns name -> SparseDelta.
     ``sparse_linear``: nn.Linear / Conv1D modules compute only the selected
-    entries' gradient (:class:`_SparseLinear`); False keeps every module on the
-    parametrisation (dense weight gradient, then gathered). Same values either way.
+    entries' gradient (:class:`_SparseLinear`; on CPU); False keeps every module
+    on the parametrisation (dense weight gradient, then gathered). The gradients
+    agree to float rounding either way.
     """
     from torch.nn.utils import parametrize
 
