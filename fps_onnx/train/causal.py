@@ -51,8 +51,8 @@ def enable_checkpointing(model: nn.Module) -> None:
     Non-reentrant checkpointing gives the sparse deltas their gradient even
     though no input of a checkpointed layer requires grad (the embeddings are
     frozen). The recomputation in the backward pass reads the same weights as
-    the forward did: a delta is written into its weight only when its values
-    changed, which happens at the optimizer step, after the backward pass.
+    the forward did: a delta is written into its weight on every use, and its
+    values change only at the optimizer step, after the backward pass.
     """
     kwargs = {"use_reentrant": False}
     try:
