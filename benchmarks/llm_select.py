@@ -38,7 +38,15 @@ import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import (  # noqa: E402
-    METRICS, check, child_command, fps_onnx_command, machine, measure_rounds, met, ratios, round_tables,
+    METRICS,
+    check,
+    child_command,
+    fps_onnx_command,
+    machine,
+    measure_rounds,
+    met,
+    ratios,
+    round_tables,
     run_measured,
 )
 

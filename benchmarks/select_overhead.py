@@ -30,7 +30,14 @@ import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import (  # noqa: E402
-    check, child_command, fps_onnx_command, machine, measure_rounds, ratios, round_tables, run_measured,
+    check,
+    child_command,
+    fps_onnx_command,
+    machine,
+    measure_rounds,
+    ratios,
+    round_tables,
+    run_measured,
 )
 
 HERE = Path(__file__).resolve().parent

@@ -55,10 +55,10 @@ import numpy as np
 import onnx
 
 from . import external, graph, mapping
-from ._io import _fsync as _fsync_file, atomic_write, check_writable
+from ._io import _fsync as _fsync_file
+from ._io import atomic_write, check_writable
 from .errors import ExportError, OutputError, first_line
-from .models import build_model, check_spec, load_checkpoint  # noqa: F401 - also importable from here
-from .models import is_causal_lm_model
+from .models import build_model, check_spec, is_causal_lm_model, load_checkpoint  # noqa: F401 - also importable from here
 from .models import require as _require
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
@@ -119,7 +119,7 @@ def tiny_llm(kind: str, seed: int = 0, vocab_size: int = VOCAB):
     # transformers starts biases at 0 and norm weights at 1; exporters then share one initializer
     # among all equal tensors. Give each its own values, as a trained model has.
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() == 1:
                 param.add_(torch.randn_like(param), alpha=0.1)
     return model.eval()

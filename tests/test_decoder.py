@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from _models import make_model, rng, tensor
 from fps_onnx import decoder, graph

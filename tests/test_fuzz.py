@@ -11,7 +11,6 @@ file outside the working folder touched, never a read of one that succeeds.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
