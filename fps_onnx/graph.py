@@ -24,14 +24,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelError
+from .stats import SUMS
 
 if TYPE_CHECKING:
     from .ops import BlockQuant
 
 log = logging.getLogger(__name__)
 
-#: Statistics an activation can be reduced to; ``count`` is always added.
-STATISTICS = ("abs_sum", "sq_sum")
+#: Statistics an activation can be reduced to (the sums of the stats file); ``count`` is always added.
+STATISTICS = SUMS
 
 
 @dataclass(frozen=True)
