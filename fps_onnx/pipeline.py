@@ -96,7 +96,7 @@ def run_select(
         sites = in_scope(model, graph.find_weights(model), scope)
         check_budget(sites, select_config)
         if needs_activations:
-            stats = _load_shards(from_stats, model_path, sites)
+            stats = _load_shards(from_stats, model_path, sites, refs)
         else:
             stats = Stats(model_sha256(model_path, refs))
     if stats_out is not None and stats.weights:
@@ -118,10 +118,11 @@ def run_select(
     return SelectResult(maskfile.build(masks, sites, meta), stats, sites, provider, seconds)
 
 
-def _load_shards(from_stats, model_path, sites) -> Stats:
-    """The statistics of one stats file, or the merged shards of one calibration."""
+def _load_shards(from_stats, model_path, sites, refs) -> Stats:
+    """The statistics of one stats file, or the merged shards of one calibration
+    (``refs``: the model's checked external-data references, for its digest)."""
     files = [from_stats] if isinstance(from_stats, (str, os.PathLike)) else list(from_stats)
-    digest = model_sha256(model_path)
+    digest = model_sha256(model_path, refs)
     shards = []
     for file in files:
         shard = Stats.load(file)
