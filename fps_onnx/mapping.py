@@ -744,14 +744,14 @@ def map_to_model(
     for the task model's (:func:`fps_onnx.models.resolve_keys`).
     """
     from .calibrate import load_checked
-    from .external import model_sha256 as sha256_file
+    from .external import model_sha256
     from .models import build_model, rekey_masks
 
     onnx_model, folder = None, ""
     if onnx_path is not None:
         onnx_model, folder, refs = load_checked(onnx_path)
         want = masks.meta.get("model_sha256")
-        if want and want != sha256_file(onnx_path, refs):
+        if want and want != model_sha256(onnx_path, refs):
             raise MaskError(f"the masks were selected on another ONNX model than {onnx_path}")
     model, _ = build_model(spec, checkpoint, num_classes, img_size, task=True)
     state = model.state_dict()
