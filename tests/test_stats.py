@@ -10,9 +10,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from _models import linear_chain
-from fps_onnx._io import sha256_file
 from fps_onnx.cli.main import main
 from fps_onnx.errors import StatsError
+from fps_onnx.external import model_sha256
 from fps_onnx.graph import WeightSite
 from fps_onnx.select import SelectConfig, select_one
 from fps_onnx.stats import ChannelStats, Stats, merge_all
@@ -212,13 +212,13 @@ CLI_FORGED = FORGED + [
 
 @pytest.mark.parametrize("change, message", CLI_FORGED)
 def test_forged_stats_fail_select_with_one_line(tmp_path, chain_model, change, message):
-    stats = _forge(tmp_path / "s.safetensors", change, sha=sha256_file(chain_model))
+    stats = _forge(tmp_path / "s.safetensors", change, sha=model_sha256(chain_model))
     out = tmp_path / "m.safetensors"
     _fails_with_one_line(_select(chain_model, "-o", out, "--from-stats", stats), message, out)
 
 
 def test_valid_forged_stats_select(tmp_path, chain_model):
-    stats = _forge(tmp_path / "s.safetensors", lambda t, m: None, sha=sha256_file(chain_model))
+    stats = _forge(tmp_path / "s.safetensors", lambda t, m: None, sha=model_sha256(chain_model))
     out = tmp_path / "m.safetensors"
     result = _select(chain_model, "-o", out, "--from-stats", stats, "-q")
     assert result.exit_code == 0, result.output
@@ -226,7 +226,7 @@ def test_valid_forged_stats_select(tmp_path, chain_model):
 
 
 def test_shards_with_different_sums_fail_select_with_one_line(tmp_path, chain_model):
-    sha = sha256_file(chain_model)
+    sha = model_sha256(chain_model)
     a = _forge(tmp_path / "a.safetensors", lambda t, m: [t.pop(k) for k in list(t) if k.endswith("sq_sum")], sha)
     b = _forge(tmp_path / "b.safetensors", lambda t, m: [t.pop(k) for k in list(t) if k.endswith("abs_sum")], sha)
     out, merged = tmp_path / "m.safetensors", tmp_path / "merged.safetensors"
