@@ -219,7 +219,7 @@ def test_checkpointing_recomputes_with_the_same_weights(folders):
         if checkpointing:
             causal.enable_checkpointing(model)
         calls = []
-        model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+        model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         history = causal.fit(model, _loader(folder, 2), recipe=recipe)
         runs.append((_values(model), history["epochs"][-1]["train_loss"], len(calls)))
     (plain, loss_plain, calls_plain), (ckpt, loss_ckpt, calls_ckpt) = runs
