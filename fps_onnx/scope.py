@@ -27,6 +27,7 @@ import re
 
 import onnx
 
+from .decoder import TOKEN_IDS
 from .errors import ModelError
 from .graph import WeightSite
 from .maskfile import MaskFile
@@ -34,7 +35,6 @@ from .maskfile import MaskFile
 log = logging.getLogger(__name__)
 
 LOGITS = "logits"
-TOKEN_INPUT = "input_ids"
 #: Ops whose input 1 is the lm_head weight (MatMulNBits: its packed int4 codes).
 _WEIGHT_OPS = ("MatMul", "Gemm", "FusedMatMul", "MatMulNBits")
 #: Ops between the lm_head's MatMul and the ``logits`` output: data on input 0,
@@ -118,7 +118,7 @@ def _predicts_tokens(graph: onnx.GraphProto) -> bool:
     """Whether ``logits`` is a language model's [batch, seq, vocab] output: the
     model reads ``input_ids`` and ``logits`` is not declared [batch, classes] (a
     classifier's head, like an image model's, stays selectable)."""
-    if not any(i.name == TOKEN_INPUT for i in graph.input):
+    if not any(i.name == TOKEN_IDS for i in graph.input):
         return False
     for out in graph.output:
         if out.name == LOGITS:
