@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 import logging
+import math
 import os
 import threading
 
@@ -39,10 +40,7 @@ class SelectResult:
 def check_budget(sites: list[graph.WeightSite], config: SelectConfig) -> None:
     """Raise BudgetError now if the budget cannot be met by some weight."""
     for site in sites:
-        fan_in = 1
-        for d in site.shape[1:]:
-            fan_in *= d
-        config.keep(site.shape[0], fan_in)
+        config.keep(site.shape[0], math.prod(site.shape[1:]))
         check_shira(config, site.shape, f"weight {site.key}")
 
 
