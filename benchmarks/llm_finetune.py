@@ -118,8 +118,10 @@ class Bench:
             cmd = [PY, str(HERE / "_llm_gps.py"), str(self.model()), str(data / "calib.npz"), str(masks),
                    str(c["shira_r"]), str(c["eval_batch_size"])]
         else:
+            # `fps-onnx export` keeps the parameter names, so the masks come keyed by them without
+            # --torch-model (which would load the PyTorch model into the selection process).
             cmd = [FPS_ONNX, "select", str(self.onnx()), str(data / "calib.txt"), "-o", str(masks),
-                   "--method", method, "--shira-r", str(c["shira_r"]), "--torch-model", f"hf:{self.model()}",
+                   "--method", method, "--shira-r", str(c["shira_r"]),
                    "--max-length", str(c["seq"]), "--batch-size", str(c["eval_batch_size"]), "--provider", "cpu",
                    "--json", "--quiet"]
             if method == "random":
