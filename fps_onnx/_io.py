@@ -10,7 +10,7 @@ import secrets
 import shutil
 import stat
 
-from .errors import OutputError
+from .errors import OutputError, first_line
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -220,23 +220,25 @@ def write_safetensors(path: str | os.PathLike, arrays: Mapping, meta: Mapping[st
 
 
 def read_safetensors(
-    path: str | os.PathLike, fmt: str, version: str, error: type[Exception], what: str
+    path: str | os.PathLike, fmt: str, version: str, error: type[Exception], what: str,
+    *, framework: str = "numpy", with_tensors: bool = True,
 ) -> tuple[dict, dict]:
     """(arrays, metadata) of an fps-onnx safetensors file whose ``format`` is ``fmt``.
 
-    Raises ``error`` when the file is missing, unreadable, another kind of file
-    or another version of the format.
+    ``framework`` is safetensors' ("numpy", "pt"); without ``with_tensors`` only
+    the metadata is read. Raises ``error`` when the file is missing, unreadable,
+    another kind of file or another version of the format.
     """
     from safetensors import safe_open
 
     if not os.path.isfile(path):
         raise error(f"{what} file {path} does not exist")
     try:
-        with safe_open(str(path), framework="numpy") as fh:
+        with safe_open(str(path), framework=framework) as fh:
             meta = dict(fh.metadata() or {})
-            arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+            arrays = {k: fh.get_tensor(k) for k in fh.keys()} if with_tensors else {}
     except Exception as exc:  # noqa: BLE001 - any decoding failure means "not a safetensors file"
-        raise error(f"cannot read {what} file {path}: {exc}") from exc
+        raise error(f"cannot read {what} file {path}: {first_line(exc)}") from exc
     if meta.get("format") != fmt:
         raise error(f"{path} is not an fps-onnx {what} file")
     if meta.get("format_version") != version:

@@ -51,8 +51,8 @@ import sys
 
 import numpy as np
 
-from .._io import atomic_write
-from ..errors import MaskError, first_line
+from .._io import atomic_write, read_safetensors
+from ..errors import MaskError
 from ..maskfile import MaskFile
 from ._torch import nn, torch
 
@@ -564,22 +564,8 @@ def delta_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def _read_delta(path, *, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a delta file whose format and version are this module's."""
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise MaskError(f"delta file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()} if with_tensors else {}
-    except Exception as exc:  # noqa: BLE001 - any decoding failure means "not a safetensors file"
-        raise MaskError(f"cannot read delta file {path}: {first_line(exc)}") from exc
-    if meta.get("format") != DELTA_FORMAT:
-        raise MaskError(f"{path} is not an fps-onnx delta file")
-    if meta.get("format_version") != DELTA_FORMAT_VERSION:
-        raise MaskError(f"{path} has delta format version {meta.get('format_version')}, "
-                        f"this fps-onnx reads {DELTA_FORMAT_VERSION}")
-    return tensors, meta
+    return read_safetensors(path, DELTA_FORMAT, DELTA_FORMAT_VERSION, MaskError, "delta",
+                            framework="pt", with_tensors=with_tensors)
 
 
 def _json_meta(meta: Mapping[str, str], key: str, path) -> object:
