@@ -102,13 +102,7 @@ def train_step(model, group: list[dict], optimizer, schedule, recipe: Recipe, de
                 raise NumericError(f"the training loss became {summed.item()}; lower --lr or enable --clip-grad")
             (summed * (world / max(total, 1))).backward()
         loss_sum += float(summed.detach())
-    if recipe.clip_grad is not None:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
-    optimizer.step()
-    if schedule is not None:
-        schedule.step()
-    optimizer.zero_grad(set_to_none=True)
+    loop.apply_gradients(optimizer, schedule, recipe)
     return loss_sum, local
 
 

@@ -192,6 +192,12 @@ def train_step(model, inputs, labels, optimizer, schedule, recipe: Recipe, devic
     if not torch.isfinite(loss):
         raise NumericError(f"the training loss became {loss.item()}; lower --lr or enable --clip-grad")
     loss.backward()
+    apply_gradients(optimizer, schedule, recipe)
+    return float(loss.detach())
+
+
+def apply_gradients(optimizer, schedule, recipe: Recipe) -> None:
+    """Clip (``recipe.clip_grad``), step the optimizer and the schedule, clear the gradients."""
     if recipe.clip_grad is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
@@ -199,7 +205,6 @@ def train_step(model, inputs, labels, optimizer, schedule, recipe: Recipe, devic
     if schedule is not None:
         schedule.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
 
 
 @torch.no_grad()
