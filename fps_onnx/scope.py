@@ -31,6 +31,7 @@ from .decoder import TOKEN_IDS
 from .errors import ModelError
 from .graph import WeightSite
 from .maskfile import MaskFile
+from .ops import Lookup
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ _WEIGHT_OPS = ("MatMul", "Gemm", "FusedMatMul", "MatMulNBits")
 #: or (binary) the one input that is not a constant (a bias, a soft-capping scale).
 _TO_LOGITS_UNARY = ("Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Tanh")
 _TO_LOGITS_BINARY = ("Add", "Mul", "Div")
-_TO_WEIGHT = ("Identity", "Cast", "Transpose")
 
 
 @dataclass(frozen=True)
@@ -96,19 +96,25 @@ def lm_head_keys(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> dict[st
     graph = model.graph
     keys = {s.key for s in sites}
     producers = {out: node for node in graph.node for out in node.output}
+    lookup = Lookup({t.name: t for t in graph.initializer}, producers)
     constants = {t.name for t in graph.initializer} | {
         n.output[0] for n in graph.node if n.op_type == "Constant"
     }
+
+    def site_key(name: str) -> str | None:
+        traced = lookup.constant(name)  # through Identity, Cast, Transpose: as find_weights traces
+        return traced.key if traced is not None and traced.key in keys else None
+
     found: dict[str, str] = {}
     for node in graph.node:
         if node.op_type == "Gather" and node.input:
-            key = _weight_key(node.input[0], keys, producers)
+            key = site_key(node.input[0])
             if key is not None:
                 found[key] = "embedding, read by a Gather"
     if _predicts_tokens(graph):
         node = _logits_node(producers, constants)
         if node is not None:
-            key = _weight_key(node.input[1], keys, producers)
+            key = site_key(node.input[1])
             if key is not None:
                 found.setdefault(key, f"lm_head, feeds {LOGITS}")
     return found
@@ -145,16 +151,6 @@ def _logits_node(producers, constants) -> onnx.NodeProto | None:
         if len(moving) != 1:
             return None
         name = moving[0]
-
-
-def _weight_key(name: str, keys: set[str], producers) -> str | None:
-    """The site key ``name`` traces back to through Identity/Cast/Transpose, or None."""
-    while name not in keys:
-        node = producers.get(name)
-        if node is None or node.op_type not in _TO_WEIGHT:
-            return None
-        name = node.input[0]
-    return name
 
 
 def drop_excluded(masks: MaskFile, config: ScopeConfig) -> MaskFile:
