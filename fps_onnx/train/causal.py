@@ -157,12 +157,7 @@ def fit(
     schedule = loop.make_schedule(optimizer, recipe, per_epoch, total=total)
     records, best, best_loss, best_state, steps = [], 0, math.inf, None, 0
     for epoch in range(1, epochs + 1):
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        model.train()
+        loop.begin_epoch(model, train_loader, device, epoch)
         start, loss_sum, tokens, samples = time.perf_counter(), 0.0, 0, 0
         for group in _groups(train_loader, recipe.accumulate):
             summed, n = train_step(model, group, optimizer, schedule, recipe, device)

@@ -196,6 +196,16 @@ def train_step(model, inputs, labels, optimizer, schedule, recipe: Recipe, devic
     return float(loss.detach())
 
 
+def begin_epoch(model: nn.Module, train_loader, device: torch.device, epoch: int) -> None:
+    """Reshuffle a distributed sampler for ``epoch``, reset the CUDA peak, set train mode."""
+    sampler = getattr(train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+
+
 def apply_gradients(optimizer, schedule, recipe: Recipe) -> None:
     """Clip (``recipe.clip_grad``), step the optimizer and the schedule, clear the gradients."""
     if recipe.clip_grad is not None:
@@ -276,12 +286,7 @@ def fit(
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     records, best, best_acc, best_state = [], 0, -1.0, None
     for epoch in range(1, recipe.epochs + 1):
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        model.train()
+        begin_epoch(model, train_loader, device, epoch)
         if not recipe.train_norm:
             _freeze_norm_statistics(model)
         start, total_loss, seen = time.perf_counter(), 0.0, 0
