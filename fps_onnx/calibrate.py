@@ -22,10 +22,12 @@ import time
 import numpy as np
 import onnx
 
-from . import _onnxfile, decoder, external, graph, providers
+from . import providers
 from .data import DataConfig, InputSpec, iter_batches
 from .errors import DataError, FpsError, ModelError, NumericError, first_line
-from .scope import ScopeConfig, in_scope
+from .onnx import decoder, external, graph
+from .onnx import protofile as _onnxfile
+from .onnx.scope import ScopeConfig, in_scope
 from .stats import ChannelStats, Stats
 
 log = logging.getLogger(__name__)

@@ -10,14 +10,15 @@ import math
 import os
 import threading
 
-from . import graph, maskfile
 from ._io import check_writable
 from .calibrate import CalibrationConfig, calibrate, load_checked
 from .data import DataConfig
 from .errors import BudgetError, DataError, StatsError
-from .external import model_sha256
-from .scope import ScopeConfig, in_scope
-from .select import METHODS, Scratch, SelectConfig, check_shira, describe_budget, select_one
+from .onnx import graph
+from .onnx.external import model_sha256
+from .onnx.scope import ScopeConfig, in_scope
+from .selection import maskfile
+from .selection.score import METHODS, Scratch, SelectConfig, check_shira, describe_budget, select_one
 from .stats import Stats, merge_all
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from fps_onnx.errors import MaskError
-from fps_onnx.maskfile import MaskFile
-from fps_onnx.models import resolve_keys
+from fps_onnx.selection.maskfile import MaskFile
+from fps_onnx.torch.models import resolve_keys
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fps_onnx"
 
@@ -81,11 +81,11 @@ def _modules() -> dict[str, Path]:
 
 def test_model_building_has_one_home_and_layers_point_down():
     imports = {name: _imports(path) for name, path in _modules().items()}
-    assert imports["models"] <= {"fps_onnx.errors", "fps_onnx.maskfile"}
-    assert "fps_onnx.export" not in imports["mapping"]
+    assert imports["models"] <= {"fps_onnx.errors", "fps_onnx.selection.maskfile"}
+    assert "fps_onnx.torch.export" not in imports["mapping"]
     for user in ("export", "mapping", "gps", "train.run", "train.loop"):
-        assert "fps_onnx.models" in imports[user], user
-    assert not any("fps_onnx.export" in found for name, found in imports.items() if name != "export")
+        assert "fps_onnx.torch.models" in imports[user], user
+    assert not any("fps_onnx.torch.export" in found for name, found in imports.items() if name != "export")
     defined = {name: {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
                for name, path in _modules().items()}
     for func in ("build_model", "build_for_data", "check_spec", "load_checkpoint", "_hf", "_timm"):
@@ -124,7 +124,7 @@ def _save(tmp_path: Path, kind: str) -> Path:
     ("vit", "layers.0.attention.q_proj.weight", "vit.layers.0.attention.q_proj.weight"),
 ])
 def test_hf_export_model_is_the_backbone_and_the_task_model_wraps_it(tmp_path, kind, backbone, task):
-    from fps_onnx.models import build_model
+    from fps_onnx.torch.models import build_model
 
     spec = f"hf:{_save(tmp_path, kind)}"
     bare = dict(build_model(spec)[0].named_parameters())
@@ -136,7 +136,7 @@ def test_hf_export_model_is_the_backbone_and_the_task_model_wraps_it(tmp_path, k
 
 def test_a_decoder_only_folder_is_its_causal_lm(tmp_path):
     """A bare LlamaModel folder (no head named) is still fine-tuned as LlamaForCausalLM."""
-    from fps_onnx import models
+    from fps_onnx.torch import models
 
     spec = f"hf:{_save(tmp_path, 'llama')}"
     model, inputs = models.build_for_data(spec, None, 3, False, None)

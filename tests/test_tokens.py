@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from _models import TOKEN_INPUTS, export, tiny_bert
-from fps_onnx import graph
 from fps_onnx.calibrate import CalibrationConfig, calibrate, load_model
+from fps_onnx.onnx import graph
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,12 @@ from onnx import TensorProto, helper, numpy_helper
 import pytest
 
 from _models import make_model, tensor
-from fps_onnx import calibrate, external
+from fps_onnx import calibrate
 from fps_onnx.cli.main import main
 from fps_onnx.errors import ModelError
-from fps_onnx.graph import tensor_value
-from fps_onnx.maskfile import MaskFile
+from fps_onnx.onnx import external
+from fps_onnx.onnx.graph import tensor_value
+from fps_onnx.selection.maskfile import MaskFile
 
 W1 = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
 W2 = np.random.default_rng(1).standard_normal((4, 5)).astype(np.float32)
