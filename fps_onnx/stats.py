@@ -29,12 +29,12 @@ import numpy as np
 
 from ._io import read_safetensors, write_safetensors
 from .errors import StatsError
+from .onnx.sites import SUMS
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fps-stats"
 FORMAT_VERSION = "1"
-SUMS = ("abs_sum", "sq_sum")
 
 
 @dataclass

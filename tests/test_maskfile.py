@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from fps_onnx.errors import MaskError
-from fps_onnx.onnx.graph import WeightSite
+from fps_onnx.onnx.sites import WeightSite
 from fps_onnx.selection import maskfile
 
 

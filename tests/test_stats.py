@@ -13,7 +13,7 @@ from _models import linear_chain
 from fps_onnx.cli.main import main
 from fps_onnx.errors import StatsError
 from fps_onnx.onnx.external import model_sha256
-from fps_onnx.onnx.graph import WeightSite
+from fps_onnx.onnx.sites import WeightSite
 from fps_onnx.selection.score import SelectConfig, select_one
 from fps_onnx.stats import ChannelStats, Stats, merge_all
 

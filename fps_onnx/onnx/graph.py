@@ -15,71 +15,17 @@ Two passes over an ``onnx.ModelProto``, neither doing any I/O:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError
-from ..stats import SUMS
-
-if TYPE_CHECKING:
-    from .ops import BlockQuant
+from .sites import STATISTICS, Activation, StatOutput, WeightSite  # noqa: F401 - site types live in sites
 
 log = logging.getLogger(__name__)
-
-#: Statistics an activation can be reduced to (the sums of the stats file); ``count`` is always added.
-STATISTICS = SUMS
-
-
-@dataclass(frozen=True)
-class Activation:
-    """An input activation of a weight: tensor name and the axis holding its channels.
-
-    ``axis`` is -1 for MatMul/Gemm inputs (in_features last), 1 for Conv inputs,
-    0 for Gemm with transA=1 and -2 for FusedMatMul with transA=1 ([..., K, M]).
-    ``rank`` is known for Conv inputs only.
-    """
-
-    tensor: str
-    axis: int
-    rank: int | None = None
-
-
-@dataclass(frozen=True)
-class WeightSite:
-    """One selectable weight and the nodes that consume it.
-
-    ``shape`` is the weight's PyTorch layout: [out, in] for MatMul/Gemm,
-    [out, in/groups, kh, kw] for Conv. ``layout`` says how the ONNX tensor
-    ``key`` stores it: "out_in", "in_out" (transposed) or "conv". A
-    block-quantized weight (MatMulNBits) has ``quant``: ``key`` is its packed
-    initializer and :func:`weight_reader` dequantizes it; ``dtype`` is then
-    that of its scales (and its input activation).
-    """
-
-    key: str
-    op: str
-    layout: str
-    shape: tuple[int, ...]
-    in_features: int
-    groups: int = 1
-    activations: tuple[Activation, ...] = field(default_factory=tuple)
-    dtype: int = TensorProto.FLOAT
-    quant: BlockQuant | None = None
-
-
-@dataclass(frozen=True)
-class StatOutput:
-    """What one added graph output holds: ``statistic`` of ``activation``."""
-
-    activation: Activation
-    statistic: str  # "abs_sum", "sq_sum" or "count"
-    masked: bool = False
-
 
 # --------------------------------------------------------------------------- find
 

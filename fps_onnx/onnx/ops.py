@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import ModelError
-from .graph import Activation, WeightSite
+from .sites import Activation, BlockQuant, WeightSite
 
 MS = "com.microsoft"
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -45,30 +45,6 @@ _ADVICE = "export the model in float (fp32/fp16) or int4 MatMulNBits"
 
 #: Ops whose weight input a DequantizeLinear may not feed.
 _WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "FusedMatMul", "FusedGemm", "FusedConv", "Attention")
-
-
-@dataclass(frozen=True)
-class BlockQuant:
-    """How a MatMulNBits weight is stored: initializer names and attributes.
-
-    W[n, k] = (q[n, k] - zp[n, b]) * scale[n, b], b = k // block_size
-    (or ``g_idx[k]``); q packed ``bits`` to a byte, low bits first, in blocks
-    of ``block_size`` along K; zp packed the same way (uint8), or float,
-    or 2^(bits-1) when absent.
-    """
-
-    b: str
-    scales: str
-    zero_points: str | None
-    g_idx: str | None
-    n: int
-    k: int
-    bits: int
-    block_size: int
-
-    @property
-    def k_blocks(self) -> int:
-        return -(-self.k // self.block_size)
 
 
 @dataclass(frozen=True)

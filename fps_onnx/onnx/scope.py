@@ -30,8 +30,8 @@ import onnx
 from ..errors import ModelError
 from ..selection.maskfile import MaskFile
 from .decoder import TOKEN_IDS
-from .graph import WeightSite
 from .ops import Lookup
+from .sites import WeightSite
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ import numpy as np
 from .. import __version__
 from .._io import read_safetensors, write_safetensors
 from ..errors import MaskError
-from ..onnx.graph import WeightSite
+from ..onnx.sites import WeightSite
 
 FORMAT = "fps-mask"
 FORMAT_VERSION = "1"

@@ -28,7 +28,7 @@ import zlib
 import numpy as np
 
 from ..errors import BudgetError, NumericError, StatsError
-from ..onnx.graph import WeightSite
+from ..onnx.sites import WeightSite
 from ..stats import ChannelStats, no_rows
 
 NORMS = ("l1", "l2")
