@@ -11,11 +11,12 @@ import os
 import threading
 
 from ._io import check_writable
-from .calibrate import CalibrationConfig, calibrate, load_checked
+from .calibrate import CalibrationConfig, calibrate
 from .data import DataConfig
 from .errors import BudgetError, DataError, StatsError
 from .onnx import graph
 from .onnx.external import model_sha256
+from .onnx.load import load_checked
 from .onnx.scope import ScopeConfig, in_scope
 from .selection import maskfile
 from .selection.score import METHODS, Scratch, SelectConfig, check_shira, describe_budget, select_one

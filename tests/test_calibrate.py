@@ -66,8 +66,8 @@ def by_value(reference, weights):
 
 @pytest.mark.parametrize("norm", ["l1", "l2"])
 def test_masks_and_stats_equal_pytorch_hooks(vit_case, norm):
-    from fps_onnx.calibrate import load_model
     from fps_onnx.onnx import graph
+    from fps_onnx.onnx.load import load_model
 
     model, path, data_path = vit_case
     data = np.load(data_path)

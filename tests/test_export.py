@@ -379,7 +379,7 @@ REAL = [
 @pytest.mark.parametrize("spec, img_size", REAL, ids=[s.split(":")[-1] for s, _ in REAL])
 def test_real_models_export_select_and_map(spec, img_size, exporter, tmp_path):
     """export -> select keys every Linear/Conv weight by its name; a folded raw export maps by value."""
-    from fps_onnx.calibrate import load_model
+    from fps_onnx.onnx.load import load_model
     from fps_onnx.pipeline import run_select
 
     pytest.importorskip("timm")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 
 import rebuild  # noqa: E402
 
-from fps_onnx.calibrate import load_model  # noqa: E402
+from fps_onnx.onnx.load import load_model  # noqa: E402
 from fps_onnx.pipeline import run_select  # noqa: E402
 from fps_onnx.selection.score import SelectConfig  # noqa: E402
 from fps_onnx.torch.mapping import map_masks  # noqa: E402

@@ -115,8 +115,8 @@ def node_names(model_path: str | os.PathLike) -> dict[str, list[str]]:
     """Weight key -> names of the nodes that consume it, read from an ONNX file's graph
     (without its weights' bytes): exporter node names ("/blocks.0/attn/qkv/MatMul") tell
     depth and kind where weight names ("onnx::MatMul_416") do not."""
-    from ..calibrate import load_graph
     from ..onnx import ops
+    from ..onnx.load import load_graph
 
     graph = load_graph(model_path)[0].graph
     lookup = ops.Lookup({t.name: t for t in graph.initializer},

@@ -743,8 +743,8 @@ def map_to_model(
     SHA-256); without it only names are matched, a backbone's names standing
     for the task model's (:func:`fps_onnx.models.resolve_keys`).
     """
-    from ..calibrate import load_checked
     from ..onnx.external import model_sha256
+    from ..onnx.load import load_checked
     from .models import build_model, rekey_masks
 
     onnx_model, folder = None, ""

@@ -384,7 +384,7 @@ def _by_parameter_name(model: nn.Module, maskfile: MaskFile, skip, onnx_model) -
     from ..mapping import map_masks
 
     if onnx_model is not None and not hasattr(onnx_model, "graph"):
-        from ...calibrate import load_model
+        from ...onnx.load import load_model
 
         onnx_model = load_model(onnx_model)
     subset = MaskFile(wanted, {k: maskfile.tensors.get(k, {}) for k in wanted}, dict(maskfile.meta))
