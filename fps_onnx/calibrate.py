@@ -23,9 +23,10 @@ import numpy as np
 import onnx
 
 from . import providers
-from .data import DataConfig, InputSpec, iter_batches
+from .data import DataConfig, iter_batches
 from .errors import DataError, FpsError, ModelError, NumericError, first_line
 from .onnx import decoder, external, graph
+from .onnx.inputs import InputSpec
 from .onnx.load import graph_inputs, load_checked
 from .onnx.scope import ScopeConfig, in_scope
 from .stats import ChannelStats, Stats

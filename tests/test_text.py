@@ -13,9 +13,10 @@ import pytest
 
 from _models import make_model, rng, tensor
 from fps_onnx.cli.main import main
-from fps_onnx.data import DataConfig, InputSpec, find_files, iter_batches
+from fps_onnx.data import DataConfig, find_files, iter_batches
 from fps_onnx.data.text import find_tokenizer, max_positions
 from fps_onnx.errors import DataError
+from fps_onnx.onnx.inputs import InputSpec
 from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.stats import Stats
 

@@ -47,6 +47,7 @@ import zipfile
 import numpy as np
 
 from ..errors import DataError, FpsError, first_line
+from ..onnx.inputs import InputSpec
 from .text import TEXT_SUFFIXES, TextReader
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -56,39 +57,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
 ZERO_FILLED = ("token_type_ids",)
-
-_ONNX_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """A model input: name, shape (ints for static dims, None/str otherwise), dtype."""
-
-    name: str
-    shape: tuple
-    dtype: np.dtype
-
-    @classmethod
-    def from_ort(cls, arg) -> InputSpec:
-        """From an ``onnxruntime.NodeArg``."""
-        dtype = _ONNX_DTYPES.get(arg.type)
-        if dtype is None:
-            raise DataError(f"model input {arg.name!r} has type {arg.type}, which cannot be fed")
-        return cls(arg.name, tuple(arg.shape), np.dtype(dtype))
-
-    def describe(self) -> str:
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name} [{dims}] {self.dtype.name}"
-
 
 @dataclass(frozen=True)
 class DataConfig:

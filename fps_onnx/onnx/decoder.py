@@ -31,8 +31,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..data import InputSpec
 from ..errors import DataError, ModelError
+from .inputs import InputSpec
 
 log = logging.getLogger(__name__)
 
