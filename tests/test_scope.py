@@ -15,7 +15,8 @@ from _models import make_model, rng, tensor
 from fps_onnx.cli.main import main
 from fps_onnx.errors import ModelError
 from fps_onnx.onnx import graph
-from fps_onnx.onnx.scope import ScopeConfig, drop_excluded, in_scope, lm_head_keys
+from fps_onnx.onnx.scope import ScopeConfig, in_scope, lm_head_keys
+from fps_onnx.selection.exclude import drop_excluded
 from fps_onnx.selection.maskfile import MaskFile
 
 D, V = 4, 7

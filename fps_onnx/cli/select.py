@@ -118,7 +118,7 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
             masks, samples = result.masks, result.stats.num_samples
             provider, seconds = result.provider, result.seconds
     if torch_model is not None and config.method != "gps":
-        from fps_onnx.onnx.scope import drop_excluded
+        from fps_onnx.selection.exclude import drop_excluded
         from fps_onnx.torch.mapping import map_to_model
 
         masks, report = map_to_model(masks, torch_model, model, checkpoint=torch_checkpoint)

@@ -28,7 +28,6 @@ import re
 import onnx
 
 from ..errors import ModelError
-from ..selection.maskfile import MaskFile
 from .decoder import TOKEN_IDS
 from .ops import Lookup
 from .sites import WeightSite
@@ -151,18 +150,3 @@ def _logits_node(producers, constants) -> onnx.NodeProto | None:
         if len(moving) != 1:
             return None
         name = moving[0]
-
-
-def drop_excluded(masks: MaskFile, config: ScopeConfig) -> MaskFile:
-    """``masks`` without the tensors whose key or PyTorch name an ``exclude``
-    pattern matches (for masks keyed by PyTorch names after mapping)."""
-    dropped = [k for k in masks.masks
-               if config.excluded(k, masks.tensors.get(k, {}).get("torch_name")) is not None]
-    if not dropped:
-        return masks
-    log.info("not selectable (--exclude): %s", ", ".join(dropped))
-    if len(dropped) == len(masks.masks):
-        raise ModelError(f"no selectable weight is left: --exclude matches {', '.join(dropped)}")
-    keep = [k for k in masks.masks if k not in dropped]
-    return MaskFile({k: masks.masks[k] for k in keep},
-                    {k: masks.tensors[k] for k in keep if k in masks.tensors}, dict(masks.meta))
