@@ -44,7 +44,7 @@ import os
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from .._io import read_safetensors, write_safetensors
 from ..errors import MaskError
 from ..onnx.sites import WeightSite
@@ -106,6 +106,16 @@ class MaskFile:
                 raise MaskError(f"{path}: mask {key!r} is {value.dtype}, not bool")
         check_tensors(tensors, arrays, path)
         return cls({k: arrays[k] for k in arrays}, tensors, meta)
+
+
+def load_masks(path: str | os.PathLike) -> MaskFile:
+    """Read and check a mask file (:meth:`MaskFile.load`)."""
+    return MaskFile.load(path)
+
+
+def save_masks(masks: MaskFile, path: str | os.PathLike) -> None:
+    """Write ``masks`` atomically (:meth:`MaskFile.save`)."""
+    masks.save(path)
 
 
 def _is_int(value) -> bool:
