@@ -44,8 +44,8 @@ import os
 
 import numpy as np
 
-from .._version import __version__
 from .._io import read_safetensors, write_safetensors
+from .._version import __version__
 from ..errors import MaskError
 from ..onnx.sites import WeightSite
 
