@@ -12,7 +12,7 @@ from fps_onnx.calibrate import DEFAULT_TOKEN_MASK, CalibrationConfig
 from fps_onnx.data import DEFAULT_IMAGE_SIZE, DataConfig
 from fps_onnx.data.text import DEFAULT_MAX_LENGTH
 from fps_onnx.onnx.scope import ScopeConfig
-from fps_onnx.pipeline import run_select
+from fps_onnx.pipeline import select as select_masks
 from fps_onnx.selection.score import LEVELS, METHODS, NORMS, SelectConfig, method_names
 
 from .options import bar_disabled, floats, quiet_option
@@ -84,18 +84,10 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
         mean=floats(mean), std=floats(std), max_length=max_length, text_field=text_field,
         tokenizer=tokenizer, shard=shard,
     ))
-    if data_config.shard is not None and config.method == "gps":
-        from fps_onnx.errors import DataError
-
-        raise DataError("--shard splits FPS calibration data; --method gps reads all of DATA")
     scope = ScopeConfig(**_given(include_lm_head=include_lm_head, exclude=tuple(exclude) or None))
     from fps_onnx._io import check_writable
 
     check_writable(output)
-    if torch_model is not None or config.method == "gps":
-        from fps_onnx.torch.models import check_spec
-
-        check_spec(model if config.method == "gps" else torch_model)
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -103,27 +95,11 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
         total=max_samples if shard is None else None, unit="sample",
         disable=bar_disabled(quiet or bool(from_stats)), dynamic_ncols=True, leave=False,
     ) as bar:
-        if config.method == "gps":
-            from fps_onnx.torch.gps import gps_select
-
-            gps = gps_select(model, data, config, checkpoint=torch_checkpoint, image_size=image_size,
-                             batch_size=data_config.batch_size, max_samples=max_samples,
-                             on_batch=bar.update)
-            masks, samples, provider, seconds = gps.masks, gps.samples, "torch", gps.seconds
-        else:
-            result = run_select(
-                model, data, config, calibration, data_config,
-                from_stats=from_stats, stats_out=stats_out, on_batch=bar.update, scope=scope,
-            )
-            masks, samples = result.masks, result.stats.num_samples
-            provider, seconds = result.provider, result.seconds
-    if torch_model is not None and config.method != "gps":
-        from fps_onnx.selection.exclude import drop_excluded
-        from fps_onnx.torch.mapping import map_to_model
-
-        masks, report = map_to_model(masks, torch_model, model, checkpoint=torch_checkpoint)
-        log.info("%s", report.summary())
-        masks = drop_excluded(masks, scope)  # --exclude also matches PyTorch names
+        result = select_masks(
+            model, data, config, calibration, data_config, from_stats=from_stats, stats_out=stats_out,
+            on_batch=bar.update, scope=scope, torch_model=torch_model, torch_checkpoint=torch_checkpoint,
+        )
+    masks, samples, provider, seconds = result.masks, result.samples, result.provider, result.seconds
     masks.save(output)
     share = masks.selected / max(masks.total, 1)
     log.info("selected %s of %s weights (%.3f%%) in %d tensors from %d samples -> %s",
