@@ -45,7 +45,8 @@ def __getattr__(name: str):
 
         warnings.warn(f"fps_onnx.calibrate.{name} moved to fps_onnx.onnx.load.{name}", DeprecationWarning,
                       stacklevel=2)
-        return getattr(load, name)
+        globals()[name] = getattr(load, name)  # warned once
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 DEFAULT_TOKEN_MASK = "attention_mask"
