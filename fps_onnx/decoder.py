@@ -188,17 +188,18 @@ def prune(model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
             needed |= _reads(node)
     kept.reverse()
     outputs = [o for o in graph.output if o.name in wanted]
-    _replace(graph.output, outputs)
-    _replace(graph.node, kept)
-    _replace(graph.initializer, [t for t in graph.initializer if t.name in needed])
-    _replace(graph.sparse_initializer,
+    replace_field(graph.output, outputs)
+    replace_field(graph.node, kept)
+    replace_field(graph.initializer, [t for t in graph.initializer if t.name in needed])
+    replace_field(graph.sparse_initializer,
              [t for t in graph.sparse_initializer if t.values.name in needed])
-    _replace(graph.input, [i for i in graph.input if i.name in needed])
-    _replace(graph.value_info, [v for v in graph.value_info if v.name in needed])
+    replace_field(graph.input, [i for i in graph.input if i.name in needed])
+    replace_field(graph.value_info, [v for v in graph.value_info if v.name in needed])
     return pruned
 
 
-def _replace(field, items: list) -> None:
+def replace_field(field, items: list) -> None:
+    """Set a repeated message field to copies of ``items``."""
     copies = [type(item)() for item in items]
     for copy, item in zip(copies, items):
         copy.CopyFrom(item)
