@@ -22,7 +22,7 @@ import time
 import numpy as np
 import onnx
 
-from . import _onnxfile, decoder, external, graph, providers
+from . import _onnxfile, decoder, external, graph, providers, validate
 from .data import DataConfig, InputSpec, iter_batches
 from .errors import DataError, FpsError, ModelError, NumericError, first_line
 from .scope import ScopeConfig, in_scope
@@ -95,7 +95,16 @@ def load_checked(path: str | os.PathLike) -> tuple[onnx.ModelProto, str, list[ex
         model = load_model(path, load_weights=False)
         folder = os.path.dirname(os.path.abspath(path))
     refs, folder = external.resolve(model, folder, path)
+    validate.check_model(model, path)
     return decoder.inline_cache_branch(model)[0], folder, refs
+
+
+def find_sites(model: onnx.ModelProto, scope: ScopeConfig = ScopeConfig()) -> list[graph.WeightSite]:
+    """The selectable weights of ``model`` (:func:`fps_onnx.scope.in_scope`), each
+    checked against the statistic it is scored with (:func:`fps_onnx.validate.check_sites`)."""
+    sites = in_scope(model, graph.find_weights(model), scope)
+    validate.check_sites(model, sites)
+    return sites
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[str]:
@@ -126,7 +135,7 @@ def calibrate(
     sha_future = hashing.submit(external.model_sha256, model_path, refs, stop)
     hashing.shutdown(wait=False)
     try:
-        sites = in_scope(model, graph.find_weights(model), scope)
+        sites = find_sites(model, scope)
         if check_sites is not None:
             check_sites(sites)
         channels = {a: s.in_features for s in sites for a in s.activations}

@@ -540,20 +540,8 @@ def _external_locations(path: Path) -> set[str]:
         model, _ = load_graph(path)
     except Exception:  # noqa: BLE001 - no readable old model: nothing of it to keep
         return set()
-    found: set[str] = set()
-
-    def walk(g) -> None:
-        tensors = list(g.initializer)
-        for node in g.node:
-            for attr in node.attribute:
-                tensors += [attr.t, *attr.tensors]
-                for sub in [attr.g, *attr.graphs]:
-                    walk(sub)
-        for t in tensors:
-            found.update(e.value for e in t.external_data if e.key == "location")
-
-    walk(model.graph)
-    return found
+    return {e.value for t in external.iter_tensors(model) for e in t.external_data
+            if e.key == "location"}
 
 
 def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec, params: bool = True) -> None:
@@ -662,7 +650,7 @@ def _rename(g: onnx.GraphProto, names: Mapping[str, str]) -> None:
             if name in names:
                 node.input[i] = names[name]
         for attr in node.attribute:  # subgraphs (If/Loop) may use the weight too
-            for sub in [attr.g, *attr.graphs] if attr.type in (5, 10) else []:
+            for sub in external.subgraphs(attr):
                 _rename(sub, names)
 
 

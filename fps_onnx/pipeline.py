@@ -12,11 +12,11 @@ import threading
 
 from . import graph, maskfile
 from ._io import check_writable
-from .calibrate import CalibrationConfig, calibrate, load_checked
+from .calibrate import CalibrationConfig, calibrate, find_sites, load_checked
 from .data import DataConfig
 from .errors import BudgetError, DataError, StatsError
 from .external import model_sha256
-from .scope import ScopeConfig, in_scope
+from .scope import ScopeConfig
 from .select import METHODS, Scratch, SelectConfig, check_shira, describe_budget, select_one
 from .stats import Stats, merge_all
 
@@ -91,7 +91,7 @@ def run_select(
         model, base_dir = result.model, result.base_dir
     else:
         model, base_dir, refs = load_checked(model_path)
-        sites = in_scope(model, graph.find_weights(model), scope)
+        sites = find_sites(model, scope)
         check_budget(sites, select_config)
         if needs_activations:
             stats = _load_shards(from_stats, model_path, sites, refs)

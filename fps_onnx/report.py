@@ -119,8 +119,7 @@ def node_names(model_path: str | os.PathLike) -> dict[str, list[str]]:
     from .calibrate import load_graph
 
     graph = load_graph(model_path)[0].graph
-    lookup = ops.Lookup({t.name: t for t in graph.initializer},
-                        {out: node for node in graph.node for out in node.output})
+    lookup = ops.Lookup.of(graph)
     names: dict[str, list[str]] = {}
     for node in graph.node:
         site = ops.weight_of(node, lookup)
