@@ -251,8 +251,7 @@ def _session(model: onnx.ModelProto, path: Path, folder: str, chosen: list[str],
     import onnxruntime as ort
 
     _check_runtime(ort.__version__)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = providers.session_options()
     # Run each reduction as soon as its input exists, so activations die early
     # and peak memory stays that of plain inference.
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED

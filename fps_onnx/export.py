@@ -677,8 +677,9 @@ def _check(path: Path, checks, config: ExportConfig, spec: str) -> float:
 
     from ._onnxfile import MalformedProto, load_graph
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    from .providers import session_options
+
+    options = session_options()
     try:
         light, folder = load_graph(path)
     except MalformedProto:
