@@ -41,7 +41,8 @@ def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 Paths = Union[str, os.PathLike, Iterable[Union[str, os.PathLike]], None]
 
 
-def _listed(given) -> list:
+def listed_paths(given: Paths) -> list:
+    """One path, several, or none, as a list."""
     if given is None:
         return []
     if isinstance(given, (str, os.PathLike)):
@@ -64,7 +65,7 @@ def check_clashes(outputs: Mapping[str, str | os.PathLike | None],
                 raise OutputError(f"{what} {path} is the same file as {other} {earlier}: "
                                   "give each output its own path")
         for source, paths in inputs.items():
-            for read in _listed(paths):
+            for read in listed_paths(paths):
                 if same_path(path, read):
                     raise OutputError(f"{what} {path} is the same file as {source} {read}: "
                                       "an output never replaces an input; write it elsewhere")
@@ -357,11 +358,14 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def write_safetensors(path: str | os.PathLike, arrays: Mapping, meta: Mapping[str, str]) -> Path:
-    """A safetensors file of NumPy ``arrays`` with string metadata, written atomically."""
+def write_safetensors(path: str | os.PathLike, arrays: Mapping, meta: Mapping[str, str],
+                      outputs: Outputs | None = None) -> Path:
+    """A safetensors file of NumPy ``arrays`` with string metadata, written atomically
+    (or staged in the transaction ``outputs``, which puts it in place with the rest)."""
     from safetensors.numpy import save_file
 
-    return atomic_write(path, lambda tmp: save_file(dict(arrays), tmp, metadata=dict(meta)))
+    with transaction(outputs) as staged:
+        return staged.write(path, lambda tmp: save_file(dict(arrays), tmp, metadata=dict(meta)))
 
 
 def read_safetensors(
