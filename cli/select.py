@@ -15,7 +15,7 @@ from fps_onnx.scope import ScopeConfig
 from fps_onnx.select import LEVELS, METHODS, NORMS, SelectConfig, method_names
 from fps_onnx.text import DEFAULT_MAX_LENGTH
 
-from .options import bar_disabled, floats, quiet_option
+from .options import bar_disabled, floats, quiet_option, spec_folder
 
 log = logging.getLogger("fps_onnx")
 
@@ -94,7 +94,8 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     check_writable(output)
     gps = config.method == "gps"
     inputs = {"MODEL": None if gps else model, "DATA": data, "--tokenizer": tokenizer,
-              "--from-stats": from_stats, "--torch-checkpoint": torch_checkpoint}
+              "--from-stats": from_stats, "--torch-checkpoint": torch_checkpoint,
+              "--torch-model": spec_folder(torch_model)}
     with transaction(planned={"-o": output, "--stats-out": stats_out}, inputs=inputs) as outputs:
         masks, samples, provider, seconds = _select(
             model, data, output, config, calibration, data_config, scope, stats_out, from_stats,
