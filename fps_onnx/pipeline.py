@@ -14,7 +14,7 @@ from . import graph, maskfile
 from ._io import Outputs, check_writable, listed_paths, transaction
 from .calibrate import CalibrationConfig, calibrate, load_checked
 from .data import DataConfig
-from .errors import BudgetError, DataError, StatsError
+from .errors import BudgetError, DataError, StatsError, quoted
 from .external import model_sha256
 from .scope import ScopeConfig, in_scope
 from .select import METHODS, Scratch, SelectConfig, check_shira, describe_budget, select_one
@@ -41,7 +41,7 @@ def check_budget(sites: list[graph.WeightSite], config: SelectConfig) -> None:
     """Raise BudgetError now if the budget cannot be met by some weight."""
     for site in sites:
         config.keep(site.shape[0], math.prod(site.shape[1:]))
-        check_shira(config, site.shape, f"weight {site.key}")
+        check_shira(config, site.shape, f"weight {quoted(site.key)}")
 
 
 def run_select(
