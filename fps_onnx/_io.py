@@ -9,7 +9,6 @@ from pathlib import Path
 import secrets
 import shutil
 import stat
-from typing import Union
 
 from .errors import OutputError, first_line
 
@@ -38,7 +37,7 @@ def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-Paths = Union[str, os.PathLike, Iterable[Union[str, os.PathLike]], None]
+Paths = str | os.PathLike | Iterable[str | os.PathLike] | None
 
 
 def listed_paths(given: Paths) -> list:

@@ -684,7 +684,6 @@ def _check(path: Path, checks, config: ExportConfig, spec: str) -> float:
     import onnxruntime as ort
 
     from ._onnxfile import MalformedProto, load_graph
-
     from .providers import session_options
 
     options = session_options()

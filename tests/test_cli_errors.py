@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper
 import pytest
-from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from _models import linear_chain, make_model, tensor
 from fps_onnx.cli.main import OneLineFormatter, main
