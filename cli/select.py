@@ -15,7 +15,7 @@ from fps_onnx.scope import ScopeConfig
 from fps_onnx.select import LEVELS, METHODS, NORMS, SelectConfig, method_names
 from fps_onnx.text import DEFAULT_MAX_LENGTH
 
-from .options import bar_disabled, floats, quiet_option
+from .options import bar_disabled, floats, quiet_option, spec_folder
 
 log = logging.getLogger("fps_onnx")
 
@@ -89,9 +89,41 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
 
         raise DataError("--shard splits FPS calibration data; --method gps reads all of DATA")
     scope = ScopeConfig(**_given(include_lm_head=include_lm_head, exclude=tuple(exclude) or None))
-    from fps_onnx._io import check_writable
+    from fps_onnx._io import check_writable, transaction
 
     check_writable(output)
+    gps = config.method == "gps"
+    inputs = {"MODEL": None if gps else model, "DATA": data, "--tokenizer": tokenizer,
+              "--from-stats": from_stats, "--torch-checkpoint": torch_checkpoint,
+              "--torch-model": spec_folder(torch_model)}
+    with transaction(planned={"-o": output, "--stats-out": stats_out}, inputs=inputs) as outputs:
+        masks, samples, provider, seconds = _select(
+            model, data, output, config, calibration, data_config, scope, stats_out, from_stats,
+            torch_model, torch_checkpoint, image_size, max_samples, shard, quiet, outputs)
+    share = masks.selected / max(masks.total, 1)
+    log.info("selected %s of %s weights (%.3f%%) in %d tensors from %d samples -> %s",
+             f"{masks.selected:,}", f"{masks.total:,}", 100 * share, len(masks.masks),
+             samples, output)
+    if as_json:
+        click.echo(json.dumps({
+            "output": str(output),
+            "tensors": {k: {"shape": v["shape"], "selected": v["selected"]}
+                        for k, v in masks.tensors.items()},
+            "selected": masks.selected,
+            "total": masks.total,
+            "fraction": share,
+            "provider": provider,
+            "samples": samples,
+            "seconds": seconds,
+            "norm": config.norm,
+            "level": config.level,
+            "budget": config.budget,
+        }, indent=2))
+
+
+def _select(model, data, output, config, calibration, data_config, scope, stats_out, from_stats,
+            torch_model, torch_checkpoint, image_size, max_samples, shard, quiet, outputs):
+    """The work of ``select``, its outputs staged in ``outputs``."""
     if torch_model is not None or config.method == "gps":
         from fps_onnx.models import check_spec
 
@@ -114,6 +146,7 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
             result = run_select(
                 model, data, config, calibration, data_config,
                 from_stats=from_stats, stats_out=stats_out, on_batch=bar.update, scope=scope,
+                outputs=outputs,
             )
             masks, samples = result.masks, result.stats.num_samples
             provider, seconds = result.provider, result.seconds
@@ -124,23 +157,5 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
         masks, report = map_to_model(masks, torch_model, model, checkpoint=torch_checkpoint)
         log.info("%s", report.summary())
         masks = drop_excluded(masks, scope)  # --exclude also matches PyTorch names
-    masks.save(output)
-    share = masks.selected / max(masks.total, 1)
-    log.info("selected %s of %s weights (%.3f%%) in %d tensors from %d samples -> %s",
-             f"{masks.selected:,}", f"{masks.total:,}", 100 * share, len(masks.masks),
-             samples, output)
-    if as_json:
-        click.echo(json.dumps({
-            "output": str(output),
-            "tensors": {k: {"shape": v["shape"], "selected": v["selected"]}
-                        for k, v in masks.tensors.items()},
-            "selected": masks.selected,
-            "total": masks.total,
-            "fraction": share,
-            "provider": provider,
-            "samples": samples,
-            "seconds": seconds,
-            "norm": config.norm,
-            "level": config.level,
-            "budget": config.budget,
-        }, indent=2))
+    masks.save(output, outputs)
+    return masks, samples, provider, seconds

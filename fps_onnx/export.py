@@ -55,9 +55,8 @@ import numpy as np
 import onnx
 
 from . import external, graph, mapping
-from ._io import _fsync as _fsync_file
-from ._io import atomic_write, check_writable
-from .errors import ExportError, OutputError, first_line
+from ._io import Outputs, check_writable, transaction
+from .errors import ExportError, first_line
 from .models import build_model, check_spec, is_causal_lm_model, load_checkpoint  # noqa: F401 - also importable from here
 from .models import require as _require
 
@@ -115,21 +114,34 @@ def export(
     checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
     img_size: int | None = None,
+    outputs: Outputs | None = None,
 ) -> ExportResult:
     """Export the model of ``spec`` to ``output`` and check it with ONNX Runtime.
 
     Nothing is written unless the export and the check succeed. For an ``hf:``
-    causal LM the folder's config and tokenizer files are copied beside it.
+    causal LM the folder's config and tokenizer files are copied beside it. The
+    ``.onnx``, its data file and the copied files are one output transaction
+    (staged in ``outputs`` when given); an output that is one of the files the
+    model is read from is refused before any work.
     """
     output = check_writable(output)
-    model, inputs = build_model(spec, checkpoint, num_classes, img_size)
-    causal = is_causal_lm_model(model)
-    holder = [model]
-    del model  # the export frees it once it is no longer needed
-    result = _export(holder, inputs, output, config, spec)
-    if causal and spec.startswith("hf:"):
-        result.copied = _copy_side_files(Path(spec[3:]), output)
+    folder = Path(spec[3:]) if spec.startswith("hf:") else None
+    read = {"--checkpoint": checkpoint, spec: _folder_files(folder) if folder is not None else None}
+    with transaction(outputs, planned={"-o": output}, inputs=read) as staged:
+        model, inputs = build_model(spec, checkpoint, num_classes, img_size)
+        causal = is_causal_lm_model(model)
+        holder = [model]
+        del model  # the export frees it once it is no longer needed
+        result = _export(holder, inputs, output, config, spec, staged)
+        if causal and folder is not None:
+            result.copied = _copy_side_files(folder, output, staged)
     return result
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The files of a model folder an export reads (config, tokenizer, weights)."""
+    patterns = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja")
+    return [file for pattern in patterns for file in folder.glob(pattern)] if folder.is_dir() else []
 
 
 def export_module(model, inputs: Mapping, output, config: ExportConfig = ExportConfig(), *,
@@ -142,7 +154,8 @@ def export_module(model, inputs: Mapping, output, config: ExportConfig = ExportC
     return _export([model], inputs, output, config, spec)
 
 
-def _export(holder: list, inputs: Mapping, output, config: ExportConfig, spec: str) -> ExportResult:
+def _export(holder: list, inputs: Mapping, output, config: ExportConfig, spec: str,
+            outputs: Outputs | None = None) -> ExportResult:
     """Export the model in ``holder`` (a one-item list: it is taken out and dropped as
     soon as it is no longer needed, which frees it when nothing else refers to it)."""
     torch = _require("torch", "exporting")
@@ -230,18 +243,13 @@ def _export(holder: list, inputs: Mapping, output, config: ExportConfig, spec: s
         gc.collect()  # the PyTorch weights go here when export() built the model
         diff = _check(final, checks, config, spec) if config.check else None
         with_data = (tmp / data_name).exists()  # (small tensors stay in the .onnx)
-        try:
-            for file in (tmp / data_name, final) if with_data else (final,):
-                _fsync_file(file)
+        with transaction(outputs) as staged:  # the data file is put in place first
             if with_data:
-                os.replace(tmp / data_name, output.parent / data_name)
-            os.replace(final, output)
-        except OSError as exc:
-            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
-        for name in names:
-            if name != data_name or not with_data:
-                with contextlib.suppress(OSError):
-                    os.unlink(output.parent / name)
+                staged.write(output.parent / data_name, lambda f: os.replace(tmp / data_name, f))
+            staged.write(output, lambda f: os.replace(final, f))
+            for name in names:
+                if name != data_name or not with_data:
+                    staged.remove(output.parent / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if unnamed:
@@ -517,8 +525,8 @@ def _field_size(number: int, length: int) -> int:
     return len(_key(number)) + len(_varint(length)) + length
 
 
-def _copy_side_files(folder: Path, output: Path) -> list[str]:
-    """Copy the model folder's config and tokenizer files beside ``output`` (atomically)."""
+def _copy_side_files(folder: Path, output: Path, outputs: Outputs) -> list[str]:
+    """Copy the model folder's config and tokenizer files beside ``output`` (staged in ``outputs``)."""
     copied = []
     for name in LLM_SIDE_FILES:
         source, target = folder / name, output.parent / name
@@ -527,7 +535,7 @@ def _copy_side_files(folder: Path, output: Path) -> list[str]:
         with contextlib.suppress(OSError):
             if target.exists() and os.path.samefile(source, target):
                 continue
-        atomic_write(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
+        outputs.write(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
         copied.append(name)
     return copied
 
@@ -664,9 +672,9 @@ def _check(path: Path, checks, config: ExportConfig, spec: str) -> float:
     import onnxruntime as ort
 
     from ._onnxfile import MalformedProto, load_graph
+    from .providers import session_options
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = session_options()
     try:
         light, folder = load_graph(path)
     except MalformedProto:

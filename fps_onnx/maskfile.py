@@ -45,7 +45,7 @@ import os
 import numpy as np
 
 from . import __version__
-from ._io import read_safetensors, write_safetensors
+from ._io import Outputs, read_safetensors, write_safetensors
 from .errors import MaskError
 from .graph import WeightSite
 
@@ -70,8 +70,9 @@ class MaskFile:
     def total(self) -> int:
         return int(sum(m.size for m in self.masks.values()))
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file, then rename); ``shape`` and ``selected``
+    def save(self, path: str | os.PathLike, outputs: Outputs | None = None) -> None:
+        """Write atomically (temporary file, then rename; or stage it in the
+        transaction ``outputs``); ``shape`` and ``selected``
         of each entry of ``tensors`` are those of its mask."""
         arrays = {k: np.ascontiguousarray(v, dtype=bool) for k, v in self.masks.items()}
         counts = {k: int(np.count_nonzero(m)) for k, m in arrays.items()}
@@ -89,7 +90,7 @@ class MaskFile:
             "tool": f"fps-onnx {__version__}",
             "tensors": json.dumps(tensors, sort_keys=True),
         }
-        write_safetensors(path, arrays, meta)
+        write_safetensors(path, arrays, meta, outputs)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MaskFile:

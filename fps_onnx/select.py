@@ -27,7 +27,7 @@ import zlib
 
 import numpy as np
 
-from .errors import BudgetError, NumericError, StatsError
+from .errors import BudgetError, NumericError, StatsError, quoted
 from .graph import WeightSite
 from .stats import ChannelStats, no_rows
 
@@ -259,12 +259,12 @@ def select_one(
 ) -> np.ndarray:
     """The bool mask of one weight (PyTorch layout). ``scratch``: work arrays to
     reuse (scores and the partitioned copy), else fresh ones."""
-    check_shira(config, site.shape, f"weight {site.key}")
+    check_shira(config, site.shape, f"weight {quoted(site.key)}")
     method = METHODS[config.method]
     missing = None
     if method.needs_activations:
         if stats is None:
-            missing = StatsError(f"there are no statistics for weight {site.key}")
+            missing = StatsError(f"there are no statistics for weight {quoted(site.key)}")
         elif stats.count < 1:  # all-zero sums would keep the leftmost entries of every row
             missing = StatsError(no_rows(site.key))
     # Scores of a weighted method are finite only where the weight is: its own
@@ -282,15 +282,15 @@ def select_one(
     if not np.isfinite(np.sum(score)):  # scores are >= 0: finite exactly when every one is
         if method.weighted:
             _check_weight(weight, site)
-        raise NumericError(f"the scores of weight {site.key} are not finite (NaN or Inf statistics)")
-    return select_scores(score, config, f"weight {site.key}", scratch)
+        raise NumericError(f"the scores of weight {quoted(site.key)} are not finite (NaN or Inf statistics)")
+    return select_scores(score, config, f"weight {quoted(site.key)}", scratch)
 
 
 def _check_weight(weight: np.ndarray, site: WeightSite) -> None:
     # A float64 sum of float32/16 values is finite exactly when every value is
     # (and it reads the weight once, in memory order, without a bool copy).
     if not np.isfinite(np.sum(weight, dtype=np.float64)):
-        raise NumericError(f"weight {site.key} holds NaN or Inf")
+        raise NumericError(f"weight {quoted(site.key)} holds NaN or Inf")
 
 
 def check_shira(config: SelectConfig, shape, key: str = "a weight") -> None:

@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from ._io import read_safetensors, write_safetensors
+from ._io import Outputs, read_safetensors, write_safetensors
 from .errors import StatsError
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,8 @@ class Stats:
         if missing:
             raise StatsError(f"{source} has no statistics for {missing[0]}")
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the stats file atomically."""
+    def save(self, path: str | os.PathLike, outputs: Outputs | None = None) -> None:
+        """Write the stats file atomically (or stage it in the transaction ``outputs``)."""
         for key, c in self.weights.items():
             if c.count < 1:
                 raise StatsError(no_rows(key))
@@ -154,7 +154,7 @@ class Stats:
             meta["shard"] = "/".join(map(str, self.shard))
         if self.batch_size is not None:
             meta["batch_size"] = str(self.batch_size)
-        write_safetensors(path, tensors, meta)
+        write_safetensors(path, tensors, meta, outputs)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Stats:

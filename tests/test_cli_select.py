@@ -197,5 +197,5 @@ def test_shira_budget_is_checked_before_any_data_is_read(chain, tmp_path):
     out = tmp_path / "m.safetensors"
     result = invoke("select", model, bad, "-o", out, "--shira-r", "3")
     assert result.exit_code == 1
-    assert "--shira-r 3: weight w1 [5, 6] has 30 entries, fewer than r*(in+out) = 33" in result.stderr
+    assert "--shira-r 3: weight 'w1' [5, 6] has 30 entries, fewer than r*(in+out) = 33" in result.stderr
     assert not out.exists()
