@@ -46,6 +46,7 @@ import zipfile
 
 import numpy as np
 
+from . import _limits as limits
 from .errors import DataError, FpsError, first_line
 from .text import TEXT_SUFFIXES, TextReader
 
@@ -135,27 +136,27 @@ class DataConfig:
 
 
 def parse_shard(value: str | Sequence[int]) -> tuple[int, int]:
-    """(K, N) from "K/N" or a pair: shard K (counted from 0) of N; DataError if it is not one."""
+    """(K, N) from "K/N" or a pair: shard K (counted from 0) of N, N at most
+    :data:`~fps_onnx._limits.MAX_SHARDS` (what a stats file may say); DataError if it is not one."""
     if isinstance(value, str):
-        found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
-        pair = (int(found[1]), int(found[2])) if found else None
-        shown = value
+        found = re.fullmatch(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*", value)
+        pair = (found[1], found[2]) if found else None
     else:
         pair = tuple(value) if isinstance(value, (tuple, list)) else None
         if pair is not None and (len(pair) != 2 or not all(
                 isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair)):
             pair = None
-        shown = "/".join(map(str, value)) if pair is not None else repr(value)
     if pair is None:
         raise DataError(f"--shard must be K/N, two whole numbers (shard K of N, K counted from 0), "
-                        f"not {shown!r}")
-    k, n = int(pair[0]), int(pair[1])
-    if n < 1:
-        raise DataError(f"--shard {shown}: N, the number of shards, must be at least 1")
-    if not 0 <= k < n:
-        raise DataError(f"--shard {shown}: K counts from 0, so shard K of {n} is one of "
-                        f"0..{n - 1}")
-    return k, n
+                        f"not {limits.shown(value)}")
+    shown = "/".join(limits.shown(v).strip("'") for v in pair)
+    n = limits.whole_number(pair[1], f"--shard {shown}: N, the number of shards,", DataError, 1, limits.MAX_SHARDS)
+    k = pair[0]
+    if isinstance(k, str) and len(k.lstrip("0")) > len(str(n)):  # more digits than N: past it
+        k = n
+    if not 0 <= int(k) < n:
+        raise DataError(f"--shard {shown}: K counts from 0, so shard K of {n} is one of 0..{n - 1}")
+    return int(k), n
 
 
 def find_files(path: str | os.PathLike) -> list[Path]:

@@ -206,7 +206,7 @@ def test_cli_jsonl_with_text_field_tokenizer_and_token_type_ids(tmp_path):
 
 BAD = {
     "empty": ("a.txt", "\n  \n\n", (), r"a.txt holds no text \(every line is blank\)"),
-    "not json": ("a.jsonl", '{"text": "cat"}\n\n{"text": \n', (), r"a.jsonl:3: not a JSON line"),
+    "not json": ("a.jsonl", '{"text": "cat"}\n\n{"text": \n', (), r"a.jsonl:3: the line is not JSON"),
     "no field": ("a.jsonl", '{"text": "cat"}\n{"body": "cat"}\n', (), r"a.jsonl:2: no text field 'text' \(name another with --text-field NAME\)"),
     "field type": ("a.jsonl", '{"body": 3}\n', ("--text-field", "body"), r"a.jsonl:1: no text field 'body'"),
     "max length 0": ("a.txt", "cat\n", ("--max-length", "0"), "--max-length must be at least 1, not 0"),
