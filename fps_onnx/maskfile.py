@@ -27,7 +27,9 @@ mask of a packed ONNX weight (``onnx_initializer``, e.g. a qkv projection). Mask
 ``method`` = "gps" (gradients of a PyTorch model) are keyed by parameter name
 from the start, with ``onnx_initializer`` null, ``loss`` and ``labels``.
 
-Reading checks the metadata's schema: ``tensors`` is a JSON object whose keys
+Reading checks the metadata's schema (JSON within the limits of
+:func:`fps_onnx._limits.read_json`): ``budget``, where present, is a JSON
+object; ``tensors`` is a JSON object whose keys
 are mask keys (a mask without an entry has no description; readers use
 ``.get``), each entry an object whose ``shape`` and ``selected`` agree with
 its mask and whose other documented fields have their documented types.
@@ -99,6 +101,9 @@ class MaskFile:
         if "tensors" not in meta:
             raise MaskError(f"{path}: metadata 'tensors' is missing")
         tensors = read_json(meta.pop("tensors"), f"{path}: metadata 'tensors'", MaskError)
+        if "budget" in meta and not isinstance(
+                read_json(meta["budget"], f"{path}: metadata 'budget'", MaskError), dict):
+            raise MaskError(f"{path}: metadata 'budget' must be a JSON object")
         for key, value in arrays.items():
             if value.dtype != np.bool_:
                 raise MaskError(f"{path}: mask {key!r} is {value.dtype}, not bool")

@@ -84,9 +84,9 @@ def _read_json(path: Path) -> dict:
     no object); read within the limits of :func:`fps_onnx._limits.read_json`."""
     from .data import open_regular
 
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
-    with open_regular(path) as handle:
+    with open_regular(path) as handle:  # a FIFO, device or broken link is refused by name
         try:
             data = handle.read(MAX_JSON_CHARS + 1)
         except OSError as exc:
