@@ -29,6 +29,8 @@ MAX_SHARDS = 1_000_000
 MAX_JSON_CHARS = 16 << 20
 #: Nesting of JSON arrays and objects (Python's parser recurses: about 1,000 levels end it).
 MAX_JSON_DEPTH = 100
+#: Values of one JSON text (arrays and objects, and their members): ~100 MB parsed at most.
+MAX_JSON_VALUES = 1_000_000
 #: Digits of a JSON integer (Hugging Face writes 1e30 as a 31-digit sentinel length).
 MAX_JSON_DIGITS = 40
 
@@ -46,11 +48,13 @@ class _Refused(ValueError):
 
 
 def read_json(text: str | bytes, what: str, error: type[FpsError], *,
-              max_chars: int = MAX_JSON_CHARS, max_depth: int = MAX_JSON_DEPTH) -> object:
+              max_chars: int = MAX_JSON_CHARS, max_depth: int = MAX_JSON_DEPTH,
+              max_values: int = MAX_JSON_VALUES) -> object:
     """The value of the JSON ``text``; ``error("<what> ...")`` unless it is JSON within the limits.
 
     Refused before parsing: more than ``max_chars`` characters, arrays and
-    objects nested deeper than ``max_depth`` (counted without recursion);
+    objects nested deeper than ``max_depth`` (counted without recursion), more
+    than about ``max_values`` values (what the parsed value costs in memory);
     while parsing: integers of more than :data:`MAX_JSON_DIGITS` digits, and
     NaN, Infinity and numbers beyond float64 (not JSON numbers).
     """
@@ -64,8 +68,12 @@ def read_json(text: str | bytes, what: str, error: type[FpsError], *,
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise error(f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if json_depth(data) > max_depth:
+    outside = _STRING.sub(b'""', data)  # what lies between quotes never nests
+    if json_depth(outside) > max_depth:
         raise error(f"{what} nests arrays and objects deeper than {max_depth} levels")
+    values = sum(outside.count(c) for c in (b",", b"[", b"{"))  # about one per value (a pair: one)
+    if values > max_values:
+        raise error(f"{what} holds more than {max_values:,} values")
     try:
         return json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
     except json.JSONDecodeError as exc:
@@ -79,7 +87,7 @@ def read_json(text: str | bytes, what: str, error: type[FpsError], *,
 def json_depth(data: bytes) -> int:
     """How deep the arrays and objects of the JSON ``data`` nest (brackets in strings not
     counted), in one vectorised pass; an unclosed string's brackets count too."""
-    brackets = _STRING.sub(b"", data).translate(None, _BRACKETS)
+    brackets = _STRING.sub(b'""', data).translate(None, _BRACKETS)
     deepest = depth = 0
     for start in range(0, len(brackets), _PIECE):
         run = np.cumsum(_STEP[np.frombuffer(brackets, np.uint8, min(_PIECE, len(brackets) - start), start)],
