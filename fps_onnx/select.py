@@ -27,6 +27,7 @@ import zlib
 
 import numpy as np
 
+from ._limits import SEED_MAX, whole_number
 from .errors import BudgetError, NumericError, StatsError, quoted
 from .graph import WeightSite
 from .stats import ChannelStats, no_rows
@@ -69,6 +70,7 @@ class SelectConfig:
             if isinstance(self.shira_r, bool) or not isinstance(self.shira_r, int) or self.shira_r < 1:
                 raise BudgetError(f"SHiRA r must be a whole number of at least 1, not {self.shira_r!r}")
             object.__setattr__(self, "level", "layer")  # r*(in+out) entries per tensor
+        whole_number(self.seed, "the seed", BudgetError, 0, SEED_MAX)
         if self.per_neuron is not None and self.per_neuron < 1:
             raise BudgetError(f"per-neuron count must be at least 1, not {self.per_neuron}")
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:

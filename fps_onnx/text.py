@@ -19,13 +19,14 @@ transformers, no PyTorch).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-import json
+import io
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
+from ._limits import MAX_JSON_CHARS, read_json, whole_number
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -70,20 +71,27 @@ def max_positions(model_path: str | os.PathLike | None) -> int | None:
     config = _read_json(folder / "config.json")
     for key in _POSITION_KEYS:
         if isinstance(config.get(key), int):
-            return config[key]
+            return whole_number(config[key], f"{folder / 'config.json'}: {key}", DataError, 1)
     genai = _read_json(folder / "genai_config.json").get("model")
     if isinstance(genai, dict) and isinstance(genai.get("context_length"), int):
-        return genai["context_length"]
+        return whole_number(genai["context_length"], f"{folder / 'genai_config.json'}: model.context_length",
+                            DataError, 1)
     return None
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    """The JSON object of a side file beside the model ({} when there is none, or it holds
+    no object); read within the limits of :func:`fps_onnx._limits.read_json`."""
+    from .data import open_regular
+
+    if not os.path.lexists(path):
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
+    with open_regular(path) as handle:  # a FIFO, device or broken link is refused by name
+        try:
+            data = handle.read(MAX_JSON_CHARS + 1)
+        except OSError as exc:
+            raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    value = read_json(data, str(path), DataError)
     return value if isinstance(value, dict) else {}
 
 
@@ -190,20 +198,21 @@ def read_lines(file: Path) -> Iterator[tuple[int, object]]:
     Content: the line without its line break (.txt) or the parsed JSON value (.jsonl).
     DataError for a file that cannot be read, is not UTF-8 or holds a line that is not JSON.
     """
+    from .data import open_regular
+
     jsonl = file.suffix.lower() == ".jsonl"
     try:
-        with open(file, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
+        with io.TextIOWrapper(open_regular(file), encoding="utf-8") as handle:
+            lines = iter(lambda: handle.readline(MAX_JSON_CHARS + 1), "")
+            for number, line in enumerate(lines, 1):
+                if len(line) > MAX_JSON_CHARS:
+                    raise DataError(f"{file}:{number}: the line is longer than {MAX_JSON_CHARS:,} characters")
                 if not line.strip():
                     continue
                 if not jsonl:
                     yield number, line.rstrip("\r\n")
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{file}:{number}: not a JSON line ({exc.msg})") from exc
-                yield number, record
+                yield number, read_json(line, f"{file}:{number}: the line", DataError)
     except UnicodeDecodeError as exc:
         raise DataError(f"{file} is not UTF-8 text: {exc}") from exc
     except OSError as exc:

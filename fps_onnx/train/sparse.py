@@ -52,6 +52,7 @@ import sys
 import numpy as np
 
 from .._io import atomic_write, read_safetensors
+from .._limits import read_json, shown
 from ..errors import MaskError
 from ..maskfile import MaskFile
 from ._torch import nn, torch
@@ -538,7 +539,7 @@ def apply_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for name, shape in shapes.items():
         if name not in params or list(params[name].shape) != shape:
             have = f"is {list(params[name].shape)}" if name in params else "does not exist"
-            raise MaskError(f"{path}: delta for {name} {shape} does not fit the model (its {name} {have})")
+            raise MaskError(f"{path}: delta for {name} {shown(shape)} does not fit the model (its {name} {have})")
         _check_sparse(name, tensors[f"{name}:indices"], tensors[f"{name}:values"], params[name].numel(), path)
     for name in dense:
         if name not in state or state[name].shape != tensors[name].shape:
@@ -571,10 +572,7 @@ def _read_delta(path, *, with_tensors: bool = True) -> tuple[dict[str, torch.Ten
 def _json_meta(meta: Mapping[str, str], key: str, path) -> object:
     if key not in meta:
         raise MaskError(f"{path}: metadata {key!r} is missing")
-    try:
-        return json.loads(meta[key])
-    except json.JSONDecodeError as exc:
-        raise MaskError(f"{path}: metadata {key!r} is not JSON") from exc
+    return read_json(meta[key], f"{path}: metadata {key!r}", MaskError)
 
 
 def _check_sparse(name: str, indices: torch.Tensor, values: torch.Tensor, numel: int, path) -> None:
