@@ -54,7 +54,7 @@ import warnings
 import numpy as np
 import onnx
 
-from . import external, graph, mapping
+from . import external, graph, hf, mapping
 from ._io import _fsync as _fsync_file
 from ._io import atomic_write, check_writable
 from .errors import ExportError, OutputError, first_line
@@ -123,12 +123,13 @@ def export(
     """
     output = check_writable(output)
     model, inputs = build_model(spec, checkpoint, num_classes, img_size)
-    causal = is_causal_lm_model(model)
+    side = []
+    if is_causal_lm_model(model) and spec.startswith("hf:"):
+        side = hf.side_files(spec[3:], LLM_SIDE_FILES)  # checked before anything is written
     holder = [model]
     del model  # the export frees it once it is no longer needed
     result = _export(holder, inputs, output, config, spec)
-    if causal and spec.startswith("hf:"):
-        result.copied = _copy_side_files(Path(spec[3:]), output)
+    result.copied = _copy_side_files(side, output)
     return result
 
 
@@ -517,18 +518,17 @@ def _field_size(number: int, length: int) -> int:
     return len(_key(number)) + len(_varint(length)) + length
 
 
-def _copy_side_files(folder: Path, output: Path) -> list[str]:
-    """Copy the model folder's config and tokenizer files beside ``output`` (atomically)."""
+def _copy_side_files(files: list[Path], output: Path) -> list[str]:
+    """Copy the model folder's checked config and tokenizer files (:func:`hf.side_files`)
+    beside ``output`` (atomically)."""
     copied = []
-    for name in LLM_SIDE_FILES:
-        source, target = folder / name, output.parent / name
-        if not source.is_file():
-            continue
+    for source in files:
+        target = output.parent / source.name
         with contextlib.suppress(OSError):
             if target.exists() and os.path.samefile(source, target):
                 continue
-        atomic_write(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
-        copied.append(name)
+        atomic_write(target, lambda tmp, source=source: hf.copy_side_file(source, tmp))
+        copied.append(source.name)
     return copied
 
 

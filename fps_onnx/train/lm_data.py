@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, first_line
+from .. import hf
+from ..errors import DataError, FpsError, first_line
 from ..text import read_lines
 from ._torch import torch
 
@@ -74,11 +75,10 @@ class Collate:
 
 def load_tokenizer(folder: str | os.PathLike):
     """The model folder's tokenizer (transformers ``AutoTokenizer``, local files only)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return hf.load_tokenizer(folder)
+    except FpsError:
+        raise
     except Exception as exc:  # noqa: BLE001 - tokenizer loaders raise anything
         raise DataError(f"cannot load the tokenizer of {folder}: {first_line(exc)}") from exc
 
