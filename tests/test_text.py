@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 
@@ -239,6 +240,15 @@ def bad_setup(case, folder):
     if case == "unreadable tokenizer":
         (folder / "tokenizer.json").write_text('{"model": ')
         return (), r"cannot read tokenizer .*tokenizer.json: "
+    if case.startswith("panicking tokenizer"):
+        # a malformed normalizer table makes the Rust code panic (PanicException, a BaseException)
+        # as the file is read, or only when it normalizes text
+        table = b"\xff\xff\xff\x7f" + bytes(8) if case.endswith("read") else b"\x08\0\0\0" + b"\xff" * 8 + b"abc"
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        spec["normalizer"] = {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(table).decode()}
+        (folder / "tokenizer.json").write_text(json.dumps(spec))
+        what = "cannot read tokenizer .*tokenizer.json" if case.endswith("read") else "a.txt: cannot tokenize lines 1-1"
+        return (), what + ": the tokenizers library failed on it"
     if case == "beyond positions":
         (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 16}))
         return ("--max-length", "17"), "--max-length 17 is beyond the model's 16 positions"
@@ -249,7 +259,7 @@ def bad_setup(case, folder):
 
 
 @pytest.mark.parametrize("case", ["no tokenizer", "missing --tokenizer", "--tokenizer folder without one",
-                                  "unreadable tokenizer",
+                                  "unreadable tokenizer", "panicking tokenizer read", "panicking tokenizer run",
                                   "beyond positions", "beyond context"])
 def test_cli_bad_tokenizer_or_length_is_one_line_and_no_output(tmp_path, case):
     model = tiny_lm(tmp_path / "m")
