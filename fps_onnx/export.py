@@ -41,12 +41,10 @@ import contextlib
 from dataclasses import dataclass, field
 import gc
 import inspect
-import io
 import logging
 import os
 from pathlib import Path
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -56,7 +54,7 @@ import onnx
 
 from . import external, graph, hf, mapping
 from ._io import _fsync as _fsync_file
-from ._io import atomic_write, check_writable
+from ._io import atomic_write, captured_output, check_writable
 from .errors import ExportError, OutputError, first_line
 from .models import build_model, check_spec, is_causal_lm_model, load_checkpoint  # noqa: F401 - also importable from here
 from .models import require as _require
@@ -564,7 +562,7 @@ def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec, par
                   opset_version=config.opset)
     chatter: list[str] = []
     try:
-        with _captured_output(chatter), warnings.catch_warnings():
+        with captured_output(chatter), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if config.exporter == "legacy":
                 with _keyword_forward(model, list(inputs)):
@@ -578,29 +576,6 @@ def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec, par
         log.debug("exporter output:\n%s", "".join(chatter))
     if not path.is_file():
         raise ExportError(f"cannot export {spec}: the {config.exporter} exporter wrote nothing")
-
-
-@contextlib.contextmanager
-def _captured_output(into: list[str]):
-    """Collect what the exporters print (progress, C++ graph dumps on failure) instead of showing it."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        try:
-            for fd in saved:
-                os.dup2(sink.fileno(), fd)
-            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
-                try:
-                    yield
-                finally:
-                    into.append(out.getvalue())
-        finally:
-            for fd, copy in saved.items():
-                os.dup2(copy, fd)
-                os.close(copy)
-            sink.seek(0)
-            into.append(sink.read().decode(errors="replace"))
 
 
 @contextlib.contextmanager

@@ -24,9 +24,11 @@ import json
 import logging
 import os
 from pathlib import Path
+import sys
 
 import numpy as np
 
+from ._io import captured_output
 from .errors import DataError, FpsError, first_line
 
 log = logging.getLogger(__name__)
@@ -174,10 +176,14 @@ def tokenizer_errors(what: str) -> Iterator[None]:
     code) reaches Python as ``pyo3_runtime.PanicException``, a BaseException
     that ``except Exception`` misses; PyO3 offers no module to import the class
     from, so it is recognised by its module and name. Nothing else that is not
-    an Exception (KeyboardInterrupt, SystemExit) is caught.
+    an Exception (KeyboardInterrupt, SystemExit) is caught. What the block
+    prints is held back (Rust writes a panic's report, with a backtrace, to the
+    process's stderr) and shown only when the block succeeds.
     """
+    printed: list[str] = []
     try:
-        yield
+        with captured_output(printed):
+            yield
     except FpsError:
         raise
     except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions
@@ -186,6 +192,8 @@ def tokenizer_errors(what: str) -> Iterator[None]:
         if (type(exc).__module__, type(exc).__name__) != ("pyo3_runtime", "PanicException"):
             raise
         raise DataError(f"{what}: the tokenizers library failed on it ({first_line(exc)})") from None
+    if any(printed):
+        sys.stderr.write("".join(printed))
 
 
 def _pad_id(tokenizer, folder: Path) -> int:

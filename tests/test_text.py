@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import subprocess
+import sys
 
 from click.testing import CliRunner
 import numpy as np
@@ -270,6 +273,24 @@ def test_cli_bad_tokenizer_or_length_is_one_line_and_no_output(tmp_path, case):
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
     assert re.search(message, result.stderr), result.stderr
+    assert not out.exists()
+
+
+def test_a_tokenizer_panic_is_one_line_on_the_real_stderr(tmp_path):
+    """Rust prints a panic's report (with a backtrace) to file descriptor 2, which
+    CliRunner does not see: run the command in its own process."""
+    model = tiny_lm(tmp_path / "m")
+    bad_setup("panicking tokenizer run", model.parent)
+    (tmp_path / "a.txt").write_text("cat\n")
+    out = tmp_path / "o.safetensors"
+    code = "import sys; from fps_onnx.cli.main import main; sys.exit(main())"
+    done = subprocess.run([sys.executable, "-c", code, "select", str(model), str(tmp_path / "a.txt"), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "RUST_BACKTRACE": "1"})
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("Error: ") and "the tokenizers library failed on it" in lines[-1], done.stderr
+    assert sum(line.startswith("Error: ") for line in lines) == 1
+    assert not any("panicked" in line or "backtrace" in line for line in lines), done.stderr
     assert not out.exists()
 
 
