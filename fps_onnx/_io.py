@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 import contextlib
+import io
 import os
 from pathlib import Path
 import secrets
 import shutil
 import stat
+import sys
+import tempfile
 
 from .errors import OutputError, first_line
 
@@ -355,6 +358,31 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def captured_output(into: list[str]):
+    """Collect what the block prints, from Python or from native code writing to file
+    descriptors 1 and 2 (exporters' progress and C++ dumps, a Rust panic's report),
+    into the list ``into`` instead of showing it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        try:
+            for fd in saved:
+                os.dup2(sink.fileno(), fd)
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
+                try:
+                    yield
+                finally:
+                    into.append(out.getvalue())
+        finally:
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            into.append(sink.read().decode(errors="replace"))
 
 
 def write_safetensors(path: str | os.PathLike, arrays: Mapping, meta: Mapping[str, str],

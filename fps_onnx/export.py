@@ -41,12 +41,10 @@ import contextlib
 from dataclasses import dataclass, field
 import gc
 import inspect
-import io
 import logging
 import os
 from pathlib import Path
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -54,8 +52,8 @@ import warnings
 import numpy as np
 import onnx
 
-from . import external, graph, mapping
-from ._io import Outputs, check_writable, transaction
+from . import external, graph, hf, mapping
+from ._io import Outputs, captured_output, check_writable, transaction
 from .errors import ExportError, first_line
 from .models import build_model, check_spec, is_causal_lm_model, load_checkpoint  # noqa: F401 - also importable from here
 from .models import require as _require
@@ -129,12 +127,13 @@ def export(
     read = {"--checkpoint": checkpoint, spec: _folder_files(folder) if folder is not None else None}
     with transaction(outputs, planned={"-o": output}, inputs=read) as staged:
         model, inputs = build_model(spec, checkpoint, num_classes, img_size)
-        causal = is_causal_lm_model(model)
+        side = []
+        if is_causal_lm_model(model) and folder is not None:
+            side = hf.side_files(folder, LLM_SIDE_FILES)  # checked before anything is written
         holder = [model]
         del model  # the export frees it once it is no longer needed
         result = _export(holder, inputs, output, config, spec, staged)
-        if causal and folder is not None:
-            result.copied = _copy_side_files(folder, output, staged)
+        result.copied = _copy_side_files(side, output, staged)
     return result
 
 
@@ -525,18 +524,17 @@ def _field_size(number: int, length: int) -> int:
     return len(_key(number)) + len(_varint(length)) + length
 
 
-def _copy_side_files(folder: Path, output: Path, outputs: Outputs) -> list[str]:
-    """Copy the model folder's config and tokenizer files beside ``output`` (staged in ``outputs``)."""
+def _copy_side_files(files: list[Path], output: Path, outputs: Outputs) -> list[str]:
+    """Copy the model folder's checked config and tokenizer files (:func:`hf.side_files`)
+    beside ``output`` (staged in ``outputs``)."""
     copied = []
-    for name in LLM_SIDE_FILES:
-        source, target = folder / name, output.parent / name
-        if not source.is_file():
-            continue
+    for source in files:
+        target = output.parent / source.name
         with contextlib.suppress(OSError):
             if target.exists() and os.path.samefile(source, target):
                 continue
-        outputs.write(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
-        copied.append(name)
+        outputs.write(target, lambda tmp, source=source: hf.copy_side_file(source, tmp))
+        copied.append(source.name)
     return copied
 
 
@@ -560,7 +558,7 @@ def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec, par
                   opset_version=config.opset)
     chatter: list[str] = []
     try:
-        with _captured_output(chatter), warnings.catch_warnings():
+        with captured_output(chatter), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if config.exporter == "legacy":
                 with _keyword_forward(model, list(inputs)):
@@ -574,29 +572,6 @@ def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec, par
         log.debug("exporter output:\n%s", "".join(chatter))
     if not path.is_file():
         raise ExportError(f"cannot export {spec}: the {config.exporter} exporter wrote nothing")
-
-
-@contextlib.contextmanager
-def _captured_output(into: list[str]):
-    """Collect what the exporters print (progress, C++ graph dumps on failure) instead of showing it."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        try:
-            for fd in saved:
-                os.dup2(sink.fileno(), fd)
-            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
-                try:
-                    yield
-                finally:
-                    into.append(out.getvalue())
-        finally:
-            for fd, copy in saved.items():
-                os.dup2(copy, fd)
-                os.close(copy)
-            sink.seek(0)
-            into.append(sink.read().decode(errors="replace"))
 
 
 @contextlib.contextmanager

@@ -334,6 +334,16 @@ def _count(text: str, key: str, fail) -> int:
     return int(text)
 
 
+def open_inside(path: str | os.PathLike, roots: Sequence[str], what: str):
+    """``path`` opened for reading (unbuffered) when it really lies, symlinks
+    followed, inside one of the real folders ``roots`` and is a regular file;
+    ModelError otherwise, before any byte is read."""
+    real = os.path.realpath(path)
+    if not any(_inside(real, root) for root in roots):
+        raise ModelError(f"{os.fspath(path)!r} ({what}) leads outside the model's folder {roots[0]}")
+    return _open_regular(real, what)
+
+
 def _open_regular(path: str, what: str):
     """``path`` (a real path) opened for reading, unbuffered. Opened without
     blocking and without following a link, so that a FIFO or link put in place

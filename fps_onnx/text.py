@@ -19,15 +19,18 @@ transformers, no PyTorch).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import contextlib
 import io
 import logging
 import os
 from pathlib import Path
+import sys
 
 import numpy as np
 
+from ._io import captured_output
 from ._limits import MAX_JSON_CHARS, read_json, whole_number
-from .errors import DataError
+from .errors import DataError, FpsError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +149,8 @@ class TextReader:
             raise DataError(f"{file} holds no text (every line is blank)")
 
     def _encode(self, file, batch, tokenizer, inputs) -> dict[str, np.ndarray]:
-        try:
+        with tokenizer_errors(f"{file}: cannot tokenize lines {batch[0][0]}-{batch[-1][0]}"):
             encodings = tokenizer.encode_batch([t for _, t in batch], add_special_tokens=True)
-        except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions
-            raise DataError(f"{file}: cannot tokenize lines {batch[0][0]}-{batch[-1][0]}: {exc}") from exc
         lengths = [len(e.ids) for e in encodings]
         if 0 in lengths:
             raise DataError(f"{file}:{batch[lengths.index(0)][0]}: the text gives no tokens")
@@ -166,14 +167,41 @@ def load_tokenizer(path: Path, max_length: int):
     """(tokenizers.Tokenizer truncating to ``max_length`` and not padding, pad id)."""
     from tokenizers import Tokenizer
 
-    try:
+    with tokenizer_errors(f"cannot read tokenizer {path}"):
         tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions
-        raise DataError(f"cannot read tokenizer {path}: {str(exc).strip() or type(exc).__name__}") from exc
-    pad_id = _pad_id(tokenizer, path.parent)
+        pad_id = _pad_id(tokenizer, path.parent)
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length)
     return tokenizer, pad_id
+
+
+@contextlib.contextmanager
+def tokenizer_errors(what: str) -> Iterator[None]:
+    """Turn a failure of the Rust ``tokenizers`` library inside the block into
+    ``DataError("<what>: <reason>")``: its plain exceptions, and its panics.
+
+    A panic (a tokenizer file whose normalizer data or regex breaks the Rust
+    code) reaches Python as ``pyo3_runtime.PanicException``, a BaseException
+    that ``except Exception`` misses; PyO3 offers no module to import the class
+    from, so it is recognised by its module and name. Nothing else that is not
+    an Exception (KeyboardInterrupt, SystemExit) is caught. What the block
+    prints is held back (Rust writes a panic's report, with a backtrace, to the
+    process's stderr) and shown only when the block succeeds.
+    """
+    printed: list[str] = []
+    try:
+        with captured_output(printed):
+            yield
+    except FpsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions
+        raise DataError(f"{what}: {first_line(exc)}") from exc
+    except BaseException as exc:
+        if (type(exc).__module__, type(exc).__name__) != ("pyo3_runtime", "PanicException"):
+            raise
+        raise DataError(f"{what}: the tokenizers library failed on it ({first_line(exc)})") from None
+    if any(printed):
+        sys.stderr.write("".join(printed))
 
 
 def _pad_id(tokenizer, folder: Path) -> int:

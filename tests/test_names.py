@@ -81,7 +81,8 @@ def _modules() -> dict[str, Path]:
 
 def test_model_building_has_one_home_and_layers_point_down():
     imports = {name: _imports(path) for name, path in _modules().items()}
-    assert imports["models"] <= {"fps_onnx.errors", "fps_onnx.maskfile"}
+    assert imports["models"] <= {"fps_onnx.errors", "fps_onnx.maskfile", "fps_onnx.hf"}
+    assert imports["hf"] <= {"fps_onnx.errors", "fps_onnx.external"}
     assert "fps_onnx.export" not in imports["mapping"]
     for user in ("export", "mapping", "gps", "train.run", "train.loop"):
         assert "fps_onnx.models" in imports[user], user
@@ -90,6 +91,14 @@ def test_model_building_has_one_home_and_layers_point_down():
                for name, path in _modules().items()}
     for func in ("build_model", "build_for_data", "check_spec", "load_checkpoint", "_hf", "_timm"):
         assert [m for m, names in defined.items() if func in names] == ["models"], func
+
+
+def test_transformers_reads_model_folders_in_one_place():
+    """Every from_pretrained goes through fps_onnx.hf (trust_remote_code=False, the folder checked)."""
+    files = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "cli").rglob("*.py")]
+    callers = {p.name for p in files if "from_pretrained(" in p.read_text()}
+    assert callers == {"hf.py"}, callers
+    assert "trust_remote_code\": False" in (PACKAGE / "hf.py").read_text()
 
 
 # --------------------------------------------------------------------------- hf task models

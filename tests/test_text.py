@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import subprocess
+import sys
 
 from click.testing import CliRunner
 import numpy as np
@@ -248,6 +251,15 @@ def bad_setup(case, folder):
     if case == "unreadable tokenizer":
         (folder / "tokenizer.json").write_text('{"model": ')
         return (), r"cannot read tokenizer .*tokenizer.json: "
+    if case.startswith("panicking tokenizer"):
+        # a malformed normalizer table makes the Rust code panic (PanicException, a BaseException)
+        # as the file is read, or only when it normalizes text
+        table = b"\xff\xff\xff\x7f" + bytes(8) if case.endswith("read") else b"\x08\0\0\0" + b"\xff" * 8 + b"abc"
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        spec["normalizer"] = {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(table).decode()}
+        (folder / "tokenizer.json").write_text(json.dumps(spec))
+        what = "cannot read tokenizer .*tokenizer.json" if case.endswith("read") else "a.txt: cannot tokenize lines 1-1"
+        return (), what + ": the tokenizers library failed on it"
     if case == "beyond positions":
         (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 16}))
         return ("--max-length", "17"), "--max-length 17 is beyond the model's 16 positions"
@@ -285,7 +297,7 @@ def bad_setup(case, folder):
 
 
 @pytest.mark.parametrize("case", ["no tokenizer", "missing --tokenizer", "--tokenizer folder without one",
-                                  "unreadable tokenizer",
+                                  "unreadable tokenizer", "panicking tokenizer read", "panicking tokenizer run",
                                   "beyond positions", "beyond context",
                                   "config.json nested 100k deep", "config.json with a 5,000-digit length",
                                   "config.json with a negative length", "config.json past int64",
@@ -301,6 +313,24 @@ def test_cli_bad_tokenizer_or_length_is_one_line_and_no_output(tmp_path, case):
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
     assert re.search(message, result.stderr), result.stderr
+    assert not out.exists()
+
+
+def test_a_tokenizer_panic_is_one_line_on_the_real_stderr(tmp_path):
+    """Rust prints a panic's report (with a backtrace) to file descriptor 2, which
+    CliRunner does not see: run the command in its own process."""
+    model = tiny_lm(tmp_path / "m")
+    bad_setup("panicking tokenizer run", model.parent)
+    (tmp_path / "a.txt").write_text("cat\n")
+    out = tmp_path / "o.safetensors"
+    code = "import sys; from fps_onnx.cli.main import main; sys.exit(main())"
+    done = subprocess.run([sys.executable, "-c", code, "select", str(model), str(tmp_path / "a.txt"), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "RUST_BACKTRACE": "1"})
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("Error: ") and "the tokenizers library failed on it" in lines[-1], done.stderr
+    assert sum(line.startswith("Error: ") for line in lines) == 1
+    assert not any("panicked" in line or "backtrace" in line for line in lines), done.stderr
     assert not out.exists()
 
 
