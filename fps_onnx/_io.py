@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 import contextlib
+import io
 import os
 from pathlib import Path
 import secrets
 import shutil
 import stat
+import sys
+import tempfile
 
 from .errors import OutputError, first_line
 
@@ -26,32 +29,177 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result onto ``path``; nothing is left on failure.
-
-    The temporary file is created with the mode a new file gets (0666 less the
-    umask, applied by the kernel: the process umask is never changed), or with
-    the mode of the file it replaces; its bytes reach the disk before the rename.
-    A ``write`` that replaces the file instead of writing into it (safetensors
-    writes its own temporary file and renames it, with mode 0600) gets that
-    mode back.
-    """
-    path = check_writable(path)
-    tmp = _new_temp(path.parent, path.name, _mode_of(path))
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name the same file or folder: the same real path
+    (symbolic links and relative parts resolved), or the same inode (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
     try:
-        mode = _mode_of(tmp)
-        write(str(tmp))
-        if mode is not None and _mode_of(tmp) not in (mode, None):
-            os.chmod(tmp, mode)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+Paths = str | os.PathLike | Iterable[str | os.PathLike] | None
+
+
+def listed_paths(given: Paths) -> list:
+    """One path, several, or none, as a list."""
+    if given is None:
+        return []
+    if isinstance(given, (str, os.PathLike)):
+        return [given]
+    return [p for p in given if p is not None]
+
+
+def check_clashes(outputs: Mapping[str, str | os.PathLike | None],
+                  inputs: Mapping[str, Paths] = {}) -> None:
+    """Refuse, before any work, an output that is one of the command's inputs
+    (``inputs``: what each is -> one path or several) or another of its outputs.
+
+    The one place every command checks its paths (:func:`same_path`: symbolic
+    links, relative paths and hard links included).
+    """
+    given = [(what, path) for what, path in outputs.items() if path is not None]
+    for i, (what, path) in enumerate(given):
+        for other, earlier in given[:i]:
+            if same_path(path, earlier):
+                raise OutputError(f"{what} {path} is the same file as {other} {earlier}: "
+                                  "give each output its own path")
+        for source, paths in inputs.items():
+            for read in listed_paths(paths):
+                if same_path(path, read):
+                    raise OutputError(f"{what} {path} is the same file as {source} {read}: "
+                                      "an output never replaces an input; write it elsewhere")
+
+
+class Outputs:
+    """The outputs of one command, appearing together or not at all.
+
+    Each file (:meth:`write`) or folder (:meth:`folder`) is staged as a
+    temporary file or folder beside its target and flushed to disk;
+    :meth:`commit` renames them all onto their targets, in the order they were
+    staged, then removes the files given to :meth:`remove`; :meth:`discard`
+    removes whatever is still staged (and the folders :meth:`commit` replaced).
+    Use it through :func:`transaction`. ``planned`` names the outputs the
+    command will write, checked at once against ``inputs`` and each other
+    (:func:`check_clashes`), and again whenever :meth:`plan` adds outputs or
+    inputs found while working (a model's external data files).
+    """
+
+    def __init__(self, planned: Mapping[str, str | os.PathLike | None] = {},
+                 inputs: Mapping[str, Paths] = {}) -> None:
+        self._planned: dict[str, str | os.PathLike] = {}
+        self._inputs: list[tuple[str, Paths]] = []
+        self._staged: list[tuple[Path, Path, bool]] = []  # (temporary, target, is a folder)
+        self._removals: list[Path] = []
+        self.plan(planned, inputs)
+
+    def plan(self, planned: Mapping[str, str | os.PathLike | None] = {},
+             inputs: Mapping[str, Paths] = {}) -> None:
+        """Add outputs the command will write and inputs it reads; refuse any clash
+        among all of them (:func:`check_clashes`) at once, before any work."""
+        self._planned.update((what, path) for what, path in planned.items() if path is not None)
+        self._inputs += inputs.items()
+        check_clashes(self._planned)
+        for what, paths in self._inputs:
+            check_clashes(self._planned, {what: paths})
+
+    def write(self, path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+        """Stage ``path``: call ``write(tmp_path)`` on a new temporary file beside it.
+
+        The temporary file is created with the mode a new file gets (0666 less
+        the umask, applied by the kernel: the process umask is never changed),
+        or with the mode of the file it replaces; its bytes reach the disk
+        before :meth:`commit`. A ``write`` that replaces the file instead of
+        writing into it (safetensors writes its own temporary file and renames
+        it, with mode 0600) gets that mode back.
+        """
+        path = self._claim(check_writable(path))
+        tmp = _new_temp(path.parent, path.name, _mode_of(path))
+        self._staged.append((tmp, path, False))
+        try:
+            mode = _mode_of(tmp)
+            write(str(tmp))
+            if mode is not None and _mode_of(tmp) not in (mode, None):
+                os.chmod(tmp, mode)
+            _fsync(tmp)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        return path
+
+    def folder(self, path: str | os.PathLike) -> Path:
+        """Stage the folder ``path``: the new temporary folder to fill, which
+        :meth:`commit` puts in its place (see :func:`atomic_folder`)."""
+        path = self._claim(check_folder(path))
+        if not path.parent.is_dir():
+            raise OutputError(f"cannot write {path}: folder {path.parent} does not exist")
+        tmp = _new_temp_dir(path.parent, path.name, _mode_of(path))
+        self._staged.append((tmp, path, True))
+        return tmp
+
+    def remove(self, path: str | os.PathLike) -> None:
+        """Remove ``path`` (if it exists) once every output is in place."""
+        self._removals.append(Path(path))
+
+    def commit(self) -> None:
+        """Move every staged output onto its target, in the order staged."""
+        target = None
+        try:
+            for tmp, target, is_folder in self._staged:
+                if is_folder:
+                    _swap_in(tmp, target)
+                else:
+                    os.replace(tmp, target)
+            for folder in dict.fromkeys(t.parent for _, t, _ in self._staged):
+                _fsync_dir(folder)
+        except OSError as exc:
+            raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        for path in self._removals:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def discard(self) -> None:
+        """Remove every temporary file and folder still staged."""
+        for tmp, _, is_folder in self._staged:
+            if is_folder:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        self._staged.clear()
+
+    def _claim(self, path: Path) -> Path:
+        for _, staged, _ in self._staged:
+            if same_path(path, staged):
+                raise OutputError(f"{path} would be written twice by one command: "
+                                  "give each output its own path")
+        return path
+
+
+@contextlib.contextmanager
+def transaction(within: Outputs | None = None, *, planned: Mapping[str, str | os.PathLike | None] = {},
+                inputs: Mapping[str, Paths] = {}) -> Iterator[Outputs]:
+    """One output transaction (:class:`Outputs`): committed when the block ends
+    without error, discarded otherwise. ``within`` an outer transaction, its
+    outputs join that one (which commits them with the rest)."""
+    if within is not None:
+        within.plan(planned, inputs)
+        yield within
+        return
+    outputs = Outputs(planned, inputs)
+    try:
+        yield outputs
+        outputs.commit()
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return path
+        outputs.discard()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` and move the result onto ``path``; nothing is left
+    on failure (a transaction of one file: :meth:`Outputs.write`)."""
+    with transaction() as outputs:
+        return outputs.write(path, write)
 
 
 def check_folder(path: str | os.PathLike) -> Path:
@@ -82,37 +230,37 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     renames); the old folder is then removed. On error nothing at ``path``
     changes and the temporary folder is removed. The new folder gets the mode
     of the folder it replaces, or 0777 less the umask. A symbolic link at
-    ``path`` is followed.
+    ``path`` is followed. (A transaction of one folder: :meth:`Outputs.folder`.)
     """
-    path = check_folder(path)
-    parent = path.parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {path}: folder {parent} does not exist")
-    tmp = _new_temp_dir(parent, path.name, _mode_of(path))
+    with transaction() as outputs:
+        tmp = outputs.folder(path)
+        try:
+            yield tmp
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Put the filled folder ``tmp`` in the place of ``path`` (the old folder, if
+    any, ends at ``tmp``, which the transaction then removes)."""
+    for file in tmp.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            _fsync(file)
+    _fsync_dir(tmp)
+    if not path.is_dir():
+        os.rename(tmp, path)
+        return
+    _carry_over(path, tmp)
+    if _exchange(tmp, path):
+        return
+    old = path.parent / f".{path.name}.{secrets.token_hex(6)}.old"
+    os.rename(path, old)
     try:
-        yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file() and not file.is_symlink():
-                _fsync(file)
-        _fsync_dir(tmp)
-        if path.is_dir():
-            _carry_over(path, tmp)
-            if not _exchange(tmp, path):
-                old = parent / f".{path.name}.{secrets.token_hex(6)}.old"
-                os.rename(path, old)
-                try:
-                    os.rename(tmp, path)
-                except OSError:
-                    os.rename(old, path)
-                    raise
-                os.rename(old, tmp)  # removed below
-        else:
-            os.rename(tmp, path)
-        _fsync_dir(parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.rename(tmp, path)
+    except OSError:
+        os.rename(old, path)
+        raise
+    os.rename(old, tmp)
 
 
 def _new_temp_dir(parent: Path, name: str, mode: int | None) -> Path:
@@ -212,11 +360,39 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def write_safetensors(path: str | os.PathLike, arrays: Mapping, meta: Mapping[str, str]) -> Path:
-    """A safetensors file of NumPy ``arrays`` with string metadata, written atomically."""
+@contextlib.contextmanager
+def captured_output(into: list[str]):
+    """Collect what the block prints, from Python or from native code writing to file
+    descriptors 1 and 2 (exporters' progress and C++ dumps, a Rust panic's report),
+    into the list ``into`` instead of showing it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        try:
+            for fd in saved:
+                os.dup2(sink.fileno(), fd)
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
+                try:
+                    yield
+                finally:
+                    into.append(out.getvalue())
+        finally:
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            into.append(sink.read().decode(errors="replace"))
+
+
+def write_safetensors(path: str | os.PathLike, arrays: Mapping, meta: Mapping[str, str],
+                      outputs: Outputs | None = None) -> Path:
+    """A safetensors file of NumPy ``arrays`` with string metadata, written atomically
+    (or staged in the transaction ``outputs``, which puts it in place with the rest)."""
     from safetensors.numpy import save_file
 
-    return atomic_write(path, lambda tmp: save_file(dict(arrays), tmp, metadata=dict(meta)))
+    with transaction(outputs) as staged:
+        return staged.write(path, lambda tmp: save_file(dict(arrays), tmp, metadata=dict(meta)))
 
 
 def read_safetensors(

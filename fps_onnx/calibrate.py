@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import logging
 import os
 from pathlib import Path
@@ -25,7 +25,7 @@ import onnx
 from . import providers
 from .data import DataConfig, iter_batches
 from .errors import DataError, FpsError, ModelError, NumericError, first_line
-from .onnx import decoder, external, graph
+from .onnx import decoder, external, graph, validate
 from .onnx.inputs import InputSpec
 from .onnx.load import graph_inputs, load_checked
 from .onnx.scope import ScopeConfig, in_scope
@@ -72,6 +72,15 @@ class Calibration:
     seconds: float
     model: onnx.ModelProto | None = None  # the graph, weights referenced in the file
     base_dir: str = ""  # folder its external weight references are relative to
+    refs: list[external.ExternalRef] = field(default_factory=list)  # its checked external data
+
+
+def find_sites(model: onnx.ModelProto, scope: ScopeConfig = ScopeConfig()) -> list[graph.WeightSite]:
+    """The selectable weights of ``model`` (:func:`fps_onnx.scope.in_scope`), each
+    checked against the statistic it is scored with (:func:`fps_onnx.validate.check_sites`)."""
+    sites = in_scope(model, graph.find_weights(model), scope)
+    validate.check_sites(model, sites)
+    return sites
 
 
 def calibrate(
@@ -82,21 +91,26 @@ def calibrate(
     on_batch: Callable[[int], None] | None = None,
     check_sites: Callable[[list[graph.WeightSite]], None] | None = None,
     scope: ScopeConfig = ScopeConfig(),
+    check_refs: Callable[[list[external.ExternalRef]], None] | None = None,
 ) -> Calibration:
     """Run the model over the data once and return the statistics of every weight input.
 
     ``check_sites(sites)`` runs before any data is read (to reject a budget
-    early); ``on_batch(n)`` after each batch of ``n`` samples (progress bars).
+    early), as does ``check_refs(refs)`` with the model's checked external-data
+    references (to refuse an output that would replace one); ``on_batch(n)``
+    after each batch of ``n`` samples (progress bars).
     """
     chosen = providers.resolve(config.provider)
     model, folder, refs = load_checked(model_path)
+    if check_refs is not None:
+        check_refs(refs)
     # Hash beside the rest of the set-up (hashlib releases the GIL); any error stops it.
     stop = threading.Event()
     hashing = ThreadPoolExecutor(1)
     sha_future = hashing.submit(external.model_sha256, model_path, refs, stop)
     hashing.shutdown(wait=False)
     try:
-        sites = in_scope(model, graph.find_weights(model), scope)
+        sites = find_sites(model, scope)
         if check_sites is not None:
             check_sites(sites)
         channels = {a: s.in_features for s in sites for a in s.activations}
@@ -158,7 +172,7 @@ def calibrate(
                 got = per_act[act]
                 acc.add(got.abs_sum, got.sq_sum, got.count)
             stats.weights[site.key] = acc
-        return Calibration(stats, sites, provider, seconds, model, folder)
+        return Calibration(stats, sites, provider, seconds, model, folder, refs)
     except BaseException:
         stop.set()
         raise
@@ -221,8 +235,7 @@ def _session(model: onnx.ModelProto, path: Path, folder: str, chosen: list[str],
     import onnxruntime as ort
 
     _check_runtime(ort.__version__)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = providers.session_options()
     # Run each reduction as soon as its input exists, so activations die early
     # and peak memory stays that of plain inference.
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED

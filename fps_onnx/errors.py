@@ -56,3 +56,25 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (third-party errors can run to pages)."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+#: Characters that would break a message into lines or rewrite the terminal:
+#: C0 and C1 controls (newline, carriage return, escape, ...), DEL, the Unicode
+#: line and paragraph separators, and the bidirectional overrides.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"})
+_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+                                            *range(0x2066, 0x206A), 0xFEFF)})
+
+
+def one_line(text: object) -> str:
+    """``text`` as exactly one line: every control character escaped (``\\n``,
+    ``\\x1b``, ``\\u2028``, ...), so a name read from a file cannot start a
+    second line of output or move the cursor."""
+    return str(text).strip().translate(_ESCAPES)
+
+
+def quoted(name: object) -> str:
+    """A name read from a file (weight, input, stats key, file name) as it
+    appears in a message: quoted, control characters escaped (``repr``)."""
+    return repr(str(name))

@@ -10,14 +10,14 @@ import math
 import os
 import threading
 
-from ._io import check_writable
-from .calibrate import CalibrationConfig, calibrate
+from ._io import Outputs, check_writable, listed_paths, transaction
+from .calibrate import CalibrationConfig, calibrate, find_sites
 from .data import DataConfig
-from .errors import BudgetError, DataError, StatsError
+from .errors import BudgetError, DataError, StatsError, quoted
 from .onnx import graph
 from .onnx.external import model_sha256
 from .onnx.load import load_checked
-from .onnx.scope import ScopeConfig, in_scope
+from .onnx.scope import ScopeConfig
 from .selection import maskfile
 from .selection.score import METHODS, Scratch, SelectConfig, check_shira, describe_budget, select_one
 from .stats import Stats, merge_all
@@ -43,7 +43,7 @@ def check_budget(sites: list[graph.WeightSite], config: SelectConfig) -> None:
     """Raise BudgetError now if the budget cannot be met by some weight."""
     for site in sites:
         config.keep(site.shape[0], math.prod(site.shape[1:]))
-        check_shira(config, site.shape, f"weight {site.key}")
+        check_shira(config, site.shape, f"weight {quoted(site.key)}")
 
 
 def run_select(
@@ -57,6 +57,7 @@ def run_select(
     stats_out: str | os.PathLike | None = None,
     on_batch: Callable[[int], None] | None = None,
     scope: ScopeConfig = ScopeConfig(),
+    outputs: Outputs | None = None,
 ) -> SelectResult:
     """FPS masks of every selectable weight of ``model_path``.
 
@@ -64,10 +65,27 @@ def run_select(
     files (``from_stats``: one, or several shards of the same model, merged).
     The sums the norm needs are always collected, plus ``calibration.statistics``;
     with ``stats_out`` both sums are collected and saved (or the merged shards
-    are), so any norm can be re-selected later.
+    are), so any norm can be re-selected later. The stats file is written only
+    once selection has succeeded, or staged in the transaction ``outputs`` (the
+    caller's, which writes the masks too); an output that is one of the inputs
+    (the model, its external data, the data, a stats file) is refused before
+    any work.
     """
     if stats_out is not None:
         check_writable(stats_out)
+    with transaction(outputs, planned={"--stats-out": stats_out}, inputs={
+        "the model": model_path, "the calibration data": data_path, "--from-stats": listed_paths(from_stats),
+    }) as staged:
+        result = _run_select(model_path, data_path, select_config, calibration, data_config,
+                             from_stats, stats_out, on_batch, scope, staged)
+        if stats_out is not None and result.stats.weights:
+            result.stats.save(stats_out, staged)
+        return result
+
+
+def _run_select(model_path, data_path, select_config, calibration, data_config, from_stats, stats_out,
+                on_batch, scope, outputs: Outputs) -> SelectResult:
+    external_data = "the model's external data"
     if select_config.method not in METHODS:
         raise BudgetError(f"method {select_config.method!r} needs a PyTorch model (fps_onnx.gps)")
     provider = seconds = None
@@ -88,20 +106,19 @@ def run_select(
         result = calibrate(
             model_path, data_path, calibration, data_config,
             on_batch=on_batch, check_sites=lambda s: check_budget(s, select_config), scope=scope,
+            check_refs=lambda refs: outputs.plan(inputs={external_data: [r.path for r in refs]}),
         )
         stats, sites, provider, seconds = result.stats, result.sites, result.provider, result.seconds
         model, base_dir = result.model, result.base_dir
     else:
         model, base_dir, refs = load_checked(model_path)
-        sites = in_scope(model, graph.find_weights(model), scope)
+        outputs.plan(inputs={external_data: [r.path for r in refs]})
+        sites = find_sites(model, scope)
         check_budget(sites, select_config)
         if needs_activations:
             stats = _load_shards(from_stats, model_path, sites, refs)
         else:
             stats = Stats(model_sha256(model_path, refs))
-    if stats_out is not None and stats.weights:
-        stats.save(stats_out)
-
     masks = _select_all(model, sites, stats, select_config, base_dir)
     meta: dict[str, object] = {
         "method": select_config.method,
@@ -121,7 +138,7 @@ def run_select(
 def _load_shards(from_stats, model_path, sites, refs) -> Stats:
     """The statistics of one stats file, or the merged shards of one calibration
     (``refs``: the model's checked external-data references, for its digest)."""
-    files = [from_stats] if isinstance(from_stats, (str, os.PathLike)) else list(from_stats)
+    files = listed_paths(from_stats)
     digest = model_sha256(model_path, refs)
     shards = []
     for file in files:
@@ -178,11 +195,13 @@ def select(
     scope: ScopeConfig = ScopeConfig(),
     torch_model: str | None = None,
     torch_checkpoint: str | os.PathLike | None = None,
+    outputs: Outputs | None = None,
 ) -> Selection:
     """The whole ``fps-onnx select``: :func:`run_select` on the ONNX ``model``, or, with
     ``select_config.method == "gps"``, the gradient baseline on the PyTorch SPEC ``model``
     and the labelled split ``data``. With ``torch_model`` (a SPEC) the FPS masks are keyed by
     that model's parameter names and ``scope``'s exclusions applied to them too.
+    ``--stats-out`` is staged in ``outputs`` (see :func:`run_select`).
     torch is imported only for gps or ``torch_model``."""
     gps = select_config.method == "gps"
     if data_config.shard is not None and gps:
@@ -199,7 +218,8 @@ def select(
                             max_samples=data_config.max_samples, on_batch=on_batch)
         return Selection(result.masks, result.samples, "torch", result.seconds)
     result = run_select(model, data, select_config, calibration, data_config,
-                        from_stats=from_stats, stats_out=stats_out, on_batch=on_batch, scope=scope)
+                        from_stats=from_stats, stats_out=stats_out, on_batch=on_batch, scope=scope,
+                        outputs=outputs)
     masks = result.masks
     if torch_model is not None:
         from .selection.exclude import drop_excluded

@@ -4,6 +4,12 @@
 and, asked for it there, logs a loud error and falls back to the CPU. So
 "auto" first checks for the CUDA driver, then creates a one-node session with
 ORT's logging silenced, and uses CUDA only if that session really runs on it.
+
+Every session fps-onnx makes takes its options from :func:`session_options`,
+which routes ONNX Runtime's own logging through ours: ORT writes its lines
+straight to stderr (``[E:onnxruntime:...]``, several lines, colour codes), so
+it is silenced unless fps-onnx logs at debug level (``fps-onnx -v``); its
+errors reach the user as the exception each failure raises, in one line.
 """
 
 from __future__ import annotations
@@ -23,6 +29,23 @@ CPU = "CPUExecutionProvider"
 
 class ProviderError(FpsError):
     """The requested execution provider cannot be used."""
+
+
+#: ONNX Runtime's severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal.
+_ORT_DEBUG, _ORT_QUIET = 2, 4
+
+
+def session_options():
+    """``onnxruntime.SessionOptions`` whose logging follows ours: ORT's warnings
+    and errors on stderr only when the ``fps_onnx`` logger is at debug level,
+    nothing otherwise (the process-wide default logger included)."""
+    import onnxruntime as ort
+
+    severity = _ORT_DEBUG if log.isEnabledFor(logging.DEBUG) else _ORT_QUIET
+    ort.set_default_logger_severity(severity)
+    options = ort.SessionOptions()
+    options.log_severity_level = severity
+    return options
 
 
 def resolve(choice: str) -> list[str]:
@@ -60,8 +83,7 @@ def cuda_unavailable() -> str | None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
+    options = session_options()
     try:
         session = ort.InferenceSession(
             model.SerializeToString(), options, providers=[CUDA, CPU]

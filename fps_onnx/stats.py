@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+import itertools
 import logging
 import os
-import re
 
 import numpy as np
 
-from ._io import read_safetensors, write_safetensors
+from ._io import Outputs, read_safetensors, write_safetensors
+from ._limits import INT64_MAX, MAX_SHARDS, whole_number
 from .errors import StatsError
 from .onnx.sites import SUMS
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "fps-stats"
 FORMAT_VERSION = "1"
+_MISSING_SHOWN = 5  # missing shards named in the warning
 
 
 @dataclass
@@ -107,12 +109,20 @@ class Stats:
             size = {np.shape(getattr(c, n)) for c in (mine, other.weights[key]) for n in mine.sums}
             if len(size) > 1:
                 raise StatsError(f"cannot merge statistics of {key} over different channel counts")
-        merged = Stats(self.model_sha256, num_samples=self.num_samples + other.num_samples)
+        num_samples = self.num_samples + other.num_samples
+        if num_samples > INT64_MAX:
+            raise StatsError(f"cannot merge statistics of {num_samples:,} samples in all: over {INT64_MAX:,}")
+        merged = Stats(self.model_sha256, num_samples=num_samples)
         for key, mine in self.weights.items():
             theirs = other.weights[key]
             acc = ChannelStats()
             acc.add(mine.abs_sum, mine.sq_sum, mine.count)
             acc.add(theirs.abs_sum, theirs.sq_sum, theirs.count)
+            if acc.count > INT64_MAX:
+                raise StatsError(f"cannot merge the statistics of {key}: their counts add up to "
+                                 f"{acc.count:,} rows, over {INT64_MAX:,}")
+            if not all(np.all(np.isfinite(getattr(acc, n))) for n in acc.sums):
+                raise StatsError(f"cannot merge the statistics of {key}: their sums add up past float64")
             merged.weights[key] = acc
         return merged
 
@@ -132,8 +142,8 @@ class Stats:
         if missing:
             raise StatsError(f"{source} has no statistics for {missing[0]}")
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the stats file atomically."""
+    def save(self, path: str | os.PathLike, outputs: Outputs | None = None) -> None:
+        """Write the stats file atomically (or stage it in the transaction ``outputs``)."""
         for key, c in self.weights.items():
             if c.count < 1:
                 raise StatsError(no_rows(key))
@@ -154,7 +164,7 @@ class Stats:
             meta["shard"] = "/".join(map(str, self.shard))
         if self.batch_size is not None:
             meta["batch_size"] = str(self.batch_size)
-        write_safetensors(path, tensors, meta)
+        write_safetensors(path, tensors, meta, outputs)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Stats:
@@ -163,22 +173,15 @@ class Stats:
         sha = meta.get("model_sha256")
         if not sha:
             raise StatsError(f"{path}: metadata 'model_sha256' is missing")
-        num_samples = meta.get("num_samples", "")
-        if not re.fullmatch(r"[0-9]+", num_samples) or int(num_samples) < 1:
-            raise StatsError(f"{path}: metadata 'num_samples' must be an integer >= 1, "
-                             f"not {num_samples!r}")
-        stats = cls(sha, num_samples=int(num_samples))
+        stats = cls(sha, num_samples=whole_number(meta.get("num_samples", ""), f"{path}: metadata 'num_samples'",
+                                                  StatsError, 1))
         if "shard" in meta:
-            shard = re.fullmatch(r"([0-9]{1,9})/([0-9]{1,9})", meta["shard"])
-            if not shard or not 0 <= int(shard[1]) < int(shard[2]):
-                raise StatsError(f"{path}: metadata 'shard' must be K/N with 0 <= K < N, "
-                                 f"not {meta['shard']!r}")
-            stats.shard = (int(shard[1]), int(shard[2]))
+            k, _, n = meta["shard"].partition("/")
+            where = f"{path}: metadata 'shard' (K/N)"
+            n = whole_number(n, f"{where}: N", StatsError, 1, MAX_SHARDS)
+            stats.shard = (whole_number(k, f"{where}: K", StatsError, 0, n - 1), n)
         if "batch_size" in meta:
-            if not re.fullmatch(r"[0-9]{1,9}", meta["batch_size"]) or int(meta["batch_size"]) < 1:
-                raise StatsError(f"{path}: metadata 'batch_size' must be an integer >= 1, "
-                                 f"not {meta['batch_size']!r}")
-            stats.batch_size = int(meta["batch_size"])
+            stats.batch_size = whole_number(meta["batch_size"], f"{path}: metadata 'batch_size'", StatsError, 1)
         for name, value in tensors.items():
             key, _, stat = name.rpartition(":")
             if not key or stat not in ("count", *SUMS):
@@ -230,10 +233,7 @@ def _sum(value: np.ndarray, what: str) -> np.ndarray:
 def _count(value: np.ndarray, what: str) -> int:
     if value.dtype != np.int64 or value.shape not in ((), (1,)):
         raise StatsError(f"{what} must be one int64 count, not {value.dtype} {list(value.shape)}")
-    count = int(value.reshape(-1)[0])
-    if count < 1:
-        raise StatsError(f"{what} is {count}, a count must be at least 1")
-    return count
+    return whole_number(value.reshape(-1)[0], what, StatsError, 1)
 
 
 def merge_all(stats: Iterable[Stats], sources: Sequence[object] | None = None) -> Stats:
@@ -247,7 +247,7 @@ def merge_all(stats: Iterable[Stats], sources: Sequence[object] | None = None) -
     missing = _check_shards(stats, sources)
     if missing and len(stats) > 1:
         log.warning("shard %s not among the statistics merged: they cover part of the data",
-                    ", ".join(missing[:5]) + " ..." * (len(missing) > 5))
+                    ", ".join(missing[:_MISSING_SHOWN]) + " ..." * (len(missing) > _MISSING_SHOWN))
     total = stats[0]
     for shard in stats[1:]:
         total = total.merge(shard)
@@ -256,7 +256,7 @@ def merge_all(stats: Iterable[Stats], sources: Sequence[object] | None = None) -
 
 def _check_shards(stats: Sequence[Stats], sources: Sequence[object]) -> list[str]:
     """Raise StatsError unless the shards among ``stats`` can be parts of one run:
-    distinct K, one N, one batch size. Returns the shards ("K/N") not among them."""
+    distinct K, one N, one batch size. Returns the first few shards ("K/N") not among them."""
     seen: dict[tuple[int, int], object] = {}
     first: tuple[Stats, object] | None = None
     for s, source in zip(stats, sources):
@@ -281,5 +281,6 @@ def _check_shards(stats: Sequence[Stats], sources: Sequence[object]) -> list[str
     if first is None:
         return []
     n = first[0].shard[1]
-    return [f"{k}/{n}" for k in range(n) if (k, n) not in seen]
+    missing = (f"{k}/{n}" for k in range(n) if (k, n) not in seen)  # N comes from a file: never listed whole
+    return list(itertools.islice(missing, _MISSING_SHOWN + 1))
 

@@ -197,5 +197,27 @@ def test_shira_budget_is_checked_before_any_data_is_read(chain, tmp_path):
     out = tmp_path / "m.safetensors"
     result = invoke("select", model, bad, "-o", out, "--shira-r", "3")
     assert result.exit_code == 1
-    assert "--shira-r 3: weight w1 [5, 6] has 30 entries, fewer than r*(in+out) = 33" in result.stderr
+    assert "--shira-r 3: weight 'w1' [5, 6] has 30 entries, fewer than r*(in+out) = 33" in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), str(2**64), "-" + str(2**63)])
+def test_seeds_out_of_range_are_one_line_on_every_command(chain, tmp_path, seed):
+    model, data = chain
+    out = tmp_path / "o" / "masks.safetensors"
+    message = f"Error: the seed must be a whole number from 0 to 4,294,967,295, not {seed}"
+    for args in (["select", model, data, "-o", out, "--method", "random", "--seed", seed],
+                 ["train", "--model", "none.py:build", "--masks", out, "--train", data, "-o", out.parent,
+                  "--seed", seed]):
+        result = invoke(*args)
+        assert result.exit_code == 1, result.output
+        assert result.stderr.strip().splitlines() == [message], result.stderr
+        assert "Traceback" not in result.output and not out.parent.exists()
+
+
+def test_the_largest_seed_selects(chain, tmp_path):
+    model, data = chain
+    out = tmp_path / "masks.safetensors"
+    result = invoke("select", model, data, "-o", out, "--method", "random", "--seed", str(2**32 - 1), "-q")
+    assert result.exit_code == 0, result.output
+    assert MaskFile.load(out).meta["seed"] == str(2**32 - 1)

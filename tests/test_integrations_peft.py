@@ -73,7 +73,7 @@ def test_select_shira_r_writes_r_times_in_plus_out_per_weight(chain, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--shira-r", "3"), r"Error: --shira-r 3: weight w[12] \[\d, \d\] has \d+ entries, fewer than r\*\(in\+out\)"),
+    (("--shira-r", "3"), r"Error: --shira-r 3: weight 'w[12]' \[\d, \d\] has \d+ entries, fewer than r\*\(in\+out\)"),
     (("--shira-r", "1", "--level", "neuron"), "Error: --shira-r selects per tensor"),
     (("--shira-r", "1", "--per-neuron", "2"), "Error: give one budget"),
 ])
@@ -97,7 +97,7 @@ def test_select_shira_r_names_a_conv_weight(tmp_path):
     path.write_bytes(conv.SerializeToString())
     result = invoke("select", path, "-o", tmp_path / "m.safetensors", "--method", "magnitude", "--shira-r", "1")
     assert result.exit_code == 1
-    assert "Error: --shira-r: weight cw [4, 2, 3, 3] is a Conv weight" in result.stderr
+    assert "Error: --shira-r: weight 'cw' [4, 2, 3, 3] is a Conv weight" in result.stderr
     assert not (tmp_path / "m.safetensors").exists()
 
 

@@ -192,3 +192,45 @@ def test_a_reexported_model_and_its_data_change_as_a_pair(tmp_path, monkeypatch)
     export_first(out)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
     np.testing.assert_allclose(_run(out, x), want_first, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- transactions and clashes
+
+
+def test_a_transaction_writes_all_its_outputs_or_none(tmp_path):
+    (tmp_path / "b").write_text("old b")
+    with pytest.raises(RuntimeError, match="late"):
+        with _io.transaction() as outputs:
+            outputs.write(tmp_path / "a", _plain("new a"))
+            outputs.write(tmp_path / "b", _plain("new b"))
+            assert len(os.listdir(tmp_path)) == 3  # staged beside their targets
+            raise RuntimeError("late failure")
+    assert os.listdir(tmp_path) == ["b"] and (tmp_path / "b").read_text() == "old b"
+    (tmp_path / "stale").write_text("x")
+    with _io.transaction() as outputs:
+        outputs.write(tmp_path / "a", _plain("new a"))
+        folder = outputs.folder(tmp_path / "run")
+        (folder / "f").write_text("f")
+        outputs.remove(tmp_path / "stale")
+        assert not (tmp_path / "a").exists()
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "run"] and (tmp_path / "run" / "f").read_text() == "f"
+
+
+def test_a_transaction_refuses_one_target_twice_and_outputs_that_are_inputs(tmp_path):
+    (tmp_path / "in").write_text("input")
+    os.link(tmp_path / "in", tmp_path / "hard")
+    os.symlink(tmp_path / "in", tmp_path / "soft")
+    (tmp_path / "x").mkdir()
+    with pytest.raises(OutputError, match="written twice"):
+        with _io.transaction() as outputs:
+            outputs.write(tmp_path / "out", _plain("1"))
+            outputs.write(tmp_path / "x" / ".." / "out", _plain("2"))
+    for alias in ("hard", "soft", "x/../in"):
+        with pytest.raises(OutputError, match="same file as the input"):
+            _io.transaction(planned={"-o": tmp_path / alias}, inputs={"the input": [tmp_path / "in"]}).__enter__()
+    with pytest.raises(OutputError, match="same file as -o"):
+        _io.check_clashes({"-o": tmp_path / "out", "--stats-out": tmp_path / "." / "out"})
+    with _io.transaction(planned={"-o": tmp_path / "out"}) as outputs:
+        with pytest.raises(OutputError, match="same file as data"):
+            outputs.plan(inputs={"data": tmp_path / "out"})
+    assert sorted(os.listdir(tmp_path)) == ["hard", "in", "soft", "x"]

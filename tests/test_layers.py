@@ -20,6 +20,7 @@ LAYERS = {
     "fps_onnx.errors": 0,
     "fps_onnx._io": 0,
     "fps_onnx._version": 0,
+    "fps_onnx._limits": 0,
     # 1 ONNX: loading, external data, site types, op rules, the statistics rewrite, decoder, scope
     "fps_onnx.onnx": 1,
     # 2 data readers: arrays, images, text

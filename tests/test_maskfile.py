@@ -115,6 +115,25 @@ FORGED = [
     (dict(tensors={"W": _entry(torch_transposed="yes")}), "torch_transposed of 'W' must be true or false"),
     (dict(tensors={"W": _entry(tied_onnx_initializers="a")}), "tied_onnx_initializers of 'W' must be a list"),
     (dict(tensors={"W": _entry(torch_aliases=[1])}), "torch_aliases of 'W' must be a list of strings"),
+    # JSON within limits: depth, size, integer digits, and what a message may repeat of it
+    (dict(tensors="[" * 100_000 + "]" * 100_000), "metadata 'tensors' nests arrays and objects deeper than 100"),
+    (dict(tensors='{"W": ' * 10_000 + "{}" + "}" * 10_000), "metadata 'tensors' nests arrays and objects deeper"),
+    (dict(tensors='{"W": {"shape": [' + "3" * 5000 + ', 4], "selected": 3}}'),
+     "metadata 'tensors' holds an integer of 5,000 digits"),
+    (dict(tensors='{"W": {"shape": [3, 4], "selected": ' + "-" + "9" * 41 + "}}"),
+     "metadata 'tensors' holds an integer of 41 digits"),
+    (dict(tensors='{"W": {"shape": [3, 4], "selected": 1e400}}'), "metadata 'tensors' holds a number beyond float64"),
+    (dict(tensors={"W": _entry(selected=10**39)}), "selected of 'W' is 1000000000000000000000000000000000000000, "),
+    (dict(tensors={"W": _entry(shape=[0] * 200_000)}),
+     r"shape of 'W' is \[0, 0, 0, .*\.\.\. \(600,000 characters\), the mask's \[3, 4\]"),
+    (dict(tensors={"W": _entry(), "V" * 1_000_000: _entry()}),
+     r"describes 'VVVV.*'\.\.\. \(1,000,000 characters\), which is not a mask"),
+    (dict(tensors='{"W": {"shape": [3, 4], "selected": 3, "pad": "' + "x" * (16 << 20) + '"}}'),
+     "metadata 'tensors' is larger than 16,777,216 characters"),
+    (dict(budget="[" * 100_000), "metadata 'budget' nests arrays and objects deeper than 100 levels"),
+    (dict(budget='{"per_neuron": ' + "1" * 5000 + "}"), "metadata 'budget' holds an integer of 5,000 digits"),
+    (dict(budget="[1]"), "metadata 'budget' must be a JSON object"),
+    (dict(budget="{per_neuron: 1}"), "metadata 'budget' is not JSON"),
     (dict(masks={"W": _mask().astype(np.uint8)}), "mask 'W' is uint8, not bool"),
     (dict(format_version="2"), "has mask format version 2, this fps-onnx reads 1"),
 ]
@@ -206,3 +225,25 @@ def test_a_valid_forged_mask_file_maps(tmp_path):
                                        "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert maskfile.MaskFile.load(out).tensors["0.weight"]["torch_name"] == "0.weight"
+
+
+@pytest.mark.parametrize("kwargs, message", [case for case in FORGED if "budget" in case[0] or (
+    isinstance(case[0].get("tensors"), str) and len(case[0]["tensors"]) > 1000)])
+def test_forged_metadata_fails_inspect_and_diff_with_one_line(tmp_path, kwargs, message):
+    import re
+    import time
+
+    from click.testing import CliRunner
+
+    from fps_onnx.cli.main import main
+
+    bad = _write(tmp_path / "bad.safetensors", **kwargs)
+    good = _write(tmp_path / "good.safetensors", budget='{"per_neuron": 1}')
+    for args in (["inspect", bad], ["inspect", bad, "--json"], ["diff", good, bad], ["diff", bad, good]):
+        start = time.monotonic()
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1, result.output
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and re.search(message, lines[0]), result.stderr
+        assert result.stdout == "" and "Traceback" not in result.output
+        assert time.monotonic() - start < 10

@@ -62,7 +62,8 @@ def test_model_building_has_one_home():
     """Every torch-side module builds models through torch.models (layering: test_layers.py)."""
     found = modules(PACKAGE.parent, "fps_onnx")
     uses = {name: imports(name, path, is_pkg, set(found)) for name, (path, is_pkg) in found.items()}
-    assert uses["fps_onnx.torch.models"] <= {"fps_onnx.errors", "fps_onnx.selection.maskfile"}
+    assert uses["fps_onnx.torch.models"] <= {"fps_onnx.errors", "fps_onnx.selection.maskfile", "fps_onnx.torch.hf"}
+    assert uses["fps_onnx.torch.hf"] <= {"fps_onnx.errors", "fps_onnx.onnx.external", "fps_onnx._limits"}
     assert "fps_onnx.torch.export" not in uses["fps_onnx.torch.mapping"]
     for user in ("export", "mapping", "gps", "train.run", "train.loop"):
         assert "fps_onnx.torch.models" in uses[f"fps_onnx.torch.{user}"], user
@@ -72,6 +73,14 @@ def test_model_building_has_one_home():
                for name, (path, _) in found.items()}
     for func in ("build_model", "build_for_data", "check_spec", "load_checkpoint", "_hf", "_timm"):
         assert [m for m, names in defined.items() if func in names] == ["fps_onnx.torch.models"], func
+
+
+def test_transformers_reads_model_folders_in_one_place():
+    """Every from_pretrained goes through fps_onnx.hf (trust_remote_code=False, the folder checked)."""
+    files = list(PACKAGE.rglob("*.py"))
+    callers = {p.name for p in files if "from_pretrained(" in p.read_text()}
+    assert callers == {"hf.py"}, callers
+    assert "trust_remote_code\": False" in (PACKAGE / "torch" / "hf.py").read_text()
 
 
 # --------------------------------------------------------------------------- hf task models

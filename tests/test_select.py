@@ -180,10 +180,10 @@ def test_select_one_with_reused_work_arrays_keeps_the_documented_order(method, l
 def test_a_non_finite_weight_is_named_even_where_its_score_is_nan(method):
     w = np.ones((3, 4), np.float32)
     w[0, 1] = np.inf  # its activation is 0: its score is inf * 0 = NaN
-    with pytest.raises(NumericError, match="weight w holds NaN or Inf"):
+    with pytest.raises(NumericError, match="weight 'w' holds NaN or Inf"):
         select_one(w, linear_site(), _stats([1.0, 0.0, 1.0, 1.0]), SelectConfig(method=method), Scratch())
-    with pytest.raises(NumericError, match="weight w holds NaN or Inf"):  # before missing statistics
+    with pytest.raises(NumericError, match="weight 'w' holds NaN or Inf"):  # before missing statistics
         select_one(w, linear_site(), None, SelectConfig(method=method))
-    with pytest.raises(NumericError, match="scores of weight w are not finite"):
+    with pytest.raises(NumericError, match="scores of weight 'w' are not finite"):
         select_one(np.ones((3, 4), np.float32), linear_site(), _stats([1.0, np.nan, 1.0, 1.0]),
                    SelectConfig(method="fps"), Scratch())

@@ -259,7 +259,15 @@ def test_a_missing_shard_is_logged_and_a_single_shard_keeps_its_shard(tmp_path, 
 
 @pytest.mark.parametrize("value, message", [
     ("3/3", r"--shard 3/3: K counts from 0, so shard K of 3 is one of 0..2"),
-    ("1/0", r"--shard 1/0: N, the number of shards, must be at least 1"),
+    ("1/0", r"--shard 1/0: N, the number of shards, must be a whole number from 1 to 1,000,000, not '0'"),
+    ("0/" + "1" + "0" * 20, r"--shard 0/100000000000000000000: N, the number of shards, must be a whole number "
+                            r"from 1 to 1,000,000"),
+    ("0/1000001", r"--shard 0/1000001: N, the number of shards, must be a whole number from 1 to 1,000,000"),
+    ("0/" + "9" * 5000, r"--shard 0/9999.*\.\.\. \(5,000 characters\): N, the number of shards, must be"),
+    ("9" * 5000 + "/3", r"--shard 9999.*: K counts from 0, so shard K of 3 is one of 0..2"),
+    ("00000000004/4", r"--shard 00000000004/4: K counts from 0, so shard K of 4 is one of 0..3"),
+    ("0/2\nError: forged", r"--shard must be K/N, two whole numbers .*not '0/2\\nError: forged'"),
+    ("٣/٤", r"--shard must be K/N, two whole numbers"),
     ("a/b", r"--shard must be K/N, two whole numbers .*not 'a/b'"),
     ("-1/2", r"--shard must be K/N"),
     ("2", r"--shard must be K/N"),
@@ -291,6 +299,11 @@ def test_shard_parsing_and_forged_shard_metadata(tmp_path):
     assert DataConfig(shard="1/3").shard == (1, 3) and DataConfig(shard=(0, 1)).shard == (0, 1)
     assert DataConfig().shard is None
     assert parse_shard(" 2 / 5 ") == (2, 5)
+    assert parse_shard("0001/0004") == (1, 4) and parse_shard("999999/1000000") == (999_999, 1_000_000)
+    assert parse_shard((np.int64(3), 10**6)) == (3, 10**6)
+    for huge in ((0, 10**6 + 1), (10**5000, 3), (0, 10**5000)):
+        with pytest.raises(DataError, match="--shard "):
+            parse_shard(huge)
     for bad in ((1, 2, 3), (True, 2), (0.0, 2), "1/3/4"):
         with pytest.raises(DataError, match="--shard must be K/N"):
             DataConfig(shard=bad)
@@ -298,8 +311,9 @@ def test_shard_parsing_and_forged_shard_metadata(tmp_path):
     (part,) = shard_runs(model, folder, tmp_path, 1)
     stats = Stats.load(part)
     assert stats.shard == (0, 1) and stats.batch_size == 32
-    for shard, batch, message in (((3, 3), 4, "'shard' must be K/N with 0 <= K < N, not '3/3'"),
-                                  ((0, 2), 0, "'batch_size' must be an integer >= 1, not '0'")):
+    for shard, batch, message in (((3, 3), 4, "'shard' (K/N): K must be a whole number from 0 to 2, not '3'"),
+                                  ((0, 2), 0, "'batch_size' must be a whole number from 1 to "
+                                              "9,223,372,036,854,775,807, not '0'")):
         stats.shard, stats.batch_size = shard, batch
         stats.save(tmp_path / "forged.safetensors")
         with pytest.raises(StatsError, match=re.escape(message)):

@@ -104,8 +104,8 @@ FORGED = [
     (_set("w1:sq_sum", np.array([1, np.nan, 1, 1, 1, 1.0])), "w1:sq_sum holds NaN or Inf"),
     (_set("w1:abs_sum", np.ones(6, np.float32)), "w1:abs_sum must be a non-empty 1-D float64"),
     (_set("w1:abs_sum", np.ones((2, 3))), r"w1:abs_sum must be a non-empty 1-D float64 vector, not float64 \[2, 3\]"),
-    (_set("w1:count", np.array([-3], np.int64)), "w1:count is -3, a count must be at least 1"),
-    (_set("w1:count", np.array([0], np.int64)), "w1:count is 0"),
+    (_set("w1:count", np.array([-3], np.int64)), "w1:count must be a whole number from 1 to 9,223,372,036,854,775,807, not -3"),
+    (_set("w1:count", np.array([0], np.int64)), "w1:count must be a whole number from 1 to 9,223,372,036,854,775,807, not 0"),
     (_set("w1:count", np.array([], np.int64)), r"w1:count must be one int64 count, not int64 \[0\]"),
     (_set("w1:count", np.array([2, 3], np.int64)), "w1:count must be one int64 count"),
     (_set("w1:count", np.array([2.0])), "w1:count must be one int64 count, not float64"),
@@ -114,10 +114,23 @@ FORGED = [
     (_drop("w2:count"), "w2 has no count"),
     (lambda t, m: [t.pop("w2:abs_sum"), t.pop("w2:sq_sum")], "w2 has a count but no sums"),
     (_drop("w2:sq_sum"), "some weights hold abs_sum and sq_sum, w2 holds abs_sum"),
-    (_meta("num_samples", "abc"), "'num_samples' must be an integer >= 1, not 'abc'"),
-    (_meta("num_samples", "0"), "'num_samples' must be an integer >= 1"),
-    (_meta("num_samples", "-4"), "'num_samples' must be an integer >= 1"),
-    (lambda t, m: m.pop("num_samples"), "'num_samples' must be an integer >= 1, not ''"),
+    (_meta("num_samples", "abc"), "'num_samples' must be a whole number from 1 to 9,223,372,036,854,775,807, not 'abc'"),
+    (_meta("num_samples", "0"), "'num_samples' must be a whole number from 1 to 9,223,372,036,854,775,807, not '0'"),
+    (_meta("num_samples", "-4"), "'num_samples' must be a whole number from 1 to 9,223,372,036,854,775,807, not '-4'"),
+    (lambda t, m: m.pop("num_samples"), "'num_samples' must be a whole number from 1 to 9,223,372,036,854,775,807, not ''"),
+    (_meta("num_samples", "9" * 5000), r"'num_samples' must be a whole number from 1 to 9,223,372,036,854,775,807, not '9999.*'\.\.\. \(5,000 characters\)"),
+    (_meta("num_samples", str(2**63)), "'num_samples' must be a whole number from 1 to 9,223,372,036,854,775,807, not '9223372036854775808'"),
+    (_meta("num_samples", " 20"), "'num_samples' must be a whole number from 1 to 9,223,372,036,854,775,807, not ' 20'"),
+    (_meta("num_samples", "２０"), "'num_samples' must be a whole number from 1 to 9,223,372,036,854,775,807, not '２０'"),  # full-width digits: int() takes them
+    (_meta("shard", "0/999999999"), r"'shard' \(K/N\): N must be a whole number from 1 to 1,000,000, not '999999999'"),
+    (_meta("shard", "0/" + "9" * 5000), r"'shard' \(K/N\): N must be a whole number from 1 to 1,000,000, not '9999"),
+    (_meta("shard", "3/3"), r"'shard' \(K/N\): K must be a whole number from 0 to 2, not '3'"),
+    (_meta("shard", "-1/3"), r"'shard' \(K/N\): K must be a whole number from 0 to 2, not '-1'"),
+    (_meta("shard", "1/0"), r"'shard' \(K/N\): N must be a whole number from 1 to 1,000,000, not '0'"),
+    (_meta("shard", "1"), r"'shard' \(K/N\): N must be a whole number from 1 to 1,000,000, not ''"),
+    (_meta("shard", "1/2\nError: forged"), r"'shard' \(K/N\): N must be .*not '2\\nError: forged'"),
+    (_meta("batch_size", "1" * 30), "'batch_size' must be a whole number from 1 to 9,223,372,036,854,775,807, not '1111"),
+    (_meta("batch_size", "0"), "'batch_size' must be a whole number from 1 to 9,223,372,036,854,775,807, not '0'"),
     (lambda t, m: m.pop("model_sha256"), "'model_sha256' is missing"),
     (_meta("format_version", "2"), "has statistics format version 2"),
 ]
@@ -233,3 +246,76 @@ def test_shards_with_different_sums_fail_select_with_one_line(tmp_path, chain_mo
     result = _select(chain_model, "-o", out, "--from-stats", a, "--from-stats", b, "--stats-out", merged)
     _fails_with_one_line(result, r"cannot merge .*a.safetensors \(abs_sum\) with .*b.safetensors \(sq_sum\)", out)
     assert not merged.exists()
+
+
+# --------------------------------------------------------------------------- numbers in range
+
+
+def _one_line(result, message, *outputs, seconds=20.0, took=0.0):
+    """Exit 1, stderr exactly one ``Error:`` line matching ``message``, no output, in bounded time."""
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert "Traceback" not in result.output
+    assert not any(p.exists() for p in outputs)
+    assert took < seconds
+
+
+def _timed_select(*args):
+    import time
+
+    start = time.monotonic()
+    result = _select(*args)
+    return result, time.monotonic() - start
+
+
+@pytest.mark.parametrize("shards", [("0/999999999", "1/999999999"), ("0/1000001", "5/1000001"),
+                                    ("0/" + "9" * 400, "1/" + "9" * 400)])
+def test_shard_counts_past_the_limit_are_refused_before_anything_is_sized(tmp_path, chain_model, shards):
+    sha = model_sha256(chain_model)
+    files = [_forge(tmp_path / f"{i}.safetensors", _meta("shard", s), sha) for i, s in enumerate(shards)]
+    out = tmp_path / "m.safetensors"
+    result, took = _timed_select(chain_model, "-o", out, "-q", *[a for f in files for a in ("--from-stats", f)])
+    _one_line(result, r"0\.safetensors: metadata 'shard' \(K/N\): N must be a whole number from 1 to 1,000,000",
+              out, took=took)
+
+
+def test_shards_at_the_limit_merge_in_bounded_time(tmp_path, chain_model, caplog):
+    sha = model_sha256(chain_model)
+    files = [_forge(tmp_path / f"{k}.safetensors",
+                    lambda t, m, k=k: m.update(shard=f"{k}/1000000", batch_size="4"), sha)
+             for k in (0, 999_999)]
+    out = tmp_path / "m.safetensors"
+    result, took = _timed_select(chain_model, "-o", out, "-q", *[a for f in files for a in ("--from-stats", f)])
+    assert result.exit_code == 0, result.output
+    assert "shard 1/1000000, 2/1000000, 3/1000000, 4/1000000, 5/1000000 ... not among" in result.stderr
+    assert took < 20
+    loaded = Stats.load(files[0])
+    assert loaded.shard == (0, 1_000_000) and loaded.batch_size == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set("w1:count", np.array([2**63 - 1], np.int64)),
+     r"cannot merge the statistics of w1: their counts add up to 18,446,744,073,709,551,614 rows"),
+    (_meta("num_samples", str(2**63 - 1)), r"cannot merge statistics of 18,446,744,073,709,551,614 samples"),
+    (_set("w2:sq_sum", np.full(5, 1e308)), r"cannot merge the statistics of w2: their sums add up past float64"),
+])
+def test_merges_that_overflow_are_refused(tmp_path, chain_model, change, message):
+    sha = model_sha256(chain_model)
+    a, b = (_forge(tmp_path / f"{n}.safetensors", change, sha) for n in "ab")
+    out, merged = tmp_path / "m.safetensors", tmp_path / "merged.safetensors"
+    result, took = _timed_select(chain_model, "-o", out, "--from-stats", a, "--from-stats", b,
+                                 "--stats-out", merged)
+    _one_line(result, message, out, merged, took=took)
+    with pytest.raises(StatsError, match=message):
+        merge_all([Stats.load(a), Stats.load(b)])
+
+
+def test_counts_near_the_limit_load_and_merge_below_it(tmp_path):
+    half = 2**62
+    a, b = (_forge(tmp_path / f"{n}.safetensors", _set("w1:count", np.array([half], np.int64))) for n in "ab")
+    with pytest.raises(StatsError, match="counts add up to 9,223,372,036,854,775,808"):
+        merge_all([Stats.load(a), Stats.load(b)])
+    c = _forge(tmp_path / "c.safetensors", _set("w1:count", np.array([half - 1], np.int64)))
+    assert merge_all([Stats.load(a), Stats.load(c)]).weights["w1"].count == 2**63 - 1

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
+import subprocess
+import sys
 
 from click.testing import CliRunner
 import numpy as np
@@ -207,10 +211,18 @@ def test_cli_jsonl_with_text_field_tokenizer_and_token_type_ids(tmp_path):
 
 BAD = {
     "empty": ("a.txt", "\n  \n\n", (), r"a.txt holds no text \(every line is blank\)"),
-    "not json": ("a.jsonl", '{"text": "cat"}\n\n{"text": \n', (), r"a.jsonl:3: not a JSON line"),
+    "not json": ("a.jsonl", '{"text": "cat"}\n\n{"text": \n', (), r"a.jsonl:3: the line is not JSON"),
     "no field": ("a.jsonl", '{"text": "cat"}\n{"body": "cat"}\n', (), r"a.jsonl:2: no text field 'text' \(name another with --text-field NAME\)"),
     "field type": ("a.jsonl", '{"body": 3}\n', ("--text-field", "body"), r"a.jsonl:1: no text field 'body'"),
     "max length 0": ("a.txt", "cat\n", ("--max-length", "0"), "--max-length must be at least 1, not 0"),
+    "json nested 10k deep": ("a.jsonl", '{"text": "cat"}\n' + "[" * 10_000 + "]" * 10_000 + "\n", (),
+                             r"a.jsonl:2: the line nests arrays and objects deeper than 100 levels"),
+    "json nested 100k deep, unclosed": ("a.jsonl", "{\"a\": " * 100_000 + "\n", (),
+                                        r"a.jsonl:1: the line nests arrays and objects deeper than 100 levels"),
+    "json of 5,000 digits": ("a.jsonl", '{"text": "cat", "n": ' + "7" * 5000 + "}\n", (),
+                             r"a.jsonl:1: the line holds an integer of 5,000 digits \(at most 40\)"),
+    "json NaN": ("a.jsonl", '{"text": "cat", "n": NaN}\n', (), r"a.jsonl:1: the line holds NaN, which is not"),
+    "json 1e999": ("a.jsonl", '{"text": "cat", "n": -1e999}\n', (), r"a.jsonl:1: the line holds a number beyond"),
 }
 
 
@@ -240,18 +252,59 @@ def bad_setup(case, folder):
     if case == "unreadable tokenizer":
         (folder / "tokenizer.json").write_text('{"model": ')
         return (), r"cannot read tokenizer .*tokenizer.json: "
+    if case.startswith("panicking tokenizer"):
+        # a malformed normalizer table makes the Rust code panic (PanicException, a BaseException)
+        # as the file is read, or only when it normalizes text
+        table = b"\xff\xff\xff\x7f" + bytes(8) if case.endswith("read") else b"\x08\0\0\0" + b"\xff" * 8 + b"abc"
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        spec["normalizer"] = {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(table).decode()}
+        (folder / "tokenizer.json").write_text(json.dumps(spec))
+        what = "cannot read tokenizer .*tokenizer.json" if case.endswith("read") else "a.txt: cannot tokenize lines 1-1"
+        return (), what + ": the tokenizers library failed on it"
     if case == "beyond positions":
         (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 16}))
         return ("--max-length", "17"), "--max-length 17 is beyond the model's 16 positions"
     if case == "beyond context":
         (folder / "genai_config.json").write_text(json.dumps({"model": {"context_length": 8}}))
         return ("--max-length", "9"), "--max-length 9 is beyond the model's 8 positions"
+    if case == "config.json nested 100k deep":
+        (folder / "config.json").write_text("[" * 100_000)
+        return (), r"config.json nests arrays and objects deeper than 100 levels"
+    if case == "config.json with a 5,000-digit length":
+        (folder / "config.json").write_text('{"max_position_embeddings": ' + "1" * 5000 + "}")
+        return (), r"config.json holds an integer of 5,000 digits"
+    if case == "config.json with a negative length":
+        (folder / "config.json").write_text('{"n_positions": -3}')
+        return (), r"config.json: n_positions must be a whole number from 1 to 9,223,372,036,854,775,807, not -3"
+    if case == "config.json past int64":
+        (folder / "config.json").write_text('{"n_positions": ' + str(2**64) + "}")
+        return (), r"config.json: n_positions must be a whole number from 1 to .*, not 18446744073709551616"
+    if case == "genai_config.json nested 10k deep":
+        (folder / "genai_config.json").write_text('{"model": ' + '{"a": ' * 10_000 + "1" + "}" * 10_001)
+        return (), r"genai_config.json nests arrays and objects deeper than 100 levels"
+    if case == "config.json too large":
+        (folder / "config.json").write_text('{"a": "' + "x" * (16 << 20) + '"}')
+        return (), r"config.json is larger than 16,777,216 characters"
+    if case == "config.json is a FIFO":
+        os.mkfifo(folder / "config.json")
+        return (), r"config.json is a FIFO, not a regular file"
+    if case in ("tokenizer_config.json nested 100k deep", "special_tokens_map.json with 5,000 digits"):
+        save_tokenizer(folder)  # no padding: the pad token is looked up in the side files
+        name = case.split()[0]
+        (folder / name).write_text("[" * 100_000 + "]" * 100_000 if "deep" in case
+                                   else '{"pad_token": ' + "9" * 5000 + "}")
+        return (), name.replace(".", r"\.") + (" nests arrays" if "deep" in case else " holds an integer of 5,000")
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize("case", ["no tokenizer", "missing --tokenizer", "--tokenizer folder without one",
-                                  "unreadable tokenizer",
-                                  "beyond positions", "beyond context"])
+                                  "unreadable tokenizer", "panicking tokenizer read", "panicking tokenizer run",
+                                  "beyond positions", "beyond context",
+                                  "config.json nested 100k deep", "config.json with a 5,000-digit length",
+                                  "config.json with a negative length", "config.json past int64",
+                                  "genai_config.json nested 10k deep", "config.json too large",
+                                  "config.json is a FIFO", "tokenizer_config.json nested 100k deep",
+                                  "special_tokens_map.json with 5,000 digits"])
 def test_cli_bad_tokenizer_or_length_is_one_line_and_no_output(tmp_path, case):
     model = tiny_lm(tmp_path / "m")
     extra, message = bad_setup(case, model.parent)
@@ -261,6 +314,24 @@ def test_cli_bad_tokenizer_or_length_is_one_line_and_no_output(tmp_path, case):
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
     assert re.search(message, result.stderr), result.stderr
+    assert not out.exists()
+
+
+def test_a_tokenizer_panic_is_one_line_on_the_real_stderr(tmp_path):
+    """Rust prints a panic's report (with a backtrace) to file descriptor 2, which
+    CliRunner does not see: run the command in its own process."""
+    model = tiny_lm(tmp_path / "m")
+    bad_setup("panicking tokenizer run", model.parent)
+    (tmp_path / "a.txt").write_text("cat\n")
+    out = tmp_path / "o.safetensors"
+    code = "import sys; from fps_onnx.cli.main import main; sys.exit(main())"
+    done = subprocess.run([sys.executable, "-c", code, "select", str(model), str(tmp_path / "a.txt"), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "RUST_BACKTRACE": "1"})
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("Error: ") and "the tokenizers library failed on it" in lines[-1], done.stderr
+    assert sum(line.startswith("Error: ") for line in lines) == 1
+    assert not any("panicked" in line or "backtrace" in line for line in lines), done.stderr
     assert not out.exists()
 
 

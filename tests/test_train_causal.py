@@ -358,3 +358,26 @@ def test_several_forward_passes_before_one_backward_share_the_merged_weights(fol
     torch.testing.assert_close(grad, delta.values.grad)
     merged = sparse.merge(model)
     torch.testing.assert_close(merged(input_ids=ids).logits, first)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("shapes", "[" * 100_000, "metadata 'shapes' nests arrays and objects deeper than 100 levels"),
+    ("shapes", '{"a": ' * 10_000 + "[]" + "}" * 10_000, "metadata 'shapes' nests arrays and objects deeper"),
+    ("shapes", '{"lm_head.weight": [' + "6" * 5000 + ", 8]}", "metadata 'shapes' holds an integer of 5,000 digits"),
+    ("dense", "[" * 10_000 + "]" * 10_000, "metadata 'dense' nests arrays and objects deeper than 100 levels"),
+    ("dense", '["' + "x" * (16 << 20) + '"]', "metadata 'dense' is larger than 16,777,216 characters"),
+])
+def test_apply_delta_refuses_metadata_past_the_json_limits(folders, tmp_path, key, value, message):
+    from safetensors.torch import save_file
+
+    meta = {"format": sparse.DELTA_FORMAT, "format_version": sparse.DELTA_FORMAT_VERSION, "shapes": "{}",
+            "dense": "[]", hf_folder.BASE_HASH_KEY: hf_folder.base_sha256(folders / "llama"), key: value}
+    delta = tmp_path / "delta.safetensors"
+    save_file({"unused": torch.zeros(1)}, str(delta), metadata=meta)
+    result = CliRunner().invoke(main, ["apply-delta", f"hf:{folders / 'llama'}", str(delta), "-o",
+                                       str(tmp_path / "merged")])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "merged").exists()

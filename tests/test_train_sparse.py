@@ -293,6 +293,23 @@ FORGED_DELTAS = [
     (lambda t, m: t["fc.weight:values"].__setitem__(0, float("nan")), "fc.weight:values holds NaN or Inf"),
     (_tensor("fc.bias", torch.zeros(3)), r"tensor fc.bias \[3\] does not fit the model"),
     (_tensor("fc.bias", torch.full((16,), float("inf"))), "tensor fc.bias holds NaN or Inf"),
+    # finite values that the float32 weight cannot hold, or that complex/bool/int tensors stand for
+    (lambda t, m: t.__setitem__("fc.weight:values", t["fc.weight:values"].double().index_fill(0, torch.tensor([3]), 1e300)),
+     "fc.weight:values do not fit the model's torch.float32 weight"),
+    (lambda t, m: t.__setitem__("fc.weight:values", t["fc.weight:values"].double().index_fill(0, torch.tensor([0]), -1e300)),
+     "fc.weight:values do not fit the model's torch.float32 weight"),
+    (lambda t, m: t.__setitem__("fc.weight:values", t["fc.weight:values"].to(torch.complex64)),
+     "fc.weight:values must be a 1-D float tensor of .* not torch.complex64"),
+    (lambda t, m: t.__setitem__("fc.weight:values", t["fc.weight:values"] > 0),
+     "fc.weight:values must be a 1-D float tensor of .* not torch.bool"),
+    (_tensor("fc.bias", torch.full((16,), 1e300, dtype=torch.float64)),
+     "tensor fc.bias holds NaN or Inf, or values beyond the model's torch.float32"),
+    (_tensor("fc.bias", torch.ones(16, dtype=torch.bool)),
+     "tensor fc.bias must be a real float tensor like the model's torch.float32 fc.bias, not torch.bool"),
+    (_tensor("fc.bias", torch.ones(16, dtype=torch.complex64)),
+     "tensor fc.bias must be a real float tensor .* not torch.complex64"),
+    (_tensor("fc.bias", torch.ones(16, dtype=torch.int64)),
+     "tensor fc.bias must be a real float tensor .* not torch.int64"),
 ]
 
 
@@ -310,6 +327,33 @@ def test_forged_delta_files_are_refused_and_change_nothing(tmp_path, change, mes
     assert len(str(info.value).splitlines()) == 1
     for name, value in model.state_dict().items():
         assert torch.equal(value, start[name]), name
+
+
+@pytest.mark.parametrize("value, weight, message", [
+    (1e38, 0.0, "do not fit the model's torch.float16 weight"),
+    (-7e4, 0.0, "do not fit the model's torch.float16 weight"),
+    (65500.0, 100.0, "weight \\+ delta overflows the model's torch.float16 weight"),
+    (6e4, 0.0, None),
+])
+def test_delta_values_must_fit_a_float16_weight(tmp_path, value, weight, message):
+    from safetensors.torch import save_file
+
+    model = nn.Linear(4, 2).half()
+    with torch.no_grad():
+        model.weight.view(-1)[5] = weight
+    start = model.weight.detach().clone()
+    meta = {"format": sparse.DELTA_FORMAT, "format_version": sparse.DELTA_FORMAT_VERSION,
+            "shapes": '{"weight": [2, 4]}', "dense": "[]"}
+    save_file({"weight:indices": torch.tensor([1, 5]), "weight:values": torch.tensor([0.5, value])},
+              str(tmp_path / "d.safetensors"), metadata=meta)
+    if message is None:
+        sparse.apply_delta(model, tmp_path / "d.safetensors")
+        assert model.weight.dtype == torch.float16 and bool(torch.isfinite(model.weight).all())
+        assert float(model.weight.view(-1)[5]) == pytest.approx(weight + value, rel=1e-3)
+        return
+    with pytest.raises(MaskError, match=message):
+        sparse.apply_delta(model, tmp_path / "d.safetensors")
+    assert torch.equal(model.weight, start)
 
 
 def test_the_unforged_delta_file_applies(tmp_path):

@@ -74,10 +74,10 @@ def forged_png(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def npy_bytes(shape, descr="<f4", payload=b"\0" * 64) -> bytes:
+def npy_bytes(shape, descr="<f4", payload=b"\0" * 64, fortran=False) -> bytes:
     """A .npy header declaring ``shape`` and ``descr``, then ``payload``."""
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": fortran, "shape": shape})
     return buf.getvalue() + payload
 
 
@@ -180,6 +180,12 @@ CASES = {
         r"a\.npz \[x\]: its header declares \[1000000000000, 6\]"),
     "npz member shorter than its zip entry says": (
         "chain", lambda t: _short_member(t / "a.npz"), [], r"a\.npz \[x\] ends before the 100 rows its header declares"),
+    "npz fortran member shorter than its zip entry says": (
+        "chain", lambda t: _short_member(t / "a.npz", fortran=True), [],
+        r"a\.npz \[x\] ends before the 100 rows its header declares"),
+    "npz fortran member shorter than it says, one sample asked": (
+        "chain", lambda t: _short_member(t / "a.npz", fortran=True), ["--max-samples", "1"],
+        r"a\.npz \[x\] ends before the 100 rows its header declares"),
     "npz without the model's input": (
         "tokens", lambda t: _savez(t / "a.npz", token_type_ids=np.zeros((2, 4), np.int64)), [],
         r"a\.npz has no array 'input_ids'"),
@@ -258,10 +264,10 @@ def _corrupt_npz(path: Path, rows: int, keep: int = 0) -> Path:
     return path
 
 
-def _short_member(path: Path) -> Path:
+def _short_member(path: Path, fortran: bool = False) -> Path:
     """A stored member whose zip entry and .npy header agree on 100 rows, in an
     archive that holds 4: the read runs off the end of the file."""
-    member = npy_bytes((100, 6), payload=b"\0" * 96)
+    member = npy_bytes((100, 6), payload=b"\0" * 96, fortran=fortran)
     npz_member(path, "x.npy", member, zipfile.ZIP_STORED)
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo("x.npy")
@@ -356,3 +362,42 @@ def test_max_samples_decompresses_a_row_not_the_member(tmp_path, monkeypatch):
     (batch,) = iter_batches(tmp_path / "a.npz", [spec], DataConfig(batch_size=32, max_samples=1))
     np.testing.assert_array_equal(batch["x"], x[:1])
     assert sum(got) <= 256 + 24  # the .npy header and one row of 6 floats, of 960,128 bytes
+
+
+def zero_bomb(path: Path, rows: int, fortran: bool) -> Path:
+    """A compressed .npz whose member x holds ``rows`` x 6 float32 zeros: written a
+    megabyte at a time, it takes about a thousandth of the bytes it decompresses to."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            member.write(npy_bytes((rows, 6), payload=b"", fortran=fortran))
+            zeros, left = bytes(1 << 20), rows * 24
+            while left:
+                member.write(zeros[: min(left, len(zeros))])
+                left -= min(left, len(zeros))
+    return path
+
+
+@pytest.mark.parametrize("fortran", [True, False])
+def test_a_compressed_zero_bomb_costs_one_row_of_memory_with_max_samples_1(tmp_path, fortran):
+    """48 MB of zeros in a ~50 KB member: one sample is read holding a few pieces of it,
+    whichever the member's order (a Fortran-ordered one is not decompressed whole)."""
+    import tracemalloc
+
+    bomb = zero_bomb(tmp_path / "a.npz", 2_000_000, fortran)
+    assert bomb.stat().st_size < 100_000
+    spec = InputSpec("x", ("N", 6), np.dtype(np.float32))
+    tracemalloc.start()
+    try:
+        (batch,) = iter_batches(bomb, [spec], DataConfig(batch_size=32, max_samples=1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert batch["x"].shape == (1, 6) and not batch["x"].any()
+    assert peak < 8 << 20, f"{peak:,} bytes held for one row of a 48,000,000-byte member"
+
+    model = linear_chain(tmp_path)
+    out = tmp_path / "out" / "masks.safetensors"
+    out.parent.mkdir()
+    result = invoke("select", model, bomb, "-o", out, "-q", "--max-samples", "1")
+    assert result.exit_code == 0, result.output
+    assert MaskFile.load(out).meta["num_samples"] == "1"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import quiet_option
+from .options import quiet_option, spec_folder
 
 
 @click.command("apply-delta")
@@ -19,6 +19,9 @@ def apply_delta(spec, delta, output, quiet):
     The delta file names the base model it was trained from (a sha256 over its
     weight files); a delta of any other base is refused.
     """
+    from fps_onnx._io import check_clashes
+
+    check_clashes({"-o": output}, {"hf:DIR": spec_folder(spec), "DELTA": delta})
     from fps_onnx.torch.train.hf_folder import apply_delta_folder
 
     apply_delta_folder(spec, delta, output)

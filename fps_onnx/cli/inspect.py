@@ -30,9 +30,10 @@ def inspect(masks, stats_path, onnx_path, png, markdown, as_json):
     if markdown and as_json:
         raise click.UsageError("--markdown and --json are exclusive")
     if png:
-        from fps_onnx._io import check_writable
+        from fps_onnx._io import check_clashes, check_writable
 
         check_writable(png)
+        check_clashes({"--png": png}, {"MASKS": masks, "--stats": stats_path, "--onnx": onnx_path})
         report.require_matplotlib()
     loaded = MaskFile.load(masks)
     stats = Stats.load(stats_path) if stats_path else None

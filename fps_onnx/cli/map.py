@@ -7,7 +7,7 @@ import logging
 
 import click
 
-from .options import quiet_option
+from .options import quiet_option, spec_folder
 
 log = logging.getLogger("fps_onnx")
 
@@ -29,11 +29,13 @@ def map_(masks, spec, onnx_path, output, checkpoint, num_classes, img_size, stri
     Weights are matched by name, then by value (W or its transpose) against the
     ONNX file's weights; masks end in the parameter's layout, tied weights as one mask.
     """
-    from fps_onnx._io import check_writable
+    from fps_onnx._io import check_clashes, check_writable
     from fps_onnx.selection.maskfile import MaskFile
     from fps_onnx.torch.mapping import map_to_model
 
     check_writable(output)
+    check_clashes({"-o": output}, {"MASKS": masks, "--onnx": onnx_path, "--checkpoint": checkpoint,
+                                   "--model": spec_folder(spec)})
     loaded = MaskFile.load(masks)
     mapped, report = map_to_model(loaded, spec, onnx_path, checkpoint=checkpoint,
                                   num_classes=num_classes, img_size=img_size, strict=strict)

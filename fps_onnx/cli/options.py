@@ -35,3 +35,8 @@ def floats(text: str | None) -> tuple[float, ...] | None:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def spec_folder(spec: str | None) -> str | None:
+    """The folder of an ``hf:PATH`` model SPEC (an input no output may replace), else None."""
+    return spec[3:] if spec and spec.startswith("hf:") else None

@@ -15,7 +15,7 @@ from fps_onnx.onnx.scope import ScopeConfig
 from fps_onnx.pipeline import select as select_masks
 from fps_onnx.selection.score import LEVELS, METHODS, NORMS, SelectConfig, method_names
 
-from .options import bar_disabled, floats, quiet_option
+from .options import bar_disabled, floats, quiet_option, spec_folder
 
 log = logging.getLogger("fps_onnx")
 
@@ -85,22 +85,28 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
         tokenizer=tokenizer, shard=shard,
     ))
     scope = ScopeConfig(**_given(include_lm_head=include_lm_head, exclude=tuple(exclude) or None))
-    from fps_onnx._io import check_writable
+    from fps_onnx._io import check_writable, transaction
 
     check_writable(output)
+    gps = config.method == "gps"
+    inputs = {"MODEL": None if gps else model, "DATA": data, "--tokenizer": tokenizer,
+              "--from-stats": from_stats, "--torch-checkpoint": torch_checkpoint,
+              "--torch-model": spec_folder(torch_model)}
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm([log]), tqdm(
-        total=max_samples if shard is None else None, unit="sample",
-        disable=bar_disabled(quiet or bool(from_stats)), dynamic_ncols=True, leave=False,
-    ) as bar:
+    with transaction(planned={"-o": output, "--stats-out": stats_out}, inputs=inputs) as outputs, \
+            logging_redirect_tqdm([log]), tqdm(
+                total=max_samples if shard is None else None, unit="sample",
+                disable=bar_disabled(quiet or bool(from_stats)), dynamic_ncols=True, leave=False,
+            ) as bar:
         result = select_masks(
             model, data, config, calibration, data_config, from_stats=from_stats, stats_out=stats_out,
             on_batch=bar.update, scope=scope, torch_model=torch_model, torch_checkpoint=torch_checkpoint,
+            outputs=outputs,
         )
+        result.masks.save(output, outputs)
     masks, samples, provider, seconds = result.masks, result.samples, result.provider, result.seconds
-    masks.save(output)
     share = masks.selected / max(masks.total, 1)
     log.info("selected %s of %s weights (%.3f%%) in %d tensors from %d samples -> %s",
              f"{masks.selected:,}", f"{masks.total:,}", 100 * share, len(masks.masks),

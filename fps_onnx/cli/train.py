@@ -9,7 +9,7 @@ import click
 
 from fps_onnx.torch.train.recipe import CausalLMRecipe, Recipe
 
-from .options import bar_disabled, quiet_option
+from .options import bar_disabled, quiet_option, spec_folder
 
 log = logging.getLogger("fps_onnx")
 _R = Recipe()
@@ -90,6 +90,11 @@ def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_
     Runs under torchrun with DistributedDataParallel. With --task causal-lm the
     selected entries of a causal LM alone train, on the next-token loss.
     """
+    from fps_onnx._io import check_clashes
+
+    check_clashes({"-o": output}, {"--model": spec_folder(spec), "--checkpoint": checkpoint, "--masks": masks,
+                                   "--onnx": onnx_model, "--train": train_path, "--val": val_path,
+                                   "--test": test_path})
     from fps_onnx.torch.train.run import Splits, run_train, run_train_causal
 
     causal = task == "causal-lm"

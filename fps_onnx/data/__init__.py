@@ -12,7 +12,9 @@
 
 Only one batch (plus one block of rows of a file) is held at a time, so memory
 does not grow with the number of samples or files; ``.npz`` members are
-decompressed only as far as the rows read (``max_samples`` stops early).
+decompressed only as far as the rows read (``max_samples`` stops early), and a
+Fortran-ordered member, whose rows run across all of it, is gathered in
+passes that hold only the rows asked (see :class:`_MemberRows`).
 
 Sharding (``DataConfig.shard = (K, N)``, ``--shard K/N``): the batches are cut
 exactly as without it, and batch ``b`` goes to shard ``b % N`` (K counts from
@@ -40,14 +42,15 @@ import math
 import os
 from pathlib import Path
 import re
-import stat
 import warnings
 import zipfile
 
 import numpy as np
 
+from .. import _limits as limits
 from ..errors import DataError, FpsError, first_line
 from ..onnx.inputs import InputSpec
+from .files import _is_data_file, open_regular  # noqa: F401 - open_regular also importable from here
 from .text import TEXT_SUFFIXES, TextReader
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -103,27 +106,27 @@ class DataConfig:
 
 
 def parse_shard(value: str | Sequence[int]) -> tuple[int, int]:
-    """(K, N) from "K/N" or a pair: shard K (counted from 0) of N; DataError if it is not one."""
+    """(K, N) from "K/N" or a pair: shard K (counted from 0) of N, N at most
+    :data:`~fps_onnx._limits.MAX_SHARDS` (what a stats file may say); DataError if it is not one."""
     if isinstance(value, str):
-        found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
-        pair = (int(found[1]), int(found[2])) if found else None
-        shown = value
+        found = re.fullmatch(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*", value)
+        pair = (found[1], found[2]) if found else None
     else:
         pair = tuple(value) if isinstance(value, (tuple, list)) else None
         if pair is not None and (len(pair) != 2 or not all(
                 isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair)):
             pair = None
-        shown = "/".join(map(str, value)) if pair is not None else repr(value)
     if pair is None:
         raise DataError(f"--shard must be K/N, two whole numbers (shard K of N, K counted from 0), "
-                        f"not {shown!r}")
-    k, n = int(pair[0]), int(pair[1])
-    if n < 1:
-        raise DataError(f"--shard {shown}: N, the number of shards, must be at least 1")
-    if not 0 <= k < n:
-        raise DataError(f"--shard {shown}: K counts from 0, so shard K of {n} is one of "
-                        f"0..{n - 1}")
-    return k, n
+                        f"not {limits.shown(value)}")
+    shown = "/".join(limits.shown(v).strip("'") for v in pair)
+    n = limits.whole_number(pair[1], f"--shard {shown}: N, the number of shards,", DataError, 1, limits.MAX_SHARDS)
+    k = pair[0]
+    if isinstance(k, str) and len(k.lstrip("0")) > len(str(n)):  # more digits than N: past it
+        k = n
+    if not 0 <= int(k) < n:
+        raise DataError(f"--shard {shown}: K counts from 0, so shard K of {n} is one of 0..{n - 1}")
+    return int(k), n
 
 
 def find_files(path: str | os.PathLike) -> list[Path]:
@@ -257,51 +260,6 @@ def _chunks(files, inputs, config, text: TextReader) -> Iterator[_Chunk]:
             yield {spec.name: _fit(file, spec, chunk[spec.name]) for spec in inputs}
 
 
-def open_regular(file: str | os.PathLike):
-    """``file`` opened for binary reading, if it is a regular file (a symbolic link
-    to one is fine); a device, FIFO or socket is refused by name, and never waited on."""
-    _is_data_file(Path(file))
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(file, flags)
-    except OSError as exc:
-        raise DataError(f"cannot read {file}: {exc.strerror or exc}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):  # replaced since it was looked at
-            raise DataError(f"{file} is {_kind(mode)}, not a regular file")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _is_data_file(path: Path) -> bool:
-    """True for a regular file (or a link to one), False for a folder; anything
-    else (device, FIFO, socket, broken link) is refused by name."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        what = "a broken symbolic link" if path.is_symlink() else "gone"
-        raise DataError(f"data file {path} is {what}") from None
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(mode):
-        return False
-    if not stat.S_ISREG(mode):
-        raise DataError(f"{path} is {_kind(mode)}, not a regular file; data files must be regular files")
-    return True
-
-
-def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISDIR, "a folder")):
-        if test(mode):
-            return kind
-    return "not a plain file"
-
-
 @contextmanager
 def _reading(what: object) -> Iterator[None]:
     """Any failure of a parser on the bytes of ``what`` becomes one DataError line."""
@@ -387,39 +345,89 @@ def _read_npy(file: Path, inputs, config: DataConfig) -> Iterator[dict[str, np.n
 class _MemberRows:
     """The rows of one .npy member of a zip archive, read in order, only as asked for.
 
-    A C-ordered member is streamed (decompressing only what is read); a
-    Fortran-ordered one, whose rows are not contiguous, is read whole.
+    A C-ordered member is streamed: only the rows read are decompressed. A
+    Fortran-ordered one stores each column whole, so one row lies across all of
+    it: its rows are gathered in passes over the member, each pass keeping a
+    window of at most ``limit`` rows (``max_samples``, the most a run asks of
+    the file) and :data:`_WINDOW_BYTES` (or one block), so memory stays bounded
+    by the rows asked whatever the member declares; decompression runs on to
+    the member's end, one piece at a time.
     """
 
-    def __init__(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> None:
-        self.where = where
+    def __init__(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, limit: int | None) -> None:
+        self.archive, self.info, self.where, self.limit = archive, info, where, limit
         self.stream = archive.open(info)
         self.header = _npy_header(self.stream, where, info.file_size)
-        self.whole: np.ndarray | None = None
+        # with at most one axis longer than 1, Fortran order lays the bytes out as C order does
+        self.fortran = self.header.fortran and sum(d > 1 for d in self.header.shape) > 1
+        self.window: tuple[int, np.ndarray] | None = None  # (first row, rows held) of a Fortran member
+        self.passes = 0
         self.done = 0
 
     def read(self, rows: int) -> np.ndarray:
         start, self.done = self.done, self.done + rows
         shape, dtype = self.header.shape, self.header.dtype
-        if self.header.fortran and len(shape) > 1:
-            if self.whole is None:
-                data = self._bytes(math.prod(shape) * dtype.itemsize)
-                self.whole = np.frombuffer(data, dtype).reshape(shape, order="F")
-            return self.whole[start : start + rows]
-        return np.frombuffer(self._bytes(rows * self.header.row_bytes), dtype).reshape(rows, *shape[1:])
+        if not self.fortran:
+            data = _read_exact(self.stream, rows * self.header.row_bytes, self._short)
+            return np.frombuffer(data, dtype).reshape(rows, *shape[1:])
+        if self.window is None or start + rows > self.window[0] + len(self.window[1]):
+            count = max(rows, _WINDOW_BYTES // max(self.header.row_bytes, 1) // rows * rows)  # whole blocks
+            asked = shape[0] if self.limit is None else min(self.limit, shape[0])
+            count = min(count, max(asked - start, rows), shape[0] - start)
+            self.window = (start, self._fortran_rows(start, count))
+        first, held = self.window
+        return held[start - first : start - first + rows]
 
-    def _bytes(self, n: int) -> bytearray:
-        data = bytearray()
-        while len(data) < n:  # in pieces: a forged size fails at the end of the data, not in malloc
-            try:
-                piece = self.stream.read(min(n - len(data), 1 << 24))
-            except EOFError:  # the archive ends before the entry's declared size
-                piece = b""
-            if not piece:
-                raise DataError(f"{self.where} ends before the {self.header.shape[0]:,} rows "
-                                "its header declares")
-            data += piece
-        return data
+    def _fortran_rows(self, start: int, count: int) -> np.ndarray:
+        """Rows [start, start + count) of a Fortran-ordered member, in one pass over it."""
+        shape, dtype = self.header.shape, self.header.dtype
+        n0, columns, item = shape[0], math.prod(shape[1:]), dtype.itemsize
+        if self.passes:  # a stream reads forward only: the next pass opens the member again
+            self.stream.close()
+            self.stream = self.archive.open(self.info)
+            _skip(self.stream, self.header.offset, self._short)
+        self.passes += 1
+        out = np.empty((columns, count), dtype)
+        per_read = max(1, _PIECE // max(n0 * item, 1))  # whole columns per read, when they are short
+        for j in range(0, columns, per_read):
+            if per_read > 1:
+                k = min(per_read, columns - j)
+                block = np.frombuffer(_read_exact(self.stream, k * n0 * item, self._short), dtype)
+                out[j : j + k] = block.reshape(k, n0)[:, start : start + count]
+                continue
+            _skip(self.stream, start * item, self._short)
+            out[j] = np.frombuffer(_read_exact(self.stream, count * item, self._short), dtype)
+            _skip(self.stream, (n0 - start - count) * item, self._short)
+        # column j holds element (r, *idx) at [j, r], j running over idx in Fortran order
+        return out.T.reshape((count, *shape[1:]), order="F")
+
+    def _short(self) -> DataError:
+        return DataError(f"{self.where} ends before the {self.header.shape[0]:,} rows its header declares")
+
+
+_PIECE = 1 << 20  # bytes decompressed per read
+_WINDOW_BYTES = 32 << 20  # rows of a Fortran-ordered .npz member held at once (at least one block)
+
+
+def _read_exact(stream, n: int, short: Callable[[], DataError]) -> bytearray:
+    """``n`` bytes of ``stream``, read in pieces (a forged size fails at the end of
+    the data, not in malloc); ``short()`` is raised where the data ends first."""
+    data = bytearray()
+    while len(data) < n:
+        try:
+            piece = stream.read(min(n - len(data), _PIECE))
+        except EOFError:  # the archive ends before the entry's declared size
+            piece = b""
+        if not piece:
+            raise short()
+        data += piece
+    return data
+
+
+def _skip(stream, n: int, short: Callable[[], DataError]) -> None:
+    """Reads past ``n`` bytes of ``stream``, holding one piece at a time."""
+    while n > 0:
+        n -= len(_read_exact(stream, min(n, _PIECE), short))
 
 
 def _read_npz(file: Path, inputs, config: DataConfig) -> Iterator[dict[str, np.ndarray]]:
@@ -434,7 +442,7 @@ def _read_npz(file: Path, inputs, config: DataConfig) -> Iterator[dict[str, np.n
             name = missing[0] if missing else inputs[0].name
             raise DataError(f"{file} has no array {name!r} (it holds {sorted(members)}; "
                             f"the model expects {', '.join(s.describe() for s in inputs)})")
-        arrays = {name: _MemberRows(archive, members[key], f"{file} [{key}]")
+        arrays = {name: _MemberRows(archive, members[key], f"{file} [{key}]", config.max_samples)
                   for name, key in keys.items()}
         specs = {s.name: s for s in inputs}
         for name, member in arrays.items():
@@ -443,6 +451,7 @@ def _read_npz(file: Path, inputs, config: DataConfig) -> Iterator[dict[str, np.n
         if len(set(lengths.values())) > 1:
             raise DataError(f"{file}: arrays hold different numbers of samples {lengths}")
         total, rows = next(iter(lengths.values())), _block_rows(config)
+        total = min(total, config.max_samples or total)  # never a row past what the run asks
         for start in range(0, total, rows):
             chunk = {name: m.read(min(rows, total - start)) for name, m in arrays.items()}
             for spec in inputs:

@@ -19,14 +19,18 @@ transformers, no PyTorch).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-import json
+import contextlib
+import io
 import logging
 import os
 from pathlib import Path
+import sys
 
 import numpy as np
 
-from ..errors import DataError
+from .._io import captured_output
+from .._limits import MAX_JSON_CHARS, read_json, whole_number
+from ..errors import DataError, FpsError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +74,27 @@ def max_positions(model_path: str | os.PathLike | None) -> int | None:
     config = _read_json(folder / "config.json")
     for key in _POSITION_KEYS:
         if isinstance(config.get(key), int):
-            return config[key]
+            return whole_number(config[key], f"{folder / 'config.json'}: {key}", DataError, 1)
     genai = _read_json(folder / "genai_config.json").get("model")
     if isinstance(genai, dict) and isinstance(genai.get("context_length"), int):
-        return genai["context_length"]
+        return whole_number(genai["context_length"], f"{folder / 'genai_config.json'}: model.context_length",
+                            DataError, 1)
     return None
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    """The JSON object of a side file beside the model ({} when there is none, or it holds
+    no object); read within the limits of :func:`fps_onnx._limits.read_json`."""
+    from .files import open_regular
+
+    if not os.path.lexists(path):
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
+    with open_regular(path) as handle:  # a FIFO, device or broken link is refused by name
+        try:
+            data = handle.read(MAX_JSON_CHARS + 1)
+        except OSError as exc:
+            raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    value = read_json(data, str(path), DataError)
     return value if isinstance(value, dict) else {}
 
 
@@ -138,10 +149,8 @@ class TextReader:
             raise DataError(f"{file} holds no text (every line is blank)")
 
     def _encode(self, file, batch, tokenizer, inputs) -> dict[str, np.ndarray]:
-        try:
+        with tokenizer_errors(f"{file}: cannot tokenize lines {batch[0][0]}-{batch[-1][0]}"):
             encodings = tokenizer.encode_batch([t for _, t in batch], add_special_tokens=True)
-        except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions
-            raise DataError(f"{file}: cannot tokenize lines {batch[0][0]}-{batch[-1][0]}: {exc}") from exc
         lengths = [len(e.ids) for e in encodings]
         if 0 in lengths:
             raise DataError(f"{file}:{batch[lengths.index(0)][0]}: the text gives no tokens")
@@ -158,14 +167,41 @@ def load_tokenizer(path: Path, max_length: int):
     """(tokenizers.Tokenizer truncating to ``max_length`` and not padding, pad id)."""
     from tokenizers import Tokenizer
 
-    try:
+    with tokenizer_errors(f"cannot read tokenizer {path}"):
         tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions
-        raise DataError(f"cannot read tokenizer {path}: {str(exc).strip() or type(exc).__name__}") from exc
-    pad_id = _pad_id(tokenizer, path.parent)
+        pad_id = _pad_id(tokenizer, path.parent)
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length)
     return tokenizer, pad_id
+
+
+@contextlib.contextmanager
+def tokenizer_errors(what: str) -> Iterator[None]:
+    """Turn a failure of the Rust ``tokenizers`` library inside the block into
+    ``DataError("<what>: <reason>")``: its plain exceptions, and its panics.
+
+    A panic (a tokenizer file whose normalizer data or regex breaks the Rust
+    code) reaches Python as ``pyo3_runtime.PanicException``, a BaseException
+    that ``except Exception`` misses; PyO3 offers no module to import the class
+    from, so it is recognised by its module and name. Nothing else that is not
+    an Exception (KeyboardInterrupt, SystemExit) is caught. What the block
+    prints is held back (Rust writes a panic's report, with a backtrace, to the
+    process's stderr) and shown only when the block succeeds.
+    """
+    printed: list[str] = []
+    try:
+        with captured_output(printed):
+            yield
+    except FpsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions
+        raise DataError(f"{what}: {first_line(exc)}") from exc
+    except BaseException as exc:
+        if (type(exc).__module__, type(exc).__name__) != ("pyo3_runtime", "PanicException"):
+            raise
+        raise DataError(f"{what}: the tokenizers library failed on it ({first_line(exc)})") from None
+    if any(printed):
+        sys.stderr.write("".join(printed))
 
 
 def _pad_id(tokenizer, folder: Path) -> int:
@@ -190,20 +226,21 @@ def read_lines(file: Path) -> Iterator[tuple[int, object]]:
     Content: the line without its line break (.txt) or the parsed JSON value (.jsonl).
     DataError for a file that cannot be read, is not UTF-8 or holds a line that is not JSON.
     """
+    from .files import open_regular
+
     jsonl = file.suffix.lower() == ".jsonl"
     try:
-        with open(file, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
+        with io.TextIOWrapper(open_regular(file), encoding="utf-8") as handle:
+            lines = iter(lambda: handle.readline(MAX_JSON_CHARS + 1), "")
+            for number, line in enumerate(lines, 1):
+                if len(line) > MAX_JSON_CHARS:
+                    raise DataError(f"{file}:{number}: the line is longer than {MAX_JSON_CHARS:,} characters")
                 if not line.strip():
                     continue
                 if not jsonl:
                     yield number, line.rstrip("\r\n")
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{file}:{number}: not a JSON line ({exc.msg})") from exc
-                yield number, record
+                yield number, read_json(line, f"{file}:{number}: the line", DataError)
     except UnicodeDecodeError as exc:
         raise DataError(f"{file} is not UTF-8 text: {exc}") from exc
     except OSError as exc:

@@ -32,6 +32,8 @@ import onnx
 from onnx import helper
 
 from ..errors import DataError, ModelError
+from .edges import Producers, required_input
+from .external import subgraphs
 from .inputs import InputSpec
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ def inline_cache_branch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     changed = False
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
-        if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input[0] == USE_CACHE_BRANCH:
+        if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input[:1] == [USE_CACHE_BRANCH]:
             branch = next((a.g for a in node.attribute if a.name == "else_branch"), None)
             if branch is None:
                 raise ModelError(f"If node {node.name!r} has no else_branch")
@@ -139,24 +141,16 @@ def _rename(node: onnx.NodeProto, renames: Mapping[str, str]) -> None:
     for i, name in enumerate(node.output):
         node.output[i] = renames.get(name, name)
     for attr in node.attribute:
-        for sub in _subgraphs(attr):
+        for sub in subgraphs(attr):
             for inner in sub.node:
                 _rename(inner, renames)
-
-
-def _subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    if attr.type == onnx.AttributeProto.GRAPH:
-        return [attr.g]
-    if attr.type == onnx.AttributeProto.GRAPHS:
-        return list(attr.graphs)
-    return []
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:
     """Every name ``node`` reads, outer-scope names of its subgraphs included."""
     names = {n for n in node.input if n}
     for attr in node.attribute:
-        for sub in _subgraphs(attr):
+        for sub in subgraphs(attr):
             names |= _names_read(sub.node)
     return names
 
@@ -194,17 +188,18 @@ def prune(model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
             needed |= _reads(node)
     kept.reverse()
     outputs = [o for o in graph.output if o.name in wanted]
-    _replace(graph.output, outputs)
-    _replace(graph.node, kept)
-    _replace(graph.initializer, [t for t in graph.initializer if t.name in needed])
-    _replace(graph.sparse_initializer,
+    replace_field(graph.output, outputs)
+    replace_field(graph.node, kept)
+    replace_field(graph.initializer, [t for t in graph.initializer if t.name in needed])
+    replace_field(graph.sparse_initializer,
              [t for t in graph.sparse_initializer if t.values.name in needed])
-    _replace(graph.input, [i for i in graph.input if i.name in needed])
-    _replace(graph.value_info, [v for v in graph.value_info if v.name in needed])
+    replace_field(graph.input, [i for i in graph.input if i.name in needed])
+    replace_field(graph.value_info, [v for v in graph.value_info if v.name in needed])
     return pruned
 
 
-def _replace(field, items: list) -> None:
+def replace_field(field, items: list) -> None:
+    """Set a repeated message field to copies of ``items``."""
     copies = [type(item)() for item in items]
     for copy, item in zip(copies, items):
         copy.CopyFrom(item)
@@ -256,7 +251,7 @@ def lift_row_views(model: onnx.ModelProto, sites: Sequence, shapes: Mapping[str,
     mask_shape = shapes.get(mask_input)
     if mask_shape is None or len(mask_shape) != 2:
         return list(sites)
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = Producers.of(model.graph)
     lifted = []
     for site in sites:
         acts = []
@@ -264,7 +259,7 @@ def lift_row_views(model: onnx.ModelProto, sites: Sequence, shapes: Mapping[str,
             node = producers.get(act.tensor)
             if act.axis == -1 and node is not None and node.op_type == "Reshape" \
                     and node.domain in ("", "ai.onnx"):
-                src, dst = shapes.get(node.input[0]), shapes.get(act.tensor)
+                src, dst = shapes.get(required_input(node)), shapes.get(act.tensor)
                 if (src is not None and dst is not None and len(dst) == 2 and len(src) >= 3
                         and src[-1] == dst[-1] == site.in_features
                         and list(src[:2]) == list(mask_shape)):
@@ -275,13 +270,17 @@ def lift_row_views(model: onnx.ModelProto, sites: Sequence, shapes: Mapping[str,
     return lifted
 
 
-def _width(name: str, producers: Mapping, inits: Mapping) -> int | None:
+def _width(name: str, producers: Producers, inits: Mapping) -> int | None:
     """The last axis of ``name`` where it is a projection's output (bias Add
     included): MatMul by an [in, out] initializer, or MatMulNBits (attribute N)."""
-    node = producers.get(name)
-    while node is not None and node.op_type == "Add":
-        node = next((producers.get(i) for i in node.input if i not in inits), None)
-    if node is None:
+
+    def step(_: str, node: onnx.NodeProto | None) -> str | None:
+        if node is None or node.op_type != "Add":
+            return None
+        return next((i for i in node.input if i and i not in inits), None)
+
+    node = producers.get(producers.trace(name, step))
+    if node is None or node.op_type == "Add":
         return None
     if node.op_type == "MatMulNBits":
         return next((int(a.i) for a in node.attribute if a.name == "N"), None)
@@ -393,7 +392,7 @@ def past_head_sizes(model: onnx.ModelProto, shapes: Mapping[str, list]) -> dict[
     past, or for com.microsoft GroupQueryAttention the query's width over
     num_heads (num_heads + 2 * kv_num_heads when Q, K and V come packed)."""
     sizes: dict[str, int] = {}
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = Producers.of(model.graph)
     inits = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Concat" and node.domain in ("", "ai.onnx"):
@@ -406,7 +405,7 @@ def past_head_sizes(model: onnx.ModelProto, shapes: Mapping[str, list]) -> dict[
         if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        query = shapes.get(node.input[0]) or [_width(node.input[0], producers, inits)]
+        query = shapes.get(required_input(node)) or [_width(node.input[0], producers, inits)]
         if not isinstance(query[-1], int) or "num_heads" not in attrs:
             continue
         packed = len(node.input) < 2 or not node.input[1]

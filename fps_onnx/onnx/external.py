@@ -3,7 +3,7 @@
 A tensor stored as external data names a file (``location``), an ``offset``
 and a ``length``; a model downloaded from elsewhere can name anything. Every
 reference of a model (main graph, subgraphs of If/Loop/Scan, node attributes,
-sparse tensors, functions) must name a regular file inside the model's folder
+sparse tensors, functions and their attribute defaults) must name a regular file inside the model's folder
 (after resolving symlinks), with integer offset and length whose bytes lie in
 the file, and dims that ask for exactly those bytes. :func:`resolve` checks
 them all and rewrites each location to the real file, so that ONNX Runtime,
@@ -64,44 +64,55 @@ class HashStopped(Exception):
 # --------------------------------------------------------------------------- walk
 
 
-def iter_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
-    """The main graph, every subgraph (node attributes, at any depth) and the
-    graphs of the model's training info and functions' nodes."""
-    stack: list[onnx.GraphProto] = [model.graph]
+def subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    """The graphs an attribute holds (If branches, Loop and Scan bodies)."""
+    return ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+
+
+def _walk(model: onnx.ModelProto) -> Iterator[onnx.GraphProto | onnx.AttributeProto]:
+    """Every graph and every attribute of ``model``, once each: the main graph,
+    the training graphs, the attributes of every node of them and of the
+    functions, the functions' attribute defaults, and every subgraph those
+    attributes hold, at any depth (a protobuf message is a tree: the walk ends)."""
+    graphs: list[onnx.GraphProto] = [model.graph]
     for info in model.training_info:
-        stack += [info.initialization, info.algorithm]
-    nodes = [n for f in model.functions for n in f.node]
-    while stack or nodes:
-        if stack:
-            g = stack.pop()
+        graphs += [info.initialization, info.algorithm]
+    attributes = [a for f in model.functions for a in f.attribute_proto]
+    attributes += [a for f in model.functions for n in f.node for a in n.attribute]
+    while graphs or attributes:
+        if graphs:
+            g = graphs.pop()
             yield g
-            nodes.extend(g.node)
+            attributes += [a for n in g.node for a in n.attribute]
         else:
-            node = nodes.pop()
-            for a in node.attribute:
-                if a.HasField("g"):
-                    stack.append(a.g)
-                stack.extend(a.graphs)
+            a = attributes.pop()
+            yield a
+            graphs += subgraphs(a)
+
+
+def iter_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """The main graph, the training graphs and every subgraph (node attributes
+    of graphs and functions, functions' attribute defaults), at any depth."""
+    return (g for g in _walk(model) if isinstance(g, onnx.GraphProto))
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
     """Every TensorProto of the model: initializers, sparse initializers, node
-    attributes (dense and sparse), in every graph and function."""
-    nodes = [n for f in model.functions for n in f.node]
-    for g in iter_graphs(model):
-        yield from g.initializer
-        for sparse in g.sparse_initializer:
+    attributes (dense and sparse) and functions' attribute defaults, in every
+    graph and function."""
+    for item in _walk(model):
+        if isinstance(item, onnx.GraphProto):
+            yield from item.initializer
+            for sparse in item.sparse_initializer:
+                yield from (sparse.values, sparse.indices)
+            continue
+        if item.HasField("t"):
+            yield item.t
+        yield from item.tensors
+        for sparse in [item.sparse_tensor] if item.HasField("sparse_tensor") else []:
             yield from (sparse.values, sparse.indices)
-        nodes.extend(g.node)
-    for node in nodes:
-        for a in node.attribute:
-            if a.HasField("t"):
-                yield a.t
-            yield from a.tensors
-            for sparse in [a.sparse_tensor] if a.HasField("sparse_tensor") else []:
-                yield from (sparse.values, sparse.indices)
-            for sparse in a.sparse_tensors:
-                yield from (sparse.values, sparse.indices)
+        for sparse in item.sparse_tensors:
+            yield from (sparse.values, sparse.indices)
 
 
 # --------------------------------------------------------------------------- check
@@ -321,6 +332,16 @@ def _count(text: str, key: str, fail) -> int:
     if len(text) > 20 or not _DIGITS.fullmatch(text):
         raise fail(f"{key} {text!r} is not a whole number of bytes")
     return int(text)
+
+
+def open_inside(path: str | os.PathLike, roots: Sequence[str], what: str):
+    """``path`` opened for reading (unbuffered) when it really lies, symlinks
+    followed, inside one of the real folders ``roots`` and is a regular file;
+    ModelError otherwise, before any byte is read."""
+    real = os.path.realpath(path)
+    if not any(_inside(real, root) for root in roots):
+        raise ModelError(f"{os.fspath(path)!r} ({what}) leads outside the model's folder {roots[0]}")
+    return _open_regular(real, what)
 
 
 def _open_regular(path: str, what: str):

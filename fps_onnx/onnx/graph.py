@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError
+from .edges import Producers, required_input
 from .sites import STATISTICS, Activation, StatOutput, WeightSite  # noqa: F401 - site types live in sites
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,7 @@ def find_weights(model: onnx.ModelProto) -> list[WeightSite]:
     from . import ops
 
     graph = model.graph
-    lookup = ops.Lookup(
-        {t.name: t for t in graph.initializer},
-        {out: node for node in graph.node for out in node.output},
-    )
+    lookup = ops.Lookup.of(graph)
     sites: dict[str, WeightSite] = {}
     for node in graph.node:
         site = ops.weight_of(node, lookup)
@@ -170,7 +168,7 @@ def add_statistics(
     if opset < 9:
         raise ModelError(f"the model uses ONNX opset {opset}; fps-onnx needs opset 9 or later")
     builder = _Builder(model.graph, opset)
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = Producers.of(model.graph)
     outputs: dict[str, StatOutput] = {}
     seen: set[Activation] = set()
     mask_f = None
@@ -204,11 +202,19 @@ _SIGN_KEEPING = ("Identity", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsq
                  "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
 
 
-def _non_negative(tensor: str, producers: dict) -> bool:
-    node = producers.get(tensor)
-    while node is not None and node.domain in ("", "ai.onnx") and node.op_type in _SIGN_KEEPING:
-        node = producers.get(node.input[0])
-    return node is not None and node.domain in ("", "ai.onnx") and node.op_type in _NON_NEGATIVE
+def _non_negative(tensor: str, producers: Producers) -> bool:
+    """Whether ``tensor`` is a non-negative op's output, seen through sign-keeping ops."""
+
+    def step(_: str, node: onnx.NodeProto | None) -> str | None:
+        keeps = node is not None and _standard(node) and node.op_type in _SIGN_KEEPING
+        return required_input(node) if keeps else None
+
+    node = producers.get(producers.trace(tensor, step))
+    return node is not None and _standard(node) and node.op_type in _NON_NEGATIVE
+
+
+def _standard(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx")
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ModelError
-from . import decoder, external
+from . import decoder, external, validate
 from . import protofile as _onnxfile
 
 __all__ = ["graph_inputs", "load_checked", "load_graph", "load_model"]
@@ -57,6 +57,7 @@ def load_checked(path: str | os.PathLike) -> tuple[onnx.ModelProto, str, list[ex
         model = load_model(path, load_weights=False)
         folder = os.path.dirname(os.path.abspath(path))
     refs, folder = external.resolve(model, folder, path)
+    validate.check_model(model, path)
     return decoder.inline_cache_branch(model)[0], folder, refs
 
 

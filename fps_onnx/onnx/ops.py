@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import ModelError
+from .edges import Producers, node_label, required_input
 from .sites import Activation, BlockQuant, WeightSite
 
 MS = "com.microsoft"
@@ -65,43 +66,56 @@ class Lookup:
     """What a rule may look up: the graph's initializers and each tensor's producer."""
 
     initializers: Mapping[str, onnx.TensorProto]
-    producers: Mapping[str, onnx.NodeProto]
+    producers: Producers
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> Lookup:
+        """The lookup of ``graph``'s own initializers and nodes."""
+        return cls({t.name: t for t in graph.initializer}, Producers.of(graph))
 
     def constant(self, name: str) -> Traced | None:
         """The initializer or Constant ``name`` traces back to, or None (an activation)."""
         transposed = False
-        while True:
-            if name in self.initializers:
-                return Traced(name, self.initializers[name], transposed)
-            node = self.producers.get(name)
-            if node is None:
+
+        def step(tensor: str, node: onnx.NodeProto | None) -> str | None:
+            nonlocal transposed
+            if tensor in self.initializers or node is None:
                 return None
-            if node.op_type == "Constant":
-                value = next((a for a in node.attribute if a.name == "value"), None)
-                return None if value is None else Traced(name, value.t, transposed)
             if node.op_type in _PASS_THROUGH:
-                name = node.input[0]
-            elif node.op_type == "Transpose":
-                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
-                if perm != [1, 0]:
-                    return None
+                return required_input(node)
+            if node.op_type == "Transpose" and _perm(node) == [1, 0]:
                 transposed = not transposed
-                name = node.input[0]
-            else:
-                return None
+                return required_input(node)
+            return None
+
+        name = self.producers.trace(name, step)
+        if name in self.initializers:
+            return Traced(name, self.initializers[name], transposed)
+        node = self.producers.get(name)
+        if node is None or node.op_type != "Constant":
+            return None
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        return None if value is None else Traced(name, value.t, transposed)
 
     def dequantized(self, name: str) -> onnx.NodeProto | None:
         """The DequantizeLinear behind ``name`` whose input is a constant
         (directly or through QuantizeLinear), else None."""
-        node = self.producers.get(name)
-        while node is not None and node.op_type in (*_PASS_THROUGH, "Transpose"):
-            node = self.producers.get(node.input[0])
+
+        def step(tensor: str, node: onnx.NodeProto | None) -> str | None:
+            passes = node is not None and node.op_type in (*_PASS_THROUGH, "Transpose")
+            return required_input(node) if passes else None
+
+        node = self.producers.get(self.producers.trace(name, step))
         if node is None or node.op_type != "DequantizeLinear":
             return None
-        source = self.producers.get(node.input[0])
+        source = self.producers.get(required_input(node))
         if source is not None and source.op_type == "QuantizeLinear":
-            return node if self.constant(source.input[0]) is not None else None
+            return node if self.constant(required_input(source)) is not None else None
         return node if self.constant(node.input[0]) is not None else None
+
+
+def _perm(node: onnx.NodeProto) -> list[int]:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
 
 
 Rule = Callable[[onnx.NodeProto, Lookup], "WeightSite | None"]
@@ -125,18 +139,27 @@ def weight_of(node: onnx.NodeProto, lookup: Lookup) -> WeightSite | None:
     """The weight ``node`` consumes, or None; ModelError for unreadable quantized weights."""
     key = (_domain(node.domain), node.op_type)
     if key in REFUSED:
-        raise ModelError(f"node {_node_name(node)} uses {node.op_type}, whose quantized weights "
+        raise ModelError(f"node {node_label(node)} uses {node.op_type}, whose quantized weights "
                          f"fps-onnx cannot score; {_ADVICE}")
     fn = RULES.get(key)
-    return None if fn is None else fn(node, lookup)
+    site = None if fn is None else fn(node, lookup)
+    if site is not None:
+        _check_site(node, site)
+    return site
+
+
+def _check_site(node: onnx.NodeProto, site: WeightSite) -> None:
+    """ModelError unless ``site`` has entries to select and its groups split its channels."""
+    if site.groups < 1 or site.shape[0] % site.groups:
+        raise ModelError(f"node {node_label(node)}: {node.op_type} with group={site.groups} does "
+                         f"not split the {site.shape[0]} output channels of {site.key} into groups")
+    if min(site.shape) < 1 or site.in_features < 1:
+        raise ModelError(f"node {node_label(node)}: weight {site.key} has dims {list(site.shape)} "
+                         f"({site.layout}), which hold no entries to select")
 
 
 def _domain(domain: str) -> str:
     return "" if domain == "ai.onnx" else domain
-
-
-def _node_name(node: onnx.NodeProto) -> str:
-    return node.name or f"(output {node.output[0]})"
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -149,15 +172,15 @@ def _input(node: onnx.NodeProto, index: int) -> str:
 
 def _float_weight(node: onnx.NodeProto, lookup: Lookup, index: int = 1) -> Traced | None:
     """The float constant at input ``index`` when input 0 is an activation, else None."""
-    name = _input(node, index)
-    if not name or not node.input[0] or lookup.constant(node.input[0]) is not None:
+    name, act = _input(node, index), _input(node, 0)
+    if not name or not act or lookup.constant(act) is not None:
         return None
     traced = lookup.constant(name)
     if traced is None:
         dq = lookup.dequantized(name)
         if dq is not None and node.op_type in _WEIGHT_OPS:
-            raise ModelError(f"node {_node_name(node)} uses {node.op_type} on a DequantizeLinear "
-                             f"weight ({_node_name(dq)}), whose quantized weights fps-onnx cannot "
+            raise ModelError(f"node {node_label(node)} uses {node.op_type} on a DequantizeLinear "
+                             f"weight ({node_label(dq)}), whose quantized weights fps-onnx cannot "
                              f"score; {_ADVICE}")
         return None  # activation x activation (attention)
     return traced if traced.tensor.data_type in FLOAT_TYPES else None
@@ -196,7 +219,7 @@ def _fused_matmul(node, lookup):
         return None
     attrs = _attrs(node)
     if attrs.get("transBatchA", 0) or attrs.get("transBatchB", 0):
-        raise ModelError(f"node {_node_name(node)} uses FusedMatMul with transBatchA/transBatchB, "
+        raise ModelError(f"node {node_label(node)} uses FusedMatMul with transBatchA/transBatchB, "
                          "which fps-onnx cannot read; export the model without ORT's fusions")
     out_in = traced.transposed ^ bool(attrs.get("transB", 0))
     # transA: A is [..., K, M], its channels on the second-last axis.
@@ -223,7 +246,7 @@ def _attention(node, lookup):
     site = _linear(node, traced, traced.transposed)
     sizes = _attrs(node).get("qkv_hidden_sizes")
     if site is not None and sizes and sum(sizes) != site.shape[0]:
-        raise ModelError(f"node {_node_name(node)}: Attention weight {traced.key} has "
+        raise ModelError(f"node {node_label(node)}: Attention weight {traced.key} has "
                          f"{site.shape[0]} outputs, qkv_hidden_sizes {list(sizes)} add up to {sum(sizes)}")
     return site
 
@@ -233,8 +256,8 @@ def _attention(node, lookup):
 
 @rule((MS, "MatMulNBits"))
 def _matmul_nbits(node, lookup):
-    name = _node_name(node)
-    if lookup.constant(node.input[0]) is not None:
+    name = node_label(node)
+    if lookup.constant(required_input(node)) is not None:
         return None
     b = lookup.constant(_input(node, 1))
     if b is None or b.transposed:

@@ -29,6 +29,7 @@ import onnx
 
 from ..errors import ModelError
 from .decoder import TOKEN_IDS
+from .edges import Producers, required_input
 from .ops import Lookup
 from .sites import WeightSite
 
@@ -94,8 +95,7 @@ def lm_head_keys(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> dict[st
     """Keys of the sites that are the vocabulary projection or an embedding -> why."""
     graph = model.graph
     keys = {s.key for s in sites}
-    producers = {out: node for node in graph.node for out in node.output}
-    lookup = Lookup({t.name: t for t in graph.initializer}, producers)
+    lookup = Lookup.of(graph)
     constants = {t.name for t in graph.initializer} | {
         n.output[0] for n in graph.node if n.op_type == "Constant"
     }
@@ -111,7 +111,7 @@ def lm_head_keys(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> dict[st
             if key is not None:
                 found[key] = "embedding, read by a Gather"
     if _predicts_tokens(graph):
-        node = _logits_node(producers, constants)
+        node = _logits_node(lookup.producers, constants)
         if node is not None:
             key = site_key(node.input[1])
             if key is not None:
@@ -132,21 +132,21 @@ def _predicts_tokens(graph: onnx.GraphProto) -> bool:
     return False
 
 
-def _logits_node(producers, constants) -> onnx.NodeProto | None:
+def _logits_node(producers: Producers, constants) -> onnx.NodeProto | None:
     """The MatMul/Gemm that the graph output ``logits`` comes from."""
-    name = LOGITS
-    while True:
-        node = producers.get(name)
-        if node is None:
+
+    def step(_: str, node: onnx.NodeProto | None) -> str | None:
+        if node is None or node.op_type in _WEIGHT_OPS:
             return None
-        if node.op_type in _WEIGHT_OPS:
-            return node if len(node.input) >= 2 else None
         if node.op_type in _TO_LOGITS_UNARY:
-            name = node.input[0]
-            continue
+            return required_input(node)
         if node.op_type not in _TO_LOGITS_BINARY:
             return None
         moving = [i for i in node.input[:2] if i not in constants]
-        if len(moving) != 1:
-            return None
-        name = moving[0]
+        return moving[0] if len(moving) == 1 and moving[0] else None
+
+    node = producers.get(producers.trace(LOGITS, step))
+    if node is None or node.op_type not in _WEIGHT_OPS:
+        return None
+    return node if len(node.input) >= 2 else None
+

@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 import functools
-import json
 import math
 import os
 import re
@@ -36,6 +35,7 @@ import re
 import numpy as np
 
 from .._io import atomic_write
+from .._limits import read_json
 from ..errors import FpsError, MaskError, MissingDependency, StatsError
 from ..selection.maskfile import MaskFile
 from ..stats import ChannelStats, Stats
@@ -119,8 +119,7 @@ def node_names(model_path: str | os.PathLike) -> dict[str, list[str]]:
     from ..onnx.load import load_graph
 
     graph = load_graph(model_path)[0].graph
-    lookup = ops.Lookup({t.name: t for t in graph.initializer},
-                        {out: node for node in graph.node for out in node.output})
+    lookup = ops.Lookup.of(graph)
     names: dict[str, list[str]] = {}
     for node in graph.node:
         site = ops.weight_of(node, lookup)
@@ -350,8 +349,8 @@ class Diff:
 def _same(name: str, a: str | None, b: str | None) -> bool:
     if name == "budget" and a is not None and b is not None:
         try:
-            return json.loads(a) == json.loads(b)
-        except json.JSONDecodeError:
+            return read_json(a, "budget", MaskError) == read_json(b, "budget", MaskError)
+        except MaskError:  # not JSON (or not within the limits): compared as text
             pass
     return a == b
 

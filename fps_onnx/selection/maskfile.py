@@ -27,7 +27,9 @@ mask of a packed ONNX weight (``onnx_initializer``, e.g. a qkv projection). Mask
 ``method`` = "gps" (gradients of a PyTorch model) are keyed by parameter name
 from the start, with ``onnx_initializer`` null, ``loss`` and ``labels``.
 
-Reading checks the metadata's schema: ``tensors`` is a JSON object whose keys
+Reading checks the metadata's schema (JSON within the limits of
+:func:`fps_onnx._limits.read_json`): ``budget``, where present, is a JSON
+object; ``tensors`` is a JSON object whose keys
 are mask keys (a mask without an entry has no description; readers use
 ``.get``), each entry an object whose ``shape`` and ``selected`` agree with
 its mask and whose other documented fields have their documented types.
@@ -44,7 +46,8 @@ import os
 
 import numpy as np
 
-from .._io import read_safetensors, write_safetensors
+from .._io import Outputs, read_safetensors, write_safetensors
+from .._limits import read_json, shown
 from .._version import __version__
 from ..errors import MaskError
 from ..onnx.sites import WeightSite
@@ -70,8 +73,9 @@ class MaskFile:
     def total(self) -> int:
         return int(sum(m.size for m in self.masks.values()))
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file, then rename); ``shape`` and ``selected``
+    def save(self, path: str | os.PathLike, outputs: Outputs | None = None) -> None:
+        """Write atomically (temporary file, then rename; or stage it in the
+        transaction ``outputs``); ``shape`` and ``selected``
         of each entry of ``tensors`` are those of its mask."""
         arrays = {k: np.ascontiguousarray(v, dtype=bool) for k, v in self.masks.items()}
         counts = {k: int(np.count_nonzero(m)) for k, m in arrays.items()}
@@ -89,7 +93,7 @@ class MaskFile:
             "tool": f"fps-onnx {__version__}",
             "tensors": json.dumps(tensors, sort_keys=True),
         }
-        write_safetensors(path, arrays, meta)
+        write_safetensors(path, arrays, meta, outputs)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MaskFile:
@@ -97,10 +101,10 @@ class MaskFile:
         arrays, meta = read_safetensors(path, FORMAT, FORMAT_VERSION, MaskError, "mask")
         if "tensors" not in meta:
             raise MaskError(f"{path}: metadata 'tensors' is missing")
-        try:
-            tensors = json.loads(meta.pop("tensors"))
-        except json.JSONDecodeError as exc:
-            raise MaskError(f"{path}: metadata 'tensors' is not JSON") from exc
+        tensors = read_json(meta.pop("tensors"), f"{path}: metadata 'tensors'", MaskError)
+        if "budget" in meta and not isinstance(
+                read_json(meta["budget"], f"{path}: metadata 'budget'", MaskError), dict):
+            raise MaskError(f"{path}: metadata 'budget' must be a JSON object")
         for key, value in arrays.items():
             if value.dtype != np.bool_:
                 raise MaskError(f"{path}: mask {key!r} is {value.dtype}, not bool")
@@ -153,7 +157,7 @@ def check_tensors(tensors: object, masks: Mapping[str, np.ndarray], source: obje
         raise MaskError(f"{where} must be a JSON object, not {type(tensors).__name__}")
     for key, entry in tensors.items():
         if key not in masks:
-            raise MaskError(f"{where} describes {key!r}, which is not a mask of the file")
+            raise MaskError(f"{where} describes {shown(key)}, which is not a mask of the file")
         if not isinstance(entry, dict):
             raise MaskError(f"{where}: the entry of {key!r} must be a JSON object")
         mask = masks[key]
@@ -161,7 +165,7 @@ def check_tensors(tensors: object, masks: Mapping[str, np.ndarray], source: obje
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise MaskError(f"{where}: shape of {key!r} must be a list of non-negative integers")
         if tuple(shape) != tuple(mask.shape):
-            raise MaskError(f"{where}: shape of {key!r} is {shape}, the mask's {list(mask.shape)}")
+            raise MaskError(f"{where}: shape of {key!r} is {shown(shape)}, the mask's {list(mask.shape)}")
         selected = entry.get("selected")
         if not _is_int(selected):
             raise MaskError(f"{where}: selected of {key!r} must be an integer")

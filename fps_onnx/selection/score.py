@@ -27,7 +27,8 @@ import zlib
 
 import numpy as np
 
-from ..errors import BudgetError, NumericError, StatsError
+from .._limits import SEED_MAX, whole_number
+from ..errors import BudgetError, NumericError, StatsError, quoted
 from ..onnx.sites import WeightSite
 from ..stats import ChannelStats, no_rows
 
@@ -69,6 +70,7 @@ class SelectConfig:
             if isinstance(self.shira_r, bool) or not isinstance(self.shira_r, int) or self.shira_r < 1:
                 raise BudgetError(f"SHiRA r must be a whole number of at least 1, not {self.shira_r!r}")
             object.__setattr__(self, "level", "layer")  # r*(in+out) entries per tensor
+        whole_number(self.seed, "the seed", BudgetError, 0, SEED_MAX)
         if self.per_neuron is not None and self.per_neuron < 1:
             raise BudgetError(f"per-neuron count must be at least 1, not {self.per_neuron}")
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
@@ -259,12 +261,12 @@ def select_one(
 ) -> np.ndarray:
     """The bool mask of one weight (PyTorch layout). ``scratch``: work arrays to
     reuse (scores and the partitioned copy), else fresh ones."""
-    check_shira(config, site.shape, f"weight {site.key}")
+    check_shira(config, site.shape, f"weight {quoted(site.key)}")
     method = METHODS[config.method]
     missing = None
     if method.needs_activations:
         if stats is None:
-            missing = StatsError(f"there are no statistics for weight {site.key}")
+            missing = StatsError(f"there are no statistics for weight {quoted(site.key)}")
         elif stats.count < 1:  # all-zero sums would keep the leftmost entries of every row
             missing = StatsError(no_rows(site.key))
     # Scores of a weighted method are finite only where the weight is: its own
@@ -282,15 +284,15 @@ def select_one(
     if not np.isfinite(np.sum(score)):  # scores are >= 0: finite exactly when every one is
         if method.weighted:
             _check_weight(weight, site)
-        raise NumericError(f"the scores of weight {site.key} are not finite (NaN or Inf statistics)")
-    return select_scores(score, config, f"weight {site.key}", scratch)
+        raise NumericError(f"the scores of weight {quoted(site.key)} are not finite (NaN or Inf statistics)")
+    return select_scores(score, config, f"weight {quoted(site.key)}", scratch)
 
 
 def _check_weight(weight: np.ndarray, site: WeightSite) -> None:
     # A float64 sum of float32/16 values is finite exactly when every value is
     # (and it reads the weight once, in memory order, without a bool copy).
     if not np.isfinite(np.sum(weight, dtype=np.float64)):
-        raise NumericError(f"weight {site.key} holds NaN or Inf")
+        raise NumericError(f"weight {quoted(site.key)} holds NaN or Inf")
 
 
 def check_shira(config: SelectConfig, shape, key: str = "a weight") -> None:

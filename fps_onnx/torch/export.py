@@ -41,12 +41,10 @@ import contextlib
 from dataclasses import dataclass, field
 import gc
 import inspect
-import io
 import logging
 import os
 from pathlib import Path
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -54,11 +52,10 @@ import warnings
 import numpy as np
 import onnx
 
-from .._io import _fsync as _fsync_file
-from .._io import atomic_write, check_writable
-from ..errors import ExportError, OutputError, first_line
+from .._io import Outputs, captured_output, check_writable, transaction
+from ..errors import ExportError, first_line
 from ..onnx import external, graph
-from . import mapping
+from . import hf, mapping
 from .models import build_model, check_spec, is_causal_lm_model, load_checkpoint  # noqa: F401 - also importable from here
 from .models import require as _require
 
@@ -116,21 +113,35 @@ def export(
     checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
     img_size: int | None = None,
+    outputs: Outputs | None = None,
 ) -> ExportResult:
     """Export the model of ``spec`` to ``output`` and check it with ONNX Runtime.
 
     Nothing is written unless the export and the check succeed. For an ``hf:``
-    causal LM the folder's config and tokenizer files are copied beside it.
+    causal LM the folder's config and tokenizer files are copied beside it. The
+    ``.onnx``, its data file and the copied files are one output transaction
+    (staged in ``outputs`` when given); an output that is one of the files the
+    model is read from is refused before any work.
     """
     output = check_writable(output)
-    model, inputs = build_model(spec, checkpoint, num_classes, img_size)
-    causal = is_causal_lm_model(model)
-    holder = [model]
-    del model  # the export frees it once it is no longer needed
-    result = _export(holder, inputs, output, config, spec)
-    if causal and spec.startswith("hf:"):
-        result.copied = _copy_side_files(Path(spec[3:]), output)
+    folder = Path(spec[3:]) if spec.startswith("hf:") else None
+    read = {"--checkpoint": checkpoint, spec: _folder_files(folder) if folder is not None else None}
+    with transaction(outputs, planned={"-o": output}, inputs=read) as staged:
+        model, inputs = build_model(spec, checkpoint, num_classes, img_size)
+        side = []
+        if is_causal_lm_model(model) and folder is not None:
+            side = hf.side_files(folder, LLM_SIDE_FILES)  # checked before anything is written
+        holder = [model]
+        del model  # the export frees it once it is no longer needed
+        result = _export(holder, inputs, output, config, spec, staged)
+        result.copied = _copy_side_files(side, output, staged)
     return result
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The files of a model folder an export reads (config, tokenizer, weights)."""
+    patterns = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja")
+    return [file for pattern in patterns for file in folder.glob(pattern)] if folder.is_dir() else []
 
 
 def export_module(model, inputs: Mapping, output, config: ExportConfig = ExportConfig(), *,
@@ -143,7 +154,8 @@ def export_module(model, inputs: Mapping, output, config: ExportConfig = ExportC
     return _export([model], inputs, output, config, spec)
 
 
-def _export(holder: list, inputs: Mapping, output, config: ExportConfig, spec: str) -> ExportResult:
+def _export(holder: list, inputs: Mapping, output, config: ExportConfig, spec: str,
+            outputs: Outputs | None = None) -> ExportResult:
     """Export the model in ``holder`` (a one-item list: it is taken out and dropped as
     soon as it is no longer needed, which frees it when nothing else refers to it)."""
     torch = _require("torch", "exporting")
@@ -231,18 +243,13 @@ def _export(holder: list, inputs: Mapping, output, config: ExportConfig, spec: s
         gc.collect()  # the PyTorch weights go here when export() built the model
         diff = _check(final, checks, config, spec) if config.check else None
         with_data = (tmp / data_name).exists()  # (small tensors stay in the .onnx)
-        try:
-            for file in (tmp / data_name, final) if with_data else (final,):
-                _fsync_file(file)
+        with transaction(outputs) as staged:  # the data file is put in place first
             if with_data:
-                os.replace(tmp / data_name, output.parent / data_name)
-            os.replace(final, output)
-        except OSError as exc:
-            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
-        for name in names:
-            if name != data_name or not with_data:
-                with contextlib.suppress(OSError):
-                    os.unlink(output.parent / name)
+                staged.write(output.parent / data_name, lambda f: os.replace(tmp / data_name, f))
+            staged.write(output, lambda f: os.replace(final, f))
+            for name in names:
+                if name != data_name or not with_data:
+                    staged.remove(output.parent / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if unnamed:
@@ -518,18 +525,17 @@ def _field_size(number: int, length: int) -> int:
     return len(_key(number)) + len(_varint(length)) + length
 
 
-def _copy_side_files(folder: Path, output: Path) -> list[str]:
-    """Copy the model folder's config and tokenizer files beside ``output`` (atomically)."""
+def _copy_side_files(files: list[Path], output: Path, outputs: Outputs) -> list[str]:
+    """Copy the model folder's checked config and tokenizer files (:func:`hf.side_files`)
+    beside ``output`` (staged in ``outputs``)."""
     copied = []
-    for name in LLM_SIDE_FILES:
-        source, target = folder / name, output.parent / name
-        if not source.is_file():
-            continue
+    for source in files:
+        target = output.parent / source.name
         with contextlib.suppress(OSError):
             if target.exists() and os.path.samefile(source, target):
                 continue
-        atomic_write(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
-        copied.append(name)
+        outputs.write(target, lambda tmp, source=source: hf.copy_side_file(source, tmp))
+        copied.append(source.name)
     return copied
 
 
@@ -541,20 +547,8 @@ def _external_locations(path: Path) -> set[str]:
         model, _ = load_graph(path)
     except Exception:  # noqa: BLE001 - no readable old model: nothing of it to keep
         return set()
-    found: set[str] = set()
-
-    def walk(g) -> None:
-        tensors = list(g.initializer)
-        for node in g.node:
-            for attr in node.attribute:
-                tensors += [attr.t, *attr.tensors]
-                for sub in [attr.g, *attr.graphs]:
-                    walk(sub)
-        for t in tensors:
-            found.update(e.value for e in t.external_data if e.key == "location")
-
-    walk(model.graph)
-    return found
+    return {e.value for t in external.iter_tensors(model) for e in t.external_data
+            if e.key == "location"}
 
 
 def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec, params: bool = True) -> None:
@@ -565,7 +559,7 @@ def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec, par
                   opset_version=config.opset)
     chatter: list[str] = []
     try:
-        with _captured_output(chatter), warnings.catch_warnings():
+        with captured_output(chatter), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if config.exporter == "legacy":
                 with _keyword_forward(model, list(inputs)):
@@ -579,29 +573,6 @@ def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec, par
         log.debug("exporter output:\n%s", "".join(chatter))
     if not path.is_file():
         raise ExportError(f"cannot export {spec}: the {config.exporter} exporter wrote nothing")
-
-
-@contextlib.contextmanager
-def _captured_output(into: list[str]):
-    """Collect what the exporters print (progress, C++ graph dumps on failure) instead of showing it."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        try:
-            for fd in saved:
-                os.dup2(sink.fileno(), fd)
-            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
-                try:
-                    yield
-                finally:
-                    into.append(out.getvalue())
-        finally:
-            for fd, copy in saved.items():
-                os.dup2(copy, fd)
-                os.close(copy)
-            sink.seek(0)
-            into.append(sink.read().decode(errors="replace"))
 
 
 @contextlib.contextmanager
@@ -663,7 +634,7 @@ def _rename(g: onnx.GraphProto, names: Mapping[str, str]) -> None:
             if name in names:
                 node.input[i] = names[name]
         for attr in node.attribute:  # subgraphs (If/Loop) may use the weight too
-            for sub in [attr.g, *attr.graphs] if attr.type in (5, 10) else []:
+            for sub in external.subgraphs(attr):
                 _rename(sub, names)
 
 
@@ -677,9 +648,9 @@ def _check(path: Path, checks, config: ExportConfig, spec: str) -> float:
     import onnxruntime as ort
 
     from ..onnx.protofile import MalformedProto, load_graph
+    from ..providers import session_options
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = session_options()
     try:
         light, folder = load_graph(path)
     except MalformedProto:

@@ -559,7 +559,7 @@ def weight_nodes(model: onnx.ModelProto, keys: Collection[str]) -> dict[str, lis
     from ..onnx.ops import Lookup
 
     g = model.graph
-    lookup = Lookup({t.name: t for t in g.initializer}, {o: n for n in g.node for o in n.output})
+    lookup = Lookup.of(g)
     out: dict[str, list[str]] = defaultdict(list)
     for node in g.node:
         if not node.name or node.op_type in ("Transpose", "Identity", "Cast"):

@@ -177,6 +177,10 @@ def check_spec(spec: str) -> None:
     elif spec.startswith("hf:"):
         if not Path(spec[3:], "config.json").is_file():
             raise ExportError(f"unknown model SPEC {spec!r}: no transformers model folder (config.json) there")
+        require("transformers", "Hugging Face models")
+        from .hf import check_folder
+
+        check_folder(spec[3:])
     elif not _is_function_spec(spec):
         raise ExportError(f"unknown model SPEC {spec!r}: {_SPEC_FORMS}")
 
@@ -263,17 +267,20 @@ def _hf(path: str, num_classes, img_size, task: bool):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = require("transformers", "Hugging Face models")
     transformers.utils.logging.disable_progress_bar()
+    from . import hf
+
     if not Path(path, "config.json").is_file():
         raise ExportError(f"unknown model SPEC 'hf:{path}': no transformers model folder "
                           "(config.json) there")
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        config = hf.load_config(path)
         kind = hf_task(config)
         with_head = task or num_classes is not None or kind.export_task
-        cls = getattr(transformers, kind.auto_class if with_head else "AutoModel")
         new_head = with_head and kind.num_labels and num_classes is not None
         kwargs = {"num_labels": num_classes} if new_head else {}
-        model = cls.from_pretrained(path, local_files_only=True, **kwargs)
+        model = hf.load_model(kind.auto_class if with_head else "AutoModel", path, **kwargs)
+    except FpsError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"cannot load hf:{path}: {first_line(exc)}") from exc
     params = inspect.signature(model.forward).parameters

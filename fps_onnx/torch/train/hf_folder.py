@@ -12,9 +12,9 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-import shutil
 
-from ...errors import ExportError, MaskError, OutputError
+from ...errors import ExportError, FpsError, MaskError, OutputError
+from .. import hf
 from ..models import build_model, is_causal_lm, is_causal_lm_model
 from . import sparse
 from ._torch import nn
@@ -58,17 +58,17 @@ def causal_lm_folder(spec: str) -> Path:
     folder = Path(spec[3:])
     if not (folder / "config.json").is_file():
         raise ExportError(f"unknown model SPEC {spec!r}: no transformers model folder (config.json) there")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        config = hf.load_config(folder)
+    except FpsError:
+        raise
     except Exception as exc:  # noqa: BLE001 - config loaders raise anything
         raise ExportError(f"cannot load hf:{folder}: {exc}") from exc
     if not is_causal_lm(config):
         kind = getattr(config, "model_type", None) or type(config).__name__
         raise ExportError(f"hf:{folder} is not a causal language model ({kind}): --task causal-lm needs "
                           "a decoder-only model that AutoModelForCausalLM builds with its lm_head")
+    hf.side_files(folder, TOKENIZER_PATTERNS)  # refused now rather than after the work
     return folder
 
 
@@ -89,10 +89,9 @@ def save_model_folder(model: nn.Module, base: str | os.PathLike, out: str | os.P
         model.save_pretrained(str(out), safe_serialization=True)
     except OSError as exc:
         raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    for pattern in TOKENIZER_PATTERNS:
-        for file in sorted(Path(base).glob(pattern)):
-            if file.is_file() and not (out / file.name).exists():
-                shutil.copy2(file, out / file.name)
+    for file in hf.side_files(base, TOKENIZER_PATTERNS):
+        if not (out / file.name).exists():
+            hf.copy_side_file(file, out / file.name)
 
 
 def check_base(delta: str | os.PathLike, folder: str | os.PathLike) -> None:

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...data.text import read_lines
+from ...data.text import read_lines, tokenizer_errors
 from ...errors import DataError, first_line
+from .. import hf
 from ._torch import torch
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,8 @@ class Collate:
 
 def load_tokenizer(folder: str | os.PathLike):
     """The model folder's tokenizer (transformers ``AutoTokenizer``, local files only)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - tokenizer loaders raise anything
-        raise DataError(f"cannot load the tokenizer of {folder}: {first_line(exc)}") from exc
+    with tokenizer_errors(f"cannot load the tokenizer of {folder}"):
+        return hf.load_tokenizer(folder)
 
 
 def pad_id(tokenizer) -> int:
@@ -137,10 +133,8 @@ def _records(path: Path) -> list[tuple[int, str, str | None]]:
 def _encode(tokenizer, texts: list[str], special: bool, path: Path) -> list[list[int]]:
     if not texts:
         return []
-    try:
+    with tokenizer_errors(f"{path}: cannot tokenize the text"):
         return tokenizer(texts, add_special_tokens=special)["input_ids"]
-    except Exception as exc:  # noqa: BLE001 - tokenizers raise plain Exceptions
-        raise DataError(f"{path}: cannot tokenize the text: {first_line(exc)}") from exc
 
 
 def _text_samples(path: Path, tokenizer, max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..._limits import SEED_MAX, whole_number
 from ...errors import FpsError
 
 
@@ -63,6 +64,7 @@ class Recipe:
         for ok, message in checks:
             if not ok:
                 raise RecipeError(message)
+        whole_number(self.seed, "the seed", RecipeError, 0, SEED_MAX)
 
 
 @dataclass(frozen=True)

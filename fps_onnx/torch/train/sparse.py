@@ -52,6 +52,7 @@ import sys
 import numpy as np
 
 from ..._io import atomic_write, read_safetensors
+from ..._limits import read_json, shown
 from ...errors import MaskError
 from ...selection.maskfile import MaskFile
 from ._torch import nn, torch
@@ -506,8 +507,11 @@ def apply_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     The whole file is checked against the format and the model first (format
     and version, ``shapes`` and ``dense`` metadata, int64 indices in range and
-    without repeats, float values of the same length, every named tensor
-    present and nothing else); a file that fails any check raises
+    without repeats, real float values of the same length, every named tensor
+    present and nothing else; the values, and each weight plus its delta, must
+    be finite in the weight's dtype, and a dense tensor must be a real float
+    tensor finite in its target's float dtype, or else of the target's own
+    dtype); a file that fails any check raises
     :class:`MaskError` and leaves ``model`` unchanged.
     """
     tensors, meta = _read_delta(path)
@@ -535,23 +539,22 @@ def apply_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     targets = [id(params[n]) for n in shapes if n in params]
     if len(set(targets)) < len(targets):
         raise MaskError(f"{path}: two deltas name one tied weight of the model")
+    merged = {}
     for name, shape in shapes.items():
         if name not in params or list(params[name].shape) != shape:
             have = f"is {list(params[name].shape)}" if name in params else "does not exist"
-            raise MaskError(f"{path}: delta for {name} {shape} does not fit the model (its {name} {have})")
-        _check_sparse(name, tensors[f"{name}:indices"], tensors[f"{name}:values"], params[name].numel(), path)
+            raise MaskError(f"{path}: delta for {name} {shown(shape)} does not fit the model (its {name} {have})")
+        indices, values = tensors[f"{name}:indices"], tensors[f"{name}:values"]
+        _check_sparse(name, indices, values, params[name].numel(), path)
+        merged[name] = _added(name, params[name], indices, values, path)
     for name in dense:
         if name not in state or state[name].shape != tensors[name].shape:
             raise MaskError(f"{path}: tensor {name} {list(tensors[name].shape)} does not fit the model")
-        if state[name].is_floating_point() and not bool(torch.isfinite(tensors[name]).all()):
-            raise MaskError(f"{path}: tensor {name} holds NaN or Inf")
+        _check_dense(name, state[name], tensors[name], path)
 
     with torch.no_grad():
-        for name in shapes:
-            weight = params[name]
-            indices = tensors[f"{name}:indices"].to(weight.device)
-            values = tensors[f"{name}:values"].to(weight.device)
-            weight.put_(indices, (weight.take(indices).to(values.dtype) + values).to(weight.dtype))
+        for name, (indices, values) in merged.items():
+            params[name].put_(indices, values)
         for name in dense:
             state[name].copy_(tensors[name])
     return model
@@ -571,10 +574,7 @@ def _read_delta(path, *, with_tensors: bool = True) -> tuple[dict[str, torch.Ten
 def _json_meta(meta: Mapping[str, str], key: str, path) -> object:
     if key not in meta:
         raise MaskError(f"{path}: metadata {key!r} is missing")
-    try:
-        return json.loads(meta[key])
-    except json.JSONDecodeError as exc:
-        raise MaskError(f"{path}: metadata {key!r} is not JSON") from exc
+    return read_json(meta[key], f"{path}: metadata {key!r}", MaskError)
 
 
 def _check_sparse(name: str, indices: torch.Tensor, values: torch.Tensor, numel: int, path) -> None:
@@ -590,3 +590,38 @@ def _check_sparse(name: str, indices: torch.Tensor, values: torch.Tensor, numel:
         raise MaskError(f"{where}:indices repeat an entry")
     if not bool(torch.isfinite(values).all()):
         raise MaskError(f"{where}:values holds NaN or Inf")
+
+
+def _added(name: str, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, path
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, weight + values at them in the weight's dtype), the sums taken in
+    the wider of the two dtypes; MaskError unless the values and every sum are
+    finite in the weight's dtype (1e300 in a float32 weight is Inf there)."""
+    where = f"{path}: {name}:values"
+    if not weight.is_floating_point():
+        raise MaskError(f"{where}: the model's {name} is {weight.dtype}, not a float weight")
+    with torch.no_grad():
+        indices = indices.to(weight.device)
+        values = values.to(weight.device)
+        if not bool(torch.isfinite(values.to(weight.dtype)).all()):
+            raise MaskError(f"{where} do not fit the model's {weight.dtype} weight (they overflow it to Inf)")
+        wide = torch.promote_types(weight.dtype, values.dtype)
+        summed = (weight.detach().take(indices).to(wide) + values.to(wide)).to(weight.dtype)
+    if not bool(torch.isfinite(summed).all()):
+        raise MaskError(f"{where}: weight + delta overflows the model's {weight.dtype} weight to Inf")
+    return indices, summed
+
+
+def _check_dense(name: str, target: torch.Tensor, value: torch.Tensor, path) -> None:
+    """MaskError unless the dense tensor ``value`` can replace the model's ``target``
+    as it is: a real float tensor finite in the target's float dtype, else the target's own dtype."""
+    where = f"{path}: tensor {name}"
+    if not target.is_floating_point():
+        if value.dtype != target.dtype:
+            raise MaskError(f"{where} must be {target.dtype} like the model's {name}, not {value.dtype}")
+        return
+    if not value.is_floating_point():
+        raise MaskError(f"{where} must be a real float tensor like the model's {target.dtype} {name}, "
+                        f"not {value.dtype}")
+    if not bool(torch.isfinite(value.to(target.dtype)).all()):
+        raise MaskError(f"{where} holds NaN or Inf, or values beyond the model's {target.dtype}")
