@@ -65,7 +65,7 @@ def images(out: Path, seed: int, n_train: int, n_val: int, n_test: int, size: in
     """Fashion-MNIST splits; calib.npy holds the training images as the trainer feeds them."""
     import torch
 
-    from fps_onnx.train.data import ImageSpec, _to_image
+    from fps_onnx.torch.train.data import ImageSpec, _to_image
 
     test = out.parent / f"test-{n_test}.npz"
     if not test.exists():

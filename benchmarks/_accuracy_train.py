@@ -28,11 +28,11 @@ def main(args_path: str, out_path: str) -> None:
     args = json.loads(Path(args_path).read_text())
     import torch
 
-    from fps_onnx.export import build_model
-    from fps_onnx.train import loop
-    from fps_onnx.train.data import open_split
-    from fps_onnx.train.recipe import Recipe
-    from fps_onnx.train.run import image_spec
+    from fps_onnx.torch.export import build_model
+    from fps_onnx.torch.train import loop
+    from fps_onnx.torch.train.data import open_split
+    from fps_onnx.torch.train.recipe import Recipe
+    from fps_onnx.torch.train.run import image_spec
 
     torch.set_num_threads(int(args.get("threads", 2)))
     mode = args["mode"]

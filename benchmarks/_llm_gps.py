@@ -24,7 +24,7 @@ def main(model_dir: str, calib: str, out: str, r: int, batch: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fps_onnx.maskfile import MaskFile
+    from fps_onnx.selection.maskfile import MaskFile
 
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -56,7 +56,7 @@ def main(args_path: str, out_path: str) -> None:
                             target_modules=a["lora_targets"], bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
     elif a["mode"] == "sparse":
-        import fps_onnx.train as ft
+        import fps_onnx.torch.train as ft
 
         ft.prepare(model, a["masks"], ft.Recipe(train_head=False, train_bias=False, train_norm=False))
     else:

@@ -177,7 +177,7 @@ def role_gps(tiny: bool, images: int, batch_size: int, device: str, precision: s
     import numpy as np
     import torch
 
-    from fps_onnx.select import SelectConfig
+    from fps_onnx.selection.score import SelectConfig
 
     _, data_path = _paths(tiny, images)
     model = build_model(tiny).to(device).train()
@@ -213,7 +213,7 @@ def role_fps_torch(tiny: bool, images: int, batch_size: int, device: str) -> Non
     import numpy as np
     import torch
 
-    from fps_onnx.select import SelectConfig
+    from fps_onnx.selection.score import SelectConfig
 
     _, data_path = _paths(tiny, images)
     model = build_model(tiny).to(device).eval()

@@ -149,7 +149,7 @@ def gps(folder: str, data: str, batch_size: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fps_onnx.select import SelectConfig, select_scores
+    from fps_onnx.selection.score import SelectConfig, select_scores
 
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).train()

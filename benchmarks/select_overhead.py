@@ -100,7 +100,7 @@ def gps(data: str, batch_size: int) -> None:
     import timm
     import torch
 
-    from fps_onnx.select import SelectConfig
+    from fps_onnx.selection.score import SelectConfig
 
     torch.manual_seed(SEED)
     model = timm.create_model(MODEL, pretrained=False).train()

@@ -87,8 +87,8 @@ def child(args) -> dict:
         dtype = torch.float32 if args.gps_masks == "fp32" else torch.bool
         masked = [(model.get_parameter(n), (~m).to(dtype)) for n, m in masks.items()]  # 1 = frozen
     else:
-        from fps_onnx.train import loop
-        from fps_onnx.train.recipe import Recipe
+        from fps_onnx.torch.train import loop
+        from fps_onnx.torch.train.recipe import Recipe
 
         trainable = loop.prepare(model, {n: m.cpu().numpy() for n, m in masks.items()})
         optimizer = loop.make_optimizer(model, Recipe(lr=1e-4))

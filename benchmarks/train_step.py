@@ -62,8 +62,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import fps_onnx.train as ft
-    from fps_onnx.train import causal, sparse
+    import fps_onnx.torch.train as ft
+    from fps_onnx.torch.train import causal, sparse
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

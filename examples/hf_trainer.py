@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import transformers
 
-import fps_onnx.train
-from fps_onnx.maskfile import MaskFile
-from fps_onnx.select import SelectConfig, select_scores
+from fps_onnx.selection.maskfile import MaskFile
+from fps_onnx.selection.score import SelectConfig, select_scores
+import fps_onnx.torch.train
 
 
 def tiny_bert() -> transformers.BertForSequenceClassification:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     # 1. selected entries become k-sized trainable deltas (plus, by default, the head and biases)
-    trainable = fps_onnx.train.prepare(model, masks_path)
+    trainable = fps_onnx.torch.train.prepare(model, masks_path)
 
     # 2. any Trainer setup (its default optimizer, fused AdamW, works)
     training = transformers.TrainingArguments(
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = trainer.train()
 
     # 3. write the deltas into the weights: an ordinary model again
-    fps_onnx.train.merge(model)
+    fps_onnx.torch.train.merge(model)
     model.save_pretrained(args.output / "model")
 
     after = model.state_dict()

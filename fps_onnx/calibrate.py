@@ -22,13 +22,32 @@ import time
 import numpy as np
 import onnx
 
-from . import _onnxfile, decoder, external, graph, providers, validate
-from .data import DataConfig, InputSpec, iter_batches
+from . import providers
+from .data import DataConfig, iter_batches
 from .errors import DataError, FpsError, ModelError, NumericError, first_line
-from .scope import ScopeConfig, in_scope
+from .onnx import decoder, external, graph, validate
+from .onnx.inputs import InputSpec
+from .onnx.load import graph_inputs, load_checked
+from .onnx.scope import ScopeConfig, in_scope
 from .stats import ChannelStats, Stats
 
 log = logging.getLogger(__name__)
+
+#: loaders that lived here, importable from here for one release (fps_onnx.onnx.load now)
+_MOVED = ("load_model", "load_graph")
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import warnings
+
+        from .onnx import load
+
+        warnings.warn(f"fps_onnx.calibrate.{name} moved to fps_onnx.onnx.load.{name}", DeprecationWarning,
+                      stacklevel=2)
+        globals()[name] = getattr(load, name)  # warned once
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 DEFAULT_TOKEN_MASK = "attention_mask"
 
@@ -56,62 +75,12 @@ class Calibration:
     refs: list[external.ExternalRef] = field(default_factory=list)  # its checked external data
 
 
-def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:
-    """Read an ONNX file, or raise ModelError saying why it cannot be read."""
-    path = Path(path)
-    if path.exists() and not path.is_file():
-        raise ModelError(f"model file {path} is not a regular file")
-    if not path.is_file():
-        raise ModelError(f"model file {path} does not exist")
-    if path.stat().st_size == 0:
-        raise ModelError(f"model file {path} is empty")
-    try:
-        return onnx.load(str(path), load_external_data=load_weights)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises several types
-        raise ModelError(f"cannot read ONNX model {path}: {exc}") from exc
-
-
-def load_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
-    """The model with its large embedded weights referenced where they lie in
-    the file (see :mod:`fps_onnx._onnxfile`), and the folder its external-data
-    locations are relative to. ONNX Runtime and the scoring read the weights
-    from there, as plain inference does, and no copy is held in memory.
-
-    A merged decoder (every node inside ``If(use_cache_branch)``) comes back
-    with its no-past branch inlined (:func:`fps_onnx.decoder.inline_cache_branch`).
-    Every external-data reference is checked first (:func:`load_checked`)."""
-    model, folder, _ = load_checked(path)
-    return model, folder
-
-
-def load_checked(path: str | os.PathLike) -> tuple[onnx.ModelProto, str, list[external.ExternalRef]]:
-    """:func:`load_graph` with every external-data reference of the model (all
-    graphs) checked and pointed at the real file it names
-    (:func:`fps_onnx.external.resolve`): (model, folder, references). Raises
-    ModelError before anything is read from a file the references name."""
-    try:
-        model, folder = _onnxfile.load_graph(path)
-    except (_onnxfile.MalformedProto, OSError):
-        # load_model says what is wrong (missing, empty, corrupt), or reads it whole
-        model = load_model(path, load_weights=False)
-        folder = os.path.dirname(os.path.abspath(path))
-    refs, folder = external.resolve(model, folder, path)
-    validate.check_model(model, path)
-    return decoder.inline_cache_branch(model)[0], folder, refs
-
-
 def find_sites(model: onnx.ModelProto, scope: ScopeConfig = ScopeConfig()) -> list[graph.WeightSite]:
     """The selectable weights of ``model`` (:func:`fps_onnx.scope.in_scope`), each
     checked against the statistic it is scored with (:func:`fps_onnx.validate.check_sites`)."""
     sites = in_scope(model, graph.find_weights(model), scope)
     validate.check_sites(model, sites)
     return sites
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[str]:
-    """Names of the inputs a caller must feed (initializers excluded)."""
-    inits = {t.name for t in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in inits]
 
 
 def calibrate(

@@ -10,14 +10,16 @@ import math
 import os
 import threading
 
-from . import graph, maskfile
 from ._io import Outputs, check_writable, listed_paths, transaction
-from .calibrate import CalibrationConfig, calibrate, find_sites, load_checked
+from .calibrate import CalibrationConfig, calibrate, find_sites
 from .data import DataConfig
 from .errors import BudgetError, DataError, StatsError, quoted
-from .external import model_sha256
-from .scope import ScopeConfig
-from .select import METHODS, Scratch, SelectConfig, check_shira, describe_budget, select_one
+from .onnx import graph
+from .onnx.external import model_sha256
+from .onnx.load import load_checked
+from .onnx.scope import ScopeConfig
+from .selection import maskfile
+from .selection.score import METHODS, Scratch, SelectConfig, check_shira, describe_budget, select_one
 from .stats import Stats, merge_all
 
 log = logging.getLogger(__name__)
@@ -168,3 +170,62 @@ def _select_all(model, sites, stats: Stats, config: SelectConfig, base_dir: str 
 
     with ThreadPoolExecutor(max(1, min(SCORING_THREADS, os.cpu_count() or 1))) as pool:
         return dict(zip((s.key for s in sites), pool.map(one, sites)))
+
+
+@dataclass
+class Selection:
+    """The masks of a ``select`` run, keyed as they will be written, and where they came from."""
+
+    masks: maskfile.MaskFile
+    samples: int
+    provider: str | None
+    seconds: float | None
+
+
+def select(
+    model: str | os.PathLike,
+    data: str | os.PathLike | None,
+    select_config: SelectConfig = SelectConfig(),
+    calibration: CalibrationConfig = CalibrationConfig(),
+    data_config: DataConfig = DataConfig(),
+    *,
+    from_stats: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    stats_out: str | os.PathLike | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    scope: ScopeConfig = ScopeConfig(),
+    torch_model: str | None = None,
+    torch_checkpoint: str | os.PathLike | None = None,
+    outputs: Outputs | None = None,
+) -> Selection:
+    """The whole ``fps-onnx select``: :func:`run_select` on the ONNX ``model``, or, with
+    ``select_config.method == "gps"``, the gradient baseline on the PyTorch SPEC ``model``
+    and the labelled split ``data``. With ``torch_model`` (a SPEC) the FPS masks are keyed by
+    that model's parameter names and ``scope``'s exclusions applied to them too.
+    ``--stats-out`` is staged in ``outputs`` (see :func:`run_select`).
+    torch is imported only for gps or ``torch_model``."""
+    gps = select_config.method == "gps"
+    if data_config.shard is not None and gps:
+        raise DataError("--shard splits FPS calibration data; --method gps reads all of DATA")
+    if torch_model is not None or gps:
+        from .torch.models import check_spec
+
+        check_spec(model if gps else torch_model)
+    if gps:
+        from .torch.gps import gps_select
+
+        result = gps_select(model, data, select_config, checkpoint=torch_checkpoint,
+                            image_size=data_config.image_size, batch_size=data_config.batch_size,
+                            max_samples=data_config.max_samples, on_batch=on_batch)
+        return Selection(result.masks, result.samples, "torch", result.seconds)
+    result = run_select(model, data, select_config, calibration, data_config,
+                        from_stats=from_stats, stats_out=stats_out, on_batch=on_batch, scope=scope,
+                        outputs=outputs)
+    masks = result.masks
+    if torch_model is not None:
+        from .selection.exclude import drop_excluded
+        from .torch.mapping import map_to_model
+
+        masks, report = map_to_model(masks, torch_model, model, checkpoint=torch_checkpoint)
+        log.info("%s", report.summary())
+        masks = drop_excluded(masks, scope)  # --exclude also matches PyTorch names
+    return Selection(masks, result.stats.num_samples, result.provider, result.seconds)

@@ -30,12 +30,12 @@ import numpy as np
 from ._io import Outputs, read_safetensors, write_safetensors
 from ._limits import INT64_MAX, MAX_SHARDS, whole_number
 from .errors import StatsError
+from .onnx.sites import SUMS
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fps-stats"
 FORMAT_VERSION = "1"
-SUMS = ("abs_sum", "sq_sum")
 _MISSING_SHOWN = 5  # missing shards named in the warning
 
 

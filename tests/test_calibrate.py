@@ -11,7 +11,7 @@ from fps_onnx.calibrate import CalibrationConfig, calibrate
 from fps_onnx.data import DataConfig
 from fps_onnx.errors import DataError, ModelError, NumericError
 from fps_onnx.pipeline import run_select
-from fps_onnx.select import SelectConfig
+from fps_onnx.selection.score import SelectConfig
 
 BOTH = CalibrationConfig(provider="cpu", statistics=("abs_sum", "sq_sum"))
 
@@ -66,8 +66,8 @@ def by_value(reference, weights):
 
 @pytest.mark.parametrize("norm", ["l1", "l2"])
 def test_masks_and_stats_equal_pytorch_hooks(vit_case, norm):
-    from fps_onnx import graph
-    from fps_onnx.calibrate import load_model
+    from fps_onnx.onnx import graph
+    from fps_onnx.onnx.load import load_model
 
     model, path, data_path = vit_case
     data = np.load(data_path)
@@ -125,7 +125,7 @@ def test_python_memory_does_not_grow_with_data(vit_case, tmp_path):
 def test_embedded_and_external_weights_give_the_same_statistics(vit_case, tmp_path):
     import onnx
 
-    from fps_onnx import graph
+    from fps_onnx.onnx import graph
 
     _, path, data_path = vit_case
     external = tmp_path / "ext" / "vit.onnx"
@@ -207,7 +207,7 @@ def test_symbolic_shape_inference_runs_only_where_onnx_inference_loses_the_token
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from fps_onnx import graph
+    from fps_onnx.onnx import graph
 
     w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
     act = (helper.make_node("Gelu", ["x"], ["h"], domain="com.microsoft") if contrib

@@ -119,7 +119,7 @@ def test_an_unexpected_error_is_one_line(tmp_path, monkeypatch, error):
     def boom(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(select_cli, "run_select", boom)
+    monkeypatch.setattr(select_cli, "select_masks", boom)
     data = _data(tmp_path / "data")
     line = assert_one_error_line(invoke("select", linear_chain(tmp_path), data, "-o", tmp_path / "o", "-q"))
     assert f"unexpected {type(error).__name__}" in line and "report" in line

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("torch")
 
 from fps_onnx.cli.main import main  # noqa: E402
-from fps_onnx.maskfile import MaskFile  # noqa: E402
+from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 
 SPEC_FILE = '''
 import torch
@@ -55,7 +55,7 @@ def _folded(spec, path):
     """The same model exported with constant folding: its Linear weights lose their names."""
     import torch
 
-    from fps_onnx.models import build_model
+    from fps_onnx.torch.models import build_model
 
     model, inputs = build_model(spec)
     torch.onnx.export(model, tuple(inputs.values()), str(path), dynamo=False, do_constant_folding=True,

@@ -14,7 +14,7 @@ import pytest
 
 from _models import linear_chain, make_model, tensor
 from fps_onnx.cli.main import main
-from fps_onnx.maskfile import MaskFile
+from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.stats import Stats
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from fps_onnx import data
-from fps_onnx.data import DataConfig, InputSpec, find_files, image_geometry, iter_batches
+from fps_onnx.data import DataConfig, find_files, image_geometry, iter_batches
 from fps_onnx.errors import DataError
+from fps_onnx.onnx.inputs import InputSpec
 
 IMG = InputSpec("x", ("N", 3, 8, 8), np.dtype(np.float32))
 TOKENS = (InputSpec("input_ids", ("N", "S"), np.dtype(np.int64)),

@@ -9,10 +9,11 @@ import onnxruntime as ort
 import pytest
 
 from _models import make_model, rng, tensor
-from fps_onnx import decoder, graph
-from fps_onnx.calibrate import CalibrationConfig, calibrate, load_graph, load_model
-from fps_onnx.data import InputSpec
+from fps_onnx.calibrate import CalibrationConfig, calibrate
 from fps_onnx.errors import ModelError
+from fps_onnx.onnx import decoder, graph
+from fps_onnx.onnx.inputs import InputSpec
+from fps_onnx.onnx.load import load_graph, load_model
 
 
 def session(model):

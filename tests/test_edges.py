@@ -9,10 +9,10 @@ import onnx
 from onnx import helper, numpy_helper
 import pytest
 
-from fps_onnx import decoder, graph, scope
-from fps_onnx.edges import Producers, required_input
 from fps_onnx.errors import ModelError
-from fps_onnx.ops import Lookup
+from fps_onnx.onnx import decoder, graph, scope
+from fps_onnx.onnx.edges import Producers, required_input
+from fps_onnx.onnx.ops import Lookup
 
 W = numpy_helper.from_array(np.ones((6, 5), np.float32), "w")
 

@@ -45,7 +45,7 @@ def test_masks_are_keyed_by_the_causal_lm_linears(example):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fps_onnx.maskfile import MaskFile
+    from fps_onnx.selection.maskfile import MaskFile
 
     work, _ = example
     masks = MaskFile.load(work / "masks.safetensors")

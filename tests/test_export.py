@@ -9,12 +9,12 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from fps_onnx import graph  # noqa: E402
 from fps_onnx.errors import ExportError  # noqa: E402
-from fps_onnx.export import ExportConfig, export, export_module  # noqa: E402
-from fps_onnx.mapping import map_masks, onnx_weights  # noqa: E402
-from fps_onnx.maskfile import build  # noqa: E402
-from fps_onnx.models import build_model  # noqa: E402
+from fps_onnx.onnx import graph  # noqa: E402
+from fps_onnx.selection.maskfile import build  # noqa: E402
+from fps_onnx.torch.export import ExportConfig, export, export_module  # noqa: E402
+from fps_onnx.torch.mapping import map_masks, onnx_weights  # noqa: E402
+from fps_onnx.torch.models import build_model  # noqa: E402
 
 
 class Mixed(nn.Module):
@@ -194,7 +194,7 @@ def test_hf_text_model_has_dynamic_batch_and_sequence(tmp_path):
 def _export_both_ways(model, inputs, out, monkeypatch, streamed_calls):
     """Export ``model`` twice into ``out``: weights streamed from the model (the legacy
     path) and weights written by the exporter (its fallback); the two folders."""
-    from fps_onnx import export as ex
+    from fps_onnx.torch import export as ex
 
     folders = []
     for streamed in (True, False):
@@ -213,7 +213,7 @@ def _export_both_ways(model, inputs, out, monkeypatch, streamed_calls):
 @pytest.fixture
 def streamed_calls(monkeypatch):
     """Names of the writers of streamed weights called (embedded, external)."""
-    from fps_onnx import export as ex
+    from fps_onnx.torch import export as ex
 
     calls = []
     for name in ("_save_streamed", "_weights_to_data_file"):
@@ -246,7 +246,7 @@ def test_streamed_weights_give_the_exporters_file(kind, external, tmp_path, monk
     import onnxruntime as ort
 
     from _models import TOKEN_INPUTS, tiny_bert, tiny_vit
-    from fps_onnx import export as ex
+    from fps_onnx.torch import export as ex
 
     if external:
         monkeypatch.setattr(ex, "_MAX_PROTO_BYTES", 0)
@@ -277,7 +277,7 @@ def test_save_streamed_writes_what_onnx_save_writes(tmp_path):
     non-contiguous, one bfloat16): the bytes onnx.save writes."""
     from onnx import helper, numpy_helper
 
-    from fps_onnx.export import _inputs_to_initializers, _save_streamed
+    from fps_onnx.torch.export import _inputs_to_initializers, _save_streamed
 
     w = torch.randn(3, 4).t()  # [4, 3], not contiguous
     b = torch.randn(3).to(torch.bfloat16)
@@ -379,7 +379,7 @@ REAL = [
 @pytest.mark.parametrize("spec, img_size", REAL, ids=[s.split(":")[-1] for s, _ in REAL])
 def test_real_models_export_select_and_map(spec, img_size, exporter, tmp_path):
     """export -> select keys every Linear/Conv weight by its name; a folded raw export maps by value."""
-    from fps_onnx.calibrate import load_model
+    from fps_onnx.onnx.load import load_model
     from fps_onnx.pipeline import run_select
 
     pytest.importorskip("timm")

@@ -25,11 +25,11 @@ transformers = pytest.importorskip("transformers")
 
 import llm_models  # noqa: E402
 
-from fps_onnx import graph  # noqa: E402
 from fps_onnx.errors import ExportError  # noqa: E402
-from fps_onnx.export import ExportConfig, export  # noqa: E402
-from fps_onnx.maskfile import MaskFile  # noqa: E402
-from fps_onnx.models import HF_TASKS, hf_task, is_causal_lm  # noqa: E402
+from fps_onnx.onnx import graph  # noqa: E402
+from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
+from fps_onnx.torch.export import ExportConfig, export  # noqa: E402
+from fps_onnx.torch.models import HF_TASKS, hf_task, is_causal_lm  # noqa: E402
 
 FAMILIES = ("llama", "llama-tied", "qwen2", "gpt2", "mistral", "phi3")
 TEXT = [
@@ -289,7 +289,7 @@ def test_select_default_budget_is_a_fraction_of_fan_in(exported, tmp_path):
 def external_export(tmp_path_factory):
     """(hf folder, model.onnx) of tiny Llama written as a large model would be: the size
     limit is lowered so that the external-data path applies."""
-    from fps_onnx import export as export_module
+    from fps_onnx.torch import export as export_module
 
     tmp = tmp_path_factory.mktemp("external")
     folder = save_family("llama", tmp / "hf")
@@ -346,7 +346,7 @@ def test_select_and_map_work_on_external_data(external_export, tmp_path):
 
 
 def test_a_re_export_replaces_the_model_and_its_data_file_as_a_pair(external_export, tmp_path, monkeypatch):
-    from fps_onnx import export as export_module
+    from fps_onnx.torch import export as export_module
 
     folder, first = external_export
     out = tmp_path / "out"
@@ -368,7 +368,7 @@ def test_streamed_weights_give_the_exporters_file(kind, limit, tmp_path, monkeyp
     """The legacy path streams the weights from the model into the file; it is the
     file the exporter gives with the weights inside (byte for byte, data file too),
     tied lm_head under the embedding's name, and ONNX Runtime gives the same logits."""
-    from fps_onnx import export as ex
+    from fps_onnx.torch import export as ex
 
     folder = save_family(kind, tmp_path / "hf")
     if limit is not None:

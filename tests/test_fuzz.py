@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fps_onnx.cli.main import main  # noqa: E402
-from fps_onnx.maskfile import MaskFile  # noqa: E402
+from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ import pytest
 
 from _models import image_folder, small_cnn
 from fps_onnx.cli.main import main
-from fps_onnx.gps import gps_select
-from fps_onnx.maskfile import MaskFile
-from fps_onnx.select import SelectConfig
+from fps_onnx.selection.maskfile import MaskFile
+from fps_onnx.selection.score import SelectConfig
+from fps_onnx.torch.gps import gps_select
 
 SPEC = f"{Path(__file__).with_name('_models.py')}:small_cnn"
 
@@ -21,7 +21,7 @@ def reference_masks(folder, k):
     """GPS done by hand: same model and batches, dense grads summed, stable top-K."""
     import torch
 
-    from fps_onnx.train.data import ImageSpec, open_split
+    from fps_onnx.torch.train.data import ImageSpec, open_split
 
     torch.manual_seed(0)
     model, _ = small_cnn()

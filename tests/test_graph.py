@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 
 from _models import make_model, rng, tensor
-from fps_onnx import graph
 from fps_onnx.errors import ModelError
+from fps_onnx.onnx import graph
 
 
 def sites_of(model):

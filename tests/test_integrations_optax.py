@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from fps_onnx.errors import MaskError  # noqa: E402
 from fps_onnx.integrations.optax import mask_tree, zero_unselected  # noqa: E402
-from fps_onnx.maskfile import MaskFile  # noqa: E402
+from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 
 
 class TorchMLP(torch.nn.Module):

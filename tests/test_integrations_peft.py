@@ -13,8 +13,8 @@ import pytest
 from _models import linear_chain, make_model, rng, tensor
 from fps_onnx.cli.main import main
 from fps_onnx.errors import BudgetError, MaskError
-from fps_onnx.maskfile import MaskFile
-from fps_onnx.select import SelectConfig, select_scores
+from fps_onnx.selection.maskfile import MaskFile
+from fps_onnx.selection.score import SelectConfig, select_scores
 
 
 def invoke(*args):

@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import fps_onnx.train  # noqa: E402
-from fps_onnx.train import Recipe  # noqa: E402
+import fps_onnx.torch.train  # noqa: E402
+from fps_onnx.torch.train import Recipe  # noqa: E402
 
 LINEARS = ("attention.self.query", "attention.self.value", "intermediate.dense", "output.dense")
 
@@ -71,7 +71,7 @@ def test_hf_trainer_with_weight_decay_moves_only_the_selected_entries(tmp_path):
     model = tiny_bert()
     masks = random_masks(model)
     before = plain_state(model)
-    trainable = fps_onnx.train.prepare(model, masks)  # default recipe: + head and biases
+    trainable = fps_onnx.torch.train.prepare(model, masks)  # default recipe: + head and biases
     selected = sum(int(m.sum()) for m in masks.values())
     assert trainable.selected == selected
     dense = sum(p.numel() for n, p in model.named_parameters() if n in trainable.dense)
@@ -88,7 +88,7 @@ def test_hf_trainer_with_weight_decay_moves_only_the_selected_entries(tmp_path):
     decayed = [g for g in trainer.optimizer.param_groups if g["weight_decay"] > 0]
     assert any(p.numel() for g in decayed for p in g["params"])  # decay really ran on the deltas
 
-    fps_onnx.train.merge(model)
+    fps_onnx.torch.train.merge(model)
     check_only_selected_moved(before, model, masks, trained_fully=set(trainable.dense))
     assert {"classifier.weight", "bert.encoder.layer.0.output.dense.bias"} <= set(trainable.dense)
 
@@ -99,7 +99,7 @@ def _masks_alone(seed: int):
     model = tiny_bert(seed)
     masks = random_masks(model, seed=seed)
     before = plain_state(model)
-    fps_onnx.train.prepare(model, masks, Recipe(train_head=False, train_bias=False))
+    fps_onnx.torch.train.prepare(model, masks, Recipe(train_head=False, train_bias=False))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
                                   weight_decay=0.1)
     return model, masks, before, optimizer
@@ -113,7 +113,7 @@ def test_plain_loop_with_adamw_decay_and_mask_alone(tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     assert exp_avg_numel(optimizer) == sum(int(m.sum()) for m in masks.values())
-    fps_onnx.train.merge(model)
+    fps_onnx.torch.train.merge(model)
     check_only_selected_moved(before, model, masks)
     # the merged model is an ordinary one: save and reload it with transformers
     model.save_pretrained(tmp_path / "out")
@@ -135,18 +135,18 @@ def test_accelerate_prepare_keeps_frozen_entries():
             optimizer.zero_grad()
     assert exp_avg_numel(optimizer) == sum(int(m.sum()) for m in masks.values())
     model = accelerator.unwrap_model(model)
-    fps_onnx.train.merge(model)
+    fps_onnx.torch.train.merge(model)
     check_only_selected_moved(before, model, masks)
 
 
 def test_prepare_takes_a_mask_file_path(tmp_path):
-    from fps_onnx.maskfile import MaskFile
+    from fps_onnx.selection.maskfile import MaskFile
 
     model = tiny_bert(3)
     masks = random_masks(model, seed=3)
     path = tmp_path / "masks.safetensors"
     MaskFile(masks, {}, {"method": "random"}).save(path)
-    trainable = fps_onnx.train.prepare(model, str(path), Recipe(train_head=False, train_bias=False))
+    trainable = fps_onnx.torch.train.prepare(model, str(path), Recipe(train_head=False, train_bias=False))
     assert trainable.selected == sum(int(m.sum()) for m in masks.values())
     assert sorted(trainable.deltas) == sorted(masks)
 
@@ -156,14 +156,14 @@ def test_fused_adamw_updates_reach_the_weights():
     model = tiny_bert(4)
     masks = random_masks(model, seed=4)
     before = plain_state(model)
-    fps_onnx.train.prepare(model, masks, Recipe(train_head=False, train_bias=False))
+    fps_onnx.torch.train.prepare(model, masks, Recipe(train_head=False, train_bias=False))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
     batch = {k: torch.stack([s[k] for s in samples(8, 4)]) for k in ("input_ids", "attention_mask", "labels")}
     for _ in range(2):
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    fps_onnx.train.merge(model)
+    fps_onnx.torch.train.merge(model)
     check_only_selected_moved(before, model, masks)
 
 

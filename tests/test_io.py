@@ -138,7 +138,7 @@ def test_atomic_folder_refuses_files_and_missing_parents(tmp_path):
 
 def _export_pair(tmp_path, monkeypatch, seed):
     torch = pytest.importorskip("torch")
-    from fps_onnx import export
+    from fps_onnx.torch import export
 
     monkeypatch.setattr(export, "_MAX_PROTO_BYTES", 0)  # every model gets an external data file
     torch.manual_seed(seed)
@@ -186,7 +186,7 @@ def test_a_reexported_model_and_its_data_change_as_a_pair(tmp_path, monkeypatch)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
     np.testing.assert_allclose(_run(out, x), want_first, rtol=1e-5, atol=1e-6)
 
-    from fps_onnx import export
+    from fps_onnx.torch import export
 
     monkeypatch.setattr(export, "_MAX_PROTO_BYTES", 1 << 40)  # small again: no data file left over
     export_first(out)

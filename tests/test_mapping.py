@@ -9,10 +9,10 @@ from onnx import TensorProto, helper
 import pytest
 
 from _models import make_model, rng, tensor
-from fps_onnx import graph
 from fps_onnx.errors import MaskError
-from fps_onnx.mapping import MatchConfig, map_masks, match_weights, onnx_weights
-from fps_onnx.maskfile import MaskFile, build
+from fps_onnx.onnx import graph
+from fps_onnx.selection.maskfile import MaskFile, build
+from fps_onnx.torch.mapping import MatchConfig, map_masks, match_weights, onnx_weights
 
 
 def _masks_for(model, seed: int = 3) -> MaskFile:

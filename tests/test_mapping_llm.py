@@ -20,10 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 import pytest
 
 from _models import make_model, rng, tensor
-from fps_onnx import graph
 from fps_onnx.errors import MaskError
-from fps_onnx.mapping import MatchConfig, builder_candidates, map_masks, module_paths
-from fps_onnx.maskfile import MaskFile, build
+from fps_onnx.onnx import graph
+from fps_onnx.selection.maskfile import MaskFile, build
+from fps_onnx.torch.mapping import MatchConfig, builder_candidates, map_masks, module_paths
 
 HIDDEN, Q, KV, FFN = 16, 16, 8, 24  # 4 heads of 4, 2 kv heads: q rows 16, k and v rows 8
 MS_OPSET = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
@@ -302,7 +302,7 @@ def _merged(state) -> onnx.ModelProto:
 
 
 def test_merged_decoder_maps_through_its_inlined_branch():
-    from fps_onnx.decoder import inline_cache_branch
+    from fps_onnx.onnx.decoder import inline_cache_branch
 
     state = _state()
     merged = _merged(state)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from fps_onnx import maskfile
 from fps_onnx.errors import MaskError
-from fps_onnx.graph import WeightSite
+from fps_onnx.onnx.sites import WeightSite
+from fps_onnx.selection import maskfile
 
 
 def test_round_trip_and_metadata(tmp_path):

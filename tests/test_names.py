@@ -6,13 +6,14 @@ import ast
 import json
 from pathlib import Path
 
+from _layering import imports, modules
 from click.testing import CliRunner
 import numpy as np
 import pytest
 
 from fps_onnx.errors import MaskError
-from fps_onnx.maskfile import MaskFile
-from fps_onnx.models import resolve_keys
+from fps_onnx.selection.maskfile import MaskFile
+from fps_onnx.torch.models import resolve_keys
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fps_onnx"
 
@@ -57,48 +58,29 @@ def test_two_keys_for_one_parameter_are_an_error():
 # --------------------------------------------------------------------------- layering
 
 
-def _imports(path: Path) -> set[str]:
-    """fps_onnx modules a module imports anywhere in it (top level or inside functions)."""
-    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parent + ([base] if base else []))
-            names = [f"{base}.{a.name}" for a in node.names] if not node.module else [base]
-            found.update(n for n in names if n.startswith("fps_onnx"))
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("fps_onnx"))
-    return found
-
-
-def _modules() -> dict[str, Path]:
-    files = [*PACKAGE.glob("*.py"), *PACKAGE.glob("train/*.py")]
-    return {p.stem if p.parent == PACKAGE else f"train.{p.stem}": p for p in files}
-
-
-def test_model_building_has_one_home_and_layers_point_down():
-    imports = {name: _imports(path) for name, path in _modules().items()}
-    assert imports["models"] <= {"fps_onnx.errors", "fps_onnx.maskfile", "fps_onnx.hf"}
-    assert imports["hf"] <= {"fps_onnx.errors", "fps_onnx.external", "fps_onnx._limits"}
-    assert "fps_onnx.export" not in imports["mapping"]
+def test_model_building_has_one_home():
+    """Every torch-side module builds models through torch.models (layering: test_layers.py)."""
+    found = modules(PACKAGE.parent, "fps_onnx")
+    uses = {name: imports(name, path, is_pkg, set(found)) for name, (path, is_pkg) in found.items()}
+    assert uses["fps_onnx.torch.models"] <= {"fps_onnx.errors", "fps_onnx.selection.maskfile", "fps_onnx.torch.hf"}
+    assert uses["fps_onnx.torch.hf"] <= {"fps_onnx.errors", "fps_onnx.onnx.external", "fps_onnx._limits"}
+    assert "fps_onnx.torch.export" not in uses["fps_onnx.torch.mapping"]
     for user in ("export", "mapping", "gps", "train.run", "train.loop"):
-        assert "fps_onnx.models" in imports[user], user
-    assert not any("fps_onnx.export" in found for name, found in imports.items() if name != "export")
+        assert "fps_onnx.torch.models" in uses[f"fps_onnx.torch.{user}"], user
+    assert not any("fps_onnx.torch.export" in used for name, used in uses.items()
+                   if name not in ("fps_onnx.torch.export", "fps_onnx.cli.export"))
     defined = {name: {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
-               for name, path in _modules().items()}
+               for name, (path, _) in found.items()}
     for func in ("build_model", "build_for_data", "check_spec", "load_checkpoint", "_hf", "_timm"):
-        assert [m for m, names in defined.items() if func in names] == ["models"], func
+        assert [m for m, names in defined.items() if func in names] == ["fps_onnx.torch.models"], func
 
 
 def test_transformers_reads_model_folders_in_one_place():
     """Every from_pretrained goes through fps_onnx.hf (trust_remote_code=False, the folder checked)."""
-    files = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "cli").rglob("*.py")]
+    files = list(PACKAGE.rglob("*.py"))
     callers = {p.name for p in files if "from_pretrained(" in p.read_text()}
     assert callers == {"hf.py"}, callers
-    assert "trust_remote_code\": False" in (PACKAGE / "hf.py").read_text()
+    assert "trust_remote_code\": False" in (PACKAGE / "torch" / "hf.py").read_text()
 
 
 # --------------------------------------------------------------------------- hf task models
@@ -133,7 +115,7 @@ def _save(tmp_path: Path, kind: str) -> Path:
     ("vit", "layers.0.attention.q_proj.weight", "vit.layers.0.attention.q_proj.weight"),
 ])
 def test_hf_export_model_is_the_backbone_and_the_task_model_wraps_it(tmp_path, kind, backbone, task):
-    from fps_onnx.models import build_model
+    from fps_onnx.torch.models import build_model
 
     spec = f"hf:{_save(tmp_path, kind)}"
     bare = dict(build_model(spec)[0].named_parameters())
@@ -145,7 +127,7 @@ def test_hf_export_model_is_the_backbone_and_the_task_model_wraps_it(tmp_path, k
 
 def test_a_decoder_only_folder_is_its_causal_lm(tmp_path):
     """A bare LlamaModel folder (no head named) is still fine-tuned as LlamaForCausalLM."""
-    from fps_onnx import models
+    from fps_onnx.torch import models
 
     spec = f"hf:{_save(tmp_path, 'llama')}"
     model, inputs = models.build_for_data(spec, None, 3, False, None)

@@ -7,10 +7,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 import pytest
 
-from fps_onnx import _onnxfile
-from fps_onnx.calibrate import load_graph
 from fps_onnx.errors import ModelError
-from fps_onnx.graph import tensor_value
+from fps_onnx.onnx import protofile as _onnxfile
+from fps_onnx.onnx.graph import tensor_value
+from fps_onnx.onnx.load import load_graph
 
 
 def _model() -> onnx.ModelProto:

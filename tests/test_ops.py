@@ -12,11 +12,11 @@ import onnxruntime as ort
 import pytest
 
 from _models import make_model, rng, tensor
-from fps_onnx import graph, ops
 from fps_onnx.cli.main import main
 from fps_onnx.errors import ModelError
+from fps_onnx.onnx import graph, ops
 from fps_onnx.pipeline import run_select
-from fps_onnx.select import SelectConfig
+from fps_onnx.selection.score import SelectConfig
 
 MS_OPSET = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
 
@@ -213,7 +213,7 @@ def test_run_select_on_matmul_nbits_matches_numpy(tmp_path):
 
 def test_mapping_leaves_matmul_nbits_weights_unmapped(tmp_path):
     from fps_onnx.errors import MaskError
-    from fps_onnx.mapping import map_masks, match_weights, onnx_weights
+    from fps_onnx.torch.mapping import map_masks, match_weights, onnx_weights
 
     path, model = two_nbits_layers(tmp_path)
     np.save(tmp_path / "x.npy", rng(7).standard_normal((8, 128)).astype(np.float32))

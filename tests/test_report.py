@@ -12,10 +12,10 @@ import onnx
 import pytest
 
 from _models import make_model, tensor
-from fps_onnx import report
 from fps_onnx.cli.main import main
 from fps_onnx.errors import MaskError, StatsError
-from fps_onnx.maskfile import MaskFile
+from fps_onnx.report import summary as report
+from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.stats import ChannelStats, Stats
 
 SHA = "a" * 64

@@ -12,11 +12,12 @@ from onnx import TensorProto, helper
 import pytest
 
 from _models import make_model, rng, tensor
-from fps_onnx import graph
 from fps_onnx.cli.main import main
 from fps_onnx.errors import ModelError
-from fps_onnx.maskfile import MaskFile
-from fps_onnx.scope import ScopeConfig, drop_excluded, in_scope, lm_head_keys
+from fps_onnx.onnx import graph
+from fps_onnx.onnx.scope import ScopeConfig, in_scope, lm_head_keys
+from fps_onnx.selection.exclude import drop_excluded
+from fps_onnx.selection.maskfile import MaskFile
 
 D, V = 4, 7
 
@@ -89,7 +90,7 @@ def test_a_weight_read_by_a_gather_is_an_embedding_whatever_the_output_is_called
 
 def test_untied_lm_head_feeding_logits_through_bias_and_cast_is_left_out(caplog):
     model = untied_lm()
-    with caplog.at_level(logging.INFO, logger="fps_onnx.scope"):
+    with caplog.at_level(logging.INFO, logger="fps_onnx.onnx.scope"):
         assert keys(model) == ["w1"]
     assert "lm_head.weight (lm_head, feeds logits)" in caplog.text
     assert keys(model, ScopeConfig(include_lm_head=True)) == ["w1", "lm_head.weight"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fps_onnx.errors import BudgetError, NumericError
-from fps_onnx.graph import WeightSite
-from fps_onnx.select import Scratch, SelectConfig, scores, select_one, top_k
+from fps_onnx.onnx.sites import WeightSite
+from fps_onnx.selection.score import Scratch, SelectConfig, scores, select_one, top_k
 from fps_onnx.stats import ChannelStats
 
 

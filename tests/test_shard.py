@@ -16,11 +16,12 @@ from _models import image_folder, linear_chain, make_model, rng, tensor
 from fps_onnx import data as data_module
 from fps_onnx.calibrate import CalibrationConfig
 from fps_onnx.cli.main import main
-from fps_onnx.data import DataConfig, InputSpec, iter_batches, parse_shard
+from fps_onnx.data import DataConfig, iter_batches, parse_shard
 from fps_onnx.errors import DataError, StatsError
-from fps_onnx.maskfile import MaskFile
+from fps_onnx.onnx.inputs import InputSpec
 from fps_onnx.pipeline import run_select
-from fps_onnx.select import SelectConfig
+from fps_onnx.selection.maskfile import MaskFile
+from fps_onnx.selection.score import SelectConfig
 from fps_onnx.stats import Stats, merge_all
 
 X = InputSpec("x", ("N", 6), np.dtype(np.float32))

@@ -12,9 +12,9 @@ from safetensors.numpy import save_file
 from _models import linear_chain
 from fps_onnx.cli.main import main
 from fps_onnx.errors import StatsError
-from fps_onnx.external import model_sha256
-from fps_onnx.graph import WeightSite
-from fps_onnx.select import SelectConfig, select_one
+from fps_onnx.onnx.external import model_sha256
+from fps_onnx.onnx.sites import WeightSite
+from fps_onnx.selection.score import SelectConfig, select_one
 from fps_onnx.stats import ChannelStats, Stats, merge_all
 
 

@@ -17,11 +17,12 @@ import pytest
 
 from _models import make_model, rng, tensor
 from fps_onnx.cli.main import main
-from fps_onnx.data import DataConfig, InputSpec, find_files, iter_batches
+from fps_onnx.data import DataConfig, find_files, iter_batches
+from fps_onnx.data.text import find_tokenizer, max_positions
 from fps_onnx.errors import DataError
-from fps_onnx.maskfile import MaskFile
+from fps_onnx.onnx.inputs import InputSpec
+from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.stats import Stats
-from fps_onnx.text import find_tokenizer, max_positions
 
 VOCAB = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "the": 3, "cat": 4, "sat": 5, "on": 6, "mat": 7, "<eos>": 8}
 IDS = InputSpec("input_ids", ("N", "S"), np.dtype(np.int64))
@@ -377,7 +378,7 @@ def test_default_max_length_is_capped_at_the_model_positions(tmp_path):
     import json
 
     from fps_onnx.data import DataConfig
-    from fps_onnx.text import TextReader
+    from fps_onnx.data.text import TextReader
 
     model = tiny_lm(tmp_path / "lm")
     save_tokenizer(model.parent)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from _models import TOKEN_INPUTS, export, tiny_bert
-from fps_onnx import graph
-from fps_onnx.calibrate import CalibrationConfig, calibrate, load_model
+from fps_onnx.calibrate import CalibrationConfig, calibrate
+from fps_onnx.onnx import graph
+from fps_onnx.onnx.load import load_model
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ transformers = pytest.importorskip("transformers")
 from llm_models import save_tiny_llm  # noqa: E402
 
 from fps_onnx.cli.main import main  # noqa: E402
-from fps_onnx.maskfile import MaskFile  # noqa: E402
-from fps_onnx.train import causal, hf_folder, lm_data, loop, sparse  # noqa: E402
-from fps_onnx.train.recipe import CausalLMRecipe  # noqa: E402
+from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
+from fps_onnx.torch.train import causal, hf_folder, lm_data, loop, sparse  # noqa: E402
+from fps_onnx.torch.train.recipe import CausalLMRecipe  # noqa: E402
 
 LINES = ["The capital of France is Paris.", "The quick brown fox jumps over the lazy dog.",
          "Every layer has attention and a feed-forward block.", "A small model learns to predict."]

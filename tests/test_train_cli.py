@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fps_onnx.cli.main import main  # noqa: E402
-from fps_onnx.maskfile import MaskFile  # noqa: E402
-from fps_onnx.train import sparse  # noqa: E402
+from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
+from fps_onnx.torch.train import sparse  # noqa: E402
 
 MODEL = textwrap.dedent('''
     import torch
@@ -63,7 +63,7 @@ def _train(spec, masks, tmp, *extra):
 
 
 def _build(spec):
-    from fps_onnx.export import build_model
+    from fps_onnx.torch.export import build_model
 
     return build_model(spec)[0]
 
@@ -134,7 +134,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, problem, message):
 
 def test_interrupt_during_training_or_writing_leaves_no_model_file(case, monkeypatch):
     spec, masks, tmp = case
-    from fps_onnx.train import loop
+    from fps_onnx.torch.train import loop
 
     calls = {"n": 0}
     real_step = loop.train_step

@@ -16,8 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from fps_onnx.train import loop, sparse  # noqa: E402
-from fps_onnx.train.recipe import Recipe  # noqa: E402
+from fps_onnx.torch.train import loop, sparse  # noqa: E402
+from fps_onnx.torch.train.recipe import Recipe  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 
@@ -117,7 +117,7 @@ def _cli_case(tmp: Path) -> list[str]:
     x = rng.standard_normal((64, 3, 8, 8)).astype(np.float32) * 0.5
     x[np.arange(64), y] += 1.5
     np.savez(tmp / "train.npz", x=x, y=y)
-    from fps_onnx.maskfile import MaskFile
+    from fps_onnx.selection.maskfile import MaskFile
 
     MaskFile({"0.weight": rng.random((6, 3, 3, 3)) < 0.3}, {}).save(tmp / "m.safetensors")
     return ["train", "--model", f"{tmp / 'net.py'}:build", "--masks", str(tmp / "m.safetensors"),

@@ -9,10 +9,10 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from fps_onnx.errors import DataError, MaskError  # noqa: E402
-from fps_onnx.maskfile import MaskFile  # noqa: E402
-from fps_onnx.train import loop, sparse  # noqa: E402
-from fps_onnx.train.data import ImageSpec, open_split  # noqa: E402
-from fps_onnx.train.recipe import Recipe, RecipeError  # noqa: E402
+from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
+from fps_onnx.torch.train import loop, sparse  # noqa: E402
+from fps_onnx.torch.train.data import ImageSpec, open_split  # noqa: E402
+from fps_onnx.torch.train.recipe import Recipe, RecipeError  # noqa: E402
 
 
 class Net(nn.Module):

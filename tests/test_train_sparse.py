@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from fps_onnx.errors import MaskError  # noqa: E402
-from fps_onnx.maskfile import MaskFile  # noqa: E402
-from fps_onnx.train import sparse  # noqa: E402
+from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
+from fps_onnx.torch.train import sparse  # noqa: E402
 
 
 class Tiny(nn.Module):
@@ -170,7 +170,7 @@ def test_onnx_keyed_masks_are_mapped_by_value(tmp_path):
     pytest.importorskip("onnx")
     import onnx
 
-    from fps_onnx import graph
+    from fps_onnx.onnx import graph
 
     torch.manual_seed(0)
     model = Tokens()

@@ -24,8 +24,9 @@ import pytest
 
 from _models import linear_chain, make_model, tensor
 from fps_onnx.cli.main import main
-from fps_onnx.data import DataConfig, InputSpec, iter_batches
-from fps_onnx.maskfile import MaskFile
+from fps_onnx.data import DataConfig, iter_batches
+from fps_onnx.onnx.inputs import InputSpec
+from fps_onnx.selection.maskfile import MaskFile
 
 
 def image_model(tmp: Path) -> Path:

@@ -17,10 +17,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 import pytest
 
-from fps_onnx import calibrate, external, validate
+from fps_onnx import calibrate
 from fps_onnx.cli.main import main
 from fps_onnx.errors import ModelError
-from fps_onnx.graph import find_weights
+from fps_onnx.onnx import external, validate
+from fps_onnx.onnx.graph import find_weights
 
 W1 = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
 W2 = np.random.default_rng(1).standard_normal((4, 5)).astype(np.float32)

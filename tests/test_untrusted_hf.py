@@ -20,11 +20,11 @@ transformers = pytest.importorskip("transformers")
 from llm_models import save_tiny_llm  # noqa: E402
 
 from _models import image_folder, linear_chain  # noqa: E402
-from fps_onnx import hf  # noqa: E402
 from fps_onnx.cli.main import main  # noqa: E402
 from fps_onnx.errors import ModelError  # noqa: E402
-from fps_onnx.maskfile import MaskFile  # noqa: E402
-from fps_onnx.train import hf_folder, sparse  # noqa: E402
+from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
+from fps_onnx.torch import hf  # noqa: E402
+from fps_onnx.torch.train import hf_folder, sparse  # noqa: E402
 
 #: What a user (or a CI job piping ``yes``) answers to any prompt.
 YES = "y\n" * 50

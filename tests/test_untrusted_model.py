@@ -20,11 +20,13 @@ from onnx import TensorProto, helper, numpy_helper
 import pytest
 
 from _models import make_model, tensor
-from fps_onnx import calibrate, external
+from fps_onnx import calibrate
 from fps_onnx.cli.main import main
 from fps_onnx.errors import ModelError
-from fps_onnx.graph import tensor_value
-from fps_onnx.maskfile import MaskFile
+from fps_onnx.onnx import external
+from fps_onnx.onnx.graph import tensor_value
+from fps_onnx.onnx.load import load_graph
+from fps_onnx.selection.maskfile import MaskFile
 
 W1 = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
 W2 = np.random.default_rng(1).standard_normal((4, 5)).astype(np.float32)
@@ -244,7 +246,7 @@ def test_in_folder_external_data_and_in_folder_links_select(place):
         assert MaskFile.load(out).masks["w1"].shape == (5, 6)
         out.unlink()
     in_link = w1_external(place / "m", "sub/w.bin")
-    graph, folder = calibrate.load_graph(in_link)
+    graph, folder = load_graph(in_link)
     np.testing.assert_array_equal(tensor_value(graph.graph.initializer[0], folder), W1)
     refused(place, [linked, "--method", "magnitude"], "leads outside")
 

@@ -25,10 +25,10 @@ sys.path.insert(0, str(HERE))
 
 import rebuild  # noqa: E402
 
-from fps_onnx.calibrate import load_model  # noqa: E402
-from fps_onnx.mapping import map_masks  # noqa: E402
+from fps_onnx.onnx.load import load_model  # noqa: E402
 from fps_onnx.pipeline import run_select  # noqa: E402
-from fps_onnx.select import SelectConfig  # noqa: E402
+from fps_onnx.selection.score import SelectConfig  # noqa: E402
+from fps_onnx.torch.mapping import map_masks  # noqa: E402
 
 BACKBONE_OUT = "/backbone/layernorm/Add_1_output_0"
 WANTED = [f"encoder.layer.{i}.{m}.weight" for i in range(12) for m in (

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from ..errors import MaskError, MissingDependency
-from ..maskfile import MaskFile
+from ..selection.maskfile import MaskFile
 
 
 class MissingExtra(MissingDependency):

@@ -38,7 +38,7 @@ import os
 import numpy as np
 
 from ..errors import MaskError
-from ..maskfile import MaskFile
+from ..selection.maskfile import MaskFile
 from . import MissingExtra, load_masks
 
 try:

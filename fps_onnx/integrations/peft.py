@@ -34,8 +34,8 @@ import weakref
 import numpy as np
 
 from ..errors import MaskError
-from ..maskfile import MaskFile
-from ..models import resolve_keys
+from ..selection.maskfile import MaskFile
+from ..torch.models import resolve_keys
 from . import MissingExtra, load_masks
 
 try:

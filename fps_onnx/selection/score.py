@@ -1,0 +1,329 @@
+"""Scores and top-k selection: FPS (Eq. 3/4 of the FPS paper) and its baselines.
+
+Score of weight w[j, k] (PyTorch layout, row j = output neuron, k = input):
+``|w| * mean|a_k|`` (norm "l1") or ``|w| * RMS(a_k)`` (norm "l2"). For a Conv
+weight w[o, c, i, j] the statistic is that of input channel
+``group(o) * C_in/groups + c``, broadcast over the kernel window.
+
+Other methods plug in through :func:`register_method`: "activation" (Eq. 5/6,
+the activation statistic alone), "magnitude" (|w| alone) and "random" (seeded
+uniform scores) are built in; "gps" (gradients, needs PyTorch) registers
+itself from :mod:`fps_onnx.gps`.
+
+Selection keeps the top K per output neuron (level "neuron") or the top N of
+each tensor (level "layer"); the SHiRA budget (``shira_r`` = r) keeps the top
+r*(in+out) of each Linear weight [out, in], the adapter size PEFT's SHiRA
+requires. Ties go to the higher score, then the lower flat index, so the
+result is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+import json
+import math
+import zlib
+
+import numpy as np
+
+from .._limits import SEED_MAX, whole_number
+from ..errors import BudgetError, NumericError, StatsError, quoted
+from ..onnx.sites import WeightSite
+from ..stats import ChannelStats, no_rows
+
+NORMS = ("l1", "l2")
+LEVELS = ("neuron", "layer")
+DEFAULT_FRACTION = 0.005
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """How to score and how many entries to keep.
+
+    Give at most one of ``per_neuron`` (K per output neuron; at layer level
+    N = K * out), ``fraction`` (F of each neuron's fan-in, or of each
+    tensor at layer level) and ``shira_r`` (r: the top r*(in+out) of each
+    Linear weight [out, in], as PEFT's SHiRA needs; implies level "layer";
+    a Conv weight, or one with fewer than r*(in+out) entries, is a
+    BudgetError); with none, ``fraction`` = DEFAULT_FRACTION.
+    """
+
+    norm: str = "l1"
+    level: str = "neuron"
+    per_neuron: int | None = None
+    fraction: float | None = None
+    method: str = "fps"
+    seed: int = 0
+    shira_r: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS and self.method != "gps":
+            raise BudgetError(f"method must be one of {', '.join(method_names())}, not {self.method!r}")
+        if self.norm not in NORMS:
+            raise BudgetError(f"norm must be one of {', '.join(NORMS)}, not {self.norm!r}")
+        if self.level not in LEVELS:
+            raise BudgetError(f"level must be one of {', '.join(LEVELS)}, not {self.level!r}")
+        if sum(b is not None for b in (self.per_neuron, self.fraction, self.shira_r)) > 1:
+            raise BudgetError("give one budget, not both: a per-neuron count, a fraction or a SHiRA r")
+        if self.shira_r is not None:
+            if isinstance(self.shira_r, bool) or not isinstance(self.shira_r, int) or self.shira_r < 1:
+                raise BudgetError(f"SHiRA r must be a whole number of at least 1, not {self.shira_r!r}")
+            object.__setattr__(self, "level", "layer")  # r*(in+out) entries per tensor
+        whole_number(self.seed, "the seed", BudgetError, 0, SEED_MAX)
+        if self.per_neuron is not None and self.per_neuron < 1:
+            raise BudgetError(f"per-neuron count must be at least 1, not {self.per_neuron}")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise BudgetError(f"fraction must be in (0, 1], not {self.fraction}")
+
+    @property
+    def budget(self) -> dict:
+        """The budget as recorded in mask files."""
+        if self.per_neuron is not None:
+            return {"per_neuron": self.per_neuron}
+        if self.shira_r is not None:
+            return {"shira_r": self.shira_r}
+        return {"fraction": DEFAULT_FRACTION if self.fraction is None else self.fraction}
+
+    @property
+    def statistic(self) -> str:
+        """The input statistic the norm needs."""
+        return "abs_sum" if self.norm == "l1" else "sq_sum"
+
+    def keep(self, rows: int, fan_in: int) -> int:
+        """Entries to keep per row (neuron level) or per tensor (layer level).
+
+        For ``shira_r`` that is r*(rows+fan_in) whatever the tensor;
+        :func:`check_shira` says whether a weight can take it.
+        """
+        budget = self.budget
+        if "shira_r" in budget:
+            return budget["shira_r"] * (rows + fan_in)
+        if "per_neuron" in budget:
+            k = budget["per_neuron"]
+            if k > fan_in:
+                raise BudgetError(f"--per-neuron {k} is larger than a fan-in of {fan_in}")
+            return k if self.level == "neuron" else k * rows
+        f = budget["fraction"]
+        n = fan_in if self.level == "neuron" else rows * fan_in
+        return max(1, round(f * n))
+
+
+@dataclass(frozen=True)
+class Method:
+    """A selection method: how it scores a weight, and whether it needs activations.
+
+    ``fills_out``: ``score`` takes a keyword ``out``, an array shaped like the
+    weight of dtype ``np.result_type(weight.dtype, np.float32)``, and returns
+    it filled. ``weighted``: every score is |w| times a factor, so scores that
+    are all finite mean a finite weight.
+    """
+
+    name: str
+    score: Callable[..., np.ndarray]
+    needs_activations: bool
+    fills_out: bool = False
+    weighted: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, score, needs_activations: bool, *, fills_out: bool = False,
+                    weighted: bool = False) -> Method:
+    """Add a selection method; ``score(weight, site, activation, config)`` returns
+    an array shaped like ``weight`` (``activation`` is None when not needed).
+    See :class:`Method` for ``fills_out`` and ``weighted``."""
+    if not name.isidentifier() or name in METHODS:
+        raise ValueError(f"method name {name!r} is not a new identifier")
+    METHODS[name] = Method(name, score, needs_activations, fills_out, weighted)
+    return METHODS[name]
+
+
+class Scratch:
+    """Work arrays reused from one weight to the next (one per thread): a fresh
+    array the size of a large weight costs a page fault per 4 KiB, several
+    times what filling it costs."""
+
+    def __init__(self) -> None:
+        self._bytes: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, shape, dtype) -> np.ndarray:
+        """An uninitialised C-contiguous array of ``shape`` and ``dtype``, the
+        memory of buffer ``name`` (the previous array of that name is overwritten)."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = self._bytes.get(name)
+        if buf is None or buf.size < nbytes:
+            buf = self._bytes[name] = np.empty(max(nbytes, 1), np.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def method_names() -> list[str]:
+    """Every method the select command offers ("gps" loads PyTorch when chosen)."""
+    return sorted({*METHODS, "gps"})
+
+
+def channel_statistic(stats: ChannelStats, norm: str) -> np.ndarray:
+    """mean|a| (l1) or RMS(a) (l2) per input channel."""
+    return stats.mean_abs() if norm == "l1" else stats.rms()
+
+
+_TILE = 64
+
+
+def magnitudes(weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """|w|, C-contiguous whatever the layout of ``weight`` (the per-row partitions
+    of top-k run ~3x slower over strided rows), in float32 (float64 weights:
+    float64). float32 carries the scores as far as the statistics go: those are
+    sums of float32 activations, good to about 1e-6, far coarser than its 6e-8.
+    ``out``: the array to fill (C-contiguous, shaped like ``weight``, that dtype).
+    """
+    if out is None:
+        out = np.empty(weight.shape, np.result_type(weight.dtype, np.float32))
+    if weight.ndim == 2 and weight.strides[0] < weight.strides[1]:
+        # A transposed view ([in, out] storage): copy in tiles, which stay in cache.
+        rows, cols = weight.shape
+        for i in range(0, rows, _TILE):
+            for j in range(0, cols, _TILE):
+                np.abs(weight[i : i + _TILE, j : j + _TILE], out=out[i : i + _TILE, j : j + _TILE])
+    else:
+        np.abs(weight, out=out)
+    return out
+
+
+def scores(weight: np.ndarray, site: WeightSite, activation: np.ndarray,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """|w| * activation statistic, shaped like ``weight`` (PyTorch layout), in the
+    precision of :func:`magnitudes` (into ``out`` when given, as there)."""
+    w = magnitudes(weight, out)
+    activation = activation.astype(w.dtype)
+    if site.layout != "conv":
+        w *= activation[None, :]
+        return w
+    out, per_group = weight.shape[:2]
+    group = np.arange(out) // (out // site.groups)
+    channel = group[:, None] * per_group + np.arange(per_group)[None, :]
+    w *= activation[channel].reshape(out, per_group, *([1] * (weight.ndim - 2)))
+    return w
+
+
+def _broadcast(site: WeightSite, activation: np.ndarray, shape) -> np.ndarray:
+    return scores(np.ones(shape), site, activation)
+
+
+def _random(weight: np.ndarray, site: WeightSite, _act, config: SelectConfig) -> np.ndarray:
+    rng = np.random.default_rng([config.seed, zlib.crc32(site.key.encode())])
+    return rng.random(weight.shape)
+
+
+register_method("fps", lambda w, site, act, _c, out=None: scores(w, site, act, out),
+                needs_activations=True, fills_out=True, weighted=True)
+register_method("activation", lambda w, site, act, _c: _broadcast(site, act, w.shape), True)
+register_method("magnitude", lambda w, site, _act, _c, out=None: magnitudes(w, out),
+                needs_activations=False, fills_out=True, weighted=True)
+register_method("random", _random, needs_activations=False)
+
+
+def top_k(score: np.ndarray, k: int, scratch: Scratch | None = None) -> np.ndarray:
+    """Bool mask of the top ``k`` entries of each row of a 2-D array.
+
+    Higher score first, then lower column index: exact and deterministic,
+    in O(n) per row (partition a copy, then fill ties from the left). The copy
+    is made in ``scratch`` when given.
+    """
+    rows, n = score.shape
+    if k >= n:
+        return np.ones_like(score, dtype=bool)
+    part = np.empty(score.shape, score.dtype) if scratch is None else \
+        scratch.array("partition", score.shape, score.dtype)
+    np.copyto(part, score)
+    part.partition(n - k, axis=1)
+    threshold = part[:, n - k : n - k + 1]
+    keep = score >= threshold
+    # A row keeps more than k exactly when an entry left of its k-th largest
+    # (all <= it after the partition) equals it: a tie across the threshold.
+    tied = np.flatnonzero(part[:, : n - k].max(axis=1) == threshold[:, 0])
+    if tied.size == 0:
+        return keep  # the usual case
+    sub, at = score[tied], threshold[tied]
+    above = sub > at
+    equal = sub == at
+    need = k - np.count_nonzero(above, axis=1).reshape(-1, 1)
+    rank = np.cumsum(equal, axis=1, dtype=np.int32 if n < 2**31 else np.int64)
+    keep[tied] = above | (equal & (rank <= need))
+    return keep
+
+
+def select_one(
+    weight: np.ndarray, site: WeightSite, stats: ChannelStats | None, config: SelectConfig,
+    scratch: Scratch | None = None,
+) -> np.ndarray:
+    """The bool mask of one weight (PyTorch layout). ``scratch``: work arrays to
+    reuse (scores and the partitioned copy), else fresh ones."""
+    check_shira(config, site.shape, f"weight {quoted(site.key)}")
+    method = METHODS[config.method]
+    missing = None
+    if method.needs_activations:
+        if stats is None:
+            missing = StatsError(f"there are no statistics for weight {quoted(site.key)}")
+        elif stats.count < 1:  # all-zero sums would keep the leftmost entries of every row
+            missing = StatsError(no_rows(site.key))
+    # Scores of a weighted method are finite only where the weight is: its own
+    # pass over the weight is needed only to say which is to blame.
+    if missing is not None or not method.weighted:
+        _check_weight(weight, site)
+    if missing is not None:
+        raise missing
+    act = channel_statistic(stats, config.norm) if method.needs_activations else None
+    if scratch is not None and method.fills_out:
+        out = scratch.array("score", weight.shape, np.result_type(weight.dtype, np.float32))
+        score = method.score(weight, site, act, config, out=out)
+    else:
+        score = method.score(weight, site, act, config)
+    if not np.isfinite(np.sum(score)):  # scores are >= 0: finite exactly when every one is
+        if method.weighted:
+            _check_weight(weight, site)
+        raise NumericError(f"the scores of weight {quoted(site.key)} are not finite (NaN or Inf statistics)")
+    return select_scores(score, config, f"weight {quoted(site.key)}", scratch)
+
+
+def _check_weight(weight: np.ndarray, site: WeightSite) -> None:
+    # A float64 sum of float32/16 values is finite exactly when every value is
+    # (and it reads the weight once, in memory order, without a bool copy).
+    if not np.isfinite(np.sum(weight, dtype=np.float64)):
+        raise NumericError(f"weight {quoted(site.key)} holds NaN or Inf")
+
+
+def check_shira(config: SelectConfig, shape, key: str = "a weight") -> None:
+    """BudgetError unless weight ``key`` of ``shape`` (PyTorch layout) takes the SHiRA
+    budget: a Linear weight [out, in] with at least r*(in+out) entries. Nothing
+    to check for other budgets."""
+    r = config.shira_r
+    if r is None:
+        return
+    shape = [int(d) for d in shape]
+    if len(shape) != 2:
+        raise BudgetError(f"--shira-r: {key} {shape} is a Conv weight; SHiRA adapts Linear weights only "
+                          "(leave it out with --exclude)")
+    out, fan_in = shape
+    if r * (out + fan_in) > out * fan_in:
+        raise BudgetError(f"--shira-r {r}: {key} {shape} has {out * fan_in} entries, fewer than "
+                          f"r*(in+out) = {r * (out + fan_in)} (lower r, or leave it out with --exclude)")
+
+
+def select_scores(score: np.ndarray, config: SelectConfig, key: str = "a weight",
+                  scratch: Scratch | None = None) -> np.ndarray:
+    """The bool mask of one tensor's scores (PyTorch layout, rows = output neurons);
+    ``key`` names the weight in errors; ``scratch``: see :func:`top_k`."""
+    check_shira(config, score.shape, key)
+    rows = score.shape[0]
+    fan_in = score[0].size
+    k = config.keep(rows, fan_in)
+    flat = score.reshape(rows, fan_in) if config.level == "neuron" else score.reshape(1, -1)
+    return top_k(flat, k, scratch).reshape(score.shape)
+
+
+def describe_budget(config: SelectConfig) -> str:
+    """The budget as JSON, for file metadata."""
+    return json.dumps(config.budget, sort_keys=True)

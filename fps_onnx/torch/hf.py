@@ -1,0 +1,149 @@
+"""``hf``: the one place transformers reads a model folder (``hf:DIR``).
+
+Every transformers ``AutoConfig``, ``AutoModel*`` and ``AutoTokenizer`` load of
+fps-onnx goes through :func:`load_config`, :func:`load_model` or
+:func:`load_tokenizer`. Each passes ``trust_remote_code=False`` and
+``local_files_only=True`` and first calls :func:`check_folder`, which refuses
+(ModelError), before transformers reads or imports anything from it, a folder
+that would make transformers run, or ask to run, code of its own:
+
+* ``auto_map`` in ``config.json`` or another config transformers reads
+  (:data:`CODE_CONFIGS`: ``tokenizer_config.json``, the processor configs);
+* a ``model_type`` transformers does not know, or none;
+* any ``*.py`` file in the folder.
+
+Files copied out of a folder (config and tokenizer files beside an export, or
+into a merged model folder) are :func:`side_files`: each must be a regular file
+that really lies (symlinks followed) inside the folder, or inside the folder its
+``config.json`` really lies in (a Hugging Face cache snapshot links its files
+to blobs there); it is read through a descriptor opened without following a
+last link or blocking (:func:`fps_onnx.external.open_inside`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+import fnmatch
+import os
+from pathlib import Path
+import shutil
+
+from .._limits import MAX_JSON_CHARS, read_json
+from ..errors import ModelError
+from ..onnx.external import model_roots, open_inside
+
+CONFIG_FILE = "config.json"
+#: Configs transformers reads an ``auto_map`` (code in the folder) from.
+CODE_CONFIGS = (CONFIG_FILE, "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+                "image_processor_config.json", "feature_extractor_config.json", "video_preprocessor_config.json")
+#: What every transformers load is given: nothing downloaded, no code from the folder.
+LOAD_KWARGS = {"trust_remote_code": False, "local_files_only": True}
+
+
+def check_folder(folder: str | os.PathLike) -> dict:
+    """The parsed ``config.json`` of a transformers folder that holds no code to run.
+
+    ModelError when the folder has no ``config.json``, a config that is not a
+    JSON object, ``auto_map`` in any of :data:`CODE_CONFIGS`, a ``model_type``
+    transformers does not know, or a ``*.py`` file. Nothing from the folder is
+    imported; transformers itself is only asked for its list of model types.
+    """
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise ModelError(f"hf:{folder} is not a transformers model folder: it has no {CONFIG_FILE}")
+    roots = _roots(folder)
+    with os.scandir(folder) as entries:
+        code = sorted(entry.name for entry in entries if entry.name.endswith(".py"))
+    if code:
+        raise ModelError(f"hf:{folder} holds Python code ({', '.join(map(repr, code[:3]))}); "
+                         "fps-onnx never runs code from a model folder: remove it")
+    config = None
+    for name in CODE_CONFIGS:
+        if not os.path.lexists(folder / name):
+            continue
+        value = _read_config(folder / name, roots)
+        if name == CONFIG_FILE:
+            config = value
+        if "auto_map" in value:
+            raise ModelError(f"hf:{folder}: {name} has auto_map, which names code in the folder to run; "
+                             "fps-onnx never runs code from a model folder")
+    model_type = config.get("model_type")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+        shown = "no model_type" if model_type is None else f"model_type {str(model_type)[:60]!r}"
+        raise ModelError(f"hf:{folder}: {CONFIG_FILE} has {shown}, which this transformers does not know; "
+                         "fps-onnx loads only model types built into transformers")
+    return config
+
+
+def load_config(folder: str | os.PathLike):
+    """``AutoConfig`` of a checked folder (:func:`check_folder`)."""
+    check_folder(folder)
+    _offline()
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder), **LOAD_KWARGS)
+
+
+def load_model(auto_class: str, folder: str | os.PathLike, **kwargs):
+    """``transformers.<auto_class>.from_pretrained`` of a checked folder (:func:`check_folder`)."""
+    check_folder(folder)
+    _offline()
+    import transformers
+
+    return getattr(transformers, auto_class).from_pretrained(str(folder), **LOAD_KWARGS, **kwargs)
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """``AutoTokenizer`` of a checked folder (:func:`check_folder`)."""
+    check_folder(folder)
+    _offline()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), **LOAD_KWARGS)
+
+
+def side_files(folder: str | os.PathLike, patterns: Iterable[str]) -> list[Path]:
+    """The entries of ``folder`` matching ``patterns`` (names or globs), sorted by name,
+    each checked to be a regular file inside the folder (see the module docstring).
+
+    Subfolders are left out; ModelError names the first other entry that is not
+    such a file (a link out of the folder, a FIFO, a broken link): its content is
+    never read.
+    """
+    folder = Path(folder)
+    roots = _roots(folder)
+    patterns = tuple(patterns)
+    with os.scandir(folder) as entries:
+        found = sorted(folder / entry.name for entry in entries
+                       if any(fnmatch.fnmatchcase(entry.name, p) for p in patterns)
+                       and not entry.is_dir(follow_symlinks=False))
+    for path in found:
+        with open_inside(path, roots, "a side file of the model"):
+            pass
+    return found
+
+
+def copy_side_file(source: Path, target: str | os.PathLike) -> None:
+    """Copy the side file ``source`` (of :func:`side_files`) to ``target``, checking it again as it is opened."""
+    with open_inside(source, _roots(source.parent), "a side file of the model") as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+
+
+def _offline() -> None:
+    """No download, whatever transformers is asked (set before it first imports huggingface_hub)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _roots(folder: Path) -> tuple[str, ...]:
+    return model_roots(str(folder), folder / CONFIG_FILE)
+
+
+def _read_config(path: Path, roots: tuple[str, ...]) -> dict:
+    with open_inside(path, roots, "a config file of the model") as fh:
+        data = fh.read(MAX_JSON_CHARS + 1)
+    value = read_json(data, str(path), ModelError)
+    if not isinstance(value, dict):
+        raise ModelError(f"{path} is not a JSON object")
+    return value

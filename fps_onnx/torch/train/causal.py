@@ -1,0 +1,193 @@
+"""The causal language modelling loop: next-token loss, accumulation, perplexity.
+
+The loss is the causal LM's own next-token cross-entropy (position t predicts
+token t + 1; labels -100 count for nothing), summed over the tokens of every
+batch of one optimizer step and divided by their number, across processes too
+under DistributedDataParallel: ``--accumulate N`` batches of B samples give the
+gradient of one batch of N x B, whatever their padding. :func:`fit` trains
+with the optimizer and schedule of :mod:`.loop` and keeps the epoch of lowest
+validation loss; :func:`evaluate` gives the token-mean loss and perplexity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import contextlib
+import logging
+import math
+import time
+
+from ...errors import DataError, ExportError, NumericError
+from . import loop
+from ._torch import nn, torch
+from .lm_data import IGNORE
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy (float32) of ``logits`` [B, L, V] on ``labels`` [B, L]:
+    what transformers' ``labels=`` loss averages (it is that sum over :func:`count_tokens`)."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:].to(logits.device)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                       ignore_index=IGNORE, reduction="sum")
+
+
+def count_tokens(labels: torch.Tensor) -> int:
+    """Tokens a batch's loss is computed on."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def _logits(model, batch: dict) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return loop.logits_of(out)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing on a transformers model, non-reentrant.
+
+    Non-reentrant checkpointing gives the sparse deltas their gradient even
+    though no input of a checkpointed layer requires grad (the embeddings are
+    frozen). The recomputation in the backward pass reads the same weights as
+    the forward did: a delta is written into its weight on every use, and its
+    values change only at the optimizer step, after the backward pass.
+    """
+    kwargs = {"use_reentrant": False}
+    try:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    except (ValueError, AttributeError) as exc:
+        raise ExportError(f"{type(model).__name__} does not support activation checkpointing: {exc}") from exc
+
+
+def _groups(loader, size: int) -> Iterator[list[dict]]:
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+    return values
+
+
+def train_step(model, group: list[dict], optimizer, schedule, recipe: Recipe, device) -> tuple[float, int]:
+    """One optimizer step on the batches of ``group``; returns (summed token loss, tokens)
+    of this process."""
+    world = torch.distributed.get_world_size() if (
+        torch.distributed.is_available() and torch.distributed.is_initialized()) else 1
+    local = sum(count_tokens(b["labels"]) for b in group)
+    total = local
+    if world > 1:  # DDP averages gradients over processes: scale by world / global tokens
+        total = int(_all_reduce(torch.tensor([local], dtype=torch.int64, device=device)).item())
+    loss_sum = 0.0
+    for i, batch in enumerate(group):
+        batch = loop.to_device(batch, device)
+        # DDP all-reduces the gradients once per step, in the last batch's backward pass
+        last = i == len(group) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if last else model.no_sync():
+            with loop._autocast(device, recipe):
+                summed = token_loss_sum(_logits(model, batch), batch["labels"])
+            if not torch.isfinite(summed):
+                raise NumericError(f"the training loss became {summed.item()}; lower --lr or enable --clip-grad")
+            (summed * (world / max(total, 1))).backward()
+        loss_sum += float(summed.detach())
+    loop.apply_gradients(optimizer, schedule, recipe)
+    return loss_sum, local
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, recipe: Recipe = Recipe()) -> dict:
+    """``{"loss", "perplexity", "tokens"}``: token-mean next-token loss over ``loader``
+    (over all processes when distributed)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in loader:
+        batch = loop.to_device(batch, device)
+        with loop._autocast(device, recipe):
+            sums[0] += token_loss_sum(_logits(model, batch), batch["labels"]).double()
+        sums[1] += count_tokens(batch["labels"])
+    _all_reduce(sums)
+    model.train(was_training)
+    loss = float(sums[0] / sums[1]) if sums[1] else float("nan")
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(sums[1])}
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader=None,
+    *,
+    recipe: Recipe,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[int, float, int], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train a prepared (possibly DDP-wrapped) causal LM; returns the history.
+
+    ``{"epochs": [...], "best_epoch": n, "steps": optimizer steps}``; each
+    epoch's record holds train loss (token mean), validation loss and
+    perplexity, tokens/s and peak memory. Training stops after
+    ``recipe.max_steps`` optimizer steps when set. The model is left at the
+    epoch of lowest validation loss (the last one without validation).
+    ``on_step(epoch, loss, samples)`` and ``on_epoch(record)`` report progress.
+    """
+    device = torch.device(device)
+    batches = len(train_loader)
+    if batches == 0:
+        raise DataError("the training split holds no batches")
+    per_epoch = math.ceil(batches / recipe.accumulate)
+    total = recipe.epochs * per_epoch
+    if recipe.max_steps is not None:
+        total = min(total, recipe.max_steps)
+    epochs = math.ceil(total / per_epoch)
+    optimizer = loop.make_optimizer(model, recipe)
+    schedule = loop.make_schedule(optimizer, recipe, per_epoch, total=total)
+    records, best, best_loss, best_state, steps = [], 0, math.inf, None, 0
+    for epoch in range(1, epochs + 1):
+        loop.begin_epoch(model, train_loader, device, epoch)
+        start, loss_sum, tokens, samples = time.perf_counter(), 0.0, 0, 0
+        for group in _groups(train_loader, recipe.accumulate):
+            summed, n = train_step(model, group, optimizer, schedule, recipe, device)
+            loss_sum, tokens, steps = loss_sum + summed, tokens + n, steps + 1
+            size = sum(len(b["labels"]) for b in group)
+            samples += size
+            if on_step is not None:
+                on_step(epoch, summed / max(n, 1), size)
+            if steps >= total:
+                break
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        memory, kind = loop.peak_memory(device)
+        record = {"epoch": epoch, "train_loss": loss_sum / max(tokens, 1), "steps": steps,
+                  "tokens": tokens, "seconds": seconds,
+                  "tokens_per_second": tokens / seconds if seconds else None,
+                  "samples_per_second": samples / seconds if seconds else None,
+                  "lr": optimizer.param_groups[0]["lr"], "peak_memory_bytes": memory,
+                  "peak_memory_kind": kind}
+        if val_loader is not None:
+            val = evaluate(model, val_loader, device, recipe)
+            record["val_loss"], record["val_perplexity"] = val["loss"], val["perplexity"]
+        if val_loader is None:
+            best = epoch
+        elif record["val_loss"] < best_loss:
+            best, best_loss, best_state = epoch, record["val_loss"], loop._snapshot(model)
+        records.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    if best_state is not None and best != epochs:
+        loop._restore(model, best_state)
+    return {"epochs": records, "best_epoch": best, "steps": steps}

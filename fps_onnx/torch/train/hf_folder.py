@@ -1,0 +1,128 @@
+"""Causal LMs from transformers folders: building, the base model's hash, merged output folders.
+
+A fine-tuned causal LM is written as a folder ``AutoModelForCausalLM.from_pretrained``
+loads directly (``save_pretrained`` of the merged model: weights and config, plus
+the base folder's tokenizer files). Its delta file names the base model it was
+trained from by :func:`base_sha256`, so that ``apply-delta`` refuses any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from ...errors import ExportError, FpsError, MaskError, OutputError
+from .. import hf
+from ..models import build_model, is_causal_lm, is_causal_lm_model
+from . import sparse
+from ._torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Weight files of a transformers folder, hashed by :func:`base_sha256`.
+WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
+#: Tokenizer files copied from the base folder into a merged one.
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                      "*.tiktoken", "spiece.model", "sentencepiece*.model", "chat_template.*")
+BASE_HASH_KEY = "base_sha256"
+
+
+def base_sha256(folder: str | os.PathLike) -> str:
+    """sha256 (hex) over a transformers folder's weight files, sorted by name.
+
+    The files are those matching :data:`WEIGHT_PATTERNS` (``model*.safetensors``,
+    ``pytorch_model*.bin``; index files are not weights); for each, in name
+    order, its name, a NUL byte, its size in decimal, a NUL byte and its bytes
+    are hashed. ExportError when the folder holds none.
+    """
+    folder = Path(folder)
+    files = sorted({f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern) if f.is_file()},
+                   key=lambda f: f.name)
+    if not files:
+        raise ExportError(f"{folder} holds no weight files ({', '.join(WEIGHT_PATTERNS)})")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def causal_lm_folder(spec: str) -> Path:
+    """The folder of ``hf:DIR`` when it holds a decoder-only causal LM; ExportError otherwise."""
+    if not spec.startswith("hf:"):
+        raise ExportError(f"--task causal-lm needs a transformers folder, hf:DIR, not {spec!r}")
+    folder = Path(spec[3:])
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"unknown model SPEC {spec!r}: no transformers model folder (config.json) there")
+    try:
+        config = hf.load_config(folder)
+    except FpsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - config loaders raise anything
+        raise ExportError(f"cannot load hf:{folder}: {exc}") from exc
+    if not is_causal_lm(config):
+        kind = getattr(config, "model_type", None) or type(config).__name__
+        raise ExportError(f"hf:{folder} is not a causal language model ({kind}): --task causal-lm needs "
+                          "a decoder-only model that AutoModelForCausalLM builds with its lm_head")
+    hf.side_files(folder, TOKENIZER_PATTERNS)  # refused now rather than after the work
+    return folder
+
+
+def build_causal_lm(spec: str, seed: int = 0) -> nn.Module:
+    """The causal LM of ``hf:DIR`` (``AutoModelForCausalLM``, local files only), in eval mode."""
+    causal_lm_folder(spec)
+    model, _ = build_model(spec, seed=seed, task=True)
+    if not is_causal_lm_model(model):
+        raise ExportError(f"{spec} built {type(model).__name__}, not a causal language model")
+    return model
+
+
+def save_model_folder(model: nn.Module, base: str | os.PathLike, out: str | os.PathLike) -> None:
+    """``save_pretrained`` of ``model`` (plain, merged weights) into ``out``, and the
+    tokenizer files of the base folder beside it."""
+    out = Path(out)
+    try:
+        model.save_pretrained(str(out), safe_serialization=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    for file in hf.side_files(base, TOKENIZER_PATTERNS):
+        if not (out / file.name).exists():
+            hf.copy_side_file(file, out / file.name)
+
+
+def check_base(delta: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """MaskError unless the delta file names ``folder``'s weights as its base model."""
+    meta = sparse.delta_metadata(delta)
+    want = meta.get(BASE_HASH_KEY)
+    if want is None:
+        raise MaskError(f"{delta} names no base model (no {BASE_HASH_KEY} metadata); "
+                        "it was not written by `fps-onnx train --task causal-lm`")
+    have = base_sha256(folder)
+    if want != have:
+        raise MaskError(f"{delta} was trained from another base model: its base sha256 is "
+                        f"{want[:12]}..., {folder} is {have[:12]}...")
+
+
+def apply_delta_folder(spec: str, delta: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Rebuild the merged model folder of a causal LM run from ``hf:DIR`` and its delta file.
+
+    The delta must name DIR as its base (:func:`check_base`) and fit the model
+    (:func:`sparse.apply_delta`); the folder is written atomically, like
+    ``train``'s ``model/``.
+    """
+    from ..._io import atomic_folder, check_folder
+
+    out = check_folder(output)
+    folder = causal_lm_folder(spec)
+    check_base(delta, folder)
+    model = build_causal_lm(spec)
+    sparse.apply_delta(model, delta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(out) as tmp:
+        save_model_folder(model, folder, tmp)
+    log.info("wrote %s", out)
+    return out

@@ -1,0 +1,317 @@
+"""The training loop: which tensors train, optimizer and schedule, epochs, metrics.
+
+:func:`prepare` freezes the model, attaches the sparse deltas and opts in what
+the recipe trains fully (head, biases, norms); :func:`fit` trains with AdamW,
+linear warm-up and cosine decay, evaluates each epoch and restores the best
+one by validation accuracy. Works on a plain model or one wrapped in
+DistributedDataParallel (its gradients are only the trainable tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+import logging
+import math
+import resource
+import sys
+import time
+
+from ...errors import DataError, NumericError
+from ...selection.maskfile import MaskFile
+from ..models import rekey_masks, resolve_keys
+from . import sparse
+from ._torch import nn, torch
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+_HEAD_ATTRS = ("classifier", "score", "head", "fc")
+
+
+@dataclass
+class Trainable:
+    """What trains: the sparse deltas, and the tensors trained fully (plain names)."""
+
+    deltas: dict[str, sparse.SparseDelta]
+    dense: list[str]
+    head: list[str] = field(default_factory=list)
+
+    @property
+    def selected(self) -> int:
+        return sum(d.indices.numel() for d in self.deltas.values())
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Parameter names of the classification head: timm's ``get_classifier()``, a
+    ``classifier``/``score``/``head``/``fc`` module, or else the last nn.Linear."""
+    head = None
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+    for attr in _HEAD_ATTRS:
+        if head is None and isinstance(getattr(model, attr, None), nn.Module):
+            head = getattr(model, attr)
+    if head is None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    if head is None:
+        return []
+    ids = {id(p) for p in head.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "Norm" in type(module).__name__
+
+
+def _freeze_norm_statistics(model: nn.Module) -> None:
+    """Frozen norms keep their pretrained running statistics too: batch norms stay
+    in eval mode while the rest trains (in train mode their statistics drift to
+    the new data's batches, and training and test features part ways)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def prepare(model: nn.Module, masks: Mapping[str, object] | sparse.MaskFile | str,
+            recipe: Recipe = Recipe(), *, onnx_model=None, sparse_linear: bool = True) -> Trainable:
+    """Freeze ``model``, attach ``masks`` and unfreeze what ``recipe`` trains fully.
+
+    ``masks``: name -> bool array, a MaskFile or its path; ``onnx_model``: the
+    ONNX model the masks were selected on, to match its weights by value. Keys
+    are parameter names; a backbone's name stands for the one parameter of a
+    task wrapper that ends with it (``encoder.layer.0.output.dense.weight`` for
+    ``bert.encoder.layer.0.output.dense.weight``; see
+    :func:`fps_onnx.models.resolve_keys`). ``sparse_linear``: nn.Linear/Conv1D
+    modules compute only the selected entries' gradient (see :func:`sparse.attach`).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = head_names(model) if recipe.train_head else []
+    names = [n for n, _ in model.named_parameters()]
+    if isinstance(masks, Mapping):
+        resolved = resolve_keys(masks, names)
+        deltas = sparse.attach(model, {resolved.get(k, k): m for k, m in masks.items()}, skip=head,
+                               sparse_linear=sparse_linear)
+    else:
+        maskfile = masks if isinstance(masks, MaskFile) else MaskFile.load(masks)
+        deltas = sparse.load_masks(model, rekey_masks(maskfile, names), skip=head, onnx_model=onnx_model,
+                                    sparse_linear=sparse_linear)
+    dense = set(head)
+    for module_name, module in model.named_modules():
+        norm = _is_norm(module)
+        for tensor_name, _ in module.named_parameters(recurse=False, prefix=module_name):
+            if _is_delta(tensor_name):
+                continue
+            if (norm and recipe.train_norm) or (
+                    not norm and recipe.train_bias and tensor_name.endswith("bias")):
+                dense.add(tensor_name)
+    params = dict(model.named_parameters())
+    for name in dense:
+        params[name].requires_grad_(True)
+    if recipe.train_head and not head:
+        log.warning("no classification head found; training the sparse deltas only")
+    return Trainable(deltas, sorted(dense), head)
+
+
+def check_head(model: nn.Module, num_classes: int) -> None:
+    """DataError when the model's classification head has fewer outputs than there are classes."""
+    names = head_names(model)
+    weights = [n for n in names if n.endswith("weight")]
+    if not weights:
+        return
+    outputs = dict(model.named_parameters())[weights[-1]].shape[0]
+    if outputs < num_classes:
+        raise DataError(f"the model's head has {outputs} outputs, the data has {num_classes} classes "
+                        "(give --num-classes to build a new head)")
+
+
+def _is_delta(name: str) -> bool:
+    return sparse.plain_name(name) != name
+
+
+def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
+    """AdamW groups: weight decay on the deltas and head weights, none on biases and norms."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if _is_delta(name) or p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": recipe.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr)
+
+
+def make_schedule(optimizer, recipe: Recipe, steps_per_epoch: int, *, total: int | None = None):
+    """Per step: linear warm-up from lr/steps to lr, then cosine down to ``min_lr``
+    at ``total`` steps (default: all epochs)."""
+    total = recipe.epochs * steps_per_epoch if total is None else total
+    warmup = min(int(round(recipe.warmup_epochs * steps_per_epoch)), total)
+    floor = recipe.min_lr / recipe.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total - warmup, 1)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def logits_of(output):
+    """A model's class scores, whether it returns a tensor, a tuple or an HF output."""
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+def forward(model: nn.Module, inputs):
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def to_device(inputs, device):
+    if isinstance(inputs, Mapping):
+        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=True)
+
+
+def _autocast(device: torch.device, recipe: Recipe):
+    enabled = recipe.amp and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train_step(model, inputs, labels, optimizer, schedule, recipe: Recipe, device, criterion) -> float:
+    """One optimizer step on one batch; returns the loss."""
+    with _autocast(device, recipe):
+        loss = criterion(logits_of(forward(model, inputs)).float(), labels)
+    if not torch.isfinite(loss):
+        raise NumericError(f"the training loss became {loss.item()}; lower --lr or enable --clip-grad")
+    loss.backward()
+    apply_gradients(optimizer, schedule, recipe)
+    return float(loss.detach())
+
+
+def begin_epoch(model: nn.Module, train_loader, device: torch.device, epoch: int) -> None:
+    """Reshuffle a distributed sampler for ``epoch``, reset the CUDA peak, set train mode."""
+    sampler = getattr(train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+
+
+def apply_gradients(optimizer, schedule, recipe: Recipe) -> None:
+    """Clip (``recipe.clip_grad``), step the optimizer and the schedule, clear the gradients."""
+    if recipe.clip_grad is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, recipe: Recipe = Recipe()) -> float:
+    """Top-1 accuracy over ``loader`` (summed over all processes when distributed)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for inputs, labels in loader:
+        inputs, labels = to_device(inputs, device), labels.to(device)
+        with _autocast(device, recipe):
+            pred = logits_of(forward(model, inputs)).argmax(-1)
+        counts[0] += (pred == labels).sum()
+        counts[1] += labels.numel()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    model.train(was_training)
+    return float(counts[0] / counts[1]) if counts[1] else float("nan")
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what): the CUDA allocator's peak on GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "peak_rss"
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of what training changes: trainable tensors and float buffers (BN statistics)."""
+    keep = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point() and not _is_delta(name):
+            keep[name] = buf.detach().clone()
+    return keep
+
+
+def _restore(model: nn.Module, snapshot: Mapping[str, torch.Tensor]) -> None:
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in snapshot.items():
+            tensors[name].copy_(value)
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader=None,
+    *,
+    recipe: Recipe = Recipe(),
+    device: torch.device | str = "cpu",
+    on_step: Callable[[int, float, int], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train ``model`` (prepared, possibly DDP-wrapped) for ``recipe.epochs``.
+
+    Returns ``{"epochs": [per-epoch records], "best_epoch": n}``; the model is
+    left at the best epoch by validation accuracy (the last one without
+    validation). ``on_step(epoch, loss, batch_size)`` and ``on_epoch(record)``
+    report progress.
+    """
+    device = torch.device(device)
+    steps = len(train_loader)
+    if steps == 0:
+        raise DataError("the training split holds no batches")
+    optimizer = make_optimizer(model, recipe)
+    schedule = make_schedule(optimizer, recipe, steps)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    records, best, best_acc, best_state = [], 0, -1.0, None
+    for epoch in range(1, recipe.epochs + 1):
+        begin_epoch(model, train_loader, device, epoch)
+        if not recipe.train_norm:
+            _freeze_norm_statistics(model)
+        start, total_loss, seen = time.perf_counter(), 0.0, 0
+        for inputs, labels in train_loader:
+            inputs, labels = to_device(inputs, device), labels.to(device)
+            loss = train_step(model, inputs, labels, optimizer, schedule, recipe, device, criterion)
+            total_loss += loss * len(labels)
+            seen += len(labels)
+            if on_step is not None:
+                on_step(epoch, loss, len(labels))
+        seconds = time.perf_counter() - start
+        memory, kind = peak_memory(device)
+        record = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "seconds": seconds,
+                  "samples_per_second": seen / seconds if seconds else None,
+                  "lr": optimizer.param_groups[0]["lr"], "peak_memory_bytes": memory,
+                  "peak_memory_kind": kind}
+        if val_loader is not None:
+            record["val_accuracy"] = evaluate(model, val_loader, device, recipe)
+        if val_loader is None:
+            best = epoch
+        elif record["val_accuracy"] > best_acc:
+            best, best_acc, best_state = epoch, record["val_accuracy"], _snapshot(model)
+        records.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    if best_state is not None and best != recipe.epochs:
+        _restore(model, best_state)
+    return {"epochs": records, "best_epoch": best}
