@@ -33,9 +33,8 @@ def images() -> None:
 
 
 def model() -> None:
-    import torch
-
     from model import build  # the SPEC beside this file
+    import torch
 
     torch.manual_seed(0)
     vit, _ = build()
