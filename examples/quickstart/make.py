@@ -1,6 +1,6 @@
 """Rebuild the quickstart example: a small ViT in ONNX and 32 Fashion-MNIST images.
 
-The model has random weights (the example shows the tool, not accuracy); the
+The model is ``model.py:build`` with random weights (seed 0); the
 images are the first 32 of the Fashion-MNIST test set (MIT licence, Debian
 package dataset-fashion-mnist), saved as PNG in an ImageFolder tree.
 
@@ -33,16 +33,13 @@ def images() -> None:
 
 
 def model() -> None:
-    import timm
+    from model import build  # the SPEC beside this file
     import torch
 
     torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
-        embed_dim=64, depth=4, num_heads=4, num_classes=10,
-    ).eval()
+    vit, _ = build()
     torch.onnx.export(
-        vit, (torch.randn(1, 3, 32, 32),), str(HERE / "model.onnx"), input_names=["image"],
+        vit.eval(), (torch.randn(1, 3, 32, 32),), str(HERE / "model.onnx"), input_names=["image"],
         output_names=["logits"], dynamic_axes={"image": {0: "batch"}}, opset_version=17, dynamo=False,
     )
 

@@ -13,7 +13,8 @@ A safetensors file any training stack can read:
   ``true_means`` = "trainable" and ``layout`` = "torch" (both optional, written
   since they were added; readers ignore unknown keys) and ``tensors``:
   JSON object key -> {"onnx_initializer", "onnx_layout" ("out_in", "in_out" or
-  "conv"), "op", "shape", "selected"}.
+  "conv"), "op", "shape", "selected"}; a shard's run (``--shard``) adds
+  ``shard`` = "K/N", method "random" its ``seed``.
 
 Mapping onto PyTorch names (:mod:`fps_onnx.mapping`) adds, per tensor,
 ``torch_name``, ``match`` ("name", "exact", "close", "quantized", "scaled" or
