@@ -276,7 +276,7 @@ class Bench:
             train = json.loads(out_file.read_text())
         rec = {"domain": cell.domain, "method": cell.method, "lr": cell.lr, "seed": cell.seed,
                "val_ppl": train.get("val_ppl"), "test_ppl": train.get("test_ppl"), "config": self.config(),
-               "selection": selection, "train": train,
+               "corpus": json.loads((data / "corpus.json").read_text()), "selection": selection, "train": train,
                "train_process": None if m is None else {k: m[k] for k in ("wall_s", "peak_rss_gib", "cpu_s",
                                                                           "parent_floor_gib")},
                "cell_seconds": time.perf_counter() - start,
@@ -371,8 +371,8 @@ def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[
     out["cells_done"], out["cells_planned"] = len(finished), len(plan)
     out["cell_minutes"] = sum(r["cell_seconds"] for r in finished.values()) / 60
     for d in domains:
-        info = bench.data_dir(d) / "corpus.json"
-        dom = {"corpus": json.loads(info.read_text()) if info.exists() else None, "methods": {}}
+        corpus = next((r.get("corpus") for x, r in finished.items() if x.domain == d), None)
+        dom = {"corpus": corpus, "methods": {}}
         for m in methods:
             spec = METHODS[m]
             grid = {lr: finished.get(Cell(d, m, lr, seed0)) for lr in spec.grid}
@@ -421,13 +421,22 @@ def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[
 
 
 def _targets(summary: dict, methods: list[str], seeds: list[int]) -> list[dict]:
-    """The label-free selectors against LoRA (<= 0.97x its mean test perplexity) and random (below it
-    in every seed), per domain, where the cells exist."""
+    """The label-free selectors against LoRA (<= 0.97x its mean test perplexity), random (below it
+    in every seed) and, other than FPS, plain FPS (not above it by more than its std), per domain,
+    where every seed of both is finished."""
     out = []
     for m in [m for m in methods if METHODS[m].label_free]:
         for d, dom in summary["domains"].items():
             e, lo, r = dom["methods"].get(m, {}), dom["methods"].get("lora", {}), dom["methods"].get("random", {})
+            fps = dom["methods"].get("fps", {})
             n = len(seeds)
+            if m != "fps" and "test_ppl_mean" in e and len(e["test_ppl"]) == n and len(fps.get("test_ppl", {})) == n \
+                    and "test_ppl_mean" in fps:
+                bound = fps["test_ppl_mean"] + fps["test_ppl_std"]
+                out.append({"target": f"{METHODS[m].label} not above FPS-sparse by more than its std ({d})",
+                            "met": e["test_ppl_mean"] <= bound,
+                            "detail": f"{e['test_ppl_mean']:.3f} vs {fps['test_ppl_mean']:.3f} ± "
+                                      f"{fps['test_ppl_std']:.3f}"})
             if len(e.get("test_ppl", {})) == n and len(lo.get("test_ppl", {})) == n and "test_ppl_mean" in e:
                 ratio = e["test_ppl_mean"] / lo["test_ppl_mean"]
                 out.append({"target": f"{METHODS[m].label} <= 0.97x LoRA's test perplexity ({d})",

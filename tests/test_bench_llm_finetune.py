@@ -31,7 +31,7 @@ def _bench(lf, tmp_path):
 def _finish(lf, bench, domain, method, lr, seed, val, test):
     cell = lf.Cell(domain, method, lr, seed)
     rec = {"domain": domain, "method": method, "lr": lr, "seed": seed, "val_ppl": val, "test_ppl": test,
-           "config": bench.config(), "selection": None,
+           "config": bench.config(), "selection": None, "corpus": None,
            "train": {"trainable": 10, "step_s_all": 1.0, "optimizer_state_bytes": 80},
            "train_process": {"wall_s": 1.0, "peak_rss_gib": 1.0, "cpu_s": 1.0, "parent_floor_gib": 0.1},
            "cell_seconds": 60.0, "finished": "now"}
