@@ -494,7 +494,7 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
         f"{cfg['shira_r']} x (in + out) entries = exactly LoRA r={cfg['shira_r']}'s trainable count "
         f"(LoRA alpha {cfg['lora_alpha']}, no dropout, same 7 module kinds); lm_head / embeddings, norms frozen",
         f"- lr grids: {grids}. Each (domain, method) takes the lr with the lowest validation perplexity on seed "
-        f"{seeds[0]}; seeds {', '.join(map(str, seeds[1:]))} run at that lr. **edge**: the chosen lr is at the "
+        f"{seeds[0]}; then seed(s) {', '.join(map(str, seeds[1:])) or 'none'} at that lr. **edge**: the chosen lr is at the "
         "end of its grid, so a better one may lie outside it",
         "- perplexity = exp(mean next-token NLL over every predicted token of the split); "
         "Δ LoRA = the method's test perplexity minus LoRA's on the same seed, mean ± std over seeds "
@@ -515,7 +515,8 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
             lr = "-" if m == "zero" else ("not chosen" if e["lr"] is None else f"{e['lr']:g}"
                                           + (" **edge**" if e["lr_at_edge"] else ""))
             per = ", ".join(f"{_f(v)}" for v in e.get("test_ppl", {}).values()) or "-"
-            mean = (f"{e['test_ppl_mean']:.3f} ± {e['test_ppl_std']:.3f}" if "test_ppl_mean" in e else "-")
+            mean = "-" if "test_ppl_mean" not in e else f"{e['test_ppl_mean']:.3f}" + (
+                f" ± {e['test_ppl_std']:.3f}" if len(e["test_ppl"]) > 1 else "")
             delta = (f"{e['minus_lora_mean']:+.3f} ± {e['minus_lora_std']:.3f}" if "minus_lora_mean" in e else "-")
             dper = ", ".join(f"{v:+.3f}" for v in e.get("minus_lora", {}).values()) or "-"
             lines.append(f"| {METHODS[m].label} | {lr} | {_f(e.get('val_ppl'))} | {mean} | "
@@ -606,8 +607,9 @@ def _figure(summary: dict, methods: list[str], path: Path) -> None:
         if t.get("zero", {}).get("val_ppl") is not None:
             ax.axhline(t["zero"]["val_ppl"], color="black", ls=":", lw=0.8, label="zero-shot")
         ax.set_xscale("log")
+        ax.set_yscale("log")  # a diverging lr must not flatten the others
         ax.set_xlabel("lr")
-        ax.set_title(f"{d}: validation perplexity by lr (seed 0)", fontsize=10)
+        ax.set_title(f"{d}: validation perplexity by lr (seed 0, log scale)", fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
