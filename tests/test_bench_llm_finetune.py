@@ -1,0 +1,105 @@
+"""The LLM fine-tuning benchmark's bookkeeping: run order, lr choice, paired differences, report (no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+import sys
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def lf():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("llm_finetune_under_test", BENCH / "llm_finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+    sys.path.remove(str(BENCH))
+
+
+def _bench(lf, tmp_path):
+    return lf.Bench(dict(lf.SMOKE), tmp_path / "work", tmp_path / "results" / lf.NAME)
+
+
+def _finish(lf, bench, domain, method, lr, seed, val, test):
+    cell = lf.Cell(domain, method, lr, seed)
+    rec = {"domain": domain, "method": method, "lr": lr, "seed": seed, "val_ppl": val, "test_ppl": test,
+           "config": bench.config(), "selection": None, "corpus": None,
+           "train": {"trainable": 10, "step_s_all": 1.0, "optimizer_state_bytes": 80},
+           "train_process": {"wall_s": 1.0, "peak_rss_gib": 1.0, "cpu_s": 1.0, "parent_floor_gib": 0.1},
+           "cell_seconds": 60.0, "finished": "now"}
+    path = bench.path(cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+
+
+def test_plan_runs_zero_shot_then_grids_by_phase_then_later_seeds(lf, tmp_path):
+    bench = _bench(lf, tmp_path)
+    plan = bench.plan(["kjv", "man"], ["zero", "full", "random", "fps", "lora"], [0, 1])
+    names = [(c.domain, c.method, c.seed) for c in plan]
+    assert names[:2] == [("kjv", "zero", 0), ("man", "zero", 0)]
+    firsts = {m: min(i for i, n in enumerate(names) if n[1] == m) for m in ("lora", "fps", "random", "full")}
+    assert firsts["lora"] < firsts["fps"] < firsts["random"] < firsts["full"]
+    # LoRA and FPS of the first domain come before either of the second one
+    assert max(i for i, n in enumerate(names) if n[:2] in {("kjv", "lora"), ("kjv", "fps")} and n[2] == 0) \
+        < min(i for i, n in enumerate(names) if n[:2] == ("man", "lora"))
+    grid = [c for c in plan if c.seed == 0 and c.method == "lora" and c.domain == "kjv"]
+    assert [c.lr for c in grid] == list(lf.GRID)
+    later = [c for c in plan if c.seed == 1]
+    assert len(later) == 2 * 4 and all(c.lr is None for c in later)  # no lr chosen yet
+    assert all(names.index((c.domain, c.method, 1)) > names.index((c.domain, c.method, 0)) for c in later)
+
+
+def test_lr_is_chosen_on_validation_only_once_the_grid_is_finished(lf, tmp_path):
+    bench = _bench(lf, tmp_path)
+    _finish(lf, bench, "kjv", "fps", 1e-3, 0, val=20.0, test=30.0)
+    _finish(lf, bench, "kjv", "fps", 3e-3, 0, val=19.0, test=35.0)
+    assert bench.chosen_lr("kjv", "fps", 0) is None
+    _finish(lf, bench, "kjv", "fps", 1e-2, 0, val=None, test=None)  # diverged
+    assert bench.chosen_lr("kjv", "fps", 0) == 3e-3  # lowest validation, not test, perplexity
+    plan = bench.plan(["kjv"], ["fps"], [0, 1, 2])
+    assert [(c.lr, c.seed) for c in plan if c.seed > 0] == [(3e-3, 1), (3e-3, 2)]
+
+
+def test_a_cell_made_with_other_settings_does_not_count(lf, tmp_path):
+    bench = _bench(lf, tmp_path)
+    _finish(lf, bench, "kjv", "lora", 1e-3, 0, val=20.0, test=30.0)
+    assert bench.done(lf.Cell("kjv", "lora", 1e-3, 0)) is not None
+    other = lf.Bench({**lf.SMOKE, "steps": 3}, tmp_path / "work", tmp_path / "results" / lf.NAME)
+    assert other.done(lf.Cell("kjv", "lora", 1e-3, 0)) is None
+
+
+def test_summary_pairs_seeds_against_lora_and_flags_an_edge_lr(lf, tmp_path):
+    bench = _bench(lf, tmp_path)
+    for lr, val in zip(lf.GRID, (25.0, 22.0, 21.0)):  # LoRA best at the grid's top
+        _finish(lf, bench, "kjv", "lora", lr, 0, val=val, test=val + 10)
+    for lr, val in zip(lf.GRID, (20.0, 24.0, 26.0)):  # FPS best at the grid's bottom
+        _finish(lf, bench, "kjv", "fps", lr, 0, val=val, test=val + 10)
+    for lr, val in zip(lf.GRID, (23.0, 22.0, 24.0)):
+        _finish(lf, bench, "kjv", "random", lr, 0, val=val, test=val + 10)
+    _finish(lf, bench, "kjv", "lora", 1e-2, 1, val=21.0, test=33.0)
+    _finish(lf, bench, "kjv", "fps", 1e-3, 1, val=20.0, test=32.0)
+    _finish(lf, bench, "kjv", "random", 3e-3, 1, val=20.0, test=31.0)
+    s = lf.summarize(bench, ["kjv"], ["lora", "fps", "random"], [0, 1])
+    fps, lora = s["domains"]["kjv"]["methods"]["fps"], s["domains"]["kjv"]["methods"]["lora"]
+    assert lora["lr"] == 1e-2 and lora["lr_at_edge"]
+    assert fps["lr"] == 1e-3 and fps["lr_at_edge"]
+    assert s["domains"]["kjv"]["methods"]["random"]["lr_at_edge"] is False
+    assert fps["test_ppl"] == {"0": 30.0, "1": 32.0}
+    assert fps["minus_lora"] == {"0": -1.0, "1": -1.0}
+    assert fps["minus_lora_mean"] == pytest.approx(-1.0) and fps["minus_lora_std"] == pytest.approx(0.0)
+    assert "minus_lora" not in lora
+    ratio = next(t for t in s["targets"] if "0.97x" in t["target"])
+    assert ratio["met"] is True and "31.000 vs 32.000 (0.969x)" in ratio["detail"]
+    below = next(t for t in s["targets"] if "below random" in t["target"])
+    assert below["met"] is False  # seed 1: 32.0 vs 31.0
+    md = lf._markdown(s, ["lora", "fps", "random"], bench, "a note")
+    assert "1e-2" not in md and "0.01 **edge**" in md and "a note" in md
+    assert "| FPS-sparse | 0.001 **edge** | 20.000 | 31.000 ± 1.414 | 2 | 30.000, 32.000 | -1.000 ± 0.000 |" in md
