@@ -133,8 +133,8 @@ class DataConfig:
             object.__setattr__(self, name, values)
         if not all(v > 0 for v in self.std):
             raise DataError(f"image std must be above 0, not {list(self.std)}")
-        if self.max_length is not None and self.max_length < 1:
-            raise DataError(f"--max-length must be at least 1, not {self.max_length}")
+        if self.max_length is not None:
+            limits.whole_number(self.max_length, "--max-length", DataError, 1, limits.MAX_LENGTH)
 
 
 def parse_shard(value: str | Sequence[int]) -> tuple[int, int]:
