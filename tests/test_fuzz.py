@@ -1,18 +1,31 @@
-"""Fuzzing the untrusted inputs: ONNX files, stats files and mask files.
+"""Fuzzing the untrusted inputs: ONNX files, stats, mask and delta files, names.
 
-Each example mutates a valid file (bytes flipped, cut or spliced; or a field set
+Each example mutates a valid file (bytes flipped, cut or spliced; a field set
 to a hostile value: an external-data location outside the model's folder, a bad
-offset, forged dims, a forged tensor or metadata entry) and runs the CLI on it.
+offset, forged dims, a forged tensor or metadata entry; a graph rewired into a
+cycle, nodes reordered, inputs dropped, dims zeroed or mismatched, a bad Conv
+group; metadata JSON nested deep, made huge, given out-of-range numbers or
+missing and extra keys; names holding newlines and control characters) and runs
+the CLI on it, in this process or, for some, in a real one under a memory limit.
 The only acceptable outcomes: exit 0 with a valid output file, or exit 1 with
-exactly one ``Error:`` line and no output file. Never a traceback, never a
-file outside the working folder touched, never a read of one that succeeds.
+exactly one ``Error:`` line (not an unexpected error) and no output file; within
+a time bound; nothing left in the working folder but the inputs and (on exit 0)
+the outputs; never a file outside the working folder touched, never a read of
+one that succeeds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 
 from click.testing import CliRunner
 import numpy as np
@@ -101,6 +114,7 @@ def _run(*args) -> tuple[int, str, BaseException | None]:
 
 def _assert_clean(code: int, output: str, exc, out: Path, valid) -> None:
     assert "Traceback" not in output, output
+    assert "a bug in fps-onnx" not in output, output
     if code == 0:
         assert out.is_file(), output
         valid(out)
@@ -340,3 +354,213 @@ def test_forged_masks(box, valid_masks, torch_spec, edits, key_index, meta_edits
     _assert_clean(code, output, exc, out, _valid_masks)
     box.check_untouched()
 
+
+
+# --------------------------------------------------------------------------- bounds and a fresh folder per example
+
+LIMIT_S = 20  # seconds one run may take
+LIMIT_AS = 4 << 30  # address space of a real process (RLIMIT_AS)
+LIMIT_RSS = 3 << 30  # peak resident memory of this process (in-process runs)
+SENTINEL = b"SENTINEL-outside-the-work-folder"
+_CLI = "import sys; from fps_onnx.cli.main import main; sys.argv[0] = 'fps-onnx'; main()"
+
+
+def _address_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (LIMIT_AS, LIMIT_AS))
+
+
+def _run_process(*args, cwd: Path) -> tuple[int, str, str]:
+    """The CLI in a real process under RLIMIT_AS: (exit status, stdout, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _CLI, *map(str, args)], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_address_limit)
+    try:
+        out, err = proc.communicate(timeout=LIMIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"fps-onnx {' '.join(map(str, args))[:300]} ran past {LIMIT_S} s")
+    return proc.returncode, out, err
+
+
+def _run_bounded(*args) -> tuple[int, str, BaseException | None]:
+    """The CLI in this process: it must end within LIMIT_S, the process's peak within LIMIT_RSS."""
+    start = time.monotonic()
+    code, output, exc = _run(*args)
+    assert time.monotonic() - start < LIMIT_S, f"ran past {LIMIT_S} s: {args}"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < LIMIT_RSS
+    return code, output, exc
+
+
+def _assert_one_line(code: int, err: str) -> None:
+    """A real process's stderr: nothing on success (-q), else exactly one ``Error:`` line."""
+    assert "Traceback" not in err and "a bug in fps-onnx" not in err, err
+    if code == 0:
+        assert "Error:" not in err, err
+        return
+    assert code == 1, (code, err)
+    assert err.endswith("\n") and err.count("\n") == 1 and err.startswith("Error: "), repr(err)
+    for forged in ("\r", "\x1b", "\u2028", "\u2029", "\x00", "\x85"):
+        assert forged not in err, repr(err)
+
+
+class Case:
+    """A fresh folder inside the sandbox's work folder for one example; on leaving, it must
+    hold the inputs and (on exit 0) the outputs only, and no byte of the sentinel outside."""
+
+    def __init__(self, box: Sandbox) -> None:
+        self.box = box
+        self.dir = Path(tempfile.mkdtemp(dir=box.work, prefix="case"))
+
+    def inputs(self) -> set[str]:
+        return set(os.listdir(self.dir))
+
+    def finish(self, code: int, inputs: set[str], outputs: set[str], texts: tuple[str, ...] = ()) -> None:
+        try:
+            left = set(os.listdir(self.dir))
+            assert left == (inputs | outputs if code == 0 else inputs), (code, sorted(left))
+            for path in self.dir.rglob("*"):
+                if path.is_file() and not path.is_symlink():
+                    assert SENTINEL not in path.read_bytes(), f"{path} holds a file read from outside"
+            assert not any(SENTINEL.decode() in t for t in texts), "a message shows a file from outside"
+            self.box.check_untouched()
+        finally:
+            shutil.rmtree(self.dir)
+
+
+@pytest.fixture(scope="module")
+def sentinel(box):
+    path = box.outside / "sentinel.txt"
+    if not path.exists():
+        path.write_bytes(SENTINEL + b"\n")
+        box.outside_state = box._state(box.outside)
+    return path
+
+
+# --------------------------------------------------------------------------- graph mutations
+
+C_IN, C_OUT, GROUP, SIDE = 4, 8, 2, 6
+
+
+def _graph_model() -> onnx.ModelProto:
+    """x [N, 4, 6, 6] -> Conv(group 2) -> Relu -> GlobalAveragePool -> Flatten -> MatMul -> Identity -> Gemm."""
+    r = np.random.default_rng(2)
+    weights = {"wc": r.standard_normal((C_OUT, C_IN // GROUP, 3, 3)).astype(np.float32),
+               "w1": r.standard_normal((C_OUT, 10)).astype(np.float32),
+               "w2": r.standard_normal((6, 10)).astype(np.float32)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "wc"], ["c"], group=GROUP, name="conv"),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+         helper.make_node("Flatten", ["p"], ["f"], axis=1, name="flat"),
+         helper.make_node("MatMul", ["f", "w1"], ["h"], name="mm"),
+         helper.make_node("Identity", ["h"], ["h2"], name="id"),
+         helper.make_node("Gemm", ["h2", "w2"], ["y"], transB=1, name="gemm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C_IN, SIDE, SIDE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+_GRAPH_EDIT = st.one_of(
+    st.tuples(st.just("cycle"), st.integers(0, 99), st.integers(0, 99)),
+    st.tuples(st.just("drop_input"), st.integers(0, 99), st.integers(0, 1)),
+    st.tuples(st.just("zero_dim"), st.integers(0, 99), st.integers(0, 99)),
+    st.tuples(st.just("dims"), st.integers(0, 99), st.lists(st.integers(0, 12), min_size=1, max_size=4)),
+    st.tuples(st.just("group"), st.sampled_from([0, -1, 3, 4, 8, 2**31, 2**62]), st.just(0)),
+    st.tuples(st.just("dup_output"), st.integers(0, 99), st.integers(0, 99)),
+    st.tuples(st.just("swap"), st.integers(0, 99), st.integers(0, 99)),
+    st.tuples(st.just("input_dim"), st.integers(0, 3), st.sampled_from([0, 1, 5, 7])),
+)
+
+
+def _edit_graph(model: onnx.ModelProto, edits) -> onnx.ModelProto:
+    nodes, inits = model.graph.node, model.graph.initializer
+    for kind, a, b in edits:
+        if kind == "cycle":  # an input of node i becomes an output of node j >= i (a later one, or its own)
+            i = a % len(nodes)
+            j = i + b % (len(nodes) - i)
+            if nodes[i].input:
+                nodes[i].input[0] = nodes[j].output[0]
+        elif kind == "drop_input":
+            node = nodes[a % len(nodes)]
+            if node.input:
+                if b:
+                    node.input[-1] = ""
+                else:
+                    del node.input[-1]
+        elif kind in ("zero_dim", "dims") and inits:
+            k = a % len(inits)
+            old = numpy_helper.to_array(inits[k])
+            if kind == "zero_dim":
+                dims = list(old.shape)
+                dims[b % len(dims)] = 0
+            else:
+                dims = b
+            inits[k].CopyFrom(numpy_helper.from_array(np.resize(old, dims).astype(old.dtype), inits[k].name))
+        elif kind == "group":
+            conv = next((n for n in nodes if n.op_type == "Conv"), None)
+            if conv is not None:
+                for attr in conv.attribute:
+                    if attr.name == "group":
+                        attr.i = a
+        elif kind == "dup_output":
+            nodes[b % len(nodes)].output[0] = nodes[a % len(nodes)].output[0]
+        elif kind == "swap":
+            i, j = a % len(nodes), b % len(nodes)
+            first, second = onnx.NodeProto(), onnx.NodeProto()
+            first.CopyFrom(nodes[i])
+            second.CopyFrom(nodes[j])
+            nodes[i].CopyFrom(second)
+            nodes[j].CopyFrom(first)
+        elif kind == "input_dim":
+            dim = model.graph.input[0].type.tensor_type.shape.dim[a]
+            dim.dim_value = b
+    return model
+
+
+def _graph_data(folder: Path) -> None:
+    np.save(folder / "x.npy", np.random.default_rng(3).standard_normal((6, C_IN, SIDE, SIDE)).astype(np.float32))
+
+
+@FUZZ
+@given(edits=st.lists(_GRAPH_EDIT, min_size=1, max_size=3), method=st.sampled_from(["fps", "magnitude"]),
+       process=st.sampled_from([False, False, False, True]))
+def test_graph_mutations(box, sentinel, edits, method, process):
+    case = Case(box)
+    onnx.save(_edit_graph(_graph_model(), edits), case.dir / "model.onnx")
+    _graph_data(case.dir)
+    inputs, out = case.inputs(), case.dir / "masks.safetensors"
+    args = ("select", "model.onnx", "x.npy", "-o", out.name, "--method", method, "-q")
+    if process:
+        code, stdout, err = _run_process(*args, cwd=case.dir)
+        _assert_one_line(code, err)
+        texts = (stdout, err)
+    else:
+        cwd = os.getcwd()
+        os.chdir(case.dir)
+        try:
+            code, output, exc = _run_bounded(*args)
+        finally:
+            os.chdir(cwd)
+        _assert_clean(code, output, exc, out, _valid_masks)
+        texts = (output,)
+    if code == 0:
+        _valid_masks(out)
+    case.finish(code, inputs, {out.name}, texts)
+
+
+def test_the_unmutated_graph_model_selects(box, sentinel):
+    """The mutations start from a model that selects (so a refusal is the mutation's doing)."""
+    case = Case(box)
+    onnx.save(_graph_model(), case.dir / "model.onnx")
+    _graph_data(case.dir)
+    inputs, out = case.inputs(), case.dir / "masks.safetensors"
+    code, _, err = _run_process("select", "model.onnx", "x.npy", "-o", out.name, "-q", cwd=case.dir)
+    assert code == 0, err
+    assert set(MaskFile.load(out).masks) == {"wc", "w1", "w2"}
+    case.finish(code, inputs, {out.name})
