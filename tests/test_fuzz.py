@@ -564,3 +564,199 @@ def test_the_unmutated_graph_model_selects(box, sentinel):
     assert code == 0, err
     assert set(MaskFile.load(out).masks) == {"wc", "w1", "w2"}
     case.finish(code, inputs, {out.name})
+
+
+# --------------------------------------------------------------------------- metadata mutations
+
+_NUMBER_TEXTS = ["-1", "0", str(2**63 - 1), str(2**63), str(2**64), "7" * 5000, "-" + "9" * 41, "1.5", "1e3",
+                 "-0", "1e999", "NaN", "Infinity", "2.5e-300"]
+_META_EDIT = st.one_of(
+    st.tuples(st.just("deep"), st.sampled_from([1, 99, 100, 101, 5000, 100_000]), st.sampled_from("[{(")),
+    st.tuples(st.just("huge"), st.sampled_from(["values", "chars"]), st.just(0)),
+    st.tuples(st.just("number"), st.sampled_from(_NUMBER_TEXTS), st.integers(0, 99)),
+    st.tuples(st.just("drop_field"), st.integers(0, 99), st.just(0)),
+    st.tuples(st.just("extra_field"), st.sampled_from(["extra", "shape", "selected", ""]), st.just(0)),
+    st.tuples(st.just("raw"), st.sampled_from(["", "{}", "[]", "null", "true", '"x"', "{", "[1, 2]", "5/0",
+                                               "0/1000001", "3/2", "1/" + "9" * 30, "abc"]), st.just(0)),
+    st.tuples(st.just("drop"), st.just(0), st.just(0)),
+)
+
+
+def _leaves(value, path=()):
+    """Paths of the number leaves (and, with them, of the objects) of a parsed JSON value."""
+    if isinstance(value, dict):
+        yield path, value
+        for key, item in value.items():
+            yield from _leaves(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _leaves(item, (*path, i))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield path, None
+
+
+def _at(value, path):
+    for step in path:
+        value = value[step]
+    return value
+
+
+def _mutate_meta(text: str | None, edit) -> str | None:
+    """``text`` (a metadata value) edited by ``edit``; None drops the entry."""
+    kind, a, b = edit
+    if kind == "drop":
+        return None
+    if kind == "deep":
+        opening, closing = {"[": ("[", "]"), "{": ('{"a": ', "}"), "(": ("[", "")}[b]
+        return opening * a + ("0" if b == "{" else "") + closing * a
+    if kind == "huge":
+        return "[" + "0," * 1_100_000 + "0]" if a == "values" else '"' + "x" * (17 << 20) + '"'
+    if kind == "raw":
+        return a
+    try:
+        parsed = json.loads(text) if text is not None else None
+    except ValueError:
+        parsed = None
+    if kind == "number":
+        if not isinstance(parsed, (dict, list)):
+            return a  # a plain number entry (num_samples, batch_size, ...)
+        numbers = [p for p, obj in _leaves(parsed) if obj is None and p]
+        if not numbers:
+            return a
+        path = numbers[b % len(numbers)]
+        _at(parsed, path[:-1])[path[-1]] = "\0NUMBER\0"
+        return json.dumps(parsed).replace('"\\u0000NUMBER\\u0000"', a)
+    objects = [obj for _, obj in _leaves(parsed) if obj is not None]
+    if not objects:
+        return text
+    if kind == "drop_field":
+        obj = objects[a % len(objects)]
+        if obj:
+            del obj[sorted(obj)[a % len(obj)]]
+    else:
+        objects[-1][a] = 1
+    return json.dumps(parsed)
+
+
+def _edit_meta(meta: dict, key: str, edits) -> dict:
+    meta = dict(meta)
+    value = meta.get(key)
+    for edit in edits:
+        value = _mutate_meta(value, edit)
+        if value is None:
+            break
+    if value is None:
+        meta.pop(key, None)
+    else:
+        meta[key] = value
+    return meta
+
+
+@pytest.fixture(scope="module")
+def shard_stats(box):
+    """Two shards' statistics of the sandbox model (merged by --from-stats)."""
+    paths = []
+    for k in (0, 1):
+        path = box.work / f"shard{k}.safetensors"
+        code, output, _ = _run("select", box.model, box.work / "x.npy", "-o", box.work / f"sm{k}.safetensors",
+                               "--stats-out", path, "--shard", f"{k}/2", "--batch-size", "4", "-q")
+        assert code == 0, output
+        paths.append(path)
+    return paths
+
+
+@FUZZ
+@given(key=st.sampled_from(["num_samples", "shard", "batch_size", "model_sha256", "format_version", "extra"]),
+       edits=st.lists(_META_EDIT, min_size=1, max_size=2), both=st.booleans(),
+       process=st.sampled_from([False, False, False, True]))
+def test_stats_metadata_mutations(box, sentinel, shard_stats, key, edits, both, process):
+    case = Case(box)
+    shutil.copy(box.model, case.dir / "model.onnx")
+    arrays, meta = _reload(shard_stats[0])
+    _save(case.dir / "a.safetensors", arrays, _edit_meta(meta, key, edits))
+    args = ["select", "model.onnx", "--from-stats", "a.safetensors", "-o", "masks.safetensors", "-q"]
+    if both:
+        shutil.copy(shard_stats[1], case.dir / "b.safetensors")
+        args += ["--from-stats", "b.safetensors"]
+    _run_in_case(case, args, {"masks.safetensors"}, process, _valid_masks)
+
+
+def _run_in_case(case: Case, args, outputs: set[str], process: bool, valid=None) -> int:
+    """Runs the CLI in ``case``'s folder (in a real process or this one) and checks every bound."""
+    inputs = case.inputs()
+    if process:
+        code, stdout, err = _run_process(*args, cwd=case.dir)
+        _assert_one_line(code, err)
+        texts = (stdout, err)
+    else:
+        cwd = os.getcwd()
+        os.chdir(case.dir)
+        try:
+            code, output, exc = _run_bounded(*args)
+        finally:
+            os.chdir(cwd)
+        assert "Traceback" not in output and "a bug in fps-onnx" not in output, output
+        if code != 0:
+            assert code == 1 and isinstance(exc, SystemExit), (code, output, exc)
+            assert [line for line in output.splitlines() if line.startswith("Error:")] == \
+                [output.strip().splitlines()[-1]], output
+        texts = (output,)
+    if code == 0 and valid is not None:
+        for name in outputs:
+            valid(case.dir / name)
+    case.finish(code, inputs, outputs, texts)
+    return code
+
+
+@FUZZ
+@given(key=st.sampled_from(["tensors", "budget", "format", "format_version", "extra"]),
+       edits=st.lists(_META_EDIT, min_size=1, max_size=2), process=st.sampled_from([False, False, False, True]))
+def test_mask_metadata_mutations(box, sentinel, valid_masks, key, edits, process):
+    case = Case(box)
+    arrays, meta = _reload(valid_masks)
+    meta.setdefault("budget", json.dumps({"fraction": 0.05, "k": None}))
+    _save(case.dir / "m.safetensors", arrays, _edit_meta(meta, key, edits))
+    _run_in_case(case, ["inspect", "m.safetensors", "--json"], set(), process)
+
+
+@pytest.fixture(scope="module")
+def llm_folder(box):
+    """A tiny Hugging Face causal LM folder and a valid delta of it."""
+    pytest.importorskip("transformers")
+    import torch
+    from llm_models import save_tiny_llm
+    from safetensors.torch import save_file
+
+    from fps_onnx.train import hf_folder, sparse
+
+    folder = save_tiny_llm("llama", box.work / "llm")
+    with open(folder / "model.safetensors", "rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    shape = header["lm_head.weight"]["shape"]
+    tensors = {"lm_head.weight:indices": torch.tensor([0, 3, 7]),
+               "lm_head.weight:values": torch.tensor([0.5, -0.25, 1e-3])}
+    meta = {"format": sparse.DELTA_FORMAT, "format_version": sparse.DELTA_FORMAT_VERSION,
+            "shapes": json.dumps({"lm_head.weight": shape}), "dense": "[]",
+            hf_folder.BASE_HASH_KEY: hf_folder.base_sha256(folder)}
+    delta = box.work / "delta.safetensors"
+    save_file(tensors, str(delta), metadata=meta)
+    code, output, _ = _run("apply-delta", f"hf:{folder}", delta, "-o", box.work / "merged", "-q")
+    assert code == 0, output
+    shutil.rmtree(box.work / "merged")
+    return folder, delta
+
+
+@settings(FUZZ, max_examples=20)
+@given(key=st.sampled_from(["shapes", "dense", "base_sha256", "format_version", "extra"]),
+       edits=st.lists(_META_EDIT, min_size=1, max_size=2))
+def test_delta_metadata_mutations(box, sentinel, llm_folder, key, edits):
+    folder, valid = llm_folder
+    case = Case(box)
+    arrays, meta = _reload(valid)
+    _save(case.dir / "d.safetensors", arrays, _edit_meta(meta, key, edits))
+
+    def merged(path: Path) -> None:
+        assert (path / "config.json").is_file() and list(path.glob("*.safetensors"))
+
+    _run_in_case(case, ["apply-delta", f"hf:{folder}", "d.safetensors", "-o", "merged", "-q"], {"merged"},
+                 False, merged)
