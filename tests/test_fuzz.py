@@ -723,9 +723,9 @@ def test_mask_metadata_mutations(box, sentinel, valid_masks, key, edits, process
 def llm_folder(box):
     """A tiny Hugging Face causal LM folder and a valid delta of it."""
     pytest.importorskip("transformers")
-    import torch
     from llm_models import save_tiny_llm
     from safetensors.torch import save_file
+    import torch
 
     from fps_onnx.train import hf_folder, sparse
 
@@ -760,3 +760,41 @@ def test_delta_metadata_mutations(box, sentinel, llm_folder, key, edits):
 
     _run_in_case(case, ["apply-delta", f"hf:{folder}", "d.safetensors", "-o", "merged", "-q"], {"merged"},
                  False, merged)
+
+
+# --------------------------------------------------------------------------- name mutations
+
+_FORGING = ["\n", "\nError: forged", "\r", "\r\n", "\x1b[2J", "\u2028", "\u2029", "\x00", "\x85", "\u202e",
+            "\t", "/../outside/sentinel.txt"]
+
+
+@settings(FUZZ, max_examples=16)
+@given(where=st.sampled_from(["weight", "input", "stats key"]), forging=st.sampled_from(_FORGING),
+       prefix=st.text(alphabet="ab.:/", max_size=3), fault=st.booleans())
+def test_name_mutations(box, sentinel, valid_stats, where, forging, prefix, fault):
+    """Weight, input and stats key names holding newlines, CR, ESC, U+2028, NUL...: in a real
+    process, stderr is nothing or exactly one ``Error:`` line, with no control character."""
+    name = f"{prefix}w{forging}1"
+    case = Case(box)
+    model = _model()
+    if where == "weight":
+        model.graph.initializer[0].name = model.graph.node[0].input[1] = name
+        if fault:  # a NaN weight: refused naming it
+            w = numpy_helper.to_array(model.graph.initializer[0]).copy()
+            w[0, 0] = np.nan
+            model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, name))
+    elif where == "input":
+        model.graph.input[0].name = model.graph.node[0].input[0] = name
+    onnx.save(model, case.dir / "model.onnx")
+    width = IN + 1 if fault and where == "input" else IN  # data that does not fit the input: named
+    np.save(case.dir / "x.npy", np.random.default_rng(1).standard_normal((6, width)).astype(np.float32))
+    args = ["select", "model.onnx", "x.npy", "-o", "masks.safetensors", "-q"]
+    if where == "stats key":
+        arrays, meta = _reload(valid_stats)
+        arrays = {k.replace("w1:", f"{name}:") if fault else k.replace("w2:", f"{name}:"): v
+                  for k, v in arrays.items()}
+        _save(case.dir / "s.safetensors", arrays, meta)
+        args = ["select", "model.onnx", "--from-stats", "s.safetensors", "-o", "masks.safetensors", "-q"]
+    code = _run_in_case(case, args, {"masks.safetensors"}, True, _valid_masks)
+    if where == "stats key" or fault:
+        assert code == 1  # a foreign stats key, a NaN weight, data of the wrong width

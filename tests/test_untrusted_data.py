@@ -455,7 +455,8 @@ def test_load_npz_refuses_hostile_members_by_name(tmp_path, make, message):
 def test_training_npz_bombs_are_refused_before_decompressing(tmp_path, monkeypatch):
     """Both training readers (labelled arrays, causal LM token arrays) go through load_npz."""
     pytest.importorskip("torch")
-    from fps_onnx.train import data as train_data, lm_data
+    from fps_onnx.train import data as train_data
+    from fps_onnx.train import lm_data
 
     monkeypatch.setattr("fps_onnx.data.MAX_INFLATED_BYTES", 1 << 20)
     bomb = zero_bomb(tmp_path / "a.npz", 2_000_000, fortran=False)
