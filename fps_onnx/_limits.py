@@ -7,7 +7,8 @@ checked before it is parsed, so a few hundred bytes of ``[[[[...`` or a
 5,000-digit number is one error, never a RecursionError or a ValueError from
 ``int``. Every number a file gives (counts, shapes, shard K/N, batch sizes,
 seeds) goes through :func:`whole_number` with the range it may take before it
-sizes a loop or an allocation.
+sizes a loop or an allocation; so do the numbers of the command line that
+size one (``--max-length``, ``--seed``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from .errors import FpsError
 INT64_MAX = 2**63 - 1
 #: The largest seed every command accepts (NumPy's legacy seeds are 32-bit; torch takes them too).
 SEED_MAX = 2**32 - 1
+#: Tokens per text sample (``--max-length`` of ``select`` and ``train``): above any model's positions.
+MAX_LENGTH = 1 << 24
 #: The most shards one calibration may be cut into (``--shard K/N`` and a stats file's ``shard``).
 MAX_SHARDS = 1_000_000
 #: Characters of one JSON text (a metadata entry, a config file, a .jsonl line).

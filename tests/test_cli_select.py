@@ -221,3 +221,20 @@ def test_the_largest_seed_selects(chain, tmp_path):
     result = invoke("select", model, data, "-o", out, "--method", "random", "--seed", str(2**32 - 1), "-q")
     assert result.exit_code == 0, result.output
     assert MaskFile.load(out).meta["seed"] == str(2**32 - 1)
+
+
+@pytest.mark.parametrize("length", ["0", "1", str(2**24 + 1), str(2**64)])
+def test_max_length_out_of_range_is_one_line_on_every_command(chain, tmp_path, length):
+    model, data = chain
+    out = tmp_path / "o" / "masks.safetensors"
+    commands = {1: ["select", model, data, "-o", out, "--max-length", length],
+                2: ["train", "--model", "none.py:build", "--masks", out, "--train", data, "-o", out.parent,
+                    "--max-length", length]}
+    for least, args in commands.items():
+        if int(length) >= least and int(length) <= 2**24:
+            continue  # in range for this command
+        result = invoke(*args)
+        assert result.exit_code == 1, result.output
+        message = f"Error: --max-length must be a whole number from {least} to 16,777,216, not {length}"
+        assert result.stderr.strip().splitlines() == [message], result.stderr
+        assert not out.parent.exists()

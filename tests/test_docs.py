@@ -25,7 +25,7 @@ import sys
 
 import pytest
 
-from fps_onnx.maskfile import MaskFile
+from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.stats import Stats
 
 ROOT = Path(__file__).resolve().parent.parent

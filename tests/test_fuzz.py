@@ -1,18 +1,31 @@
-"""Fuzzing the untrusted inputs: ONNX files, stats files and mask files.
+"""Fuzzing the untrusted inputs: ONNX files, stats, mask and delta files, names.
 
-Each example mutates a valid file (bytes flipped, cut or spliced; or a field set
+Each example mutates a valid file (bytes flipped, cut or spliced; a field set
 to a hostile value: an external-data location outside the model's folder, a bad
-offset, forged dims, a forged tensor or metadata entry) and runs the CLI on it.
+offset, forged dims, a forged tensor or metadata entry; a graph rewired into a
+cycle, nodes reordered, inputs dropped, dims zeroed or mismatched, a bad Conv
+group; metadata JSON nested deep, made huge, given out-of-range numbers or
+missing and extra keys; names holding newlines and control characters) and runs
+the CLI on it, in this process or, for some, in a real one under a memory limit.
 The only acceptable outcomes: exit 0 with a valid output file, or exit 1 with
-exactly one ``Error:`` line and no output file. Never a traceback, never a
-file outside the working folder touched, never a read of one that succeeds.
+exactly one ``Error:`` line (not an unexpected error) and no output file; within
+a time bound; nothing left in the working folder but the inputs and (on exit 0)
+the outputs; never a file outside the working folder touched, never a read of
+one that succeeds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 
 from click.testing import CliRunner
 import numpy as np
@@ -101,6 +114,7 @@ def _run(*args) -> tuple[int, str, BaseException | None]:
 
 def _assert_clean(code: int, output: str, exc, out: Path, valid) -> None:
     assert "Traceback" not in output, output
+    assert "a bug in fps-onnx" not in output, output
     if code == 0:
         assert out.is_file(), output
         valid(out)
@@ -340,3 +354,447 @@ def test_forged_masks(box, valid_masks, torch_spec, edits, key_index, meta_edits
     _assert_clean(code, output, exc, out, _valid_masks)
     box.check_untouched()
 
+
+
+# --------------------------------------------------------------------------- bounds and a fresh folder per example
+
+LIMIT_S = 20  # seconds one run may take
+LIMIT_AS = 4 << 30  # address space of a real process (RLIMIT_AS)
+LIMIT_RSS = 3 << 30  # peak resident memory of this process (in-process runs)
+SENTINEL = b"SENTINEL-outside-the-work-folder"
+_CLI = "import sys; from fps_onnx.cli.main import main; sys.argv[0] = 'fps-onnx'; main()"
+
+
+def _address_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (LIMIT_AS, LIMIT_AS))
+
+
+def _run_process(*args, cwd: Path) -> tuple[int, str, str]:
+    """The CLI in a real process under RLIMIT_AS: (exit status, stdout, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _CLI, *map(str, args)], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_address_limit)
+    try:
+        out, err = proc.communicate(timeout=LIMIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"fps-onnx {' '.join(map(str, args))[:300]} ran past {LIMIT_S} s")
+    return proc.returncode, out, err
+
+
+def _run_bounded(*args) -> tuple[int, str, BaseException | None]:
+    """The CLI in this process: it must end within LIMIT_S, the process's peak within LIMIT_RSS."""
+    start = time.monotonic()
+    code, output, exc = _run(*args)
+    assert time.monotonic() - start < LIMIT_S, f"ran past {LIMIT_S} s: {args}"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < LIMIT_RSS
+    return code, output, exc
+
+
+def _assert_one_line(code: int, err: str) -> None:
+    """A real process's stderr: nothing on success (-q), else exactly one ``Error:`` line."""
+    assert "Traceback" not in err and "a bug in fps-onnx" not in err, err
+    if code == 0:
+        assert "Error:" not in err, err
+        return
+    assert code == 1, (code, err)
+    assert err.endswith("\n") and err.count("\n") == 1 and err.startswith("Error: "), repr(err)
+    for forged in ("\r", "\x1b", "\u2028", "\u2029", "\x00", "\x85"):
+        assert forged not in err, repr(err)
+
+
+class Case:
+    """A fresh folder inside the sandbox's work folder for one example; on leaving, it must
+    hold the inputs and (on exit 0) the outputs only, and no byte of the sentinel outside."""
+
+    def __init__(self, box: Sandbox) -> None:
+        self.box = box
+        self.dir = Path(tempfile.mkdtemp(dir=box.work, prefix="case"))
+
+    def inputs(self) -> set[str]:
+        return set(os.listdir(self.dir))
+
+    def finish(self, code: int, inputs: set[str], outputs: set[str], texts: tuple[str, ...] = ()) -> None:
+        try:
+            left = set(os.listdir(self.dir))
+            assert left == (inputs | outputs if code == 0 else inputs), (code, sorted(left))
+            for path in self.dir.rglob("*"):
+                if path.is_file() and not path.is_symlink():
+                    assert SENTINEL not in path.read_bytes(), f"{path} holds a file read from outside"
+            assert not any(SENTINEL.decode() in t for t in texts), "a message shows a file from outside"
+            self.box.check_untouched()
+        finally:
+            shutil.rmtree(self.dir)
+
+
+@pytest.fixture(scope="module")
+def sentinel(box):
+    path = box.outside / "sentinel.txt"
+    if not path.exists():
+        path.write_bytes(SENTINEL + b"\n")
+        box.outside_state = box._state(box.outside)
+    return path
+
+
+# --------------------------------------------------------------------------- graph mutations
+
+C_IN, C_OUT, GROUP, SIDE = 4, 8, 2, 6
+
+
+def _graph_model() -> onnx.ModelProto:
+    """x [N, 4, 6, 6] -> Conv(group 2) -> Relu -> GlobalAveragePool -> Flatten -> MatMul -> Identity -> Gemm."""
+    r = np.random.default_rng(2)
+    weights = {"wc": r.standard_normal((C_OUT, C_IN // GROUP, 3, 3)).astype(np.float32),
+               "w1": r.standard_normal((C_OUT, 10)).astype(np.float32),
+               "w2": r.standard_normal((6, 10)).astype(np.float32)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "wc"], ["c"], group=GROUP, name="conv"),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+         helper.make_node("Flatten", ["p"], ["f"], axis=1, name="flat"),
+         helper.make_node("MatMul", ["f", "w1"], ["h"], name="mm"),
+         helper.make_node("Identity", ["h"], ["h2"], name="id"),
+         helper.make_node("Gemm", ["h2", "w2"], ["y"], transB=1, name="gemm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C_IN, SIDE, SIDE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+_GRAPH_EDIT = st.one_of(
+    st.tuples(st.just("cycle"), st.integers(0, 99), st.integers(0, 99)),
+    st.tuples(st.just("drop_input"), st.integers(0, 99), st.integers(0, 1)),
+    st.tuples(st.just("zero_dim"), st.integers(0, 99), st.integers(0, 99)),
+    st.tuples(st.just("dims"), st.integers(0, 99), st.lists(st.integers(0, 12), min_size=1, max_size=4)),
+    st.tuples(st.just("group"), st.sampled_from([0, -1, 3, 4, 8, 2**31, 2**62]), st.just(0)),
+    st.tuples(st.just("dup_output"), st.integers(0, 99), st.integers(0, 99)),
+    st.tuples(st.just("swap"), st.integers(0, 99), st.integers(0, 99)),
+    st.tuples(st.just("input_dim"), st.integers(0, 3), st.sampled_from([0, 1, 5, 7])),
+)
+
+
+def _edit_graph(model: onnx.ModelProto, edits) -> onnx.ModelProto:
+    nodes, inits = model.graph.node, model.graph.initializer
+    for kind, a, b in edits:
+        if kind == "cycle":  # an input of node i becomes an output of node j >= i (a later one, or its own)
+            i = a % len(nodes)
+            j = i + b % (len(nodes) - i)
+            if nodes[i].input:
+                nodes[i].input[0] = nodes[j].output[0]
+        elif kind == "drop_input":
+            node = nodes[a % len(nodes)]
+            if node.input:
+                if b:
+                    node.input[-1] = ""
+                else:
+                    del node.input[-1]
+        elif kind in ("zero_dim", "dims") and inits:
+            k = a % len(inits)
+            old = numpy_helper.to_array(inits[k])
+            if kind == "zero_dim":
+                dims = list(old.shape)
+                dims[b % len(dims)] = 0
+            else:
+                dims = b
+            inits[k].CopyFrom(numpy_helper.from_array(np.resize(old, dims).astype(old.dtype), inits[k].name))
+        elif kind == "group":
+            conv = next((n for n in nodes if n.op_type == "Conv"), None)
+            if conv is not None:
+                for attr in conv.attribute:
+                    if attr.name == "group":
+                        attr.i = a
+        elif kind == "dup_output":
+            nodes[b % len(nodes)].output[0] = nodes[a % len(nodes)].output[0]
+        elif kind == "swap":
+            i, j = a % len(nodes), b % len(nodes)
+            first, second = onnx.NodeProto(), onnx.NodeProto()
+            first.CopyFrom(nodes[i])
+            second.CopyFrom(nodes[j])
+            nodes[i].CopyFrom(second)
+            nodes[j].CopyFrom(first)
+        elif kind == "input_dim":
+            dim = model.graph.input[0].type.tensor_type.shape.dim[a]
+            dim.dim_value = b
+    return model
+
+
+def _graph_data(folder: Path) -> None:
+    np.save(folder / "x.npy", np.random.default_rng(3).standard_normal((6, C_IN, SIDE, SIDE)).astype(np.float32))
+
+
+@FUZZ
+@given(edits=st.lists(_GRAPH_EDIT, min_size=1, max_size=3), method=st.sampled_from(["fps", "magnitude"]),
+       process=st.sampled_from([False, False, False, True]))
+def test_graph_mutations(box, sentinel, edits, method, process):
+    case = Case(box)
+    onnx.save(_edit_graph(_graph_model(), edits), case.dir / "model.onnx")
+    _graph_data(case.dir)
+    inputs, out = case.inputs(), case.dir / "masks.safetensors"
+    args = ("select", "model.onnx", "x.npy", "-o", out.name, "--method", method, "-q")
+    if process:
+        code, stdout, err = _run_process(*args, cwd=case.dir)
+        _assert_one_line(code, err)
+        texts = (stdout, err)
+    else:
+        cwd = os.getcwd()
+        os.chdir(case.dir)
+        try:
+            code, output, exc = _run_bounded(*args)
+        finally:
+            os.chdir(cwd)
+        _assert_clean(code, output, exc, out, _valid_masks)
+        texts = (output,)
+    if code == 0:
+        _valid_masks(out)
+    case.finish(code, inputs, {out.name}, texts)
+
+
+def test_the_unmutated_graph_model_selects(box, sentinel):
+    """The mutations start from a model that selects (so a refusal is the mutation's doing)."""
+    case = Case(box)
+    onnx.save(_graph_model(), case.dir / "model.onnx")
+    _graph_data(case.dir)
+    inputs, out = case.inputs(), case.dir / "masks.safetensors"
+    code, _, err = _run_process("select", "model.onnx", "x.npy", "-o", out.name, "-q", cwd=case.dir)
+    assert code == 0, err
+    assert set(MaskFile.load(out).masks) == {"wc", "w1", "w2"}
+    case.finish(code, inputs, {out.name})
+
+
+# --------------------------------------------------------------------------- metadata mutations
+
+_NUMBER_TEXTS = ["-1", "0", str(2**63 - 1), str(2**63), str(2**64), "7" * 5000, "-" + "9" * 41, "1.5", "1e3",
+                 "-0", "1e999", "NaN", "Infinity", "2.5e-300"]
+_META_EDIT = st.one_of(
+    st.tuples(st.just("deep"), st.sampled_from([1, 99, 100, 101, 5000, 100_000]), st.sampled_from("[{(")),
+    st.tuples(st.just("huge"), st.sampled_from(["values", "chars"]), st.just(0)),
+    st.tuples(st.just("number"), st.sampled_from(_NUMBER_TEXTS), st.integers(0, 99)),
+    st.tuples(st.just("drop_field"), st.integers(0, 99), st.just(0)),
+    st.tuples(st.just("extra_field"), st.sampled_from(["extra", "shape", "selected", ""]), st.just(0)),
+    st.tuples(st.just("raw"), st.sampled_from(["", "{}", "[]", "null", "true", '"x"', "{", "[1, 2]", "5/0",
+                                               "0/1000001", "3/2", "1/" + "9" * 30, "abc"]), st.just(0)),
+    st.tuples(st.just("drop"), st.just(0), st.just(0)),
+)
+
+
+def _leaves(value, path=()):
+    """Paths of the number leaves (and, with them, of the objects) of a parsed JSON value."""
+    if isinstance(value, dict):
+        yield path, value
+        for key, item in value.items():
+            yield from _leaves(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _leaves(item, (*path, i))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield path, None
+
+
+def _at(value, path):
+    for step in path:
+        value = value[step]
+    return value
+
+
+def _mutate_meta(text: str | None, edit) -> str | None:
+    """``text`` (a metadata value) edited by ``edit``; None drops the entry."""
+    kind, a, b = edit
+    if kind == "drop":
+        return None
+    if kind == "deep":
+        opening, closing = {"[": ("[", "]"), "{": ('{"a": ', "}"), "(": ("[", "")}[b]
+        return opening * a + ("0" if b == "{" else "") + closing * a
+    if kind == "huge":
+        return "[" + "0," * 1_100_000 + "0]" if a == "values" else '"' + "x" * (17 << 20) + '"'
+    if kind == "raw":
+        return a
+    try:
+        parsed = json.loads(text) if text is not None else None
+    except ValueError:
+        parsed = None
+    if kind == "number":
+        if not isinstance(parsed, (dict, list)):
+            return a  # a plain number entry (num_samples, batch_size, ...)
+        numbers = [p for p, obj in _leaves(parsed) if obj is None and p]
+        if not numbers:
+            return a
+        path = numbers[b % len(numbers)]
+        _at(parsed, path[:-1])[path[-1]] = "\0NUMBER\0"
+        return json.dumps(parsed).replace('"\\u0000NUMBER\\u0000"', a)
+    objects = [obj for _, obj in _leaves(parsed) if obj is not None]
+    if not objects:
+        return text
+    if kind == "drop_field":
+        obj = objects[a % len(objects)]
+        if obj:
+            del obj[sorted(obj)[a % len(obj)]]
+    else:
+        objects[-1][a] = 1
+    return json.dumps(parsed)
+
+
+def _edit_meta(meta: dict, key: str, edits) -> dict:
+    meta = dict(meta)
+    value = meta.get(key)
+    for edit in edits:
+        value = _mutate_meta(value, edit)
+        if value is None:
+            break
+    if value is None:
+        meta.pop(key, None)
+    else:
+        meta[key] = value
+    return meta
+
+
+@pytest.fixture(scope="module")
+def shard_stats(box):
+    """Two shards' statistics of the sandbox model (merged by --from-stats)."""
+    paths = []
+    for k in (0, 1):
+        path = box.work / f"shard{k}.safetensors"
+        code, output, _ = _run("select", box.model, box.work / "x.npy", "-o", box.work / f"sm{k}.safetensors",
+                               "--stats-out", path, "--shard", f"{k}/2", "--batch-size", "4", "-q")
+        assert code == 0, output
+        paths.append(path)
+    return paths
+
+
+@FUZZ
+@given(key=st.sampled_from(["num_samples", "shard", "batch_size", "model_sha256", "format_version", "extra"]),
+       edits=st.lists(_META_EDIT, min_size=1, max_size=2), both=st.booleans(),
+       process=st.sampled_from([False, False, False, True]))
+def test_stats_metadata_mutations(box, sentinel, shard_stats, key, edits, both, process):
+    case = Case(box)
+    shutil.copy(box.model, case.dir / "model.onnx")
+    arrays, meta = _reload(shard_stats[0])
+    _save(case.dir / "a.safetensors", arrays, _edit_meta(meta, key, edits))
+    args = ["select", "model.onnx", "--from-stats", "a.safetensors", "-o", "masks.safetensors", "-q"]
+    if both:
+        shutil.copy(shard_stats[1], case.dir / "b.safetensors")
+        args += ["--from-stats", "b.safetensors"]
+    _run_in_case(case, args, {"masks.safetensors"}, process, _valid_masks)
+
+
+def _run_in_case(case: Case, args, outputs: set[str], process: bool, valid=None) -> int:
+    """Runs the CLI in ``case``'s folder (in a real process or this one) and checks every bound."""
+    inputs = case.inputs()
+    if process:
+        code, stdout, err = _run_process(*args, cwd=case.dir)
+        _assert_one_line(code, err)
+        texts = (stdout, err)
+    else:
+        cwd = os.getcwd()
+        os.chdir(case.dir)
+        try:
+            code, output, exc = _run_bounded(*args)
+        finally:
+            os.chdir(cwd)
+        assert "Traceback" not in output and "a bug in fps-onnx" not in output, output
+        if code != 0:
+            assert code == 1 and isinstance(exc, SystemExit), (code, output, exc)
+            assert [line for line in output.splitlines() if line.startswith("Error:")] == \
+                [output.strip().splitlines()[-1]], output
+        texts = (output,)
+    if code == 0 and valid is not None:
+        for name in outputs:
+            valid(case.dir / name)
+    case.finish(code, inputs, outputs, texts)
+    return code
+
+
+@FUZZ
+@given(key=st.sampled_from(["tensors", "budget", "format", "format_version", "extra"]),
+       edits=st.lists(_META_EDIT, min_size=1, max_size=2), process=st.sampled_from([False, False, False, True]))
+def test_mask_metadata_mutations(box, sentinel, valid_masks, key, edits, process):
+    case = Case(box)
+    arrays, meta = _reload(valid_masks)
+    meta.setdefault("budget", json.dumps({"fraction": 0.05, "k": None}))
+    _save(case.dir / "m.safetensors", arrays, _edit_meta(meta, key, edits))
+    _run_in_case(case, ["inspect", "m.safetensors", "--json"], set(), process)
+
+
+@pytest.fixture(scope="module")
+def llm_folder(box):
+    """A tiny Hugging Face causal LM folder and a valid delta of it."""
+    pytest.importorskip("transformers")
+    from llm_models import save_tiny_llm
+    from safetensors.torch import save_file
+    import torch
+
+    from fps_onnx.torch.train import hf_folder, sparse
+
+    folder = save_tiny_llm("llama", box.work / "llm")
+    with open(folder / "model.safetensors", "rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    shape = header["lm_head.weight"]["shape"]
+    tensors = {"lm_head.weight:indices": torch.tensor([0, 3, 7]),
+               "lm_head.weight:values": torch.tensor([0.5, -0.25, 1e-3])}
+    meta = {"format": sparse.DELTA_FORMAT, "format_version": sparse.DELTA_FORMAT_VERSION,
+            "shapes": json.dumps({"lm_head.weight": shape}), "dense": "[]",
+            hf_folder.BASE_HASH_KEY: hf_folder.base_sha256(folder)}
+    delta = box.work / "delta.safetensors"
+    save_file(tensors, str(delta), metadata=meta)
+    code, output, _ = _run("apply-delta", f"hf:{folder}", delta, "-o", box.work / "merged", "-q")
+    assert code == 0, output
+    shutil.rmtree(box.work / "merged")
+    return folder, delta
+
+
+@settings(FUZZ, max_examples=20)
+@given(key=st.sampled_from(["shapes", "dense", "base_sha256", "format_version", "extra"]),
+       edits=st.lists(_META_EDIT, min_size=1, max_size=2))
+def test_delta_metadata_mutations(box, sentinel, llm_folder, key, edits):
+    folder, valid = llm_folder
+    case = Case(box)
+    arrays, meta = _reload(valid)
+    _save(case.dir / "d.safetensors", arrays, _edit_meta(meta, key, edits))
+
+    def merged(path: Path) -> None:
+        assert (path / "config.json").is_file() and list(path.glob("*.safetensors"))
+
+    _run_in_case(case, ["apply-delta", f"hf:{folder}", "d.safetensors", "-o", "merged", "-q"], {"merged"},
+                 False, merged)
+
+
+# --------------------------------------------------------------------------- name mutations
+
+_FORGING = ["\n", "\nError: forged", "\r", "\r\n", "\x1b[2J", "\u2028", "\u2029", "\x00", "\x85", "\u202e",
+            "\t", "/../outside/sentinel.txt"]
+
+
+@settings(FUZZ, max_examples=16)
+@given(where=st.sampled_from(["weight", "input", "stats key"]), forging=st.sampled_from(_FORGING),
+       prefix=st.text(alphabet="ab.:/", max_size=3), fault=st.booleans())
+def test_name_mutations(box, sentinel, valid_stats, where, forging, prefix, fault):
+    """Weight, input and stats key names holding newlines, CR, ESC, U+2028, NUL...: in a real
+    process, stderr is nothing or exactly one ``Error:`` line, with no control character."""
+    name = f"{prefix}w{forging}1"
+    case = Case(box)
+    model = _model()
+    if where == "weight":
+        model.graph.initializer[0].name = model.graph.node[0].input[1] = name
+        if fault:  # a NaN weight: refused naming it
+            w = numpy_helper.to_array(model.graph.initializer[0]).copy()
+            w[0, 0] = np.nan
+            model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, name))
+    elif where == "input":
+        model.graph.input[0].name = model.graph.node[0].input[0] = name
+    onnx.save(model, case.dir / "model.onnx")
+    width = IN + 1 if fault and where == "input" else IN  # data that does not fit the input: named
+    np.save(case.dir / "x.npy", np.random.default_rng(1).standard_normal((6, width)).astype(np.float32))
+    args = ["select", "model.onnx", "x.npy", "-o", "masks.safetensors", "-q"]
+    if where == "stats key":
+        arrays, meta = _reload(valid_stats)
+        arrays = {k.replace("w1:", f"{name}:") if fault else k.replace("w2:", f"{name}:"): v
+                  for k, v in arrays.items()}
+        _save(case.dir / "s.safetensors", arrays, meta)
+        args = ["select", "model.onnx", "--from-stats", "s.safetensors", "-o", "masks.safetensors", "-q"]
+    code = _run_in_case(case, args, {"masks.safetensors"}, True, _valid_masks)
+    if where == "stats key" or fault:
+        assert code == 1  # a foreign stats key, a NaN weight, data of the wrong width

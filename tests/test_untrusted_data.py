@@ -24,7 +24,8 @@ import pytest
 
 from _models import linear_chain, make_model, tensor
 from fps_onnx.cli.main import main
-from fps_onnx.data import DataConfig, iter_batches
+from fps_onnx.data import DataConfig, iter_batches, load_npz
+from fps_onnx.errors import DataError
 from fps_onnx.onnx.inputs import InputSpec
 from fps_onnx.selection.maskfile import MaskFile
 
@@ -401,3 +402,65 @@ def test_a_compressed_zero_bomb_costs_one_row_of_memory_with_max_samples_1(tmp_p
     result = invoke("select", model, bomb, "-o", out, "-q", "--max-samples", "1")
     assert result.exit_code == 0, result.output
     assert MaskFile.load(out).meta["num_samples"] == "1"
+
+
+# --------------------------------------------------------------------------- .npz read whole (training data)
+
+
+def test_load_npz_reads_every_array_as_np_load_does(tmp_path):
+    r = np.random.default_rng(0)
+    arrays = {"x": np.asfortranarray(r.standard_normal((5, 3, 2)).astype(np.float32)),
+              "y": np.arange(5, dtype=">i8"), "empty": np.zeros((0, 4), np.uint8)}
+    np.savez_compressed(tmp_path / "a.npz", **arrays)
+    np.savez(tmp_path / "b.npz", **arrays)
+    for name in ("a.npz", "b.npz"):
+        got = load_npz(tmp_path / name)
+        assert sorted(got) == sorted(arrays)
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(got[key], value)
+            assert got[key].shape == value.shape and got[key].dtype.isnative
+        got["x"][0, 0, 0] = 7.0  # writable, as np.load's arrays are
+
+
+def test_load_npz_refuses_a_compressed_bomb_before_decompressing_it(tmp_path):
+    """48 MB of zeros in ~50 KB, over a limit of 1 MiB: refused from the zip entry's
+    declared size, holding nothing of the member."""
+    import tracemalloc
+
+    bomb = zero_bomb(tmp_path / "a.npz", 2_000_000, fortran=True)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"a.npz: its compressed arrays declare 48,000,128 bytes, "
+                                            r"over the limit of 1,048,576 for data read whole"):
+            load_npz(bomb, max_inflated=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    assert load_npz(bomb)["x"].shape == (2_000_000, 6)  # under the default limit of 1 GiB
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: _short_member(p), r"a.npz \[x.npy\] ends before the data its header declares"),
+    (lambda p: npz_member(p, "x.npy", npy_bytes((2,), descr="|O")), r"holds Python objects"),
+    (lambda p: npz_member(p, "x.npy", npy_bytes((10**12, 6))), r"header declares \[1000000000000, 6\] float32"),
+    (lambda p: npz_member(p, "x.npy", b"PK not an array"), r"cannot read .*a.npz"),
+    (lambda p: p.write_bytes(b"PK\x03\x04 truncated"), r"cannot read .*a.npz"),
+])
+def test_load_npz_refuses_hostile_members_by_name(tmp_path, make, message):
+    make(tmp_path / "a.npz")
+    with pytest.raises(DataError, match=message):
+        load_npz(tmp_path / "a.npz")
+
+
+def test_training_npz_bombs_are_refused_before_decompressing(tmp_path, monkeypatch):
+    """Both training readers (labelled arrays, causal LM token arrays) go through load_npz."""
+    pytest.importorskip("torch")
+    from fps_onnx.torch.train import data as train_data
+    from fps_onnx.torch.train import lm_data
+
+    monkeypatch.setattr("fps_onnx.data.MAX_INFLATED_BYTES", 1 << 20)
+    bomb = zero_bomb(tmp_path / "a.npz", 2_000_000, fortran=False)
+    for read in (lambda: train_data.open_split(bomb), lambda: lm_data.open_lm_split(bomb, None, 8, 100)):
+        with pytest.raises(DataError, match=r"declare 48,000,128 bytes, over the limit of 1,048,576"):
+            read()

@@ -101,8 +101,8 @@ class DataConfig:
             object.__setattr__(self, name, values)
         if not all(v > 0 for v in self.std):
             raise DataError(f"image std must be above 0, not {list(self.std)}")
-        if self.max_length is not None and self.max_length < 1:
-            raise DataError(f"--max-length must be at least 1, not {self.max_length}")
+        if self.max_length is not None:
+            limits.whole_number(self.max_length, "--max-length", DataError, 1, limits.MAX_LENGTH)
 
 
 def parse_shard(value: str | Sequence[int]) -> tuple[int, int]:
@@ -459,6 +459,47 @@ def _read_npz(file: Path, inputs, config: DataConfig) -> Iterator[dict[str, np.n
                     like = next(iter(chunk.values()))
                     chunk[spec.name] = np.zeros(like.shape, dtype=spec.dtype)
             yield chunk
+
+
+#: Bytes the compressed members of an .npz file loaded whole (training data) may declare in all:
+#: a few hundred bytes of deflate can declare a gigabyte of zeros. Stored members (``np.savez``)
+#: cost what the file holds, and are not counted.
+MAX_INFLATED_BYTES = 1 << 30
+
+
+def load_npz(file: str | os.PathLike, max_inflated: int | None = None) -> dict[str, np.ndarray]:
+    """Every array of the .npz ``file``, read whole (training data); DataError naming the file otherwise.
+
+    Every member's .npy header is read and checked first (no object arrays, data
+    within the member's declared size), and compressed members declaring more than
+    ``max_inflated`` (:data:`MAX_INFLATED_BYTES`) bytes in all are refused before any is
+    decompressed; each member
+    is then read in pieces, so a size the archive forges fails where its data ends.
+    """
+    file = Path(file)
+    max_inflated = MAX_INFLATED_BYTES if max_inflated is None else max_inflated
+    with open_regular(file) as fh, _reading(file), zipfile.ZipFile(fh) as archive:
+        members = [i for i in archive.infolist() if not i.is_dir()]
+        headers = []
+        for info in members:
+            with archive.open(info) as stream:
+                headers.append(_npy_header(stream, f"{file} [{info.filename}]", info.file_size))
+        inflated = sum(i.file_size for i in members if i.compress_type != zipfile.ZIP_STORED)
+        if inflated > max_inflated:
+            raise DataError(f"{file}: its compressed arrays declare {inflated:,} bytes, over the limit of "
+                            f"{max_inflated:,} for data read whole; save larger arrays uncompressed (np.savez)")
+        arrays = {}
+        for info, header in zip(members, headers):
+            def short(info=info):
+                return DataError(f"{file} [{info.filename}] ends before the data its header declares")
+
+            with archive.open(info) as stream:
+                _skip(stream, header.offset, short)
+                data = _read_exact(stream, math.prod(header.shape) * header.dtype.itemsize, short)
+            array = np.frombuffer(data, header.dtype).reshape(header.shape, order="F" if header.fortran else "C")
+            native = header.dtype.newbyteorder("=")  # torch takes native byte order only
+            arrays[info.filename.removesuffix(".npy")] = array if header.dtype == native else array.astype(native)
+        return arrays
 
 
 def image_geometry(spec: InputSpec, config: DataConfig) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, _resize_crop
+from ...data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, _resize_crop, load_npz
 from ...errors import DataError
 from ._torch import torch
 
@@ -181,11 +181,7 @@ def _open_folder(path: Path, classes: list[str] | None) -> LabelledSet:
 
 
 def _open_npz(path: Path) -> LabelledSet:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except Exception as exc:  # noqa: BLE001 - any failure means the file is unreadable
-        raise DataError(f"cannot read {path}: {exc}") from exc
+    arrays = load_npz(path)
     label_key = next((k for k in LABEL_KEYS if k in arrays), None)
     if label_key is None:
         raise DataError(f"{path} has no labels: expected an array named {' or '.join(LABEL_KEYS)}")

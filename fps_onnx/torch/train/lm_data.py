@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ...data import load_npz
 from ...data.text import read_lines, tokenizer_errors
-from ...errors import DataError, first_line
+from ...errors import DataError
 from .. import hf
 from ._torch import torch
 
@@ -161,11 +162,7 @@ def _text_samples(path: Path, tokenizer, max_length: int) -> list[tuple[np.ndarr
 
 
 def _npz_samples(path: Path, max_length: int, vocab_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except Exception as exc:  # noqa: BLE001 - any failure means the file is unreadable
-        raise DataError(f"cannot read {path}: {first_line(exc)}") from exc
+    arrays = load_npz(path)
     if "input_ids" not in arrays:
         raise DataError(f"{path} has no array 'input_ids' (it holds {sorted(arrays)})")
     ids = arrays["input_ids"]

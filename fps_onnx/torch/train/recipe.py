@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..._limits import SEED_MAX, whole_number
+from ..._limits import MAX_LENGTH, SEED_MAX, whole_number
 from ...errors import FpsError
 
 
@@ -59,12 +59,12 @@ class Recipe:
             (self.max_steps is None or self.max_steps >= 1,
              f"max steps must be at least 1, not {self.max_steps}"),
             (self.accumulate >= 1, f"gradient accumulation must be at least 1 batch, not {self.accumulate}"),
-            (self.max_length >= 2, f"max length must be at least 2 tokens, not {self.max_length}"),
         )
         for ok, message in checks:
             if not ok:
                 raise RecipeError(message)
         whole_number(self.seed, "the seed", RecipeError, 0, SEED_MAX)
+        whole_number(self.max_length, "--max-length", RecipeError, 2, MAX_LENGTH)
 
 
 @dataclass(frozen=True)
