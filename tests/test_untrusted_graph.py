@@ -22,6 +22,7 @@ from fps_onnx.cli.main import main
 from fps_onnx.errors import ModelError
 from fps_onnx.onnx import external, validate
 from fps_onnx.onnx.graph import find_weights
+from fps_onnx.selection.maskfile import MaskFile
 
 W1 = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
 W2 = np.random.default_rng(1).standard_normal((4, 5)).astype(np.float32)
@@ -234,3 +235,22 @@ def test_external_data_in_a_function_attribute_default_is_checked(tmp_path):
     path = save(model, folder)
     refused(tmp_path, [path, "--method", "magnitude"], r"'\.\./secret\.bin' leads outside")
     refused(tmp_path, [path, tmp_path / "data"], r"'\.\./secret\.bin' leads outside")
+
+
+def test_outputs_declared_without_a_shape_still_select(tmp_path):
+    """ONNX Runtime loads a graph whose output has no declared shape; so does select."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32))
+    for args in (["x.npy"], ["--method", "magnitude"]):
+        out = tmp_path / "masks.safetensors"
+        out.unlink(missing_ok=True)
+        data = [str(tmp_path / a) if a.endswith(".npy") else a for a in args]
+        result = CliRunner().invoke(main, ["select", str(tmp_path / "m.onnx"), *data, "-o", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+        assert MaskFile.load(out).selected > 0
