@@ -69,10 +69,6 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     module:function; weights from --torch-checkpoint) and DATA a labelled
     training split (class folders, or .npz with labels): the gradient baseline.
     """
-    if shira_r is not None and level == "neuron":
-        from fps_onnx.errors import BudgetError
-
-        raise BudgetError("--shira-r selects per tensor (level layer); leave out --level neuron")
     config = SelectConfig(**_given(method=method, seed=seed, norm=norm, level=level,
                                    per_neuron=per_neuron, fraction=fraction, shira_r=shira_r))
     needs_data = config.method not in METHODS or METHODS[config.method].needs_activations
