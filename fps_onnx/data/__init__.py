@@ -50,7 +50,7 @@ import numpy as np
 from .. import _limits as limits
 from ..errors import DataError, FpsError, first_line
 from ..onnx.inputs import InputSpec
-from .files import _is_data_file, open_regular  # noqa: F401 - open_regular also importable from here
+from .files import is_data_file, open_data_file
 from .text import TEXT_SUFFIXES, TextReader
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -137,10 +137,10 @@ def find_files(path: str | os.PathLike) -> list[Path]:
     if not path.is_dir():
         if path.suffix.lower() not in (*ARRAY_SUFFIXES, *IMAGE_SUFFIXES, *TEXT_SUFFIXES):
             raise DataError(f"{path}: unknown data file type (use .npy, .npz, images, .txt or .jsonl)")
-        _is_data_file(path)  # a device, FIFO or socket is refused
+        is_data_file(path)  # a device, FIFO or socket is refused
         return [path]
     suffixes = (*ARRAY_SUFFIXES, *IMAGE_SUFFIXES, *TEXT_SUFFIXES)
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and _is_data_file(p))
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and is_data_file(p))
     if any(p.suffix.lower() not in TEXT_SUFFIXES for p in files):
         files = [p for p in files if p.suffix.lower() not in TEXT_SUFFIXES]
     if not files:
@@ -330,7 +330,7 @@ def _read_npy(file: Path, inputs, config: DataConfig) -> Iterator[dict[str, np.n
         raise DataError(f"{file}: .npy data fits a model with one input; this model has {names} "
                         "(use .npz with one array per input name)")
     spec = inputs[0]
-    with open_regular(file) as fh, _reading(file):
+    with open_data_file(file) as fh, _reading(file):
         header = _npy_header(fh, str(file), os.fstat(fh.fileno()).st_size)
         _fit(file, spec, header.like())
         if math.prod(header.shape) == 0:
@@ -432,7 +432,7 @@ def _skip(stream, n: int, short: Callable[[], DataError]) -> None:
 
 def _read_npz(file: Path, inputs, config: DataConfig) -> Iterator[dict[str, np.ndarray]]:
     """Blocks of rows of the arrays of an .npz file, decompressed as they are read."""
-    with open_regular(file) as fh, _reading(file), zipfile.ZipFile(fh) as archive:
+    with open_data_file(file) as fh, _reading(file), zipfile.ZipFile(fh) as archive:
         members = {i.filename.removesuffix(".npy"): i for i in archive.infolist() if not i.is_dir()}
         keys = {s.name: s.name for s in inputs if s.name in members}
         if len(inputs) == 1 and not keys and len(members) == 1:
@@ -500,7 +500,7 @@ def _read_image(file: Path, spec: InputSpec, config: DataConfig) -> dict[str, np
 
     channels, height, width = image_geometry(spec, config)
     mean, std = _normalisation(spec, channels, config)
-    with open_regular(file) as fh:
+    with open_data_file(file) as fh:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

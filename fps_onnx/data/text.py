@@ -85,11 +85,11 @@ def max_positions(model_path: str | os.PathLike | None) -> int | None:
 def _read_json(path: Path) -> dict:
     """The JSON object of a side file beside the model ({} when there is none, or it holds
     no object); read within the limits of :func:`fps_onnx._limits.read_json`."""
-    from .files import open_regular
+    from .files import open_data_file
 
     if not os.path.lexists(path):
         return {}
-    with open_regular(path) as handle:  # a FIFO, device or broken link is refused by name
+    with open_data_file(path) as handle:  # a FIFO, device or broken link is refused by name
         try:
             data = handle.read(MAX_JSON_CHARS + 1)
         except OSError as exc:
@@ -226,11 +226,11 @@ def read_lines(file: Path) -> Iterator[tuple[int, object]]:
     Content: the line without its line break (.txt) or the parsed JSON value (.jsonl).
     DataError for a file that cannot be read, is not UTF-8 or holds a line that is not JSON.
     """
-    from .files import open_regular
+    from .files import open_data_file
 
     jsonl = file.suffix.lower() == ".jsonl"
     try:
-        with io.TextIOWrapper(open_regular(file), encoding="utf-8") as handle:
+        with io.TextIOWrapper(open_data_file(file), encoding="utf-8") as handle:
             lines = iter(lambda: handle.readline(MAX_JSON_CHARS + 1), "")
             for number, line in enumerate(lines, 1):
                 if len(line) > MAX_JSON_CHARS:
