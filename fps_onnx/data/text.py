@@ -204,20 +204,36 @@ def tokenizer_errors(what: str) -> Iterator[None]:
         sys.stderr.write("".join(printed))
 
 
-def _pad_id(tokenizer, folder: Path) -> int:
-    """tokenizer.json's padding id, else the pad (then eos) token of
-    tokenizer_config.json / special_tokens_map.json beside it, else 0."""
-    if tokenizer.padding is not None:
-        return int(tokenizer.padding["pad_id"])
-    files = [_read_json(folder / name) for name in ("tokenizer_config.json", "special_tokens_map.json")]
-    for key in ("pad_token", "eos_token"):
-        for config in files:
-            token = config.get(key)
-            if isinstance(token, dict):
-                token = token.get("content")
-            if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
-                return int(tokenizer.token_to_id(token))
+def pad_id(pad: object, eos: object = None) -> int:
+    """The id batches are padded with: the pad token's id, else the EOS token's, else 0
+    (each used only if it is a token id, an int >= 0; padding is masked by the attention
+    mask, so any id works). Calibration (:class:`TextReader`), causal LM training
+    (``fps_onnx.torch.train.lm_data``) and export's example inputs
+    (``fps_onnx.torch.models.causal_lm_inputs``) all pad by this rule."""
+    for value in (pad, eos):
+        if isinstance(value, int) and value >= 0:
+            return value
     return 0
+
+
+def _pad_id(tokenizer, folder: Path) -> int:
+    """:func:`pad_id` of tokenizer.json's padding id, else of the pad and eos tokens of
+    tokenizer_config.json / special_tokens_map.json beside it."""
+    if tokenizer.padding is not None:
+        return pad_id(int(tokenizer.padding["pad_id"]))
+    files = [_read_json(folder / name) for name in ("tokenizer_config.json", "special_tokens_map.json")]
+    return pad_id(*(_token_id(tokenizer, files, key) for key in ("pad_token", "eos_token")))
+
+
+def _token_id(tokenizer, configs: list[dict], key: str) -> int | None:
+    """The id of the token ``configs`` name under ``key`` (the first that the tokenizer knows)."""
+    for config in configs:
+        token = config.get(key)
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+            return int(tokenizer.token_to_id(token))
+    return None
 
 
 def read_lines(file: Path) -> Iterator[tuple[int, object]]:
