@@ -23,7 +23,7 @@ import click
 def inspect(masks, stats_path, onnx_path, png, markdown, as_json):
     """Summarise MASKS: per tensor shape, selected entries and fraction; totals per layer
     depth and per kind (attention q/k/v/o, MLP up/gate/down, conv, lm_head, other)."""
-    from fps_onnx.report import summary as report
+    from fps_onnx import report
     from fps_onnx.selection.maskfile import MaskFile
     from fps_onnx.stats import Stats
 
