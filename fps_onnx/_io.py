@@ -16,6 +16,12 @@ import tempfile
 
 from .errors import OutputError, first_line
 
+__all__ = [
+    "Outputs", "atomic_folder", "atomic_write", "captured_output", "check_clashes", "check_folder",
+    "check_writable", "file_kind", "listed_paths", "open_regular", "read_safetensors", "same_path",
+    "transaction", "write_safetensors",
+]
+
 
 def open_regular(path: str | os.PathLike, error: type[Exception], what: str | None = None, *,
                  follow_links: bool = True, buffering: int = -1):

@@ -6,7 +6,7 @@
 * images (jpg, jpeg, png, webp, bmp; found recursively, so an ImageFolder tree
   works): decoded with Pillow, resized and centre-cropped to the model's input
   size, scaled to [0, 1] and normalised with ``mean``/``std``;
-* raw text (``.txt``, ``.jsonl``; see :mod:`fps_onnx.text`), tokenized with the
+* raw text (``.txt``, ``.jsonl``; see :mod:`fps_onnx.data.text`), tokenized with the
   model's tokenizer.json; in a folder, text files are read only when it holds
   no array or image file (an ImageFolder tree may carry a labels.txt).
 

@@ -32,6 +32,11 @@ from .._io import captured_output
 from .._limits import MAX_JSON_CHARS, read_json, whole_number
 from ..errors import DataError, FpsError, first_line
 
+__all__ = [
+    "DEFAULT_MAX_LENGTH", "TEXT_SUFFIXES", "TextReader", "find_tokenizer", "load_tokenizer",
+    "max_positions", "pad_id", "read_lines", "read_texts", "tokenizer_errors",
+]
+
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".jsonl")

@@ -29,6 +29,12 @@ from onnx import TensorProto
 
 from .._io import open_regular
 from ..errors import ModelError
+from . import protofile
+
+__all__ = [
+    "ExternalRef", "HashStopped", "check_tensor", "iter_graphs", "iter_tensors", "map_bytes",
+    "model_roots", "model_sha256", "open_inside", "read_bytes", "resolve", "subgraphs", "tensor_nbytes",
+]
 
 #: Bits per element of the types a tensor can hold as raw bytes (no STRING).
 _BITS = {
@@ -289,11 +295,9 @@ def model_sha256(path: str | os.PathLike, refs: Iterable[ExternalRef] | None = N
     graph is read and checked here. ``stop`` set: HashStopped at the next chunk.
     """
     if refs is None:
-        from . import protofile as _onnxfile
-
         try:
-            model, folder = _onnxfile.load_graph(path)
-        except (_onnxfile.MalformedProto, OSError):
+            model, folder = protofile.load_graph(path)
+        except (protofile.MalformedProto, OSError):
             try:
                 model = onnx.load(str(path), load_external_data=False)
             except Exception as exc:  # noqa: BLE001 - protobuf raises several types

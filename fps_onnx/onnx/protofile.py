@@ -20,6 +20,8 @@ import onnx
 
 from .._io import open_regular
 
+__all__ = ["MIN_REFERENCED_BYTES", "MalformedProto", "load_graph"]
+
 #: Embedded weights at least this large become references into the file.
 MIN_REFERENCED_BYTES = 4096
 

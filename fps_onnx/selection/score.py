@@ -8,7 +8,7 @@ weight w[o, c, i, j] the statistic is that of input channel
 Other methods plug in through :func:`register_method`: "activation" (Eq. 5/6,
 the activation statistic alone), "magnitude" (|w| alone) and "random" (seeded
 uniform scores) are built in; "gps" (gradients, needs PyTorch) registers
-itself from :mod:`fps_onnx.gps`.
+itself from :mod:`fps_onnx.torch.gps`.
 
 Selection keeps the top K per output neuron (level "neuron") or the top N of
 each tensor (level "layer"); the SHiRA budget (``shira_r`` = r) keeps the top
@@ -31,6 +31,12 @@ from .._limits import SEED_MAX, whole_number
 from ..errors import BudgetError, NumericError, StatsError, quoted
 from ..onnx.sites import WeightSite
 from ..stats import ChannelStats, no_rows
+
+__all__ = [
+    "DEFAULT_FRACTION", "LEVELS", "METHODS", "NORMS", "Method", "Scratch", "SelectConfig",
+    "channel_statistic", "check_shira", "describe_budget", "magnitudes", "method_names",
+    "register_method", "scores", "select_one", "select_scores", "top_k",
+]
 
 NORMS = ("l1", "l2")
 LEVELS = ("neuron", "layer")
