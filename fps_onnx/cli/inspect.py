@@ -30,7 +30,7 @@ def inspect(masks, stats_path, onnx_path, png, markdown, as_json):
     if markdown and as_json:
         raise click.UsageError("--markdown and --json are exclusive")
     if png:
-        from fps_onnx._io import check_clashes, check_writable
+        from fps_onnx.fileio import check_clashes, check_writable
 
         check_writable(png)
         check_clashes({"--png": png}, {"MASKS": masks, "--stats": stats_path, "--onnx": onnx_path})

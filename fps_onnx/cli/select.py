@@ -81,7 +81,7 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
         tokenizer=tokenizer, shard=shard,
     ))
     scope = ScopeConfig(**_given(include_lm_head=include_lm_head, exclude=tuple(exclude) or None))
-    from fps_onnx._io import check_writable, transaction
+    from fps_onnx.fileio import check_writable, transaction
 
     check_writable(output)
     gps = config.method == "gps"

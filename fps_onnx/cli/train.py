@@ -90,7 +90,7 @@ def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_
     Runs under torchrun with DistributedDataParallel. With --task causal-lm the
     selected entries of a causal LM alone train, on the next-token loss.
     """
-    from fps_onnx._io import check_clashes
+    from fps_onnx.fileio import check_clashes
 
     check_clashes({"-o": output}, {"--model": spec_folder(spec), "--checkpoint": checkpoint, "--masks": masks,
                                    "--onnx": onnx_model, "--train": train_path, "--val": val_path,
