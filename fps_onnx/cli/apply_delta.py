@@ -6,6 +6,8 @@ import click
 
 from .options import quiet_option, spec_folder
 
+__all__ = ["apply_delta"]
+
 
 @click.command("apply-delta")
 @click.argument("spec", metavar="hf:DIR")

@@ -6,6 +6,8 @@ import json
 
 import click
 
+__all__ = ["diff"]
+
 
 @click.command("diff")
 @click.argument("a", type=click.Path(dir_okay=False))

@@ -6,6 +6,8 @@ import json
 
 import click
 
+__all__ = ["inspect"]
+
 
 @click.command("inspect")
 @click.argument("masks", type=click.Path(dir_okay=False))

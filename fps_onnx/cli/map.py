@@ -9,6 +9,8 @@ import click
 
 from .options import quiet_option, spec_folder
 
+__all__ = ["map_"]
+
 log = logging.getLogger("fps_onnx")
 
 

@@ -17,6 +17,8 @@ from fps_onnx.selection.score import LEVELS, METHODS, NORMS, SelectConfig, metho
 
 from .options import bar_disabled, floats, quiet_option, spec_folder
 
+__all__ = ["select"]
+
 log = logging.getLogger("fps_onnx")
 
 

@@ -11,6 +11,8 @@ from fps_onnx.torch.train.recipe import CausalLMRecipe, Recipe
 
 from .options import bar_disabled, quiet_option, spec_folder
 
+__all__ = ["train"]
+
 log = logging.getLogger("fps_onnx")
 _R = Recipe()
 _C = CausalLMRecipe()
