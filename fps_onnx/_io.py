@@ -1,4 +1,5 @@
-"""Writing output files atomically: a temporary file beside the target, then rename."""
+"""Safe file I/O: output files written atomically (a temporary file beside the
+target, then rename), untrusted input files opened only when regular."""
 
 from __future__ import annotations
 
@@ -14,6 +15,49 @@ import sys
 import tempfile
 
 from .errors import OutputError, first_line
+
+__all__ = [
+    "Outputs", "atomic_folder", "atomic_write", "captured_output", "check_clashes", "check_folder",
+    "check_writable", "file_kind", "listed_paths", "open_regular", "read_safetensors", "same_path",
+    "transaction", "write_safetensors",
+]
+
+
+def open_regular(path: str | os.PathLike, error: type[Exception], what: str | None = None, *,
+                 follow_links: bool = True, buffering: int = -1):
+    """``path`` opened for binary reading if it is a regular file: opened without
+    blocking (a FIFO put in its place is never waited on), checked once open, then
+    made blocking. ``follow_links=False`` refuses a symbolic link (for a real path
+    that was checked, so a link put in its place cannot redirect the read).
+    Anything else raises ``error`` naming ``path`` (and ``what`` it is, if given)."""
+    flags = os.O_RDONLY
+    for flag in ("O_NONBLOCK", "O_CLOEXEC", "O_BINARY", *(() if follow_links else ("O_NOFOLLOW",))):
+        flags |= getattr(os, flag, 0)
+    shown = f"{os.fspath(path)} ({what})" if what else os.fspath(path)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise error(f"cannot read {shown}: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # replaced since it was looked at
+            raise error(f"{shown} is {file_kind(mode)}, not a regular file")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def file_kind(mode: int) -> str:
+    """What a file of ``mode`` is, in words ("a FIFO", "a folder" ...), for messages."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return kind
+    return "not a plain file"
 
 
 def check_writable(path: str | os.PathLike) -> Path:

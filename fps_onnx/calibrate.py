@@ -1,6 +1,6 @@
 """The calibration run: one ONNX Runtime session, one plain streaming loop.
 
-The model is rewritten (:mod:`fps_onnx.graph`) so that it returns per-channel
+The model is rewritten (:mod:`fps_onnx.onnx.graph`) so that it returns per-channel
 sums instead of activations; each batch's float32 sums are added into float64
 accumulators and dropped. Memory is that of the model plus one batch, whatever
 the size of the data set.
@@ -30,6 +30,8 @@ from .onnx.inputs import InputSpec
 from .onnx.load import graph_inputs, load_checked
 from .onnx.scope import ScopeConfig, in_scope
 from .stats import ChannelStats, Stats
+
+__all__ = ["DEFAULT_TOKEN_MASK", "Calibration", "CalibrationConfig", "calibrate", "find_sites"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class Calibration:
 
 
 def find_sites(model: onnx.ModelProto, scope: ScopeConfig = ScopeConfig()) -> list[graph.WeightSite]:
-    """The selectable weights of ``model`` (:func:`fps_onnx.scope.in_scope`), each
+    """The selectable weights of ``model`` (:func:`fps_onnx.onnx.scope.in_scope`), each
     checked against the statistic it is scored with (:func:`fps_onnx.validate.check_sites`)."""
     sites = in_scope(model, graph.find_weights(model), scope)
     validate.check_sites(model, sites)
@@ -196,7 +198,7 @@ def _token_shapes(model: onnx.ModelProto, sites: list[graph.WeightSite], mask_na
 
 def _head_sizes_known(model: onnx.ModelProto, shapes: dict[str, list]) -> bool:
     """Whether every past input of rank 3 or more has a static last axis or one
-    :func:`fps_onnx.decoder.past_head_sizes` finds in ``shapes``."""
+    :func:`fps_onnx.onnx.decoder.past_head_sizes` finds in ``shapes``."""
     sizes = None
     for vi in model.graph.input:
         dims = vi.type.tensor_type.shape.dim
@@ -262,7 +264,7 @@ def _session(model: onnx.ModelProto, path: Path, folder: str, chosen: list[str],
 #: The oldest ONNX Runtime a session is built with (as in pyproject.toml):
 #: 1.24.1 is the first release that refuses external data outside the model's
 #: folder; on Python 3.10, whose wheels end at 1.23.2, 1.18 (fps-onnx checks
-#: every reference itself before a session is built, :mod:`fps_onnx.external`).
+#: every reference itself before a session is built, :mod:`fps_onnx.onnx.external`).
 MIN_ORT = (1, 24, 1) if sys.version_info >= (3, 11) else (1, 18, 0)
 
 _IR_REFUSED = re.compile(r"Unsupported model IR version: \d+, max supported IR version: (\d+)")

@@ -22,6 +22,8 @@ from .selection import maskfile
 from .selection.score import METHODS, Scratch, SelectConfig, check_shira, describe_budget, select_one
 from .stats import Stats, merge_all
 
+__all__ = ["SelectResult", "Selection", "check_budget", "run_select", "select"]
+
 log = logging.getLogger(__name__)
 
 #: Weights scored at once (each thread holds its scores and a partitioned copy).
@@ -87,7 +89,7 @@ def _run_select(model_path, data_path, select_config, calibration, data_config, 
                 on_batch, scope, outputs: Outputs) -> SelectResult:
     external_data = "the model's external data"
     if select_config.method not in METHODS:
-        raise BudgetError(f"method {select_config.method!r} needs a PyTorch model (fps_onnx.gps)")
+        raise BudgetError(f"method {select_config.method!r} needs a PyTorch model (fps_onnx.torch.gps)")
     provider = seconds = None
     needs_activations = METHODS[select_config.method].needs_activations
     if data_config.shard is not None and from_stats:

@@ -101,3 +101,38 @@ print(json.dumps(out))
     warned = [message for category, message in got["warnings"] if category == "DeprecationWarning"]
     assert warned == [f"{name} is deprecated: import {new}" for name, new in OLD.items()] + [
         "fps_onnx.calibrate.load_model moved to fps_onnx.onnx.load.load_model"]
+
+
+def _cli_imports() -> list[tuple[str, str]]:
+    """(module, name) of every ``from fps_onnx... import name`` in the command line's modules."""
+    import ast
+    from pathlib import Path
+
+    found = []
+    for path in (Path(fps_onnx.__file__).parent / "cli").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fps_onnx"):
+                found += [(node.module, alias.name) for alias in node.names]
+    return found
+
+
+def test_the_cli_imports_public_names_only():
+    import importlib
+    import importlib.util
+
+    found = _cli_imports()
+    assert ("fps_onnx.fileio", "check_writable") in found  # the walk sees the CLI's imports
+    private = [(m, n) for m, n in found
+               if n.startswith("_") and n != "__version__" or any(p.startswith("_") for p in m.split("."))]
+    assert private == []
+    for module, name in found:
+        imported = importlib.import_module(module)
+        listed = getattr(imported, "__all__", None)
+        submodule = hasattr(imported, "__path__") and importlib.util.find_spec(f"{module}.{name}") is not None
+        assert listed is None or name in listed or submodule, (module, name)
+
+
+def test_the_public_io_names_are_those_of_the_io_module():
+    from fps_onnx import _io, fileio
+
+    assert fileio.__all__ and all(getattr(fileio, n) is getattr(_io, n) for n in fileio.__all__)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fps_onnx import data
-from fps_onnx.data import DataConfig, find_files, image_geometry, iter_batches
+from fps_onnx.data import DataConfig, arrays, find_files, image_geometry, iter_batches
 from fps_onnx.errors import DataError
 from fps_onnx.onnx.inputs import InputSpec
 
@@ -129,8 +128,8 @@ def test_npz_rows_are_read_in_blocks_exactly(tmp_path, savez, order):
 def test_fortran_ordered_npz_members_are_gathered_in_bounded_passes(tmp_path, monkeypatch, shape, piece, window):
     """Whatever the window (rows held per pass) and piece (bytes per read: whole columns at a
     time, or one column in several reads), rows come back as a C-ordered member gives them."""
-    monkeypatch.setattr(data, "_PIECE", piece)
-    monkeypatch.setattr(data, "_WINDOW_BYTES", window)
+    monkeypatch.setattr(arrays, "_PIECE", piece)
+    monkeypatch.setattr(arrays, "_WINDOW_BYTES", window)
     x = np.asfortranarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
     np.savez_compressed(tmp_path / "a.npz", x=x)
     spec = InputSpec("x", ("N", *shape[1:]), np.dtype(np.float32))
@@ -143,18 +142,18 @@ def test_fortran_ordered_npz_passes_hold_the_rows_asked_only(tmp_path, monkeypat
     x = np.asfortranarray(np.arange(40 * 6, dtype=np.float32).reshape(40, 6))
     np.savez(tmp_path / "a.npz", x=x)
     held = []
-    gather = data._MemberRows._fortran_rows
+    gather = arrays._MemberRows._fortran_rows
 
     def counted(self, start, count):
         held.append((start, count))
         return gather(self, start, count)
 
-    monkeypatch.setattr(data._MemberRows, "_fortran_rows", counted)
+    monkeypatch.setattr(arrays._MemberRows, "_fortran_rows", counted)
     spec = InputSpec("x", ("N", 6), np.dtype(np.float32))
     list(iter_batches(tmp_path / "a.npz", [spec], DataConfig(batch_size=4, max_samples=6)))
     assert held == [(0, 6)]  # one pass, six rows: not the 40 the member holds
     held.clear()
-    monkeypatch.setattr(data, "_WINDOW_BYTES", 10 * 24)  # ten rows a pass: two blocks of 4
+    monkeypatch.setattr(arrays, "_WINDOW_BYTES", 10 * 24)  # ten rows a pass: two blocks of 4
     batches = list(iter_batches(tmp_path / "a.npz", [spec], DataConfig(batch_size=4)))
     assert held == [(0, 8), (8, 8), (16, 8), (24, 8), (32, 8)]
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), x)

@@ -31,12 +31,14 @@ def test_shira_budget_keeps_the_top_r_times_in_plus_out_of_each_tensor():
     assert score[mask].min() > score[~mask].max()  # the top 32 of the whole tensor, not per row
     config = SelectConfig(shira_r=2)
     assert config.level == "layer" and config.budget == {"shira_r": 2}
+    assert SelectConfig(shira_r=2, level="layer").level == "layer" and SelectConfig().level == "neuron"
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"shira_r": 0}, "at least 1"),
     ({"shira_r": 2, "fraction": 0.1}, "one budget"),
     ({"shira_r": 2, "per_neuron": 1}, "one budget"),
+    ({"shira_r": 2, "level": "neuron"}, "selects per tensor"),
 ])
 def test_shira_budget_settings_are_checked(kwargs, message):
     with pytest.raises(BudgetError, match=message):

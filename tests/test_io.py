@@ -234,3 +234,32 @@ def test_a_transaction_refuses_one_target_twice_and_outputs_that_are_inputs(tmp_
         with pytest.raises(OutputError, match="same file as data"):
             outputs.plan(inputs={"data": tmp_path / "out"})
     assert sorted(os.listdir(tmp_path)) == ["hard", "in", "soft", "x"]
+
+
+# --- opening untrusted input files -------------------------------------------------------------
+
+
+class _Refused(Exception):
+    pass
+
+
+def test_open_regular_reads_a_regular_file_and_a_link_to_one(tmp_path):
+    (tmp_path / "a").write_bytes(b"data")
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    with _io.open_regular(tmp_path / "link", _Refused) as fh:
+        assert fh.read() == b"data"
+    with _io.open_regular(tmp_path / "a", _Refused, buffering=0) as fh:
+        assert fh.read() == b"data" and os.get_blocking(fh.fileno())
+
+
+@pytest.mark.parametrize("make, follow, message", [
+    (os.mkfifo, True, r"p \(weights\) is a FIFO, not a regular file"),  # opened without waiting
+    (os.mkdir, True, r"p \(weights\) is a folder, not a regular file"),
+    (lambda p: p.symlink_to(p.parent / "a"), False, r"cannot read .*p \(weights\): "),
+    (lambda p: None, True, r"cannot read .*p \(weights\): No such file"),
+])
+def test_open_regular_refuses_anything_else_with_the_error_given(tmp_path, make, follow, message):
+    (tmp_path / "a").write_bytes(b"data")
+    make(tmp_path / "p")
+    with pytest.raises(_Refused, match=message):
+        _io.open_regular(tmp_path / "p", _Refused, "weights", follow_links=follow)

@@ -19,6 +19,7 @@ LAYERS = {
     # 0 base: errors, safe file I/O, the version
     "fps_onnx.errors": 0,
     "fps_onnx._io": 0,
+    "fps_onnx.fileio": 0,
     "fps_onnx._version": 0,
     "fps_onnx._limits": 0,
     # 1 ONNX: loading, external data, site types, op rules, the statistics rewrite, decoder, scope

@@ -62,7 +62,8 @@ def test_model_building_has_one_home():
     """Every torch-side module builds models through torch.models (layering: test_layers.py)."""
     found = modules(PACKAGE.parent, "fps_onnx")
     uses = {name: imports(name, path, is_pkg, set(found)) for name, (path, is_pkg) in found.items()}
-    assert uses["fps_onnx.torch.models"] <= {"fps_onnx.errors", "fps_onnx.selection.maskfile", "fps_onnx.torch.hf"}
+    assert uses["fps_onnx.torch.models"] <= {"fps_onnx.errors", "fps_onnx.selection.maskfile", "fps_onnx.torch.hf",
+                                             "fps_onnx.data.text"}  # the pad-token rule
     assert uses["fps_onnx.torch.hf"] <= {"fps_onnx.errors", "fps_onnx.onnx.external", "fps_onnx._limits"}
     assert "fps_onnx.torch.export" not in uses["fps_onnx.torch.mapping"]
     for user in ("export", "mapping", "gps", "train.run", "train.loop"):

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 import pytest
 
 from fps_onnx.errors import ModelError
-from fps_onnx.onnx import protofile as _onnxfile
+from fps_onnx.onnx import protofile
 from fps_onnx.onnx.graph import tensor_value
 from fps_onnx.onnx.load import load_graph
 
@@ -45,7 +45,7 @@ def test_large_weights_become_references_to_their_bytes_in_the_file(tmp_path):
     model = _model()
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    light, folder = _onnxfile.load_graph(path)
+    light, folder = protofile.load_graph(path)
     assert folder == str(tmp_path)
 
     by_name = {t.name: t for t in light.graph.initializer}
@@ -66,7 +66,7 @@ def test_large_weights_become_references_to_their_bytes_in_the_file(tmp_path):
 def test_a_model_with_external_data_is_read_unchanged(tmp_path):
     path = tmp_path / "ext.onnx"
     onnx.save_model(_model(), str(path), save_as_external_data=True, location="ext.data", size_threshold=0)
-    light, folder = _onnxfile.load_graph(path)
+    light, folder = protofile.load_graph(path)
     assert light == onnx.load(str(path), load_external_data=False) and folder == str(tmp_path)
 
 
@@ -74,8 +74,8 @@ def test_a_model_with_external_data_is_read_unchanged(tmp_path):
 def test_bytes_that_are_not_a_model_are_refused(tmp_path, content):
     path = tmp_path / "bad.onnx"
     path.write_bytes(content)
-    with pytest.raises(_onnxfile.MalformedProto):
-        _onnxfile.load_graph(path)
+    with pytest.raises(protofile.MalformedProto):
+        protofile.load_graph(path)
     with pytest.raises(ModelError, match="bad.onnx"):
         load_graph(path)
 
@@ -100,10 +100,10 @@ def test_a_linked_model_with_its_own_external_data_keeps_that_folder(tmp_path):
     (tmp_path / "blobs" / "9c").write_bytes(mixed.SerializeToString())
     (tmp_path / "linked.onnx").symlink_to(tmp_path / "blobs" / "9c")
 
-    here, folder = _onnxfile.load_graph(tmp_path / "blobs" / "9c")  # not a link: E referenced in place
+    here, folder = protofile.load_graph(tmp_path / "blobs" / "9c")  # not a link: E referenced in place
     e = {t.name: t for t in here.graph.initializer}["E"]
     assert e.data_location == TensorProto.EXTERNAL and folder == str(tmp_path / "blobs")
-    linked, folder = _onnxfile.load_graph(tmp_path / "linked.onnx")  # ext.data lies beside the link
+    linked, folder = protofile.load_graph(tmp_path / "linked.onnx")  # ext.data lies beside the link
     by_name = {t.name: t for t in linked.graph.initializer}
     assert folder == str(tmp_path)
     np.testing.assert_array_equal(numpy_helper.to_array(by_name["E"]), big)  # stays embedded

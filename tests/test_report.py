@@ -12,9 +12,9 @@ import onnx
 import pytest
 
 from _models import make_model, tensor
+from fps_onnx import report
 from fps_onnx.cli.main import main
 from fps_onnx.errors import MaskError, StatsError
-from fps_onnx.report import summary as report
 from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.stats import ChannelStats, Stats
 
@@ -123,7 +123,7 @@ def test_activation_summary_and_top_channel_share():
     }, {"conv": {"op": "Conv"}, "conv1d": {"torch_transposed": True}}, dict(META))
     stats = _stats({"fc": np.arange(10), "conv": np.arange(4), "conv1d": np.arange(10)})
     s = {t.key: t.activation for t in report.summarise(masks, stats).tensors}
-    assert s["fc"] == report.Activation(2.25, 4.5, 0.5, "mean_abs")
+    assert s["fc"] == report.ChannelActivation(2.25, 4.5, 0.5, "mean_abs")
     assert s["conv"].top10_share == 0.5 and s["conv"].max == 1.5
     assert s["conv1d"].top10_share == 0.25
     assert s["nostats"] is None

@@ -13,10 +13,9 @@ from onnx import helper
 import pytest
 
 from _models import image_folder, linear_chain, make_model, rng, tensor
-from fps_onnx import data as data_module
 from fps_onnx.calibrate import CalibrationConfig
 from fps_onnx.cli.main import main
-from fps_onnx.data import DataConfig, iter_batches, parse_shard
+from fps_onnx.data import DataConfig, images, iter_batches, parse_shard
 from fps_onnx.errors import DataError, StatsError
 from fps_onnx.onnx.inputs import InputSpec
 from fps_onnx.pipeline import run_select
@@ -132,8 +131,8 @@ def test_images_of_other_shards_are_never_decoded(tmp_path, monkeypatch):
     image_folder(tmp_path, classes=("a",), per_class=6, size=12)
     (tmp_path / "a" / "2.png").write_bytes(b"not a png")  # in batch 1 of 3 (batch size 2)
     decoded = []
-    read = data_module._read_image
-    monkeypatch.setattr(data_module, "_read_image",
+    read = images.read_image
+    monkeypatch.setattr(images, "read_image",
                         lambda file, *a: decoded.append(file.name) or read(file, *a))
     for k in (0, 2):
         decoded.clear()

@@ -18,7 +18,7 @@ import pytest
 from _models import make_model, rng, tensor
 from fps_onnx.cli.main import main
 from fps_onnx.data import DataConfig, find_files, iter_batches
-from fps_onnx.data.text import find_tokenizer, max_positions
+from fps_onnx.data.text import find_tokenizer, max_positions, pad_id
 from fps_onnx.errors import DataError
 from fps_onnx.onnx.inputs import InputSpec
 from fps_onnx.selection.maskfile import MaskFile
@@ -138,6 +138,13 @@ def test_pad_id_from_tokenizer_json_then_tokenizer_config_then_eos(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": None}))
     (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<eos>"}))
     assert batches(tmp_path / "a.txt", model=folder / "model.onnx")[0]["input_ids"][0].tolist() == [2, 4, 8]
+
+
+@pytest.mark.parametrize("pad, eos, expected", [
+    (7, 3, 7), (0, 3, 0), (None, 3, 3), (-1, 3, 3), (None, None, 0), (-1, [2], 0), ("7", None, 0),
+])
+def test_pad_id_is_the_pad_token_else_eos_else_zero(pad, eos, expected):
+    assert pad_id(pad, eos) == expected
 
 
 def test_text_files_in_a_folder_unless_it_holds_other_data(tmp_path):

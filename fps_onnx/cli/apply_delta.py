@@ -6,6 +6,8 @@ import click
 
 from .options import quiet_option, spec_folder
 
+__all__ = ["apply_delta"]
+
 
 @click.command("apply-delta")
 @click.argument("spec", metavar="hf:DIR")
@@ -19,7 +21,7 @@ def apply_delta(spec, delta, output, quiet):
     The delta file names the base model it was trained from (a sha256 over its
     weight files); a delta of any other base is refused.
     """
-    from fps_onnx._io import check_clashes
+    from fps_onnx.fileio import check_clashes
 
     check_clashes({"-o": output}, {"hf:DIR": spec_folder(spec), "DELTA": delta})
     from fps_onnx.torch.train.hf_folder import apply_delta_folder

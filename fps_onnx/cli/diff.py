@@ -6,6 +6,8 @@ import json
 
 import click
 
+__all__ = ["diff"]
+
 
 @click.command("diff")
 @click.argument("a", type=click.Path(dir_okay=False))
@@ -20,7 +22,7 @@ def diff(a, b, min_overlap, allow_different_models, markdown, as_json):
     """Compare mask files A and B: per tensor and overall Jaccard |A∩B|/|A∪B| and the
     share of A's entries kept in B |A∩B|/|A|, tensors of one file only, and metadata
     differences (model, method, norm, level, budget, samples)."""
-    from fps_onnx.report import summary as report
+    from fps_onnx import report
     from fps_onnx.selection.maskfile import MaskFile
 
     if markdown and as_json:

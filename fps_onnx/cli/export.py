@@ -11,6 +11,8 @@ from fps_onnx.torch.export import EXPORTERS, ExportConfig
 
 from .options import quiet_option
 
+__all__ = ["export"]
+
 log = logging.getLogger("fps_onnx")
 
 

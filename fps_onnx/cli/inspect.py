@@ -6,6 +6,8 @@ import json
 
 import click
 
+__all__ = ["inspect"]
+
 
 @click.command("inspect")
 @click.argument("masks", type=click.Path(dir_okay=False))
@@ -23,14 +25,14 @@ import click
 def inspect(masks, stats_path, onnx_path, png, markdown, as_json):
     """Summarise MASKS: per tensor shape, selected entries and fraction; totals per layer
     depth and per kind (attention q/k/v/o, MLP up/gate/down, conv, lm_head, other)."""
-    from fps_onnx.report import summary as report
+    from fps_onnx import report
     from fps_onnx.selection.maskfile import MaskFile
     from fps_onnx.stats import Stats
 
     if markdown and as_json:
         raise click.UsageError("--markdown and --json are exclusive")
     if png:
-        from fps_onnx._io import check_clashes, check_writable
+        from fps_onnx.fileio import check_clashes, check_writable
 
         check_writable(png)
         check_clashes({"--png": png}, {"MASKS": masks, "--stats": stats_path, "--onnx": onnx_path})

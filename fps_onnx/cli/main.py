@@ -16,6 +16,8 @@ import click
 from fps_onnx import __version__
 from fps_onnx.errors import FpsError, first_line, one_line
 
+__all__ = ["main"]
+
 log = logging.getLogger("fps_onnx")
 
 

@@ -9,6 +9,8 @@ import click
 
 from .options import quiet_option, spec_folder
 
+__all__ = ["map_"]
+
 log = logging.getLogger("fps_onnx")
 
 
@@ -29,7 +31,7 @@ def map_(masks, spec, onnx_path, output, checkpoint, num_classes, img_size, stri
     Weights are matched by name, then by value (W or its transpose) against the
     ONNX file's weights; masks end in the parameter's layout, tied weights as one mask.
     """
-    from fps_onnx._io import check_clashes, check_writable
+    from fps_onnx.fileio import check_clashes, check_writable
     from fps_onnx.selection.maskfile import MaskFile
     from fps_onnx.torch.mapping import map_to_model
 

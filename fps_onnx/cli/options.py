@@ -6,6 +6,8 @@ import logging
 
 import click
 
+__all__ = ["bar_disabled", "floats", "quiet_option", "spec_folder"]
+
 
 def quiet_option(fn):
     """``--quiet``: no progress bar and no info lines."""

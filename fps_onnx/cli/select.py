@@ -17,6 +17,8 @@ from fps_onnx.selection.score import LEVELS, METHODS, NORMS, SelectConfig, metho
 
 from .options import bar_disabled, floats, quiet_option, spec_folder
 
+__all__ = ["select"]
+
 log = logging.getLogger("fps_onnx")
 
 
@@ -69,10 +71,6 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     module:function; weights from --torch-checkpoint) and DATA a labelled
     training split (class folders, or .npz with labels): the gradient baseline.
     """
-    if shira_r is not None and level == "neuron":
-        from fps_onnx.errors import BudgetError
-
-        raise BudgetError("--shira-r selects per tensor (level layer); leave out --level neuron")
     config = SelectConfig(**_given(method=method, seed=seed, norm=norm, level=level,
                                    per_neuron=per_neuron, fraction=fraction, shira_r=shira_r))
     needs_data = config.method not in METHODS or METHODS[config.method].needs_activations
@@ -85,7 +83,7 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
         tokenizer=tokenizer, shard=shard,
     ))
     scope = ScopeConfig(**_given(include_lm_head=include_lm_head, exclude=tuple(exclude) or None))
-    from fps_onnx._io import check_writable, transaction
+    from fps_onnx.fileio import check_writable, transaction
 
     check_writable(output)
     gps = config.method == "gps"

@@ -11,6 +11,8 @@ from fps_onnx.torch.train.recipe import CausalLMRecipe, Recipe
 
 from .options import bar_disabled, quiet_option, spec_folder
 
+__all__ = ["train"]
+
 log = logging.getLogger("fps_onnx")
 _R = Recipe()
 _C = CausalLMRecipe()
@@ -90,7 +92,7 @@ def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_
     Runs under torchrun with DistributedDataParallel. With --task causal-lm the
     selected entries of a causal LM alone train, on the next-token loss.
     """
-    from fps_onnx._io import check_clashes
+    from fps_onnx.fileio import check_clashes
 
     check_clashes({"-o": output}, {"--model": spec_folder(spec), "--checkpoint": checkpoint, "--masks": masks,
                                    "--onnx": onnx_model, "--train": train_path, "--val": val_path,

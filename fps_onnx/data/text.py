@@ -32,6 +32,11 @@ from .._io import captured_output
 from .._limits import MAX_JSON_CHARS, read_json, whole_number
 from ..errors import DataError, FpsError, first_line
 
+__all__ = [
+    "DEFAULT_MAX_LENGTH", "TEXT_SUFFIXES", "TextReader", "find_tokenizer", "load_tokenizer",
+    "max_positions", "pad_id", "read_lines", "read_texts", "tokenizer_errors",
+]
+
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -85,11 +90,11 @@ def max_positions(model_path: str | os.PathLike | None) -> int | None:
 def _read_json(path: Path) -> dict:
     """The JSON object of a side file beside the model ({} when there is none, or it holds
     no object); read within the limits of :func:`fps_onnx._limits.read_json`."""
-    from .files import open_regular
+    from .files import open_data_file
 
     if not os.path.lexists(path):
         return {}
-    with open_regular(path) as handle:  # a FIFO, device or broken link is refused by name
+    with open_data_file(path) as handle:  # a FIFO, device or broken link is refused by name
         try:
             data = handle.read(MAX_JSON_CHARS + 1)
         except OSError as exc:
@@ -204,20 +209,36 @@ def tokenizer_errors(what: str) -> Iterator[None]:
         sys.stderr.write("".join(printed))
 
 
-def _pad_id(tokenizer, folder: Path) -> int:
-    """tokenizer.json's padding id, else the pad (then eos) token of
-    tokenizer_config.json / special_tokens_map.json beside it, else 0."""
-    if tokenizer.padding is not None:
-        return int(tokenizer.padding["pad_id"])
-    files = [_read_json(folder / name) for name in ("tokenizer_config.json", "special_tokens_map.json")]
-    for key in ("pad_token", "eos_token"):
-        for config in files:
-            token = config.get(key)
-            if isinstance(token, dict):
-                token = token.get("content")
-            if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
-                return int(tokenizer.token_to_id(token))
+def pad_id(pad: object, eos: object = None) -> int:
+    """The id batches are padded with: the pad token's id, else the EOS token's, else 0
+    (each used only if it is a token id, an int >= 0; padding is masked by the attention
+    mask, so any id works). Calibration (:class:`TextReader`), causal LM training
+    (``fps_onnx.torch.train.lm_data``) and export's example inputs
+    (``fps_onnx.torch.models.causal_lm_inputs``) all pad by this rule."""
+    for value in (pad, eos):
+        if isinstance(value, int) and value >= 0:
+            return value
     return 0
+
+
+def _pad_id(tokenizer, folder: Path) -> int:
+    """:func:`pad_id` of tokenizer.json's padding id, else of the pad and eos tokens of
+    tokenizer_config.json / special_tokens_map.json beside it."""
+    if tokenizer.padding is not None:
+        return pad_id(int(tokenizer.padding["pad_id"]))
+    files = [_read_json(folder / name) for name in ("tokenizer_config.json", "special_tokens_map.json")]
+    return pad_id(*(_token_id(tokenizer, files, key) for key in ("pad_token", "eos_token")))
+
+
+def _token_id(tokenizer, configs: list[dict], key: str) -> int | None:
+    """The id of the token ``configs`` name under ``key`` (the first that the tokenizer knows)."""
+    for config in configs:
+        token = config.get(key)
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+            return int(tokenizer.token_to_id(token))
+    return None
 
 
 def read_lines(file: Path) -> Iterator[tuple[int, object]]:
@@ -226,11 +247,11 @@ def read_lines(file: Path) -> Iterator[tuple[int, object]]:
     Content: the line without its line break (.txt) or the parsed JSON value (.jsonl).
     DataError for a file that cannot be read, is not UTF-8 or holds a line that is not JSON.
     """
-    from .files import open_regular
+    from .files import open_data_file
 
     jsonl = file.suffix.lower() == ".jsonl"
     try:
-        with io.TextIOWrapper(open_regular(file), encoding="utf-8") as handle:
+        with io.TextIOWrapper(open_data_file(file), encoding="utf-8") as handle:
             lines = iter(lambda: handle.readline(MAX_JSON_CHARS + 1), "")
             for number, line in enumerate(lines, 1):
                 if len(line) > MAX_JSON_CHARS:

@@ -10,7 +10,7 @@ empty past, positions counted over the attention mask. Everything here is a
 pure pass over an ``onnx.ModelProto`` or a feed builder; nothing does I/O.
 
 * :func:`inline_cache_branch` replaces ``If(use_cache_branch)`` by its no-past
-  branch, so the weights inside become visible to :func:`fps_onnx.graph.find_weights`.
+  branch, so the weights inside become visible to :func:`fps_onnx.onnx.graph.find_weights`.
 * :func:`prune` keeps only the nodes, initializers and inputs that the given
   outputs need (the added statistics), so logits and the cache are never computed.
 * :func:`first_step_inputs` declares past length 0 on a copy used for shape
@@ -35,6 +35,12 @@ from ..errors import DataError, ModelError
 from .edges import Producers, required_input
 from .external import subgraphs
 from .inputs import InputSpec
+
+__all__ = [
+    "USE_CACHE_BRANCH", "TOKEN_IDS", "Feeder", "first_step_inputs", "inline_cache_branch", "is_decoder",
+    "is_past", "lift_row_views", "make_feeder", "needs_right_padding", "past_head_sizes",
+    "position_ids", "prune", "replace_field",
+]
 
 log = logging.getLogger(__name__)
 

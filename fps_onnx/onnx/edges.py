@@ -17,6 +17,8 @@ import onnx
 
 from ..errors import ModelError
 
+__all__ = ["Producers", "Step", "node_label", "required_input"]
+
 #: ``step(tensor, its producer or None)``: the tensor to go on from, or None to stop.
 Step = Callable[[str, "onnx.NodeProto | None"], "str | None"]
 

@@ -27,7 +27,14 @@ import threading
 import onnx
 from onnx import TensorProto
 
+from .._io import open_regular
 from ..errors import ModelError
+from . import protofile
+
+__all__ = [
+    "ExternalRef", "HashStopped", "check_tensor", "iter_graphs", "iter_tensors", "map_bytes",
+    "model_roots", "model_sha256", "open_inside", "read_bytes", "resolve", "subgraphs", "tensor_nbytes",
+]
 
 #: Bits per element of the types a tensor can hold as raw bytes (no STRING).
 _BITS = {
@@ -226,7 +233,7 @@ def resolve(model: onnx.ModelProto, folder: str, model_path: str | os.PathLike |
 def read_bytes(ref: ExternalRef) -> bytearray:
     """The ``ref.length`` bytes ``ref`` names, read from a file opened without
     blocking and checked again once open (a regular file, long enough)."""
-    with _open_regular(ref.path, ref.tensor) as fh:
+    with open_regular(ref.path, ModelError, ref.tensor, follow_links=False, buffering=0) as fh:
         if ref.offset + ref.length > os.fstat(fh.fileno()).st_size:
             raise ModelError(f"external data of tensor {ref.tensor!r}: {ref.location!r} is shorter "
                              "than when it was checked")
@@ -251,7 +258,7 @@ def map_bytes(ref: ExternalRef) -> memoryview | bytearray:
     As for the weights ONNX Runtime maps, the file must not shrink while the
     view is in use (reading a page past its new end raises SIGBUS).
     """
-    with _open_regular(ref.path, ref.tensor) as fh:
+    with open_regular(ref.path, ModelError, ref.tensor, follow_links=False, buffering=0) as fh:
         if ref.offset + ref.length > os.fstat(fh.fileno()).st_size:
             raise ModelError(f"external data of tensor {ref.tensor!r}: {ref.location!r} is shorter "
                              "than when it was checked")
@@ -288,11 +295,9 @@ def model_sha256(path: str | os.PathLike, refs: Iterable[ExternalRef] | None = N
     graph is read and checked here. ``stop`` set: HashStopped at the next chunk.
     """
     if refs is None:
-        from . import protofile as _onnxfile
-
         try:
-            model, folder = _onnxfile.load_graph(path)
-        except (_onnxfile.MalformedProto, OSError):
+            model, folder = protofile.load_graph(path)
+        except (protofile.MalformedProto, OSError):
             try:
                 model = onnx.load(str(path), load_external_data=False)
             except Exception as exc:  # noqa: BLE001 - protobuf raises several types
@@ -311,7 +316,7 @@ def model_sha256(path: str | os.PathLike, refs: Iterable[ExternalRef] | None = N
 
 def _sha256_file(path: str, tensor: str, stop: threading.Event | None) -> str:
     digest = hashlib.sha256()
-    with _open_regular(path, tensor) as fh:
+    with open_regular(path, ModelError, tensor, follow_links=False, buffering=0) as fh:
         while True:
             if stop is not None and stop.is_set():
                 raise HashStopped(path)
@@ -341,23 +346,4 @@ def open_inside(path: str | os.PathLike, roots: Sequence[str], what: str):
     real = os.path.realpath(path)
     if not any(_inside(real, root) for root in roots):
         raise ModelError(f"{os.fspath(path)!r} ({what}) leads outside the model's folder {roots[0]}")
-    return _open_regular(real, what)
-
-
-def _open_regular(path: str, what: str):
-    """``path`` (a real path) opened for reading, unbuffered. Opened without
-    blocking and without following a link, so that a FIFO or link put in place
-    of a checked file cannot hang or redirect the read; refused unless regular."""
-    flags = os.O_RDONLY
-    for flag in ("O_NONBLOCK", "O_NOFOLLOW", "O_CLOEXEC", "O_BINARY"):
-        flags |= getattr(os, flag, 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise ModelError(f"cannot read {path} ({what}): {exc.strerror or exc}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ModelError(f"cannot read {path} ({what}): not a regular file")
-    if hasattr(os, "O_NONBLOCK"):
-        os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb", buffering=0)
+    return open_regular(real, ModelError, what, follow_links=False, buffering=0)

@@ -3,7 +3,7 @@
 Two passes over an ``onnx.ModelProto``, neither doing any I/O:
 
 * :func:`find_weights` traces the weight input of every MatMul, Gemm and Conv
-  (and the ONNX Runtime ops of :mod:`fps_onnx.ops`) back through
+  (and the ONNX Runtime ops of :mod:`fps_onnx.onnx.ops`) back through
   Transpose/Identity/Cast to an initializer (or Constant) and returns one
   :class:`WeightSite` per weight, with every node that consumes it.
 * :func:`add_statistics` adds reduction nodes so that, for each distinct input
@@ -26,6 +26,11 @@ from ..errors import ModelError
 from .edges import Producers, required_input
 from .sites import STATISTICS, Activation, StatOutput, WeightSite  # noqa: F401 - site types live in sites
 
+__all__ = [
+    "add_statistics", "find_weights", "inferred_shapes", "iter_weight_values", "tensor_value",
+    "token_leading", "weight_reader",
+]
+
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- find
@@ -33,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def find_weights(model: onnx.ModelProto) -> list[WeightSite]:
     """Every weight consumed by a MatMul, Gemm, Conv or other op with a rule in
-    :mod:`fps_onnx.ops`, in graph order.
+    :mod:`fps_onnx.onnx.ops`, in graph order.
 
     MatMuls whose inputs are both activations (attention) are skipped. A weight
     consumed by several nodes is returned once with all their activations.
@@ -87,7 +92,7 @@ def weight_reader(model: onnx.ModelProto, base_dir: str = "", mapped: bool = Fal
     """A function giving a site's weight in PyTorch layout (safe to call from threads).
 
     ``mapped``: weights stored as external data come as read-only arrays on a
-    memory map of their bytes (:func:`fps_onnx.external.map_bytes`) instead of
+    memory map of their bytes (:func:`fps_onnx.onnx.external.map_bytes`) instead of
     arrays of their own; block-quantized weights are dequantized either way.
     """
     by_name = {t.name: t for t in model.graph.initializer}
@@ -116,9 +121,9 @@ def tensor_value(tensor: onnx.TensorProto, base_dir: str = "", mapped: bool = Fa
 
     External data is checked before anything is read or allocated (a regular
     file inside ``base_dir``, holding the bytes its dims ask for: see
-    :func:`fps_onnx.external.check_tensor`) and read with one read; no copy of
+    :func:`fps_onnx.onnx.external.check_tensor`) and read with one read; no copy of
     the bytes is kept in ``tensor``. ``mapped``: float external data comes as a
-    read-only array on a memory map of the file (:func:`fps_onnx.external.map_bytes`).
+    read-only array on a memory map of the file (:func:`fps_onnx.onnx.external.map_bytes`).
     """
     from . import external
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ModelError
-from . import decoder, external, validate
-from . import protofile as _onnxfile
+from . import decoder, external, protofile, validate
 
 __all__ = ["graph_inputs", "load_checked", "load_graph", "load_model"]
 
@@ -34,12 +33,12 @@ def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.Model
 
 def load_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
     """The model with its large embedded weights referenced where they lie in
-    the file (see :mod:`fps_onnx._onnxfile`), and the folder its external-data
+    the file (see :mod:`fps_onnx.onnx.protofile`), and the folder its external-data
     locations are relative to. ONNX Runtime and the scoring read the weights
     from there, as plain inference does, and no copy is held in memory.
 
     A merged decoder (every node inside ``If(use_cache_branch)``) comes back
-    with its no-past branch inlined (:func:`fps_onnx.decoder.inline_cache_branch`).
+    with its no-past branch inlined (:func:`fps_onnx.onnx.decoder.inline_cache_branch`).
     Every external-data reference is checked first (:func:`load_checked`)."""
     model, folder, _ = load_checked(path)
     return model, folder
@@ -48,11 +47,11 @@ def load_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
 def load_checked(path: str | os.PathLike) -> tuple[onnx.ModelProto, str, list[external.ExternalRef]]:
     """:func:`load_graph` with every external-data reference of the model (all
     graphs) checked and pointed at the real file it names
-    (:func:`fps_onnx.external.resolve`): (model, folder, references). Raises
+    (:func:`fps_onnx.onnx.external.resolve`): (model, folder, references). Raises
     ModelError before anything is read from a file the references name."""
     try:
-        model, folder = _onnxfile.load_graph(path)
-    except (_onnxfile.MalformedProto, OSError):
+        model, folder = protofile.load_graph(path)
+    except (protofile.MalformedProto, OSError):
         # load_model says what is wrong (missing, empty, corrupt), or reads it whole
         model = load_model(path, load_weights=False)
         folder = os.path.dirname(os.path.abspath(path))

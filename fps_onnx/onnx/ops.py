@@ -2,7 +2,7 @@
 
 One small function per op, registered in :data:`RULES` under ``(domain, op_type)``;
 :func:`weight_of` consults the table for each node (``graph.find_weights``).
-A rule returns a :class:`~fps_onnx.graph.WeightSite` or None (no weight here).
+A rule returns a :class:`~fps_onnx.onnx.sites.WeightSite` or None (no weight here).
 
 * ONNX ``MatMul``, ``Gemm``, ``Conv``; com.microsoft ``FusedGemm``/``FusedConv``
   (the same with a fused activation) and ``FusedMatMul`` (alpha, transA, transB).
@@ -30,6 +30,8 @@ from onnx import TensorProto, helper
 from ..errors import ModelError
 from .edges import Producers, node_label, required_input
 from .sites import Activation, BlockQuant, WeightSite
+
+__all__ = ["REFUSED", "RULES", "Lookup", "Rule", "Traced", "dequantize", "rule", "weight_of"]
 
 MS = "com.microsoft"
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import mmap
 import os
-import stat
 
 import onnx
+
+from .._io import open_regular
+
+__all__ = ["MIN_REFERENCED_BYTES", "MalformedProto", "load_graph"]
 
 #: Embedded weights at least this large become references into the file.
 MIN_REFERENCED_BYTES = 4096
@@ -50,9 +53,7 @@ def load_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
     """
     given = os.path.dirname(os.path.abspath(path))
     real = os.path.realpath(path)
-    if not stat.S_ISREG(os.stat(real).st_mode):  # a FIFO would block the open
-        raise MalformedProto("not a regular file")
-    with open(real, "rb") as fh:
+    with open_regular(real, MalformedProto, follow_links=False) as fh:  # a FIFO is never waited on
         if os.fstat(fh.fileno()).st_size == 0:
             raise MalformedProto("empty file")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:

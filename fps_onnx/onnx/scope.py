@@ -33,6 +33,8 @@ from .edges import Producers, required_input
 from .ops import Lookup
 from .sites import WeightSite
 
+__all__ = ["ScopeConfig", "in_scope", "lm_head_keys"]
+
 log = logging.getLogger(__name__)
 
 LOGITS = "logits"

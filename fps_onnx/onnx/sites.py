@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from onnx import TensorProto
 
+__all__ = ["STATISTICS", "SUMS", "Activation", "BlockQuant", "StatOutput", "WeightSite"]
+
 #: The per-channel sums a stats file holds for an activation (``count`` is always there too).
 SUMS = ("abs_sum", "sq_sum")
 

@@ -30,6 +30,8 @@ from .decoder import replace_field
 from .graph import inferred_shapes
 from .sites import WeightSite
 
+__all__ = ["check_model", "check_sites"]
+
 #: Tensors above this size are declared, not copied, for the checks.
 _DECLARED_BYTES = 4096
 #: What ONNX's checker says of a graph input or output declared without a shape.

@@ -8,7 +8,7 @@ weight w[o, c, i, j] the statistic is that of input channel
 Other methods plug in through :func:`register_method`: "activation" (Eq. 5/6,
 the activation statistic alone), "magnitude" (|w| alone) and "random" (seeded
 uniform scores) are built in; "gps" (gradients, needs PyTorch) registers
-itself from :mod:`fps_onnx.gps`.
+itself from :mod:`fps_onnx.torch.gps`.
 
 Selection keeps the top K per output neuron (level "neuron") or the top N of
 each tensor (level "layer"); the SHiRA budget (``shira_r`` = r) keeps the top
@@ -32,6 +32,12 @@ from ..errors import BudgetError, NumericError, StatsError, quoted
 from ..onnx.sites import WeightSite
 from ..stats import ChannelStats, no_rows
 
+__all__ = [
+    "DEFAULT_FRACTION", "LEVELS", "METHODS", "NORMS", "Method", "Scratch", "SelectConfig",
+    "channel_statistic", "check_shira", "describe_budget", "magnitudes", "method_names",
+    "register_method", "scores", "select_one", "select_scores", "top_k",
+]
+
 NORMS = ("l1", "l2")
 LEVELS = ("neuron", "layer")
 DEFAULT_FRACTION = 0.005
@@ -44,13 +50,15 @@ class SelectConfig:
     Give at most one of ``per_neuron`` (K per output neuron; at layer level
     N = K * out), ``fraction`` (F of each neuron's fan-in, or of each
     tensor at layer level) and ``shira_r`` (r: the top r*(in+out) of each
-    Linear weight [out, in], as PEFT's SHiRA needs; implies level "layer";
-    a Conv weight, or one with fewer than r*(in+out) entries, is a
-    BudgetError); with none, ``fraction`` = DEFAULT_FRACTION.
+    Linear weight [out, in], as PEFT's SHiRA needs; selects per tensor, so
+    ``level`` left out becomes "layer" and ``level="neuron"`` is a
+    BudgetError; a Conv weight, or one with fewer than r*(in+out) entries, is
+    a BudgetError); with none, ``fraction`` = DEFAULT_FRACTION. ``level`` left
+    out is "neuron" otherwise.
     """
 
     norm: str = "l1"
-    level: str = "neuron"
+    level: str | None = None  # "neuron", or "layer" with shira_r
     per_neuron: int | None = None
     fraction: float | None = None
     method: str = "fps"
@@ -62,6 +70,8 @@ class SelectConfig:
             raise BudgetError(f"method must be one of {', '.join(method_names())}, not {self.method!r}")
         if self.norm not in NORMS:
             raise BudgetError(f"norm must be one of {', '.join(NORMS)}, not {self.norm!r}")
+        if self.level is None:
+            object.__setattr__(self, "level", "layer" if self.shira_r is not None else "neuron")
         if self.level not in LEVELS:
             raise BudgetError(f"level must be one of {', '.join(LEVELS)}, not {self.level!r}")
         if sum(b is not None for b in (self.per_neuron, self.fraction, self.shira_r)) > 1:
@@ -69,7 +79,8 @@ class SelectConfig:
         if self.shira_r is not None:
             if isinstance(self.shira_r, bool) or not isinstance(self.shira_r, int) or self.shira_r < 1:
                 raise BudgetError(f"SHiRA r must be a whole number of at least 1, not {self.shira_r!r}")
-            object.__setattr__(self, "level", "layer")  # r*(in+out) entries per tensor
+            if self.level != "layer":  # r*(in+out) entries per tensor
+                raise BudgetError("--shira-r selects per tensor (level layer); leave out --level neuron")
         whole_number(self.seed, "the seed", BudgetError, 0, SEED_MAX)
         if self.per_neuron is not None and self.per_neuron < 1:
             raise BudgetError(f"per-neuron count must be at least 1, not {self.per_neuron}")

@@ -39,6 +39,7 @@ import os
 from pathlib import Path
 import sys
 
+from ..data.text import pad_id
 from ..errors import ExportError, FpsError, MaskError, MissingDependency, first_line
 from ..selection.maskfile import MaskFile
 
@@ -303,15 +304,14 @@ def _hf(path: str, num_classes, img_size, task: bool):
 
 def causal_lm_inputs(input_ids, pad_token_id: int | None = None, padded: int = 5) -> dict:
     """Example inputs of a causal LM: ``input_ids`` and ``attention_mask`` (int64), the
-    first row left-padded by ``padded`` tokens (``pad_token_id``, else 0), as batched
+    first row left-padded by ``padded`` tokens (:func:`fps_onnx.data.text.pad_id`), as batched
     generation pads; the model takes them by keyword."""
     torch = require("torch", "Hugging Face models")
     input_ids = input_ids.clone().long()
     mask = torch.ones_like(input_ids)
     padded = min(padded, input_ids.shape[1] - 1)
     mask[0, :padded] = 0
-    pad = pad_token_id if isinstance(pad_token_id, int) and pad_token_id >= 0 else 0
-    input_ids[0, :padded] = pad
+    input_ids[0, :padded] = pad_id(pad_token_id)
     return {"input_ids": input_ids, "attention_mask": mask}
 
 

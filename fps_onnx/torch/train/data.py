@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, _resize_crop, load_npz
+from ...data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, load_npz, resize_crop
 from ...errors import DataError
 from ._torch import torch
 
@@ -86,7 +86,7 @@ class _FolderSet(LabelledSet):
         try:
             with Image.open(self.files[i]) as img:
                 img = img.convert("L" if spec.channels == 1 else "RGB")
-                img = _resize_crop(img, spec.size, spec.size, spec.crop_pct)
+                img = resize_crop(img, spec.size, spec.size, spec.crop_pct)
                 pixels = np.asarray(img, dtype=np.float32).reshape(spec.size, spec.size, spec.channels)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise DataError(f"cannot decode image {self.files[i]}: {exc}") from exc

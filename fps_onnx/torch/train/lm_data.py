@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...data import load_npz
+from ...data import load_npz, text
 from ...data.text import read_lines, tokenizer_errors
 from ...errors import DataError
 from .. import hf
@@ -81,11 +81,8 @@ def load_tokenizer(folder: str | os.PathLike):
 
 
 def pad_id(tokenizer) -> int:
-    """The tokenizer's pad token, else its EOS token, else 0 (padding is masked anyway)."""
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if isinstance(value, int) and value >= 0:
-            return value
-    return 0
+    """The id to pad with: :func:`fps_onnx.data.text.pad_id` of the tokenizer's pad and EOS tokens."""
+    return text.pad_id(tokenizer.pad_token_id, tokenizer.eos_token_id)
 
 
 def open_lm_split(path: str | os.PathLike, tokenizer, max_length: int, vocab_size: int) -> TokenSet:
