@@ -459,7 +459,7 @@ def test_training_npz_bombs_are_refused_before_decompressing(tmp_path, monkeypat
     from fps_onnx.torch.train import data as train_data
     from fps_onnx.torch.train import lm_data
 
-    monkeypatch.setattr("fps_onnx.data.MAX_INFLATED_BYTES", 1 << 20)
+    monkeypatch.setattr("fps_onnx.data.arrays.MAX_INFLATED_BYTES", 1 << 20)
     bomb = zero_bomb(tmp_path / "a.npz", 2_000_000, fortran=False)
     for read in (lambda: train_data.open_split(bomb), lambda: lm_data.open_lm_split(bomb, None, 8, 100)):
         with pytest.raises(DataError, match=r"declare 48,000,128 bytes, over the limit of 1,048,576"):
