@@ -5,21 +5,15 @@ from __future__ import annotations
 import json
 import re
 
-from click.testing import CliRunner
+from _cli import invoke
 import numpy as np
 from onnx import helper
 import pytest
 
 from _models import linear_chain, make_model, rng, tensor
-from fps_onnx.cli.main import main
 from fps_onnx.errors import BudgetError, MaskError
 from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.selection.score import SelectConfig, select_scores
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
 
 # --- the budget -------------------------------------------------------------------------------
 

@@ -6,13 +6,12 @@ import json
 import subprocess
 import sys
 
-from click.testing import CliRunner
+from _cli import invoke
 import numpy as np
 import onnx
 import pytest
 
 from _models import make_model, tensor
-from fps_onnx.cli.main import main
 from fps_onnx.errors import MaskError, StatsError
 from fps_onnx.report import summary as report
 from fps_onnx.selection.maskfile import MaskFile
@@ -21,10 +20,6 @@ from fps_onnx.stats import ChannelStats, Stats
 SHA = "a" * 64
 META = {"model_sha256": SHA, "method": "fps", "norm": "l1", "level": "neuron",
         "budget": '{"fraction": 0.005}', "num_samples": "32"}
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def mask(shape, *entries):

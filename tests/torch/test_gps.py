@@ -14,7 +14,7 @@ from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.selection.score import SelectConfig
 from fps_onnx.torch.gps import gps_select
 
-SPEC = f"{Path(__file__).with_name('_models.py')}:small_cnn"
+SPEC = f"{Path(__file__).resolve().parents[1] / '_models.py'}:small_cnn"
 
 
 def reference_masks(folder, k):
