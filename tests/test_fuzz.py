@@ -14,7 +14,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from click.testing import CliRunner
+from _cli import assert_one_error, invoke
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -24,7 +24,6 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fps_onnx.cli.main import main  # noqa: E402
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -94,22 +93,14 @@ class Sandbox:
         assert sorted(os.listdir(self.root)) == self.root_entries
 
 
-def _run(*args) -> tuple[int, str, BaseException | None]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output, result.exception
-
-
-def _assert_clean(code: int, output: str, exc, out: Path, valid) -> None:
-    assert "Traceback" not in output, output
-    if code == 0:
-        assert out.is_file(), output
+def _assert_clean(result, out: Path, valid) -> None:
+    """Either a valid output or the one-line refusal with no output; never a leftover temporary file."""
+    if result.exit_code == 0:
+        assert "Traceback" not in result.output, result.output
+        assert out.is_file(), result.output
         valid(out)
     else:
-        assert code == 1, (code, output, exc)
-        assert isinstance(exc, SystemExit), repr(exc)
-        errors = [line for line in output.splitlines() if line.startswith("Error:")]
-        assert len(errors) == 1, output
-        assert not out.exists(), output
+        assert_one_error(result, alone=False, absent=[out])
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")], "temporary file left"
 
 
@@ -161,8 +152,8 @@ def test_mutated_onnx_bytes(box, mutations, method):
     target = box.work / "mutated.onnx"
     target.write_bytes(_mutate_bytes(box.model.read_bytes(), mutations))
     out = _fresh_out(box, "m_bytes.safetensors")
-    code, output, exc = _run("select", target, box.work / "x.npy", "-o", out, "--method", method, "-q")
-    _assert_clean(code, output, exc, out, _valid_masks)
+    _assert_clean(invoke("select", target, box.work / "x.npy", "-o", out, "--method", method, "-q"),
+                  out, _valid_masks)
     box.check_untouched()
 
 
@@ -197,14 +188,14 @@ def test_hostile_external_data(box, location, offset, length, dims, which, metho
     target = box.work / "hostile.onnx"
     target.write_bytes(model.SerializeToString())
     out = _fresh_out(box, "m_ext.safetensors")
-    code, output, exc = _run("select", target, box.work / "x.npy", "-o", out, "--method", method, "-q")
-    _assert_clean(code, output, exc, out, _valid_masks)
+    result = invoke("select", target, box.work / "x.npy", "-o", out, "--method", method, "-q")
+    _assert_clean(result, out, _valid_masks)
     inside = False
     if location and "\0" not in location and not os.path.isabs(location):
         resolved = os.path.realpath(box.work / location)
         inside = resolved.startswith(str(box.work.resolve()) + os.sep) and os.path.isfile(resolved)
     if not inside:
-        assert code == 1, f"selected with external data at {location!r}: {output}"
+        assert result.exit_code == 1, f"selected with external data at {location!r}: {result.output}"
     box.check_untouched()
 
 
@@ -214,9 +205,9 @@ def test_hostile_external_data(box, location, offset, length, dims, which, metho
 @pytest.fixture(scope="module")
 def valid_stats(box):
     stats = box.work / "stats.safetensors"
-    code, output, _ = _run("select", box.model, box.work / "x.npy", "-o", box.work / "base.safetensors",
-                           "--stats-out", stats, "-q")
-    assert code == 0, output
+    result = invoke("select", box.model, box.work / "x.npy", "-o", box.work / "base.safetensors",
+                    "--stats-out", stats, "-q")
+    assert result.exit_code == 0 and stats.is_file(), result.output
     return stats
 
 
@@ -287,8 +278,8 @@ def _forge(valid: Path, target: Path, edits, key_index: int, meta_edits: dict, f
 def test_forged_stats(box, valid_stats, edits, key_index, meta_edits, flips, norm):
     target = _forge(valid_stats, box.work / "forged_stats.safetensors", edits, key_index, meta_edits, flips)
     out = _fresh_out(box, "m_stats.safetensors")
-    code, output, exc = _run("select", box.model, "--from-stats", target, "-o", out, "--norm", norm, "-q")
-    _assert_clean(code, output, exc, out, _valid_masks)
+    _assert_clean(invoke("select", box.model, "--from-stats", target, "-o", out, "--norm", norm, "-q"),
+                  out, _valid_masks)
     box.check_untouched()
 
 
@@ -323,8 +314,8 @@ def build():
 @pytest.fixture(scope="module")
 def valid_masks(box):
     masks = box.work / "valid_masks.safetensors"
-    code, output, _ = _run("select", box.model, box.work / "x.npy", "-o", masks, "-q")
-    assert code == 0, output
+    result = invoke("select", box.model, box.work / "x.npy", "-o", masks, "-q")
+    assert result.exit_code == 0 and masks.is_file(), result.output
     return masks
 
 
@@ -336,7 +327,7 @@ def valid_masks(box):
 def test_forged_masks(box, valid_masks, torch_spec, edits, key_index, meta_edits, flips):
     target = _forge(valid_masks, box.work / "forged_masks.safetensors", edits, key_index, meta_edits, flips)
     out = _fresh_out(box, "m_mapped.safetensors")
-    code, output, exc = _run("map", target, "--model", torch_spec, "--onnx", box.model, "-o", out, "-q")
-    _assert_clean(code, output, exc, out, _valid_masks)
+    _assert_clean(invoke("map", target, "--model", torch_spec, "--onnx", box.model, "-o", out, "-q"),
+                  out, _valid_masks)
     box.check_untouched()
 
