@@ -71,7 +71,7 @@ def same_batches(got, want):
 
 
 def text_data(tmp_path):
-    from test_text import save_tokenizer
+    from _models import save_tokenizer
 
     tok = save_tokenizer(tmp_path / "tok")
     # padded lengths differ from batch to batch, so where batches end depends on the tokens

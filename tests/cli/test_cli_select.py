@@ -140,7 +140,7 @@ def test_data_and_from_stats_are_exclusive(chain, tmp_path):
 def test_select_does_not_import_torch(chain, tmp_path, kind):
     model, data = chain
     if kind == "text":  # raw text, tokenized with tokenizer.json, token mask: no transformers either
-        from test_text import save_tokenizer, tiny_lm
+        from _models import save_tokenizer, tiny_lm
 
         model = tiny_lm(tmp_path / "lm", with_mask=True)
         data = tmp_path / "a.txt"
