@@ -11,6 +11,7 @@ from _models import linear_chain
 from fps_onnx.errors import StatsError
 from fps_onnx.onnx.external import model_sha256
 from fps_onnx.onnx.sites import WeightSite
+from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.selection.score import SelectConfig, select_one
 from fps_onnx.stats import ChannelStats, Stats, merge_all
 
@@ -221,7 +222,8 @@ def test_valid_forged_stats_select(tmp_path, chain_model):
     out = tmp_path / "m.safetensors"
     result = invoke("select", chain_model, "-o", out, "--from-stats", stats, "-q")
     assert result.exit_code == 0, result.output
-    assert out.exists()
+    masks = MaskFile.load(out)
+    assert sorted(masks.masks) == ["w1", "w2"] and masks.meta["model_sha256"] == model_sha256(chain_model)
 
 
 def test_shards_with_different_sums_fail_select_with_one_line(tmp_path, chain_model):

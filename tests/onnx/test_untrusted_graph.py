@@ -20,6 +20,7 @@ from fps_onnx import calibrate
 from fps_onnx.errors import ModelError
 from fps_onnx.onnx import external, validate
 from fps_onnx.onnx.graph import find_weights
+from fps_onnx.selection.maskfile import MaskFile
 
 W1 = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
 W2 = np.random.default_rng(1).standard_normal((4, 5)).astype(np.float32)
@@ -176,6 +177,8 @@ def test_the_checks_pass_the_good_models_they_guard(place):
         result = invoke("select", str(path), *map(str, args), "-o", str(out), "-q",
                         "--per-neuron", "1")
         assert result.exit_code == 0, result.output
+        masks = MaskFile.load(out).masks  # one entry per output neuron of each weight
+        assert {k: m.sum(axis=1).tolist() for k, m in masks.items()} == {"w": [1] * 5, "w2t": [1] * 4}, masks
         out.unlink()
 
 
