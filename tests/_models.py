@@ -9,6 +9,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
+#: The word-level vocabulary of ``save_tokenizer`` (tiny_lm's embedding rows).
+VOCAB = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "the": 3, "cat": 4, "sat": 5, "on": 6, "mat": 7, "<eos>": 8}
 
 
 def make_model(nodes, inputs, outputs, initializers, opset: int = OPSET) -> onnx.ModelProto:
@@ -131,3 +133,51 @@ def image_folder(root: Path, classes=("a", "b"), per_class: int = 6, size: int =
             pixels = r.integers(0, 256, (size, size, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
+
+
+def save_tokenizer(folder, padding: int | None = None):
+    """A word-level tokenizer with [PAD]/[UNK] whose post-processor adds [BOS]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
+    if padding is not None:
+        tok.enable_padding(pad_id=padding, pad_token="[PAD]")
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+def tiny_lm(folder, with_types: bool = False, with_mask: bool = True):
+    """input_ids, attention_mask -> Gather(emb) * mask -> MatMul(w1) -> Relu -> MatMul(w2) -> y."""
+    r = rng(0)
+    inputs = [tensor("input_ids", ["N", "S"], TensorProto.INT64),
+              tensor("attention_mask", ["N", "S"], TensorProto.INT64)]
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["e"]),
+        helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mf", "axis"], ["m"]),
+        helper.make_node("Mul", ["e", "m"], ["em"]),
+        helper.make_node("MatMul", ["em", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("MatMul", ["hr", "w2"], ["y"]),
+    ]
+    inits = {"emb": r.standard_normal((len(VOCAB), 6)).astype(np.float32),
+             "axis": np.array([-1], np.int64),
+             "w1": r.standard_normal((6, 5)).astype(np.float32),
+             "w2": r.standard_normal((5, 4)).astype(np.float32)}
+    if with_types:
+        inputs.append(tensor("token_type_ids", ["N", "S"], TensorProto.INT64))
+        nodes[3].output[0] = "em_raw"
+        nodes[4:4] = [helper.make_node("Gather", ["types", "token_type_ids"], ["t"]),
+                      helper.make_node("Add", ["em_raw", "t"], ["em"])]
+        inits["types"] = r.standard_normal((2, 6)).astype(np.float32)
+    if not with_mask:  # input_ids alone
+        del inputs[1], nodes[1:4], inits["axis"]
+        nodes[0].output[0] = "em"
+    model = make_model(nodes, inputs, [tensor("y", ["N", "S", 4])], inits)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / "model.onnx")
+    save_tokenizer(folder)
+    return folder / "model.onnx"

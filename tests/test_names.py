@@ -6,8 +6,8 @@ import ast
 import json
 from pathlib import Path
 
+from _cli import invoke
 from _layering import imports, modules
-from click.testing import CliRunner
 import numpy as np
 import pytest
 
@@ -142,12 +142,6 @@ def test_a_decoder_only_folder_is_its_causal_lm(tmp_path):
 
 
 # --------------------------------------------------------------------------- the README flow, by CLI
-
-
-def invoke(*args):
-    from fps_onnx.cli.main import main
-
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_export_select_torch_model_then_train_on_a_transformers_folder(tmp_path):

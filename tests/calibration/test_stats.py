@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import re
-
-from click.testing import CliRunner
+from _cli import assert_one_error, invoke
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 from _models import linear_chain
-from fps_onnx.cli.main import main
 from fps_onnx.errors import StatsError
 from fps_onnx.onnx.external import model_sha256
 from fps_onnx.onnx.sites import WeightSite
+from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.selection.score import SelectConfig, select_one
 from fps_onnx.stats import ChannelStats, Stats, merge_all
 
@@ -201,18 +199,6 @@ def chain_model(tmp_path):
     return linear_chain(tmp_path)
 
 
-def _select(*args):
-    return CliRunner().invoke(main, ["select", *map(str, args)])
-
-
-def _fails_with_one_line(result, message, out):
-    assert result.exit_code == 1, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and re.search(message, errors[0]), result.stderr
-    assert "Traceback" not in result.output
-    assert not out.exists()
-
-
 CLI_FORGED = FORGED + [
     # length 1 for both sums: consistent in the file, but not the weight's 6 input channels
     (lambda t, m: [t.__setitem__("w1:abs_sum", np.ones(1)), t.__setitem__("w1:sq_sum", np.ones(1))],
@@ -227,15 +213,17 @@ CLI_FORGED = FORGED + [
 def test_forged_stats_fail_select_with_one_line(tmp_path, chain_model, change, message):
     stats = _forge(tmp_path / "s.safetensors", change, sha=model_sha256(chain_model))
     out = tmp_path / "m.safetensors"
-    _fails_with_one_line(_select(chain_model, "-o", out, "--from-stats", stats), message, out)
+    assert_one_error(invoke("select", chain_model, "-o", out, "--from-stats", stats), message, alone=False,
+                     absent=[out])
 
 
 def test_valid_forged_stats_select(tmp_path, chain_model):
     stats = _forge(tmp_path / "s.safetensors", lambda t, m: None, sha=model_sha256(chain_model))
     out = tmp_path / "m.safetensors"
-    result = _select(chain_model, "-o", out, "--from-stats", stats, "-q")
+    result = invoke("select", chain_model, "-o", out, "--from-stats", stats, "-q")
     assert result.exit_code == 0, result.output
-    assert out.exists()
+    masks = MaskFile.load(out)
+    assert sorted(masks.masks) == ["w1", "w2"] and masks.meta["model_sha256"] == model_sha256(chain_model)
 
 
 def test_shards_with_different_sums_fail_select_with_one_line(tmp_path, chain_model):
@@ -243,30 +231,20 @@ def test_shards_with_different_sums_fail_select_with_one_line(tmp_path, chain_mo
     a = _forge(tmp_path / "a.safetensors", lambda t, m: [t.pop(k) for k in list(t) if k.endswith("sq_sum")], sha)
     b = _forge(tmp_path / "b.safetensors", lambda t, m: [t.pop(k) for k in list(t) if k.endswith("abs_sum")], sha)
     out, merged = tmp_path / "m.safetensors", tmp_path / "merged.safetensors"
-    result = _select(chain_model, "-o", out, "--from-stats", a, "--from-stats", b, "--stats-out", merged)
-    _fails_with_one_line(result, r"cannot merge .*a.safetensors \(abs_sum\) with .*b.safetensors \(sq_sum\)", out)
+    result = invoke("select", chain_model, "-o", out, "--from-stats", a, "--from-stats", b, "--stats-out", merged)
+    assert_one_error(result, r"cannot merge .*a.safetensors \(abs_sum\) with .*b.safetensors \(sq_sum\)",
+                     alone=False, absent=[out])
     assert not merged.exists()
 
 
 # --------------------------------------------------------------------------- numbers in range
 
 
-def _one_line(result, message, *outputs, seconds=20.0, took=0.0):
-    """Exit 1, stderr exactly one ``Error:`` line matching ``message``, no output, in bounded time."""
-    lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 1, result.output
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert re.search(message, lines[0]), lines[0]
-    assert "Traceback" not in result.output
-    assert not any(p.exists() for p in outputs)
-    assert took < seconds
-
-
 def _timed_select(*args):
     import time
 
     start = time.monotonic()
-    result = _select(*args)
+    result = invoke("select", *args)
     return result, time.monotonic() - start
 
 
@@ -277,8 +255,9 @@ def test_shard_counts_past_the_limit_are_refused_before_anything_is_sized(tmp_pa
     files = [_forge(tmp_path / f"{i}.safetensors", _meta("shard", s), sha) for i, s in enumerate(shards)]
     out = tmp_path / "m.safetensors"
     result, took = _timed_select(chain_model, "-o", out, "-q", *[a for f in files for a in ("--from-stats", f)])
-    _one_line(result, r"0\.safetensors: metadata 'shard' \(K/N\): N must be a whole number from 1 to 1,000,000",
-              out, took=took)
+    assert_one_error(result, r"0\.safetensors: metadata 'shard' \(K/N\): N must be a whole number from 1 to 1,000,000",
+                     absent=[out])
+    assert took < 20
 
 
 def test_shards_at_the_limit_merge_in_bounded_time(tmp_path, chain_model, caplog):
@@ -307,7 +286,8 @@ def test_merges_that_overflow_are_refused(tmp_path, chain_model, change, message
     out, merged = tmp_path / "m.safetensors", tmp_path / "merged.safetensors"
     result, took = _timed_select(chain_model, "-o", out, "--from-stats", a, "--from-stats", b,
                                  "--stats-out", merged)
-    _one_line(result, message, out, merged, took=took)
+    assert_one_error(result, message, absent=[out, merged])
+    assert took < 20
     with pytest.raises(StatsError, match=message):
         merge_all([Stats.load(a), Stats.load(b)])
 

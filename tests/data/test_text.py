@@ -5,18 +5,14 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import subprocess
 import sys
 
-from click.testing import CliRunner
+from _cli import assert_one_error, invoke
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
 import pytest
 
-from _models import make_model, rng, tensor
-from fps_onnx.cli.main import main
+from _models import save_tokenizer, tiny_lm
 from fps_onnx.data import DataConfig, find_files, iter_batches
 from fps_onnx.data.text import find_tokenizer, max_positions, pad_id
 from fps_onnx.errors import DataError
@@ -24,61 +20,12 @@ from fps_onnx.onnx.inputs import InputSpec
 from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.stats import Stats
 
-VOCAB = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "the": 3, "cat": 4, "sat": 5, "on": 6, "mat": 7, "<eos>": 8}
 IDS = InputSpec("input_ids", ("N", "S"), np.dtype(np.int64))
 MASK = InputSpec("attention_mask", ("N", "S"), np.dtype(np.int64))
 TYPES = InputSpec("token_type_ids", ("N", "S"), np.dtype(np.int64))
 LINES = ["the cat sat", "", "cat", "the cat sat on the mat", "   ", "mat dog"]
 # BOS, then word ids ("dog" is unknown)
 TOKENS = [[2, 3, 4, 5], [2, 4], [2, 3, 4, 5, 6, 3, 7], [2, 7, 1]]
-
-
-def save_tokenizer(folder, padding: int | None = None):
-    """A word-level tokenizer with [PAD]/[UNK] whose post-processor adds [BOS]."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
-    if padding is not None:
-        tok.enable_padding(pad_id=padding, pad_token="[PAD]")
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    return folder / "tokenizer.json"
-
-
-def tiny_lm(folder, with_types: bool = False, with_mask: bool = True):
-    """input_ids, attention_mask -> Gather(emb) * mask -> MatMul(w1) -> Relu -> MatMul(w2) -> y."""
-    r = rng(0)
-    inputs = [tensor("input_ids", ["N", "S"], TensorProto.INT64),
-              tensor("attention_mask", ["N", "S"], TensorProto.INT64)]
-    nodes = [
-        helper.make_node("Gather", ["emb", "input_ids"], ["e"]),
-        helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["mf", "axis"], ["m"]),
-        helper.make_node("Mul", ["e", "m"], ["em"]),
-        helper.make_node("MatMul", ["em", "w1"], ["h"]),
-        helper.make_node("Relu", ["h"], ["hr"]),
-        helper.make_node("MatMul", ["hr", "w2"], ["y"]),
-    ]
-    inits = {"emb": r.standard_normal((len(VOCAB), 6)).astype(np.float32),
-             "axis": np.array([-1], np.int64),
-             "w1": r.standard_normal((6, 5)).astype(np.float32),
-             "w2": r.standard_normal((5, 4)).astype(np.float32)}
-    if with_types:
-        inputs.append(tensor("token_type_ids", ["N", "S"], TensorProto.INT64))
-        nodes[3].output[0] = "em_raw"
-        nodes[4:4] = [helper.make_node("Gather", ["types", "token_type_ids"], ["t"]),
-                      helper.make_node("Add", ["em_raw", "t"], ["em"])]
-        inits["types"] = r.standard_normal((2, 6)).astype(np.float32)
-    if not with_mask:  # input_ids alone
-        del inputs[1], nodes[1:4], inits["axis"]
-        nodes[0].output[0] = "em"
-    model = make_model(nodes, inputs, [tensor("y", ["N", "S", 4])], inits)
-    folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, folder / "model.onnx")
-    save_tokenizer(folder)
-    return folder / "model.onnx"
 
 
 def batches(path, inputs=(IDS, MASK), model=None, **config):
@@ -177,14 +124,10 @@ def test_text_needs_input_ids_and_nothing_else(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, ["select", *(str(a) for a in args)])
-
-
 def test_cli_text_selection_equals_the_same_tokens_as_npz(tmp_path):
     model = tiny_lm(tmp_path / "m")
     (tmp_path / "a.txt").write_text("\n".join(LINES) + "\n")
-    text = invoke(model, tmp_path / "a.txt", "-o", tmp_path / "t.safetensors", "--stats-out",
+    text = invoke("select", model, tmp_path / "a.txt", "-o", tmp_path / "t.safetensors", "--stats-out",
                   tmp_path / "t.stats", "--batch-size", "3", "--json", "-q")
     assert text.exit_code == 0, text.output
     assert json.loads(text.stdout)["samples"] == 4
@@ -193,7 +136,7 @@ def test_cli_text_selection_equals_the_same_tokens_as_npz(tmp_path):
     for row, tokens in enumerate(TOKENS):
         ids[row, : len(tokens)] = tokens
     np.savez(tmp_path / "a.npz", input_ids=ids, attention_mask=(np.arange(7) < np.array([4, 2, 7, 3])[:, None]))
-    arrays = invoke(model, tmp_path / "a.npz", "-o", tmp_path / "n.safetensors", "--stats-out",
+    arrays = invoke("select", model, tmp_path / "a.npz", "-o", tmp_path / "n.safetensors", "--stats-out",
                     tmp_path / "n.stats", "-q")
     assert arrays.exit_code == 0, arrays.output
     a, b = Stats.load(tmp_path / "t.stats"), Stats.load(tmp_path / "n.stats")
@@ -210,7 +153,7 @@ def test_cli_jsonl_with_text_field_tokenizer_and_token_type_ids(tmp_path):
     (model.parent / "tokenizer.json").unlink()
     save_tokenizer(tmp_path / "tok")
     (tmp_path / "a.jsonl").write_text('{"t": "the cat"}\n{"t": "mat"}\n')
-    result = invoke(model, tmp_path / "a.jsonl", "-o", tmp_path / "o.safetensors", "--text-field", "t",
+    result = invoke("select", model, tmp_path / "a.jsonl", "-o", tmp_path / "o.safetensors", "--text-field", "t",
                     "--tokenizer", tmp_path / "tok", "--max-length", "2", "--json", "-q")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["samples"] == 2
@@ -240,11 +183,8 @@ def test_cli_bad_text_is_one_line_and_no_output(tmp_path, case):
     model = tiny_lm(tmp_path / "m")
     (tmp_path / name).write_text(content)
     out = tmp_path / "o.safetensors"
-    result = invoke(model, tmp_path / name, "-o", out, "-q", *extra)
-    assert result.exit_code == 1, result.output
-    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert re.search(message, result.stderr), result.stderr
-    assert not out.exists()
+    result = invoke("select", model, tmp_path / name, "-o", out, "-q", *extra)
+    assert_one_error(result, message, absent=[out])
 
 
 def bad_setup(case, folder):
@@ -318,11 +258,8 @@ def test_cli_bad_tokenizer_or_length_is_one_line_and_no_output(tmp_path, case):
     extra, message = bad_setup(case, model.parent)
     (tmp_path / "a.txt").write_text("cat\n")
     out = tmp_path / "o.safetensors"
-    result = invoke(model, tmp_path / "a.txt", "-o", out, "-q", *extra)
-    assert result.exit_code == 1, result.output
-    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert re.search(message, result.stderr), result.stderr
-    assert not out.exists()
+    result = invoke("select", model, tmp_path / "a.txt", "-o", out, "-q", *extra)
+    assert_one_error(result, message, absent=[out])
 
 
 def test_a_tokenizer_panic_is_one_line_on_the_real_stderr(tmp_path):
@@ -347,8 +284,14 @@ def test_positions_within_the_model_pass(tmp_path):
     model = tiny_lm(tmp_path / "m")
     (model.parent / "config.json").write_text(json.dumps({"max_position_embeddings": 16}))
     (tmp_path / "a.txt").write_text("cat\n")
-    result = invoke(model, tmp_path / "a.txt", "-o", tmp_path / "o.safetensors", "-q", "--max-length", "16")
+    out = tmp_path / "o.safetensors"
+    result = invoke("select", model, tmp_path / "a.txt", "-o", out, "--max-length", "16", "--json")
     assert result.exit_code == 0, result.output
+    assert "max length 16" in result.stderr  # all 16 of the model's positions, not cut below
+    summary = json.loads(result.stdout)
+    assert summary["samples"] == 1 and summary["output"] == str(out)
+    assert {k: v["selected"] for k, v in summary["tensors"].items()} == {"w1": 5, "w2": 4}  # one per neuron
+    assert MaskFile.load(out).meta["num_samples"] == "1"
 
 
 @pytest.mark.slow
@@ -366,13 +309,13 @@ def test_text_on_an_exported_bert_matches_its_npz(tmp_path):
     save_tokenizer(folder)
     (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
     (tmp_path / "a.txt").write_text("\n".join(LINES) + "\n")
-    assert invoke(model, tmp_path / "a.txt", "-o", tmp_path / "t.m", "--stats-out", tmp_path / "t.s",
+    assert invoke("select", model, tmp_path / "a.txt", "-o", tmp_path / "t.m", "--stats-out", tmp_path / "t.s",
                   "--max-length", "64", "-q").exit_code == 0
     ids = np.zeros((4, 7), np.int64)
     for row, tokens in enumerate(TOKENS):
         ids[row, : len(tokens)] = tokens
     np.savez(tmp_path / "a.npz", input_ids=ids, attention_mask=(ids > 0).astype(np.int64))
-    assert invoke(model, tmp_path / "a.npz", "-o", tmp_path / "n.m", "--stats-out", tmp_path / "n.s",
+    assert invoke("select", model, tmp_path / "a.npz", "-o", tmp_path / "n.m", "--stats-out", tmp_path / "n.s",
                   "-q").exit_code == 0
     a, b = Stats.load(tmp_path / "t.s"), Stats.load(tmp_path / "n.s")
     assert len(a.weights) == 12

@@ -171,7 +171,7 @@ def test_hf_trainer_example_runs(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "hf_trainer.py"
     spec = importlib.util.spec_from_file_location("hf_trainer_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

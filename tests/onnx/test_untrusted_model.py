@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 
-from click.testing import CliRunner
+from _cli import assert_one_error, invoke
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -21,7 +21,6 @@ import pytest
 
 from _models import make_model, tensor
 from fps_onnx import calibrate
-from fps_onnx.cli.main import main
 from fps_onnx.errors import ModelError
 from fps_onnx.onnx import external
 from fps_onnx.onnx.graph import tensor_value
@@ -101,13 +100,11 @@ def constant_external(folder, location):
 
 
 @pytest.fixture()
-def place(tmp_path):
-    """tmp/secret.bin (outside), tmp/data/x.npy, tmp/out/ (empty) and tmp/m/ (the model's folder)."""
-    SECRET.tofile(tmp_path / "secret.bin")
-    (tmp_path / "data").mkdir()
-    np.save(tmp_path / "data" / "x.npy", np.random.default_rng(2).standard_normal((10, 6)).astype(np.float32))
-    (tmp_path / "out").mkdir()
-    return tmp_path
+def place(place):
+    """The shared place (tmp/data/x.npy, tmp/out/ empty) plus tmp/secret.bin, outside tmp/m/ (the
+    model's folder)."""
+    SECRET.tofile(place / "secret.bin")
+    return place
 
 
 def data_file(folder, nbytes=120):
@@ -190,17 +187,9 @@ CASES = ["dotdot", "absolute", "symlink out", "symlinked folder out", "dev zero"
 
 
 def refused(root, args, message):
-    import re
-
     out = root / "out" / "masks.safetensors"
-    result = CliRunner().invoke(main, ["select", *map(str, args), "-o", str(out)])
-    assert result.exit_code == 1, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    assert re.search(message, errors[0]), errors[0]
-    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
-    assert list((root / "out").iterdir()) == []
-    return errors[0]
+    result = invoke("select", *args, "-o", out)
+    return assert_one_error(result, message, alone=False, empty=[root / "out"])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -221,8 +210,8 @@ def test_from_stats_path_refuses_bad_external_data(place, case):
     good = w1_external(place / "good", "w.bin")
     data_file(place / "good")
     stats = place / "stats.safetensors"
-    result = CliRunner().invoke(main, ["select", str(good), str(place / "data"), "-o",
-                                       str(place / "good" / "m.safetensors"), "--stats-out", str(stats)])
+    result = invoke("select", str(good), str(place / "data"), "-o",
+                    str(place / "good" / "m.safetensors"), "--stats-out", str(stats))
     assert result.exit_code == 0, result.output
     model, message = make_case(case, place)
     refused(place, [model, "--from-stats", stats], message)
@@ -241,7 +230,7 @@ def test_in_folder_external_data_and_in_folder_links_select(place):
     linked = w1_external(place / "m2", "../m/w.bin")  # a second model folder: outside it
     for model, args in ((plain, ["--method", "magnitude"]), (plain, [place / "data"])):
         out = place / "out" / "a.safetensors"
-        result = CliRunner().invoke(main, ["select", str(model), *map(str, args), "-o", str(out), "-q"])
+        result = invoke("select", str(model), *map(str, args), "-o", str(out), "-q")
         assert result.exit_code == 0, result.output
         assert MaskFile.load(out).masks["w1"].shape == (5, 6)
         out.unlink()
@@ -265,7 +254,7 @@ def test_hugging_face_cache_layout_with_external_data_selects(place):
     masks = {}
     for name, model in (("plain", plain), ("hub", snap / "model.onnx")):
         out = place / "out" / f"{name}.safetensors"
-        result = CliRunner().invoke(main, ["select", str(model), str(place / "data"), "-o", str(out), "-q"])
+        result = invoke("select", str(model), str(place / "data"), "-o", str(out), "-q")
         assert result.exit_code == 0, result.output
         masks[name] = MaskFile.load(out)
     np.testing.assert_array_equal(masks["plain"].masks["w1"], masks["hub"].masks["w1"])
@@ -294,8 +283,8 @@ def test_digest_changes_when_only_the_external_data_changes(place):
     # --from-stats notices: the stats were computed on other weights
     (place / "m" / "w.bin").write_bytes(W1.tobytes())
     stats = place / "s.safetensors"
-    result = CliRunner().invoke(main, ["select", str(model), str(place / "data"), "-o",
-                                       str(place / "a.safetensors"), "--stats-out", str(stats), "-q"])
+    result = invoke("select", str(model), str(place / "data"), "-o",
+                    str(place / "a.safetensors"), "--stats-out", str(stats), "-q")
     assert result.exit_code == 0, result.output
     assert MaskFile.load(place / "a.safetensors").meta["model_sha256"] == first
     (place / "m" / "w.bin").write_bytes((W1 * 2).tobytes())
@@ -352,7 +341,7 @@ def test_ir_version_newer_than_the_runtime_is_lowered(place):
     path = place / "ir.onnx"
     onnx.save(model, str(path))
     out = place / "out" / "m.safetensors"
-    result = CliRunner().invoke(main, ["select", str(path), str(place / "data"), "-o", str(out), "-q"])
+    result = invoke("select", str(path), str(place / "data"), "-o", str(out), "-q")
     assert result.exit_code == 0, result.output
     assert MaskFile.load(out).masks["w1"].shape == (5, 6)
 

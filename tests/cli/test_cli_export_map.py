@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
-from click.testing import CliRunner
 import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 
-from fps_onnx.cli.main import main  # noqa: E402
+from _cli import assert_one_error, invoke  # noqa: E402
+
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 
 SPEC_FILE = '''
@@ -36,10 +37,6 @@ def build(num_classes=4):
     torch.manual_seed(0)
     return Tokens(num_classes), torch.randn(2, 3, 6)
 '''
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture()
@@ -97,12 +94,7 @@ def test_map_and_select_torch_model_on_a_folded_export(case, tmp_path):
 
 
 def _one_line_failure(result, message, *absent):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.output
-    assert "Traceback" not in result.output
-    for path in absent:
-        assert not path.exists()
+    assert_one_error(result, re.escape(message), absent=absent)
 
 
 def test_export_bad_input(case, tmp_path):

@@ -8,9 +8,10 @@ import base64
 import json
 import os
 from pathlib import Path
+import re
 import shutil
 
-from click.testing import CliRunner
+from _cli import assert_one_error, invoke
 import numpy as np
 import pytest
 
@@ -20,7 +21,6 @@ transformers = pytest.importorskip("transformers")
 from llm_models import save_tiny_llm  # noqa: E402
 
 from _models import image_folder, linear_chain  # noqa: E402
-from fps_onnx.cli.main import main  # noqa: E402
 from fps_onnx.errors import ModelError  # noqa: E402
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 from fps_onnx.torch import hf  # noqa: E402
@@ -77,16 +77,9 @@ def hostile(base: Path, where: Path, variant: str, marker: Path) -> Path:
     return folder
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], input=YES)
-
-
 def assert_refused(result, message: str, out: Path, marker: Path | None = None) -> None:
-    lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 1, result.output
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert message in lines[0], lines[0]
-    assert "Traceback" not in result.output and "[y/N]" not in result.output
+    assert_one_error(result, re.escape(message))
+    assert "[y/N]" not in result.output
     assert not out.exists() or list(out.iterdir()) == []
     assert marker is None or not marker.exists(), "code from the model folder ran"
 
@@ -126,7 +119,7 @@ def test_no_command_runs_code_from_a_model_folder(llama, tmp_path, name):
     folder = hostile(llama, tmp_path, "auto_map in config.json", marker)
     out = tmp_path / "out"
     out.mkdir()
-    result = invoke(*command(name, f"hf:{folder}", tmp_path, out))
+    result = invoke(*command(name, f"hf:{folder}", tmp_path, out), input=YES)
     assert_refused(result, VARIANTS["auto_map in config.json"], out, marker)
 
 
@@ -137,7 +130,7 @@ def test_every_kind_of_folder_code_is_refused(llama, tmp_path, variant, name):
     folder = hostile(llama, tmp_path, variant, marker)
     out = tmp_path / "out"
     out.mkdir()
-    result = invoke(*command(name, f"hf:{folder}", tmp_path, out))
+    result = invoke(*command(name, f"hf:{folder}", tmp_path, out), input=YES)
     assert_refused(result, VARIANTS[variant], out, marker)
 
 
@@ -192,7 +185,7 @@ def test_export_refuses_a_side_file_that_links_out_of_the_folder(llama, tmp_path
     folder, _ = _linked(llama, tmp_path, target)
     out = tmp_path / "out"
     out.mkdir()
-    result = invoke("export", f"hf:{folder}", "-o", out / "model.onnx")
+    result = invoke("export", f"hf:{folder}", "-o", out / "model.onnx", input=YES)
     assert_refused(result, "special_tokens_map.json' (a side file of the model) leads outside the model's folder",
                    out)
 
@@ -201,7 +194,7 @@ def test_apply_delta_refuses_a_tokenizer_file_that_links_out(llama, tmp_path):
     folder, _ = _linked(llama, tmp_path, None)
     out = tmp_path / "out"
     out.mkdir()
-    result = invoke("apply-delta", f"hf:{folder}", tmp_path / "delta.safetensors", "-o", out / "merged")
+    result = invoke("apply-delta", f"hf:{folder}", tmp_path / "delta.safetensors", "-o", out / "merged", input=YES)
     assert_refused(result, "leads outside the model's folder", out)
 
 
@@ -258,13 +251,13 @@ def test_apply_delta_refuses_values_that_do_not_fit(llama, tmp_path, case):
     delta = _delta(llama, tmp_path / "delta.safetensors", values(), dense)
     out = tmp_path / "out"
     out.mkdir()
-    result = invoke("apply-delta", f"hf:{llama}", delta, "-o", out / "merged")
+    result = invoke("apply-delta", f"hf:{llama}", delta, "-o", out / "merged", input=YES)
     assert_refused(result, message, out)
 
 
 def test_apply_delta_of_fitting_values_writes_the_sums(llama, tmp_path):
     delta = _delta(llama, tmp_path / "delta.safetensors", torch.tensor([0.25, -1e3], dtype=torch.float64))
-    result = invoke("apply-delta", f"hf:{llama}", delta, "-o", tmp_path / "merged", "-q")
+    result = invoke("apply-delta", f"hf:{llama}", delta, "-o", tmp_path / "merged", "-q", input=YES)
     assert result.exit_code == 0, result.output
     from safetensors.torch import load_file
 
@@ -284,6 +277,6 @@ def test_train_refuses_a_folder_whose_tokenizer_panics(llama, tmp_path):
     _edit(folder / "tokenizer.json", normalizer={"type": "Precompiled", "precompiled_charsmap": table})
     out = tmp_path / "out"
     out.mkdir()
-    result = invoke(*command("train --task causal-lm", f"hf:{folder}", tmp_path, out))
+    result = invoke(*command("train --task causal-lm", f"hf:{folder}", tmp_path, out), input=YES)
     assert_refused(result, "cannot load the tokenizer of", out)
     assert "the tokenizers library failed on it" in result.stderr

@@ -5,21 +5,15 @@ from __future__ import annotations
 import json
 import re
 
-from click.testing import CliRunner
+from _cli import assert_one_error, invoke
 import numpy as np
 from onnx import helper
 import pytest
 
-from _models import linear_chain, make_model, rng, tensor
-from fps_onnx.cli.main import main
+from _models import make_model, rng, tensor
 from fps_onnx.errors import BudgetError, MaskError
 from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.selection.score import SelectConfig, select_scores
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
 
 # --- the budget -------------------------------------------------------------------------------
 
@@ -52,13 +46,6 @@ def test_shira_budget_refuses_conv_weights_and_too_small_layers():
         select_scores(np.ones((5, 6)), SelectConfig(shira_r=3), "layer")
 
 
-@pytest.fixture()
-def chain(tmp_path):
-    path = linear_chain(tmp_path)  # w1 [5, 6] (stored in_out), w2 [4, 5]
-    np.save(tmp_path / "x.npy", rng(1).standard_normal((20, 6)).astype(np.float32))
-    return path, tmp_path / "x.npy"
-
-
 def test_select_shira_r_writes_r_times_in_plus_out_per_weight(chain, tmp_path):
     model, data = chain
     out = tmp_path / "m.safetensors"
@@ -82,12 +69,7 @@ def test_select_shira_r_writes_r_times_in_plus_out_per_weight(chain, tmp_path):
 def test_select_shira_r_bad_input_is_one_line(chain, tmp_path, args, message):
     model, data = chain
     out = tmp_path / "m.safetensors"
-    result = invoke("select", model, data, "-o", out, *args)
-    assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
-    assert len([line for line in lines if line.startswith("Error:")]) == 1
-    assert any(re.match(message, line) for line in lines), result.stderr
-    assert not out.exists()
+    assert_one_error(invoke("select", model, data, "-o", out, *args), message, alone=False, absent=[out])
 
 
 def test_select_shira_r_names_a_conv_weight(tmp_path):
@@ -98,9 +80,8 @@ def test_select_shira_r_names_a_conv_weight(tmp_path):
     path = tmp_path / "conv.onnx"
     path.write_bytes(conv.SerializeToString())
     result = invoke("select", path, "-o", tmp_path / "m.safetensors", "--method", "magnitude", "--shira-r", "1")
-    assert result.exit_code == 1
-    assert "Error: --shira-r: weight 'cw' [4, 2, 3, 3] is a Conv weight" in result.stderr
-    assert not (tmp_path / "m.safetensors").exists()
+    assert_one_error(result, re.escape("Error: --shira-r: weight 'cw' [4, 2, 3, 3] is a Conv weight"), alone=False,
+                     absent=[tmp_path / "m.safetensors"])
 
 
 # --- shira_config -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from click.testing import CliRunner
+from _cli import assert_one_error, invoke
 import numpy as np
 import onnx
 from onnx import helper
@@ -18,23 +18,10 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from _models import linear_chain, make_model, tensor
-from fps_onnx.cli.main import OneLineFormatter, main
+from fps_onnx.cli.main import OneLineFormatter
 from fps_onnx.errors import one_line
 
 FORGERIES = ["\n", "\r", "\x1b[31m", "\u2028", "\x85", "\r\n"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_error_line(result, status: int = 1) -> str:
-    """Exit ``status``, one line on stderr that starts with ``Error:``, no traceback; the line."""
-    lines = result.stderr.splitlines()  # splits on \r, \x1c-\x1e, \x85, \u2028, \u2029 too
-    assert result.exit_code == status, result.output
-    assert len(lines) == 1 and lines[0].startswith("Error: "), lines
-    assert "Traceback" not in result.output and not any(c in lines[0] for c in "\x1b\r\x85\u2028")
-    return lines[0]
 
 
 def _data(folder, rows: int = 8, width: int = 6):
@@ -61,7 +48,7 @@ def test_a_weight_name_cannot_forge_a_second_line_and_a_failed_select_leaves_no_
     before = sorted(os.listdir(tmp_path))
     result = invoke("select", model, data, "-o", tmp_path / "masks.safetensors",
                     "--stats-out", tmp_path / "s.safetensors", "-q")
-    line = assert_one_error_line(result)
+    line = assert_one_error(result)
     assert "NaN" in line and "forged by the model" in line
     assert sorted(os.listdir(tmp_path)) == before  # neither output, no temporary file
     assert os.listdir(data) == ["x.npy"]
@@ -74,7 +61,7 @@ def test_an_input_name_and_a_stats_key_cannot_forge_a_line(tmp_path, forge):
     onnx.save(make_model([helper.make_node("MatMul", [name, "w"], ["y"])], [tensor(name, ["N", 6])],
                          [tensor("y", ["N", 5])], {"w": np.ones((6, 5), np.float32)}), model)
     np.savez(tmp_path / "d.npz", **{name: np.ones((4, 7), np.float32)})
-    line = assert_one_error_line(invoke("select", model, tmp_path / "d.npz", "-o", tmp_path / "o", "-q"))
+    line = assert_one_error(invoke("select", model, tmp_path / "d.npz", "-o", tmp_path / "o", "-q"))
     assert "forged input" in line
 
     chain, data = linear_chain(tmp_path), _data(tmp_path / "data")
@@ -85,7 +72,7 @@ def test_an_input_name_and_a_stats_key_cannot_forge_a_line(tmp_path, forge):
     arrays = {k.replace("w1", f"w1{forge}Error: forged key"): v for k, v in load_file(stats).items()}
     save_file(arrays, stats, metadata=meta)
     before = sorted(os.listdir(tmp_path))
-    line = assert_one_error_line(invoke("select", chain, "-o", tmp_path / "b", "--from-stats", stats, "-q"))
+    line = assert_one_error(invoke("select", chain, "-o", tmp_path / "b", "--from-stats", stats, "-q"))
     assert "forged key" in line and sorted(os.listdir(tmp_path)) == before
 
 
@@ -93,18 +80,18 @@ def test_a_file_name_cannot_forge_a_line(tmp_path):
     model, data = linear_chain(tmp_path), tmp_path / "data"
     data.mkdir()
     (data / "bad\nError: forged file.npy").write_bytes(b"not an array")
-    line = assert_one_error_line(invoke("select", model, data, "-o", tmp_path / "o", "-q"))
+    line = assert_one_error(invoke("select", model, data, "-o", tmp_path / "o", "-q"))
     assert "forged file" in line and not (tmp_path / "o").exists()
 
 
 def test_usage_errors_are_one_line_with_status_2(tmp_path):
     model = linear_chain(tmp_path)
-    line = assert_one_error_line(invoke("select", model, tmp_path), status=2)
+    line = assert_one_error(invoke("select", model, tmp_path), status=2)
     assert "--output" in line and "select --help" in line
-    line = assert_one_error_line(invoke("select", model, tmp_path, "-o", "x", "--seed", "1\nError: forged"),
+    line = assert_one_error(invoke("select", model, tmp_path, "-o", "x", "--seed", "1\nError: forged"),
                                  status=2)
     assert "--seed" in line
-    assert_one_error_line(invoke("no-such-command\x1b[2J"), status=2)
+    assert_one_error(invoke("no-such-command\x1b[2J"), status=2)
 
 
 class _Panic(BaseException):
@@ -121,7 +108,7 @@ def test_an_unexpected_error_is_one_line(tmp_path, monkeypatch, error):
 
     monkeypatch.setattr(select_cli, "select_masks", boom)
     data = _data(tmp_path / "data")
-    line = assert_one_error_line(invoke("select", linear_chain(tmp_path), data, "-o", tmp_path / "o", "-q"))
+    line = assert_one_error(invoke("select", linear_chain(tmp_path), data, "-o", tmp_path / "o", "-q"))
     assert f"unexpected {type(error).__name__}" in line and "report" in line
 
 
@@ -184,7 +171,7 @@ def test_outputs_that_are_inputs_are_refused_before_any_work(tmp_path):
         (["apply-delta", f"hf:{tmp_path / 'sub'}", stats, "-o", tmp_path / "sub"], "hf:DIR"),
     ]
     for args, what in clashes:
-        line = assert_one_error_line(invoke(*args))
+        line = assert_one_error(invoke(*args))
         assert "is the same file as" in line and what in line, line
     assert sorted(os.listdir(tmp_path)) == before
     assert all(p.read_bytes() == content for p, content in digests.items())
@@ -197,7 +184,7 @@ def test_an_output_that_is_the_models_external_data_is_refused(tmp_path):
     data = _data(tmp_path / "data")
     content = (tmp_path / "ext.onnx.data").read_bytes()
     for extra in ([data], ["--method", "magnitude"]):
-        line = assert_one_error_line(invoke("select", model, *extra, "-o", tmp_path / "ext.onnx.data", "-q"))
+        line = assert_one_error(invoke("select", model, *extra, "-o", tmp_path / "ext.onnx.data", "-q"))
         assert "external data" in line
     assert (tmp_path / "ext.onnx.data").read_bytes() == content
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]

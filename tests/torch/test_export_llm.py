@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 
-from click.testing import CliRunner
+from _cli import invoke
 import numpy as np
 import onnx
 import pytest
@@ -53,12 +53,6 @@ NAMED = {
     "phi3": ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight",
              "lm_head.weight"],
 }
-
-
-def invoke(*args):
-    from fps_onnx.cli.main import main
-
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def _extra_config(kind: str, vocab_size: int):

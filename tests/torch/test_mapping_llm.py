@@ -13,7 +13,7 @@ import json
 import logging
 import re
 
-from click.testing import CliRunner
+from _cli import invoke
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -386,7 +386,6 @@ def test_cli_select_and_map_split_a_packed_weight(tmp_path):
     pytest.importorskip("torch")
     import importlib.util
 
-    from fps_onnx.cli.main import main
 
     (tmp_path / "attn_spec.py").write_text(SPEC_FILE)
     spec = importlib.util.spec_from_file_location("attn_spec_for_test", tmp_path / "attn_spec.py")
@@ -398,14 +397,13 @@ def test_cli_select_and_map_split_a_packed_weight(tmp_path):
     onnx.save(make_model(nodes, [tensor("x", ["N", HIDDEN])], [tensor("y", ["N", Q + 2 * KV])],
                          {"onnx::MatMul_3": packed.T.copy()}), tmp_path / "m.onnx")
     np.save(tmp_path / "x.npy", rng(1).standard_normal((8, HIDDEN)).astype(np.float32))
-    run = CliRunner().invoke
     spec_arg = f"{tmp_path / 'attn_spec.py'}:build"
 
     raw, out, direct = tmp_path / "raw.safetensors", tmp_path / "out.safetensors", tmp_path / "d.safetensors"
-    assert run(main, ["select", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), "-o", str(raw),
-                      "--per-neuron", "3", "-q"]).exit_code == 0
-    result = run(main, ["map", str(raw), "--model", spec_arg, "--onnx", str(tmp_path / "m.onnx"),
-                        "-o", str(out), "--strict", "--json", "-q"])
+    assert invoke("select", tmp_path / "m.onnx", tmp_path / "x.npy", "-o", raw, "--per-neuron", "3",
+                  "-q").exit_code == 0
+    result = invoke("map", raw, "--model", spec_arg, "--onnx", tmp_path / "m.onnx", "-o", out, "--strict", "--json",
+                    "-q")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert [p["torch_name"] for p in summary["mapped"]["onnx::MatMul_3"]["parts"]] == [
@@ -416,8 +414,8 @@ def test_cli_select_and_map_split_a_packed_weight(tmp_path):
     np.testing.assert_array_equal(mapped.masks["k_proj.weight"], selected[Q:Q + KV])
     assert all(m.sum(axis=1).tolist() == [3] * m.shape[0] for m in mapped.masks.values())
     # select --torch-model writes the same file in one step.
-    assert run(main, ["select", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), "-o", str(direct),
-                      "--per-neuron", "3", "--torch-model", spec_arg, "-q"]).exit_code == 0
+    assert invoke("select", tmp_path / "m.onnx", tmp_path / "x.npy", "-o", direct, "--per-neuron", "3",
+                  "--torch-model", spec_arg, "-q").exit_code == 0
     again = MaskFile.load(direct)
     assert all(np.array_equal(again.masks[k], mapped.masks[k]) for k in mapped.masks)
     assert again.tensors["v_proj.weight"]["torch_rows"] == [Q + KV, Q + 2 * KV]
@@ -469,14 +467,10 @@ def _parameters(folder) -> dict[str, tuple[int, ...]]:
 
 
 def _select_and_map(folder, path, data, tmp_path):
-    from fps_onnx.cli.main import main
-
-    run = CliRunner().invoke
     raw, out = tmp_path / "raw.safetensors", tmp_path / "mapped.safetensors"
-    result = run(main, ["select", str(path), str(data), "-o", str(raw), "-q"])
+    result = invoke("select", path, data, "-o", raw, "-q")
     assert result.exit_code == 0, result.output
-    result = run(main, ["map", str(raw), "--model", f"hf:{folder}", "--onnx", str(path), "-o", str(out),
-                        "--strict", "--json", "-q"])
+    result = invoke("map", raw, "--model", f"hf:{folder}", "--onnx", path, "-o", out, "--strict", "--json", "-q")
     assert result.exit_code == 0, result.output
     return MaskFile.load(raw), MaskFile.load(out), json.loads(result.output)
 
@@ -513,13 +507,11 @@ def test_exported_llm_masks_map_onto_every_decoder_linear(exported, kind, layout
 
 @pytest.mark.slow
 def test_exported_int4_select_with_torch_model_in_one_step(exported, tmp_path):
-    from fps_onnx.cli.main import main
 
     folder, path, data = exported("llama", "genai-int4")
     _, two_steps, _ = _select_and_map(folder, path, data, tmp_path)
     out = tmp_path / "direct.safetensors"
-    result = CliRunner().invoke(main, ["select", str(path), str(data), "-o", str(out), "-q",
-                                       "--torch-model", f"hf:{folder}"])
+    result = invoke("select", path, data, "-o", out, "-q", "--torch-model", f"hf:{folder}")
     assert result.exit_code == 0, result.output
     direct = MaskFile.load(out)
     assert set(direct.masks) == set(two_steps.masks)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 
-from click.testing import CliRunner
+from _cli import assert_one_error, invoke
 import numpy as np
 import onnx
 from onnx import helper
@@ -14,7 +14,6 @@ import pytest
 
 from _models import image_folder, linear_chain, make_model, rng, tensor
 from fps_onnx.calibrate import CalibrationConfig
-from fps_onnx.cli.main import main
 from fps_onnx.data import DataConfig, images, iter_batches, parse_shard
 from fps_onnx.errors import DataError, StatsError
 from fps_onnx.onnx.inputs import InputSpec
@@ -27,19 +26,6 @@ X = InputSpec("x", ("N", 6), np.dtype(np.float32))
 IMG = InputSpec("x", ("N", 3, 8, 8), np.dtype(np.float32))
 IDS = InputSpec("input_ids", ("N", "S"), np.dtype(np.int64))
 MASK = InputSpec("attention_mask", ("N", "S"), np.dtype(np.int64))
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def fails_with_one_line(result, pattern, *absent):
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()  # info lines ("running on ...") may come first
-    assert lines[-1].startswith("Error: ") and "Traceback" not in result.output, result.stderr
-    assert re.search(pattern, lines[-1]), lines[-1]
-    for path in absent:
-        assert not path.exists()
 
 
 def chain_data(tmp_path):
@@ -84,7 +70,7 @@ def same_batches(got, want):
 
 
 def text_data(tmp_path):
-    from test_text import save_tokenizer
+    from _models import save_tokenizer
 
     tok = save_tokenizer(tmp_path / "tok")
     # padded lengths differ from batch to batch, so where batches end depends on the tokens
@@ -236,7 +222,7 @@ def test_merging_refuses_shards_that_are_not_parts_of_one_run(tmp_path):
     for files, message in cases:
         result = invoke("select", model, *[a for f in files for a in ("--from-stats", f)], "-o", out,
                         "--stats-out", tmp_path / "merged.safetensors")
-        fails_with_one_line(result, message, out, tmp_path / "merged.safetensors")
+        assert_one_error(result, message, alone=False, absent=[out, tmp_path / "merged.safetensors"])
     with pytest.raises(StatsError, match="both are shard 1/3"):
         Stats.load(third[1]).merge(Stats.load(third[1]))
 
@@ -275,7 +261,7 @@ def test_bad_shard_is_one_line_and_no_output(tmp_path, value, message):
     model, folder = chain_data(tmp_path)
     out, stats = tmp_path / "m.safetensors", tmp_path / "s.safetensors"
     result = invoke("select", model, folder, "--shard", value, "--stats-out", stats, "-o", out)
-    fails_with_one_line(result, message, out, stats)
+    assert_one_error(result, message, alone=False, absent=[out, stats])
     assert "running on" not in result.stderr
 
 
@@ -285,13 +271,14 @@ def test_shard_with_from_stats_or_without_batch_is_one_line(tmp_path):
     out = tmp_path / "m.safetensors"
     result = invoke("select", model, "--from-stats", parts[0], "--from-stats", parts[1],
                     "--shard", "0/2", "-o", out)
-    fails_with_one_line(result, r"--shard splits calibration data, which --from-stats does not read", out)
+    assert_one_error(result, r"--shard splits calibration data, which --from-stats does not read", alone=False,
+                     absent=[out])
     result = invoke("select", model, folder, "--batch-size", "4", "--shard", "10/11", "-o", out,
                     "--stats-out", tmp_path / "s.safetensors")
-    fails_with_one_line(result, r"shard 10/11 gets no batch: .* makes 10 batches of --batch-size 4", out,
-                        tmp_path / "s.safetensors")
+    assert_one_error(result, r"shard 10/11 gets no batch: .* makes 10 batches of --batch-size 4", alone=False,
+                     absent=[out, tmp_path / "s.safetensors"])
     result = invoke("select", model, "--method", "magnitude", "--shard", "0/2", "-o", out)
-    fails_with_one_line(result, r"method magnitude does not read", out)
+    assert_one_error(result, r"method magnitude does not read", alone=False, absent=[out])
 
 
 def test_shard_parsing_and_forged_shard_metadata(tmp_path):

@@ -6,14 +6,13 @@ import json
 import subprocess
 import sys
 
-from click.testing import CliRunner
+from _cli import assert_one_error, invoke
 import numpy as np
 import onnx
 import pytest
 
 from _models import make_model, tensor
 from fps_onnx import report
-from fps_onnx.cli.main import main
 from fps_onnx.errors import MaskError, StatsError
 from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.stats import ChannelStats, Stats
@@ -21,10 +20,6 @@ from fps_onnx.stats import ChannelStats, Stats
 SHA = "a" * 64
 META = {"model_sha256": SHA, "method": "fps", "norm": "l1", "level": "neuron",
         "budget": '{"fraction": 0.005}', "num_samples": "32"}
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def mask(shape, *entries):
@@ -179,7 +174,7 @@ def test_inspect_reads_depth_and_kind_from_the_node_names_of_the_onnx_model(tmp_
     assert {k: (t["depth"], t["kind"]) for k, t in data["tensors"].items()} == {
         "onnx::MatMul_7": (2, "mlp.up"), "onnx::MatMul_8": (2, "mlp.down")}
     missing = invoke("inspect", path, "--onnx", tmp_path / "none.onnx")
-    assert missing.exit_code == 1 and len(missing.stderr.strip().splitlines()) == 1
+    assert_one_error(missing, "none.onnx")
 
 
 def test_inspect_with_stats_adds_the_activation_columns(tmp_path):
@@ -208,25 +203,20 @@ def test_inspect_png_is_a_png(masks_file, tmp_path):
 def test_inspect_png_without_matplotlib_is_one_line(masks_file, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     result = invoke("inspect", masks_file, "--png", tmp_path / "x.png")
-    assert result.exit_code == 1
-    assert result.stderr.strip() == ("Error: --png needs matplotlib; install it with: "
-                                     "pip install 'fps-onnx[plot]'")
-    assert not (tmp_path / "x.png").exists()
+    line = assert_one_error(result, absent=[tmp_path / "x.png"])
+    assert line == "Error: --png needs matplotlib; install it with: pip install 'fps-onnx[plot]'"
 
 
 @pytest.mark.parametrize("args", [["inspect", "missing.safetensors"],
                                   ["diff", "missing.safetensors", "missing.safetensors"]])
 def test_missing_file_is_one_error_line(tmp_path, monkeypatch, args):
     monkeypatch.chdir(tmp_path)
-    result = invoke(*args)
-    assert result.exit_code == 1
-    assert result.stderr.strip().splitlines() == ["Error: mask file missing.safetensors does not exist"]
+    line = assert_one_error(invoke(*args))
+    assert line == "Error: mask file missing.safetensors does not exist"
 
 
 def test_inspect_missing_stats_file_is_one_error_line(masks_file, tmp_path):
-    result = invoke("inspect", masks_file, "--stats", tmp_path / "none.safetensors")
-    assert result.exit_code == 1
-    assert len(result.stderr.strip().splitlines()) == 1 and "does not exist" in result.stderr
+    assert_one_error(invoke("inspect", masks_file, "--stats", tmp_path / "none.safetensors"), "does not exist")
 
 
 @pytest.fixture()
@@ -259,10 +249,9 @@ def test_diff_cli_min_overlap_gate(pair):
     assert "only in A (1): gone" in ok.stdout and "num_samples: 32 -> 64" in ok.stdout
 
     bad = invoke("diff", *pair, "--min-overlap", "0.5")
-    assert bad.exit_code == 1
     assert "overall: jaccard 0.286" in bad.stdout  # the report comes first
-    assert bad.stderr.strip() == ("Error: overall Jaccard 0.2857 is below --min-overlap 0.5 "
-                                  "(|A∩B| 2 of |A∪B| 7 selected entries)")
+    assert bad.stderr.count("\n") == 1 and assert_one_error(bad, alone=False) == (
+        "Error: overall Jaccard 0.2857 is below --min-overlap 0.5 (|A∩B| 2 of |A∪B| 7 selected entries)")
 
     data = json.loads(invoke("diff", *pair, "--json").stdout)
     assert data["tensors"]["w"]["jaccard"] == 0.5 and data["only_b"] == {"new": {"shape": [3, 2],
@@ -278,11 +267,9 @@ def test_diff_of_identical_files_is_one(pair):
 
 def test_diff_refuses_masks_of_different_models_unless_allowed(pair, tmp_path):
     other = save(tmp_path / "o.safetensors", {"w": mask((2, 3), (0, 0))}, model_sha256="b" * 64)
-    refused = invoke("diff", pair[0], other)
-    assert refused.exit_code == 1 and refused.stdout == ""
-    assert refused.stderr.strip().splitlines() == [
+    assert assert_one_error(invoke("diff", pair[0], other)) == (
         f"Error: {pair[0]} and {other} are masks of different models (model_sha256 aaaaaaaaaaaa vs "
-        "bbbbbbbbbbbb); --allow-different-models compares them anyway"]
+        "bbbbbbbbbbbb); --allow-different-models compares them anyway")
     allowed = invoke("diff", pair[0], other, "--allow-different-models")
     assert allowed.exit_code == 0, allowed.output
     assert "warning: the masks are of different models" in allowed.stdout
@@ -291,10 +278,8 @@ def test_diff_refuses_masks_of_different_models_unless_allowed(pair, tmp_path):
 
 def test_diff_refuses_different_shapes(pair, tmp_path):
     other = save(tmp_path / "o.safetensors", {"w": mask((3, 2), (0, 0))})
-    result = invoke("diff", pair[0], other)
-    assert result.exit_code == 1
-    assert result.stderr.strip() == (f"Error: mask 'w' has shape [2, 3] in {pair[0]} and [3, 2] in "
-                                     f"{other}; cannot compare")
+    assert assert_one_error(invoke("diff", pair[0], other)) == (
+        f"Error: mask 'w' has shape [2, 3] in {pair[0]} and [3, 2] in {other}; cannot compare")
     with pytest.raises(MaskError, match="cannot compare"):
         report.diff(MaskFile.load(pair[0]), MaskFile.load(other))
 
