@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 
-from click.testing import CliRunner
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -37,7 +36,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fps_onnx.cli.main import main  # noqa: E402
+from _cli import invoke  # noqa: E402
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -108,7 +107,7 @@ class Sandbox:
 
 
 def _run(*args) -> tuple[int, str, BaseException | None]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
+    result = invoke(*args)
     return result.exit_code, result.output, result.exception
 
 
@@ -723,11 +722,11 @@ def test_mask_metadata_mutations(box, sentinel, valid_masks, key, edits, process
 def llm_folder(box):
     """A tiny Hugging Face causal LM folder and a valid delta of it."""
     pytest.importorskip("transformers")
-    from llm_models import save_tiny_llm
     from safetensors.torch import save_file
     import torch
 
     from fps_onnx.torch.train import hf_folder, sparse
+    from llm_models import save_tiny_llm
 
     folder = save_tiny_llm("llama", box.work / "llm")
     with open(folder / "model.safetensors", "rb") as fh:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 import textwrap
 
-from _layering import layer_of, modules, problems
 import pytest
+
+from _layering import layer_of, modules, problems
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,11 @@ import ast
 import json
 from pathlib import Path
 
-from _cli import invoke
-from _layering import imports, modules
 import numpy as np
 import pytest
 
+from _cli import invoke
+from _layering import imports, modules
 from fps_onnx.errors import MaskError
 from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.torch.models import resolve_keys

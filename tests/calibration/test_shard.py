@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 import re
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import onnx
 from onnx import helper
 import pytest
 
+from _cli import assert_one_error, invoke
 from _models import image_folder, linear_chain, make_model, rng, tensor
 from fps_onnx.calibrate import CalibrationConfig
 from fps_onnx.data import DataConfig, images, iter_batches, parse_shard

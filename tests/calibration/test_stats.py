@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from _cli import assert_one_error, invoke
 from _models import linear_chain
 from fps_onnx.errors import StatsError
 from fps_onnx.onnx.external import model_sha256

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import onnx
 from onnx import helper
@@ -17,6 +16,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from _cli import assert_one_error, invoke
 from _models import linear_chain, make_model, tensor
 from fps_onnx.cli.main import OneLineFormatter
 from fps_onnx.errors import one_line

@@ -11,7 +11,6 @@ import pytest
 pytest.importorskip("torch")
 
 from _cli import assert_one_error, invoke  # noqa: E402
-
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 
 SPEC_FILE = '''

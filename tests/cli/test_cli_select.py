@@ -7,12 +7,12 @@ import re
 import subprocess
 import sys
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import onnx
 from onnx import helper
 import pytest
 
+from _cli import assert_one_error, invoke
 from _models import linear_chain, make_model, tensor
 from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.stats import Stats

@@ -8,10 +8,10 @@ import os
 import subprocess
 import sys
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import pytest
 
+from _cli import assert_one_error, invoke
 from _models import save_tokenizer, tiny_lm
 from fps_onnx.data import DataConfig, find_files, iter_batches
 from fps_onnx.data.text import find_tokenizer, max_positions, pad_id

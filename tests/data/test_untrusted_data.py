@@ -15,12 +15,12 @@ import struct
 import zipfile
 import zlib
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 import pytest
 
+from _cli import assert_one_error, invoke
 from _models import linear_chain, make_model, tensor
 from fps_onnx.data import DataConfig, iter_batches, load_npz
 from fps_onnx.errors import DataError

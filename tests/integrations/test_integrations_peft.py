@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import re
 
-from _cli import assert_one_error, invoke
 import numpy as np
 from onnx import helper
 import pytest
 
+from _cli import assert_one_error, invoke
 from _models import make_model, rng, tensor
 from fps_onnx.errors import BudgetError, MaskError
 from fps_onnx.selection.maskfile import MaskFile

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 import onnxruntime as ort
 import pytest
 
+from _cli import assert_one_error, invoke
 from _models import make_model, rng, tensor
 from fps_onnx.errors import ModelError
 from fps_onnx.onnx import graph, ops

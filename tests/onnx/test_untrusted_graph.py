@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import replace
 import time
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 import pytest
 
+from _cli import assert_one_error, invoke
 from fps_onnx import calibrate
 from fps_onnx.errors import ModelError
 from fps_onnx.onnx import external, validate

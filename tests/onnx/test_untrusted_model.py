@@ -13,12 +13,12 @@ import shutil
 import threading
 import time
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 import pytest
 
+from _cli import assert_one_error, invoke
 from _models import make_model, tensor
 from fps_onnx import calibrate
 from fps_onnx.errors import ModelError

@@ -6,11 +6,11 @@ import json
 import subprocess
 import sys
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import onnx
 import pytest
 
+from _cli import assert_one_error, invoke
 from _models import make_model, tensor
 from fps_onnx import report
 from fps_onnx.errors import MaskError, StatsError

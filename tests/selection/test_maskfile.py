@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from _cli import assert_one_error, invoke
 from fps_onnx.errors import MaskError
 from fps_onnx.onnx.sites import WeightSite
 from fps_onnx.selection import maskfile

@@ -15,21 +15,21 @@ import subprocess
 import sys
 import textwrap
 
-from _cli import invoke
 import numpy as np
 import onnx
 import pytest
 
+from _cli import invoke
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-import llm_models  # noqa: E402
 
 from fps_onnx.errors import ExportError  # noqa: E402
 from fps_onnx.onnx import graph  # noqa: E402
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 from fps_onnx.torch.export import ExportConfig, export  # noqa: E402
 from fps_onnx.torch.models import HF_TASKS, hf_task, is_causal_lm  # noqa: E402
+import llm_models  # noqa: E402
 
 FAMILIES = ("llama", "llama-tied", "qwen2", "gpt2", "mistral", "phi3")
 TEXT = [

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import pytest
 
+from _cli import assert_one_error, invoke
 from _models import image_folder, small_cnn
 from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.selection.score import SelectConfig

@@ -13,12 +13,12 @@ import json
 import logging
 import re
 
-from _cli import invoke
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 import pytest
 
+from _cli import invoke
 from _models import make_model, rng, tensor
 from fps_onnx.errors import MaskError
 from fps_onnx.onnx import graph

@@ -11,18 +11,18 @@ import socket
 import subprocess
 import sys
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import pytest
+
+from _cli import assert_one_error, invoke
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llm_models import save_tiny_llm  # noqa: E402
-
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 from fps_onnx.torch.train import causal, hf_folder, lm_data, loop, sparse  # noqa: E402
 from fps_onnx.torch.train.recipe import CausalLMRecipe  # noqa: E402
+from llm_models import save_tiny_llm  # noqa: E402
 
 LINES = ["The capital of France is Paris.", "The quick brown fox jumps over the lazy dog.",
          "Every layer has attention and a feed-forward block.", "A small model learns to predict."]

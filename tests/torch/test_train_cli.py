@@ -6,9 +6,10 @@ import json
 import re
 import textwrap
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import pytest
+
+from _cli import assert_one_error, invoke
 
 torch = pytest.importorskip("torch")
 

@@ -11,20 +11,20 @@ from pathlib import Path
 import re
 import shutil
 
-from _cli import assert_one_error, invoke
 import numpy as np
 import pytest
 
+from _cli import assert_one_error, invoke
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-from llm_models import save_tiny_llm  # noqa: E402
 
 from _models import image_folder, linear_chain  # noqa: E402
 from fps_onnx.errors import ModelError  # noqa: E402
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 from fps_onnx.torch import hf  # noqa: E402
 from fps_onnx.torch.train import hf_folder, sparse  # noqa: E402
+from llm_models import save_tiny_llm  # noqa: E402
 
 #: What a user (or a CI job piping ``yes``) answers to any prompt.
 YES = "y\n" * 50
