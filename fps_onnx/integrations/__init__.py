@@ -7,7 +7,7 @@
 in Flax layout) and :func:`~fps_onnx.integrations.optax.zero_unselected` (an
 optax transformation, last in the chain, that keeps every other entry frozen;
 needs ``pip install 'fps-onnx[jax]'``). A plain PyTorch loop needs no
-integration: see :mod:`fps_onnx.train`. Each module imports its stack when
+integration: see :mod:`fps_onnx.torch.train`. Each module imports its stack when
 imported, and nothing here is imported by ``fps-onnx select``.
 """
 

@@ -16,7 +16,7 @@ A safetensors file any training stack can read:
   "conv"), "op", "shape", "selected"}; a shard's run (``--shard``) adds
   ``shard`` = "K/N", method "random" its ``seed``.
 
-Mapping onto PyTorch names (:mod:`fps_onnx.mapping`) adds, per tensor,
+Mapping onto PyTorch names (:mod:`fps_onnx.torch.mapping`) adds, per tensor,
 ``torch_name``, ``match`` ("name", "exact", "close", "quantized", "scaled" or
 "order") and where relevant ``torch_transposed``, ``torch_rows``,
 ``tied_onnx_initializers`` and ``torch_aliases``; at file level

@@ -195,11 +195,11 @@ def map_to_model(
 ) -> tuple[MaskFile, MappingReport]:
     """:func:`map_masks` onto the model users fine-tune for a SPEC.
 
-    That is ``fps_onnx.models.build_model(spec, task=True)``, the model
+    That is ``fps_onnx.torch.models.build_model(spec, task=True)``, the model
     ``fps-onnx train`` builds, so the mapped keys are its parameter names.
     ``onnx_path`` is the ONNX file the masks were selected on (checked by its
     SHA-256); without it only names are matched, a backbone's names standing
-    for the task model's (:func:`fps_onnx.models.resolve_keys`).
+    for the task model's (:func:`fps_onnx.torch.models.resolve_keys`).
     """
     from ..onnx.external import model_sha256
     from ..onnx.load import load_checked

@@ -3,11 +3,11 @@
 In any PyTorch training loop (a plain loop, Hugging Face ``Trainer``,
 Accelerate, Lightning)::
 
-    import fps_onnx.train
+    import fps_onnx
 
-    fps_onnx.train.prepare(model, "masks.safetensors")   # before building the optimizer
+    fps_onnx.prepare(model, "masks.safetensors")         # before building the optimizer
     ...train as usual: the optimizer sees only k-sized tensors...
-    fps_onnx.train.merge(model)                           # plain dense weights again
+    fps_onnx.merge(model)                                 # plain dense weights again
     model.save_pretrained("out")                          # or torch.save(model.state_dict(), ...)
 
 :func:`prepare` (:func:`fps_onnx.torch.train.loop.prepare`) freezes every parameter,
