@@ -408,7 +408,7 @@ def test_streamed_weights_give_the_exporters_file(kind, limit, tmp_path, monkeyp
 _MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys, time
     import torch, transformers
-    from fps_onnx import export as ex
+    from fps_onnx.torch import export as ex
 
     folder, out, limit = sys.argv[1], sys.argv[2], sys.argv[3]
     if limit != "default":
