@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 
@@ -37,11 +36,9 @@ def stand_in_masks(model: torch.nn.Module, path: Path) -> None:
     masks = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".encoder." in f".{name}.":
-            magnitude = module.weight.detach().abs().numpy()
-            top = np.argsort(-magnitude, axis=1, kind="stable")[:, :2]  # ties: the lower index
-            mask = np.zeros(magnitude.shape, bool)
-            np.put_along_axis(mask, top, True, axis=1)
-            masks[f"{name}.weight"] = mask
+            magnitude = module.weight.detach().abs()
+            top = torch.sort(-magnitude, dim=1, stable=True).indices[:, :2]  # ties: the lower index
+            masks[f"{name}.weight"] = torch.zeros_like(magnitude, dtype=torch.bool).scatter_(1, top, True).numpy()
     fps_onnx.save_masks(fps_onnx.MaskFile(masks, {}, {"method": "magnitude", "level": "neuron"}), path)
 
 
