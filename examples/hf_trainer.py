@@ -20,9 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from fps_onnx.selection.maskfile import MaskFile
-from fps_onnx.selection.score import SelectConfig, select_scores
-import fps_onnx.torch.train
+import fps_onnx
 
 
 def tiny_bert() -> transformers.BertForSequenceClassification:
@@ -35,12 +33,13 @@ def tiny_bert() -> transformers.BertForSequenceClassification:
 
 def stand_in_masks(model: torch.nn.Module, path: Path) -> None:
     """Top-2 |w| per output neuron of every encoder Linear weight, as a mask file."""
-    config = SelectConfig(per_neuron=2)
     masks = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".encoder." in f".{name}.":
-            masks[f"{name}.weight"] = select_scores(module.weight.detach().abs().numpy(), config, name)
-    MaskFile(masks, {}, {"method": "magnitude", "level": config.level}).save(path)
+            magnitude = module.weight.detach().abs()
+            top = torch.sort(-magnitude, dim=1, stable=True).indices[:, :2]  # ties: the lower index
+            masks[f"{name}.weight"] = torch.zeros_like(magnitude, dtype=torch.bool).scatter_(1, top, True).numpy()
+    fps_onnx.save_masks(fps_onnx.MaskFile(masks, {}, {"method": "magnitude", "level": "neuron"}), path)
 
 
 def dataset(n: int = 64, length: int = 16) -> list[dict]:
@@ -64,11 +63,11 @@ def main(argv: list[str] | None = None) -> dict:
     if masks_path is None:
         masks_path = args.output / "masks.safetensors"
         stand_in_masks(model, masks_path)
-    masks = MaskFile.load(masks_path).masks
+    masks = fps_onnx.load_masks(masks_path).masks
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     # 1. selected entries become k-sized trainable deltas (plus, by default, the head and biases)
-    trainable = fps_onnx.torch.train.prepare(model, masks_path)
+    trainable = fps_onnx.prepare(model, masks_path)
 
     # 2. any Trainer setup (its default optimizer, fused AdamW, works)
     training = transformers.TrainingArguments(
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = trainer.train()
 
     # 3. write the deltas into the weights: an ordinary model again
-    fps_onnx.torch.train.merge(model)
+    fps_onnx.merge(model)
     model.save_pretrained(args.output / "model")
 
     after = model.state_dict()

@@ -430,10 +430,14 @@ def captured_output(into: list[str]):
 
 
 def write_safetensors(path: str | os.PathLike, arrays: Mapping, meta: Mapping[str, str],
-                      outputs: Outputs | None = None) -> Path:
-    """A safetensors file of NumPy ``arrays`` with string metadata, written atomically
-    (or staged in the transaction ``outputs``, which puts it in place with the rest)."""
-    from safetensors.numpy import save_file
+                      outputs: Outputs | None = None, *, framework: str = "numpy") -> Path:
+    """A safetensors file of ``arrays`` with string metadata, written atomically (or
+    staged in the transaction ``outputs``, which puts it in place with the rest).
+    ``framework`` is safetensors' for the arrays: "numpy", or "pt" for torch tensors."""
+    if framework == "pt":
+        from safetensors.torch import save_file
+    else:
+        from safetensors.numpy import save_file
 
     with transaction(outputs) as staged:
         return staged.write(path, lambda tmp: save_file(dict(arrays), tmp, metadata=dict(meta)))

@@ -7,7 +7,7 @@
 in Flax layout) and :func:`~fps_onnx.integrations.optax.zero_unselected` (an
 optax transformation, last in the chain, that keeps every other entry frozen;
 needs ``pip install 'fps-onnx[jax]'``). A plain PyTorch loop needs no
-integration: see :mod:`fps_onnx.train`. Each module imports its stack when
+integration: see :mod:`fps_onnx.torch.train`. Each module imports its stack when
 imported, and nothing here is imported by ``fps-onnx select``.
 """
 
@@ -18,8 +18,8 @@ import os
 
 import numpy as np
 
-from ..errors import MaskError, MissingDependency
-from ..selection.maskfile import MaskFile
+from ..errors import MissingDependency
+from ..selection.maskfile import MaskFile, mask_file_of
 
 
 class MissingExtra(MissingDependency):
@@ -32,20 +32,6 @@ class MissingExtra(MissingDependency):
 
 
 def load_masks(masks: Mapping[str, object] | MaskFile | str | os.PathLike) -> dict[str, np.ndarray]:
-    """name -> bool NumPy array, from a mapping (NumPy or torch arrays), a MaskFile or its path."""
-    if isinstance(masks, MaskFile):
-        return dict(masks.masks)
-    if isinstance(masks, (str, os.PathLike)):
-        return dict(MaskFile.load(masks).masks)
-    if not isinstance(masks, Mapping):
-        raise MaskError(f"masks must be a mapping of name to bool array, a MaskFile or a path, "
-                        f"not {type(masks).__name__}")
-    out = {}
-    for key, mask in masks.items():
-        if hasattr(mask, "detach"):  # a torch tensor
-            mask = mask.detach().cpu().numpy()
-        array = np.asarray(mask)
-        if array.dtype != np.bool_:
-            raise MaskError(f"mask {key!r} is {array.dtype}, not bool")
-        out[key] = array
-    return out
+    """name -> bool NumPy array, from a mapping (NumPy or torch arrays), a MaskFile or its path
+    (:func:`fps_onnx.selection.maskfile.mask_file_of`)."""
+    return dict(mask_file_of(masks).masks)

@@ -96,7 +96,7 @@ def shira_config(
 
     ``masks``: name -> bool array [out, in], a MaskFile or its path; keys are
     parameter names ``<module>.weight`` (a backbone's names under a task wrapper
-    resolve as in :func:`fps_onnx.models.resolve_keys`); a mask that selects
+    resolve as in :func:`fps_onnx.torch.models.resolve_keys`); a mask that selects
     nothing is left out. ``target_modules`` are those modules, ``r`` comes from
     the masks: each must select exactly r*(in+out) entries, the same r for all
     (``fps-onnx select --shira-r R``), else :class:`MaskError`; so does a key

@@ -71,6 +71,22 @@ def find_weights(model: onnx.ModelProto) -> list[WeightSite]:
     return list(sites.values())
 
 
+def weight_consumers(graph: onnx.GraphProto) -> dict[str, list[str]]:
+    """Weight key -> names of the nodes that consume it (as :func:`find_weights` finds
+    them, unnamed nodes left out), in graph order: exporter node names
+    ("/blocks.0/attn/qkv/MatMul") tell module paths where weight names
+    ("onnx::MatMul_416") do not."""
+    from . import ops
+
+    lookup = ops.Lookup.of(graph)
+    names: dict[str, list[str]] = {}
+    for node in graph.node:
+        site = ops.weight_of(node, lookup)
+        if site is not None and node.name and node.name not in names.get(site.key, ()):
+            names.setdefault(site.key, []).append(node.name)
+    return names
+
+
 def _with_activations(site: WeightSite, more: Iterable[Activation]) -> WeightSite:
     merged = list(site.activations)
     merged += [a for a in more if a not in merged]

@@ -1,4 +1,5 @@
-"""An ONNX file's graph without its weights' bytes.
+"""The protobuf wire format of ONNX files: reading a graph without its weights'
+bytes, and writing a model whose weights are streamed in from elsewhere.
 
 ``onnx.load`` copies every embedded weight into the parsed message (ViT-B/16:
 346 MB read, then copied again by the parser). Selection needs the graph, and
@@ -9,10 +10,16 @@ parses a copy of the file in which each large ``raw_data`` is replaced by an
 external-data reference to where its bytes already lie in the file
 (``location`` = the file's name, ``offset``, ``length``). Everything else,
 subgraphs and their weights included, is kept byte for byte.
+
+:func:`save_streamed` is the reverse: it writes a model exactly as
+``onnx.save`` would, each named initializer's ``raw_data`` written straight
+from a buffer the caller holds (a PyTorch tensor's memory), never copied into
+the message.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import mmap
 import os
 
@@ -172,4 +179,58 @@ def _varint_bytes(value: int) -> bytes:
 
 
 def _delimited(field: int, payload: bytes) -> bytes:
-    return _varint_bytes(field << 3 | _LENGTH_DELIMITED) + _varint_bytes(len(payload)) + payload
+    return _key(field) + _varint_bytes(len(payload)) + payload
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_streamed(proto: onnx.ModelProto, raw: Mapping[str, memoryview], path: str | os.PathLike) -> None:
+    """Write ``proto`` to ``path`` exactly as ``onnx.save`` would with each initializer
+    named in ``raw`` holding those bytes as its raw_data, written straight from the
+    buffers. Fields are serialized in field-number order, so the model is split
+    around the graph (field 7), the graph around its initializers (5) and each
+    initializer around raw_data (9)."""
+    g = proto.graph
+    model_head, model_tail = _split(proto, _MODEL_GRAPH)
+    graph_head, graph_tail = _split(g, _GRAPH_INITIALIZER)
+    parts = []  # per initializer: (bytes before raw_data, data or None, bytes after)
+    for tensor in g.initializer:
+        if tensor.name in raw:
+            head, tail = _split(tensor, _TENSOR_RAW_DATA)
+            parts.append((head, memoryview(raw[tensor.name]).cast("B"), tail))
+        else:
+            parts.append((tensor.SerializeToString(), None, b""))
+    sizes = [len(head) + len(tail) + (0 if data is None else _field_size(_TENSOR_RAW_DATA, data.nbytes))
+             for head, data, tail in parts]
+    graph_size = len(graph_head) + len(graph_tail) + sum(_field_size(_GRAPH_INITIALIZER, n) for n in sizes)
+    with open(path, "wb") as out:
+        out.write(model_head + _key(_MODEL_GRAPH) + _varint_bytes(graph_size) + graph_head)
+        for (head, data, tail), size in zip(parts, sizes):
+            out.write(_key(_GRAPH_INITIALIZER) + _varint_bytes(size) + head)
+            if data is not None:
+                out.write(_key(_TENSOR_RAW_DATA) + _varint_bytes(data.nbytes))
+                out.write(data)
+            out.write(tail)
+        out.write(graph_tail + model_tail)
+
+
+def _split(message, number: int) -> tuple[bytes, bytes]:
+    """``message`` serialized as (its fields numbered below ``number``, those above)."""
+    halves = []
+    for keep_low in (True, False):
+        half = type(message)()
+        half.CopyFrom(message)
+        for fd in message.DESCRIPTOR.fields:
+            if fd.number == number or (fd.number > number) == keep_low:
+                half.ClearField(fd.name)
+        halves.append(half.SerializeToString())
+    return halves[0], halves[1]
+
+
+def _key(number: int) -> bytes:
+    return _varint_bytes(number << 3 | _LENGTH_DELIMITED)
+
+
+def _field_size(number: int, length: int) -> int:
+    return len(_key(number)) + len(_varint_bytes(length)) + length

@@ -16,7 +16,7 @@ A safetensors file any training stack can read:
   "conv"), "op", "shape", "selected"}; a shard's run (``--shard``) adds
   ``shard`` = "K/N", method "random" its ``seed``.
 
-Mapping onto PyTorch names (:mod:`fps_onnx.mapping`) adds, per tensor,
+Mapping onto PyTorch names (:mod:`fps_onnx.torch.mapping`) adds, per tensor,
 ``torch_name``, ``match`` ("name", "exact", "close", "quantized", "scaled" or
 "order") and where relevant ``torch_transposed``, ``torch_rows``,
 ``tied_onnx_initializers`` and ``torch_aliases``; at file level
@@ -116,6 +116,29 @@ class MaskFile:
 def load_masks(path: str | os.PathLike) -> MaskFile:
     """Read and check a mask file (:meth:`MaskFile.load`)."""
     return MaskFile.load(path)
+
+
+def mask_file_of(masks: Mapping[str, object] | MaskFile | str | os.PathLike) -> MaskFile:
+    """The masks a trainer or integration is given, as a MaskFile: a MaskFile as it is,
+    a path read (:meth:`MaskFile.load`), or a mapping of name -> bool array (NumPy, or a
+    tensor with ``.detach()`` such as torch's) without metadata. MaskError for anything
+    else, or for a mask that is not bool."""
+    if isinstance(masks, MaskFile):
+        return masks
+    if isinstance(masks, (str, os.PathLike)):
+        return MaskFile.load(masks)
+    if not isinstance(masks, Mapping):
+        raise MaskError(f"masks must be a mapping of name to bool array, a MaskFile or a path, "
+                        f"not {type(masks).__name__}")
+    out = {}
+    for key, mask in masks.items():
+        if hasattr(mask, "detach"):  # a torch tensor, without importing torch
+            mask = mask.detach().cpu().numpy()
+        array = np.asarray(mask)
+        if array.dtype != np.bool_:
+            raise MaskError(f"mask {key!r} is {array.dtype}, not bool")
+        out[key] = array
+    return MaskFile(out, {})
 
 
 def save_masks(masks: MaskFile, path: str | os.PathLike) -> None:

@@ -1,6 +1,6 @@
 """``export``: write the PyTorch model of a SPEC as a checked ONNX file.
 
-The model comes from :func:`fps_onnx.models.build_model` (SPECs
+The model comes from :func:`fps_onnx.torch.models.build_model` (SPECs
 ``timm:NAME``, ``hf:PATH``, ``module.path:function``); without
 ``num_classes`` an ``hf:`` folder is exported as its bare backbone.
 
@@ -9,8 +9,9 @@ legacy exporter runs without constant folding, so a Linear on a 3-D input
 stays ``MatMul(x, Transpose(<param>))`` and no BatchNorm is folded into a
 Conv (ONNX Runtime folds both when it loads the model, so inference is as
 fast). Any weight an exporter still renamed (the dynamo exporter's ``val_13``)
-gets its parameter's name back by value (:mod:`fps_onnx.mapping`). The file
-is then run with ONNX Runtime and compared to PyTorch on the example inputs.
+gets its parameter's name back by value (:mod:`fps_onnx.torch.names`). The file
+is then run with ONNX Runtime and compared to PyTorch on the example inputs
+(:mod:`fps_onnx.torch.ortcheck`).
 
 Decoder-only language models (``hf:`` folders of a causal LM, or any
 transformers ``...ForCausalLM`` / ``...LMHeadModel``) are exported as their
@@ -27,8 +28,8 @@ external data file beside the ``.onnx``. Memory: the legacy exporter writes
 the graph alone (every parameter and buffer it uses a graph input named by
 its state_dict key, tied weights under the first name), and each weight is
 written from the model's own tensor straight into the output (the data file,
-or the ``.onnx`` as ``onnx.save`` would serialize it), so the weights exist
-once; a graph input the state_dict does not explain makes the exporter write
+or the ``.onnx`` as ``onnx.save`` would serialize it; :mod:`fps_onnx.torch.datafile`),
+so the weights exist once; a graph input the state_dict does not explain makes the exporter write
 the weights itself instead (as the dynamo exporter always does). The PyTorch
 model is then freed (when :func:`export` built it), and ONNX Runtime checks
 the file reading each weight where it lies in it.
@@ -54,22 +55,21 @@ import onnx
 
 from .._io import Outputs, captured_output, check_writable, transaction
 from ..errors import ExportError, first_line
-from ..onnx import external, graph
-from . import hf, mapping
+from ..onnx import graph
+from . import datafile, hf, ortcheck
 from .models import build_model, check_spec, is_causal_lm_model, load_checkpoint  # noqa: F401 - also importable from here
 from .models import require as _require
+from .names import restore_names  # noqa: F401 - also importable from here
 
 log = logging.getLogger(__name__)
 
 EXPORTERS = ("legacy", "dynamo")
 _MAX_PROTO_BYTES = 1_800_000_000  # above this, weights go to an external data file
-_MIN_EXTERNAL_BYTES = 1024  # embedded tensors this large move to it too (smaller stay inline)
 #: Files of an ``hf:`` causal LM folder copied beside its export (those that exist).
 LLM_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json",
                   "merges.txt", "chat_template.jinja")
 CAUSAL_INPUTS = ("input_ids", "attention_mask")
-_COPY_CHUNK = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -197,12 +197,12 @@ def _export(holder: list, inputs: Mapping, output, config: ExportConfig, spec: s
             _run_exporter(torch, model, inputs, raw, out_names, axes, config, spec, params=not streamed)
             proto, base = _load_light(raw, spec)
             state = model.state_dict()
-            weights = _input_weights(proto, state, inputs) if streamed else None
+            weights = datafile.input_weights(proto, state, inputs) if streamed else None
             if streamed and weights is None:  # inputs the state_dict does not explain
                 _run_exporter(torch, model, inputs, raw, out_names, axes, config, spec)
                 proto, base = _load_light(raw, spec)
         if weights is not None:
-            _inputs_to_initializers(proto, weights)
+            datafile.inputs_to_initializers(proto, weights)
         # The graph, its weights left in the exporter's files or the model; names restored by value.
         renamed = restore_names(proto, state, base)
         parameter_names = set(state)
@@ -213,7 +213,7 @@ def _export(holder: list, inputs: Mapping, output, config: ExportConfig, spec: s
         sites = graph.find_weights(proto)
         unnamed = [s.key for s in sites if s.key not in parameter_names]
         final = tmp / output.name
-        big = _total_bytes(proto) + sum(t.nbytes for t in (weights or {}).values()) > _MAX_PROTO_BYTES
+        big = datafile.total_bytes(proto) + sum(t.nbytes for t in (weights or {}).values()) > _MAX_PROTO_BYTES
         # The .onnx and its data file must change as a pair: an old model.onnx
         # reading a new data file (or the reverse) is a corrupt model. Weights go
         # to whichever of two names the old .onnx does not use, so moving the
@@ -222,26 +222,26 @@ def _export(holder: list, inputs: Mapping, output, config: ExportConfig, spec: s
         # only after that is the old data file removed. A crash at any point
         # leaves the old pair or the new one, plus at most an unused data file.
         names = [f"{output.name}.data", f"{output.name}.1.data"]
-        in_use = _external_locations(output)
+        in_use = datafile.external_locations(output)
         data_name = next((n for n in names if n not in in_use), names[0])
         try:
             if weights is not None and big:
-                _weights_to_data_file(proto, weights, tmp / data_name, data_name)
+                datafile.weights_to_data_file(proto, weights, tmp / data_name, data_name)
                 onnx.save(proto, str(final))
             elif weights is not None:
-                _save_streamed(proto, weights, final)
+                datafile.save_streamed(proto, weights, final)
             else:
                 if big:
-                    _to_one_data_file(proto, base, tmp / data_name, data_name)
+                    datafile.to_one_data_file(proto, base, tmp / data_name, data_name)
                 else:
-                    _embed(proto, base)
+                    datafile.embed(proto, base)
                 onnx.save(proto, str(final))
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot write the ONNX export of {spec}: {first_line(exc)}") from exc
         proto = weights = model = None
         shutil.rmtree(raw.parent, ignore_errors=True)
         gc.collect()  # the PyTorch weights go here when export() built the model
-        diff = _check(final, checks, config, spec) if config.check else None
+        diff = ortcheck.check(final, checks, config.tolerance, spec) if config.check else None
         with_data = (tmp / data_name).exists()  # (small tensors stay in the .onnx)
         with transaction(outputs) as staged:  # the data file is put in place first
             if with_data:
@@ -311,218 +311,13 @@ def _replaced_forward(model, forward):
 
 
 def _load_light(raw: Path, spec: str) -> tuple[onnx.ModelProto, str]:
-    """The exporter's model, its weights referenced where they lie (see :mod:`_onnxfile`)."""
+    """The exporter's model, its weights referenced where they lie (see :mod:`fps_onnx.onnx.protofile`)."""
     from ..onnx.protofile import MalformedProto, load_graph
 
     try:
         return load_graph(raw)
     except (MalformedProto, OSError) as exc:
         raise ExportError(f"cannot read the ONNX export of {spec}: {first_line(exc)}") from exc
-
-
-def _external_tensors(proto: onnx.ModelProto):
-    return [t for t in external.iter_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL]
-
-
-def _total_bytes(proto: onnx.ModelProto) -> int:
-    """Bytes of the model with every weight embedded."""
-    return proto.ByteSize() + sum(external.tensor_nbytes(t) or 0 for t in _external_tensors(proto))
-
-
-def _embed(proto: onnx.ModelProto, base: str) -> None:
-    """Read every externally stored weight into ``proto``, one tensor at a time."""
-    for tensor in _external_tensors(proto):
-        data = external.read_bytes(external.check_tensor(tensor, base))
-        tensor.raw_data = bytes(data)
-        del data
-        del tensor.external_data[:]
-        tensor.ClearField("data_location")  # embedded, as the exporter writes it
-
-
-def _to_one_data_file(proto: onnx.ModelProto, base: str, path: Path, location: str) -> None:
-    """Copy every externally stored weight, and every embedded initializer of at least
-    ``_MIN_EXTERNAL_BYTES``, into the one file ``path`` (named ``location`` beside the
-    model), a chunk at a time, and point the references there."""
-    offset = 0
-    with open(path, "wb") as out:
-        for tensor in _external_tensors(proto):  # what the exporter wrote aside
-            ref = external.check_tensor(tensor, base)
-            pad = -offset % 4096  # page-aligned, so the runtime may map the weights
-            out.write(b"\0" * pad)
-            offset += pad
-            with open(ref.path, "rb") as src:
-                src.seek(ref.offset)
-                left = ref.length
-                while left:
-                    chunk = src.read(min(left, _COPY_CHUNK))
-                    if not chunk:
-                        raise ExportError(f"the exporter's data for {tensor.name!r} ended early")
-                    out.write(chunk)
-                    left -= len(chunk)
-            _point(tensor, location, offset, ref.length)
-            offset += ref.length
-        for tensor in proto.graph.initializer:  # what it left inline (node attributes stay)
-            if tensor.data_location != onnx.TensorProto.EXTERNAL and len(tensor.raw_data) >= _MIN_EXTERNAL_BYTES:
-                length = len(tensor.raw_data)
-                offset += _write_aligned(out, offset, tensor.raw_data)
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                _point(tensor, location, offset - length, length)
-
-
-def _write_aligned(out, offset: int, data: bytes) -> int:
-    """Write ``data`` at the next page boundary after ``offset``; the bytes written."""
-    pad = -offset % 4096
-    out.write(b"\0" * pad)
-    out.write(data)
-    return pad + len(data)
-
-
-def _point(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-
-
-# --------------------------------------------------------------------------- weights streamed from the model
-
-#: ONNX element type of each torch dtype (by name: some builds lack the float8 types).
-_ONNX_TYPES = {
-    "float32": onnx.TensorProto.FLOAT, "float64": onnx.TensorProto.DOUBLE,
-    "float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16,
-    "int8": onnx.TensorProto.INT8, "int16": onnx.TensorProto.INT16, "int32": onnx.TensorProto.INT32,
-    "int64": onnx.TensorProto.INT64, "uint8": onnx.TensorProto.UINT8, "bool": onnx.TensorProto.BOOL,
-    "float8_e4m3fn": onnx.TensorProto.FLOAT8E4M3FN, "float8_e5m2": onnx.TensorProto.FLOAT8E5M2,
-}
-
-
-def _onnx_type(tensor) -> int | None:
-    return _ONNX_TYPES.get(str(tensor.dtype).removeprefix("torch."))
-
-
-def _input_weights(proto: onnx.ModelProto, state: Mapping, inputs: Mapping) -> dict | None:
-    """Graph input name -> state_dict tensor, for every input of a graph exported
-    without its parameters that is not one of ``inputs``; None when an input is
-    neither (or has a dtype without an ONNX type), so the graph cannot be completed
-    from the state_dict."""
-    found = {}
-    for value in proto.graph.input:
-        if value.name in inputs:
-            continue
-        tensor = state.get(value.name)
-        if tensor is None or getattr(tensor, "is_quantized", False) or _onnx_type(tensor) is None:
-            return None
-        found[value.name] = tensor
-    return found
-
-
-def _inputs_to_initializers(proto: onnx.ModelProto, weights: Mapping) -> None:
-    """Turn the graph inputs named in ``weights`` into initializers (in input order,
-    as the exporter orders them) that give dims, type and name but no data yet."""
-    g = proto.graph
-    for value in g.input:
-        tensor = weights.get(value.name)
-        if tensor is not None:
-            init = g.initializer.add()
-            init.dims.extend(tensor.shape)
-            init.data_type = _onnx_type(tensor)
-            init.name = value.name
-    kept = [value for value in g.input if value.name not in weights]
-    del g.input[:]
-    g.input.extend(kept)
-
-
-def _tensor_bytes(tensor):
-    """The bytes of a CPU tensor as ONNX raw_data holds them, without a copy (a
-    non-contiguous tensor is copied, alone)."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    return flat.view(_require("torch", "exporting").uint8).numpy()
-
-
-def _weights_to_data_file(proto: onnx.ModelProto, weights: Mapping, path: Path, location: str) -> None:
-    """Write each initializer named in ``weights`` of at least ``_MIN_EXTERNAL_BYTES``
-    into the one file ``path`` (named ``location`` beside the model), page-aligned,
-    straight from its tensor, and point the initializer there; smaller ones are
-    embedded. The layout is that :func:`_to_one_data_file` gives a file the exporter
-    wrote with the weights inside (those the light graph references first)."""
-    from ..onnx.protofile import MIN_REFERENCED_BYTES
-
-    inits = [t for t in proto.graph.initializer if t.name in weights]
-    offset = 0
-    with open(path, "wb") as out:
-        for low, high in ((MIN_REFERENCED_BYTES, None), (_MIN_EXTERNAL_BYTES, MIN_REFERENCED_BYTES)):
-            for tensor in inits:
-                size = weights[tensor.name].nbytes
-                if size < low or (high is not None and size >= high):
-                    continue
-                data = _tensor_bytes(weights[tensor.name])
-                offset += _write_aligned(out, offset, data)
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                _point(tensor, location, offset - data.nbytes, data.nbytes)
-    for tensor in inits:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            tensor.raw_data = _tensor_bytes(weights[tensor.name]).tobytes()
-
-
-def _save_streamed(proto: onnx.ModelProto, weights: Mapping, path: Path) -> None:
-    """Write ``proto`` to ``path`` exactly as ``onnx.save`` would with each initializer
-    named in ``weights`` holding its tensor's bytes as raw_data, written straight
-    from the tensors. Fields are serialized in field-number order, so the model is
-    split around the graph (field 7), the graph around its initializers (5) and
-    each initializer around raw_data (9)."""
-    g = proto.graph
-    model_head, model_tail = _split(proto, 7)
-    graph_head, graph_tail = _split(g, 5)
-    parts = []  # per initializer: (bytes before raw_data, data or None, bytes after)
-    for tensor in g.initializer:
-        if tensor.name in weights:
-            head, tail = _split(tensor, 9)
-            parts.append((head, _tensor_bytes(weights[tensor.name]), tail))
-        else:
-            parts.append((tensor.SerializeToString(), None, b""))
-    sizes = [len(head) + len(tail) + (0 if data is None else _field_size(9, data.nbytes))
-             for head, data, tail in parts]
-    graph_size = len(graph_head) + len(graph_tail) + sum(_field_size(5, n) for n in sizes)
-    with open(path, "wb") as out:
-        out.write(model_head + _key(7) + _varint(graph_size) + graph_head)
-        for (head, data, tail), size in zip(parts, sizes):
-            out.write(_key(5) + _varint(size) + head)
-            if data is not None:
-                out.write(_key(9) + _varint(data.nbytes))
-                out.write(memoryview(data))
-            out.write(tail)
-        out.write(graph_tail + model_tail)
-
-
-def _split(message, number: int) -> tuple[bytes, bytes]:
-    """``message`` serialized as (its fields numbered below ``number``, those above)."""
-    halves = []
-    for keep_low in (True, False):
-        half = type(message)()
-        half.CopyFrom(message)
-        for fd in message.DESCRIPTOR.fields:
-            if fd.number == number or (fd.number > number) == keep_low:
-                half.ClearField(fd.name)
-        halves.append(half.SerializeToString())
-    return halves[0], halves[1]
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _key(number: int) -> bytes:
-    return _varint(number << 3 | 2)  # a length-delimited field
-
-
-def _field_size(number: int, length: int) -> int:
-    return len(_key(number)) + len(_varint(length)) + length
 
 
 def _copy_side_files(files: list[Path], output: Path, outputs: Outputs) -> list[str]:
@@ -537,18 +332,6 @@ def _copy_side_files(files: list[Path], output: Path, outputs: Outputs) -> list[
         outputs.write(target, lambda tmp, source=source: hf.copy_side_file(source, tmp))
         copied.append(source.name)
     return copied
-
-
-def _external_locations(path: Path) -> set[str]:
-    """The external-data file names an existing ONNX file refers to (none if it is unreadable)."""
-    from ..onnx.protofile import load_graph
-
-    try:
-        model, _ = load_graph(path)
-    except Exception:  # noqa: BLE001 - no readable old model: nothing of it to keep
-        return set()
-    return {e.value for t in external.iter_tensors(model) for e in t.external_data
-            if e.key == "location"}
 
 
 def _run_exporter(torch, model, inputs, path, out_names, axes, config, spec, params: bool = True) -> None:
@@ -592,96 +375,6 @@ def _keyword_forward(model, names: list[str]):
 
     with _replaced_forward(model, forward):
         yield
-
-
-def restore_names(model: onnx.ModelProto, state_dict: Mapping[str, object],
-                  base_dir: str = "") -> dict[str, str]:
-    """Rename weights an exporter renamed to their parameter's name (in place).
-
-    Each selectable weight not named like a parameter is matched by value
-    (exactly, W or W^T) and its initializer renamed when that name is free.
-    A renamed weight may hold the transpose of the parameter; its layout in
-    :func:`fps_onnx.graph.find_weights` says so. External data is read from
-    ``base_dir``. Returns old -> new names.
-    """
-    sites = [s for s in graph.find_weights(model) if s.key not in state_dict]
-    if not sites:
-        return {}
-    values = dict((s.key, w) for s, w in graph.iter_weight_values(model, sites, base_dir))
-    strict = mapping.MatchConfig(rtol=0.0, atol=0.0, half_rtol=0.0, half_atol=0.0, scaled=False)
-    report = mapping.match_weights(values, state_dict, {s.key: s.dtype for s in sites}, strict)
-    taken = {t.name for t in model.graph.initializer}
-    taken |= {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-    renamed = {}
-    for key, match in report.matches.items():
-        if match.how == "order" or match.torch_name in taken:
-            continue  # ambiguous, or the name is used (tied weights): leave it to `map`
-        renamed[key] = match.torch_name
-        taken.add(match.torch_name)
-    _rename(model.graph, renamed)
-    return renamed
-
-
-def _rename(g: onnx.GraphProto, names: Mapping[str, str]) -> None:
-    if not names:
-        return
-    for t in g.initializer:
-        t.name = names.get(t.name, t.name)
-    for vi in [*g.input, *g.value_info]:
-        vi.name = names.get(vi.name, vi.name)
-    for node in g.node:
-        for i, name in enumerate(node.input):
-            if name in names:
-                node.input[i] = names[name]
-        for attr in node.attribute:  # subgraphs (If/Loop) may use the weight too
-            for sub in external.subgraphs(attr):
-                _rename(sub, names)
-
-
-def _check(path: Path, checks, config: ExportConfig, spec: str) -> float:
-    """Max |ORT - torch| over ``checks`` ((feed, expected outputs, real-token mask or
-    None)); ExportError above tolerance. ONNX Runtime reads the file by path, so
-    external data is read where it lies. Where a token mask is given, outputs
-    shaped [batch, sequence, ...] are compared on real tokens only. The runtime gets
-    the file's graph with its embedded weights referenced where they lie in it (see
-    :mod:`_onnxfile`), so it reads them from the file instead of a parsed copy."""
-    import onnxruntime as ort
-
-    from ..onnx.protofile import MalformedProto, load_graph
-    from ..providers import session_options
-
-    options = session_options()
-    try:
-        light, folder = load_graph(path)
-    except MalformedProto:
-        model = str(path)
-    else:
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-        model = light.SerializeToString()
-        del light
-    try:
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"ONNX Runtime cannot load the export of {spec}: {first_line(exc)}") from exc
-    del model
-    worst = 0.0
-    for feed, want, real in checks:
-        try:
-            got = session.run(None, {k: v.numpy() for k, v in feed.items()})
-        except Exception as exc:  # noqa: BLE001
-            raise ExportError(f"ONNX Runtime cannot run the export of {spec}: {first_line(exc)}") from exc
-        for g, w in zip(got, want):
-            if real is not None and g.shape[:2] == real.shape == w.shape[:2]:
-                g, w = g[real], w[real]
-            diff = float(np.max(np.abs(g.astype(np.float64) - w))) if w.size else 0.0
-            limit = config.tolerance * max(1.0, float(np.max(np.abs(w))) if w.size else 1.0)
-            if not diff <= limit:
-                raise ExportError(f"the ONNX export of {spec} differs from PyTorch by {diff:.3g} "
-                                  f"(tolerance {limit:.3g})")
-            worst = max(worst, diff)
-    del session
-    log.debug("ONNX Runtime vs PyTorch: max abs difference %.3g", worst)
-    return worst
 
 
 def _numpy(t) -> np.ndarray:

@@ -17,7 +17,7 @@ into a merged model folder) are :func:`side_files`: each must be a regular file
 that really lies (symlinks followed) inside the folder, or inside the folder its
 ``config.json`` really lies in (a Hugging Face cache snapshot links its files
 to blobs there); it is read through a descriptor opened without following a
-last link or blocking (:func:`fps_onnx.external.open_inside`).
+last link or blocking (:func:`fps_onnx.onnx.external.open_inside`).
 """
 
 from __future__ import annotations

@@ -50,6 +50,23 @@ def test_matmul_through_transpose_identity_cast_is_out_in():
     np.testing.assert_array_equal(value, w)
 
 
+def test_weight_consumers_are_the_named_nodes_using_each_weight():
+    """Through Transpose/Identity, tied uses listed in graph order; unnamed nodes,
+    pass-through nodes and non-weight inputs (Gather, Add) left out."""
+    w = rng().standard_normal((4, 6)).astype(np.float32)
+    v = rng().standard_normal((4, 4)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("Identity", ["w"], ["wi"], name="/id"),
+         helper.make_node("Transpose", ["wi"], ["wt"], perm=[1, 0], name="/t"),
+         helper.make_node("MatMul", ["x", "wt"], ["h"], name="/a/MatMul"),
+         helper.make_node("MatMul", ["h", "v"], ["g"], name="/b/MatMul"),
+         helper.make_node("MatMul", ["g", "v"], ["f"], name="/c/MatMul"),
+         helper.make_node("MatMul", ["f", "v"], ["e"]),
+         helper.make_node("Add", ["e", "v"], ["y"], name="/add")],
+        [tensor("x", ["N", 6])], [tensor("y", [4, 4])], {"w": w, "v": v})
+    assert graph.weight_consumers(model.graph) == {"w": ["/a/MatMul"], "v": ["/b/MatMul", "/c/MatMul"]}
+
+
 @pytest.mark.parametrize("trans_b, layout", [(1, "out_in"), (0, "in_out")])
 def test_gemm_trans_b(trans_b, layout):
     w = rng().standard_normal((4, 6) if trans_b else (6, 4)).astype(np.float32)

@@ -157,6 +157,21 @@ def test_unknown_keys_and_masks_without_an_entry_are_accepted(tmp_path):
     assert maskfile.MaskFile.load(_write(tmp_path / "g.safetensors", {"W": gps})).tensors["W"] == gps
 
 
+def test_mask_file_of_takes_a_mask_file_its_path_or_a_mapping_of_bool_arrays(tmp_path):
+    masks = {"w": np.array([[True, False]]), "v": np.zeros((2, 3), bool)}
+    loaded = maskfile.MaskFile(masks, {}, {"method": "fps"})
+    assert maskfile.mask_file_of(loaded) is loaded
+    loaded.save(tmp_path / "m.safetensors")
+    for source in (tmp_path / "m.safetensors", str(tmp_path / "m.safetensors"), masks):
+        got = maskfile.mask_file_of(source)
+        assert sorted(got.masks) == ["v", "w"] and np.array_equal(got.masks["w"], masks["w"])
+    assert maskfile.mask_file_of(tmp_path / "m.safetensors").meta["method"] == "fps"
+    with pytest.raises(MaskError, match="mask 'w' is float64, not bool"):
+        maskfile.mask_file_of({"w": np.ones((1, 2))})
+    with pytest.raises(MaskError, match="a MaskFile or a path, not list"):
+        maskfile.mask_file_of([masks["w"]])
+
+
 def test_save_writes_shape_and_selected_from_the_masks(tmp_path):
     masks = {"W": _mask(), "V": np.ones((2, 2), bool)}
     built = maskfile.MaskFile(masks, {"W": {"shape": [9], "selected": 0, "op": "MatMul"}})

@@ -194,7 +194,7 @@ def test_hf_text_model_has_dynamic_batch_and_sequence(tmp_path):
 def _export_both_ways(model, inputs, out, monkeypatch, streamed_calls):
     """Export ``model`` twice into ``out``: weights streamed from the model (the legacy
     path) and weights written by the exporter (its fallback); the two folders."""
-    from fps_onnx.torch import export as ex
+    from fps_onnx.torch import datafile
 
     folders = []
     for streamed in (True, False):
@@ -202,7 +202,7 @@ def _export_both_ways(model, inputs, out, monkeypatch, streamed_calls):
         folder.mkdir()
         with monkeypatch.context() as patch:
             if not streamed:
-                patch.setattr(ex, "_input_weights", lambda *args: None)
+                patch.setattr(datafile, "input_weights", lambda *args: None)
             before = len(streamed_calls)
             export_module(model, inputs, folder / "m.onnx")
             assert (len(streamed_calls) > before) == streamed
@@ -213,12 +213,12 @@ def _export_both_ways(model, inputs, out, monkeypatch, streamed_calls):
 @pytest.fixture
 def streamed_calls(monkeypatch):
     """Names of the writers of streamed weights called (embedded, external)."""
-    from fps_onnx.torch import export as ex
+    from fps_onnx.torch import datafile
 
     calls = []
-    for name in ("_save_streamed", "_weights_to_data_file"):
-        real = getattr(ex, name)
-        monkeypatch.setattr(ex, name, lambda *a, real=real, name=name: (calls.append(name), real(*a))[1])
+    for name in ("save_streamed", "weights_to_data_file"):
+        real = getattr(datafile, name)
+        monkeypatch.setattr(datafile, name, lambda *a, real=real, name=name: (calls.append(name), real(*a))[1])
     return calls
 
 
@@ -261,7 +261,7 @@ def test_streamed_weights_give_the_exporters_file(kind, external, tmp_path, monk
         mask[1, 5:] = 0
         inputs = dict(zip(TOKEN_INPUTS, (ids, mask, torch.zeros(2, 8, dtype=torch.long))))
     streamed, exporter = _export_both_ways(model, inputs, tmp_path, monkeypatch, streamed_calls)
-    assert streamed_calls == ["_weights_to_data_file" if external else "_save_streamed"]
+    assert streamed_calls == ["weights_to_data_file" if external else "save_streamed"]
     assert (streamed / "m.onnx.data").exists() == external
     graph_inputs = _assert_same_files(streamed, exporter, model.state_dict())
     assert graph_inputs == list(inputs)
@@ -277,7 +277,7 @@ def test_save_streamed_writes_what_onnx_save_writes(tmp_path):
     non-contiguous, one bfloat16): the bytes onnx.save writes."""
     from onnx import helper, numpy_helper
 
-    from fps_onnx.torch.export import _inputs_to_initializers, _save_streamed
+    from fps_onnx.torch.datafile import inputs_to_initializers, save_streamed
 
     w = torch.randn(3, 4).t()  # [4, 3], not contiguous
     b = torch.randn(3).to(torch.bfloat16)
@@ -292,10 +292,10 @@ def test_save_streamed_writes_what_onnx_save_writes(tmp_path):
                               [numpy_helper.from_array(np.arange(3, dtype=np.float32), "b32")], doc_string="doc")
     model = helper.make_model(graph, producer_name="test", opset_imports=[helper.make_opsetid("", 18)])
     weights = {"w": w, "b": b}
-    _inputs_to_initializers(model, weights)
+    inputs_to_initializers(model, weights)
     assert [i.name for i in model.graph.input] == ["x"]
     assert [t.name for t in model.graph.initializer] == ["b32", "w", "b"]
-    _save_streamed(model, weights, tmp_path / "streamed.onnx")
+    save_streamed(model, weights, tmp_path / "streamed.onnx")
     for t in model.graph.initializer[1:]:  # the same model with the data inside
         t.raw_data = weights[t.name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
     onnx.save(model, str(tmp_path / "saved.onnx"))

@@ -362,6 +362,7 @@ def test_streamed_weights_give_the_exporters_file(kind, limit, tmp_path, monkeyp
     """The legacy path streams the weights from the model into the file; it is the
     file the exporter gives with the weights inside (byte for byte, data file too),
     tied lm_head under the embedding's name, and ONNX Runtime gives the same logits."""
+    from fps_onnx.torch import datafile
     from fps_onnx.torch import export as ex
 
     folder = save_family(kind, tmp_path / "hf")
@@ -376,7 +377,7 @@ def test_streamed_weights_give_the_exporters_file(kind, limit, tmp_path, monkeyp
         out.mkdir()
         with monkeypatch.context() as patch:
             if not streamed:
-                patch.setattr(ex, "_input_weights", lambda *args: None)
+                patch.setattr(datafile, "input_weights", lambda *args: None)
             result = export(f"hf:{folder}", out / "model.onnx")
         assert (result.external_data is not None) == (limit is not None)
         outs[streamed] = out
@@ -401,7 +402,7 @@ def test_streamed_weights_give_the_exporters_file(kind, limit, tmp_path, monkeyp
 _MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys, time
     import torch, transformers
-    from fps_onnx import export as ex
+    from fps_onnx.torch import export as ex
 
     folder, out, limit = sys.argv[1], sys.argv[2], sys.argv[3]
     if limit != "default":

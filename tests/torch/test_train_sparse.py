@@ -10,7 +10,8 @@ from torch import nn  # noqa: E402
 
 from fps_onnx.errors import MaskError  # noqa: E402
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
-from fps_onnx.torch.train import sparse  # noqa: E402
+from fps_onnx.torch.train import kernels, sparse  # noqa: E402
+from fps_onnx.torch.train.masks import attach_masks  # noqa: E402
 
 
 class Tiny(nn.Module):
@@ -184,7 +185,7 @@ def test_onnx_keyed_masks_are_mapped_by_value(tmp_path):
     tensors = {s.key: {"onnx_initializer": s.key, "onnx_layout": s.layout, "op": s.op,
                        "shape": list(s.shape), "selected": int(masks[s.key].sum())} for s in sites}
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    attached = sparse.load_masks(model, MaskFile(masks, tensors), onnx_model=path)
+    attached = attach_masks(model, MaskFile(masks, tensors), onnx_model=path)
     assert set(attached) == {"a.weight", "b.weight"}
     by_shape = {tuple(m.shape): m for m in masks.values()}
     for name, delta in attached.items():
@@ -192,7 +193,15 @@ def test_onnx_keyed_masks_are_mapped_by_value(tmp_path):
         assert np.array_equal(delta.indices.numpy(), expected)
 
     with pytest.raises(MaskError, match="fps-onnx map"):
-        sparse.load_masks(Tokens(), MaskFile(masks, tensors))
+        attach_masks(Tokens(), MaskFile(masks, tensors))
+
+
+def test_the_old_load_masks_name_is_attach_masks_and_warns():
+    with pytest.warns(DeprecationWarning, match="train.masks.attach_masks"):
+        old = sparse.load_masks
+    assert old is attach_masks
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        sparse.nothing  # noqa: B018
 
 
 def test_mask_shape_mismatch_is_refused():
@@ -412,7 +421,7 @@ def _grads(model, masks, sparse_linear, ids, train_bias=False):
 @pytest.mark.parametrize("seed", range(4))
 def test_sparse_linear_gradient_equals_dense_path(seed, sampled, monkeypatch):
     if not sampled:  # the gathering kernel (used off CPU)
-        monkeypatch.setattr(sparse, "_SAMPLED_DEVICES", ())
+        monkeypatch.setattr(kernels, "_SAMPLED_DEVICES", ())
     rng = np.random.default_rng(seed)
     d, hidden, vocab = (int(v) for v in rng.integers(3, 40, 3))
     bias = bool(seed % 2)
@@ -441,7 +450,7 @@ def test_sparse_linear_never_builds_a_dense_weight_gradient(monkeypatch):
     for p in model.parameters():
         p.requires_grad_(False)
     sparse.attach(model, _masks(model, 0.3))
-    monkeypatch.setattr(sparse._GatherGrad, "backward", staticmethod(fail))
+    monkeypatch.setattr(kernels.GatherGrad, "backward", staticmethod(fail))
     model(torch.randn(4, 5, 6)).sum().backward()
     assert all(d.values.grad is not None for d in sparse.deltas(model).values())
     monkeypatch.setattr(sparse, "_SPARSE_GRAD_DEVICES", ())  # other devices: the parametrisation
@@ -500,7 +509,7 @@ def test_sparse_linear_under_checkpointing_and_cpu_autocast():
 @pytest.mark.parametrize("sampled", [True, False])
 def test_sparse_linear_on_transformers_conv1d(sampled, monkeypatch):
     if not sampled:
-        monkeypatch.setattr(sparse, "_SAMPLED_DEVICES", ())
+        monkeypatch.setattr(kernels, "_SAMPLED_DEVICES", ())
     pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
     torch.manual_seed(0)
     x = torch.randn(3, 4, 6)
@@ -525,10 +534,10 @@ def test_entry_gradient_kernels_agree_on_large_and_unsorted_inputs(monkeypatch):
     torch.manual_seed(0)
     g, x = torch.randn(300, 40), torch.randn(300, 30)  # [tokens, out], [tokens, in]
     picked = torch.randperm(40 * 30)[:500]
-    monkeypatch.setattr(sparse, "_CHUNK_ELEMENTS", 300 * 64)  # several chunks
+    monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", 300 * 64)  # several chunks
     for devices in (("cpu",), ()):  # sampled_addmm, then the gathering kernel
-        monkeypatch.setattr(sparse, "_SAMPLED_DEVICES", devices)
+        monkeypatch.setattr(kernels, "_SAMPLED_DEVICES", devices)
         for indices in (picked.sort().values, picked):  # unsorted: always gathered
             for transposed, full in ((False, g.t() @ x), (True, x.t() @ g)):
-                got = sparse._entry_grad(g, x, indices, full.shape[1], transposed)
+                got = kernels._entry_grad(g, x, indices, full.shape[1], transposed)
                 torch.testing.assert_close(got, full.reshape(-1)[indices], rtol=1e-5, atol=1e-5)

@@ -16,8 +16,8 @@ from pathlib import Path
 from ...errors import ExportError, FpsError, MaskError, OutputError
 from .. import hf
 from ..models import build_model, is_causal_lm, is_causal_lm_model
-from . import sparse
 from ._torch import nn
+from .delta import apply_delta, delta_metadata
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def save_model_folder(model: nn.Module, base: str | os.PathLike, out: str | os.P
 
 def check_base(delta: str | os.PathLike, folder: str | os.PathLike) -> None:
     """MaskError unless the delta file names ``folder``'s weights as its base model."""
-    meta = sparse.delta_metadata(delta)
+    meta = delta_metadata(delta)
     want = meta.get(BASE_HASH_KEY)
     if want is None:
         raise MaskError(f"{delta} names no base model (no {BASE_HASH_KEY} metadata); "
@@ -111,7 +111,7 @@ def apply_delta_folder(spec: str, delta: str | os.PathLike, output: str | os.Pat
     """Rebuild the merged model folder of a causal LM run from ``hf:DIR`` and its delta file.
 
     The delta must name DIR as its base (:func:`check_base`) and fit the model
-    (:func:`sparse.apply_delta`); the folder is written atomically, like
+    (:func:`fps_onnx.torch.train.delta.apply_delta`); the folder is written atomically, like
     ``train``'s ``model/``.
     """
     from ..._io import atomic_folder, check_folder
@@ -120,7 +120,7 @@ def apply_delta_folder(spec: str, delta: str | os.PathLike, output: str | os.Pat
     folder = causal_lm_folder(spec)
     check_base(delta, folder)
     model = build_causal_lm(spec)
-    sparse.apply_delta(model, delta)
+    apply_delta(model, delta)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out) as tmp:
         save_model_folder(model, folder, tmp)

@@ -18,10 +18,11 @@ import sys
 import time
 
 from ...errors import DataError, NumericError
-from ...selection.maskfile import MaskFile
+from ...selection.maskfile import MaskFile, mask_file_of
 from ..models import rekey_masks, resolve_keys
 from . import sparse
 from ._torch import nn, torch
+from .masks import attach_masks
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def _freeze_norm_statistics(model: nn.Module) -> None:
             module.eval()
 
 
-def prepare(model: nn.Module, masks: Mapping[str, object] | sparse.MaskFile | str,
+def prepare(model: nn.Module, masks: Mapping[str, object] | MaskFile | str,
             recipe: Recipe = Recipe(), *, onnx_model=None, sparse_linear: bool = True) -> Trainable:
     """Freeze ``model``, attach ``masks`` and unfreeze what ``recipe`` trains fully.
 
@@ -82,21 +83,21 @@ def prepare(model: nn.Module, masks: Mapping[str, object] | sparse.MaskFile | st
     are parameter names; a backbone's name stands for the one parameter of a
     task wrapper that ends with it (``encoder.layer.0.output.dense.weight`` for
     ``bert.encoder.layer.0.output.dense.weight``; see
-    :func:`fps_onnx.models.resolve_keys`). ``sparse_linear``: nn.Linear/Conv1D
+    :func:`fps_onnx.torch.models.resolve_keys`). ``sparse_linear``: nn.Linear/Conv1D
     modules compute only the selected entries' gradient (see :func:`sparse.attach`).
     """
     for p in model.parameters():
         p.requires_grad_(False)
     head = head_names(model) if recipe.train_head else []
     names = [n for n, _ in model.named_parameters()]
+    maskfile = mask_file_of(masks)
     if isinstance(masks, Mapping):
-        resolved = resolve_keys(masks, names)
-        deltas = sparse.attach(model, {resolved.get(k, k): m for k, m in masks.items()}, skip=head,
+        resolved = resolve_keys(maskfile.masks, names)
+        deltas = sparse.attach(model, {resolved.get(k, k): m for k, m in maskfile.masks.items()}, skip=head,
                                sparse_linear=sparse_linear)
     else:
-        maskfile = masks if isinstance(masks, MaskFile) else MaskFile.load(masks)
-        deltas = sparse.load_masks(model, rekey_masks(maskfile, names), skip=head, onnx_model=onnx_model,
-                                    sparse_linear=sparse_linear)
+        deltas = attach_masks(model, rekey_masks(maskfile, names), skip=head, onnx_model=onnx_model,
+                              sparse_linear=sparse_linear)
     dense = set(head)
     for module_name, module in model.named_modules():
         norm = _is_norm(module)

@@ -2,7 +2,7 @@
 
 Classification (:func:`run_train`): the output folder receives
 ``model.safetensors`` (merged dense weights, PyTorch names),
-``delta.safetensors`` (see :func:`sparse.save_delta`) and ``metrics.json``.
+``delta.safetensors`` (see :func:`fps_onnx.torch.train.delta.save_delta`) and ``metrics.json``.
 Causal language modelling (:func:`run_train_causal`): ``delta.safetensors``
 (naming the base model's hash), ``model/`` (a folder
 ``AutoModelForCausalLM.from_pretrained`` loads) and ``metrics.json``.
@@ -21,13 +21,14 @@ import logging
 import os
 from pathlib import Path
 
-from ..._io import atomic_folder, atomic_write, check_folder
+from ..._io import atomic_folder, atomic_write, check_folder, write_safetensors
 from ...errors import MaskError, OutputError
 from ...selection.maskfile import MaskFile
 from ..models import build_for_data, rekey_masks
 from . import causal, hf_folder, lm_data, loop, sparse
 from ._torch import nn, torch
 from .data import ImageSpec, LabelledSet, open_split
+from .delta import save_delta
 from .recipe import CausalLMRecipe, Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -230,8 +231,6 @@ def write_outputs(model: nn.Module, trainable: loop.Trainable, metrics: dict, ou
     ``out`` (:func:`atomic_folder`; missing parent folders are created first);
     on failure ``out`` is as it was.
     """
-    from safetensors.torch import save_file
-
     out = check_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     state, seen = {}, set()
@@ -242,8 +241,8 @@ def write_outputs(model: nn.Module, trainable: loop.Trainable, metrics: dict, ou
         seen.add(ptr)
     text = json.dumps(metrics, indent=2, default=str)
     with atomic_folder(out) as tmp:
-        sparse.save_delta(model, tmp / "delta.safetensors", dense=trainable.dense)
-        atomic_write(tmp / "model.safetensors", lambda f: save_file(state, f, metadata={"format": "pt"}))
+        save_delta(model, tmp / "delta.safetensors", dense=trainable.dense)
+        write_safetensors(tmp / "model.safetensors", state, {"format": "pt"}, framework="pt")
         atomic_write(tmp / "metrics.json", lambda f: Path(f).write_text(text))
     log.info("wrote %s, %s and %s", out / "model.safetensors", out / "delta.safetensors",
              out / "metrics.json")
@@ -360,7 +359,7 @@ def write_causal_outputs(model: nn.Module, trainable: loop.Trainable, metrics: d
     text = json.dumps(metrics, indent=2, default=str)
     model.eval()
     with atomic_folder(out) as tmp:
-        sparse.save_delta(model, tmp / "delta.safetensors", dense=trainable.dense,
+        save_delta(model, tmp / "delta.safetensors", dense=trainable.dense,
                           metadata={hf_folder.BASE_HASH_KEY: base_hash, "task": "causal-lm"})
         sparse.merge(model)
         hf_folder.save_model_folder(model.cpu(), base, tmp / "model")

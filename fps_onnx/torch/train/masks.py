@@ -1,0 +1,64 @@
+"""A mask file attached to a PyTorch model, its keys mapped from ONNX names.
+
+Keys that are parameter names are used as they are; ONNX initializer names are
+matched to the model's parameters first (:func:`fps_onnx.torch.mapping.map_masks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+import logging
+import os
+
+import numpy as np
+
+from ...errors import MaskError
+from ...selection.maskfile import MaskFile, mask_file_of
+from ..mapping import map_masks
+from . import sparse
+from ._torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def attach_masks(
+    model: nn.Module,
+    masks: MaskFile | str | os.PathLike,
+    *,
+    skip: Collection[str] = (),
+    onnx_model=None,
+    sparse_linear: bool = True,
+) -> dict[str, sparse.SparseDelta]:
+    """Attach a mask file (its path, or a loaded MaskFile) to ``model`` (:func:`sparse.attach`).
+
+    Keys that are parameter names are used as they are. Other keys (ONNX
+    initializer names) are matched to the model's parameters through
+    :func:`fps_onnx.torch.mapping.map_masks`: by value when ``onnx_model`` (the ONNX
+    model the masks were selected on: path or ModelProto) is given, by name
+    otherwise. Masks named in ``skip`` (a head trained fully) are ignored.
+    ``sparse_linear``: as in :func:`sparse.attach`.
+    """
+    maskfile = mask_file_of(masks)
+    if not maskfile.masks:
+        raise MaskError("the mask file holds no masks")
+    return sparse.attach(model, _by_parameter_name(model, maskfile, skip, onnx_model), skip=skip,
+                  sparse_linear=sparse_linear)
+
+
+def _by_parameter_name(model: nn.Module, maskfile: MaskFile, skip, onnx_model) -> dict[str, np.ndarray]:
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    wanted = {k: m for k, m in maskfile.masks.items() if k not in skip}
+    if all(key in names for key in wanted):
+        return wanted
+    if onnx_model is None and not any(key in names for key in wanted):
+        key = next(iter(wanted))
+        raise MaskError(f"mask key {key!r} is not a parameter name of the model; map the masks "
+                        "with `fps-onnx map`, or give the ONNX model they were selected on")
+    if onnx_model is not None and not hasattr(onnx_model, "graph"):
+        from ...onnx.load import load_model
+
+        onnx_model = load_model(onnx_model)
+    subset = MaskFile(wanted, {k: maskfile.tensors.get(k, {}) for k in wanted}, dict(maskfile.meta))
+    mapped, report = map_masks(subset, model.state_dict(), onnx_model)
+    log.info("masks mapped to the model's parameters: %s", report.summary())
+    return mapped.masks
