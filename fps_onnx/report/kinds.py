@@ -98,14 +98,7 @@ def node_names(model_path: str | os.PathLike) -> dict[str, list[str]]:
     """Weight key -> names of the nodes that consume it, read from an ONNX file's graph
     (without its weights' bytes): exporter node names ("/blocks.0/attn/qkv/MatMul") tell
     depth and kind where weight names ("onnx::MatMul_416") do not."""
-    from ..onnx import ops
+    from ..onnx.graph import weight_consumers
     from ..onnx.load import load_graph
 
-    graph = load_graph(model_path)[0].graph
-    lookup = ops.Lookup.of(graph)
-    names: dict[str, list[str]] = {}
-    for node in graph.node:
-        site = ops.weight_of(node, lookup)
-        if site is not None and node.name:
-            names.setdefault(site.key, []).append(node.name)
-    return names
+    return weight_consumers(load_graph(model_path)[0].graph)
