@@ -191,20 +191,18 @@ def select(
     calibration: CalibrationConfig = CalibrationConfig(),
     data_config: DataConfig = DataConfig(),
     *,
-    from_stats: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    stats_out: str | os.PathLike | None = None,
-    on_batch: Callable[[int], None] | None = None,
-    scope: ScopeConfig = ScopeConfig(),
     torch_model: str | None = None,
     torch_checkpoint: str | os.PathLike | None = None,
-    outputs: Outputs | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    **options,
 ) -> Selection:
-    """The whole ``fps-onnx select``: :func:`run_select` on the ONNX ``model``, or, with
+    """The whole ``fps-onnx select``: :func:`run_select` on the ONNX ``model`` (``options``
+    are its keyword options: ``from_stats``, ``stats_out``, ``scope``, ``outputs``), or, with
     ``select_config.method == "gps"``, the gradient baseline on the PyTorch SPEC ``model``
     and the labelled split ``data``. With ``torch_model`` (a SPEC) the FPS masks are keyed by
     that model's parameter names and ``scope``'s exclusions applied to them too.
-    ``--stats-out`` is staged in ``outputs`` (see :func:`run_select`).
     torch is imported only for gps or ``torch_model``."""
+    scope = options.get("scope", ScopeConfig())
     gps = select_config.method == "gps"
     if data_config.shard is not None and gps:
         raise DataError("--shard splits FPS calibration data; --method gps reads all of DATA")
@@ -219,9 +217,7 @@ def select(
                             image_size=data_config.image_size, batch_size=data_config.batch_size,
                             max_samples=data_config.max_samples, on_batch=on_batch)
         return Selection(result.masks, result.samples, "torch", result.seconds)
-    result = run_select(model, data, select_config, calibration, data_config,
-                        from_stats=from_stats, stats_out=stats_out, on_batch=on_batch, scope=scope,
-                        outputs=outputs)
+    result = run_select(model, data, select_config, calibration, data_config, on_batch=on_batch, **options)
     masks = result.masks
     if torch_model is not None:
         from .selection.exclude import drop_excluded
