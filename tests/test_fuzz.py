@@ -533,24 +533,8 @@ def test_graph_mutations(box, sentinel, edits, method, process):
     case = Case(box)
     onnx.save(_edit_graph(_graph_model(), edits), case.dir / "model.onnx")
     _graph_data(case.dir)
-    inputs, out = case.inputs(), case.dir / "masks.safetensors"
-    args = ("select", "model.onnx", "x.npy", "-o", out.name, "--method", method, "-q")
-    if process:
-        code, stdout, err = _run_process(*args, cwd=case.dir)
-        _assert_one_line(code, err)
-        texts = (stdout, err)
-    else:
-        cwd = os.getcwd()
-        os.chdir(case.dir)
-        try:
-            code, output, exc = _run_bounded(*args)
-        finally:
-            os.chdir(cwd)
-        _assert_clean(code, output, exc, out, _valid_masks)
-        texts = (output,)
-    if code == 0:
-        _valid_masks(out)
-    case.finish(code, inputs, {out.name}, texts)
+    args = ("select", "model.onnx", "x.npy", "-o", "masks.safetensors", "--method", method, "-q")
+    _run_in_case(case, args, {"masks.safetensors"}, process, _valid_masks)
 
 
 def test_the_unmutated_graph_model_selects(box, sentinel):
