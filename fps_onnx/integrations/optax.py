@@ -41,6 +41,8 @@ from ..errors import MaskError
 from ..selection.maskfile import MaskFile
 from . import MissingExtra, load_masks
 
+__all__ = ["check_fits", "mask_tree", "to_flax", "torch_name", "zero_unselected"]
+
 try:
     import jax
     import jax.numpy as jnp

@@ -38,6 +38,8 @@ from ..selection.maskfile import MaskFile
 from ..torch.models import resolve_keys
 from . import MissingExtra, load_masks
 
+__all__ = ["ShiraMasks", "shira_config"]
+
 try:
     import peft
     import torch

@@ -22,6 +22,8 @@ import time
 from ..selection import maskfile
 from ..selection.score import SelectConfig, describe_budget, select_scores
 
+__all__ = ["GpsResult", "gps_select"]
+
 log = logging.getLogger(__name__)
 
 FROZEN_NAMES = ("norm", "pos_embed", "cls_token")

@@ -35,6 +35,8 @@ from .matching import (  # noqa: F401 - the matching API is also importable from
     module_paths,
 )
 
+__all__ = ["map_masks", "map_to_model", "onnx_weights", "unmapped_names"]
+
 log = logging.getLogger(__name__)
 
 

@@ -14,6 +14,8 @@ import onnx
 from ..onnx import external, graph
 from . import mapping
 
+__all__ = ["restore_names"]
+
 
 def restore_names(model: onnx.ModelProto, state_dict: Mapping[str, object],
                   base_dir: str = "") -> dict[str, str]:

@@ -9,6 +9,8 @@ import numpy as np
 
 from ..errors import ExportError, first_line
 
+__all__ = ["check"]
+
 log = logging.getLogger(__name__)
 
 

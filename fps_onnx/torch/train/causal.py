@@ -23,6 +23,8 @@ from ._torch import nn, torch
 from .lm_data import IGNORE
 from .recipe import Recipe
 
+__all__ = ["count_tokens", "enable_checkpointing", "evaluate", "fit", "token_loss_sum", "train_step"]
+
 log = logging.getLogger(__name__)
 
 

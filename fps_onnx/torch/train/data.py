@@ -25,6 +25,8 @@ from ...data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, load_npz, resiz
 from ...errors import DataError
 from ._torch import torch
 
+__all__ = ["ImageSpec", "LabelledSet", "open_split"]
+
 LABEL_KEYS = ("y", "labels", "label")
 
 

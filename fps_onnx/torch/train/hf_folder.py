@@ -19,6 +19,9 @@ from ..models import build_model, is_causal_lm, is_causal_lm_model
 from ._torch import nn
 from .delta import apply_delta, delta_metadata
 
+__all__ = ["apply_delta_folder", "base_sha256", "build_causal_lm", "causal_lm_folder", "check_base",
+    "save_model_folder"]
+
 log = logging.getLogger(__name__)
 
 #: Weight files of a transformers folder, hashed by :func:`base_sha256`.

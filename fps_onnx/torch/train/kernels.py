@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from ._torch import nn, torch
 
+__all__ = ["GatherGrad", "SparseLinear"]
+
 
 class GatherGrad(torch.autograd.Function):
     """Identity on the (already merged) weight; the backward keeps only its k entries."""

@@ -32,6 +32,8 @@ from ...errors import DataError
 from .. import hf
 from ._torch import torch
 
+__all__ = ["Collate", "TokenSet", "load_tokenizer", "open_lm_split", "pad_id"]
+
 log = logging.getLogger(__name__)
 
 IGNORE = -100

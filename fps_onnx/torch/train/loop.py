@@ -25,6 +25,10 @@ from ._torch import nn, torch
 from .masks import attach_masks
 from .recipe import Recipe
 
+__all__ = ["Trainable", "apply_gradients", "begin_epoch", "check_head", "evaluate", "fit", "forward",
+    "head_names", "logits_of", "make_optimizer", "make_schedule", "param_groups", "peak_memory", "prepare",
+    "to_device", "train_step"]
+
 log = logging.getLogger(__name__)
 
 _HEAD_ATTRS = ("classifier", "score", "head", "fc")

@@ -18,6 +18,8 @@ from ..mapping import map_masks
 from . import sparse
 from ._torch import nn
 
+__all__ = ["attach_masks"]
+
 log = logging.getLogger(__name__)
 
 

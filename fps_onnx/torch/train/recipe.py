@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from ..._limits import MAX_LENGTH, SEED_MAX, whole_number
 from ...errors import FpsError
 
+__all__ = ["CausalLMRecipe", "Recipe", "RecipeError"]
+
 
 class RecipeError(FpsError):
     """A training setting is out of range."""

@@ -31,6 +31,8 @@ from .data import ImageSpec, LabelledSet, open_split
 from .delta import save_delta
 from .recipe import CausalLMRecipe, Recipe, RecipeError
 
+__all__ = ["Splits", "image_spec", "run_train", "run_train_causal", "write_causal_outputs", "write_outputs"]
+
 log = logging.getLogger(__name__)
 
 

@@ -57,6 +57,9 @@ from ...errors import MaskError
 from ._torch import nn, torch
 from .kernels import GatherGrad, SparseLinear
 
+__all__ = ["SparseDelta", "attach", "buffer_names", "deltas", "merge", "merged_state_dict", "plain_name",
+    "sync", "tied_names", "unique_deltas"]
+
 log = logging.getLogger(__name__)
 
 _MARK = ".parametrizations."
