@@ -382,16 +382,17 @@ def select_scores(score: np.ndarray, config: SelectConfig, key: str = "a weight"
     return top_k(flat, k, scratch).reshape(score.shape)
 
 
-#: A capped selection first looks at this many times its count of the best entries
-#: (growing the pool fourfold while the cap leaves it short).
+#: A capped selection first looks at this many times its count of the best entries,
+#: and grows the pool by GROW while the cap leaves it short.
 POOL = 4
+GROW = 4
 _CHUNK = 1 << 20
 
 
 def column_cap_of(cap: float, selected: int, fan_in: int) -> int:
     """The most entries one input column may hold: ``ceil(cap * selected / fan_in)``,
-    computed exactly (so an even share stays even)."""
-    return math.ceil(Fraction(cap) * selected / fan_in)
+    computed exactly on the decimal value of ``cap`` (1.1 * 10 is 11)."""
+    return math.ceil(Fraction(repr(float(cap))) * selected / fan_in)
 
 
 def _prefix(flat: np.ndarray, p: int, scratch: Scratch | None) -> np.ndarray:
@@ -442,7 +443,7 @@ def capped_top_n(score: np.ndarray, n: int, cap: int, scratch: Scratch | None = 
         fits = np.flatnonzero(rank < cap)
         if fits.size >= n or p == m:
             break
-        p = min(m, p * POOL)
+        p = min(m, p * GROW)
     mask = np.zeros(m, bool)
     mask[idx[order[fits[:n]]]] = True
     return mask.reshape(score.shape)
@@ -481,7 +482,7 @@ def capped_top_k(score: np.ndarray, k: int, cap: int, scratch: Scratch | None = 
                     break
         if not left or width == fan_in:
             break
-        width = min(fan_in, width * POOL)
+        width = min(fan_in, width * GROW)
     if left:
         _fill_short_rows(mask, score, k, cap)
     return mask
