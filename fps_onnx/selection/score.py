@@ -382,11 +382,10 @@ def select_scores(score: np.ndarray, config: SelectConfig, key: str = "a weight"
     return top_k(flat, k, scratch).reshape(score.shape)
 
 
-#: A capped selection first looks at this many times its count of the best entries,
-#: and grows the pool by GROW while the cap leaves it short.
+#: A capped neuron-level selection first looks at each row's best POOL * K entries,
+#: and grows that by GROW while the cap leaves a row short.
 POOL = 4
 GROW = 4
-_CHUNK = 1 << 20
 
 
 def column_cap_of(cap: float, selected: int, fan_in: int) -> int:
@@ -395,57 +394,25 @@ def column_cap_of(cap: float, selected: int, fan_in: int) -> int:
     return math.ceil(Fraction(repr(float(cap))) * selected / fan_in)
 
 
-def _prefix(flat: np.ndarray, p: int, scratch: Scratch | None) -> np.ndarray:
-    """Ascending flat indices of the first ``p`` entries of ``flat`` in the order
-    (higher score, then lower index): a partition of a copy, never a sort."""
-    m = flat.size
-    if p >= m:
-        return np.arange(m)
-    part = np.empty(m, flat.dtype) if scratch is None else scratch.array("partition", (m,), flat.dtype)
-    np.copyto(part, flat)
-    part.partition(m - p)
-    threshold = part[m - p]
-    above = np.flatnonzero(flat > threshold)
-    need, ties = p - above.size, []
-    for start in range(0, m, _CHUNK):  # the lowest indices of the tied entries, a chunk at a time
-        if need <= 0:
-            break
-        found = np.flatnonzero(flat[start : start + _CHUNK] == threshold)[:need] + start
-        ties.append(found)
-        need -= found.size
-    return np.sort(np.concatenate([above, *ties]))
-
-
 def capped_top_n(score: np.ndarray, n: int, cap: int, scratch: Scratch | None = None) -> np.ndarray:
     """Bool mask of the best ``n`` entries of a 2-D array [rows, fan_in] such that no
     column holds more than ``cap``: the greedy over entries by higher score, then lower
     flat index, taking each whose column has room (exact: the cap is a partition
     matroid). Needs ``min(cap, rows) * fan_in >= n``.
 
-    Memory-cheap: the greedy runs over a pool of the best ``POOL * n`` entries (a
-    partition, as :func:`top_k`), grown while the cap leaves it short; a pool that
-    is a prefix of the order gives the same mask as the whole tensor would.
+    The greedy takes from each column a prefix of its own order, so it keeps exactly
+    the best ``n`` of the columns' top ``cap`` entries: two partitions (as
+    :func:`top_k`), never a sort of the tensor.
     """
     rows, fan_in = score.shape
-    m = score.size
     if min(cap, rows) * fan_in < n:
         raise BudgetError(f"a column cap of {cap} cannot hold {n} entries of a [{rows}, {fan_in}] weight")
-    flat = score.reshape(-1)
-    p = min(m, POOL * n)
-    while True:
-        idx = _prefix(flat, p, scratch)
-        order = np.argsort(-flat[idx], kind="stable")  # idx ascends: ties keep the lower index
-        cols = idx[order] % fan_in
-        by_col = np.argsort(cols, kind="stable")
-        grouped = cols[by_col]
-        rank = np.empty(idx.size, np.int64)  # place of each entry among its column's, best first
-        rank[by_col] = np.arange(idx.size) - np.searchsorted(grouped, grouped)
-        fits = np.flatnonzero(rank < cap)
-        if fits.size >= n or p == m:
-            break
-        p = min(m, p * GROW)
-    mask = np.zeros(m, bool)
-    mask[idx[order[fits[:n]]]] = True
+    if cap >= rows:
+        return top_k(score.reshape(1, -1), n, scratch).reshape(score.shape)
+    candidates = np.flatnonzero(top_k(score.T, cap, scratch).T)  # ascending flat index
+    best = top_k(score.reshape(-1)[candidates].reshape(1, -1), n).reshape(-1)
+    mask = np.zeros(score.size, bool)
+    mask[candidates[best]] = True
     return mask.reshape(score.shape)
 
 
