@@ -14,7 +14,8 @@ parameter), ``lora`` (PEFT, r=8, alpha 16 on q/k/v/o/gate/up/down), and
 sparse methods with exactly LoRA's number of trainable values (``--shira-r
 8``: per q/k/v/o/gate/up/down weight the top 8 * (in + out) entries), selected
 by ``fps-onnx select`` on the exported ONNX decoder with the row's arguments
-(``fps``, ``random``, ``magnitude``) or by a script (``gps``: summed |grad| of
+(``fps``, its variants ``fps-a05`` (``--act-power 0.5``) and ``fps-cap2``
+(``--column-cap 2``), ``random``, ``magnitude``) or by a script (``gps``: summed |grad| of
 the LM loss, ``_llm_gps.py``), from CALIB training blocks drawn with the seed.
 Sparse methods train with ``fps-onnx train --task causal-lm``; zero / full /
 lora with ``_llm_train.py`` (the same schedule, clipping and loss). A new
@@ -87,6 +88,11 @@ METHODS = {
     "zero": Method("zero-shot (no training)", "zero", grid=(0.0,)),
     "lora": Method("LoRA r=8 (PEFT)", "lora"),
     "fps": Method("FPS-sparse", "sparse", select=("--method", "fps"), label_free=True),
+    # FPS variants that spread the budget over more input channels (one forward pass, label-free):
+    "fps-a05": Method("FPS-sparse, act-power 0.5", "sparse", select=("--method", "fps", "--act-power", "0.5"),
+                      label_free=True),
+    "fps-cap2": Method("FPS-sparse, column cap 2", "sparse", select=("--method", "fps", "--column-cap", "2"),
+                       label_free=True),
     "random": Method("random-sparse", "sparse", select=("--method", "random")),
     "magnitude": Method("magnitude-sparse", "sparse", select=("--method", "magnitude")),
     "gps": Method("GPS-sparse", "sparse", script="_llm_gps.py"),

@@ -127,6 +127,7 @@ def _run_select(model_path, data_path, select_config, calibration, data_config, 
         "norm": select_config.norm,
         "level": select_config.level,
         "budget": describe_budget(select_config),
+        **select_config.options,
         "num_samples": stats.num_samples,
         "model_sha256": stats.model_sha256,
     }

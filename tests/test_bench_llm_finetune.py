@@ -103,3 +103,19 @@ def test_summary_pairs_seeds_against_lora_and_flags_an_edge_lr(lf, tmp_path):
     md = lf._markdown(s, ["lora", "fps", "random"], bench, "a note")
     assert "1e-2" not in md and "0.01 **edge**" in md and "a note" in md
     assert "| FPS-sparse | 0.001 **edge** | 20.000 | 31.000 ± 1.414 | 2 | 30.000, 32.000 | -1.000 ± 0.000 |" in md
+
+
+def test_every_select_row_is_a_valid_select_command(lf, chain, tmp_path):
+    from _cli import invoke
+    from fps_onnx.selection.maskfile import MaskFile
+
+    model, data = chain
+    rows = {m: spec for m, spec in lf.METHODS.items() if spec.select}
+    assert {"fps", "fps-a05", "fps-cap2"} <= {m for m in rows if rows[m].label_free}
+    for m, spec in rows.items():
+        out = tmp_path / f"{m}.safetensors"
+        result = invoke("select", model, data, "-o", out, *spec.select, "--seed", "0", "--shira-r", "1", "-q")
+        assert result.exit_code == 0, (m, result.output)
+        assert MaskFile.load(out).masks["w1"].sum() == 11  # r*(in+out) of w1 [5, 6]: LoRA's count
+    assert MaskFile.load(tmp_path / "fps-a05.safetensors").meta["act_power"] == "0.5"
+    assert MaskFile.load(tmp_path / "fps-cap2.safetensors").meta["column_cap"] == "2.0"

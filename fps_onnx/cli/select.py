@@ -13,7 +13,7 @@ from fps_onnx.data import DEFAULT_IMAGE_SIZE, DataConfig
 from fps_onnx.data.text import DEFAULT_MAX_LENGTH
 from fps_onnx.onnx.scope import ScopeConfig
 from fps_onnx.pipeline import select as select_masks
-from fps_onnx.selection.score import LEVELS, METHODS, NORMS, SelectConfig, method_names
+from fps_onnx.selection.score import ACT_POWER_MAX, LEVELS, METHODS, NORMS, SelectConfig, method_names
 
 from .options import bar_disabled, floats, quiet_option, spec_folder
 
@@ -39,6 +39,8 @@ def _given(**values):
 @click.option("--per-neuron", "per_neuron", type=int, help="Keep K entries per output neuron (layer level: K * out per tensor).")
 @click.option("--fraction", type=float, help=f"Keep this fraction of each fan-in (layer level: of each tensor). [default: {SelectConfig().budget['fraction']}]")
 @click.option("--shira-r", "shira_r", type=int, help="SHiRA budget: keep the top R*(in+out) entries of each Linear weight [out, in] (per tensor), the size PEFT's ShiraConfig(r=R) needs.")
+@click.option("--act-power", "act_power", type=float, help=f"FPS scores |w| * s**A (s: the activation statistic): 1 is FPS, 0 ranks like magnitude, 0.5 tempers outlier channels; 0 to {ACT_POWER_MAX:g}. [default: {SelectConfig().act_power:g}]")
+@click.option("--column-cap", "column_cap", type=float, help="No input column holds more than ceil(C * N / fan_in) of a tensor's N selected entries (neuron level: of its rows' entries), C >= 1; e.g. 2 = twice the even share. [default: no cap]")
 @click.option("--provider", type=click.Choice(providers.CHOICES), help=f"ONNX Runtime provider; auto uses CUDA only where it really works. [default: {CalibrationConfig().provider}]")
 @click.option("--batch-size", type=int, help=f"Samples per batch. [default: {DataConfig().batch_size}]")
 @click.option("--max-samples", type=int, help="Stop after this many samples.")
@@ -58,8 +60,8 @@ def _given(**values):
 @click.option("--torch-checkpoint", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @quiet_option
-def select(model, data, output, method, seed, norm, level, per_neuron, fraction, shira_r, provider, batch_size,
-           max_samples, shard, image_size, mean, std, max_length, text_field, tokenizer, include_lm_head,
+def select(model, data, output, method, seed, norm, level, per_neuron, fraction, shira_r, act_power, column_cap,
+           provider, batch_size, max_samples, shard, image_size, mean, std, max_length, text_field, tokenizer, include_lm_head,
            exclude, token_mask, stats_out, from_stats, torch_model, torch_checkpoint, as_json, quiet):
     """Select the weights of MODEL (ONNX) to fine-tune, from calibration DATA.
 
@@ -72,7 +74,8 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     training split (class folders, or .npz with labels): the gradient baseline.
     """
     config = SelectConfig(**_given(method=method, seed=seed, norm=norm, level=level,
-                                   per_neuron=per_neuron, fraction=fraction, shira_r=shira_r))
+                                   per_neuron=per_neuron, fraction=fraction, shira_r=shira_r,
+                                   act_power=act_power, column_cap=column_cap))
     needs_data = config.method not in METHODS or METHODS[config.method].needs_activations
     if needs_data and (data is None) == (not from_stats):
         raise click.UsageError("give either DATA or --from-stats")
@@ -123,4 +126,5 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
             "norm": config.norm,
             "level": config.level,
             "budget": config.budget,
+            **config.options,
         }, indent=2))

@@ -14,7 +14,8 @@ A safetensors file any training stack can read:
   since they were added; readers ignore unknown keys) and ``tensors``:
   JSON object key -> {"onnx_initializer", "onnx_layout" ("out_in", "in_out" or
   "conv"), "op", "shape", "selected"}; a shard's run (``--shard``) adds
-  ``shard`` = "K/N", method "random" its ``seed``.
+  ``shard`` = "K/N", method "random" its ``seed``, method "fps" its ``act_power``
+  (e.g. "1.0") and a capped selection its ``column_cap`` (e.g. "2.0").
 
 Mapping onto PyTorch names (:mod:`fps_onnx.torch.mapping`) adds, per tensor,
 ``torch_name``, ``match`` ("name", "exact", "close", "quantized", "scaled" or

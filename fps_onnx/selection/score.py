@@ -15,32 +15,41 @@ each tensor (level "layer"); the SHiRA budget (``shira_r`` = r) keeps the top
 r*(in+out) of each Linear weight [out, in], the adapter size PEFT's SHiRA
 requires. Ties go to the higher score, then the lower flat index, so the
 result is deterministic.
+
+Two options shape FPS for budgets that would otherwise pile onto a few outlier
+input channels: the activation power A scores ``|w| * s ** A`` (A = 1 is FPS,
+A = 0 ranks like magnitude), and the column cap C lets no input column (one
+position of the fan-in) hold more than ``ceil(C * N / fan_in)`` of a tensor's N
+selected entries (neuron level: of the rows' K * rows), taking the
+best-scoring entries the cap allows (:func:`capped_top_n`, :func:`capped_top_k`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 import json
 import math
 import zlib
 
 import numpy as np
 
-from .._limits import SEED_MAX, whole_number
+from .._limits import SEED_MAX, shown, whole_number
 from ..errors import BudgetError, NumericError, StatsError, quoted
 from ..onnx.sites import WeightSite
 from ..stats import ChannelStats, no_rows
 
 __all__ = [
-    "DEFAULT_FRACTION", "LEVELS", "METHODS", "NORMS", "Method", "Scratch", "SelectConfig",
-    "channel_statistic", "check_shira", "describe_budget", "magnitudes", "method_names",
-    "register_method", "scores", "select_one", "select_scores", "top_k",
+    "ACT_POWER_MAX", "DEFAULT_FRACTION", "LEVELS", "METHODS", "NORMS", "Method", "Scratch", "SelectConfig",
+    "capped_top_k", "capped_top_n", "channel_statistic", "check_shira", "column_cap_of", "describe_budget",
+    "magnitudes", "method_names", "register_method", "scores", "select_one", "select_scores", "top_k",
 ]
 
 NORMS = ("l1", "l2")
 LEVELS = ("neuron", "layer")
 DEFAULT_FRACTION = 0.005
+ACT_POWER_MAX = 4.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,11 @@ class SelectConfig:
     BudgetError; a Conv weight, or one with fewer than r*(in+out) entries, is
     a BudgetError); with none, ``fraction`` = DEFAULT_FRACTION. ``level`` left
     out is "neuron" otherwise.
+
+    ``act_power`` (A, 0 to ACT_POWER_MAX, method "fps" only): score
+    ``|w| * s ** A``; 1 is FPS itself. ``column_cap`` (C >= 1, or None for no
+    cap): no input column holds more than ``ceil(C * N / fan_in)`` of a
+    tensor's N selected entries (see :func:`column_cap_of`).
     """
 
     norm: str = "l1"
@@ -64,6 +78,8 @@ class SelectConfig:
     method: str = "fps"
     seed: int = 0
     shira_r: int | None = None
+    act_power: float = 1.0
+    column_cap: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS and self.method != "gps":
@@ -86,6 +102,22 @@ class SelectConfig:
             raise BudgetError(f"per-neuron count must be at least 1, not {self.per_neuron}")
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
             raise BudgetError(f"fraction must be in (0, 1], not {self.fraction}")
+        if not _real(self.act_power) or not 0.0 <= self.act_power <= ACT_POWER_MAX:
+            raise BudgetError(f"activation power must be a number from 0 to {ACT_POWER_MAX:g}, "
+                              f"not {shown(self.act_power)}")
+        if self.act_power != 1.0 and self.method != "fps":
+            raise BudgetError(f"--act-power scores method fps; method {self.method} takes none")
+        if self.column_cap is not None and (not _real(self.column_cap) or not 1.0 <= self.column_cap < math.inf):
+            raise BudgetError(f"column cap must be a number of at least 1, not {shown(self.column_cap)}")
+
+    @property
+    def options(self) -> dict:
+        """The scoring options as recorded in mask files: ``act_power`` (method
+        fps) and ``column_cap`` (when set)."""
+        out = {"act_power": float(self.act_power)} if self.method == "fps" else {}
+        if self.column_cap is not None:
+            out["column_cap"] = float(self.column_cap)
+        return out
 
     @property
     def budget(self) -> dict:
@@ -118,6 +150,12 @@ class SelectConfig:
         f = budget["fraction"]
         n = fan_in if self.level == "neuron" else rows * fan_in
         return max(1, round(f * n))
+
+
+def _real(value: object) -> bool:
+    """A finite real number (an int or float, not a bool)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -287,6 +325,8 @@ def select_one(
     if missing is not None:
         raise missing
     act = channel_statistic(stats, config.norm) if method.needs_activations else None
+    if act is not None and config.act_power != 1.0:  # A = 1 leaves FPS's scores bit for bit
+        act = act ** config.act_power  # 0 ** 0 = 1: A = 0 is magnitude, even on silent channels
     if scratch is not None and method.fills_out:
         out = scratch.array("score", weight.shape, np.result_type(weight.dtype, np.float32))
         score = method.score(weight, site, act, config, out=out)
@@ -331,8 +371,109 @@ def select_scores(score: np.ndarray, config: SelectConfig, key: str = "a weight"
     rows = score.shape[0]
     fan_in = score[0].size
     k = config.keep(rows, fan_in)
+    if config.column_cap is not None:
+        matrix = score.reshape(rows, fan_in)
+        if config.level == "neuron":
+            cap = column_cap_of(config.column_cap, k * rows, fan_in)
+            return capped_top_k(matrix, k, cap, scratch).reshape(score.shape)
+        cap = column_cap_of(config.column_cap, k, fan_in)
+        return capped_top_n(matrix, k, cap, scratch).reshape(score.shape)
     flat = score.reshape(rows, fan_in) if config.level == "neuron" else score.reshape(1, -1)
     return top_k(flat, k, scratch).reshape(score.shape)
+
+
+#: A capped neuron-level selection first looks at each row's best POOL * K entries,
+#: and grows that by GROW while the cap leaves a row short.
+POOL = 4
+GROW = 4
+
+
+def column_cap_of(cap: float, selected: int, fan_in: int) -> int:
+    """The most entries one input column may hold: ``ceil(cap * selected / fan_in)``,
+    computed exactly on the decimal value of ``cap`` (1.1 * 10 is 11)."""
+    return math.ceil(Fraction(repr(float(cap))) * selected / fan_in)
+
+
+def capped_top_n(score: np.ndarray, n: int, cap: int, scratch: Scratch | None = None) -> np.ndarray:
+    """Bool mask of the best ``n`` entries of a 2-D array [rows, fan_in] such that no
+    column holds more than ``cap``: the greedy over entries by higher score, then lower
+    flat index, taking each whose column has room (exact: the cap is a partition
+    matroid). Needs ``min(cap, rows) * fan_in >= n``.
+
+    The greedy takes from each column a prefix of its own order, so it keeps exactly
+    the best ``n`` of the columns' top ``cap`` entries: two partitions (as
+    :func:`top_k`), never a sort of the tensor.
+    """
+    rows, fan_in = score.shape
+    if min(cap, rows) * fan_in < n:
+        raise BudgetError(f"a column cap of {cap} cannot hold {n} entries of a [{rows}, {fan_in}] weight")
+    if cap >= rows:
+        return top_k(score.reshape(1, -1), n, scratch).reshape(score.shape)
+    candidates = np.flatnonzero(top_k(score.T, cap, scratch).T)  # ascending flat index
+    best = top_k(score.reshape(-1)[candidates].reshape(1, -1), n).reshape(-1)
+    mask = np.zeros(score.size, bool)
+    mask[candidates[best]] = True
+    return mask.reshape(score.shape)
+
+
+def capped_top_k(score: np.ndarray, k: int, cap: int, scratch: Scratch | None = None) -> np.ndarray:
+    """Bool mask of ``k`` entries of each row of a 2-D array [rows, fan_in] such that no
+    column holds more than ``cap``: the greedy over entries by higher score, then lower
+    flat index, taking each whose row and column both have room. A row the greedy
+    leaves short (rare: every column it lacks is full) takes its best missing column
+    from a row that can move to a column with room. Needs ``cap * fan_in >= k * rows``.
+
+    The greedy runs over each row's best ``POOL * k`` entries (:func:`top_k`), grown
+    while a row is left short: when every row fills, the mask is that of whole rows.
+    """
+    rows, fan_in = score.shape
+    if k >= fan_in:
+        return np.ones(score.shape, bool)
+    if cap * fan_in < k * rows:
+        raise BudgetError(f"a column cap of {cap} cannot hold {k} entries in each of {rows} rows "
+                          f"of fan-in {fan_in}")
+    width = min(fan_in, POOL * k)
+    while True:
+        r, c = np.nonzero(top_k(score, width, scratch))  # each row's best, in flat order
+        order = np.argsort(-score[r, c], kind="stable")
+        mask = np.zeros(score.shape, bool)
+        row_n, col_n = [0] * rows, [0] * fan_in
+        left = rows * k
+        for i, j in zip(r[order].tolist(), c[order].tolist()):
+            if row_n[i] < k and col_n[j] < cap:
+                row_n[i] += 1
+                col_n[j] += 1
+                mask[i, j] = True
+                left -= 1
+                if not left:
+                    break
+        if not left or width == fan_in:
+            break
+        width = min(fan_in, width * GROW)
+    if left:
+        _fill_short_rows(mask, score, k, cap)
+    return mask
+
+
+def _fill_short_rows(mask: np.ndarray, score: np.ndarray, k: int, cap: int) -> None:
+    counts = mask.sum(axis=0)
+    for r in np.flatnonzero(mask.sum(axis=1) < k):
+        while np.count_nonzero(mask[r]) < k:
+            room = counts < cap
+            free = np.flatnonzero(room & ~mask[r])
+            if free.size:  # a column with room that this row lacks: its best one
+                c = free[np.argmax(score[r, free])]
+                mask[r, c] = True
+                counts[c] += 1
+                continue
+            # Every column the row lacks is full; one with room (which the row holds)
+            # has fewer holders than the full one, so some holder of the full one can move.
+            lacking = np.flatnonzero(~mask[r])
+            full = lacking[np.argmax(score[r, lacking])]
+            spare = np.flatnonzero(room)[0]
+            mover = np.flatnonzero(mask[:, full] & ~mask[:, spare])[0]
+            mask[mover, full], mask[mover, spare], mask[r, full] = False, True, True
+            counts[spare] += 1
 
 
 def describe_budget(config: SelectConfig) -> str:

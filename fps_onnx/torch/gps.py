@@ -96,6 +96,7 @@ def gps_select(
                          "onnx_layout": "conv" if mask.ndim == 4 else "out_in"}
     meta = {"method": "gps", "loss": "cross_entropy", "labels": "true", "level": config.level,
             "norm": "grad", "budget": describe_budget(config), "num_samples": str(samples),
+            **{k: str(v) for k, v in config.options.items()},
             "model": spec, "model_sha256": ""}
     return GpsResult(maskfile.MaskFile(masks, tensors, meta), samples, seconds)
 

@@ -148,13 +148,46 @@ def test_select_does_not_import_torch(chain, tmp_path, kind):
         save_tokenizer(model.parent)
     code = (
         "import sys; from fps_onnx.cli.main import main\n"
-        f"try:\n    main(['select', {str(model)!r}, {str(data)!r}, '-o', {str(tmp_path / 'm.safetensors')!r}, '-q'])\n"
+        f"try:\n    main(['select', {str(model)!r}, {str(data)!r}, '-o', {str(tmp_path / 'm.safetensors')!r}, '-q',"
+        " '--act-power', '0.5', '--column-cap', '2'])\n"
         "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
         "bad = [m for m in ('torch', 'timm', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "m.safetensors").exists()
+
+
+def test_act_power_and_column_cap_shape_the_masks_and_are_recorded(chain, tmp_path):
+    model, data = chain
+    plain, one, shaped = (tmp_path / f"{n}.safetensors" for n in ("plain", "one", "shaped"))
+    assert invoke("select", model, data, "-o", plain, "--shira-r", "1", "-q").exit_code == 0
+    assert invoke("select", model, data, "-o", one, "--shira-r", "1", "--act-power", "1", "-q").exit_code == 0
+    result = invoke("select", model, data, "-o", shaped, "--shira-r", "1", "--act-power", "0.5",
+                    "--column-cap", "1", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["act_power"] == 0.5 and json.loads(result.stdout)["column_cap"] == 1.0
+    first, again, masks = MaskFile.load(plain), MaskFile.load(one), MaskFile.load(shaped)
+    assert first.meta["act_power"] == again.meta["act_power"] == "1.0" and "column_cap" not in first.meta
+    for key in first.masks:
+        np.testing.assert_array_equal(first.masks[key], again.masks[key])
+    assert masks.meta["act_power"] == "0.5" and masks.meta["column_cap"] == "1.0"
+    w1 = masks.masks["w1"]  # [5, 6]: r*(in+out) = 11 entries, at most ceil(11 / 6) = 2 per column
+    assert w1.sum() == 11 and w1.sum(axis=0).max() <= 2
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--act-power", "-1"], "activation power must be a number from 0 to 4, not -1.0"),
+    (["--act-power", "4.5"], "activation power"),
+    (["--act-power", "nan"], "activation power"),
+    (["--act-power", "0.5", "--method", "random"], "--act-power scores method fps; method random takes none"),
+    (["--column-cap", "0.5"], "column cap must be a number of at least 1, not 0.5"),
+    (["--column-cap", "inf"], "column cap"),
+])
+def test_bad_act_power_or_column_cap_is_one_error(chain, tmp_path, args, match):
+    model, data = chain
+    out = tmp_path / "m.safetensors"
+    assert_one_error(invoke("select", model, data, "-o", out, *args), match, absent=[out])
 
 
 def test_magnitude_needs_no_data_and_records_its_method(chain, tmp_path):
