@@ -38,7 +38,7 @@ from ..selection.maskfile import MaskFile
 from ..torch.models import resolve_keys
 from . import MissingExtra, load_masks
 
-__all__ = ["ShiraMasks", "shira_config"]
+__all__ = ["MASK_TYPE", "ShiraMasks", "shira_config"]
 
 try:
     import peft

@@ -19,8 +19,8 @@ from ..errors import ExportError
 from ..onnx import external, protofile
 from .models import require as _require
 
-__all__ = ["embed", "external_locations", "input_weights", "inputs_to_initializers", "save_streamed",
-    "tensor_bytes", "to_one_data_file", "total_bytes", "weights_to_data_file"]
+__all__ = ["MIN_EXTERNAL_BYTES", "embed", "external_locations", "input_weights", "inputs_to_initializers",
+    "save_streamed", "tensor_bytes", "to_one_data_file", "total_bytes", "weights_to_data_file"]
 
 MIN_EXTERNAL_BYTES = 1024  # embedded tensors this large move to the data file (smaller stay inline)
 _COPY_CHUNK = 64 << 20

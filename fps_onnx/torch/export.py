@@ -61,7 +61,8 @@ from .models import build_model, check_spec, is_causal_lm_model, load_checkpoint
 from .models import require as _require
 from .names import restore_names  # noqa: F401 - also importable from here
 
-__all__ = ["ExportConfig", "ExportResult", "export", "export_module"]
+__all__ = ["CAUSAL_INPUTS", "EXPORTERS", "ExportConfig", "ExportResult", "LLM_SIDE_FILES", "export",
+    "export_module"]
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import time
 from ..selection import maskfile
 from ..selection.score import SelectConfig, describe_budget, select_scores
 
-__all__ = ["GpsResult", "gps_select"]
+__all__ = ["FROZEN_NAMES", "GpsResult", "gps_select"]
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ from .._limits import MAX_JSON_CHARS, read_json
 from ..errors import ModelError
 from ..onnx.external import model_roots, open_inside
 
-__all__ = ["check_folder", "copy_side_file", "load_config", "load_model", "load_tokenizer", "side_files"]
+__all__ = ["CODE_CONFIGS", "CONFIG_FILE", "LOAD_KWARGS", "check_folder", "copy_side_file", "load_config",
+    "load_model", "load_tokenizer", "side_files"]
 
 CONFIG_FILE = "config.json"
 #: Configs transformers reads an ``auto_map`` (code in the folder) from.

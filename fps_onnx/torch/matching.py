@@ -51,7 +51,8 @@ from onnx import TensorProto
 from ..errors import MaskError
 from .value_index import MatchConfig, ValueIndex, quantized_close
 
-__all__ = ["MappingReport", "Match", "builder_candidates", "match_names", "match_weights", "module_paths"]
+__all__ = ["BUILDER_NAMES", "HOW", "MappingReport", "Match", "builder_candidates", "match_names",
+    "match_weights", "module_paths"]
 
 HOW = ("name", "exact", "close", "quantized", "scaled", "order")
 

@@ -43,8 +43,9 @@ from ..data.text import pad_id
 from ..errors import ExportError, FpsError, MaskError, MissingDependency, first_line
 from ..selection.maskfile import MaskFile
 
-__all__ = ["HfTask", "build_for_data", "build_model", "causal_lm_inputs", "check_spec", "hf_task",
-    "is_causal_lm", "is_causal_lm_model", "load_checkpoint", "rekey_masks", "require", "resolve_keys"]
+__all__ = ["CAUSAL_LM_HEADS", "HF_TASKS", "HfTask", "build_for_data", "build_model", "causal_lm_inputs",
+    "check_spec", "hf_task", "is_causal_lm", "is_causal_lm_model", "load_checkpoint", "rekey_masks",
+    "require", "resolve_keys"]
 
 _SPEC_FORMS = "use timm:NAME, hf:PATH or module.path:function"
 

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 from onnx import TensorProto
 
-__all__ = ["Block", "MatchConfig", "ValueIndex", "quantized_close", "row_scaled"]
+__all__ = ["Block", "HALF", "MatchConfig", "ValueIndex", "quantized_close", "row_scaled"]
 
 #: Half-precision ONNX element types compared in their own precision.
 HALF = {TensorProto.FLOAT16: np.float16}

@@ -25,7 +25,7 @@ from ...data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, load_npz, resiz
 from ...errors import DataError
 from ._torch import torch
 
-__all__ = ["ImageSpec", "LabelledSet", "open_split"]
+__all__ = ["ImageSpec", "LABEL_KEYS", "LabelledSet", "open_split"]
 
 LABEL_KEYS = ("y", "labels", "label")
 

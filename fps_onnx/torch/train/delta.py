@@ -21,7 +21,7 @@ from ...errors import MaskError
 from ._torch import nn, torch
 from .sparse import merged_state_dict, unique_deltas
 
-__all__ = ["apply_delta", "delta_metadata", "save_delta"]
+__all__ = ["DELTA_FORMAT", "DELTA_FORMAT_VERSION", "apply_delta", "delta_metadata", "save_delta"]
 
 DELTA_FORMAT = "fps-delta"
 DELTA_FORMAT_VERSION = "1"

@@ -19,8 +19,8 @@ from ..models import build_model, is_causal_lm, is_causal_lm_model
 from ._torch import nn
 from .delta import apply_delta, delta_metadata
 
-__all__ = ["apply_delta_folder", "base_sha256", "build_causal_lm", "causal_lm_folder", "check_base",
-    "save_model_folder"]
+__all__ = ["BASE_HASH_KEY", "TOKENIZER_PATTERNS", "WEIGHT_PATTERNS", "apply_delta_folder", "base_sha256",
+    "build_causal_lm", "causal_lm_folder", "check_base", "save_model_folder"]
 
 log = logging.getLogger(__name__)
 

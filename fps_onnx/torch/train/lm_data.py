@@ -32,7 +32,7 @@ from ...errors import DataError
 from .. import hf
 from ._torch import torch
 
-__all__ = ["Collate", "TokenSet", "load_tokenizer", "open_lm_split", "pad_id"]
+__all__ = ["Collate", "IGNORE", "SUFFIXES", "TokenSet", "load_tokenizer", "open_lm_split", "pad_id"]
 
 log = logging.getLogger(__name__)
 
