@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from .._io import atomic_write
-from ..errors import FpsError, MissingDependency
+from ..errors import FpsError, MissingDependency, one_line
 from .diff import Diff, Overlap, TensorDiff
 from .kinds import depth_label
 from .summary import Count, Summary, TensorSummary
@@ -33,7 +33,7 @@ def _num(x: float | None) -> str:
 
 
 def _meta_line(meta: dict[str, str], sep: str = ", ", code: bool = False) -> str:
-    q = (lambda v: f"`{v}`") if code else (lambda v: v)
+    q = (lambda v: f"`{one_line(v)}`") if code else one_line
     parts = [f"{k} {q(meta[k])}" for k in ("method", "norm", "level", "budget") if k in meta]
     if "num_samples" in meta:
         parts.append(f"{meta['num_samples']} samples")
@@ -71,7 +71,7 @@ def _tensor_rows(s: Summary, tensors: Iterable[TensorSummary], code: bool = Fals
         right += [True, True, True]
     rows = []
     for t in tensors:
-        row = [f"`{t.key}`" if code else t.key, _shape(t.shape), f"{t.selected:,}", _pct(t.fraction),
+        row = [f"`{one_line(t.key)}`" if code else one_line(t.key), _shape(t.shape), f"{t.selected:,}", _pct(t.fraction),
                depth_label(t.depth), t.kind]
         if stats:
             a = t.activation
@@ -169,7 +169,7 @@ def _(s: Summary) -> dict:
 
 def _diff_rows(tensors: Iterable[TensorDiff], code: bool = False):
     header = ["tensor", "shape", "|A|", "|B|", "|A∩B|", "jaccard", "kept"]
-    rows = [[f"`{t.key}`" if code else t.key, _shape(t.shape), f"{t.overlap.a:,}", f"{t.overlap.b:,}",
+    rows = [[f"`{one_line(t.key)}`" if code else one_line(t.key), _shape(t.shape), f"{t.overlap.a:,}", f"{t.overlap.b:,}",
              f"{t.overlap.both:,}", _num(t.overlap.jaccard), _num(t.overlap.kept)] for t in tensors]
     return header, rows, [False, False, True, True, True, True, True]
 
@@ -193,7 +193,7 @@ def _(d: Diff) -> str:
         lines += ["", *_table(*_diff_rows(d.tensors))]
     for label, only in (("A", d.only_a), ("B", d.only_b)):
         if only:
-            lines += ["", f"only in {label} ({len(only)}): " + ", ".join(t.key for t in only)]
+            lines += ["", f"only in {label} ({len(only)}): " + ", ".join(one_line(t.key) for t in only)]
     lines += ["", _overall(d)]
     return "\n".join(lines)
 
@@ -217,7 +217,7 @@ def _(d: Diff) -> str:
                   *_md_table(*_diff_rows(worst, True)), ""]
     for label, only in (("A", d.only_a), ("B", d.only_b)):
         if only:
-            lines += [f"Only in {label}: " + ", ".join(f"`{t.key}`" for t in only), ""]
+            lines += [f"Only in {label}: " + ", ".join(f"`{one_line(t.key)}`" for t in only), ""]
     return "\n".join(lines)
 
 

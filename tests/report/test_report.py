@@ -297,3 +297,17 @@ def test_inspect_and_diff_import_neither_torch_nor_matplotlib(pair):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "overall: jaccard" in done.stdout
+
+
+@pytest.mark.parametrize("fmt", [[], ["--markdown"]])
+def test_inspect_and_diff_print_names_from_files_on_one_line_each(tmp_path, fmt):
+    """A mask key or metadata value with control characters cannot start a line of its own on stdout."""
+    forged = "w\nError: forged\x1b[31m"
+    a = save(tmp_path / "a.safetensors", {forged: mask((2, 3), (0, 1))}, method="fps\r\nforged")
+    b = save(tmp_path / "b.safetensors", {forged: mask((2, 3), (0, 1)), "v": mask((2, 2), (1, 1))})
+    for args in (["inspect", a, *fmt], ["diff", a, b, *fmt]):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.output and "\r" not in result.output
+        assert not any(line.startswith("Error:") for line in result.output.splitlines()), result.output
+        assert "w\\nError: forged\\x1b[31m" in result.output
