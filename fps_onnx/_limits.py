@@ -72,7 +72,7 @@ def read_json(text: str | bytes, what: str, error: type[FpsError], *,
         except UnicodeDecodeError as exc:
             raise error(f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     outside = _STRING.sub(b'""', data)  # what lies between quotes never nests
-    if json_depth(outside) > max_depth:
+    if _depth(outside) > max_depth:
         raise error(f"{what} nests arrays and objects deeper than {max_depth} levels")
     values = sum(outside.count(c) for c in (b",", b"[", b"{"))  # about one per value (a pair: one)
     if values > max_values:
@@ -90,7 +90,12 @@ def read_json(text: str | bytes, what: str, error: type[FpsError], *,
 def json_depth(data: bytes) -> int:
     """How deep the arrays and objects of the JSON ``data`` nest (brackets in strings not
     counted), in one vectorised pass; an unclosed string's brackets count too."""
-    brackets = _STRING.sub(b'""', data).translate(None, _BRACKETS)
+    return _depth(_STRING.sub(b'""', data))
+
+
+def _depth(outside: bytes) -> int:
+    """:func:`json_depth` of JSON whose strings are already emptied."""
+    brackets = outside.translate(None, _BRACKETS)
     deepest = depth = 0
     for start in range(0, len(brackets), _PIECE):
         run = np.cumsum(_STEP[np.frombuffer(brackets, np.uint8, min(_PIECE, len(brackets) - start), start)],

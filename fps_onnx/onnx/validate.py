@@ -51,7 +51,8 @@ def check_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
             # one, so they take the shapes strict inference gives them (which checks the nodes)
             light = onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
             onnx.checker.check_model(light)
-        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+        else:
+            onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ModelError(f"{path} is not a valid ONNX model (ONNX Runtime refuses such a "
                          f"model): {first_line(exc).rstrip(': ')}") from exc
