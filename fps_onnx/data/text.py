@@ -31,6 +31,7 @@ import numpy as np
 from .._io import captured_output
 from .._limits import MAX_JSON_CHARS, read_json, whole_number
 from ..errors import DataError, FpsError, first_line
+from .files import open_data_file
 
 __all__ = [
     "DEFAULT_MAX_LENGTH", "TEXT_SUFFIXES", "TextReader", "find_tokenizer", "load_tokenizer",
@@ -43,6 +44,8 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKENIZER_FILE = "tokenizer.json"
 #: Tokens per sample when --max-length is not given (capped at the model's positions).
 DEFAULT_MAX_LENGTH = 512
+#: The largest tokenizer.json read (real ones are a few MB, the largest vocabularies ~35 MB).
+MAX_TOKENIZER_BYTES = 64 << 20
 #: Inputs text data provides; ``token_type_ids`` is all zeros.
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _POSITION_KEYS = ("max_position_embeddings", "n_positions")
@@ -90,8 +93,6 @@ def max_positions(model_path: str | os.PathLike | None) -> int | None:
 def _read_json(path: Path) -> dict:
     """The JSON object of a side file beside the model ({} when there is none, or it holds
     no object); read within the limits of :func:`fps_onnx._limits.read_json`."""
-    from .files import open_data_file
-
     if not os.path.lexists(path):
         return {}
     with open_data_file(path) as handle:  # a FIFO, device or broken link is refused by name
@@ -172,8 +173,12 @@ def load_tokenizer(path: Path, max_length: int):
     """(tokenizers.Tokenizer truncating to ``max_length`` and not padding, pad id)."""
     from tokenizers import Tokenizer
 
+    with open_data_file(path) as handle:  # a FIFO, device or broken link is refused by name
+        data = handle.read(MAX_TOKENIZER_BYTES + 1)
+    if len(data) > MAX_TOKENIZER_BYTES:
+        raise DataError(f"tokenizer {path} is larger than {MAX_TOKENIZER_BYTES >> 20} MiB")
     with tokenizer_errors(f"cannot read tokenizer {path}"):
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
         pad_id = _pad_id(tokenizer, path.parent)
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length)
@@ -247,8 +252,6 @@ def read_lines(file: Path) -> Iterator[tuple[int, object]]:
     Content: the line without its line break (.txt) or the parsed JSON value (.jsonl).
     DataError for a file that cannot be read, is not UTF-8 or holds a line that is not JSON.
     """
-    from .files import open_data_file
-
     jsonl = file.suffix.lower() == ".jsonl"
     try:
         with io.TextIOWrapper(open_data_file(file), encoding="utf-8") as handle:

@@ -340,3 +340,23 @@ def test_default_max_length_is_capped_at_the_model_positions(tmp_path):
     assert reader._load().truncation["max_length"] == 3
     with pytest.raises(DataError, match="beyond the model's 3 positions"):
         TextReader(model, DataConfig(max_length=4))._load()
+
+
+@pytest.mark.parametrize("case", ["too large", "a FIFO", "not UTF-8"])
+def test_a_tokenizer_file_is_read_within_bounds(tmp_path, monkeypatch, case):
+    """tokenizer.json is read as a regular file of bounded size before the Rust library parses it."""
+    model = tiny_lm(tmp_path / "m")
+    tok = model.parent / "tokenizer.json"
+    (tmp_path / "a.txt").write_text("\n".join(LINES) + "\n")
+    if case == "too large":
+        monkeypatch.setattr("fps_onnx.data.text.MAX_TOKENIZER_BYTES", tok.stat().st_size - 1)
+        message = r"tokenizer .*tokenizer.json is larger than"
+    elif case == "a FIFO":
+        tok.unlink()
+        os.mkfifo(tok)
+        message = r"needs a tokenizer and none is beside"  # never opened, so never waited on
+    else:
+        tok.write_bytes(b"\xff\xfe" + tok.read_bytes())
+        message = r"cannot read tokenizer .*tokenizer.json"
+    out = tmp_path / "o.safetensors"
+    assert_one_error(invoke("select", model, tmp_path / "a.txt", "-o", out, "-q"), message, absent=[out])
