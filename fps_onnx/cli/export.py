@@ -9,7 +9,7 @@ import click
 
 from fps_onnx.torch.export import EXPORTERS, ExportConfig
 
-from .options import quiet_option
+from .options import given, quiet_option
 
 __all__ = ["export"]
 
@@ -39,8 +39,7 @@ def export(spec, output, checkpoint, num_classes, img_size, exporter, opset, tol
     """
     from fps_onnx.torch.export import export as run_export
 
-    given = {k: v for k, v in dict(exporter=exporter, opset=opset, tolerance=tolerance).items() if v is not None}
-    result = run_export(spec, output, ExportConfig(**given), checkpoint=checkpoint,
+    result = run_export(spec, output, ExportConfig(**given(exporter=exporter, opset=opset, tolerance=tolerance)), checkpoint=checkpoint,
                         num_classes=num_classes, img_size=img_size)
     named = result.weights - len(result.unnamed)
     data = f" (weights in {result.external_data})" if result.external_data else ""

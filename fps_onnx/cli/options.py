@@ -6,7 +6,12 @@ import logging
 
 import click
 
-__all__ = ["bar_disabled", "floats", "quiet_option", "spec_folder"]
+__all__ = ["bar_disabled", "floats", "given", "quiet_option", "spec_folder"]
+
+
+def given(**values) -> dict:
+    """Only the options the user gave: every default lives in the library's config dataclasses."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def quiet_option(fn):

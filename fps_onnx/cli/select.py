@@ -15,16 +15,12 @@ from fps_onnx.onnx.scope import ScopeConfig
 from fps_onnx.pipeline import select as select_masks
 from fps_onnx.selection.score import ACT_POWER_MAX, LEVELS, METHODS, NORMS, SelectConfig, method_names
 
-from .options import bar_disabled, floats, quiet_option, spec_folder
+from .options import bar_disabled, floats, given, quiet_option, spec_folder
 
 __all__ = ["select"]
 
 log = logging.getLogger("fps_onnx")
 
-
-def _given(**values):
-    """Only the options the user gave: every default lives in the config dataclasses."""
-    return {k: v for k, v in values.items() if v is not None}
 
 
 @click.command()
@@ -73,19 +69,19 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     module:function; weights from --torch-checkpoint) and DATA a labelled
     training split (class folders, or .npz with labels): the gradient baseline.
     """
-    config = SelectConfig(**_given(method=method, seed=seed, norm=norm, level=level,
+    config = SelectConfig(**given(method=method, seed=seed, norm=norm, level=level,
                                    per_neuron=per_neuron, fraction=fraction, shira_r=shira_r,
                                    act_power=act_power, column_cap=column_cap))
     needs_data = config.method not in METHODS or METHODS[config.method].needs_activations
     if needs_data and (data is None) == (not from_stats):
         raise click.UsageError("give either DATA or --from-stats")
-    calibration = CalibrationConfig(**_given(provider=provider, token_mask=token_mask))
-    data_config = DataConfig(**_given(
+    calibration = CalibrationConfig(**given(provider=provider, token_mask=token_mask))
+    data_config = DataConfig(**given(
         batch_size=batch_size, max_samples=max_samples, image_size=image_size,
         mean=floats(mean), std=floats(std), max_length=max_length, text_field=text_field,
         tokenizer=tokenizer, shard=shard,
     ))
-    scope = ScopeConfig(**_given(include_lm_head=include_lm_head, exclude=tuple(exclude) or None))
+    scope = ScopeConfig(**given(include_lm_head=include_lm_head, exclude=tuple(exclude) or None))
     from fps_onnx.fileio import check_writable, transaction
 
     check_writable(output)

@@ -9,7 +9,7 @@ import click
 
 from fps_onnx.torch.train.recipe import CausalLMRecipe, Recipe
 
-from .options import bar_disabled, quiet_option, spec_folder
+from .options import bar_disabled, given, quiet_option, spec_folder
 
 __all__ = ["train"]
 
@@ -28,10 +28,6 @@ def _both(name: str, show=str) -> str:
     ours, theirs = getattr(_R, name), getattr(_C, name)
     return show(ours) if ours == theirs else f"{show(ours)}; causal-lm: {show(theirs)}"
 
-
-def _given(**values):
-    """Only the options the user gave: every default lives in the Recipe dataclass."""
-    return {k: v for k, v in values.items() if v is not None}
 
 
 @click.command()
@@ -102,7 +98,7 @@ def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_
     causal = task == "causal-lm"
     if causal and (checkpoint or num_classes is not None or image_size is not None):
         raise click.UsageError("--checkpoint, --num-classes and --image-size do not apply to --task causal-lm")
-    recipe = (CausalLMRecipe if causal else Recipe)(**_given(
+    recipe = (CausalLMRecipe if causal else Recipe)(**given(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad,
         label_smoothing=label_smoothing, seed=seed, train_head=train_head, train_bias=train_bias,
