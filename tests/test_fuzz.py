@@ -709,7 +709,7 @@ def llm_folder(box):
     from safetensors.torch import save_file
     import torch
 
-    from fps_onnx.torch.train import hf_folder, sparse
+    from fps_onnx.torch.train import delta, hf_folder
     from llm_models import save_tiny_llm
 
     folder = save_tiny_llm("llama", box.work / "llm")
@@ -718,7 +718,7 @@ def llm_folder(box):
     shape = header["lm_head.weight"]["shape"]
     tensors = {"lm_head.weight:indices": torch.tensor([0, 3, 7]),
                "lm_head.weight:values": torch.tensor([0.5, -0.25, 1e-3])}
-    meta = {"format": sparse.DELTA_FORMAT, "format_version": sparse.DELTA_FORMAT_VERSION,
+    meta = {"format": delta.DELTA_FORMAT, "format_version": delta.DELTA_FORMAT_VERSION,
             "shapes": json.dumps({"lm_head.weight": shape}), "dense": "[]",
             hf_folder.BASE_HASH_KEY: hf_folder.base_sha256(folder)}
     delta = box.work / "delta.safetensors"

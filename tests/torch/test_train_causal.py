@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 from fps_onnx.torch.train import causal, hf_folder, lm_data, loop, sparse  # noqa: E402
+from fps_onnx.torch.train import delta as delta_file  # noqa: E402
 from fps_onnx.torch.train.recipe import CausalLMRecipe  # noqa: E402
 from llm_models import save_tiny_llm  # noqa: E402
 
@@ -98,7 +99,7 @@ def test_one_epoch_changes_exactly_the_selected_entries_and_the_folder_reloads(c
     # the folder loads as it is, and gives the logits of base + delta
     ids = torch.tensor([[5, 17, 42, 9, 77, 3]])
     loaded = _load(out / "model")
-    merged = sparse.apply_delta(_load(model_dir), out / "delta.safetensors")
+    merged = delta_file.apply_delta(_load(model_dir), out / "delta.safetensors")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, merged(ids).logits)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -362,7 +363,7 @@ def test_several_forward_passes_before_one_backward_share_the_merged_weights(fol
 def test_apply_delta_refuses_metadata_past_the_json_limits(folders, tmp_path, key, value, message):
     from safetensors.torch import save_file
 
-    meta = {"format": sparse.DELTA_FORMAT, "format_version": sparse.DELTA_FORMAT_VERSION, "shapes": "{}",
+    meta = {"format": delta_file.DELTA_FORMAT, "format_version": delta_file.DELTA_FORMAT_VERSION, "shapes": "{}",
             "dense": "[]", hf_folder.BASE_HASH_KEY: hf_folder.base_sha256(folders / "llama"), key: value}
     delta = tmp_path / "delta.safetensors"
     save_file({"unused": torch.zeros(1)}, str(delta), metadata=meta)

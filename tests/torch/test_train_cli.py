@@ -14,7 +14,7 @@ from _cli import assert_one_error, invoke
 torch = pytest.importorskip("torch")
 
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
-from fps_onnx.torch.train import sparse  # noqa: E402
+from fps_onnx.torch.train import delta  # noqa: E402
 
 MODEL = textwrap.dedent('''
     import torch
@@ -95,7 +95,7 @@ def test_train_writes_merged_model_delta_and_metrics(case):
     y = torch.from_numpy(np.load(tmp / "test.npz")["y"])
     acc = float((model(x).argmax(1) == y).float().mean())
     assert acc == pytest.approx(metrics["test_accuracy"])
-    rebuilt = sparse.apply_delta(_build(spec), out / "delta.safetensors")
+    rebuilt = delta.apply_delta(_build(spec), out / "delta.safetensors")
     for name, value in rebuilt.state_dict().items():
         assert torch.equal(value, state[name]), name
     loaded = MaskFile.load(masks).masks

@@ -10,6 +10,7 @@ from torch import nn  # noqa: E402
 
 from fps_onnx.errors import MaskError  # noqa: E402
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
+from fps_onnx.torch.train import delta as delta_file  # noqa: E402
 from fps_onnx.torch.train import kernels, sparse  # noqa: E402
 from fps_onnx.torch.train.masks import attach_masks  # noqa: E402
 
@@ -148,8 +149,8 @@ def test_delta_file_applied_to_start_model_reproduces_merged(tmp_path):
         for delta in sparse.deltas(model).values():
             delta.values.uniform_(-1, 1)
         model.fc.bias.add_(1.0)
-    sparse.save_delta(model, tmp_path / "delta.safetensors", dense=["fc.bias"])
-    rebuilt = sparse.apply_delta(_model(), tmp_path / "delta.safetensors")
+    delta_file.save_delta(model, tmp_path / "delta.safetensors", dense=["fc.bias"])
+    rebuilt = delta_file.apply_delta(_model(), tmp_path / "delta.safetensors")
     merged = sparse.merged_state_dict(model)
     for name, value in rebuilt.state_dict().items():
         assert torch.equal(value, merged[name]), name
@@ -246,7 +247,7 @@ def _delta_file(tmp_path):
     with torch.no_grad():
         for delta in sparse.deltas(model).values():
             delta.values.uniform_(-1, 1)
-    sparse.save_delta(model, tmp_path / "real.safetensors", dense=["fc.bias"])
+    delta_file.save_delta(model, tmp_path / "real.safetensors", dense=["fc.bias"])
     with safe_open(str(tmp_path / "real.safetensors"), "pt") as fh:
         meta = dict(fh.metadata())
     return load_file(str(tmp_path / "real.safetensors")), meta
@@ -332,7 +333,7 @@ def test_forged_delta_files_are_refused_and_change_nothing(tmp_path, change, mes
     save_file(tensors, str(tmp_path / "d.safetensors"), metadata=meta)
     model, start = _model(), _model().state_dict()
     with pytest.raises(MaskError, match=message) as info:
-        sparse.apply_delta(model, tmp_path / "d.safetensors")
+        delta_file.apply_delta(model, tmp_path / "d.safetensors")
     assert len(str(info.value).splitlines()) == 1
     for name, value in model.state_dict().items():
         assert torch.equal(value, start[name]), name
@@ -351,17 +352,17 @@ def test_delta_values_must_fit_a_float16_weight(tmp_path, value, weight, message
     with torch.no_grad():
         model.weight.view(-1)[5] = weight
     start = model.weight.detach().clone()
-    meta = {"format": sparse.DELTA_FORMAT, "format_version": sparse.DELTA_FORMAT_VERSION,
+    meta = {"format": delta_file.DELTA_FORMAT, "format_version": delta_file.DELTA_FORMAT_VERSION,
             "shapes": '{"weight": [2, 4]}', "dense": "[]"}
     save_file({"weight:indices": torch.tensor([1, 5]), "weight:values": torch.tensor([0.5, value])},
               str(tmp_path / "d.safetensors"), metadata=meta)
     if message is None:
-        sparse.apply_delta(model, tmp_path / "d.safetensors")
+        delta_file.apply_delta(model, tmp_path / "d.safetensors")
         assert model.weight.dtype == torch.float16 and bool(torch.isfinite(model.weight).all())
         assert float(model.weight.view(-1)[5]) == pytest.approx(weight + value, rel=1e-3)
         return
     with pytest.raises(MaskError, match=message):
-        sparse.apply_delta(model, tmp_path / "d.safetensors")
+        delta_file.apply_delta(model, tmp_path / "d.safetensors")
     assert torch.equal(model.weight, start)
 
 
@@ -370,16 +371,16 @@ def test_the_unforged_delta_file_applies(tmp_path):
 
     tensors, meta = _delta_file(tmp_path)
     save_file(tensors, str(tmp_path / "d.safetensors"), metadata=meta)
-    model = sparse.apply_delta(_model(), tmp_path / "d.safetensors")
+    model = delta_file.apply_delta(_model(), tmp_path / "d.safetensors")
     assert not torch.equal(model.fc.weight, _model().fc.weight)
 
 
 def test_missing_and_corrupt_delta_files(tmp_path):
     with pytest.raises(MaskError, match="delta file .*none.safetensors does not exist"):
-        sparse.apply_delta(_model(), tmp_path / "none.safetensors")
+        delta_file.apply_delta(_model(), tmp_path / "none.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
     with pytest.raises(MaskError, match="cannot read delta file"):
-        sparse.apply_delta(_model(), tmp_path / "bad.safetensors")
+        delta_file.apply_delta(_model(), tmp_path / "bad.safetensors")
 
 
 # --------------------------------------------------------------------------- sparse Linear gradient

@@ -23,7 +23,7 @@ from _models import image_folder, linear_chain  # noqa: E402
 from fps_onnx.errors import ModelError  # noqa: E402
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 from fps_onnx.torch import hf  # noqa: E402
-from fps_onnx.torch.train import hf_folder, sparse  # noqa: E402
+from fps_onnx.torch.train import delta, hf_folder  # noqa: E402
 from llm_models import save_tiny_llm  # noqa: E402
 
 #: What a user (or a CI job piping ``yes``) answers to any prompt.
@@ -222,7 +222,7 @@ def _delta(llama: Path, path: Path, values, dense: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     indices = torch.arange(len(values), dtype=torch.int64)
-    meta = {"format": sparse.DELTA_FORMAT, "format_version": sparse.DELTA_FORMAT_VERSION,
+    meta = {"format": delta.DELTA_FORMAT, "format_version": delta.DELTA_FORMAT_VERSION,
             "shapes": json.dumps({Q_PROJ: [64, 64]}), "dense": json.dumps(sorted(dense or {})),
             hf_folder.BASE_HASH_KEY: hf_folder.base_sha256(llama)}
     save_file({f"{Q_PROJ}:indices": indices, f"{Q_PROJ}:values": values, **(dense or {})}, str(path),

@@ -320,7 +320,6 @@ def __getattr__(name: str):
     if name not in _MOVED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     module, new = _MOVED[name]
-    if new != name:
-        warnings.warn(f"{__name__}.{name} is deprecated: use fps_onnx.torch.train.{module}.{new}",
-                      DeprecationWarning, stacklevel=2)
+    warnings.warn(f"{__name__}.{name} is deprecated: use fps_onnx.torch.train.{module}.{new}",
+                  DeprecationWarning, stacklevel=2)
     return getattr(import_module(f".{module}", __package__), new)
