@@ -4,6 +4,9 @@
 at its new place, the very same object, and warns once (DeprecationWarning) per old name.
 A finder on ``sys.meta_path`` does it, so the package tree holds no shim files and a
 submodule of a moved package (``fps_onnx.train.loop``) is imported only when asked for.
+
+Not covered: ``fps_onnx.export`` is now the public function (:func:`fps_onnx.torch.export.export`);
+the module it named is ``fps_onnx.torch.export``.
 """
 
 from __future__ import annotations

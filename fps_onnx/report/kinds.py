@@ -88,8 +88,8 @@ def depth_label(depth: int | None) -> str:
 def weight_names(key: str, entry: dict, nodes: Mapping[str, Sequence[str]]) -> list[str]:
     """Every name a mask file's entry ``key`` gives its weight (PyTorch name and aliases,
     ONNX initializer, node names), and those of ``nodes`` (:func:`node_names`)."""
-    names = [entry.get("torch_name"), key, entry.get("onnx_initializer"), entry.get("node")]
-    names += list(entry.get("torch_aliases") or []) + list(entry.get("nodes") or [])
+    names = [entry.get("torch_name"), key, entry.get("onnx_initializer")]
+    names += list(entry.get("torch_aliases") or [])
     names += list(nodes.get(key, ())) + list(nodes.get(entry.get("onnx_initializer") or "", ()))
     return [n for n in names if isinstance(n, str)]
 
