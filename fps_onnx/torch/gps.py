@@ -71,13 +71,18 @@ def gps_select(
     device: str | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> GpsResult:
-    """GPS masks for the model ``spec`` from the labelled split ``train``."""
-    from .models import build_for_data
+    """GPS masks for the model ``spec`` from the labelled split ``train`` (a causal LM
+    ``hf:DIR`` is a ModelError: its loss is :func:`gps_select_causal`'s)."""
+    from .hf import load_config
+    from .models import build_for_data, is_causal_lm
     from .train._torch import nn, torch
     from .train.data import open_split
     from .train.loop import forward, head_names, logits_of, to_device
     from .train.run import image_spec
 
+    if spec.startswith("hf:") and is_causal_lm(load_config(spec[3:])):
+        raise ModelError(f"{spec} is a causal language model: give --task causal-lm (the next-token loss on "
+                         "text, no labels)")
     data = open_split(train)
     classes = data.num_classes()
     data.check_labels(classes)

@@ -131,6 +131,7 @@ def _bert_folder(root: Path) -> Path:
     ("budget", "--per-neuron 65 is larger than a fan-in of 64"),
     ("fps", "--task applies to --method gps only"),
     ("tokenizer", "--tokenizer do not apply to --task causal-lm"),
+    ("classification", "is a causal language model: give --task causal-lm"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(folders, tmp_path, problem, message):
     spec, data, extra = f"hf:{folders / 'llama'}", folders / "text.txt", ["--per-neuron", "1"]
@@ -154,9 +155,31 @@ def test_bad_input_is_one_line_and_writes_nothing(folders, tmp_path, problem, me
     elif problem == "tokenizer":
         extra = ["--tokenizer", folders / "llama"]
     args = ["select", "--task", "causal-lm", spec, data, "-o", tmp_path / "m.safetensors", "-q", *extra]
+    if problem == "classification":
+        args.remove("--task")
+        args.remove("causal-lm")
     if problem != "fps":
         args.insert(1, "--method")
         args.insert(2, "gps")
     result = invoke(*args)
     assert_one_error(result, re.escape(message), status=2 if problem in ("fps", "tokenizer") else 1,
                      absent=[tmp_path / "m.safetensors"])
+
+
+def test_only_float32_sums_remain_of_the_gradients(folders):
+    """Each weight's gradient is added into its float32 sum as it arrives and dropped: after the
+    pass no parameter holds a gradient, whatever the model's dtype."""
+    from fps_onnx.torch.gps import _summed_abs_gradients, causal_lm_weights
+    from fps_onnx.torch.train.lm_data import Collate
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folders / "llama")).to(torch.bfloat16).eval()
+    weights = causal_lm_weights(model)
+    ids = np.random.default_rng(0).integers(4, 300, (2, 6))
+    batch = Collate(0)([(row, row) for row in ids])
+    sums = _summed_abs_gradients(model, weights, [batch, batch], torch.device("cpu"), None)
+    assert sorted(sums) == sorted(weights) and all(s.dtype == torch.float32 for s in sums.values())
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.model.embed_tokens.weight.requires_grad  # no gradient is computed for it
+    one = _summed_abs_gradients(model, weights, [batch], torch.device("cpu"), None)
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(sums[name], 2 * one[name])  # summed over the batches
