@@ -15,8 +15,9 @@ sparse methods with exactly LoRA's number of trainable values (``--shira-r
 8``: per q/k/v/o/gate/up/down weight the top 8 * (in + out) entries), selected
 by ``fps-onnx select`` on the exported ONNX decoder with the row's arguments
 (``fps``, its variants ``fps-a05`` (``--act-power 0.5``) and ``fps-cap2``
-(``--column-cap 2``), ``random``, ``magnitude``) or by a script (``gps``: summed |grad| of
-the LM loss, ``_llm_gps.py``), from CALIB training blocks drawn with the seed.
+(``--column-cap 2``), ``random``, ``magnitude``) or on the PyTorch model (``gps``: ``fps-onnx
+select --method gps --task causal-lm hf:MODEL``, summed |grad| of the next-token loss), from CALIB
+training blocks drawn with the seed.
 Sparse methods train with ``fps-onnx train --task causal-lm``; zero / full /
 lora with ``_llm_train.py`` (the same schedule, clipping and loss). A new
 selector is one more row.
@@ -75,7 +76,7 @@ class Method:
     train: str  # "zero" | "full" | "lora" (_llm_train.py) | "sparse" (fps-onnx train on a mask file)
     grid: tuple[float, ...] = GRID
     select: tuple[str, ...] = ()  # sparse: the `fps-onnx select` arguments of this method
-    script: str | None = None  # sparse: instead, SCRIPT MODEL CALIB.npz OUT.safetensors R BATCH
+    torch: bool = False  # sparse: select on the PyTorch model (hf:MODEL) instead of the ONNX export
     label_free: bool = False  # a forward-only, label-free selector: checked against the targets
 
     @property
@@ -95,7 +96,7 @@ METHODS = {
                        label_free=True),
     "random": Method("random-sparse", "sparse", select=("--method", "random")),
     "magnitude": Method("magnitude-sparse", "sparse", select=("--method", "magnitude")),
-    "gps": Method("GPS-sparse", "sparse", script="_llm_gps.py"),
+    "gps": Method("GPS-sparse", "sparse", select=("--method", "gps", "--task", "causal-lm"), torch=True),
     "full": Method("full fine-tuning", "full", grid=FULL_GRID),
 }
 DOMAINS = ("kjv", "python", "man")
@@ -222,15 +223,12 @@ class Bench:
         masks, record = folder / f"{method}.safetensors", folder / f"{method}.json"
         if masks.exists() and record.exists():
             return masks, json.loads(record.read_text())
-        if spec.script is not None:
-            cmd = [PY, str(HERE / spec.script), str(self.model()), str(calib), str(masks), str(c["shira_r"]),
-                   str(c["eval_batch_size"])]
-        else:
-            # `fps-onnx export` keeps the parameter names, so the masks come keyed by them without
-            # --torch-model (which would load the PyTorch model into the selection process).
-            cmd = [FPS_ONNX, "select", str(self.onnx()), str(calib), "-o", str(masks), *spec.select,
-                   "--seed", str(seed), "--shira-r", str(c["shira_r"]), "--batch-size", str(c["eval_batch_size"]),
-                   "--provider", "cpu", "--json", "--quiet"]
+        # `fps-onnx export` keeps the parameter names, so the masks come keyed by them without
+        # --torch-model (which would load the PyTorch model into the selection process).
+        model, provider = (f"hf:{self.model()}", []) if spec.torch else (str(self.onnx()), ["--provider", "cpu"])
+        cmd = [FPS_ONNX, "select", model, str(calib), "-o", str(masks), *spec.select,
+               "--seed", str(seed), "--shira-r", str(c["shira_r"]), "--batch-size", str(c["eval_batch_size"]),
+               *provider, "--json", "--quiet"]
         log(f"select {domain} {method} seed {seed}")
         m = self._run(cmd)
         summary = stdout_json(m)
@@ -559,7 +557,7 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
     lines += ["", "Step time: training seconds / steps (zero/full/LoRA: `_llm_train.py`; sparse: `fps-onnx train`'s "
               "metrics.json), median over cells; it is the wall time of a machine shared with other jobs, so it "
               "compares methods only roughly (`benchmarks/train_step.py` interleaves them). Train peak RSS: the whole "
-              "training process, exact (`os.wait4`). Selection: the whole `fps-onnx select` or `_llm_gps.py` process.",
+              "training process, exact (`os.wait4`). Selection: the whole `fps-onnx select` process.",
               "", "## Targets (label-free selectors; checked only where every seed is finished)", ""]
     for tg in summary["targets"]:
         lines.append(f"- {tg['target']}: **{'met' if tg['met'] else 'NOT met'}** ({tg['detail']})")

@@ -21,6 +21,7 @@ from .onnx.scope import ScopeConfig
 from .selection import maskfile
 from .selection.score import METHODS, Scratch, SelectConfig, check_shira, describe_budget, select_one
 from .stats import Stats, merge_all
+from .torch.train.recipe import TASKS
 
 __all__ = ["SelectResult", "Selection", "check_budget", "run_select", "select"]
 
@@ -194,23 +195,36 @@ def select(
     *,
     torch_model: str | None = None,
     torch_checkpoint: str | os.PathLike | None = None,
+    task: str = "classification",
     on_batch: Callable[[int], None] | None = None,
     **options,
 ) -> Selection:
     """The whole ``fps-onnx select``: :func:`run_select` on the ONNX ``model`` (``options``
     are its keyword options: ``from_stats``, ``stats_out``, ``scope``, ``outputs``), or, with
     ``select_config.method == "gps"``, the gradient baseline on the PyTorch SPEC ``model``
-    and the labelled split ``data``. With ``torch_model`` (a SPEC) the FPS masks are keyed by
+    and the labelled split ``data`` (``task`` "causal-lm": the causal LM ``hf:DIR`` and its token
+    data, ``scope`` applied). With ``torch_model`` (a SPEC) the FPS masks are keyed by
     that model's parameter names and ``scope``'s exclusions applied to them too.
     torch is imported only for gps or ``torch_model``."""
     scope = options.get("scope", ScopeConfig())
     gps = select_config.method == "gps"
     if data_config.shard is not None and gps:
         raise DataError("--shard splits FPS calibration data; --method gps reads all of DATA")
+    if task not in TASKS:
+        raise DataError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+    if task != "classification" and not gps:
+        raise DataError(f"--task {task} names the loss of --method gps; method {select_config.method} has none")
     if torch_model is not None or gps:
         from .torch.models import check_spec
 
         check_spec(model if gps else torch_model)
+    if gps and task == "causal-lm":
+        from .torch.gps import gps_select_causal
+
+        result = gps_select_causal(model, data, select_config, scope=scope, batch_size=data_config.batch_size,
+                                   max_samples=data_config.max_samples, max_length=data_config.max_length,
+                                   on_batch=on_batch)
+        return Selection(result.masks, result.samples, "torch", result.seconds)
     if gps:
         from .torch.gps import gps_select
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 import sys
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -110,7 +111,7 @@ def test_every_select_row_is_a_valid_select_command(lf, chain, tmp_path):
     from fps_onnx.selection.maskfile import MaskFile
 
     model, data = chain
-    rows = {m: spec for m, spec in lf.METHODS.items() if spec.select}
+    rows = {m: spec for m, spec in lf.METHODS.items() if spec.select and not spec.torch}
     assert {"fps", "fps-a05", "fps-cap2"} <= {m for m in rows if rows[m].label_free}
     for m, spec in rows.items():
         out = tmp_path / f"{m}.safetensors"
@@ -119,3 +120,23 @@ def test_every_select_row_is_a_valid_select_command(lf, chain, tmp_path):
         assert MaskFile.load(out).masks["w1"].sum() == 11  # r*(in+out) of w1 [5, 6]: LoRA's count
     assert MaskFile.load(tmp_path / "fps-a05.safetensors").meta["act_power"] == "0.5"
     assert MaskFile.load(tmp_path / "fps-cap2.safetensors").meta["column_cap"] == "2.0"
+
+
+def test_the_gps_row_selects_on_the_pytorch_model(lf, tmp_path):
+    """GPS is `fps-onnx select` too, given the model folder (hf:DIR) and the calibration blocks."""
+    pytest.importorskip("transformers")
+    from _cli import invoke
+    from fps_onnx.selection.maskfile import MaskFile
+    from llm_models import save_tiny_llm
+
+    assert [m for m, spec in lf.METHODS.items() if spec.torch] == ["gps"]
+    folder = save_tiny_llm("llama", tmp_path / "llama")
+    ids = np.random.default_rng(0).integers(4, 300, (4, 12))
+    np.savez(tmp_path / "calib.npz", input_ids=ids, attention_mask=np.ones_like(ids))  # as _llm_data.py writes it
+    out = tmp_path / "gps.safetensors"
+    result = invoke("select", f"hf:{folder}", tmp_path / "calib.npz", "-o", out, *lf.METHODS["gps"].select,
+                    "--seed", "0", "--shira-r", "1", "--batch-size", "2", "-q")
+    assert result.exit_code == 0, result.output
+    masks = MaskFile.load(out)
+    assert len(masks.masks) == 14 and masks.meta["method"] == "gps"  # q/k/v/o/gate/up/down of 2 layers
+    assert masks.masks["model.layers.0.self_attn.q_proj.weight"].sum() == 64 + 64  # r*(in+out): LoRA's count

@@ -14,6 +14,7 @@ from fps_onnx.data.text import DEFAULT_MAX_LENGTH
 from fps_onnx.onnx.scope import ScopeConfig
 from fps_onnx.pipeline import select as select_masks
 from fps_onnx.selection.score import ACT_POWER_MAX, LEVELS, METHODS, NORMS, SelectConfig, method_names
+from fps_onnx.torch.train.recipe import TASKS
 
 from .options import bar_disabled, floats, given, quiet_option, spec_folder
 
@@ -29,6 +30,7 @@ log = logging.getLogger("fps_onnx")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Mask file to write (safetensors).")
 @click.option("--method", type=click.Choice(method_names()), help=f"fps, or a baseline: activation (Eq. 5/6), magnitude, random, gps (gradients; needs PyTorch). [default: {SelectConfig().method}]")
+@click.option("--task", type=click.Choice(TASKS), help="The loss of --method gps: classification (DATA a labelled split, a new head) or causal-lm (MODEL hf:DIR of a decoder-only LM, DATA text or tokens as `train --task causal-lm` reads them; next-token loss). [default: classification]")
 @click.option("--seed", type=int, help=f"Seed of --method random. [default: {SelectConfig().seed}]")
 @click.option("--norm", type=click.Choice(NORMS), help=f"l1: |w|*mean|a| (Eq. 3); l2: |w|*RMS(a) (Eq. 4). [default: {SelectConfig().norm}]")
 @click.option("--level", type=click.Choice(LEVELS), help=f"Top-K per output neuron, or top-N per tensor. [default: {SelectConfig().level}]")
@@ -56,7 +58,7 @@ log = logging.getLogger("fps_onnx")
 @click.option("--torch-checkpoint", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @quiet_option
-def select(model, data, output, method, seed, norm, level, per_neuron, fraction, shira_r, act_power, column_cap,
+def select(model, data, output, method, task, seed, norm, level, per_neuron, fraction, shira_r, act_power, column_cap,
            provider, batch_size, max_samples, shard, image_size, mean, std, max_length, text_field, tokenizer, include_lm_head,
            exclude, token_mask, stats_out, from_stats, torch_model, torch_checkpoint, as_json, quiet):
     """Select the weights of MODEL (ONNX) to fine-tune, from calibration DATA.
@@ -68,7 +70,20 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
     With --method gps, MODEL is a PyTorch SPEC (timm:NAME, hf:PATH,
     module:function; weights from --torch-checkpoint) and DATA a labelled
     training split (class folders, or .npz with labels): the gradient baseline.
+    With --method gps --task causal-lm, MODEL is hf:DIR of a decoder-only LM and
+    DATA .txt, .jsonl or .npz token data: |grad| of the next-token loss summed
+    over the batches, the weights FPS would select (--include-lm-head, --exclude).
     """
+    if task is not None and method != "gps":
+        raise click.UsageError("--task applies to --method gps only")
+    if task == "causal-lm":
+        unused = [flag for flag, value in (
+            ("--torch-model", torch_model), ("--torch-checkpoint", torch_checkpoint), ("--from-stats", from_stats),
+            ("--stats-out", stats_out), ("--tokenizer", tokenizer), ("--text-field", text_field),
+            ("--image-size", image_size), ("--token-mask", token_mask)) if value]
+        if unused:
+            raise click.UsageError(f"{', '.join(unused)} do not apply to --task causal-lm (MODEL is hf:DIR, "
+                                   "its own tokenizer reads DATA)")
     config = SelectConfig(**given(method=method, seed=seed, norm=norm, level=level,
                                    per_neuron=per_neuron, fraction=fraction, shira_r=shira_r,
                                    act_power=act_power, column_cap=column_cap))
@@ -86,7 +101,7 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
 
     check_writable(output)
     gps = config.method == "gps"
-    inputs = {"MODEL": None if gps else model, "DATA": data, "--tokenizer": tokenizer,
+    inputs = {"MODEL": spec_folder(model) if gps else model, "DATA": data, "--tokenizer": tokenizer,
               "--from-stats": from_stats, "--torch-checkpoint": torch_checkpoint,
               "--torch-model": spec_folder(torch_model)}
     from tqdm import tqdm
@@ -100,7 +115,7 @@ def select(model, data, output, method, seed, norm, level, per_neuron, fraction,
         result = select_masks(
             model, data, config, calibration, data_config, from_stats=from_stats, stats_out=stats_out,
             on_batch=bar.update, scope=scope, torch_model=torch_model, torch_checkpoint=torch_checkpoint,
-            outputs=outputs,
+            outputs=outputs, **given(task=task),
         )
         result.masks.save(output, outputs)
     masks, samples, provider, seconds = result.masks, result.samples, result.provider, result.seconds

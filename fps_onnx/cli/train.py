@@ -7,7 +7,7 @@ import logging
 
 import click
 
-from fps_onnx.torch.train.recipe import CausalLMRecipe, Recipe
+from fps_onnx.torch.train.recipe import TASKS, CausalLMRecipe, Recipe
 
 from .options import bar_disabled, given, quiet_option, spec_folder
 
@@ -16,7 +16,6 @@ __all__ = ["train"]
 log = logging.getLogger("fps_onnx")
 _R = Recipe()
 _C = CausalLMRecipe()
-TASKS = ("classification", "causal-lm")
 
 
 def _on(value: bool) -> str:

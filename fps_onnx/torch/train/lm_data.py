@@ -32,7 +32,8 @@ from ...errors import DataError
 from .. import hf
 from ._torch import torch
 
-__all__ = ["Collate", "IGNORE", "SUFFIXES", "TokenSet", "load_tokenizer", "open_lm_split", "pad_id"]
+__all__ = ["Collate", "IGNORE", "SUFFIXES", "TokenSet", "load_tokenizer", "model_max_length", "open_lm_split",
+           "pad_id"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,14 @@ def load_tokenizer(folder: str | os.PathLike):
 def pad_id(tokenizer) -> int:
     """The id to pad with: :func:`fps_onnx.data.text.pad_id` of the tokenizer's pad and EOS tokens."""
     return text.pad_id(tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+
+def model_max_length(model, wanted: int) -> int:
+    """Tokens per sample: ``wanted``, capped at the model's positions (its config's
+    ``max_position_embeddings`` or ``n_positions``, where it has one)."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(wanted, positions) if isinstance(positions, int) else wanted
 
 
 def open_lm_split(path: str | os.PathLike, tokenizer, max_length: int, vocab_size: int) -> TokenSet:

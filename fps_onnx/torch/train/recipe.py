@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from ..._limits import MAX_LENGTH, SEED_MAX, whole_number
 from ...errors import FpsError
 
-__all__ = ["CausalLMRecipe", "Recipe", "RecipeError"]
+__all__ = ["TASKS", "CausalLMRecipe", "Recipe", "RecipeError"]
+
+#: The losses of ``train --task`` and ``select --method gps --task``.
+TASKS = ("classification", "causal-lm")
 
 
 class RecipeError(FpsError):

@@ -296,8 +296,7 @@ def run_train_causal(
     if onnx_model is None:
         maskfile = _check_causal_masks(model, maskfile)
     tokenizer = lm_data.load_tokenizer(folder)
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    max_length = min(recipe.max_length, positions) if isinstance(positions, int) else recipe.max_length
+    max_length = lm_data.model_max_length(model, recipe.max_length)
     vocab = model.get_input_embeddings().weight.shape[0]
     sets = {name: lm_data.open_lm_split(path, tokenizer, max_length, vocab) if path else None
             for name, path in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
