@@ -302,3 +302,38 @@ def test_two_processes_killed_after_step_7_of_12_resume_to_the_same_delta(tmp_pa
                              env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _same(tmp_path / "out" / "delta.safetensors", tmp_path / "whole" / "delta.safetensors")
+
+
+def test_a_causal_lm_run_stopped_mid_epoch_resumes_to_the_same_delta(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from fps_onnx.torch.train import checkpoint
+    from llm_models import save_tiny_llm
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    save_tiny_llm("llama", tmp_path / "llama", seed=0)
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"), local_files_only=True)
+    rng = np.random.default_rng(0)
+    names = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
+    params = dict(model.named_parameters())
+    MaskFile({n: rng.random(tuple(params[n].shape)) < 0.1 for n in names}, {}).save(tmp_path / "m.safetensors")
+    lines = ["The capital of France is Paris.", "The quick brown fox jumps over the lazy dog.",
+             "Every layer has attention and a feed-forward block.", "A small model learns to predict."]
+    (tmp_path / "train.txt").write_text("\n".join(lines * 2) + "\n")
+    args = ["train", "--task", "causal-lm", "--model", f"hf:{tmp_path / 'llama'}", "--masks",
+            tmp_path / "m.safetensors", "--train", tmp_path / "train.txt", "--val", tmp_path / "train.txt",
+            "--batch-size", "2", "--accumulate", "2", "--epochs", "2", "--lr", "1e-2", "-q"]  # 2 steps an epoch
+    assert invoke(*args, "-o", tmp_path / "whole").exit_code == 0
+    real = _stopped_at(monkeypatch, 3)
+    assert invoke(*args, "-o", tmp_path / "out", "--save-every", "1").exit_code == 1
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", real)
+    record = json.loads((tmp_path / "out.checkpoints" / "last" / "record.json").read_text())
+    assert (record["position"]["epoch"], record["position"]["batch"], record["position"]["step"]) == (2, 2, 3)
+    result = invoke(*args, "-o", tmp_path / "out", "--resume", tmp_path / "out.checkpoints")
+    assert result.exit_code == 0, result.output
+    _same(tmp_path / "out" / "delta.safetensors", tmp_path / "whole" / "delta.safetensors")
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [e["val_loss"] for e in whole["epochs"]] == [e["val_loss"] for e in resumed["epochs"]]
+    assert resumed["steps"] == whole["steps"] == 4
