@@ -160,8 +160,11 @@ def test_resuming_at_an_epoch_boundary_or_the_end(case, monkeypatch, step):
     from fps_onnx.torch.train import checkpoint
 
     monkeypatch.setattr(checkpoint.Checkpoints, "save", real)
+    (tmp / "ck" / ".last.0123456789ab.tmp").mkdir()  # as a kill while writing leaves it
     result = invoke(*args, "-o", tmp / "out", "--resume", tmp / "ck", "--save-every", "3")
     assert result.exit_code == 0, result.output
+    left = sorted(p.name for p in (tmp / "ck").iterdir())
+    assert left == (["last"] if step < 12 else [".last.0123456789ab.tmp", "last"])  # the next save cleans up
     _same(tmp / "out" / "delta.safetensors", tmp / "whole" / "delta.safetensors")
 
 

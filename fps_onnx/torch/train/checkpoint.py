@@ -54,6 +54,7 @@ import math
 import os
 from pathlib import Path
 import random
+import shutil
 import time
 
 import numpy as np
@@ -595,6 +596,8 @@ class Checkpoints:
             "rng": [state["scalars"] for state in ranks],
         }
         self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(f".{LAST}.*.tmp"):  # left by a run killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
         with atomic_folder(self.folder / LAST) as tmp:
             write_safetensors(tmp / STATE, {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                               {"format": FORMAT, "format_version": FORMAT_VERSION}, framework="pt")
