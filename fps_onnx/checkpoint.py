@@ -110,7 +110,7 @@ def load(config: CalibrationCheckpoint, ours: dict, activations: Mapping[Activat
         stats = Stats.load(path)
         _, meta = read_safetensors(path, FORMAT, FORMAT_VERSION, StatsError, "statistics", with_tensors=False)
     except StatsError as exc:
-        raise CheckpointError(f"checkpoint {exc}") from exc
+        raise CheckpointError(f"cannot resume: {exc}") from exc
     if meta.get("checkpoint") != _KIND:
         raise CheckpointError(f"{path} is a stats file, not a checkpoint of `fps-onnx select`")
     _check_identity(read_json(meta.get("identity", ""), f"{path}: metadata 'identity'", CheckpointError), ours, path)

@@ -32,14 +32,16 @@ the run goes on as if it had never stopped: on CPU the same deltas, bit for
 bit, as an uninterrupted run.
 
 Sharded training (FSDP): the trained state passes through one pair of
-functions, :func:`trainable_state` and :func:`load_trainable_state`, and the
-optimizer's through :func:`optimizer_tensors` and :func:`checked_optimizer_state`.
-A sharded run replaces them with ``torch.distributed.checkpoint.state_dict``'s
-``get_state_dict`` / ``set_state_dict`` and writes those with
-``torch.distributed.checkpoint.save`` into ``DIR/last/model`` (each process
-its shards) inside the same temporary folder, in place of the ``trainable/``,
-``best/`` and ``optimizer/`` tensors; the record, the generator states and the
-atomic folder stay as they are.
+functions, :func:`trainable_state` and :func:`load_trainable_state` (the
+optimizer's through :func:`optimizer_tensors` and :func:`checked_optimizer_state`),
+gathered into tensors by :meth:`Checkpoints._state_tensors` and read back by
+:meth:`Checkpoints._checked_state`. A sharded run replaces those two with
+``torch.distributed.checkpoint.state_dict``'s ``get_state_dict`` /
+``set_state_dict`` (sharded tensors, trainable ones only) and
+``torch.distributed.checkpoint.save`` / ``load`` into ``DIR/last/model``, every
+process writing its shards into the same temporary folder (its name broadcast
+from the first process) before the first renames it in place; the record, the
+generator states and the atomic folder stay as they are.
 """
 
 from __future__ import annotations
@@ -467,14 +469,7 @@ class Checkpoints:
             return progress
         record, tensors = self._loaded
         where = f"checkpoint {self._resume_from}"
-        live = trainable_state(net)
-        trained = _prefixed(tensors, "trainable/")
-        _check_like(trained, live, where)
-        best = _prefixed(tensors, "best/")
-        if best:
-            _check_like(best, live, where)
-        opt_state = checked_optimizer_state(optimizer, record.get("optimizer"),
-                                            _prefixed(tensors, "optimizer/"), where)
+        trained, best, opt_state = self._checked_state(net, optimizer, record, tensors, where)
         sched = self._checked_schedule(schedule, record.get("schedule"), where)
         position, history = self._checked_position(record, loader, epochs, where)
         rng = record.get("rng")
@@ -499,6 +494,20 @@ class Checkpoints:
         log.info("resuming from %s: epoch %d, batch %d, step %d", self._resume_from, progress.epoch,
                  progress.batch, progress.step)
         return progress
+
+    @staticmethod
+    def _checked_state(net: nn.Module, optimizer, record: dict, tensors: Mapping[str, torch.Tensor], where: str
+                       ) -> tuple[dict, dict, dict]:
+        """(trained state, best epoch's state, optimizer state dict) read back, each checked
+        against the live ones: the part a sharded run reads otherwise (see the module docstring)."""
+        live = trainable_state(net)
+        trained = _prefixed(tensors, "trainable/")
+        _check_like(trained, live, where)
+        best = _prefixed(tensors, "best/")
+        if best:
+            _check_like(best, live, where)
+        return trained, best, checked_optimizer_state(optimizer, record.get("optimizer"),
+                                                      _prefixed(tensors, "optimizer/"), where)
 
     @staticmethod
     def _checked_schedule(schedule, saved: object, where: str) -> dict:
@@ -565,6 +574,14 @@ class Checkpoints:
 
     # ------------------------------------------------------------------ writing
 
+    @staticmethod
+    def _state_tensors(net: nn.Module, optimizer, progress: Progress) -> dict[str, torch.Tensor]:
+        """The trained state to save (``trainable/``, ``best/``, ``optimizer/``): the part a
+        sharded run writes otherwise (see the module docstring)."""
+        tensors = {f"trainable/{k}": v for k, v in trainable_state(net).items()}
+        tensors |= {f"best/{k}": v for k, v in (progress.best_state or {}).items()}
+        return tensors | {f"optimizer/{k}": v for k, v in optimizer_tensors(optimizer).items()}
+
     def save(self, net: nn.Module, optimizer, schedule, progress: Progress) -> None:
         """Write ``DIR/last`` (every process takes part: the generator states are gathered)."""
         rng = _rng_state(self.device, self._epoch_states)
@@ -574,9 +591,7 @@ class Checkpoints:
             torch.distributed.all_gather_object(ranks, rng)
         if self.rank != 0:
             return
-        tensors = {f"trainable/{k}": v for k, v in trainable_state(net).items()}
-        tensors |= {f"best/{k}": v for k, v in (progress.best_state or {}).items()}
-        tensors |= {f"optimizer/{k}": v for k, v in optimizer_tensors(optimizer).items()}
+        tensors = self._state_tensors(net, optimizer, progress)
         for r, state in enumerate(ranks):
             tensors |= {f"rng/{r}/{k}": v for k, v in state["tensors"].items()}
         schedule_state = schedule.state_dict()
