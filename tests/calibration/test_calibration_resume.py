@@ -170,3 +170,22 @@ def test_checkpoint_options_apply_to_a_calibration_only(chain, tmp_path):
                      "--checkpoint-every must be a whole number from 1", absent=[tmp_path / "m2"])
     assert_one_error(invoke("select", model, data, "-o", tmp_path / "m2", "--checkpoint-every", "1",
                             "--stats-out", tmp_path / "m2.checkpoint"), "the same file as")
+
+
+def test_text_with_padding_masked_resumes_bit_identical(tmp_path, monkeypatch):
+    from _models import tiny_lm
+
+    model = tiny_lm(tmp_path / "lm", with_mask=True)  # padded positions left out by attention_mask
+    lines = ["the cat sat on the mat", "mat", "the cat", "on the mat the cat sat", "sat", "the mat on"]
+    (tmp_path / "a.txt").write_text("\n".join(lines * 3) + "\n")
+    common = [model, tmp_path / "a.txt", "--batch-size", "4", "--per-neuron", "1", "-q"]  # 5 batches
+    assert invoke("select", *common, "-o", tmp_path / "a.m", "--stats-out", tmp_path / "a.s").exit_code == 0
+    real = _stop_after(monkeypatch, 3)
+    assert invoke("select", *common, "-o", tmp_path / "b.m", "--stats-out", tmp_path / "b.s",
+                  "--checkpoint-every", "3").exit_code == 130
+    monkeypatch.setattr(checkpoint, "save", real)
+    assert Stats.load(Path(f"{tmp_path / 'b.m'}.checkpoint")).num_samples == 12
+    result = invoke("select", *common, "-o", tmp_path / "b.m", "--stats-out", tmp_path / "b.s", "--resume")
+    assert result.exit_code == 0, result.output
+    _same_stats(tmp_path / "a.s", tmp_path / "b.s")
+    _same_masks(tmp_path / "a.m", tmp_path / "b.m")
