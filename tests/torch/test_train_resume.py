@@ -340,3 +340,44 @@ def test_a_causal_lm_run_stopped_mid_epoch_resumes_to_the_same_delta(tmp_path, m
     resumed = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [e["val_loss"] for e in whole["epochs"]] == [e["val_loss"] for e in resumed["epochs"]]
     assert resumed["steps"] == whole["steps"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_processes_of_a_causal_lm_killed_after_step_4_of_6_resume_to_the_same_delta(tmp_path):
+    pytest.importorskip("transformers")
+    from llm_models import save_tiny_llm
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    save_tiny_llm("llama", tmp_path / "llama", seed=0)
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"), local_files_only=True)
+    rng = np.random.default_rng(0)
+    name = "model.layers.1.mlp.down_proj.weight"
+    shape = tuple(dict(model.named_parameters())[name].shape)
+    MaskFile({name: rng.random(shape) < 0.1}, {}).save(tmp_path / "m.safetensors")
+    lines = ["The capital of France is Paris.", "The quick brown fox jumps over the lazy dog.",
+             "Every layer has attention and a feed-forward block.", "A small model learns to predict."]
+    (tmp_path / "train.txt").write_text("\n".join(lines * 3) + "\n")  # 12: 6 a process, 3 batches of 2
+    args = ["train", "--task", "causal-lm", "--model", f"hf:{tmp_path / 'llama'}", "--masks",
+            str(tmp_path / "m.safetensors"), "--train", str(tmp_path / "train.txt"), "--batch-size", "2",
+            "--epochs", "2", "--lr", "1e-2", "-q"]
+
+    def torchrun() -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port())]
+
+    script = shutil.which("fps-onnx", path=str(Path(sys.executable).parent))
+    whole = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "whole")], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = _killed([*args, "-o", str(tmp_path / "out"), "--save-every", "2"], tmp_path, 4, torchrun(), env)
+    assert killed.returncode != 0 and not (tmp_path / "out").exists()
+    record = json.loads((tmp_path / "out.checkpoints" / "last" / "record.json").read_text())
+    assert (record["position"]["epoch"], record["position"]["batch"], record["position"]["step"]) == (2, 1, 4)
+    resumed = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "out"), "--resume",
+                              str(tmp_path / "out.checkpoints")], capture_output=True, text=True, timeout=300,
+                             env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _same(tmp_path / "out" / "delta.safetensors", tmp_path / "whole" / "delta.safetensors")
