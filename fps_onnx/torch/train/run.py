@@ -9,7 +9,8 @@ Causal language modelling (:func:`run_train_causal`): ``delta.safetensors``
 Either way they are written together (one folder renamed into place, other
 files already in the folder kept) and only once training has finished, by the
 first process when several run under ``torchrun``. Until then nothing is
-created, not even the folder.
+created, not even the folder (checkpoints, with ``checkpointing``, go to a
+folder of their own: :mod:`.checkpoint`).
 """
 
 from __future__ import annotations
