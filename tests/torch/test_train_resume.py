@@ -224,6 +224,8 @@ def test_a_checkpoint_of_another_run_is_refused(checkpoint_of, change, message):
     ("version", "checkpoint format version '9'"),
     ("world", r"written by a run of 2 processes, this one has 1"),
     ("position", r"batch must be a whole number from 0 to 6"),
+    ("generator", r"generator state torch is not valid \(Invalid mt19937 state\)"),
+    ("optimizer", r"optimizer tensor '0/exp_avg' must be finite float"),
 ])
 def test_a_damaged_checkpoint_is_refused_and_nothing_written(checkpoint_of, damage, message):
     args, tmp, folder = checkpoint_of
@@ -239,6 +241,21 @@ def test_a_damaged_checkpoint_is_refused_and_nothing_written(checkpoint_of, dama
         record.write_text(record.read_text()[:50])
     elif damage == "missing":
         shutil.rmtree(last)
+    elif damage in ("generator", "optimizer"):  # a crafted file, its digest in the record
+        from safetensors.torch import load_file, save_file
+
+        from fps_onnx._io import content_digest
+        from fps_onnx.errors import DataError
+
+        tensors = load_file(str(state))
+        if damage == "generator":
+            tensors["rng/0/torch"] = torch.full_like(tensors["rng/0/torch"], 255)
+        else:
+            tensors["optimizer/0/exp_avg"] = torch.full_like(tensors["optimizer/0/exp_avg"], float("nan"))
+        save_file(tensors, str(state), metadata={"format": "fps-train-checkpoint", "format_version": "1"})
+        content = json.loads(record.read_text())
+        content["files"]["state.safetensors"] = content_digest(state, DataError)
+        record.write_text(json.dumps(content))
     else:
         content = json.loads(record.read_text())
         if damage == "version":

@@ -70,7 +70,7 @@ from ..._io import (
     write_safetensors,
 )
 from ..._limits import read_json, shown, whole_number
-from ...errors import CheckpointError, DataError
+from ...errors import CheckpointError, DataError, first_line
 from . import sparse
 from ._torch import nn, torch
 
@@ -404,6 +404,11 @@ def _checked_rng(tensors: Mapping[str, torch.Tensor], scalars: object, device: t
     for name, like in expect.items():
         if tensors[name].dtype != torch.uint8 or tensors[name].shape != like.shape:
             raise CheckpointError(f"{where}: generator state {name} is not a torch generator's")
+        if name != "cuda":
+            try:  # a scratch generator takes it first
+                torch.Generator().set_state(tensors[name])
+            except RuntimeError as exc:
+                raise CheckpointError(f"{where}: generator state {name} is not valid ({first_line(exc)})") from None
     for name, size in (("numpy", _MT_WORDS), ("python", _MT_WORDS + 1)):
         words = tensors[name]
         if words.dtype != torch.int64 or tuple(words.shape) != (size,) or bool(
@@ -415,21 +420,29 @@ def _checked_rng(tensors: Mapping[str, torch.Tensor], scalars: object, device: t
         (pos, has_gauss, cached), (version, gauss) = scalars["numpy"], scalars["python"]
         ok = (type(pos) is int and 0 <= pos <= _MT_WORDS and has_gauss in (0, 1) and type(has_gauss) is int
               and isinstance(cached, (int, float)) and version == random.getstate()[0]
-              and (gauss is None or isinstance(gauss, float)) and 1 <= int(tensors["python"][-1]) <= _MT_WORDS)
+              and (gauss is None or isinstance(gauss, float)) and 0 <= int(tensors["python"][-1]) <= _MT_WORDS)
     if not ok:
         raise CheckpointError(f"{where}: the generator states' scalars are not valid")
-    return {"tensors": dict(tensors), "scalars": scalars}
+    state = {"tensors": dict(tensors), "scalars": scalars}
+    try:  # scratch generators take them first
+        _set_rng(state, device, np.random.RandomState(), random.Random())
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{where}: the generator states are not valid ({first_line(exc)})") from None
+    return state
 
 
-def _set_rng(state: dict, device: torch.device) -> None:
+def _set_rng(state: dict, device: torch.device, numpy_rng=np.random, python_rng=random) -> None:
+    """Set the generators from ``state``: torch's and CUDA's only with the global NumPy and
+    Python ones (other ``numpy_rng``, ``python_rng``: scratch ones, to check the state)."""
     tensors, scalars = state["tensors"], state["scalars"]
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["cuda"], device)
     pos, has_gauss, cached = scalars["numpy"]
-    np.random.set_state(("MT19937", tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, float(cached)))
+    numpy_rng.set_state(("MT19937", tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, float(cached)))
     version, gauss = scalars["python"]
-    random.setstate((version, tuple(int(w) for w in tensors["python"].tolist()), gauss))
+    python_rng.setstate((version, tuple(int(w) for w in tensors["python"].tolist()), gauss))
+    if numpy_rng is np.random:
+        torch.set_rng_state(tensors["torch"])
+        if "cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["cuda"], device)
 
 
 class Checkpoints:
