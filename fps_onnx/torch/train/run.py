@@ -219,7 +219,7 @@ def run_train(
     device = _device(device, local_rank)
     trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
     checkpoints = _checkpoints(checkpointing, out, rank, world, device, "classification", digest, model, recipe,
-                               splits, num_classes=classes)
+                               splits, num_classes=classes, image_size=image_size)
     net = _place(model, device, world)
 
     history = loop.fit(
