@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 import contextlib
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from .errors import OutputError, first_line
 
 __all__ = [
     "Outputs", "atomic_folder", "atomic_write", "captured_output", "check_clashes", "check_folder",
-    "check_writable", "file_kind", "listed_paths", "open_regular", "read_safetensors", "same_path",
+    "check_writable", "content_digest", "file_kind", "listed_paths", "open_regular", "read_safetensors", "same_path",
     "transaction", "write_safetensors",
 ]
 
@@ -58,6 +59,42 @@ def file_kind(mode: int) -> str:
         if test(mode):
             return kind
     return "not a plain file"
+
+
+#: Entries a folder's digest walks at most (:func:`content_digest`).
+MAX_DIGEST_ENTRIES = 10_000_000
+_CHUNK = 1 << 20
+
+
+def content_digest(path: str | os.PathLike, error: type[Exception]) -> str:
+    """Hex SHA-256 naming what ``path`` holds, to tell one run's inputs from another's.
+
+    A file: the SHA-256 of its bytes (a regular file only). A folder: of the
+    list of its regular files and links to them (relative path, NUL, size in decimal, newline),
+    sorted, found without following links into other folders and refused
+    (``error``) past :data:`MAX_DIGEST_ENTRIES` entries; their bytes are not
+    read, so a file rewritten in place to the same size is not told apart.
+    """
+    digest = hashlib.sha256()
+    if not os.path.isdir(path):
+        with open_regular(path, error) as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+    root, entries, seen = os.fspath(path), [], 0
+    for folder, dirs, files in os.walk(root):
+        seen += len(dirs) + len(files)
+        if seen > MAX_DIGEST_ENTRIES:
+            raise error(f"{path} holds more than {MAX_DIGEST_ENTRIES:,} entries")
+        for name in files:
+            full = os.path.join(folder, name)
+            with contextlib.suppress(OSError):
+                info = os.stat(full)
+                if stat.S_ISREG(info.st_mode):
+                    entries.append(f"{os.path.relpath(full, root)}\0{info.st_size}\n")
+    for entry in sorted(entries):
+        digest.update(entry.encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def check_writable(path: str | os.PathLike) -> Path:

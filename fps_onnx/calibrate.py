@@ -22,6 +22,7 @@ import time
 import numpy as np
 import onnx
 
+from . import checkpoint as calibration_checkpoint
 from . import providers
 from .data import DataConfig, iter_batches
 from .errors import DataError, FpsError, ModelError, NumericError, first_line
@@ -94,13 +95,15 @@ def calibrate(
     check_sites: Callable[[list[graph.WeightSite]], None] | None = None,
     scope: ScopeConfig = ScopeConfig(),
     check_refs: Callable[[list[external.ExternalRef]], None] | None = None,
+    checkpoint: calibration_checkpoint.CalibrationCheckpoint | None = None,
 ) -> Calibration:
     """Run the model over the data once and return the statistics of every weight input.
 
     ``check_sites(sites)`` runs before any data is read (to reject a budget
     early), as does ``check_refs(refs)`` with the model's checked external-data
     references (to refuse an output that would replace one); ``on_batch(n)``
-    after each batch of ``n`` samples (progress bars).
+    after each batch of ``n`` samples (progress bars). ``checkpoint``: write the
+    running sums every few batches, or go on from them (:mod:`fps_onnx.checkpoint`).
     """
     chosen = providers.resolve(config.provider)
     model, folder, refs = load_checked(model_path)
@@ -149,10 +152,16 @@ def calibrate(
         inputs = [s for s in inputs if s.name not in feeder.provided]  # what the data must hold
         names = list(outputs)
         per_act: dict[graph.Activation, ChannelStats] = {}
-        samples = 0
+        samples = done = 0
+        if checkpoint is not None:
+            ident = calibration_checkpoint.identity(sha_future.result(), data_path, statistics, mask_name,
+                                                    data_config, scope)
+            per_act, samples, done = calibration_checkpoint.load(checkpoint, ident, channels)
+            if samples and on_batch is not None:
+                on_batch(samples)
         start = time.perf_counter()
         first, step = data_config.shard or (0, 1)  # batches are numbered as in an unsharded run
-        for i, feed in enumerate(iter_batches(data_path, inputs, data_config, model_path)):
+        for i, feed in enumerate(iter_batches(data_path, inputs, data_config, model_path, skip=done), done):
             index = first + i * step
             full = feeder.complete(feed)  # may move padding: its mask is the one to apply
             values = _run(session, names, full, index)
@@ -160,6 +169,8 @@ def calibrate(
             mask = full.get(mask_name, feed.get(mask_name)) if mask_name else None
             _accumulate(per_act, outputs, names, values, mask, channels, sites, index)
             samples += n
+            if checkpoint is not None:
+                calibration_checkpoint.save(checkpoint, ident, per_act, samples, i + 1, data_config)
             if on_batch is not None:
                 on_batch(n)
         if samples == 0:

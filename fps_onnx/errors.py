@@ -39,6 +39,10 @@ class OutputError(FpsError):
     """An output path cannot be written."""
 
 
+class CheckpointError(FpsError):
+    """A checkpoint to resume from is missing, damaged, or was written by another run."""
+
+
 class ExportError(FpsError):
     """A model cannot be built or exported to ONNX."""
 

@@ -12,6 +12,7 @@ import threading
 
 from ._io import Outputs, check_writable, listed_paths, transaction
 from .calibrate import CalibrationConfig, calibrate, find_sites
+from .checkpoint import CalibrationCheckpoint
 from .data import DataConfig
 from .errors import BudgetError, DataError, StatsError, quoted
 from .onnx import graph
@@ -61,6 +62,7 @@ def run_select(
     on_batch: Callable[[int], None] | None = None,
     scope: ScopeConfig = ScopeConfig(),
     outputs: Outputs | None = None,
+    checkpoint: CalibrationCheckpoint | None = None,
 ) -> SelectResult:
     """FPS masks of every selectable weight of ``model_path``.
 
@@ -72,22 +74,27 @@ def run_select(
     once selection has succeeded, or staged in the transaction ``outputs`` (the
     caller's, which writes the masks too); an output that is one of the inputs
     (the model, its external data, the data, a stats file) is refused before
-    any work.
+    any work. ``checkpoint``: the calibration writes its running sums every few
+    batches, or goes on from them (:mod:`fps_onnx.checkpoint`); the checkpoint
+    is removed once the outputs are in place.
     """
     if stats_out is not None:
         check_writable(stats_out)
-    with transaction(outputs, planned={"--stats-out": stats_out}, inputs={
+    where = checkpoint.path if checkpoint is not None else None
+    with transaction(outputs, planned={"--stats-out": stats_out, "the checkpoint": where}, inputs={
         "the model": model_path, "the calibration data": data_path, "--from-stats": listed_paths(from_stats),
     }) as staged:
         result = _run_select(model_path, data_path, select_config, calibration, data_config,
-                             from_stats, stats_out, on_batch, scope, staged)
+                             from_stats, stats_out, on_batch, scope, staged, checkpoint)
         if stats_out is not None and result.stats.weights:
             result.stats.save(stats_out, staged)
+        if where is not None:
+            staged.remove(where)
         return result
 
 
 def _run_select(model_path, data_path, select_config, calibration, data_config, from_stats, stats_out,
-                on_batch, scope, outputs: Outputs) -> SelectResult:
+                on_batch, scope, outputs: Outputs, checkpoint: CalibrationCheckpoint | None) -> SelectResult:
     external_data = "the model's external data"
     if select_config.method not in METHODS:
         raise BudgetError(f"method {select_config.method!r} needs a PyTorch model (fps_onnx.torch.gps)")
@@ -110,6 +117,7 @@ def _run_select(model_path, data_path, select_config, calibration, data_config, 
             model_path, data_path, calibration, data_config,
             on_batch=on_batch, check_sites=lambda s: check_budget(s, select_config), scope=scope,
             check_refs=lambda refs: outputs.plan(inputs={external_data: [r.path for r in refs]}),
+            checkpoint=checkpoint,
         )
         stats, sites, provider, seconds = result.stats, result.sites, result.provider, result.seconds
         model, base_dir = result.model, result.base_dir
@@ -200,7 +208,7 @@ def select(
     **options,
 ) -> Selection:
     """The whole ``fps-onnx select``: :func:`run_select` on the ONNX ``model`` (``options``
-    are its keyword options: ``from_stats``, ``stats_out``, ``scope``, ``outputs``), or, with
+    are its keyword options: ``from_stats``, ``stats_out``, ``scope``, ``outputs``, ``checkpoint``), or, with
     ``select_config.method == "gps"``, the gradient baseline on the PyTorch SPEC ``model``
     and the labelled split ``data`` (``task`` "causal-lm": the causal LM ``hf:DIR`` and its token
     data, ``scope`` applied). With ``torch_model`` (a SPEC) the FPS masks are keyed by

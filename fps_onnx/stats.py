@@ -142,8 +142,10 @@ class Stats:
         if missing:
             raise StatsError(f"{source} has no statistics for {missing[0]}")
 
-    def save(self, path: str | os.PathLike, outputs: Outputs | None = None) -> None:
-        """Write the stats file atomically (or stage it in the transaction ``outputs``)."""
+    def save(self, path: str | os.PathLike, outputs: Outputs | None = None, *,
+             metadata: Mapping[str, str] | None = None) -> None:
+        """Write the stats file atomically (or stage it in the transaction ``outputs``);
+        ``metadata``: more string entries (the format's own keys win)."""
         for key, c in self.weights.items():
             if c.count < 1:
                 raise StatsError(no_rows(key))
@@ -155,6 +157,7 @@ class Stats:
                     tensors[f"{key}:{name}"] = np.ascontiguousarray(value, dtype=np.float64)
             tensors[f"{key}:count"] = np.array([c.count], dtype=np.int64)
         meta = {
+            **dict(metadata or {}),
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model_sha256": self.model_sha256,

@@ -27,9 +27,10 @@ LAYERS = {
     "fps_onnx.onnx": 1,
     # 2 data readers: arrays, images, text
     "fps_onnx.data": 2,
-    # 3 calibration: the ORT session and loop, the statistics file, providers
+    # 3 calibration: the ORT session and loop, the statistics file and its checkpoint, providers
     "fps_onnx.calibrate": 3,
     "fps_onnx.stats": 3,
+    "fps_onnx.checkpoint": 3,
     "fps_onnx.providers": 3,
     # 4 selection: scores and top-k, the mask file
     "fps_onnx.selection": 4,

@@ -9,6 +9,7 @@ import click
 
 from fps_onnx import providers
 from fps_onnx.calibrate import DEFAULT_TOKEN_MASK, CalibrationConfig
+from fps_onnx.checkpoint import CalibrationCheckpoint
 from fps_onnx.data import DEFAULT_IMAGE_SIZE, DataConfig
 from fps_onnx.data.text import DEFAULT_MAX_LENGTH
 from fps_onnx.onnx.scope import ScopeConfig
@@ -54,13 +55,16 @@ log = logging.getLogger("fps_onnx")
 @click.option("--token-mask", help=f"Input whose zeros mark padded tokens. [default: {DEFAULT_TOKEN_MASK}, if present]")
 @click.option("--stats-out", type=click.Path(dir_okay=False), help="Also write the accumulated statistics (both norms).")
 @click.option("--from-stats", type=click.Path(dir_okay=False), multiple=True, help="Select from a statistics file instead of running the model; repeat it to merge the shards of one calibration (with --stats-out: also write the merged file).")
+@click.option("--checkpoint-every", "checkpoint_every", type=int, metavar="N", help="Write the running statistics every N batches to OUTPUT.checkpoint (atomically; removed once the masks are written), for --resume.")
+@click.option("--resume", is_flag=True, help="Go on from OUTPUT.checkpoint, when there is one, as if the calibration had never stopped (same model, data and options).")
 @click.option("--torch-model", help="Key the masks by the parameter names of this PyTorch model SPEC (timm:NAME, hf:PATH, module:function), matched by value: the model `fps-onnx train --model SPEC` builds (hf: its task model).")
 @click.option("--torch-checkpoint", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @quiet_option
 def select(model, data, output, method, task, seed, norm, level, per_neuron, fraction, shira_r, act_power, column_cap,
            provider, batch_size, max_samples, shard, image_size, mean, std, max_length, text_field, tokenizer, include_lm_head,
-           exclude, token_mask, stats_out, from_stats, torch_model, torch_checkpoint, as_json, quiet):
+           exclude, token_mask, stats_out, from_stats, checkpoint_every, resume, torch_model, torch_checkpoint, as_json,
+           quiet):
     """Select the weights of MODEL (ONNX) to fine-tune, from calibration DATA.
 
     DATA is a folder or one file: .npy (one input), .npz (arrays keyed by input
@@ -97,6 +101,11 @@ def select(model, data, output, method, task, seed, norm, level, per_neuron, fra
         tokenizer=tokenizer, shard=shard,
     ))
     scope = ScopeConfig(**given(include_lm_head=include_lm_head, exclude=tuple(exclude) or None))
+    checkpoint = None
+    if checkpoint_every is not None or resume:
+        if from_stats or not needs_data or config.method == "gps":
+            raise click.UsageError("--checkpoint-every and --resume apply to an FPS calibration on DATA")
+        checkpoint = CalibrationCheckpoint.beside(output, checkpoint_every, resume)
     from fps_onnx.fileio import check_writable, transaction
 
     check_writable(output)
@@ -115,7 +124,7 @@ def select(model, data, output, method, task, seed, norm, level, per_neuron, fra
         result = select_masks(
             model, data, config, calibration, data_config, from_stats=from_stats, stats_out=stats_out,
             on_batch=bar.update, scope=scope, torch_model=torch_model, torch_checkpoint=torch_checkpoint,
-            outputs=outputs, **given(task=task),
+            outputs=outputs, checkpoint=checkpoint, **given(task=task),
         )
         result.masks.save(output, outputs)
     masks, samples, provider, seconds = result.masks, result.samples, result.provider, result.seconds

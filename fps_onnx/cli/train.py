@@ -75,12 +75,19 @@ def _both(name: str, show=str) -> str:
 @click.option("--num-classes", type=int, help="Classes of the new head. [default: from the training split]")
 @click.option("--image-size", type=int, help="Input side; overrides the model's own.")
 @click.option("--device", help="cpu, cuda or cuda:N. [default: cuda when available]")
+@click.option("--save-every", type=int, metavar="N",
+              help="Write a checkpoint every N optimizer steps (atomically; the last complete one is kept).")
+@click.option("--save-dir", type=click.Path(file_okay=False),
+              help="Folder for the checkpoints. [default: the --resume folder, else OUTPUT.checkpoints]")
+@click.option("--resume", type=click.Path(file_okay=False),
+              help="Go on from the last checkpoint in this folder (of the same model, masks, data, recipe and "
+                   "number of processes), as if the run had never stopped.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics on stdout.")
 @quiet_option
 def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_path, output, epochs, batch_size,
           lr, weight_decay, warmup_epochs, min_lr, clip_grad, label_smoothing, seed, train_head, train_bias,
           train_norm, amp, workers, max_steps, accumulate, checkpointing, max_length, num_classes, image_size,
-          device, as_json, quiet):
+          device, save_every, save_dir, resume, as_json, quiet):
     """Fine-tune only the weights a mask file selects (plus head and biases).
 
     Memory grows with the selection: the optimizer sees k-sized tensors only.
@@ -89,9 +96,10 @@ def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_
     """
     from fps_onnx.fileio import check_clashes
 
-    check_clashes({"-o": output}, {"--model": spec_folder(spec), "--checkpoint": checkpoint, "--masks": masks,
+    check_clashes({"-o": output, "--save-dir": save_dir}, {"--resume": resume, "--model": spec_folder(spec), "--checkpoint": checkpoint, "--masks": masks,
                                    "--onnx": onnx_model, "--train": train_path, "--val": val_path,
                                    "--test": test_path})
+    from fps_onnx.torch.train.checkpoint import Checkpointing
     from fps_onnx.torch.train.run import Splits, run_train, run_train_causal
 
     causal = task == "causal-lm"
@@ -131,15 +139,19 @@ def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_
                  val, record["seconds"], record["samples_per_second"] or 0.0)
 
     splits = Splits(train_path, val_path, test_path)
+    checkpointing = (Checkpointing(save_every, save_dir, resume)
+                     if save_every is not None or resume is not None else None)
+    if save_dir is not None and checkpointing is None:
+        raise click.UsageError("--save-dir needs --save-every")
     try:
         if causal:
             metrics = run_train_causal(spec, masks, splits, output, recipe, onnx_model=onnx_model, device=device,
-                                       on_step=on_step, on_epoch=on_epoch)
+                                       on_step=on_step, on_epoch=on_epoch, checkpointing=checkpointing)
         else:
             metrics = run_train(
                 spec, masks, splits, output, recipe,
                 checkpoint=checkpoint, onnx_model=onnx_model, num_classes=num_classes, image_size=image_size,
-                device=device, on_step=on_step, on_epoch=on_epoch,
+                device=device, on_step=on_step, on_epoch=on_epoch, checkpointing=checkpointing,
             )
     finally:
         for bar in bars.values():

@@ -49,23 +49,26 @@ def find_files(path: str | os.PathLike) -> list[Path]:
 
 def iter_batches(
     path: str | os.PathLike, inputs: Sequence[InputSpec], config: DataConfig = DataConfig(),
-    model_path: str | os.PathLike | None = None,
+    model_path: str | os.PathLike | None = None, *, skip: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of ``config.batch_size`` samples (the last may be smaller), as model feeds.
 
     ``model_path`` locates what text data needs beside the model (its
     tokenizer.json and config.json). With ``config.shard = (K, N)`` only batches
     K, K+N, K+2N, ... of the unsharded sequence are assembled and yielded; a
-    shard that gets none is a DataError.
+    shard that gets none is a DataError. ``skip``: the first ``skip`` of the
+    batches this would yield are passed over without being assembled (a
+    resumed calibration's; images in them are not decoded).
     """
     dtypes = {s.name: s.dtype for s in inputs}
     k, n = config.shard or (0, 1)
     cut = 0
-    got = False
+    got = 0
     for pieces in _cut(_chunks(find_files(path), inputs, config, TextReader(model_path, config)), config):
         if cut % n == k:
-            got = True
-            yield _concat([_rows(chunk, start, stop) for chunk, start, stop in pieces], dtypes)
+            got += 1
+            if got > skip:
+                yield _concat([_rows(chunk, start, stop) for chunk, start, stop in pieces], dtypes)
         cut += 1
     if config.shard is not None and not got:
         raise DataError(f"shard {k}/{n} gets no batch: {path} makes {cut} batch{'es' * (cut != 1)} "

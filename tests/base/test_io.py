@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 import stat
@@ -263,3 +264,26 @@ def test_open_regular_refuses_anything_else_with_the_error_given(tmp_path, make,
     make(tmp_path / "p")
     with pytest.raises(_Refused, match=message):
         _io.open_regular(tmp_path / "p", _Refused, "weights", follow_links=follow)
+
+
+def test_content_digest_names_a_file_by_its_bytes_and_a_folder_by_its_files_and_sizes(tmp_path, monkeypatch):
+    from fps_onnx._io import content_digest
+    from fps_onnx.errors import DataError
+
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "a" / "x.png").write_bytes(b"12345")
+    (tmp_path / "d" / "y.png").write_bytes(b"abc")
+    file, folder = content_digest(tmp_path / "d" / "y.png", DataError), content_digest(tmp_path / "d", DataError)
+    assert file == hashlib.sha256(b"abc").hexdigest()
+    (tmp_path / "d" / "y.png").write_bytes(b"abd")  # same size: the folder's digest stays
+    assert content_digest(tmp_path / "d", DataError) == folder != content_digest(tmp_path / "d" / "y.png", DataError)
+    (tmp_path / "d" / "y.png").write_bytes(b"abcd")
+    resized = content_digest(tmp_path / "d", DataError)
+    (tmp_path / "d" / "a" / "x.png").rename(tmp_path / "d" / "a" / "z.png")
+    assert len({folder, resized, content_digest(tmp_path / "d", DataError)}) == 3
+    monkeypatch.setattr(_io, "MAX_DIGEST_ENTRIES", 2)
+    with pytest.raises(DataError, match="holds more than 2 entries"):
+        content_digest(tmp_path / "d", DataError)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(DataError, match="a FIFO, not a regular file"):
+        content_digest(tmp_path / "fifo", DataError)

@@ -18,7 +18,7 @@ import math
 import time
 
 from ...errors import DataError, ExportError, NumericError
-from . import loop
+from . import checkpoint, loop
 from ._torch import nn, torch
 from .lm_data import IGNORE
 from .recipe import Recipe
@@ -136,6 +136,7 @@ def fit(
     device: torch.device | str = "cpu",
     on_step: Callable[[int, float, int], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    checkpoints: checkpoint.Checkpoints | None = None,
 ) -> dict:
     """Train a prepared (possibly DDP-wrapped) causal LM; returns the history.
 
@@ -144,7 +145,8 @@ def fit(
     perplexity, tokens/s and peak memory. Training stops after
     ``recipe.max_steps`` optimizer steps when set. The model is left at the
     epoch of lowest validation loss (the last one without validation).
-    ``on_step(epoch, loss, samples)`` and ``on_epoch(record)`` report progress.
+    ``on_step(epoch, loss, samples)`` and ``on_epoch(record)`` report progress;
+    ``checkpoints`` saves the run every few steps, or resumes it (see :mod:`.checkpoint`).
     """
     device = torch.device(device)
     batches = len(train_loader)
@@ -157,24 +159,28 @@ def fit(
     epochs = math.ceil(total / per_epoch)
     optimizer = loop.make_optimizer(model, recipe)
     schedule = loop.make_schedule(optimizer, recipe, per_epoch, total=total)
-    records, best, best_loss, best_state, steps = [], 0, math.inf, None, 0
-    for epoch in range(1, epochs + 1):
+    checkpoints = checkpoints or checkpoint.Checkpoints.off()
+    run = checkpoints.resume(model, optimizer, schedule, train_loader, checkpoint.Progress(), epochs=epochs)
+    for epoch in range(run.epoch, epochs + 1):
         loop.begin_epoch(model, train_loader, device, epoch)
-        start, loss_sum, tokens, samples = time.perf_counter(), 0.0, 0, 0
-        for group in _groups(train_loader, recipe.accumulate):
+        start = time.perf_counter()
+        for group in _groups(checkpoints.batches(train_loader, run), recipe.accumulate):
+            if run.step >= total:
+                break
             summed, n = train_step(model, group, optimizer, schedule, recipe, device)
-            loss_sum, tokens, steps = loss_sum + summed, tokens + n, steps + 1
             size = sum(len(b["labels"]) for b in group)
-            samples += size
+            run.add(len(group), loss=summed, tokens=n, samples=size)
+            checkpoints.step_done(model, optimizer, schedule, run)
             if on_step is not None:
                 on_step(epoch, summed / max(n, 1), size)
-            if steps >= total:
+            if run.step >= total:
                 break
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+        seconds = run.seconds + time.perf_counter() - start
+        tokens, samples = run.totals.get("tokens", 0), run.totals.get("samples", 0)
         memory, kind = loop.peak_memory(device)
-        record = {"epoch": epoch, "train_loss": loss_sum / max(tokens, 1), "steps": steps,
+        record = {"epoch": epoch, "train_loss": run.totals.get("loss", 0.0) / max(tokens, 1), "steps": run.step,
                   "tokens": tokens, "seconds": seconds,
                   "tokens_per_second": tokens / seconds if seconds else None,
                   "samples_per_second": samples / seconds if seconds else None,
@@ -184,12 +190,12 @@ def fit(
             val = evaluate(model, val_loader, device, recipe)
             record["val_loss"], record["val_perplexity"] = val["loss"], val["perplexity"]
         if val_loader is None:
-            best = epoch
-        elif record["val_loss"] < best_loss:
-            best, best_loss, best_state = epoch, record["val_loss"], loop._snapshot(model)
-        records.append(record)
+            run.best = epoch
+        elif record["val_loss"] < (math.inf if run.best_score is None else run.best_score):
+            run.best, run.best_score, run.best_state = epoch, record["val_loss"], checkpoint.trainable_state(model)
+        run.end_epoch(record)
         if on_epoch is not None:
             on_epoch(record)
-    if best_state is not None and best != epochs:
-        loop._restore(model, best_state)
-    return {"epochs": records, "best_epoch": best, "steps": steps}
+    if run.best_state is not None and run.best != epochs:
+        checkpoint.load_trainable_state(model, run.best_state)
+    return {"epochs": run.records, "best_epoch": run.best, "steps": run.step}

@@ -20,7 +20,7 @@ import time
 from ...errors import DataError, NumericError
 from ...selection.maskfile import MaskFile, mask_file_of
 from ..models import rekey_masks, resolve_keys
-from . import sparse
+from . import checkpoint, sparse
 from ._torch import nn, torch
 from .masks import attach_masks
 from .recipe import Recipe
@@ -249,22 +249,6 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "peak_rss"
 
 
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of what training changes: trainable tensors and float buffers (BN statistics)."""
-    keep = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    for name, buf in model.named_buffers():
-        if buf.is_floating_point() and not _is_delta(name):
-            keep[name] = buf.detach().clone()
-    return keep
-
-
-def _restore(model: nn.Module, snapshot: Mapping[str, torch.Tensor]) -> None:
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    with torch.no_grad():
-        for name, value in snapshot.items():
-            tensors[name].copy_(value)
-
-
 def fit(
     model: nn.Module,
     train_loader,
@@ -274,13 +258,15 @@ def fit(
     device: torch.device | str = "cpu",
     on_step: Callable[[int, float, int], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    checkpoints: checkpoint.Checkpoints | None = None,
 ) -> dict:
     """Train ``model`` (prepared, possibly DDP-wrapped) for ``recipe.epochs``.
 
     Returns ``{"epochs": [per-epoch records], "best_epoch": n}``; the model is
     left at the best epoch by validation accuracy (the last one without
     validation). ``on_step(epoch, loss, batch_size)`` and ``on_epoch(record)``
-    report progress.
+    report progress; ``checkpoints`` saves the run every few steps, or resumes
+    it (see :mod:`.checkpoint`).
     """
     device = torch.device(device)
     steps = len(train_loader)
@@ -289,34 +275,37 @@ def fit(
     optimizer = make_optimizer(model, recipe)
     schedule = make_schedule(optimizer, recipe, steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    records, best, best_acc, best_state = [], 0, -1.0, None
-    for epoch in range(1, recipe.epochs + 1):
+    checkpoints = checkpoints or checkpoint.Checkpoints.off()
+    run = checkpoints.resume(model, optimizer, schedule, train_loader, checkpoint.Progress(best_score=-1.0),
+                             epochs=recipe.epochs)
+    for epoch in range(run.epoch, recipe.epochs + 1):
         begin_epoch(model, train_loader, device, epoch)
         if not recipe.train_norm:
             _freeze_norm_statistics(model)
-        start, total_loss, seen = time.perf_counter(), 0.0, 0
-        for inputs, labels in train_loader:
+        start = time.perf_counter()
+        for inputs, labels in checkpoints.batches(train_loader, run):
             inputs, labels = to_device(inputs, device), labels.to(device)
             loss = train_step(model, inputs, labels, optimizer, schedule, recipe, device, criterion)
-            total_loss += loss * len(labels)
-            seen += len(labels)
+            run.add(1, loss=loss * len(labels), seen=len(labels))
+            checkpoints.step_done(model, optimizer, schedule, run)
             if on_step is not None:
                 on_step(epoch, loss, len(labels))
-        seconds = time.perf_counter() - start
+        seconds = run.seconds + time.perf_counter() - start
+        seen = run.totals.get("seen", 0)
         memory, kind = peak_memory(device)
-        record = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "seconds": seconds,
+        record = {"epoch": epoch, "train_loss": run.totals.get("loss", 0.0) / max(seen, 1), "seconds": seconds,
                   "samples_per_second": seen / seconds if seconds else None,
                   "lr": optimizer.param_groups[0]["lr"], "peak_memory_bytes": memory,
                   "peak_memory_kind": kind}
         if val_loader is not None:
             record["val_accuracy"] = evaluate(model, val_loader, device, recipe)
         if val_loader is None:
-            best = epoch
-        elif record["val_accuracy"] > best_acc:
-            best, best_acc, best_state = epoch, record["val_accuracy"], _snapshot(model)
-        records.append(record)
+            run.best = epoch
+        elif record["val_accuracy"] > run.best_score:
+            run.best, run.best_score, run.best_state = epoch, record["val_accuracy"], checkpoint.trainable_state(model)
+        run.end_epoch(record)
         if on_epoch is not None:
             on_epoch(record)
-    if best_state is not None and best != recipe.epochs:
-        _restore(model, best_state)
-    return {"epochs": records, "best_epoch": best}
+    if run.best_state is not None and run.best != recipe.epochs:
+        checkpoint.load_trainable_state(model, run.best_state)
+    return {"epochs": run.records, "best_epoch": run.best}

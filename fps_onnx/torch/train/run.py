@@ -9,7 +9,8 @@ Causal language modelling (:func:`run_train_causal`): ``delta.safetensors``
 Either way they are written together (one folder renamed into place, other
 files already in the folder kept) and only once training has finished, by the
 first process when several run under ``torchrun``. Until then nothing is
-created, not even the folder.
+created, not even the folder (checkpoints, with ``checkpointing``, go to a
+folder of their own: :mod:`.checkpoint`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ...selection.maskfile import MaskFile
 from ..models import build_for_data, rekey_masks
 from . import causal, hf_folder, lm_data, loop, sparse
 from ._torch import nn, torch
+from .checkpoint import Checkpointing, Checkpoints, ResumableSampler, identity, model_digest
 from .data import ImageSpec, LabelledSet, open_split
 from .delta import save_delta
 from .recipe import CausalLMRecipe, Recipe, RecipeError
@@ -72,15 +74,17 @@ def _distributed() -> tuple[int, int, int]:
 
 
 def _loader(dataset: LabelledSet, recipe: Recipe, *, train: bool, rank: int, world: int):
-    from torch.utils.data import DataLoader, DistributedSampler, Subset
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
     generator = torch.Generator().manual_seed(recipe.seed)
-    if train and world > 1:
-        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=recipe.seed)
-        return DataLoader(dataset, recipe.batch_size, sampler=sampler, num_workers=recipe.workers)
-    if not train and world > 1:
+    if train:  # a checkpoint's epoch goes on mid-way (shuffle=True's sampler, resumable)
+        sampler = (DistributedSampler(dataset, world, rank, shuffle=True, seed=recipe.seed) if world > 1
+                   else RandomSampler(dataset, generator=generator))
+        return DataLoader(dataset, recipe.batch_size, sampler=ResumableSampler(sampler),
+                          generator=generator, num_workers=recipe.workers)
+    if world > 1:
         dataset = Subset(dataset, range(rank, len(dataset), world))  # every sample once
-    return DataLoader(dataset, recipe.batch_size, shuffle=train, generator=generator,
+    return DataLoader(dataset, recipe.batch_size, shuffle=False, generator=generator,
                       num_workers=recipe.workers)
 
 
@@ -145,6 +149,17 @@ def _trainable_summary(model: nn.Module, trainable: loop.Trainable) -> dict:
             "dense_tensors": trainable.dense}
 
 
+def _checkpoints(config: Checkpointing | None, out: Path, rank: int, world: int,
+                 device: torch.device, task: str, model_sha256: str, model: nn.Module, recipe: Recipe,
+                 splits: Splits, **more) -> Checkpoints | None:
+    """The run's :class:`.Checkpoints` (the one to resume read and checked now), or None."""
+    if config is None:
+        return None
+    ident = identity(task, model_sha256, model, {"train": splits.train, "val": splits.val},
+                                recipe, world, **more)
+    return Checkpoints(config, ident, out, rank=rank, world=world, device=device)
+
+
 def _finish(world: int) -> None:
     """Wait for every process, then leave the process group (several processes only)."""
     if world > 1:
@@ -166,11 +181,13 @@ def run_train(
     device: str | None = None,
     on_step: Callable[[int, float, int], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> dict:
     """Fine-tune the entries ``masks`` selects of the model ``spec``; returns the metrics.
 
     ``onnx_model``: the ONNX file the masks were selected on, when their keys are
     ONNX initializer names (matched to the model's parameters by value).
+    ``checkpointing``: save checkpoints, or go on from one (:mod:`.checkpoint`).
     """
     out = _output_folder(output)
     for given, option in ((recipe.max_steps is not None, "--max-steps"), (recipe.accumulate != 1, "--accumulate"),
@@ -192,6 +209,7 @@ def run_train(
     torch.manual_seed(recipe.seed)
     model, example = build_for_data(spec, checkpoint, classes, num_classes is not None, image_size, recipe.seed)
     loop.check_head(model, classes)
+    digest = model_digest(model) if checkpointing is not None else ""
     image = image_spec(model, example, image_size)
     for split in (train_set, val_set, test_set):
         if split is not None:
@@ -200,6 +218,8 @@ def run_train(
                 split.set_inputs(list(example))
     device = _device(device, local_rank)
     trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
+    checkpoints = _checkpoints(checkpointing, out, rank, world, device, "classification", digest, model, recipe,
+                               splits, num_classes=classes, image_size=image_size)
     net = _place(model, device, world)
 
     history = loop.fit(
@@ -207,6 +227,7 @@ def run_train(
         _loader(val_set, recipe, train=False, rank=rank, world=world) if val_set else None,
         recipe=recipe, device=device,
         on_step=on_step if rank == 0 else None, on_epoch=on_epoch if rank == 0 else None,
+        checkpoints=checkpoints,
     )
     if test_set is not None:
         history["test_accuracy"] = loop.evaluate(
@@ -275,6 +296,7 @@ def run_train_causal(
     device: str | None = None,
     on_step: Callable[[int, float, int], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> dict:
     """Fine-tune the entries ``masks`` selects of the causal LM ``hf:DIR``; returns the metrics.
 
@@ -311,6 +333,8 @@ def run_train_causal(
             log.warning("%s are one tied tensor, trained fully", " and ".join(tied[name]))
     if recipe.checkpointing:
         causal.enable_checkpointing(model)
+    checkpoints = _checkpoints(checkpointing, out, rank, world, device, "causal-lm", base_hash, model, recipe,
+                               splits, max_length=max_length)
     net = _place(model, device, world, broadcast_buffers=False)
 
     collate = lm_data.Collate(lm_data.pad_id(tokenizer))
@@ -327,6 +351,7 @@ def run_train_causal(
     history = causal.fit(
         net, loader(sets["train"], True), loader(sets["val"], False), recipe=recipe, device=device,
         on_step=on_step if rank == 0 else None, on_epoch=on_epoch if rank == 0 else None,
+        checkpoints=checkpoints,
     )
     if sets["test"] is not None:
         test = causal.evaluate(net, loader(sets["test"], False), device, recipe)

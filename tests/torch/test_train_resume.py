@@ -1,0 +1,400 @@
+"""``train --save-every`` / ``--resume``: a run killed mid-way goes on to the very same deltas.
+
+A real process is killed with SIGKILL right after its checkpoint of step 7 of 12 (a driver
+script wraps :meth:`Checkpoints.save`); the resumed run must write a ``delta.safetensors``
+identical (metadata and tensors, bit for bit) to an uninterrupted run's. Checkpoints of another run, and
+damaged ones, are refused with one line and nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from _cli import assert_one_error, invoke
+
+torch = pytest.importorskip("torch")
+
+from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
+
+# Dropout and batch norm trained fully: the resumed run needs the generators and buffers too.
+MODEL = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self, num_classes):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.norm = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 16)
+            self.drop = nn.Dropout(0.3)
+            self.head = nn.Linear(16, num_classes)
+
+        def forward(self, input):
+            h = torch.relu(self.norm(self.stem(input))).mean((2, 3))
+            return self.head(self.drop(torch.relu(self.fc(h))))
+
+    def build(num_classes=3):
+        torch.manual_seed(0)
+        return Net(num_classes), torch.randn(2, 3, 8, 8)
+''')
+
+# Runs the CLI and SIGKILLs this process right after the checkpoint of step KILL_AT is written.
+DRIVER = textwrap.dedent('''
+    import os, signal, sys
+    from fps_onnx.torch.train import checkpoint
+
+    real = checkpoint.Checkpoints.save
+
+    def save(self, net, optimizer, schedule, progress):
+        real(self, net, optimizer, schedule, progress)
+        if progress.step == int(os.environ["KILL_AT"]) and self.rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.Checkpoints.save = save
+    from fps_onnx.cli.main import main
+    main(sys.argv[1:])
+''')
+
+
+@pytest.fixture
+def case(tmp_path):
+    """(base CLI arguments of a 12-step run, tmp): 96 samples, batches of 16, 2 epochs."""
+    (tmp_path / "net.py").write_text(MODEL)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 96), ("val", 24)):
+        y = rng.integers(0, 3, n)
+        x = rng.standard_normal((n, 3, 8, 8)).astype(np.float32) * 0.5
+        x[np.arange(n), y] += 1.5
+        np.savez(tmp_path / f"{split}.npz", x=x, y=y)
+    shapes = {"stem.weight": (8, 3, 3, 3), "fc.weight": (16, 8)}
+    MaskFile({k: rng.random(s) < 0.3 for k, s in shapes.items()}, {}).save(tmp_path / "masks.safetensors")
+    args = ["train", "--model", f"{tmp_path / 'net.py'}:build", "--masks", tmp_path / "masks.safetensors",
+            "--train", tmp_path / "train.npz", "--val", tmp_path / "val.npz", "--epochs", "2",
+            "--batch-size", "16", "--lr", "0.05", "--train-norm", "-q"]
+    return [str(a) for a in args], tmp_path
+
+
+def _same(a: Path, b: Path) -> None:
+    """Two safetensors files hold the same metadata and tensors, bit for bit (their bytes may
+    still differ: safetensors writes the metadata in hash-map order)."""
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        assert fa.metadata() == fb.metadata()
+        assert sorted(fa.keys()) == sorted(fb.keys())
+        for key in fa.keys():
+            x, y = fa.get_tensor(key), fb.get_tensor(key)
+            assert x.dtype == y.dtype and torch.equal(x, y), key
+
+
+def _killed(args: list[str], tmp: Path, kill_at: int, launcher: list[str] | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI in a subprocess that SIGKILLs itself after the checkpoint of step ``kill_at``
+    (with as many threads as this process: other thread counts round differently)."""
+    (tmp / "driver.py").write_text(DRIVER)
+    env = {**(env or os.environ), "KILL_AT": str(kill_at)}
+    cmd = [*(launcher or [sys.executable]), str(tmp / "driver.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_a_run_killed_after_step_7_of_12_resumes_to_the_same_delta(case):
+    args, tmp = case
+    assert invoke(*args, "-o", tmp / "whole").exit_code == 0
+
+    done = _killed([*args, "-o", str(tmp / "out"), "--save-every", "1"], tmp, 7)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert not (tmp / "out").exists()
+    saved = tmp / "out.checkpoints"
+    record = json.loads((saved / "last" / "record.json").read_text())
+    assert record["position"] == {**record["position"], "epoch": 2, "batch": 1, "step": 7}
+    assert len(record["history"]["records"]) == 1
+
+    result = invoke(*args, "-o", tmp / "out", "--resume", saved)
+    assert result.exit_code == 0, result.output
+    _same(tmp / "out" / "delta.safetensors", tmp / "whole" / "delta.safetensors")
+    _same(tmp / "out" / "model.safetensors", tmp / "whole" / "model.safetensors")
+    whole = json.loads((tmp / "whole" / "metrics.json").read_text())
+    resumed = json.loads((tmp / "out" / "metrics.json").read_text())
+    for a, b in zip(whole["epochs"], resumed["epochs"]):
+        assert (a["train_loss"], a["val_accuracy"]) == (b["train_loss"], b["val_accuracy"])
+    assert whole["best_epoch"] == resumed["best_epoch"]
+
+
+def _stopped_at(monkeypatch, step: int):
+    """Make the run stop (an exception, in-process) right after its checkpoint of ``step``."""
+    from fps_onnx.torch.train import checkpoint
+
+    real = checkpoint.Checkpoints.save
+
+    class Stop(Exception):
+        pass
+
+    def save(self, net, optimizer, schedule, progress):
+        real(self, net, optimizer, schedule, progress)
+        if progress.step == step:
+            raise Stop
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
+    return real
+
+
+@pytest.mark.parametrize("step", [6, 12])  # an epoch's last batch; the run's last step
+def test_resuming_at_an_epoch_boundary_or_the_end(case, monkeypatch, step):
+    args, tmp = case
+    assert invoke(*args, "-o", tmp / "whole").exit_code == 0
+    real = _stopped_at(monkeypatch, step)
+    assert invoke(*args, "-o", tmp / "out", "--save-every", "3", "--save-dir", tmp / "ck").exit_code == 1
+    from fps_onnx.torch.train import checkpoint
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", real)
+    (tmp / "ck" / ".last.0123456789ab.tmp").mkdir()  # as a kill while writing leaves it
+    result = invoke(*args, "-o", tmp / "out", "--resume", tmp / "ck", "--save-every", "3")
+    assert result.exit_code == 0, result.output
+    left = sorted(p.name for p in (tmp / "ck").iterdir())
+    assert left == (["last"] if step < 12 else [".last.0123456789ab.tmp", "last"])  # the next save cleans up
+    _same(tmp / "out" / "delta.safetensors", tmp / "whole" / "delta.safetensors")
+
+
+@pytest.fixture
+def checkpoint_of(case, monkeypatch):
+    """(args, tmp, folder): a checkpoint written at step 4 of the case's run."""
+    args, tmp = case
+    from fps_onnx.torch.train import checkpoint
+
+    real = _stopped_at(monkeypatch, 4)
+    assert invoke(*args, "-o", tmp / "first", "--save-every", "4").exit_code == 1
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", real)
+    return args, tmp, tmp / "first.checkpoints"
+
+
+def _replace(args: list[str], option: str, value: str) -> list[str]:
+    args = list(args)
+    args[args.index(option) + 1] = value
+    return args
+
+
+@pytest.mark.parametrize("change, message", [
+    ("lr", r"another recipe: --lr 0\.05 there, 0\.01 here"),
+    ("epochs", r"another recipe: --epochs 2 there, 3 here"),
+    ("data", "other training or validation data"),
+    ("masks", r"other masks \(another selection or budget\)"),
+    ("model", r"another model \(its weights differ\)"),
+])
+def test_a_checkpoint_of_another_run_is_refused(checkpoint_of, change, message):
+    args, tmp, folder = checkpoint_of
+    if change == "lr":
+        args = _replace(args, "--lr", "0.01")
+    elif change == "epochs":
+        args = _replace(args, "--epochs", "3")
+    elif change == "data":
+        data = dict(np.load(tmp / "train.npz"))
+        data["x"][0, 0, 0, 0] += 1
+        np.savez(tmp / "other.npz", **data)
+        args = _replace(args, "--train", str(tmp / "other.npz"))
+    elif change == "masks":
+        rng = np.random.default_rng(5)
+        MaskFile({"fc.weight": rng.random((16, 8)) < 0.3}, {}).save(tmp / "other.safetensors")
+        args = _replace(args, "--masks", str(tmp / "other.safetensors"))
+    else:
+        (tmp / "net2.py").write_text(MODEL.replace("manual_seed(0)", "manual_seed(1)"))
+        args = _replace(args, "--model", f"{tmp / 'net2.py'}:build")
+    before = {p: p.read_bytes() for p in (folder / "last").iterdir()}
+    assert_one_error(invoke(*args, "-o", tmp / "out", "--resume", folder), message, absent=[tmp / "out"])
+    assert {p: p.read_bytes() for p in (folder / "last").iterdir()} == before
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", r"state\.safetensors is damaged"),
+    ("flip", r"state\.safetensors is damaged"),
+    ("record", r"record\.json is not JSON"),
+    ("missing", r"holds no checkpoint \(last/ is missing\)"),
+    ("version", "checkpoint format version '9'"),
+    ("world", r"written by a run of 2 processes, this one has 1"),
+    ("position", r"batch must be a whole number from 0 to 6"),
+    ("generator", r"generator state torch is not valid \(Invalid mt19937 state\)"),
+    ("optimizer", r"optimizer tensor '0/exp_avg' must be finite float"),
+])
+def test_a_damaged_checkpoint_is_refused_and_nothing_written(checkpoint_of, damage, message):
+    args, tmp, folder = checkpoint_of
+    last = folder / "last"
+    state, record = last / "state.safetensors", last / "record.json"
+    if damage == "truncate":
+        state.write_bytes(state.read_bytes()[:-100])
+    elif damage == "flip":
+        data = bytearray(state.read_bytes())
+        data[-5] ^= 1
+        state.write_bytes(bytes(data))
+    elif damage == "record":
+        record.write_text(record.read_text()[:50])
+    elif damage == "missing":
+        shutil.rmtree(last)
+    elif damage in ("generator", "optimizer"):  # a crafted file, its digest in the record
+        from safetensors.torch import load_file, save_file
+
+        from fps_onnx._io import content_digest
+        from fps_onnx.errors import DataError
+
+        tensors = load_file(str(state))
+        if damage == "generator":
+            tensors["rng/0/torch"] = torch.full_like(tensors["rng/0/torch"], 255)
+        else:
+            tensors["optimizer/0/exp_avg"] = torch.full_like(tensors["optimizer/0/exp_avg"], float("nan"))
+        save_file(tensors, str(state), metadata={"format": "fps-train-checkpoint", "format_version": "1"})
+        content = json.loads(record.read_text())
+        content["files"]["state.safetensors"] = content_digest(state, DataError)
+        record.write_text(json.dumps(content))
+    else:
+        content = json.loads(record.read_text())
+        if damage == "version":
+            content["format_version"] = "9"
+        elif damage == "world":
+            content["identity"]["world_size"] = 2
+        else:
+            content["position"]["batch"] = 10**6
+        record.write_text(json.dumps(content))
+    assert_one_error(invoke(*args, "-o", tmp / "out", "--resume", folder), message, absent=[tmp / "out"])
+
+
+def test_save_dir_without_save_every_and_clashing_paths_are_refused(case):
+    args, tmp = case
+    assert_one_error(invoke(*args, "-o", tmp / "out", "--save-dir", tmp / "ck"), "--save-dir needs --save-every",
+                     status=2, alone=False)
+    assert_one_error(invoke(*args, "-o", tmp / "out", "--save-every", "2", "--save-dir", tmp / "out"),
+                     "the same file as -o", absent=[tmp / "out"])
+    assert_one_error(invoke(*args, "-o", tmp / "out", "--save-every", "0"), "--save-every must be",
+                     absent=[tmp / "out"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_processes_killed_after_step_7_of_12_resume_to_the_same_delta(tmp_path):
+    (tmp_path / "net.py").write_text(MODEL)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 192)
+    x = rng.standard_normal((192, 3, 8, 8)).astype(np.float32) * 0.5
+    x[np.arange(192), y] += 1.5
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    MaskFile({"fc.weight": rng.random((16, 8)) < 0.3}, {}).save(tmp_path / "masks.safetensors")
+    args = ["train", "--model", f"{tmp_path / 'net.py'}:build", "--masks", str(tmp_path / "masks.safetensors"),
+            "--train", str(tmp_path / "train.npz"), "--epochs", "2", "--batch-size", "16", "--lr", "0.05",
+            "-q"]  # 192 samples, 2 processes, 16 a batch: 6 steps an epoch
+
+    def torchrun() -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port())]
+
+    script = shutil.which("fps-onnx", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "whole")], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    killed = _killed([*args, "-o", str(tmp_path / "out"), "--save-every", "7"], tmp_path, 7, torchrun(), env)
+    assert killed.returncode != 0
+    assert not (tmp_path / "out").exists()
+    record = json.loads((tmp_path / "out.checkpoints" / "last" / "record.json").read_text())
+    assert (record["position"]["step"], record["identity"]["world_size"], len(record["rng"])) == (7, 2, 2)
+
+    # one process cannot take it up
+    assert_one_error(invoke(*args, "-o", tmp_path / "out", "--resume", tmp_path / "out.checkpoints"),
+                     re.escape("written by a run of 2 processes, this one has 1"))
+    resumed = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "out"), "--resume",
+                              str(tmp_path / "out.checkpoints")], capture_output=True, text=True, timeout=300,
+                             env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _same(tmp_path / "out" / "delta.safetensors", tmp_path / "whole" / "delta.safetensors")
+
+
+def test_a_causal_lm_run_stopped_mid_epoch_resumes_to_the_same_delta(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from fps_onnx.torch.train import checkpoint
+    from llm_models import save_tiny_llm
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    save_tiny_llm("llama", tmp_path / "llama", seed=0)
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"), local_files_only=True)
+    rng = np.random.default_rng(0)
+    names = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
+    params = dict(model.named_parameters())
+    MaskFile({n: rng.random(tuple(params[n].shape)) < 0.1 for n in names}, {}).save(tmp_path / "m.safetensors")
+    lines = ["The capital of France is Paris.", "The quick brown fox jumps over the lazy dog.",
+             "Every layer has attention and a feed-forward block.", "A small model learns to predict."]
+    (tmp_path / "train.txt").write_text("\n".join(lines * 2) + "\n")
+    args = ["train", "--task", "causal-lm", "--model", f"hf:{tmp_path / 'llama'}", "--masks",
+            tmp_path / "m.safetensors", "--train", tmp_path / "train.txt", "--val", tmp_path / "train.txt",
+            "--batch-size", "2", "--accumulate", "2", "--epochs", "2", "--lr", "1e-2", "-q"]  # 2 steps an epoch
+    assert invoke(*args, "-o", tmp_path / "whole").exit_code == 0
+    real = _stopped_at(monkeypatch, 3)
+    assert invoke(*args, "-o", tmp_path / "out", "--save-every", "1").exit_code == 1
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", real)
+    record = json.loads((tmp_path / "out.checkpoints" / "last" / "record.json").read_text())
+    assert (record["position"]["epoch"], record["position"]["batch"], record["position"]["step"]) == (2, 2, 3)
+    result = invoke(*args, "-o", tmp_path / "out", "--resume", tmp_path / "out.checkpoints")
+    assert result.exit_code == 0, result.output
+    _same(tmp_path / "out" / "delta.safetensors", tmp_path / "whole" / "delta.safetensors")
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [e["val_loss"] for e in whole["epochs"]] == [e["val_loss"] for e in resumed["epochs"]]
+    assert resumed["steps"] == whole["steps"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_processes_of_a_causal_lm_killed_after_step_4_of_6_resume_to_the_same_delta(tmp_path):
+    pytest.importorskip("transformers")
+    from llm_models import save_tiny_llm
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    save_tiny_llm("llama", tmp_path / "llama", seed=0)
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"), local_files_only=True)
+    rng = np.random.default_rng(0)
+    name = "model.layers.1.mlp.down_proj.weight"
+    shape = tuple(dict(model.named_parameters())[name].shape)
+    MaskFile({name: rng.random(shape) < 0.1}, {}).save(tmp_path / "m.safetensors")
+    lines = ["The capital of France is Paris.", "The quick brown fox jumps over the lazy dog.",
+             "Every layer has attention and a feed-forward block.", "A small model learns to predict."]
+    (tmp_path / "train.txt").write_text("\n".join(lines * 3) + "\n")  # 12: 6 a process, 3 batches of 2
+    args = ["train", "--task", "causal-lm", "--model", f"hf:{tmp_path / 'llama'}", "--masks",
+            str(tmp_path / "m.safetensors"), "--train", str(tmp_path / "train.txt"), "--batch-size", "2",
+            "--epochs", "2", "--lr", "1e-2", "-q"]
+
+    def torchrun() -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port())]
+
+    script = shutil.which("fps-onnx", path=str(Path(sys.executable).parent))
+    whole = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "whole")], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = _killed([*args, "-o", str(tmp_path / "out"), "--save-every", "2"], tmp_path, 4, torchrun(), env)
+    assert killed.returncode != 0 and not (tmp_path / "out").exists()
+    record = json.loads((tmp_path / "out.checkpoints" / "last" / "record.json").read_text())
+    assert (record["position"]["epoch"], record["position"]["batch"], record["position"]["step"]) == (2, 1, 4)
+    resumed = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "out"), "--resume",
+                              str(tmp_path / "out.checkpoints")], capture_output=True, text=True, timeout=300,
+                             env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _same(tmp_path / "out" / "delta.safetensors", tmp_path / "whole" / "delta.safetensors")
