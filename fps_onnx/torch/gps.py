@@ -89,11 +89,11 @@ def gps_select(
         if name in head or any(f in name for f in FROZEN_NAMES) or module.weight.grad is None:
             continue
         score = module.weight.grad.detach().abs().double().cpu().numpy()
-        mask = select_scores(score, config, f"weight {name}")
+        mask = maskfile.WeightMask.compact(select_scores(score, config, f"weight {name}"))
         masks[name] = mask
         tensors[name] = {"torch_name": name, "op": type(module).__name__, "shape": list(mask.shape),
-                         "selected": int(mask.sum()), "onnx_initializer": None,
-                         "onnx_layout": "conv" if mask.ndim == 4 else "out_in"}
+                         "selected": mask.count, "onnx_initializer": None,
+                         "onnx_layout": "conv" if len(mask.shape) == 4 else "out_in"}
     meta = {"method": "gps", "loss": "cross_entropy", "labels": "true", "level": config.level,
             "norm": "grad", "budget": describe_budget(config), "num_samples": str(samples),
             **{k: str(v) for k, v in config.options.items()},
