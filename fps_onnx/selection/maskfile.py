@@ -181,7 +181,7 @@ class WeightMask:
         if self._rows is not None:
             out, length = self._rows.shape[0], math.prod(self.shape[1:])
             starts = np.arange(out, dtype=np.int64)[:, None] * length
-            return (starts + self._rows).reshape(-1)
+            return (starts + self._rows.astype(np.int64)).reshape(-1)
         return np.flatnonzero(self._dense)
 
     def rows(self) -> np.ndarray | None:
@@ -228,6 +228,9 @@ class _Dense(Mapping):
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._masks[key].dense()
+
+    def __contains__(self, key: object) -> bool:  # without building the mask
+        return key in self._masks
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._masks)

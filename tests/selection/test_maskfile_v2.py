@@ -122,6 +122,8 @@ def test_a_mask_file_built_from_indices_checks_them():
                                    "f": ((3, 3), np.array([0, 5, 8]))}, {}, {"method": "x"})
     np.testing.assert_array_equal(built.indices("r"), [0, 4, 6, 7])
     assert built.count("f") == 3 and built.shape("f") == (3, 3) and built.meta == {"method": "x"}
+    wide = MaskFile.from_indices({"w": ((2, 3), np.array([[0], [2]], np.uint64))})
+    assert wide.indices("w").dtype == np.int64 and wide.indices("w").tolist() == [0, 5]
     for shape, indices, message in [
         ((2, 5), np.array([[0, 4], [2, 2]]), "positions of a row are not strictly increasing"),
         ((2, 5), np.array([[0, 5], [1, 2]]), "a position lies outside the row length 5"),
@@ -144,6 +146,7 @@ def test_dense_masks_are_built_on_demand_and_refused_beyond_memory(monkeypatch):
         held.dense("w")
     with pytest.raises(TypeError):
         held.masks["w"] = np.zeros(1, bool)  # a read-only view
+    assert "w" in held.masks and list(held.masks) == ["w"]  # asked without building it
     small = MaskFile.from_indices({"w": ((2, 3), np.array([[1], [2]]))})
     assert small.dense("w") is not small.dense("w")  # built each time, not kept
 
@@ -305,3 +308,50 @@ def test_select_writes_either_version_with_the_same_selection(chain, tmp_path):
         np.testing.assert_array_equal(v1.indices(key), v2.indices(key))
     assert_one_error(invoke("select", model, data, "-o", tmp_path / "x.safetensors", "--mask-format", "v3"),
                      "Error: Invalid value for .--mask-format.", status=2, alone=False)
+
+
+def test_consumers_work_from_the_indices_without_dense_masks(tmp_path, monkeypatch):
+    from fps_onnx import report
+    from fps_onnx.onnx.scope import ScopeConfig
+    from fps_onnx.selection.exclude import drop_excluded
+
+    MaskFile.load(FIXTURE).save(tmp_path / "v2.safetensors")
+    masks = MaskFile.load(tmp_path / "v2.safetensors")
+    per_row = sum(np.bincount(masks.dense(k).reshape(masks.shape(k)[0], -1).sum(axis=1), minlength=5)
+                  for k in masks.keys())
+
+    def refuse(self):
+        raise AssertionError("a dense mask was built")
+
+    monkeypatch.setattr(WeightMask, "dense", refuse)
+    summary = report.summarise(masks)
+    assert {t.key: t.selected for t in summary.tensors} == {k: len(v) for k, v in FIXTURE_INDICES.items()}
+    assert summary.per_neuron == tuple(int(c) for c in np.trim_zeros(per_row, "b"))
+    assert report.diff(masks, masks).overall.jaccard == 1.0
+    kept = drop_excluded(masks, ScopeConfig(exclude=("conv",)))
+    assert sorted(kept.keys()) == ["empty.weight", "fc1.weight", "onnx::MatMul_5"]
+    kept.save(tmp_path / "kept.safetensors")
+    assert MaskFile.load(tmp_path / "kept.safetensors").indices("fc1.weight").tolist() == FIXTURE_INDICES["fc1.weight"]
+    torch = pytest.importorskip("torch")
+    from fps_onnx.torch.mapping import map_masks
+    from fps_onnx.torch.train import sparse
+
+    model = torch.nn.Module()
+    model.fc1 = torch.nn.Linear(12, 8)
+    deltas = sparse.attach(model, masks.subset(["fc1.weight"]))
+    assert deltas["fc1.weight"].indices.tolist() == FIXTURE_INDICES["fc1.weight"]
+    state = {"fc1.weight": np.zeros((8, 12), np.float32), "conv.weight": np.zeros((4, 2, 3, 3), np.float32)}
+    mapped, _ = map_masks(masks.subset(["fc1.weight", "conv.weight"]), state)
+    assert {k: mapped.indices(k).tolist() for k in mapped.keys()} == {
+        k: FIXTURE_INDICES[k] for k in ("fc1.weight", "conv.weight")}
+
+
+def test_mapping_cuts_rows_and_transposes_in_index_form():
+    from fps_onnx.torch.mapping import _cut
+
+    mask = np.random.default_rng(3).random((6, 4)) < 0.4
+    flat = np.flatnonzero(mask)
+    for rows, transposed, want in [(None, False, mask), ((2, 5), False, mask[2:5]), (None, True, mask.T),
+                                   ((1, 3), True, mask[1:3].T), ((0, 0), False, mask[0:0])]:
+        shape, got = _cut(mask.shape, flat, rows, transposed)
+        assert shape == want.shape and got.tolist() == np.flatnonzero(want).tolist()
