@@ -13,10 +13,9 @@ from fps_onnx.data import DEFAULT_IMAGE_SIZE, DataConfig
 from fps_onnx.data.text import DEFAULT_MAX_LENGTH
 from fps_onnx.onnx.scope import ScopeConfig
 from fps_onnx.pipeline import select as select_masks
-from fps_onnx.selection.maskfile import DEFAULT_VERSION, VERSIONS
 from fps_onnx.selection.score import ACT_POWER_MAX, LEVELS, METHODS, NORMS, SelectConfig, method_names
 
-from .options import bar_disabled, floats, given, quiet_option, spec_folder
+from .options import bar_disabled, floats, given, mask_format_option, quiet_option, spec_folder
 
 __all__ = ["select"]
 
@@ -55,7 +54,7 @@ log = logging.getLogger("fps_onnx")
 @click.option("--from-stats", type=click.Path(dir_okay=False), multiple=True, help="Select from a statistics file instead of running the model; repeat it to merge the shards of one calibration (with --stats-out: also write the merged file).")
 @click.option("--torch-model", help="Key the masks by the parameter names of this PyTorch model SPEC (timm:NAME, hf:PATH, module:function), matched by value: the model `fps-onnx train --model SPEC` builds (hf: its task model).")
 @click.option("--torch-checkpoint", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
-@click.option("--mask-format", "mask_format", type=click.Choice([f"v{v}" for v in VERSIONS]), help=f"Mask file version: v2 stores the selected indices, v1 one bool per weight (for readers older than v2; 200x larger at 0.5%). [default: v{DEFAULT_VERSION}]")
+@mask_format_option
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @quiet_option
 def select(model, data, output, method, seed, norm, level, per_neuron, fraction, shira_r, act_power, column_cap,
