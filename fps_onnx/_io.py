@@ -3,7 +3,7 @@ target, then rename), untrusted input files opened only when regular."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 import contextlib
 import hashlib
 import io
@@ -481,28 +481,42 @@ def write_safetensors(path: str | os.PathLike, arrays: Mapping, meta: Mapping[st
 
 
 def read_safetensors(
-    path: str | os.PathLike, fmt: str, version: str, error: type[Exception], what: str,
+    path: str | os.PathLike, fmt: str, version: str | Collection[str], error: type[Exception], what: str,
     *, framework: str = "numpy", with_tensors: bool = True,
+    check: Callable[[dict[str, tuple[str, list[int]]], dict], None] | None = None,
 ) -> tuple[dict, dict]:
     """(arrays, metadata) of an fps-onnx safetensors file whose ``format`` is ``fmt``.
 
-    ``framework`` is safetensors' ("numpy", "pt"); without ``with_tensors`` only
-    the metadata is read. Raises ``error`` when the file is missing, unreadable,
-    another kind of file or another version of the format.
+    ``version``: the ``format_version`` read (one, or several). ``framework`` is
+    safetensors' ("numpy", "pt"); without ``with_tensors`` only the metadata is
+    read. ``check(header, metadata)``, where given, runs before any tensor is
+    read: ``header`` maps each tensor to its (safetensors dtype, shape), as the
+    file's header claims (safetensors has checked that they fit the file).
+    Raises ``error`` when the file is missing, unreadable, another kind of file
+    or another version of the format.
     """
     from safetensors import safe_open
 
+    versions = (version,) if isinstance(version, str) else tuple(version)
     if not os.path.isfile(path):
         raise error(f"{what} file {path} does not exist")
     try:
         with safe_open(str(path), framework=framework) as fh:
             meta = dict(fh.metadata() or {})
+            if meta.get("format") != fmt:
+                raise error(f"{path} is not an fps-onnx {what} file")
+            if meta.get("format_version") not in versions:
+                raise error(f"{path} has {what} format version {meta.get('format_version')}, "
+                            f"this fps-onnx reads {' and '.join(versions)}")
+            if check is not None:
+                header = {}
+                for key in fh.keys():
+                    part = fh.get_slice(key)
+                    header[key] = (part.get_dtype(), list(part.get_shape()))
+                check(header, meta)
             arrays = {k: fh.get_tensor(k) for k in fh.keys()} if with_tensors else {}
+    except error:
+        raise
     except Exception as exc:  # noqa: BLE001 - any decoding failure means "not a safetensors file"
         raise error(f"cannot read {what} file {path}: {first_line(exc)}") from exc
-    if meta.get("format") != fmt:
-        raise error(f"{path} is not an fps-onnx {what} file")
-    if meta.get("format_version") != version:
-        raise error(f"{path} has {what} format version {meta.get('format_version')}, "
-                    f"this fps-onnx reads {version}")
     return arrays, meta

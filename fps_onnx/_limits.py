@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -36,6 +37,9 @@ MAX_JSON_DEPTH = 100
 MAX_JSON_VALUES = 1_000_000
 #: Digits of a JSON integer (Hugging Face writes 1e30 as a 31-digit sentinel length).
 MAX_JSON_DIGITS = 40
+#: Entries of one weight a file may claim (a mask's shape): 64 G, far above any model's largest
+#: matrix (a 128k vocabulary x 16k hidden embedding is 2 G), far below what int64 indices hold.
+MAX_WEIGHT_ENTRIES = 1 << 36
 
 # A JSON string, escapes included; what lies between quotes never nests.
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
@@ -134,6 +138,14 @@ def whole_number(value: object, what: str, error: type[FpsError], lo: int = 0, h
     if number is None or not lo <= number <= hi:
         raise error(f"{what} must be a whole number from {lo:,} to {hi:,}, not {shown(value)}")
     return number
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def shown(value: object, limit: int = 40) -> str:

@@ -170,7 +170,8 @@ def _select_all(model, sites, stats: Stats, config: SelectConfig, base_dir: str 
     """Masks of every site, in site order, a few weights at a time in threads
     (NumPy's partitions and arithmetic release the GIL). Weights stored as
     external data are read through read-only memory maps; each thread scores
-    and partitions into work arrays it reuses from one weight to the next."""
+    and partitions into work arrays it reuses from one weight to the next, and
+    keeps only the indices of each mask (:meth:`maskfile.WeightMask.compact`)."""
     read = graph.weight_reader(model, base_dir, mapped=True)
     local = threading.local()
 
@@ -178,7 +179,8 @@ def _select_all(model, sites, stats: Stats, config: SelectConfig, base_dir: str 
         scratch = getattr(local, "scratch", None)
         if scratch is None:
             scratch = local.scratch = Scratch()
-        return select_one(read(site), site, stats.weights.get(site.key), config, scratch)
+        mask = select_one(read(site), site, stats.weights.get(site.key), config, scratch)
+        return maskfile.WeightMask.compact(mask)
 
     with ThreadPoolExecutor(max(1, min(SCORING_THREADS, os.cpu_count() or 1))) as pool:
         return dict(zip((s.key for s in sites), pool.map(one, sites)))

@@ -128,7 +128,8 @@ def _assert_clean(code: int, output: str, exc, out: Path, valid) -> None:
 
 def _valid_masks(path: Path) -> None:
     masks = MaskFile.load(path)
-    assert masks.masks and all(m.dtype == bool for m in masks.masks.values())
+    assert len(masks) and all(masks.dense(k).dtype == bool and masks.count(k) == masks.dense(k).sum()
+                              for k in masks.keys())
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +247,8 @@ _ARRAY_EDIT = st.one_of(
     st.tuples(st.just("dtype"), st.sampled_from(["float32", "int64", "bool", "float16", "int8"])),
     st.tuples(st.just("drop"), st.just(None)),
     st.tuples(st.just("rename"), st.text(min_size=1, max_size=8)),
+    st.tuples(st.just("reverse"), st.just(None)),  # index order (and any array's) turned around
+    st.tuples(st.just("repeat"), st.just(None)),  # an index (or a value) given twice
 )
 _META_VALUE = st.one_of(st.text(max_size=10), st.integers(-5, 10**20).map(str),
                         st.sampled_from(["[]", "{}", '{"w1": 5}', "null", '{"w1": {"shape": "x"}}', "99"]))
@@ -272,6 +275,13 @@ def _edit_arrays(arrays: dict, edits, key_index: int) -> dict:
             arrays[key] = value.astype(arg)
         elif kind == "drop":
             del arrays[key]
+        elif kind == "reverse":
+            arrays[key] = value.reshape(-1)[::-1].reshape(value.shape)
+        elif kind == "repeat":
+            value = value.copy()
+            if value.size > 1:
+                value.reshape(-1)[1] = value.reshape(-1)[0]
+            arrays[key] = value
         else:
             arrays[arg] = arrays.pop(key)
     return arrays
@@ -333,11 +343,22 @@ def build():
     return f"{path}:build"
 
 
-@pytest.fixture(scope="module")
-def valid_masks(box):
-    masks = box.work / "valid_masks.safetensors"
-    code, output, _ = _run("select", box.model, box.work / "x.npy", "-o", masks, "-q")
+@pytest.fixture(scope="module", params=["v1", "v2"])
+def valid_masks(box, request):
+    """A valid mask file of each format version (v2: per-row positions, and flat indices of
+    a weight whose rows differ in count)."""
+    masks = box.work / f"valid_masks_{request.param}.safetensors"
+    code, output, _ = _run("select", box.model, box.work / "x.npy", "-o", masks, "-q",
+                           "--mask-format", request.param)
     assert code == 0, output
+    if request.param == "v2":
+        loaded = MaskFile.load(masks)
+        key = loaded.keys()[0]
+        dense = loaded.dense(key)
+        dense.reshape(-1)[np.flatnonzero(~dense.reshape(-1))[0]] = True  # one row holds one more
+        MaskFile({**{k: loaded.dense(k) for k in loaded.keys()}, key: dense}, loaded.tensors,
+                 loaded.meta).save(masks)
+        assert {e["encoding"] for e in MaskFile.load(masks).tensors.values()} == {"rows", "flat"}
     return masks
 
 

@@ -7,7 +7,7 @@ import logging
 
 import click
 
-from .options import quiet_option, spec_folder
+from .options import mask_format_option, quiet_option, spec_folder
 
 __all__ = ["map_"]
 
@@ -24,8 +24,9 @@ log = logging.getLogger("fps_onnx")
 @click.option("--img-size", type=int, help="Input image side of the PyTorch model.")
 @click.option("--strict", is_flag=True, help="Fail when any weight cannot be mapped.")
 @click.option("--json", "as_json", is_flag=True, help="Print the mapping on stdout.")
+@mask_format_option
 @quiet_option
-def map_(masks, spec, onnx_path, output, checkpoint, num_classes, img_size, strict, as_json, quiet):
+def map_(masks, spec, onnx_path, output, checkpoint, num_classes, img_size, strict, as_json, mask_format, quiet):
     """Rewrite the keys of MASKS to the parameter names of the PyTorch model.
 
     Weights are matched by name, then by value (W or its transpose) against the
@@ -41,7 +42,7 @@ def map_(masks, spec, onnx_path, output, checkpoint, num_classes, img_size, stri
     loaded = MaskFile.load(masks)
     mapped, report = map_to_model(loaded, spec, onnx_path, checkpoint=checkpoint,
                                   num_classes=num_classes, img_size=img_size, strict=strict)
-    mapped.save(output)
+    mapped.save(output, version=mask_format)
     log.info("%s -> %s", report.summary(), output)
     if as_json:
         click.echo(json.dumps({"output": str(output), **report.to_json()}, indent=2))

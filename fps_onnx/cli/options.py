@@ -6,7 +6,7 @@ import logging
 
 import click
 
-__all__ = ["bar_disabled", "floats", "given", "quiet_option", "spec_folder"]
+__all__ = ["bar_disabled", "floats", "given", "mask_format_option", "quiet_option", "spec_folder"]
 
 
 def given(**values) -> dict:
@@ -25,6 +25,17 @@ def quiet_option(fn):
     return click.option(
         "--quiet", "-q", is_flag=True, callback=silence, expose_value=True,
         help="No progress bar, warnings only.",
+    )(fn)
+
+
+def mask_format_option(fn):
+    """``--mask-format v1|v2``: the version of the mask file written (None: the library's default)."""
+    from fps_onnx.selection.maskfile import DEFAULT_VERSION, VERSIONS
+
+    return click.option(
+        "--mask-format", "mask_format", type=click.Choice([f"v{v}" for v in VERSIONS]),
+        help="Mask file version: v2 stores the selected indices, v1 one bool per weight (for readers "
+             f"older than v2; 200x larger at 0.5% selected). [default: v{DEFAULT_VERSION}]",
     )(fn)
 
 

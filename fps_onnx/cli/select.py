@@ -17,7 +17,7 @@ from fps_onnx.pipeline import select as select_masks
 from fps_onnx.selection.score import ACT_POWER_MAX, LEVELS, METHODS, NORMS, SelectConfig, method_names
 from fps_onnx.torch.train.recipe import TASKS
 
-from .options import bar_disabled, floats, given, quiet_option, spec_folder
+from .options import bar_disabled, floats, given, mask_format_option, quiet_option, spec_folder
 
 __all__ = ["select"]
 
@@ -59,12 +59,13 @@ log = logging.getLogger("fps_onnx")
 @click.option("--resume", is_flag=True, help="Go on from OUTPUT.checkpoint, when there is one, as if the calibration had never stopped (same model, data and options).")
 @click.option("--torch-model", help="Key the masks by the parameter names of this PyTorch model SPEC (timm:NAME, hf:PATH, module:function), matched by value: the model `fps-onnx train --model SPEC` builds (hf: its task model).")
 @click.option("--torch-checkpoint", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
+@mask_format_option
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @quiet_option
 def select(model, data, output, method, task, seed, norm, level, per_neuron, fraction, shira_r, act_power, column_cap,
            provider, batch_size, max_samples, shard, image_size, mean, std, max_length, text_field, tokenizer, include_lm_head,
-           exclude, token_mask, stats_out, from_stats, checkpoint_every, resume, torch_model, torch_checkpoint, as_json,
-           quiet):
+           exclude, token_mask, stats_out, from_stats, checkpoint_every, resume, torch_model, torch_checkpoint,
+           mask_format, as_json, quiet):
     """Select the weights of MODEL (ONNX) to fine-tune, from calibration DATA.
 
     DATA is a folder or one file: .npy (one input), .npz (arrays keyed by input
@@ -126,11 +127,11 @@ def select(model, data, output, method, task, seed, norm, level, per_neuron, fra
             on_batch=bar.update, scope=scope, torch_model=torch_model, torch_checkpoint=torch_checkpoint,
             outputs=outputs, checkpoint=checkpoint, **given(task=task),
         )
-        result.masks.save(output, outputs)
+        result.masks.save(output, outputs, version=mask_format)
     masks, samples, provider, seconds = result.masks, result.samples, result.provider, result.seconds
     share = masks.selected / max(masks.total, 1)
     log.info("selected %s of %s weights (%.3f%%) in %d tensors from %d samples -> %s",
-             f"{masks.selected:,}", f"{masks.total:,}", 100 * share, len(masks.masks),
+             f"{masks.selected:,}", f"{masks.total:,}", 100 * share, len(masks),
              samples, output)
     if as_json:
         click.echo(json.dumps({

@@ -33,5 +33,6 @@ class MissingExtra(MissingDependency):
 
 def load_masks(masks: Mapping[str, object] | MaskFile | str | os.PathLike) -> dict[str, np.ndarray]:
     """name -> bool NumPy array, from a mapping (NumPy or torch arrays), a MaskFile or its path
-    (:func:`fps_onnx.selection.maskfile.mask_file_of`)."""
+    (:func:`fps_onnx.selection.maskfile.mask_file_of`). Every dense mask at once: the
+    integrations read one mask at a time from :func:`mask_file_of` instead."""
     return dict(mask_file_of(masks).masks)

@@ -38,8 +38,8 @@ import os
 import numpy as np
 
 from ..errors import MaskError
-from ..selection.maskfile import MaskFile
-from . import MissingExtra, load_masks
+from ..selection.maskfile import MaskFile, mask_file_of
+from . import MissingExtra
 
 __all__ = ["check_fits", "mask_tree", "to_flax", "torch_name", "zero_unselected"]
 
@@ -96,7 +96,7 @@ def mask_tree(
     mask must land on one leaf of its shape, and every path in ``names`` must be
     a leaf and name a mask; else :class:`MaskError`.
     """
-    arrays = load_masks(masks)
+    loaded = mask_file_of(masks)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [_path(p) for p, _ in leaves]
     if names is not None:
@@ -104,12 +104,12 @@ def mask_tree(
         if unknown:
             raise MaskError(f"names: {unknown[0]!r} is not a leaf of the params (leaves look like "
                             f"{paths[0]!r})" if paths else f"names: {unknown[0]!r}: the params tree is empty")
-        missing = sorted(k for k in names.values() if k not in arrays)
+        missing = sorted(k for k in names.values() if k not in loaded)
         if missing:
             raise MaskError(f"names: mask {missing[0]!r} is not in the masks")
         key_of = dict(names)
     else:
-        key_of = {p: torch_name(p) for p in paths if torch_name(p) in arrays}
+        key_of = {p: torch_name(p) for p in paths if torch_name(p) in loaded}
     used = set()
     out = []
     for path, (_, leaf) in zip(paths, leaves):
@@ -121,12 +121,12 @@ def mask_tree(
         if key in used:
             raise MaskError(f"mask {key!r} is given to two leaves of the params")
         used.add(key)
-        mask = to_flax(arrays[key], path.rsplit("/", 1)[-1])
+        mask = to_flax(loaded.dense(key), path.rsplit("/", 1)[-1])
         if mask.shape != shape:
-            raise MaskError(f"mask {key!r} {list(arrays[key].shape)} does not fit the leaf {path} "
+            raise MaskError(f"mask {key!r} {list(loaded.shape(key))} does not fit the leaf {path} "
                             f"{list(shape)} (as {list(mask.shape)} in Flax layout)")
         out.append(jnp.asarray(mask, bool))
-    left = sorted(set(arrays) - used)
+    left = sorted(set(loaded.keys()) - used)
     if left:
         hint = "" if names is not None else "; give names={leaf path: mask key}"
         raise MaskError(f"mask {left[0]!r} matches no leaf of the params{hint}")

@@ -31,12 +31,10 @@ import re
 import warnings
 import weakref
 
-import numpy as np
-
 from ..errors import MaskError
-from ..selection.maskfile import MaskFile
+from ..selection.maskfile import MaskFile, WeightMask, mask_file_of
 from ..torch.models import resolve_keys
-from . import MissingExtra, load_masks
+from . import MissingExtra
 
 __all__ = ["MASK_TYPE", "ShiraMasks", "shira_config"]
 
@@ -55,7 +53,7 @@ _OWN = ("r", "target_modules", "mask_type", "mask_fn")
 class ShiraMasks:
     """``mask_fn`` for PEFT SHiRA: the mask of each layer of one model, found by identity."""
 
-    def __init__(self, r: int, layers: Mapping[str, tuple[torch.nn.Module, np.ndarray]]) -> None:
+    def __init__(self, r: int, layers: Mapping[str, tuple[torch.nn.Module, WeightMask]]) -> None:
         self.r = r
         # id(layer) -> (weak reference, module name, mask); weak: a config must not keep a model alive
         self._layers = {id(m): (weakref.ref(m), name, mask) for name, (m, mask) in layers.items()}
@@ -76,7 +74,7 @@ class ShiraMasks:
             raise MaskError(f"the masks were selected for SHiRA r={self.r}, the config asks r={r} "
                             f"for {name}")
         weight = base_layer.weight
-        return torch.from_numpy(mask).to(device=weight.device, dtype=weight.dtype)
+        return torch.from_numpy(mask.dense()).to(device=weight.device, dtype=weight.dtype)
 
 
 def _targets(layers: Mapping[str, object], modules: Mapping[str, object]) -> list[str] | str:
@@ -108,15 +106,16 @@ def shira_config(
     given = sorted(set(_OWN) & set(kwargs))
     if given:
         raise TypeError(f"shira_config sets {', '.join(given)} from the masks; do not pass them")
-    arrays = {k: m for k, m in load_masks(masks).items() if m.any()}
-    if not arrays:
+    loaded = mask_file_of(masks)
+    keys = [k for k in loaded.keys() if loaded.count(k)]
+    if not keys:
         raise MaskError("the masks select no entries")
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
-    resolved = resolve_keys(arrays, params)
-    layers: dict[str, tuple[torch.nn.Module, np.ndarray]] = {}
+    resolved = resolve_keys(keys, params)
+    layers: dict[str, tuple[torch.nn.Module, WeightMask]] = {}
     r_of: dict[str, int] = {}
-    for key, mask in arrays.items():
+    for key in keys:
         name = resolved.get(key)
         if name is None:
             raise MaskError(f"mask {key!r} names no parameter of the model; map the masks onto it "
@@ -127,15 +126,15 @@ def shira_config(
             raise MaskError(f"mask {key!r}: {name} is not the weight of an nn.Linear; SHiRA adapts "
                             "nn.Linear weights only (leave it out of the masks)")
         out, fan_in = module.weight.shape
-        if tuple(mask.shape) != (out, fan_in):
-            raise MaskError(f"mask {key!r} has shape {list(mask.shape)}, but {name} is [{out}, {fan_in}]")
-        count = int(np.count_nonzero(mask))
+        if loaded.shape(key) != (out, fan_in):
+            raise MaskError(f"mask {key!r} has shape {list(loaded.shape(key))}, but {name} is [{out}, {fan_in}]")
+        count = loaded.count(key)
         if count % (out + fan_in):
             raise MaskError(f"mask {key!r} selects {count} entries of {name} [{out}, {fan_in}], not a "
                             f"multiple r*(in+out) of {out + fan_in} as SHiRA needs "
                             "(select with fps-onnx select --shira-r R)")
         r_of[key] = count // (out + fan_in)
-        layers[module_name] = (module, np.ascontiguousarray(mask, dtype=bool))
+        layers[module_name] = (module, loaded.mask(key))
     values = sorted(set(r_of.values()))
     if len(values) > 1:
         first = {r: k for k, r in r_of.items()}
@@ -153,5 +152,5 @@ def shira_config(
                                     **kwargs)
     config.mask_fn = ShiraMasks(r, layers)
     log.info("SHiRA r=%d on %d Linear layers, %s trainable entries", r, len(layers),
-             f"{sum(int(m.sum()) for _, m in layers.values()):,}")
+             f"{sum(m.count for _, m in layers.values()):,}")
     return config

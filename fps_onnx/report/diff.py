@@ -89,19 +89,18 @@ def diff(a: MaskFile, b: MaskFile, sources: Sequence[str] = ("A", "B"),
         raise MaskError(f"{sources[0]} and {sources[1]} are masks of different models (model_sha256 "
                         f"{sha_a[:12]} vs {sha_b[:12]}); --allow-different-models compares them anyway")
     common, only_a, only_b = [], [], []
-    for key in sorted(set(a.masks) | set(b.masks)):
-        ma, mb = a.masks.get(key), b.masks.get(key)
-        if ma is not None and mb is not None:
-            if ma.shape != mb.shape:
-                raise MaskError(f"mask {key!r} has shape {list(ma.shape)} in {sources[0]} and "
-                                f"{list(mb.shape)} in {sources[1]}; cannot compare")
-            both = int(np.count_nonzero(ma & mb))
-            common.append(TensorDiff(key, ma.shape, Overlap(int(np.count_nonzero(ma)),
-                                                            int(np.count_nonzero(mb)), both)))
-        elif ma is not None:
-            only_a.append(TensorDiff(key, ma.shape, Overlap(a=int(np.count_nonzero(ma)))))
+    for key in sorted({*a.keys(), *b.keys()}):
+        if key in a and key in b:
+            if a.shape(key) != b.shape(key):
+                raise MaskError(f"mask {key!r} has shape {list(a.shape(key))} in {sources[0]} and "
+                                f"{list(b.shape(key))} in {sources[1]}; cannot compare")
+            ia, ib = a.indices(key), b.indices(key)
+            both = int(np.intersect1d(ia, ib, assume_unique=True).size)
+            common.append(TensorDiff(key, a.shape(key), Overlap(int(ia.size), int(ib.size), both)))
+        elif key in a:
+            only_a.append(TensorDiff(key, a.shape(key), Overlap(a=a.count(key))))
         else:
-            only_b.append(TensorDiff(key, mb.shape, Overlap(b=int(np.count_nonzero(mb)))))
+            only_b.append(TensorDiff(key, b.shape(key), Overlap(b=b.count(key))))
     meta = {k: (a.meta.get(k), b.meta.get(k)) for k in META_FIELDS
             if not _same(k, a.meta.get(k), b.meta.get(k))}
     overall = sum((t.overlap for t in (*common, *only_a, *only_b)), Overlap())

@@ -116,36 +116,47 @@ def _count(t: TensorSummary) -> Count:
     return Count(t.selected, t.total, 1)
 
 
-def _out_axis(mask: np.ndarray, entry: dict) -> int:
+def _out_axis(shape: tuple[int, ...], entry: dict) -> int:
     """Axis of the output neurons: 0 (PyTorch layout), 1 for a mapped weight stored [in, out]."""
-    return 1 if mask.ndim == 2 and entry.get("torch_transposed") else 0
+    return 1 if len(shape) == 2 and entry.get("torch_transposed") else 0
 
 
-def _per_channel(mask: np.ndarray, entry: dict, channels: int) -> np.ndarray | None:
+def _along(shape: tuple[int, ...], flat: np.ndarray, axis: int) -> np.ndarray:
+    """Selected entries per index of ``axis`` (0, or 1 of a 2-D mask), from the sorted flat indices."""
+    if axis == 0:
+        at = flat // max(1, math.prod(shape[1:]))
+    else:
+        at = flat % shape[1]
+    return np.bincount(at, minlength=shape[axis])
+
+
+def _per_channel(shape: tuple[int, ...], flat: np.ndarray, entry: dict, channels: int) -> np.ndarray | None:
     """Selected entries per input channel (Conv: group(o) * C_in/groups + c), or None when the
     mask's input does not have ``channels`` channels."""
-    if mask.ndim == 2:
-        counts = mask.sum(axis=_out_axis(mask, entry))
+    if len(shape) == 2:
+        counts = _along(shape, flat, 1 - _out_axis(shape, entry))
         return counts if counts.size == channels else None
-    if mask.ndim < 2 or mask.shape[1] == 0 or channels % mask.shape[1]:
+    if len(shape) < 2 or shape[1] == 0 or channels % shape[1]:
         return None
-    per_group = mask.shape[1]
+    per_group = shape[1]
     groups = channels // per_group
-    if mask.shape[0] % groups:
+    if shape[0] % groups:
         return None
-    rows = mask.reshape(groups, mask.shape[0] // groups, per_group, -1)
-    return rows.sum(axis=(1, 3)).reshape(-1)
+    window = math.prod(shape[2:])
+    out, c = flat // (per_group * window), (flat // window) % per_group
+    return np.bincount(out // (shape[0] // groups) * per_group + c, minlength=channels)
 
 
-def _activation(mask: np.ndarray, entry: dict, acc: ChannelStats, key: str) -> ChannelActivation:
+def _activation(shape: tuple[int, ...], flat: np.ndarray, entry: dict, acc: ChannelStats,
+                key: str) -> ChannelActivation:
     if acc.abs_sum is not None:
         stat, name = acc.mean_abs(), "mean_abs"
     else:
         stat, name = acc.rms(), "rms"
-    counts = _per_channel(mask, entry, stat.size)
+    counts = _per_channel(shape, flat, entry, stat.size)
     if counts is None:
         raise StatsError(f"the statistics of {key} have {stat.size} channels, which do not fit its "
-                         f"mask {list(mask.shape)} (statistics of another model?)")
+                         f"mask {list(shape)} (statistics of another model?)")
     top = np.argsort(-stat, kind="stable")[: max(1, math.ceil(TOP_SHARE * stat.size))]
     selected = int(counts.sum())
     share = float(counts[top].sum() / selected) if selected else None
@@ -165,21 +176,18 @@ def summarise(masks: MaskFile, stats: Stats | None = None, source: str = "masks"
                              f"(model_sha256 {stats.model_sha256[:12]} vs {sha[:12]})")
     tensors = []
     per_neuron = np.zeros(1, dtype=np.int64)
-    for key in sorted(masks.masks):
-        mask = masks.masks[key]
+    for key in sorted(masks.keys()):
+        shape, flat = masks.shape(key), masks.indices(key)
         entry = masks.tensors.get(key, {})
-        depth, kind = classify(weight_names(key, entry, nodes), entry.get("op"), mask.ndim)
+        depth, kind = classify(weight_names(key, entry, nodes), entry.get("op"), len(shape))
         activation = None
         if stats is not None:
             acc = stats.weights.get(key) or stats.weights.get(entry.get("onnx_initializer") or "")
             if acc is not None:
-                activation = _activation(mask, entry, acc, key)
-        tensors.append(TensorSummary(key, tuple(mask.shape), int(np.count_nonzero(mask)), depth, kind,
-                                     activation))
-        if mask.size:
-            out = _out_axis(mask, entry)
-            rows = np.moveaxis(mask, out, 0).reshape(mask.shape[out], -1)
-            counts = np.bincount(rows.sum(axis=1))
+                activation = _activation(shape, flat, entry, acc, key)
+        tensors.append(TensorSummary(key, shape, int(flat.size), depth, kind, activation))
+        if shape and math.prod(shape):
+            counts = np.bincount(_along(shape, flat, _out_axis(shape, entry)))
             if counts.size > per_neuron.size:
                 per_neuron = np.pad(per_neuron, (0, counts.size - per_neuron.size))
             per_neuron[: counts.size] += counts

@@ -17,13 +17,11 @@ log = logging.getLogger(__name__)
 def drop_excluded(masks: MaskFile, config: ScopeConfig) -> MaskFile:
     """``masks`` without the tensors whose key or PyTorch name an ``exclude``
     pattern matches (for masks keyed by PyTorch names after mapping)."""
-    dropped = [k for k in masks.masks
+    dropped = [k for k in masks.keys()
                if config.excluded(k, masks.tensors.get(k, {}).get("torch_name")) is not None]
     if not dropped:
         return masks
     log.info("not selectable (--exclude): %s", ", ".join(dropped))
-    if len(dropped) == len(masks.masks):
+    if len(dropped) == len(masks):
         raise ModelError(f"no selectable weight is left: --exclude matches {', '.join(dropped)}")
-    keep = [k for k in masks.masks if k not in dropped]
-    return MaskFile({k: masks.masks[k] for k in keep},
-                    {k: masks.tensors[k] for k in keep if k in masks.tensors}, dict(masks.meta))
+    return masks.subset(k for k in masks.keys() if k not in dropped)

@@ -279,7 +279,8 @@ def top_k(score: np.ndarray, k: int, scratch: Scratch | None = None) -> np.ndarr
 
     Higher score first, then lower column index: exact and deterministic,
     in O(n) per row (partition a copy, then fill ties from the left). The copy
-    is made in ``scratch`` when given.
+    and the mask are made in ``scratch`` when given: the mask is then good until
+    the next call with that scratch.
     """
     rows, n = score.shape
     if k >= n:
@@ -289,7 +290,8 @@ def top_k(score: np.ndarray, k: int, scratch: Scratch | None = None) -> np.ndarr
     np.copyto(part, score)
     part.partition(n - k, axis=1)
     threshold = part[:, n - k : n - k + 1]
-    keep = score >= threshold
+    keep = np.greater_equal(score, threshold, out=None if scratch is None else
+                            scratch.array("keep", score.shape, bool))
     # A row keeps more than k exactly when an entry left of its k-th largest
     # (all <= it after the partition) equals it: a tie across the threshold.
     tied = np.flatnonzero(part[:, : n - k].max(axis=1) == threshold[:, 0])
@@ -309,7 +311,8 @@ def select_one(
     scratch: Scratch | None = None,
 ) -> np.ndarray:
     """The bool mask of one weight (PyTorch layout). ``scratch``: work arrays to
-    reuse (scores and the partitioned copy), else fresh ones."""
+    reuse (scores, the partitioned copy and, at neuron level without a column
+    cap, the mask itself: good until the next call), else fresh ones."""
     check_shira(config, site.shape, f"weight {quoted(site.key)}")
     method = METHODS[config.method]
     missing = None

@@ -115,7 +115,7 @@ def gps_select(
         if name in head or any(f in name for f in FROZEN_NAMES) or module.weight.grad is None:
             continue
         score = module.weight.grad.detach().abs().double().cpu().numpy()
-        masks[name] = select_scores(score, config, f"weight {name}")
+        masks[name] = maskfile.WeightMask.compact(select_scores(score, config, f"weight {name}"))
         tensors[name] = _entry(name, type(module).__name__, masks[name])
     meta = {"method": "gps", "loss": "cross_entropy", "labels": "true", "level": config.level,
             "norm": "grad", "budget": describe_budget(config), "num_samples": str(samples),
@@ -126,8 +126,8 @@ def gps_select(
 
 def _entry(name: str, op: str, mask, transposed: bool = False) -> dict:
     """The ``tensors`` metadata of a GPS mask (keyed by parameter name, no ONNX initializer)."""
-    layout = "conv" if mask.ndim > 2 else ("in_out" if transposed else "out_in")
-    entry = {"torch_name": name, "op": op, "shape": list(mask.shape), "selected": int(mask.sum()),
+    layout = "conv" if len(mask.shape) > 2 else ("in_out" if transposed else "out_in")
+    entry = {"torch_name": name, "op": op, "shape": list(mask.shape), "selected": mask.count,
              "onnx_initializer": None, "onnx_layout": layout}
     if transposed:
         entry["torch_transposed"] = True
@@ -236,7 +236,7 @@ def gps_select_causal(
             raise NumericError(f"the summed gradients of weight {quoted(name)} are not finite")
         score = total.cpu().numpy()
         mask = select_scores(score.T if weight.transposed else score, config, f"weight {quoted(name)}")
-        masks[name] = mask.T if weight.transposed else mask
+        masks[name] = maskfile.WeightMask.compact(mask.T if weight.transposed else mask)
         tensors[name] = _entry(name, weight.op, masks[name], weight.transposed)
     samples = len(dataset)
     meta = {"method": "gps", "loss": "next_token", "labels": "none", "level": config.level,

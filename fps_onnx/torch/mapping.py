@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 import json
 import logging
+import math
 
 import numpy as np
 import onnx
@@ -83,7 +84,7 @@ def map_masks(
     :class:`MaskError`, as does a mask file that fits nothing in the model.
     """
     if onnx_model is None:
-        report = match_names({k: m.shape for k, m in masks.masks.items()}, state_dict)
+        report = match_names({k: masks.shape(k) for k in masks.keys()}, state_dict)
     else:
         onnx_model = _without_cache_branch(onnx_model)
         weights, dtypes, quantized = _weights_for(masks, onnx_model, base_dir)
@@ -94,7 +95,7 @@ def map_masks(
     if not pairs:
         hint = "masks from another model?" if onnx_model is not None else \
             "masks from another model? without the ONNX model only names are matched"
-        raise MaskError(f"none of the {len(masks.masks)} masks fits a parameter of the model ({hint})")
+        raise MaskError(f"none of the {len(masks)} masks fits a parameter of the model ({hint})")
     differ = sorted({key for key, m in pairs if not m.same_values})
     if onnx_model is not None and report.unmapped and all(not m.same_values for _, m in pairs):
         raise MaskError(
@@ -118,13 +119,13 @@ def map_masks(
 def _weights_for(masks: MaskFile, model: onnx.ModelProto, base_dir: str = ""):
     """(weights of the masks' keys, their ONNX types, the keys of block-quantized ones)."""
     sites = {s.key: s for s in graph.find_weights(model)}
-    for key, mask in masks.masks.items():
+    for key in masks.keys():
         if key not in sites:
             raise MaskError(f"mask {key!r} is not a weight of the ONNX model (masks from another model?)")
-        if tuple(sites[key].shape) != mask.shape:
-            raise MaskError(f"mask {key!r} has shape {list(mask.shape)}, the ONNX weight "
+        if tuple(sites[key].shape) != masks.shape(key):
+            raise MaskError(f"mask {key!r} has shape {list(masks.shape(key))}, the ONNX weight "
                             f"{list(sites[key].shape)} (masks from another model?)")
-    wanted = {k: sites[k] for k in masks.masks}
+    wanted = {k: sites[k] for k in masks.keys()}
     weights = _Weights(graph.weight_reader(model, base_dir), wanted)
     quantized = {k for k, s in wanted.items() if s.quant is not None}
     return weights, {k: s.dtype for k, s in wanted.items()}, quantized
@@ -147,22 +148,37 @@ class _Weights(Mapping):
         return len(self._sites)
 
 
+def _cut(shape: tuple[int, ...], flat: np.ndarray, rows: tuple[int, int] | None,
+         transposed: bool) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, sorted flat indices) of rows ``a:b`` of a mask given by its sorted flat
+    indices, transposed (2-D) when asked: the index form of ``mask[a:b]`` and ``.T``."""
+    if rows is not None:
+        length = math.prod(shape[1:])
+        lo, hi = np.searchsorted(flat, [rows[0] * length, rows[1] * length])
+        flat = flat[lo:hi] - rows[0] * length
+        shape = (rows[1] - rows[0], *shape[1:])
+    if transposed:
+        out, fan_in = shape
+        flat = np.sort((flat % fan_in) * out + flat // fan_in)
+        shape = (fan_in, out)
+    return shape, flat
+
+
 def _rekey(masks: MaskFile, report: MappingReport) -> MaskFile:
-    out_masks: dict[str, np.ndarray] = {}
+    out_masks: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
     tensors: dict[str, dict] = {}
     for key, m in report.pairs():
-        mask = masks.masks[key] if m.rows is None else masks.masks[key][m.rows[0]:m.rows[1]]
-        mask = mask.T if m.transposed else mask
+        shape, flat = _cut(masks.shape(key), masks.indices(key), m.rows, m.transposed)
         entry = dict(masks.tensors.get(key, {}))
         entry.setdefault("onnx_initializer", key)
         if m.torch_name in out_masks:
-            out_masks[m.torch_name] = out_masks[m.torch_name] | mask
+            out_masks[m.torch_name] = (shape, np.union1d(out_masks[m.torch_name][1], flat))
             entry = tensors[m.torch_name]
             entry.setdefault("tied_onnx_initializers", [entry["onnx_initializer"]]).append(
                 masks.tensors.get(key, {}).get("onnx_initializer", key))
         else:
-            out_masks[m.torch_name] = np.array(mask, dtype=bool)
-            entry.update(torch_name=m.torch_name, match=m.how, shape=list(mask.shape))
+            out_masks[m.torch_name] = (shape, flat)
+            entry.update(torch_name=m.torch_name, match=m.how, shape=list(shape))
             if m.rows is not None:
                 entry["torch_rows"] = list(m.rows)
             if m.transposed:
@@ -170,12 +186,12 @@ def _rekey(masks: MaskFile, report: MappingReport) -> MaskFile:
             aliases = report.aliases.get(m.torch_name)
             if aliases:
                 entry["torch_aliases"] = aliases
-        entry["selected"] = int(out_masks[m.torch_name].sum())
+        entry["selected"] = int(out_masks[m.torch_name][1].size)
         tensors[m.torch_name] = entry
     meta = dict(masks.meta)
     meta["torch_mapping"] = json.dumps(report.counts(), sort_keys=True)
     meta["unmapped"] = json.dumps(sorted(report.unmapped))
-    return MaskFile(out_masks, tensors, meta)
+    return MaskFile.from_indices(out_masks, tensors, meta)
 
 
 def unmapped_names(report: MappingReport, wanted: Iterable[str]) -> list[str]:

@@ -417,8 +417,7 @@ def resolve_keys(keys: Iterable[str], names: Iterable[str]) -> dict[str, str]:
 
 def rekey_masks(masks: MaskFile, names: Iterable[str]) -> MaskFile:
     """``masks`` with every key :func:`resolve_keys` resolves renamed to its parameter name."""
-    resolved = resolve_keys(masks.masks, names)
-    if all(resolved.get(k, k) == k for k in masks.masks):
+    resolved = resolve_keys(masks.keys(), names)
+    if all(resolved.get(k, k) == k for k in masks.keys()):
         return masks
-    return MaskFile({resolved.get(k, k): m for k, m in masks.masks.items()},
-                    {resolved.get(k, k): t for k, t in masks.tensors.items()}, dict(masks.meta))
+    return masks.renamed(resolved)

@@ -90,6 +90,13 @@ def test_map_and_select_torch_model_on_a_folded_export(case, tmp_path):
     assert all(np.array_equal(a.masks[k], b.masks[k]) for k in a.masks)
     assert a.tensors["mix.weight"]["onnx_initializer"].startswith("onnx::MatMul")
     assert a.tensors["mix.weight"]["torch_name"] == "mix.weight"
+    # the same mapping written as version 1, for older readers, holds the same selection
+    old = tmp_path / "mapped_v1.safetensors"
+    result = invoke("map", raw, "--model", spec, "--onnx", folded, "-o", old, "--mask-format", "v1", "-q")
+    assert result.exit_code == 0, result.output
+    v1 = MaskFile.load(old)
+    assert v1.meta["format_version"] == "1" and a.meta["format_version"] == "2"
+    assert all(np.array_equal(v1.indices(k), a.indices(k)) for k in a.keys())
 
 
 def _one_line_failure(result, message, *absent):

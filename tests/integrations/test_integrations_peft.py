@@ -58,7 +58,9 @@ def test_select_shira_r_writes_r_times_in_plus_out_per_weight(chain, tmp_path):
     assert json.loads(masks.meta["budget"]) == {"shira_r": 1} and masks.meta["level"] == "layer"
     # what True means and the layout are stated for readers in other stacks
     assert masks.meta["true_means"] == "trainable" and masks.meta["layout"] == "torch"
-    assert masks.meta["format_version"] == "1"
+    assert masks.meta["format_version"] == "2"
+    # rows of a SHiRA budget differ in count: the flat indices are stored
+    assert {k: e["encoding"] for k, e in masks.tensors.items()} == {"w1": "flat", "w2": "flat"}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -14,19 +14,20 @@ from fps_onnx.onnx.sites import WeightSite
 from fps_onnx.selection import maskfile
 
 
-def test_round_trip_and_metadata(tmp_path):
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_round_trip_and_metadata(tmp_path, version):
     site = WeightSite("onnx::MatMul_7", "MatMul", "in_out", (3, 4), 4)
     mask = np.zeros((3, 4), bool)
     mask[:, 1] = True
     built = maskfile.build({site.key: mask}, [site], {"method": "fps", "norm": "l1", "budget": '{"per_neuron": 1}'})
-    built.save(tmp_path / "m.safetensors")
+    built.save(tmp_path / "m.safetensors", version=version)
     back = maskfile.MaskFile.load(tmp_path / "m.safetensors")
     np.testing.assert_array_equal(back.masks[site.key], mask)
-    assert back.meta["format"] == "fps-mask" and back.meta["format_version"] == "1"
+    assert back.meta["format"] == "fps-mask" and back.meta["format_version"] == version
     assert back.meta["tool"].startswith("fps-onnx ")
     assert back.tensors[site.key] == {
         "onnx_initializer": "onnx::MatMul_7", "onnx_layout": "in_out", "op": "MatMul",
-        "shape": [3, 4], "selected": 3,
+        "shape": [3, 4], "selected": 3, **({"encoding": "rows"} if version == "2" else {}),
     }
     assert json.loads(back.meta["budget"]) == {"per_neuron": 1}
     assert back.selected == 3 and back.total == 12
@@ -136,7 +137,7 @@ FORGED = [
     (dict(budget="[1]"), "metadata 'budget' must be a JSON object"),
     (dict(budget="{per_neuron: 1}"), "metadata 'budget' is not JSON"),
     (dict(masks={"W": _mask().astype(np.uint8)}), "mask 'W' is uint8, not bool"),
-    (dict(format_version="2"), "has mask format version 2, this fps-onnx reads 1"),
+    (dict(format_version="3"), "has mask format version 3, this fps-onnx reads 1 and 2"),
 ]
 
 
@@ -177,8 +178,8 @@ def test_save_writes_shape_and_selected_from_the_masks(tmp_path):
     built = maskfile.MaskFile(masks, {"W": {"shape": [9], "selected": 0, "op": "MatMul"}})
     built.save(tmp_path / "m.safetensors")
     back = maskfile.MaskFile.load(tmp_path / "m.safetensors")
-    assert back.tensors == {"W": {"shape": [3, 4], "selected": 3, "op": "MatMul"},
-                            "V": {"shape": [2, 2], "selected": 4}}
+    assert back.tensors == {"W": {"shape": [3, 4], "selected": 3, "op": "MatMul", "encoding": "rows"},
+                            "V": {"shape": [2, 2], "selected": 4, "encoding": "rows"}}
     with pytest.raises(MaskError, match="op of 'W' must be a string"):
         maskfile.MaskFile(masks, {"W": {"op": 3}}).save(tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists()

@@ -96,8 +96,7 @@ def prepare(model: nn.Module, masks: Mapping[str, object] | MaskFile | str,
     names = [n for n, _ in model.named_parameters()]
     maskfile = mask_file_of(masks)
     if isinstance(masks, Mapping):
-        resolved = resolve_keys(maskfile.masks, names)
-        deltas = sparse.attach(model, {resolved.get(k, k): m for k, m in maskfile.masks.items()}, skip=head,
+        deltas = sparse.attach(model, maskfile.renamed(resolve_keys(maskfile.keys(), names)), skip=head,
                                sparse_linear=sparse_linear)
     else:
         deltas = attach_masks(model, rekey_masks(maskfile, names), skip=head, onnx_model=onnx_model,

@@ -10,8 +10,6 @@ from collections.abc import Collection
 import logging
 import os
 
-import numpy as np
-
 from ...errors import MaskError
 from ...selection.maskfile import MaskFile, mask_file_of
 from ..mapping import map_masks
@@ -41,26 +39,25 @@ def attach_masks(
     ``sparse_linear``: as in :func:`sparse.attach`.
     """
     maskfile = mask_file_of(masks)
-    if not maskfile.masks:
+    if not len(maskfile):
         raise MaskError("the mask file holds no masks")
     return sparse.attach(model, _by_parameter_name(model, maskfile, skip, onnx_model), skip=skip,
                   sparse_linear=sparse_linear)
 
 
-def _by_parameter_name(model: nn.Module, maskfile: MaskFile, skip, onnx_model) -> dict[str, np.ndarray]:
+def _by_parameter_name(model: nn.Module, maskfile: MaskFile, skip, onnx_model) -> MaskFile:
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    wanted = {k: m for k, m in maskfile.masks.items() if k not in skip}
-    if all(key in names for key in wanted):
+    wanted = maskfile.subset(k for k in maskfile.keys() if k not in skip)
+    if all(key in names for key in wanted.keys()):
         return wanted
-    if onnx_model is None and not any(key in names for key in wanted):
-        key = next(iter(wanted))
+    if onnx_model is None and not any(key in names for key in wanted.keys()):
+        key = wanted.keys()[0]
         raise MaskError(f"mask key {key!r} is not a parameter name of the model; map the masks "
                         "with `fps-onnx map`, or give the ONNX model they were selected on")
     if onnx_model is not None and not hasattr(onnx_model, "graph"):
         from ...onnx.load import load_model
 
         onnx_model = load_model(onnx_model)
-    subset = MaskFile(wanted, {k: maskfile.tensors.get(k, {}) for k in wanted}, dict(maskfile.meta))
-    mapped, report = map_masks(subset, model.state_dict(), onnx_model)
+    mapped, report = map_masks(wanted, model.state_dict(), onnx_model)
     log.info("masks mapped to the model's parameters: %s", report.summary())
-    return mapped.masks
+    return mapped

@@ -275,12 +275,12 @@ def _check_causal_masks(model: nn.Module, maskfile: MaskFile) -> MaskFile:
     """The masks keyed by parameter names of this causal LM, or one MaskError line."""
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     masks = rekey_masks(maskfile, names)
-    if not masks.masks:
+    if not len(masks):
         raise MaskError("the mask file holds no masks")
-    unknown = [k for k in masks.masks if k not in set(names)]
+    unknown = [k for k in masks.keys() if k not in set(names)]
     if unknown:
         raise MaskError(f"mask key {unknown[0]!r} is not a parameter of {type(model).__name__} "
-                        f"({len(unknown)} of {len(masks.masks)} keys are not): masks of another model? "
+                        f"({len(unknown)} of {len(masks)} keys are not): masks of another model? "
                         "Map ONNX names with `fps-onnx map` or --onnx MODEL.onnx")
     return masks
 

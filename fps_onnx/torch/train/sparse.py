@@ -54,6 +54,7 @@ import warnings
 import numpy as np
 
 from ...errors import MaskError
+from ...selection.maskfile import MaskFile
 from ._torch import nn, torch
 from .kernels import GatherGrad, SparseLinear
 
@@ -163,11 +164,12 @@ def _restore_classes(model: nn.Module) -> None:
             module.__class__ = module._dense_class
 
 
-def attach(model: nn.Module, masks: Mapping[str, object], *, skip: Collection[str] = (),
+def attach(model: nn.Module, masks: Mapping[str, object] | MaskFile, *, skip: Collection[str] = (),
            sparse_linear: bool = True) -> dict[str, SparseDelta]:
     """Make the entries ``masks`` select trainable deltas; keys are parameter names.
 
-    ``masks``: name -> bool array (NumPy or torch) of the parameter's shape.
+    ``masks``: a MaskFile (each delta's indices come from it, no dense mask is
+    built), or name -> bool array (NumPy or torch) of the parameter's shape.
     Names in ``skip`` are left alone (e.g. a head that is trained fully). A mask
     that selects nothing leaves its weight frozen. Returns name -> SparseDelta.
     ``sparse_linear``: nn.Linear / Conv1D modules compute only the selected
@@ -179,27 +181,31 @@ def attach(model: nn.Module, masks: Mapping[str, object], *, skip: Collection[st
 
     params = dict(model.named_parameters(remove_duplicate=False))
     names = tied_names(model)
-    combined: dict[str, np.ndarray] = {}
-    for key, mask in masks.items():
+    held = masks if isinstance(masks, MaskFile) else None
+    combined: dict[str, np.ndarray] = {}  # name -> sorted flat indices
+    for key in (held.keys() if held is not None else masks):
         if key in skip:
             continue
         if key not in params:
             raise MaskError(f"mask {key!r} names no parameter of the model")
         weight = params[key]
-        mask = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
-        if tuple(mask.shape) != tuple(weight.shape):
-            raise MaskError(f"mask {key!r} has shape {list(mask.shape)}, "
+        if held is None:
+            mask = masks[key]
+            mask = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
+        shape = held.shape(key) if held is not None else mask.shape
+        if tuple(shape) != tuple(weight.shape):
+            raise MaskError(f"mask {key!r} has shape {list(shape)}, "
                             f"but the model's weight is {list(weight.shape)}")
         if not weight.is_floating_point():
             raise MaskError(f"mask {key!r}: the model's {key} is {weight.dtype}, not a float weight")
+        flat = held.indices(key) if held is not None else np.flatnonzero(mask.reshape(-1).astype(bool))
         name = names.get(key, [key])[0]
-        combined[name] = combined[name] | mask.astype(bool) if name in combined else mask.astype(bool)
+        combined[name] = np.union1d(combined[name], flat) if name in combined else flat
     attached: dict[str, SparseDelta] = {}
-    for name, mask in combined.items():
+    for name, flat in combined.items():
         if name in skip:
             continue
         weight = params[name]
-        flat = np.flatnonzero(mask.reshape(-1))
         if flat.size == 0:
             continue
         weight.requires_grad_(False)
