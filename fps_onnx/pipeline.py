@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import threading
+import time
 
 from ._io import Outputs, check_writable, listed_paths, transaction
 from .calibrate import CalibrationConfig, calibrate, find_sites
@@ -121,7 +122,9 @@ def _run_select(model_path, data_path, select_config, calibration, data_config, 
             stats = _load_shards(from_stats, model_path, sites, refs)
         else:
             stats = Stats(model_sha256(model_path, refs))
+    start = time.perf_counter()
     masks = _select_all(model, sites, stats, select_config, base_dir)
+    log.debug("timing: scoring and top-k %.2f s (%d weights)", time.perf_counter() - start, len(sites))
     meta: dict[str, object] = {
         "method": select_config.method,
         "norm": select_config.norm,
