@@ -213,7 +213,9 @@ def select(
     if torch_model is not None or gps:
         from .torch.models import check_spec
 
-        check_spec(model if gps else torch_model)
+        # gps runs PyTorch now; --torch-model builds its model after the session is
+        # gone, so torch is not imported beside the session (the rest of the checks then).
+        check_spec(model if gps else torch_model, imports=gps)
     if gps:
         from .torch.gps import gps_select
 

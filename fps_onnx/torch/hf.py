@@ -43,13 +43,14 @@ CODE_CONFIGS = (CONFIG_FILE, "tokenizer_config.json", "preprocessor_config.json"
 LOAD_KWARGS = {"trust_remote_code": False, "local_files_only": True}
 
 
-def check_folder(folder: str | os.PathLike) -> dict:
+def check_folder(folder: str | os.PathLike, known_type: bool = True) -> dict:
     """The parsed ``config.json`` of a transformers folder that holds no code to run.
 
     ModelError when the folder has no ``config.json``, a config that is not a
     JSON object, ``auto_map`` in any of :data:`CODE_CONFIGS`, a ``model_type``
     transformers does not know, or a ``*.py`` file. Nothing from the folder is
-    imported; transformers itself is only asked for its list of model types.
+    imported; transformers itself is only asked for its list of model types
+    (not with ``known_type=False``: that import loads torch).
     """
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
@@ -70,6 +71,8 @@ def check_folder(folder: str | os.PathLike) -> dict:
         if "auto_map" in value:
             raise ModelError(f"hf:{folder}: {name} has auto_map, which names code in the folder to run; "
                              "fps-onnx never runs code from a model folder")
+    if not known_type:
+        return config
     model_type = config.get("model_type")
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 

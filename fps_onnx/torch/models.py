@@ -181,21 +181,40 @@ def build_for_data(spec: str, checkpoint, num_classes: int | None, given_classes
                        seed=seed, task=True)
 
 
-def check_spec(spec: str) -> None:
-    """Fail fast (ExportError) on a SPEC that cannot name a model, without building it."""
+def check_spec(spec: str, *, imports: bool = True) -> None:
+    """Fail fast (ExportError) on a SPEC that cannot name a model, without building it.
+
+    ``imports=False``: only the checks that import neither torch nor timm nor
+    transformers (importing them costs ~0.5 GiB; ``select --torch-model`` checks
+    this way before its session and leaves the rest to building the model): the
+    package is installed, the folder holds a config and no code to run
+    (:func:`fps_onnx.torch.hf.check_folder` without its model type).
+    """
     if spec.startswith("timm:"):
+        if not imports:
+            _installed("timm", "timm models")
+            return
         timm = require("timm", "timm models")
         if not timm.is_model(spec[5:]):
             raise ExportError(f"unknown model SPEC {spec!r}: timm has no model {spec[5:]!r}")
     elif spec.startswith("hf:"):
         if not Path(spec[3:], "config.json").is_file():
             raise ExportError(f"unknown model SPEC {spec!r}: no transformers model folder (config.json) there")
-        require("transformers", "Hugging Face models")
+        if imports:
+            require("transformers", "Hugging Face models")
+        else:
+            _installed("transformers", "Hugging Face models")
         from .hf import check_folder
 
-        check_folder(spec[3:])
+        check_folder(spec[3:], known_type=imports)
     elif not _is_function_spec(spec):
         raise ExportError(f"unknown model SPEC {spec!r}: {_SPEC_FORMS}")
+
+
+def _installed(package: str, purpose: str) -> None:
+    """MissingDependency unless ``package`` could be imported (it is not imported)."""
+    if importlib.util.find_spec(package) is None:
+        raise MissingDependency(package, purpose)
 
 
 def load_checkpoint(model, path: str | os.PathLike, spec: str = "the model") -> None:

@@ -80,3 +80,42 @@ def test_an_export_that_renamed_a_weight_is_matched_by_value(exported, tmp_path)
     got = MaskFile.load(out)
     assert got.tensors[old]["onnx_initializer"] == "onnx::renamed"
     assert got.tensors[old]["match"] in ("exact", "close")
+
+
+def test_select_torch_model_imports_torch_only_after_the_session(exported):
+    """The session runs before torch or transformers is imported (they cost ~0.5 GiB beside it)."""
+    import subprocess
+    import sys
+
+    tmp, folder = exported
+    code = (
+        "import sys\n"
+        "from fps_onnx import calibrate\n"
+        "from fps_onnx.cli.main import main\n"
+        "built = calibrate._session\n"
+        "def session(*args):\n"
+        "    bad = [m for m in ('torch', 'timm', 'transformers') if m in sys.modules]\n"
+        "    assert not bad, bad\n"
+        "    return built(*args)\n"
+        "calibrate._session = session\n"
+        f"try:\n    main(['select', {str(tmp / 'm.onnx')!r}, {str(tmp / 'data.npz')!r}, '-o', "
+        f"{str(tmp / 'late.safetensors')!r}, '-q', '--torch-model', {'hf:' + str(folder)!r}])\n"
+        "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp / "late.safetensors").exists()
+
+
+def test_select_torch_model_refuses_a_folder_with_code_before_any_work(exported, tmp_path):
+    import shutil
+
+    from tests._cli import assert_one_error
+
+    tmp, folder = exported
+    bad = tmp_path / "hf"
+    shutil.copytree(folder, bad)
+    (bad / "modeling_evil.py").write_text("raise SystemExit('ran')\n")
+    out = tmp_path / "m.safetensors"
+    result = invoke("select", tmp / "m.onnx", tmp / "data.npz", "-o", out, "--torch-model", f"hf:{bad}")
+    assert_one_error(result, "holds Python code", absent=[out])
