@@ -123,15 +123,18 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def measure_rounds(variants: dict[str, list[str]], repeat: int, tail: int = 8) -> tuple[dict, dict]:
+def measure_rounds(variants: dict[str, list[str]], repeat: int, tail: int = 8,
+                   extra=None) -> tuple[dict, dict]:
     """Run every variant once per round, back to back; (runs, medians) of :data:`METRICS`.
 
-    A failed run ends the benchmark with the last ``tail`` lines of its output."""
+    ``extra(name, result)``: more fields to record for a run, from its result
+    (e.g. stage times it printed). A failed run ends the benchmark with the last
+    ``tail`` lines of its output."""
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for i in range(repeat):
         for name, cmd in variants.items():
             r = check(name, run_measured(cmd), tail)
-            runs[name].append({k: r[k] for k in METRICS})
+            runs[name].append({k: r[k] for k in METRICS} | (extra(name, r) if extra else {}))
             print(f"[{i + 1}/{repeat}] {name:6s} {r['wall_s']:6.1f} s  {r['cpu_s']:6.1f} s CPU  "
                   f"{r['peak_rss_gib']:5.2f} GiB", flush=True)
     median = {name: {k: statistics.median(r[k] for r in rs) for k in METRICS} for name, rs in runs.items()}

@@ -105,6 +105,7 @@ def calibrate(
     after each batch of ``n`` samples (progress bars). ``checkpoint``: write the
     running sums every few batches, or go on from them (:mod:`fps_onnx.checkpoint`).
     """
+    began = time.perf_counter()
     chosen = providers.resolve(config.provider)
     model, folder, refs = load_checked(model_path)
     if check_refs is not None:
@@ -112,7 +113,8 @@ def calibrate(
     # Hash beside the rest of the set-up (hashlib releases the GIL); any error stops it.
     stop = threading.Event()
     hashing = ThreadPoolExecutor(1)
-    sha_future = hashing.submit(external.model_sha256, model_path, refs, stop)
+    sha_future = hashing.submit(_timed, "digest (a thread beside the session)", external.model_sha256,
+                                model_path, refs, stop)
     hashing.shutdown(wait=False)
     try:
         sites = find_sites(model, scope)
@@ -137,10 +139,13 @@ def calibrate(
         statistics = config.statistics or graph.STATISTICS[:1]
         model, outputs = graph.add_statistics(model, sites, statistics, mask_name, masked)
         path = Path(model_path)
+        built = time.perf_counter()
+        log.debug("timing: graph checks and rewrite %.2f s", built - began)
         # The session computes the statistics only: logits, present.* and the
         # nodes only they need are left out.
         session = _session(decoder.prune(model, list(outputs)), path, folder, chosen, config.threads)
         provider = session.get_providers()[0]
+        log.debug("timing: session build %.2f s", time.perf_counter() - built)
         log.info("running on %s", provider)
 
         inputs = [InputSpec.from_ort(i) for i in session.get_inputs()]
@@ -176,8 +181,12 @@ def calibrate(
         if samples == 0:
             raise DataError(f"no samples were read from {data_path}")
         seconds = time.perf_counter() - start
+        log.debug("timing: session runs %.2f s (%d samples)", seconds, samples)
+        waited = time.perf_counter()
+        digest = sha_future.result()
+        log.debug("timing: waiting for the digest %.2f s", time.perf_counter() - waited)
 
-        stats = Stats(sha_future.result(), num_samples=samples, shard=data_config.shard,
+        stats = Stats(digest, num_samples=samples, shard=data_config.shard,
                       batch_size=data_config.batch_size if data_config.shard else None)
         for site in sites:
             acc = ChannelStats()
@@ -189,6 +198,14 @@ def calibrate(
     except BaseException:
         stop.set()
         raise
+
+
+def _timed(what: str, func, *args):
+    """``func(*args)``, its wall time logged as ``timing: WHAT`` (debug)."""
+    start = time.perf_counter()
+    out = func(*args)
+    log.debug("timing: %s %.2f s", what, time.perf_counter() - start)
+    return out
 
 
 def _token_shapes(model: onnx.ModelProto, sites: list[graph.WeightSite], mask_name: str

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import threading
+import time
 
 from ._io import Outputs, check_writable, listed_paths, transaction
 from .calibrate import CalibrationConfig, calibrate, find_sites
@@ -130,7 +131,9 @@ def _run_select(model_path, data_path, select_config, calibration, data_config, 
             stats = _load_shards(from_stats, model_path, sites, refs)
         else:
             stats = Stats(model_sha256(model_path, refs))
+    start = time.perf_counter()
     masks = _select_all(model, sites, stats, select_config, base_dir)
+    log.debug("timing: scoring and top-k %.2f s (%d weights)", time.perf_counter() - start, len(sites))
     meta: dict[str, object] = {
         "method": select_config.method,
         "norm": select_config.norm,
@@ -227,7 +230,9 @@ def select(
     if torch_model is not None or gps:
         from .torch.models import check_spec
 
-        check_spec(model if gps else torch_model)
+        # gps runs PyTorch now; --torch-model builds its model after the session is
+        # gone, so torch is not imported beside the session (the rest of the checks then).
+        check_spec(model if gps else torch_model, imports=gps)
     if gps and task == "causal-lm":
         from .torch.gps import gps_select_causal
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import click
 
@@ -127,7 +128,9 @@ def select(model, data, output, method, task, seed, norm, level, per_neuron, fra
             on_batch=bar.update, scope=scope, torch_model=torch_model, torch_checkpoint=torch_checkpoint,
             outputs=outputs, checkpoint=checkpoint, **given(task=task),
         )
+        start = time.perf_counter()
         result.masks.save(output, outputs, version=mask_format)
+        log.debug("timing: mask write %.2f s", time.perf_counter() - start)
     masks, samples, provider, seconds = result.masks, result.samples, result.provider, result.seconds
     share = masks.selected / max(masks.total, 1)
     log.info("selected %s of %s weights (%.3f%%) in %d tensors from %d samples -> %s",

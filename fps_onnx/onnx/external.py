@@ -316,14 +316,16 @@ def model_sha256(path: str | os.PathLike, refs: Iterable[ExternalRef] | None = N
 
 def _sha256_file(path: str, tensor: str, stop: threading.Event | None) -> str:
     digest = hashlib.sha256()
+    buf = bytearray(_CHUNK)  # one buffer read into again and again: no allocation per chunk
+    view = memoryview(buf)
     with open_regular(path, ModelError, tensor, follow_links=False, buffering=0) as fh:
         while True:
             if stop is not None and stop.is_set():
                 raise HashStopped(path)
-            chunk = fh.read(_CHUNK)
-            if not chunk:
+            got = fh.readinto(buf)
+            if not got:
                 return digest.hexdigest()
-            digest.update(chunk)
+            digest.update(view[:got])
 
 
 # --------------------------------------------------------------------------- helpers

@@ -278,23 +278,29 @@ def top_k(score: np.ndarray, k: int, scratch: Scratch | None = None) -> np.ndarr
     """Bool mask of the top ``k`` entries of each row of a 2-D array.
 
     Higher score first, then lower column index: exact and deterministic,
-    in O(n) per row (partition a copy, then fill ties from the left). The copy
-    and the mask are made in ``scratch`` when given: the mask is then good until
-    the next call with that scratch.
+    in O(n) per row (each row's k-th largest, then ties filled from the left).
+    The k-th largest comes from the column groups of :func:`_grouped_threshold`
+    where k is a small share of the row, else from a partitioned copy, made in
+    ``scratch`` when given. The mask is made in ``scratch`` when given: it is
+    then good until the next call with that scratch.
     """
     rows, n = score.shape
     if k >= n:
         return np.ones_like(score, dtype=bool)
-    part = np.empty(score.shape, score.dtype) if scratch is None else \
-        scratch.array("partition", score.shape, score.dtype)
-    np.copyto(part, score)
-    part.partition(n - k, axis=1)
-    threshold = part[:, n - k : n - k + 1]
+    found = _grouped_threshold(score, k)
+    if found is None:
+        part = np.empty(score.shape, score.dtype) if scratch is None else \
+            scratch.array("partition", score.shape, score.dtype)
+        np.copyto(part, score)
+        part.partition(n - k, axis=1)
+        threshold = part[:, n - k : n - k + 1]
+        # A row keeps more than k exactly when an entry left of its k-th largest
+        # (all <= it after the partition) equals it: a tie across the threshold.
+        tied = np.flatnonzero(part[:, : n - k].max(axis=1) == threshold[:, 0])
+    else:
+        threshold, tied = found
     keep = np.greater_equal(score, threshold, out=None if scratch is None else
                             scratch.array("keep", score.shape, bool))
-    # A row keeps more than k exactly when an entry left of its k-th largest
-    # (all <= it after the partition) equals it: a tie across the threshold.
-    tied = np.flatnonzero(part[:, : n - k].max(axis=1) == threshold[:, 0])
     if tied.size == 0:
         return keep  # the usual case
     sub, at = score[tied], threshold[tied]
@@ -304,6 +310,41 @@ def top_k(score: np.ndarray, k: int, scratch: Scratch | None = None) -> np.ndarr
     rank = np.cumsum(equal, axis=1, dtype=np.int32 if n < 2**31 else np.int64)
     keep[tied] = above | (equal & (rank <= need))
     return keep
+
+
+#: Column groups of :func:`_grouped_threshold`, largest first, and how much smaller than
+#: a row the k groups it looks into must be for that to pay.
+_GROUPS = (32, 16, 8)
+_GROUP_SHARE = 8
+
+
+def _grouped_threshold(score: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(each row's k-th largest score [rows, 1], the rows where another entry equals it),
+    or None where this does not pay (k too large a share of the row, no group size
+    dividing it, a strided array).
+
+    Column j of a row of n belongs to group ``j % (n // g)``; the k-th largest of the
+    group maxima, t, is at most the row's k-th largest v (k groups hold an entry >= t),
+    and every entry above t lies in one of the k groups of the highest maxima, so v is
+    the k-th largest entry of those k groups: a partition of k * g entries per row
+    instead of n, after one pass that reads the row. A tie at v is an entry of those
+    groups besides the k largest that equals v, or more than k groups whose maximum is
+    >= v (each holds an entry >= v).
+    """
+    rows, n = score.shape
+    g = next((g for g in _GROUPS if n % g == 0 and k * g * _GROUP_SHARE <= n), None)
+    if g is None or k < 1 or not score.flags.c_contiguous:
+        return None
+    m = n // g
+    groups = score.reshape(rows, g, m)
+    best = groups.max(axis=1)  # [rows, m]: the maximum of each group
+    top = np.argpartition(best, m - k, axis=1)[:, m - k :]  # the k groups of the highest maxima
+    cand = np.take_along_axis(groups, top[:, None, :], axis=2).reshape(rows, g * k)
+    cand.partition(g * k - k, axis=1)
+    threshold = cand[:, g * k - k : g * k - k + 1]
+    tied = (cand[:, : g * k - k].max(axis=1) == threshold[:, 0]) | (
+        np.count_nonzero(best >= threshold, axis=1) > k)
+    return threshold, np.flatnonzero(tied)
 
 
 def select_one(

@@ -33,7 +33,7 @@ from ..errors import ModelError
 from ..onnx.external import model_roots, open_inside
 
 __all__ = ["CODE_CONFIGS", "CONFIG_FILE", "LOAD_KWARGS", "check_folder", "copy_side_file", "load_config",
-    "load_model", "load_tokenizer", "side_files"]
+    "load_model", "load_tokenizer", "meta_model", "side_files"]
 
 CONFIG_FILE = "config.json"
 #: Configs transformers reads an ``auto_map`` (code in the folder) from.
@@ -43,13 +43,14 @@ CODE_CONFIGS = (CONFIG_FILE, "tokenizer_config.json", "preprocessor_config.json"
 LOAD_KWARGS = {"trust_remote_code": False, "local_files_only": True}
 
 
-def check_folder(folder: str | os.PathLike) -> dict:
+def check_folder(folder: str | os.PathLike, known_type: bool = True) -> dict:
     """The parsed ``config.json`` of a transformers folder that holds no code to run.
 
     ModelError when the folder has no ``config.json``, a config that is not a
     JSON object, ``auto_map`` in any of :data:`CODE_CONFIGS`, a ``model_type``
     transformers does not know, or a ``*.py`` file. Nothing from the folder is
-    imported; transformers itself is only asked for its list of model types.
+    imported; transformers itself is only asked for its list of model types
+    (not with ``known_type=False``: that import loads torch).
     """
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
@@ -70,6 +71,8 @@ def check_folder(folder: str | os.PathLike) -> dict:
         if "auto_map" in value:
             raise ModelError(f"hf:{folder}: {name} has auto_map, which names code in the folder to run; "
                              "fps-onnx never runs code from a model folder")
+    if not known_type:
+        return config
     model_type = config.get("model_type")
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -96,6 +99,21 @@ def load_model(auto_class: str, folder: str | os.PathLike, **kwargs):
     import transformers
 
     return getattr(transformers, auto_class).from_pretrained(str(folder), **LOAD_KWARGS, **kwargs)
+
+
+def meta_model(auto_class: str, folder: str | os.PathLike, **config_fields):
+    """``transformers.<auto_class>.from_config`` of a checked folder's config on PyTorch's
+    meta device: the parameters' names and shapes, no weights read or allocated.
+    ``config_fields`` (e.g. ``num_labels``) are set on the config first."""
+    import torch
+
+    config = load_config(folder)
+    for name, value in config_fields.items():
+        setattr(config, name, value)
+    import transformers
+
+    with torch.device("meta"):
+        return getattr(transformers, auto_class).from_config(config, trust_remote_code=False)
 
 
 def load_tokenizer(folder: str | os.PathLike):

@@ -194,6 +194,46 @@ def _rekey(masks: MaskFile, report: MappingReport) -> MaskFile:
     return MaskFile.from_indices(out_masks, tensors, meta)
 
 
+def _shapes(model) -> tuple[dict[str, tuple[int, ...]], dict[str, list[str]]]:
+    """(name -> shape of each parameter and buffer of a model on the meta device,
+    parameter -> its tied names, the first name first); tied names are one tensor."""
+    first: dict[int, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    aliases: dict[str, list[str]] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) in first:
+            aliases.setdefault(first[id(value)], [first[id(value)]]).append(name)
+        else:
+            first[id(value)] = name
+            shapes[name] = tuple(value.shape)
+    return shapes, aliases
+
+
+def _kept_names(masks: MaskFile, onnx_model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                aliases: dict[str, list[str]]) -> MappingReport | None:
+    """Every mask matched by name to the parameter its ONNX weight is, when the export
+    kept the names (as ``fps-onnx export`` does): the weight is an initializer of a
+    parameter's name (or a backbone's name for it, :func:`fps_onnx.torch.models.resolve_keys`) and dims, used as a plain (not block-quantized) weight of the mask's
+    shape; the mask is transposed for an initializer used [in, out]. None when a mask
+    is not such a weight (then it is matched by value)."""
+    from .models import resolve_keys
+
+    try:
+        names = resolve_keys(masks.masks, shapes)
+    except MaskError:
+        return None
+    dims = {t.name: tuple(t.dims) for t in onnx_model.graph.initializer}
+    sites = {s.key: s for s in graph.find_weights(onnx_model)}
+    report = MappingReport(aliases=aliases)
+    for key, mask in masks.masks.items():
+        site, name = sites.get(key), names.get(key)
+        if (site is None or site.quant is not None or name is None or dims.get(key) != shapes[name]
+                or tuple(site.shape) != tuple(mask.shape)):
+            return None
+        report.matches[key] = Match(key, name, "name", site.layout == "in_out")
+    return report if report.matches else None
+
+
 def unmapped_names(report: MappingReport, wanted: Iterable[str]) -> list[str]:
     """Which of ``wanted`` parameter names no ONNX weight was mapped to."""
     got = {m.torch_name for _, m in report.pairs()}
@@ -217,7 +257,11 @@ def map_to_model(
     ``fps-onnx train`` builds, so the mapped keys are its parameter names.
     ``onnx_path`` is the ONNX file the masks were selected on (checked by its
     SHA-256); without it only names are matched, a backbone's names standing
-    for the task model's (:func:`fps_onnx.torch.models.resolve_keys`).
+    for the task model's (:func:`fps_onnx.torch.models.resolve_keys`). When
+    every mask's ONNX weight is the parameter of its name (an export that kept
+    the names, as ``fps-onnx export`` does) and no ``checkpoint`` is given, a
+    ``timm:`` or ``hf:`` model is built on the meta device (names and shapes,
+    no weights) and the masks matched by name; otherwise by value.
     """
     from ..onnx.external import model_sha256
     from ..onnx.load import load_checked
@@ -229,6 +273,14 @@ def map_to_model(
         want = masks.meta.get("model_sha256")
         if want and want != model_sha256(onnx_path, refs):
             raise MaskError(f"the masks were selected on another ONNX model than {onnx_path}")
+    if onnx_model is not None and checkpoint is None and spec.startswith(("timm:", "hf:")):
+        # An export that kept the parameter names needs the names and shapes only.
+        shapes, aliases = _shapes(build_model(spec, None, num_classes, img_size, task=True, meta=True)[0])
+        report = _kept_names(masks, _without_cache_branch(onnx_model), shapes, aliases)
+        if report is not None:
+            for name, keys in report.tied.items():
+                log.info("tied: %s <- %s (masks OR-ed)", name, ", ".join(keys))
+            return _rekey(masks, report), report
     model, _ = build_model(spec, checkpoint, num_classes, img_size, task=True)
     state = model.state_dict()
     if onnx_model is None:

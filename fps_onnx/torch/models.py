@@ -123,6 +123,7 @@ def build_model(
     seed: int = 0,
     *,
     task: bool = False,
+    meta: bool = False,
 ):
     """The PyTorch model a SPEC names, in eval mode, and example inputs for it.
 
@@ -137,18 +138,25 @@ def build_model(
     the input side. ``task``: build the model users fine-tune, whose parameter
     names masks are keyed by (``hf:`` gets its task model even without
     ``num_classes``; see the module docstring).
+    ``meta``: a ``timm:`` or ``hf:`` model on PyTorch's meta device, its
+    parameters' names and shapes only (no weights read, initialised or held;
+    ``checkpoint`` must be None); a function SPEC is refused (ValueError), as
+    its code may load weights of its own.
     Raises :class:`ExportError` for an unknown SPEC, a model that cannot be
     built or a checkpoint that does not fit.
     """
     torch = require("torch", "building a PyTorch model")
     torch.manual_seed(seed)
+    if meta and (checkpoint is not None or not spec.startswith(("timm:", "hf:"))):
+        raise ValueError("a model on the meta device is built from a timm: or hf: SPEC without checkpoint")
     # Model code that prints (e.g. "Loaded pretrained weights") must not reach
     # stdout, where --json output goes.
     with contextlib.redirect_stdout(sys.stderr):
         if spec.startswith("timm:"):
-            model, inputs = _timm(spec[5:], num_classes, img_size)
+            with torch.device("meta") if meta else contextlib.nullcontext():
+                model, inputs = _timm(spec[5:], num_classes, img_size)
         elif spec.startswith("hf:"):
-            model, inputs = _hf(spec[3:], num_classes, img_size, task)
+            model, inputs = _hf(spec[3:], num_classes, img_size, task, meta)
         elif _is_function_spec(spec):
             model, inputs = _function(spec, num_classes, img_size)
         else:
@@ -173,21 +181,40 @@ def build_for_data(spec: str, checkpoint, num_classes: int | None, given_classes
                        seed=seed, task=True)
 
 
-def check_spec(spec: str) -> None:
-    """Fail fast (ExportError) on a SPEC that cannot name a model, without building it."""
+def check_spec(spec: str, *, imports: bool = True) -> None:
+    """Fail fast (ExportError) on a SPEC that cannot name a model, without building it.
+
+    ``imports=False``: only the checks that import neither torch nor timm nor
+    transformers (importing them costs ~0.5 GiB; ``select --torch-model`` checks
+    this way before its session and leaves the rest to building the model): the
+    package is installed, the folder holds a config and no code to run
+    (:func:`fps_onnx.torch.hf.check_folder` without its model type).
+    """
     if spec.startswith("timm:"):
+        if not imports:
+            _installed("timm", "timm models")
+            return
         timm = require("timm", "timm models")
         if not timm.is_model(spec[5:]):
             raise ExportError(f"unknown model SPEC {spec!r}: timm has no model {spec[5:]!r}")
     elif spec.startswith("hf:"):
         if not Path(spec[3:], "config.json").is_file():
             raise ExportError(f"unknown model SPEC {spec!r}: no transformers model folder (config.json) there")
-        require("transformers", "Hugging Face models")
+        if imports:
+            require("transformers", "Hugging Face models")
+        else:
+            _installed("transformers", "Hugging Face models")
         from .hf import check_folder
 
-        check_folder(spec[3:])
+        check_folder(spec[3:], known_type=imports)
     elif not _is_function_spec(spec):
         raise ExportError(f"unknown model SPEC {spec!r}: {_SPEC_FORMS}")
+
+
+def _installed(package: str, purpose: str) -> None:
+    """MissingDependency unless ``package`` could be imported (it is not imported)."""
+    if importlib.util.find_spec(package) is None:
+        raise MissingDependency(package, purpose)
 
 
 def load_checkpoint(model, path: str | os.PathLike, spec: str = "the model") -> None:
@@ -267,7 +294,7 @@ def _timm(name: str, num_classes, img_size):
     return model, {"input": torch.randn(2, *size)}
 
 
-def _hf(path: str, num_classes, img_size, task: bool):
+def _hf(path: str, num_classes, img_size, task: bool, meta: bool = False):
     torch = require("torch", "Hugging Face models")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = require("transformers", "Hugging Face models")
@@ -283,7 +310,8 @@ def _hf(path: str, num_classes, img_size, task: bool):
         with_head = task or num_classes is not None or kind.export_task
         new_head = with_head and kind.num_labels and num_classes is not None
         kwargs = {"num_labels": num_classes} if new_head else {}
-        model = hf.load_model(kind.auto_class if with_head else "AutoModel", path, **kwargs)
+        auto_class = kind.auto_class if with_head else "AutoModel"
+        model = hf.meta_model(auto_class, path, **kwargs) if meta else hf.load_model(auto_class, path, **kwargs)
     except FpsError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -187,3 +187,24 @@ def test_a_non_finite_weight_is_named_even_where_its_score_is_nan(method):
     with pytest.raises(NumericError, match="scores of weight 'w' are not finite"):
         select_one(np.ones((3, 4), np.float32), linear_site(), _stats([1.0, np.nan, 1.0, 1.0]),
                    SelectConfig(method="fps"), Scratch())
+
+
+def test_top_k_through_column_groups_matches_stable_sort_on_ties_at_the_threshold():
+    """Rows long enough for the column-group search (k * 8 * g <= n): exact, ties included,
+    among them ties between a chosen group's maximum and an unchosen group's."""
+    from fps_onnx.selection.score import _grouped_threshold
+
+    r = np.random.default_rng(5)
+    cases = [r.random((40, 512)).astype(np.float32),                      # no ties
+             r.integers(0, 6, (40, 512)).astype(np.float32),              # ties everywhere
+             r.integers(0, 400, (40, 1024)).astype(np.float64),           # a few ties
+             r.integers(0, 3, (1, 4096)).astype(np.float32)]              # layer level: one row
+    tied = np.zeros((3, 512), np.float32)
+    tied[:, [300, 40, 6, 5]] = 1.0  # equal maxima of 4 of the 32 column groups (g=16): k=2 picks 2
+    cases.append(tied)
+    for s in cases:
+        for k in (1, 2, 3, s.shape[1] // 130):
+            if k < 1:
+                continue
+            assert _grouped_threshold(s, k) is not None  # the grouped path, not the full partition
+            np.testing.assert_array_equal(top_k(s, k), _stable_top_k(s, k), err_msg=f"{s.shape} k={k}")
