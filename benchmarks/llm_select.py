@@ -41,6 +41,7 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import (  # noqa: E402
     METRICS,
+    _paired,
     check,
     child_command,
     fps_onnx_command,
@@ -68,6 +69,12 @@ TARGETS = {  # ratio: (bound, "<=" or ">=")
     "select/plain peak RSS": (0.90, "<="),
     "gps/select peak RSS": (2.5, ">="),
 }
+#: --selectors: FPS's scoring options measured against plain FPS ("select"); each must
+#: stay within 1.2x of its time and peak RSS.
+SELECTORS = {"fps-a05": ["--act-power", "0.5"], "fps-cap2": ["--column-cap", "2"]}
+for _name in SELECTORS:
+    TARGETS[f"{_name}/select time"] = (1.2, "<=")
+    TARGETS[f"{_name}/select peak RSS"] = (1.2, "<=")
 
 
 # --------------------------------------------------------------------------- children
@@ -319,6 +326,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3, help="rounds (each runs every variant once)")
     parser.add_argument("--skip-gps", action="store_true")
+    parser.add_argument("--selectors", action="store_true",
+                        help=f"also run select with each of {', '.join(SELECTORS)} (ratios to plain select)")
     parser.add_argument("--profile", action="store_true",
                         help="after the rounds, run plain and select once more under cProfile and report their stages")
     parser.add_argument("--note", default="", help="free text added to the results (e.g. machine load)")
@@ -352,6 +361,11 @@ def main() -> None:
         "select": [fps_onnx_command(), "-v", "select", str(model), str(data), "-o", str(masks),
                    "--batch-size", str(args.batch_size)],
     }
+    if args.selectors:
+        for name, options in SELECTORS.items():
+            variants[name] = [fps_onnx_command(), "-v", "select", str(model), str(data),
+                              "-o", str(work / f"masks-{name}.safetensors"), "--batch-size", str(args.batch_size),
+                              *options]
     if not args.skip_gps:
         variants["gps"] = _child("gps", folder, data, args.batch_size)
 
@@ -366,6 +380,10 @@ def main() -> None:
         config[a] * config["hidden_size"] * 2 for a in ("vocab_size",)
     ) + config["num_hidden_layers"] * _layer_params(config) + config["hidden_size"]
     found = ratios(median, runs)
+    for name in SELECTORS:
+        if name in median:
+            found[f"{name}/select time"] = _paired(runs, name, "select", "wall_s")
+            found[f"{name}/select peak RSS"] = _paired(runs, name, "select", "peak_rss_gib")
     report = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
