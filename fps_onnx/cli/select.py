@@ -74,7 +74,8 @@ def select(model, data, output, method, task, seed, norm, level, per_neuron, fra
 
     With --method gps, MODEL is a PyTorch SPEC (timm:NAME, hf:PATH,
     module:function; weights from --torch-checkpoint) and DATA a labelled
-    training split (class folders, or .npz with labels): the gradient baseline.
+    training split (class folders, or .npz with labels): the gradient baseline
+    (--exclude and --include-lm-head apply to its parameter names as to FPS).
     With --method gps --task causal-lm, MODEL is hf:DIR of a decoder-only LM and
     DATA .txt, .jsonl or .npz token data: |grad| of the next-token loss summed
     over the batches, the weights FPS would select (--include-lm-head, --exclude).
