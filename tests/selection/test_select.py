@@ -187,3 +187,12 @@ def test_a_non_finite_weight_is_named_even_where_its_score_is_nan(method):
     with pytest.raises(NumericError, match="scores of weight 'w' are not finite"):
         select_one(np.ones((3, 4), np.float32), linear_site(), _stats([1.0, np.nan, 1.0, 1.0]),
                    SelectConfig(method="fps"), Scratch())
+
+
+def test_gps_is_offered_but_never_registered_and_the_docstring_says_so():
+    from fps_onnx.selection import score
+    import fps_onnx.torch.gps  # noqa: F401 - importing it registers nothing
+
+    assert "gps" in score.method_names() and "gps" not in score.METHODS
+    assert SelectConfig(method="gps").method == "gps"
+    assert "registers itself" not in score.__doc__ and "is not registered" in score.__doc__
