@@ -484,6 +484,7 @@ def read_safetensors(
     path: str | os.PathLike, fmt: str, version: str | Collection[str], error: type[Exception], what: str,
     *, framework: str = "numpy", with_tensors: bool = True,
     check: Callable[[dict[str, tuple[str, list[int]]], dict], None] | None = None,
+    convert: Callable[[str, object, dict], object] | None = None,
 ) -> tuple[dict, dict]:
     """(arrays, metadata) of an fps-onnx safetensors file whose ``format`` is ``fmt``.
 
@@ -492,6 +493,8 @@ def read_safetensors(
     read. ``check(header, metadata)``, where given, runs before any tensor is
     read: ``header`` maps each tensor to its (safetensors dtype, shape), as the
     file's header claims (safetensors has checked that they fit the file).
+    ``convert(key, tensor, metadata)``, where given, turns each tensor into what is
+    kept as soon as it is read (so one tensor at a time is held as stored).
     Raises ``error`` when the file is missing, unreadable, another kind of file
     or another version of the format.
     """
@@ -514,7 +517,9 @@ def read_safetensors(
                     part = fh.get_slice(key)
                     header[key] = (part.get_dtype(), list(part.get_shape()))
                 check(header, meta)
-            arrays = {k: fh.get_tensor(k) for k in fh.keys()} if with_tensors else {}
+            arrays = {}
+            for key in fh.keys() if with_tensors else ():
+                arrays[key] = fh.get_tensor(key) if convert is None else convert(key, fh.get_tensor(key), meta)
     except error:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoding failure means "not a safetensors file"
