@@ -228,7 +228,7 @@ def match_names(shapes: Mapping[str, tuple], state_dict, in_out: Collection[str]
     by name alone. A parameter named in ``in_out`` is stored [in, out] (transformers' Conv1D;
     :func:`in_out_parameters`): its mask is transposed, square or not. Without that list a
     mask is transposed only where its shape is the parameter's reversed."""
-    params, aliases = _parameters(state_dict)
+    params, aliases = _parameters(state_dict, values=False)
     report = MappingReport(aliases=aliases)
     canonical = {a: name for name, names in aliases.items() for a in names}
     for key, shape in shapes.items():
@@ -365,8 +365,11 @@ def _pair_in_order(ambiguous, params, report: MappingReport) -> None:
             report.unmapped[key] = f"ambiguous: equals {len(hits)} parameters ({names})"
 
 
-def _parameters(state_dict: Mapping[str, object]) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
-    """Parameters with at least 2 dims as float arrays; tied names folded onto the first."""
+def _parameters(state_dict: Mapping[str, object],
+                values: bool = True) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """Parameters with at least 2 dims as float arrays; tied names folded onto the first.
+    Without ``values``, a tensor is stood for by an array of its shape that holds no memory
+    (matching by name needs the shapes alone: no copy of a bf16 or GPU model)."""
     params: dict[str, np.ndarray] = {}
     aliases: dict[str, list[str]] = {}
     seen: dict[tuple, str] = {}
@@ -375,7 +378,7 @@ def _parameters(state_dict: Mapping[str, object]) -> tuple[dict[str, np.ndarray]
         if ident is not None and ident in seen:
             aliases.setdefault(seen[ident], [seen[ident]]).append(name)
             continue
-        array = _to_numpy(value)
+        array = _to_numpy(value) if values or isinstance(value, np.ndarray) else _shape_only(value)
         if array is None or array.ndim < 2 or array.dtype.kind != "f":
             continue
         if ident is not None:
@@ -389,6 +392,13 @@ def _storage(value) -> tuple | None:
     if ptr is None or not callable(ptr):
         return None
     return (ptr(), tuple(value.shape), tuple(value.stride()), str(value.dtype))
+
+
+def _shape_only(value) -> np.ndarray | None:
+    """A float array of a floating tensor's shape, holding no memory (a broadcast scalar)."""
+    if not hasattr(value, "detach") or not value.is_floating_point():
+        return None
+    return np.broadcast_to(np.float32(0), tuple(value.shape))
 
 
 def _to_numpy(value) -> np.ndarray | None:
