@@ -32,14 +32,15 @@ def tiny_bert() -> transformers.BertForSequenceClassification:
 
 
 def stand_in_masks(model: torch.nn.Module, path: Path) -> None:
-    """Top-2 |w| per output neuron of every encoder Linear weight, as a mask file."""
+    """Top-2 |w| per output neuron of every encoder Linear weight, as a mask file (each
+    row's selected positions, sorted: the index form of a mask)."""
     masks = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".encoder." in f".{name}.":
             magnitude = module.weight.detach().abs()
             top = torch.sort(-magnitude, dim=1, stable=True).indices[:, :2]  # ties: the lower index
-            masks[f"{name}.weight"] = torch.zeros_like(magnitude, dtype=torch.bool).scatter_(1, top, True).numpy()
-    fps_onnx.save_masks(fps_onnx.MaskFile(masks, {}, {"method": "magnitude", "level": "neuron"}), path)
+            masks[f"{name}.weight"] = (tuple(magnitude.shape), top.sort(dim=1).values.numpy())
+    fps_onnx.save_masks(fps_onnx.MaskFile.from_indices(masks, {}, {"method": "magnitude", "level": "neuron"}), path)
 
 
 def dataset(n: int = 64, length: int = 16) -> list[dict]:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     if masks_path is None:
         masks_path = args.output / "masks.safetensors"
         stand_in_masks(model, masks_path)
-    masks = fps_onnx.load_masks(masks_path).masks
+    masks = fps_onnx.load_masks(masks_path)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     # 1. selected entries become k-sized trainable deltas (plus, by default, the head and biases)
@@ -83,10 +84,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     after = model.state_dict()
     moved = frozen_moved = 0
-    for name, mask in masks.items():
-        changed = (after[name] != before[name]).numpy()
-        moved += int(changed[mask].sum())
-        frozen_moved += int(changed[~mask].sum())
+    for name in masks.keys():
+        changed = (after[name] != before[name]).reshape(-1).numpy()
+        selected_moved = int(changed[masks.indices(name)].sum())  # the flat indices of the selection
+        moved += selected_moved
+        frozen_moved += int(changed.sum()) - selected_moved
     if frozen_moved:
         raise SystemExit(f"{frozen_moved} unselected entries moved")
     optimizer_state = sum(s["exp_avg"].numel() for s in trainer.optimizer.state.values() if "exp_avg" in s)

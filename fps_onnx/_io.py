@@ -7,6 +7,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 import contextlib
 import hashlib
 import io
+import json
+import math
 import os
 from pathlib import Path
 import secrets
@@ -480,10 +482,44 @@ def write_safetensors(path: str | os.PathLike, arrays: Mapping, meta: Mapping[st
         return staged.write(path, lambda tmp: save_file(dict(arrays), tmp, metadata=dict(meta)))
 
 
+# safetensors' dtypes that NumPy holds, as NumPy dtypes (little-endian, as the format stores them)
+_NUMPY_DTYPES = {"BOOL": "?", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4",
+                 "U64": "<u8", "I64": "<i8", "F16": "<f2", "F32": "<f4", "F64": "<f8"}
+
+
+def _each_tensor(path: str | os.PathLike, keys: Iterable[str]) -> Iterator[tuple[str, object]]:
+    """(key, NumPy array) of each of ``keys`` of a safetensors file that safetensors has opened
+    and checked, each read into its own buffer when asked for (no memory map). The header is
+    read again, so each tensor's byte count is checked against its dtype and shape and the
+    file's size before anything is allocated (the file may have changed since)."""
+    import numpy as np
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        length = int.from_bytes(fh.read(8), "little")
+        if length > size - 8:
+            raise ValueError("the header runs past the end of the file")
+        header = json.loads(fh.read(length))
+        for key in keys:
+            entry = header[key]
+            dtype = _NUMPY_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {key!r} is {entry['dtype']}, which NumPy does not hold")
+            start, end = (int(v) for v in entry["data_offsets"])
+            shape = tuple(int(d) for d in entry["shape"])
+            if not 0 <= start <= end <= size - 8 - length or end - start != math.prod(shape) * np.dtype(dtype).itemsize:
+                raise ValueError(f"tensor {key!r}: its bytes do not fit its dtype and shape within the file")
+            data = os.pread(fh.fileno(), end - start, 8 + length + start)
+            if len(data) != end - start:
+                raise ValueError(f"tensor {key!r}: the file ends early")
+            yield key, np.frombuffer(data, dtype).reshape(shape)
+
+
 def read_safetensors(
     path: str | os.PathLike, fmt: str, version: str | Collection[str], error: type[Exception], what: str,
     *, framework: str = "numpy", with_tensors: bool = True,
     check: Callable[[dict[str, tuple[str, list[int]]], dict], None] | None = None,
+    convert: Callable[[str, object, dict], object] | None = None,
 ) -> tuple[dict, dict]:
     """(arrays, metadata) of an fps-onnx safetensors file whose ``format`` is ``fmt``.
 
@@ -492,6 +528,10 @@ def read_safetensors(
     read. ``check(header, metadata)``, where given, runs before any tensor is
     read: ``header`` maps each tensor to its (safetensors dtype, shape), as the
     file's header claims (safetensors has checked that they fit the file).
+    ``convert(key, array, metadata)``, where given, turns each tensor (a NumPy array)
+    into what is kept as soon as it is read, and the tensors are read with plain reads
+    instead of safetensors' memory map: one tensor as stored is held at a time, and
+    the file's pages are not counted as this process's memory.
     Raises ``error`` when the file is missing, unreadable, another kind of file
     or another version of the format.
     """
@@ -514,7 +554,12 @@ def read_safetensors(
                     part = fh.get_slice(key)
                     header[key] = (part.get_dtype(), list(part.get_shape()))
                 check(header, meta)
-            arrays = {k: fh.get_tensor(k) for k in fh.keys()} if with_tensors else {}
+            if not with_tensors:
+                arrays = {}
+            elif convert is None:
+                arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+            else:
+                arrays = {k: convert(k, a, meta) for k, a in _each_tensor(path, fh.keys())}
     except error:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoding failure means "not a safetensors file"

@@ -216,7 +216,7 @@ def select(
     are its keyword options: ``from_stats``, ``stats_out``, ``scope``, ``outputs``, ``checkpoint``), or, with
     ``select_config.method == "gps"``, the gradient baseline on the PyTorch SPEC ``model``
     and the labelled split ``data`` (``task`` "causal-lm": the causal LM ``hf:DIR`` and its token
-    data, ``scope`` applied). With ``torch_model`` (a SPEC) the FPS masks are keyed by
+    data), ``scope`` applied to the parameter names. With ``torch_model`` (a SPEC) the FPS masks are keyed by
     that model's parameter names and ``scope``'s exclusions applied to them too.
     torch is imported only for gps or ``torch_model``."""
     scope = options.get("scope", ScopeConfig())
@@ -245,7 +245,7 @@ def select(
 
         result = gps_select(model, data, select_config, checkpoint=torch_checkpoint,
                             image_size=data_config.image_size, batch_size=data_config.batch_size,
-                            max_samples=data_config.max_samples, on_batch=on_batch)
+                            max_samples=data_config.max_samples, on_batch=on_batch, scope=scope)
         return Selection(result.masks, result.samples, "torch", result.seconds)
     result = run_select(model, data, select_config, calibration, data_config, on_batch=on_batch, **options)
     masks = result.masks

@@ -122,6 +122,28 @@ def small_cnn():
     return Net(), torch.randn(2, 3, 16, 16)
 
 
+def tied_token_classifier():
+    """(model, example) for `module:function` SPECs: a token embedding tied to a Linear (as
+    an lm_head is tied), a Linear and a head; input ``input_ids``."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.proj = nn.Linear(8, 20, bias=False)
+            self.proj.weight = self.emb.weight
+            self.fc = nn.Linear(20, 6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, input_ids):
+            return self.head(torch.relu(self.fc(self.proj(self.emb(input_ids).mean(1)))))
+
+    torch.manual_seed(0)
+    return Net(), {"input_ids": torch.randint(0, 20, (2, 5))}
+
+
 def image_folder(root: Path, classes=("a", "b"), per_class: int = 6, size: int = 16, seed: int = 0) -> Path:
     """An ImageFolder tree of random RGB PNGs."""
     from PIL import Image

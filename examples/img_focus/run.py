@@ -66,9 +66,9 @@ def main() -> None:
     config = SelectConfig(per_neuron=args.per_neuron)
     result = run_select(path, HERE / "images", config)
     masks = result.masks
-    print(f"select: {len(masks.masks)} weights, {masks.selected:,} of {masks.total:,} entries, "
+    print(f"select: {len(masks)} weights, {masks.selected:,} of {masks.total:,} entries, "
           f"{result.stats.num_samples} images, {time.perf_counter() - start:.1f} s")
-    print(f"  keys as the ONNX file names them, e.g. {next(k for k in masks.masks if k.startswith('onnx::'))}")
+    print(f"  keys as the ONNX file names them, e.g. {next(k for k in masks.keys() if k.startswith('onnx::'))}")
 
     model, _ = rebuild.build()
     print(f"rebuilt Dinov2Model: max |ONNX - PyTorch| backbone output {backbone_difference(model, path):.2e}")
@@ -77,10 +77,12 @@ def main() -> None:
     mapped, report = map_masks(masks, model.state_dict(), load_model(path))
     print(f"map: {report.summary()} ({time.perf_counter() - start:.1f} s)")
     state = model.state_dict()
-    missing = [n for n in WANTED if n not in mapped.masks]
-    wrong_shape = [n for n in WANTED if n in mapped.masks and mapped.masks[n].shape != tuple(state[n].shape)]
-    # Per-neuron selection: in PyTorch layout every output row holds exactly K selected entries.
-    wrong_rows = [n for n in WANTED if n in mapped.masks and not (mapped.masks[n].sum(1) == args.per_neuron).all()]
+    missing = [n for n in WANTED if n not in mapped]
+    wrong_shape = [n for n in WANTED if n in mapped and mapped.shape(n) != tuple(state[n].shape)]
+    # Per-neuron selection: in PyTorch layout every output row holds exactly K selected entries
+    # (rows() gives each row's positions where every row selects as many, else None).
+    wrong_rows = [n for n in WANTED if n in mapped and (
+        mapped.rows(n) is None or mapped.rows(n).shape[1] != args.per_neuron)]
     print(f"q/k/v/o + MLP weights of 12 layers: {len(WANTED) - len(missing)} of {len(WANTED)} mapped, "
           f"{len(wrong_shape)} with a wrong shape, {len(wrong_rows)} not in [out, in] layout")
     mapped.save(args.output)

@@ -15,7 +15,15 @@ from fps_onnx.data import DEFAULT_IMAGE_SIZE, DataConfig
 from fps_onnx.data.text import DEFAULT_MAX_LENGTH
 from fps_onnx.onnx.scope import ScopeConfig
 from fps_onnx.pipeline import select as select_masks
-from fps_onnx.selection.score import ACT_POWER_MAX, LEVELS, METHODS, NORMS, SelectConfig, method_names
+from fps_onnx.selection.score import (
+    ACT_POWER_MAX,
+    GRADIENT_METHOD,
+    LEVELS,
+    METHODS,
+    NORMS,
+    SelectConfig,
+    method_names,
+)
 from fps_onnx.torch.train.recipe import TASKS
 
 from .options import bar_disabled, floats, given, mask_format_option, quiet_option, spec_folder
@@ -75,7 +83,8 @@ def select(model, data, output, method, task, seed, norm, level, per_neuron, fra
 
     With --method gps, MODEL is a PyTorch SPEC (timm:NAME, hf:PATH,
     module:function; weights from --torch-checkpoint) and DATA a labelled
-    training split (class folders, or .npz with labels): the gradient baseline.
+    training split (class folders, or .npz with labels): the gradient baseline
+    (--exclude and --include-lm-head apply to its parameter names as to FPS).
     With --method gps --task causal-lm, MODEL is hf:DIR of a decoder-only LM and
     DATA .txt, .jsonl or .npz token data: |grad| of the next-token loss summed
     over the batches, the weights FPS would select (--include-lm-head, --exclude).
@@ -93,7 +102,15 @@ def select(model, data, output, method, task, seed, norm, level, per_neuron, fra
     config = SelectConfig(**given(method=method, seed=seed, norm=norm, level=level,
                                    per_neuron=per_neuron, fraction=fraction, shira_r=shira_r,
                                    act_power=act_power, column_cap=column_cap))
-    needs_data = config.method not in METHODS or METHODS[config.method].needs_activations
+    gps = config.method == GRADIENT_METHOD
+    needs_data = gps or METHODS[config.method].needs_activations
+    if gps and (from_stats or stats_out):
+        raise click.UsageError(f"{'--from-stats' if from_stats else '--stats-out'} applies to FPS statistics; "
+                               "--method gps computes gradients on DATA")
+    if gps and data is None:
+        raise click.UsageError("--method gps needs DATA: " + (
+            ".txt, .jsonl or .npz token data for the next-token loss" if task == "causal-lm"
+            else "a labelled training split (class folders, or .npz with labels)"))
     if needs_data and (data is None) == (not from_stats):
         raise click.UsageError("give either DATA or --from-stats")
     calibration = CalibrationConfig(**given(provider=provider, token_mask=token_mask))
@@ -105,13 +122,12 @@ def select(model, data, output, method, task, seed, norm, level, per_neuron, fra
     scope = ScopeConfig(**given(include_lm_head=include_lm_head, exclude=tuple(exclude) or None))
     checkpoint = None
     if checkpoint_every is not None or resume:
-        if from_stats or not needs_data or config.method == "gps":
+        if from_stats or not needs_data or gps:
             raise click.UsageError("--checkpoint-every and --resume apply to an FPS calibration on DATA")
         checkpoint = CalibrationCheckpoint.beside(output, checkpoint_every, resume)
     from fps_onnx.fileio import check_writable, transaction
 
     check_writable(output)
-    gps = config.method == "gps"
     inputs = {"MODEL": spec_folder(model) if gps else model, "DATA": data, "--tokenizer": tokenizer,
               "--from-stats": from_stats, "--torch-checkpoint": torch_checkpoint,
               "--torch-model": spec_folder(torch_model)}

@@ -26,7 +26,9 @@ indices' bytes plus the JSON header (padded to 8 bytes) and 8 bytes of length.
 
 Version 1 (dense; ``format_version`` = "1"): one ``bool`` tensor per weight,
 shaped like the weight, True = fine-tune this entry. 200x the bytes of version
-2 at 0.5% selected; kept for readers older than version 2.
+2 at 0.5% selected; kept for readers older than version 2. Reading one turns
+each tensor into its indices as it is read, so about one dense mask is held at
+a time.
 
 Both versions:
 
@@ -361,15 +363,20 @@ class MaskFile:
             else:
                 _check_header(read["tensors"], header, path)
 
-        arrays, meta = read_safetensors(path, FORMAT, VERSIONS, MaskError, "mask", check=check_header)
+        def held(key: str, array: np.ndarray, meta: dict) -> WeightMask:
+            """Each tensor as its indices as soon as it is read: a version 1 file's peak is
+            about one dense mask, not all of them."""
+            if meta["format_version"] == "1":
+                return WeightMask.compact(array)
+            return WeightMask.of_indices(read["tensors"][key]["shape"], array, f"{path}: mask {key!r}")
+
+        masks, meta = read_safetensors(path, FORMAT, VERSIONS, MaskError, "mask", check=check_header,
+                                       convert=held)
         meta.pop("tensors")
         tensors = read["tensors"]
         if meta["format_version"] == "1":
-            check_tensors(tensors, {k: a.shape for k, a in arrays.items()}, path,
-                          {k: int(np.count_nonzero(a)) for k, a in arrays.items()})
-            return cls(arrays, tensors, meta)
-        masks = {k: WeightMask.of_indices(tensors[k]["shape"], arrays[k], f"{path}: mask {k!r}")
-                 for k in arrays}
+            check_tensors(tensors, {k: m.shape for k, m in masks.items()}, path,
+                          {k: m.count for k, m in masks.items()})
         return cls(masks, tensors, meta)
 
 

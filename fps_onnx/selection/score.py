@@ -7,8 +7,11 @@ weight w[o, c, i, j] the statistic is that of input channel
 
 Other methods plug in through :func:`register_method`: "activation" (Eq. 5/6,
 the activation statistic alone), "magnitude" (|w| alone) and "random" (seeded
-uniform scores) are built in; "gps" (gradients, needs PyTorch) registers
-itself from :mod:`fps_onnx.torch.gps`.
+uniform scores) are built in. "gps" (:data:`GRADIENT_METHOD`) is not registered:
+its scores are gradients of a PyTorch model, not a function of an ONNX weight,
+so ``fps_onnx.pipeline.select`` runs :mod:`fps_onnx.torch.gps` for it, which
+selects with this module's budgets (:func:`select_scores`); :func:`method_names`
+and :class:`SelectConfig` accept it.
 
 Selection keeps the top K per output neuron (level "neuron") or the top N of
 each tensor (level "layer"); the SHiRA budget (``shira_r`` = r) keeps the top
@@ -41,8 +44,8 @@ from ..onnx.sites import WeightSite
 from ..stats import ChannelStats, no_rows
 
 __all__ = [
-    "ACT_POWER_MAX", "DEFAULT_FRACTION", "LEVELS", "METHODS", "NORMS", "Method", "Scratch", "SelectConfig",
-    "capped_top_k", "capped_top_n", "channel_statistic", "check_shira", "column_cap_of", "describe_budget",
+    "ACT_POWER_MAX", "DEFAULT_FRACTION", "GRADIENT_METHOD", "LEVELS", "METHODS", "NORMS", "Method", "Scratch",
+    "SelectConfig", "capped_top_k", "capped_top_n", "channel_statistic", "check_shira", "column_cap_of", "describe_budget",
     "magnitudes", "method_names", "register_method", "scores", "select_one", "select_scores", "top_k",
 ]
 
@@ -82,7 +85,7 @@ class SelectConfig:
     column_cap: float | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS and self.method != "gps":
+        if self.method not in METHODS and self.method != GRADIENT_METHOD:
             raise BudgetError(f"method must be one of {', '.join(method_names())}, not {self.method!r}")
         if self.norm not in NORMS:
             raise BudgetError(f"norm must be one of {', '.join(NORMS)}, not {self.norm!r}")
@@ -176,6 +179,8 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+#: The method of gradients on a PyTorch model (:mod:`fps_onnx.torch.gps`): offered, never registered.
+GRADIENT_METHOD = "gps"
 
 
 def register_method(name: str, score, needs_activations: bool, *, fills_out: bool = False,
@@ -209,8 +214,8 @@ class Scratch:
 
 
 def method_names() -> list[str]:
-    """Every method the select command offers ("gps" loads PyTorch when chosen)."""
-    return sorted({*METHODS, "gps"})
+    """Every method the select command offers (:data:`GRADIENT_METHOD` loads PyTorch when chosen)."""
+    return sorted({*METHODS, GRADIENT_METHOD})
 
 
 def channel_statistic(stats: ChannelStats, norm: str) -> np.ndarray:

@@ -8,7 +8,8 @@ The reference the FPS paper compares against (Zhang et al., CVPR 2024), in two f
   ``|grad|`` per output neuron of every Linear/Conv weight. GPS's rules for
   which tensors are selectable: the classification head is trained fully and
   gets no mask; weights of norms, position embeddings and class tokens are
-  never selected.
+  never selected; ``ScopeConfig`` applies as to FPS (``exclude`` on the
+  parameter names; a Linear tied to an embedding only with ``include_lm_head``).
 * :func:`gps_select_causal`, a decoder-only causal LM (``hf:DIR``) on token
   data as ``train --task causal-lm`` reads it (:mod:`.train.lm_data`; no labels
   beyond the text): for each batch, the gradient of its next-token loss (the
@@ -70,9 +71,11 @@ def gps_select(
     max_samples: int | None = None,
     device: str | None = None,
     on_batch: Callable[[int], None] | None = None,
+    scope: ScopeConfig = ScopeConfig(),
 ) -> GpsResult:
     """GPS masks for the model ``spec`` from the labelled split ``train`` (a causal LM
-    ``hf:DIR`` is a ModelError: its loss is :func:`gps_select_causal`'s)."""
+    ``hf:DIR`` is a ModelError: its loss is :func:`gps_select_causal`'s). ``scope``
+    leaves weights out as FPS's scope does (:func:`_left_out`)."""
     from .hf import load_config
     from .models import build_for_data, is_causal_lm
     from .train._torch import nn, torch
@@ -93,6 +96,20 @@ def gps_select(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).train()
     head = set(head_names(model))
+    vocab, selectable, left_out = _vocabulary(model), {}, []
+    for module_name, module in model.named_modules():
+        name = f"{module_name}.weight" if module_name else "weight"
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or name in head or any(f in name for f in FROZEN_NAMES):
+            continue
+        why = _left_out(name, module.weight, scope, vocab)
+        if why is None:
+            selectable[name] = module
+        else:
+            left_out.append(f"{name} ({why})")
+    if left_out:
+        log.info("not selectable: %s", ", ".join(left_out))
+    if not selectable:
+        raise ModelError(f"no selectable weight is left: {', '.join(left_out) or 'the model has no Linear or Conv weight'}")
     loader = torch.utils.data.DataLoader(data, batch_size, shuffle=False)
     criterion = nn.CrossEntropyLoss()
 
@@ -108,11 +125,8 @@ def gps_select(
     seconds = time.perf_counter() - start
 
     masks, tensors = {}, {}
-    for module_name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        name = f"{module_name}.weight" if module_name else "weight"
-        if name in head or any(f in name for f in FROZEN_NAMES) or module.weight.grad is None:
+    for name, module in selectable.items():
+        if module.weight.grad is None:
             continue
         score = module.weight.grad.detach().abs().double().cpu().numpy()
         masks[name] = maskfile.WeightMask.compact(select_scores(score, config, f"weight {name}"))
@@ -165,17 +179,14 @@ def causal_lm_weights(model, scope: ScopeConfig = ScopeConfig()) -> dict[str, We
         weight = getattr(module, "weight", None)
         if isinstance(module, kinds) and isinstance(weight, nn.Parameter):
             used.setdefault(id(weight), (type(module).__name__, isinstance(module, Conv1D)))
-    head = getattr(model.get_output_embeddings(), "weight", None)
-    vocab = {id(head)} | {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    vocab = _vocabulary(model)
     found, left_out = {}, []
     for name, param in model.named_parameters():
         if id(param) not in used:
             continue
-        pattern = scope.excluded(name)
-        if pattern is not None:
-            left_out.append(f"{name} (--exclude {pattern})")
-        elif id(param) in vocab and not scope.include_lm_head:
-            left_out.append(f"{name} (lm_head or embedding)")
+        why = _left_out(name, param, scope, vocab)
+        if why is not None:
+            left_out.append(f"{name} ({why})")
         else:
             found[name] = Weight(param, *used[id(param)])
     if left_out:
@@ -183,6 +194,29 @@ def causal_lm_weights(model, scope: ScopeConfig = ScopeConfig()) -> dict[str, We
     if not found:
         raise ModelError(f"no selectable weight is left: {', '.join(left_out) or 'the model has no Linear weight'}")
     return found
+
+
+def _vocabulary(model) -> set[int]:
+    """ids of the vocabulary weights: the output embedding's (``get_output_embeddings``, where
+    the model has one) and every nn.Embedding's, so also a Linear tied to one."""
+    from .train._torch import nn
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = getattr(output, "weight", None)
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | (
+        {id(head)} if head is not None else set())
+
+
+def _left_out(name: str, param, scope: ScopeConfig, vocab: set[int]) -> str | None:
+    """Why ``scope`` leaves the weight ``name`` out (as :func:`fps_onnx.onnx.scope.in_scope`
+    does on an export: ``--exclude`` on its name, the lm_head and embeddings unless
+    ``include_lm_head``), or None."""
+    pattern = scope.excluded(name)
+    if pattern is not None:
+        return f"--exclude {pattern}"
+    if id(param) in vocab and not scope.include_lm_head:
+        return "lm_head or embedding"
+    return None
 
 
 def gps_select_causal(

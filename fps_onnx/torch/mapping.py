@@ -13,7 +13,7 @@ from names to arrays or tensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 import json
 import logging
 import math
@@ -31,6 +31,7 @@ from .matching import (  # noqa: F401 - the matching API is also importable from
     Match,
     MatchConfig,
     builder_candidates,
+    in_out_parameters,
     match_names,
     match_weights,
     module_paths,
@@ -69,6 +70,7 @@ def map_masks(
     config: MatchConfig = MatchConfig(),
     *,
     base_dir: str = "",
+    in_out: Collection[str] = (),
 ) -> tuple[MaskFile, MappingReport]:
     """Re-key ``masks`` by the PyTorch parameter names of ``state_dict``.
 
@@ -76,7 +78,9 @@ def map_masks(
     read as selection reads it, its no-past branch inlined) supplies the weight
     values for matching by value, and its node names for matching by the
     exporter's names; ``base_dir`` is the folder its external data lies in.
-    Without it only names are matched. After mapping each mask has its
+    Without it only names are matched, and ``in_out`` names the parameters stored
+    [in, out] (:func:`in_out_parameters` of the model), whose masks are transposed
+    whatever their shape; with it the values tell. After mapping each mask has its
     parameter's shape: a packed weight's mask is cut into its row blocks, a
     mask is transposed for a parameter stored [in, out]; tied weights are OR-ed
     into one mask. Unmapped masks are left out of the result and listed in its
@@ -84,7 +88,7 @@ def map_masks(
     :class:`MaskError`, as does a mask file that fits nothing in the model.
     """
     if onnx_model is None:
-        report = match_names({k: masks.shape(k) for k in masks.keys()}, state_dict)
+        report = match_names({k: masks.shape(k) for k in masks.keys()}, state_dict, in_out)
     else:
         onnx_model = _without_cache_branch(onnx_model)
         weights, dtypes, quantized = _weights_for(masks, onnx_model, base_dir)
@@ -285,4 +289,4 @@ def map_to_model(
     state = model.state_dict()
     if onnx_model is None:
         masks = rekey_masks(masks, state)
-    return map_masks(masks, state, onnx_model, strict, config, base_dir=folder)
+    return map_masks(masks, state, onnx_model, strict, config, base_dir=folder, in_out=in_out_parameters(model))

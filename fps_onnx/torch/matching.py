@@ -44,6 +44,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 import re
+import sys
 
 import numpy as np
 from onnx import TensorProto
@@ -51,8 +52,8 @@ from onnx import TensorProto
 from ..errors import MaskError
 from .value_index import MatchConfig, ValueIndex, quantized_close
 
-__all__ = ["BUILDER_NAMES", "HOW", "MappingReport", "Match", "builder_candidates", "match_names",
-    "match_weights", "module_paths"]
+__all__ = ["BUILDER_NAMES", "HOW", "MappingReport", "Match", "builder_candidates", "in_out_parameters",
+    "match_names", "match_weights", "module_paths"]
 
 HOW = ("name", "exact", "close", "quantized", "scaled", "order")
 
@@ -222,22 +223,37 @@ def match_weights(
     return report
 
 
-def match_names(shapes: Mapping[str, tuple], state_dict) -> MappingReport:
-    """Mask keys (key -> shape) matched to ``state_dict`` parameters by name alone."""
-    params, aliases = _parameters(state_dict)
+def match_names(shapes: Mapping[str, tuple], state_dict, in_out: Collection[str] = ()) -> MappingReport:
+    """Mask keys (key -> shape, PyTorch [out, in] layout) matched to ``state_dict`` parameters
+    by name alone. A parameter named in ``in_out`` is stored [in, out] (transformers' Conv1D;
+    :func:`in_out_parameters`): its mask is transposed, square or not. Without that list a
+    mask is transposed only where its shape is the parameter's reversed."""
+    params, aliases = _parameters(state_dict, values=False)
     report = MappingReport(aliases=aliases)
     canonical = {a: name for name, names in aliases.items() for a in names}
     for key, shape in shapes.items():
+        shape = tuple(shape)
         name = canonical.get(key, key)
         p = params.get(name)
+        transposed = name in in_out or (p is not None and p.shape != shape)
         if p is None:
             report.unmapped[key] = "no parameter of this name (give the ONNX model to match by value)"
-        elif p.shape not in (shape, shape[::-1]):
-            raise MaskError(f"mask {key!r} has shape {list(shape)}, the parameter {list(p.shape)} "
-                            "(masks from another model?)")
+        elif p.shape != (shape[::-1] if transposed else shape):
+            raise MaskError(f"mask {key!r} has shape {list(shape)}, the parameter {list(p.shape)}"
+                            f"{' (stored [in, out])' if name in in_out else ''} (masks from another model?)")
         else:
-            report.matches[key] = Match(key, name, "name", p.shape != shape)
+            report.matches[key] = Match(key, name, "name", transposed)
     return report
+
+
+def in_out_parameters(model) -> set[str]:
+    """The names (tied ones included) of the weights ``model`` stores [in, out]: those of
+    transformers' ``Conv1D`` modules (GPT-2), found without importing transformers."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    if conv1d is None:
+        return set()
+    return {f"{name}.weight" if name else "weight"
+            for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, conv1d)}
 
 
 
@@ -349,8 +365,11 @@ def _pair_in_order(ambiguous, params, report: MappingReport) -> None:
             report.unmapped[key] = f"ambiguous: equals {len(hits)} parameters ({names})"
 
 
-def _parameters(state_dict: Mapping[str, object]) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
-    """Parameters with at least 2 dims as float arrays; tied names folded onto the first."""
+def _parameters(state_dict: Mapping[str, object],
+                values: bool = True) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """Parameters with at least 2 dims as float arrays; tied names folded onto the first.
+    Without ``values``, a tensor is stood for by an array of its shape that holds no memory
+    (matching by name needs the shapes alone: no copy of a bf16 or GPU model)."""
     params: dict[str, np.ndarray] = {}
     aliases: dict[str, list[str]] = {}
     seen: dict[tuple, str] = {}
@@ -359,7 +378,7 @@ def _parameters(state_dict: Mapping[str, object]) -> tuple[dict[str, np.ndarray]
         if ident is not None and ident in seen:
             aliases.setdefault(seen[ident], [seen[ident]]).append(name)
             continue
-        array = _to_numpy(value)
+        array = _to_numpy(value) if values or isinstance(value, np.ndarray) else _shape_only(value)
         if array is None or array.ndim < 2 or array.dtype.kind != "f":
             continue
         if ident is not None:
@@ -373,6 +392,13 @@ def _storage(value) -> tuple | None:
     if ptr is None or not callable(ptr):
         return None
     return (ptr(), tuple(value.shape), tuple(value.stride()), str(value.dtype))
+
+
+def _shape_only(value) -> np.ndarray | None:
+    """A float array of a floating tensor's shape, holding no memory (a broadcast scalar)."""
+    if not hasattr(value, "detach") or not value.is_floating_point():
+        return None
+    return np.broadcast_to(np.float32(0), tuple(value.shape))
 
 
 def _to_numpy(value) -> np.ndarray | None:

@@ -287,3 +287,24 @@ def test_content_digest_names_a_file_by_its_bytes_and_a_folder_by_its_files_and_
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(DataError, match="a FIFO, not a regular file"):
         content_digest(tmp_path / "fifo", DataError)
+
+
+def test_tensors_read_one_at_a_time_are_checked_against_the_header_before_allocating(tmp_path):
+    import json
+
+    def file(entries: dict, data: bytes) -> Path:
+        header = json.dumps(entries).encode()
+        path = tmp_path / "t.safetensors"
+        path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+        return path
+
+    ok = file({"a": {"dtype": "U16", "shape": [2], "data_offsets": [0, 4]}}, b"\x01\x00\x02\x00")
+    [(key, array)] = list(_io._each_tensor(ok, ["a"]))
+    assert key == "a" and array.tolist() == [1, 2]
+    huge = file({"a": {"dtype": "U32", "shape": [10**12], "data_offsets": [0, 4 * 10**12]}}, b"\x00" * 4)
+    with pytest.raises(ValueError, match="do not fit its dtype and shape within the file"):
+        list(_io._each_tensor(huge, ["a"]))
+    bf16 = file({"a": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]}}, b"\x00\x00")
+    with pytest.raises(ValueError, match="which NumPy does not hold"):
+        list(_io._each_tensor(bf16, ["a"]))
+    assert np.dtype(_io._NUMPY_DTYPES["BOOL"]) == np.bool_

@@ -244,3 +244,14 @@ def test_max_length_out_of_range_is_one_line_on_every_command(chain, tmp_path, l
         message = f"Error: --max-length must be a whole number from {least} to 16,777,216, not {length}"
         assert result.stderr.strip().splitlines() == [message], result.stderr
         assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--task", "causal-lm"], "--method gps needs DATA: .txt, .jsonl or .npz token data"),
+    ([], "--method gps needs DATA: a labelled training split"),
+    (["--from-stats", "s.safetensors"], "--from-stats applies to FPS statistics; --method gps computes gradients"),
+])
+def test_gps_without_data_names_the_data_to_give(tmp_path, extra, message):
+    result = invoke("select", "--method", "gps", "hf:somewhere", "-o", tmp_path / "m.safetensors", *extra)
+    line = assert_one_error(result, re.escape(message), status=2, absent=[tmp_path / "m.safetensors"])
+    assert "--from-stats" not in line or extra[:1] == ["--from-stats"]

@@ -167,10 +167,16 @@ def test_fused_adamw_updates_reach_the_weights():
     check_only_selected_moved(before, model, masks)
 
 
-def test_hf_trainer_example_runs(tmp_path):
+def test_hf_trainer_example_runs(tmp_path, monkeypatch):
     import importlib.util
     from pathlib import Path
 
+    from fps_onnx.selection.maskfile import MaskFile
+
+    def dense_path(self):
+        raise AssertionError("the example reads dense masks (MaskFile.masks); it should read indices")
+
+    monkeypatch.setattr(MaskFile, "masks", property(dense_path))
     path = Path(__file__).resolve().parents[2] / "examples" / "hf_trainer.py"
     spec = importlib.util.spec_from_file_location("hf_trainer_example", path)
     example = importlib.util.module_from_spec(spec)

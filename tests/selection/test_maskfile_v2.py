@@ -117,6 +117,23 @@ def test_both_versions_read_back_the_same_masks(tmp_path):
     assert not (tmp_path / "bad.safetensors").exists()
 
 
+def test_a_version_1_file_is_read_one_dense_mask_at_a_time(tmp_path):
+    rng = np.random.default_rng(0)
+    masks = {f"w{i}": rng.random((512, 2048)) < 0.005 for i in range(8)}  # 1 MiB each as bool
+    MaskFile(masks).save(tmp_path / "v1.safetensors", version="1")
+    del masks["w0"]  # keep the test's own arrays out of the measurement's way
+    tracemalloc.start()
+    try:
+        back = MaskFile.load(tmp_path / "v1.safetensors")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 << 20  # about one 1 MiB dense mask (and its indices), not all eight
+    for key, mask in masks.items():
+        np.testing.assert_array_equal(back.indices(key), np.flatnonzero(mask))
+        np.testing.assert_array_equal(back.dense(key), mask)
+
+
 def test_a_mask_file_built_from_indices_checks_them():
     built = MaskFile.from_indices({"r": ((2, 5), np.array([[0, 4], [1, 2]], np.uint16)),
                                    "f": ((3, 3), np.array([0, 5, 8]))}, {}, {"method": "x"})

@@ -208,3 +208,12 @@ def test_top_k_through_column_groups_matches_stable_sort_on_ties_at_the_threshol
                 continue
             assert _grouped_threshold(s, k) is not None  # the grouped path, not the full partition
             np.testing.assert_array_equal(top_k(s, k), _stable_top_k(s, k), err_msg=f"{s.shape} k={k}")
+
+
+def test_gps_is_offered_but_never_registered_and_the_docstring_says_so():
+    from fps_onnx.selection import score
+    import fps_onnx.torch.gps  # noqa: F401 - importing it registers nothing
+
+    assert "gps" in score.method_names() and "gps" not in score.METHODS
+    assert SelectConfig(method="gps").method == "gps"
+    assert "registers itself" not in score.__doc__ and "is not registered" in score.__doc__

@@ -264,6 +264,39 @@ def test_select_on_the_export_equals_pytorch_fps(kind, exported, tmp_path):
         assert mismatch == 0, f"{key}: {mismatch} entries differ"
 
 
+def test_gpt2_masks_selected_on_the_export_train_the_conv1d_weights_transposed(exported, tmp_path):
+    """select writes [out, in] masks keyed by the Conv1D parameter names; train (and map by
+    name) transpose them to the [in, out] parameters, the square c_proj ones included."""
+    from safetensors.torch import load_file
+
+    folder, path = exported("gpt2")
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(TEXT) + "\n")
+    masks_path = tmp_path / "masks.safetensors"
+    result = invoke("select", path, text, "-o", masks_path, "--per-neuron", 2, "--max-length", 64,
+                    "--provider", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    masks = MaskFile.load(masks_path)
+    assert masks.shape("transformer.h.0.attn.c_attn.weight") == (192, 64)  # [out, in]
+    assert masks.shape("transformer.h.0.attn.c_proj.weight") == (64, 64)  # square: shape cannot tell
+    out = tmp_path / "out"
+    result = invoke("train", "--task", "causal-lm", "--model", f"hf:{folder}", "--masks", masks_path,
+                    "--train", text, "-o", out, "--epochs", "1", "--batch-size", 4, "--lr", "1e-2", "-q")
+    assert result.exit_code == 0, result.output
+    base, tuned = load_file(str(folder / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    for key in masks.keys():
+        changed = (tuned[key] != base[key]).numpy()
+        assert np.array_equal(changed, masks.dense(key).T), key  # the selected entries, no others
+
+    mapped_path = tmp_path / "mapped.safetensors"  # map by name alone: the same rule
+    result = invoke("map", masks_path, "--model", f"hf:{folder}", "-o", mapped_path, "-q")
+    assert result.exit_code == 0, result.output
+    mapped = MaskFile.load(mapped_path)
+    for key in masks.keys():
+        assert np.array_equal(mapped.dense(key), masks.dense(key).T), key
+        assert mapped.tensors[key]["torch_transposed"] is True
+
+
 def test_select_default_budget_is_a_fraction_of_fan_in(exported, tmp_path):
     _, path = exported("qwen2")
     text = tmp_path / "text.txt"

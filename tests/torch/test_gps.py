@@ -59,6 +59,32 @@ def test_gps_from_the_cli(tmp_path):
     assert masks.tensors["mix.weight"]["torch_name"] == "mix.weight"
 
 
+def test_gps_applies_exclude_as_fps_does(tmp_path):
+    folder = image_folder(tmp_path / "train")
+    out = tmp_path / "gps.safetensors"
+    result = invoke("select", "--method", "gps", SPEC, folder, "-o", out, "--per-neuron", "1", "--batch-size", "4",
+                    "--exclude", "^mix", "-q")
+    assert result.exit_code == 0, result.output
+    assert sorted(MaskFile.load(out).keys()) == ["fc.weight", "stem.weight"]
+    result = invoke("select", "--method", "gps", SPEC, folder, "-o", out, "--exclude", ".", "-q")
+    assert_one_error(result, "no selectable weight is left", alone=False)
+
+
+def test_gps_leaves_a_linear_tied_to_an_embedding_out_unless_include_lm_head(tmp_path):
+    spec = f"{Path(__file__).resolve().parents[1] / '_models.py'}:tied_token_classifier"
+    rng = np.random.default_rng(0)
+    data = tmp_path / "train.npz"
+    np.savez(data, input_ids=rng.integers(0, 20, (8, 5)), labels=np.arange(8) % 2)
+    out = tmp_path / "gps.safetensors"
+    result = invoke("select", "--method", "gps", spec, data, "-o", out, "--per-neuron", "1", "-q")
+    assert result.exit_code == 0, result.output
+    assert MaskFile.load(out).keys() == ["fc.weight"]  # proj.weight is the embedding's tensor
+    result = invoke("select", "--method", "gps", spec, data, "-o", out, "--per-neuron", "1", "--include-lm-head",
+                    "-q")
+    assert result.exit_code == 0, result.output
+    assert sorted(MaskFile.load(out).keys()) == ["fc.weight", "proj.weight"]
+
+
 @pytest.mark.parametrize("spec, message", [("nope:xyz", "unknown model SPEC|cannot import"),
                                            ("timm", "unknown model SPEC")])
 def test_gps_bad_spec(tmp_path, spec, message):

@@ -198,3 +198,17 @@ def test_torch_tied_parameters_fold_onto_one_name():
     report = match_weights({"onnx::MatMul_3": w}, state)
     assert report.matches["onnx::MatMul_3"].torch_name == "emb.weight"
     assert report.aliases == {"emb.weight": ["emb.weight", "head.weight"]}
+
+
+def test_by_name_a_parameter_stored_in_out_gets_its_mask_transposed_even_when_square():
+    torch = pytest.importorskip("torch")
+    state = {"sq": torch.zeros(4, 4, dtype=torch.bfloat16), "lin": torch.zeros(4, 4), "wide": torch.zeros(4, 6)}
+    masks = MaskFile({"sq": np.eye(4, k=1, dtype=bool), "lin": np.eye(4, k=1, dtype=bool),
+                      "wide": np.eye(6, 4, dtype=bool)}, {})
+    mapped, report = map_masks(masks, state, in_out={"sq"})
+    np.testing.assert_array_equal(mapped.dense("sq"), np.eye(4, k=-1, dtype=bool))  # [in, out]
+    np.testing.assert_array_equal(mapped.dense("lin"), np.eye(4, k=1, dtype=bool))  # as it was
+    np.testing.assert_array_equal(mapped.dense("wide"), np.eye(4, 6, dtype=bool))  # the shape tells
+    assert [mapped.tensors[k].get("torch_transposed", False) for k in ("sq", "lin", "wide")] == [True, False, True]
+    with pytest.raises(MaskError, match=r"the parameter \[4, 6\] \(stored \[in, out\]\)"):
+        map_masks(MaskFile({"wide": np.ones((4, 6), bool)}, {}), state, in_out={"wide"})
