@@ -33,7 +33,7 @@ from ..errors import ModelError
 from ..onnx.external import model_roots, open_inside
 
 __all__ = ["CODE_CONFIGS", "CONFIG_FILE", "LOAD_KWARGS", "check_folder", "copy_side_file", "load_config",
-    "load_model", "load_tokenizer", "side_files"]
+    "load_model", "load_tokenizer", "model_from_config", "side_files"]
 
 CONFIG_FILE = "config.json"
 #: Configs transformers reads an ``auto_map`` (code in the folder) from.
@@ -96,6 +96,15 @@ def load_model(auto_class: str, folder: str | os.PathLike, **kwargs):
     import transformers
 
     return getattr(transformers, auto_class).from_pretrained(str(folder), **LOAD_KWARGS, **kwargs)
+
+
+def model_from_config(auto_class: str, folder: str | os.PathLike, **kwargs):
+    """``transformers.<auto_class>.from_config`` of a checked folder's config: the
+    architecture, no weights read (and no code of the folder run)."""
+    config = load_config(folder)
+    import transformers
+
+    return getattr(transformers, auto_class).from_config(config, trust_remote_code=False, **kwargs)
 
 
 def load_tokenizer(folder: str | os.PathLike):

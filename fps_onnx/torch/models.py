@@ -123,6 +123,7 @@ def build_model(
     seed: int = 0,
     *,
     task: bool = False,
+    dtype=None,
 ):
     """The PyTorch model a SPEC names, in eval mode, and example inputs for it.
 
@@ -136,7 +137,8 @@ def build_model(
     (timm; ``hf:`` builds its task model with that many labels); ``img_size``
     the input side. ``task``: build the model users fine-tune, whose parameter
     names masks are keyed by (``hf:`` gets its task model even without
-    ``num_classes``; see the module docstring).
+    ``num_classes``; see the module docstring). ``dtype``: the torch dtype
+    ``hf:`` weights are loaded in (others: as built).
     Raises :class:`ExportError` for an unknown SPEC, a model that cannot be
     built or a checkpoint that does not fit.
     """
@@ -148,7 +150,7 @@ def build_model(
         if spec.startswith("timm:"):
             model, inputs = _timm(spec[5:], num_classes, img_size)
         elif spec.startswith("hf:"):
-            model, inputs = _hf(spec[3:], num_classes, img_size, task)
+            model, inputs = _hf(spec[3:], num_classes, img_size, task, dtype)
         elif _is_function_spec(spec):
             model, inputs = _function(spec, num_classes, img_size)
         else:
@@ -267,7 +269,7 @@ def _timm(name: str, num_classes, img_size):
     return model, {"input": torch.randn(2, *size)}
 
 
-def _hf(path: str, num_classes, img_size, task: bool):
+def _hf(path: str, num_classes, img_size, task: bool, dtype=None):
     torch = require("torch", "Hugging Face models")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = require("transformers", "Hugging Face models")
@@ -283,6 +285,8 @@ def _hf(path: str, num_classes, img_size, task: bool):
         with_head = task or num_classes is not None or kind.export_task
         new_head = with_head and kind.num_labels and num_classes is not None
         kwargs = {"num_labels": num_classes} if new_head else {}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
         model = hf.load_model(kind.auto_class if with_head else "AutoModel", path, **kwargs)
     except FpsError:
         raise
