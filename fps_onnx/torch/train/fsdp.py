@@ -103,7 +103,7 @@ def _parameters_on_meta() -> Iterator[None]:
 
     def on_meta(module, name, param):
         register(module, name, param)
-        if param is not None:
+        if param is not None and param.device.type != "meta":  # a meta one is kept: ties stay ties
             module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
 
     nn.Module.register_parameter = on_meta
@@ -146,6 +146,7 @@ def shard(model: nn.Module, device: torch.device, *, folder: str | os.PathLike |
         _load_shards(model, Path(folder))
     _move_replicated(model, device)
     _fill_bases(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # materialised: new tensors
     for param in trainable:
         param.register_hook(_average(world))
     model.register_forward_pre_hook(_ShardWriter(model), prepend=True)
@@ -181,7 +182,13 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
     """Storage for the meta parameters (their values come later), keeping every real tensor."""
     keep = {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]
             if not _is_sharded(t) and t.device.type != "meta"}
+    tied = sparse.tied_names(model)
     model.to_empty(device=device)
+    for name, group in tied.items():  # to_empty made each module's copy of a tied tensor its own
+        first = model.get_parameter(group[0])
+        if name != group[0] and not _is_sharded(first):
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, first)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for name, value in keep.items():
