@@ -50,7 +50,7 @@ from . import sparse
 from ._torch import nn, torch
 from .recipe import RecipeError
 
-__all__ = ["block_modules", "check_world", "checkpoint_state", "gather_trainable", "load_checkpoint_state",
+__all__ = ["block_modules", "check_world", "checkpoint_state", "delta_indices", "gather_trainable", "load_checkpoint_state",
     "load_trainable", "meta_causal_lm", "shard"]
 
 log = logging.getLogger(__name__)
@@ -318,6 +318,11 @@ def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
             value = param.full_tensor() if _is_sharded(param) else param
             out[name] = value.detach().to("cpu", copy=True)
     return out
+
+
+def delta_indices(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each sparse weight's name -> its delta's flat indices (CPU), tied weights once."""
+    return {name: delta.indices.cpu() for name, delta in sparse.unique_deltas(model).items()}
 
 
 def load_trainable(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

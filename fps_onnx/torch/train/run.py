@@ -21,6 +21,8 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ..._io import atomic_folder, atomic_write, check_folder, write_safetensors
 from ...errors import MaskError, OutputError
 from ...selection.maskfile import MaskFile
@@ -219,6 +221,7 @@ def run_train(
     device = _device(device, local_rank)
     dtype = precision.base_dtype(recipe, device)
     trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
+    del maskfile  # dense bool masks, as large as the weights they select in: the deltas hold the indices
     precision.cast_model(model, dtype)
     net = fsdp.shard(model, device) if recipe.fsdp else _place(model, device, world)
 
@@ -242,23 +245,24 @@ def run_train(
         **_rank_peaks(device, world),
     }
     if recipe.fsdp or dtype != torch.float32:
-        state = fsdp.gather_trainable(model)
+        state, masks = fsdp.gather_trainable(model), fsdp.delta_indices(model)
         del net, model, trainable
-        model, trainable = _plain(state, lambda: build()[0], maskfile, recipe, onnx_model, rank)
+        model, trainable = _plain(state, masks, lambda: build()[0], recipe, rank)
     if rank == 0:
         write_outputs(model, trainable, metrics, out)
     _finish(world)
     return metrics
 
 
-def _plain(state: dict, build: Callable[[], nn.Module], maskfile: MaskFile, recipe: Recipe,
-           onnx_model, rank: int) -> tuple[nn.Module | None, loop.Trainable | None]:
+def _plain(state: dict, masks: dict, build: Callable[[], nn.Module], recipe: Recipe,
+           rank: int) -> tuple[nn.Module | None, loop.Trainable | None]:
     """The trained model as a plain one in the base's own dtype, to write the outputs from.
 
     A sharded or half-precision model is not one: the caller gathers its
-    trainable tensors (``state``, :func:`fsdp.gather_trainable`) and drops it,
-    then rank 0 builds the model again, prepares it the same way and takes them
-    (other ranks get ``(None, None)``).
+    trainable tensors (``state``, :func:`fsdp.gather_trainable`) and its
+    deltas' indices (``masks``, :func:`fsdp.delta_indices`) and drops it, then
+    rank 0 builds the model again, prepares it with the same entries and takes
+    the tensors (other ranks get ``(None, None)``).
     """
     import gc
 
@@ -266,7 +270,13 @@ def _plain(state: dict, build: Callable[[], nn.Module], maskfile: MaskFile, reci
     if rank != 0:
         return None, None
     plain = build()
-    trainable = loop.prepare(plain, maskfile, recipe, onnx_model=onnx_model)
+    params = dict(plain.named_parameters())
+    dense = {}
+    for name, indices in masks.items():
+        mask = np.zeros(params[name].numel(), dtype=bool)
+        mask[indices.numpy()] = True
+        dense[name] = mask.reshape(tuple(params[name].shape))
+    trainable = loop.prepare(plain, dense, recipe)
     fsdp.load_trainable(plain, state)
     return plain, trainable
 
@@ -357,6 +367,7 @@ def run_train_causal(
         fsdp.check_world(world, len(sets["train"]))
 
     trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
+    del maskfile  # dense bool masks, as large as the weights they select in: the deltas hold the indices
     precision.cast_model(model, dtype)
     tied = sparse.tied_names(model)
     for name in trainable.dense:
@@ -398,10 +409,9 @@ def run_train_causal(
         **_rank_peaks(device, world),
     }
     if recipe.fsdp or dtype != torch.float32:
-        state = fsdp.gather_trainable(model)
+        state, masks = fsdp.gather_trainable(model), fsdp.delta_indices(model)
         del net, model, trainable
-        model, trainable = _plain(state, lambda: hf_folder.build_causal_lm(spec, recipe.seed), maskfile, recipe,
-                                  onnx_model, rank)
+        model, trainable = _plain(state, masks, lambda: hf_folder.build_causal_lm(spec, recipe.seed), recipe, rank)
     if rank == 0:
         write_causal_outputs(model, trainable, metrics, out, folder, base_hash)
     _finish(world)
