@@ -3,8 +3,9 @@
 Under ``torchrun --nproc_per_node N`` (:func:`shard`):
 
 * every transformer block (the model's ``_no_split_modules`` classes, else the
-  members of its largest list of same-class blocks) and then the rest
-  (embeddings, final norm, head) become ``fully_shard`` units over a
+  members of its largest list of same-class blocks), the input embedding, the
+  output head (unless tied to it) and then the rest (final norm) become
+  ``fully_shard`` units over a
   one-dimensional ``DeviceMesh``: each process holds 1/N of every frozen
   weight's rows, and a whole weight only while its block computes;
 * what trains (each delta's k values, and any tensor trained fully) stays out
@@ -96,6 +97,18 @@ def block_modules(model: nn.Module) -> list[nn.Module]:
     return best
 
 
+def _embeddings(model: nn.Module) -> list[nn.Module]:
+    """The input embedding and the output head (a transformers model's) as units of their own,
+    so that each is whole only around its own use; tied, they stay in the root's unit."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return []
+    found = [m for m in (get_in(), get_out()) if isinstance(m, nn.Module)]
+    if len(found) == 2 and {id(p) for p in found[0].parameters()} & {id(p) for p in found[1].parameters()}:
+        return []
+    return found
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Modules built inside get their parameters on the meta device (buffers stay real)."""
@@ -136,7 +149,7 @@ def shard(model: nn.Module, device: torch.device, *, folder: str | os.PathLike |
     mesh = init_device_mesh(device.type, (world,))
     trainable = [p for p in model.parameters() if p.requires_grad]
     ignored = set(trainable)
-    for block in block_modules(model):
+    for block in [*block_modules(model), *_embeddings(model)]:
         fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=ignored)
     # the root too reshards after its forward pass, so that the weights' shards are what
     # every module holds between passes (where _write_shards writes the deltas)
