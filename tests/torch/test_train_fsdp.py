@@ -196,3 +196,20 @@ def test_a_bf16_base_writes_its_merged_model_in_the_original_dtype(tmp_path):
     losses = [json.loads((tmp_path / d / "metrics.json").read_text())["epochs"][-1]["train_loss"]
               for d in ("bf16", "fp32")]
     assert abs(losses[0] - losses[1]) < 0.05 * losses[1]
+
+
+@pytest.mark.slow
+def test_a_sharded_classifier_trains_what_ddp_trains(tmp_path):
+    """The quickstart ViT (timm blocks, a new head and biases trained fully): --fsdp and DDP agree."""
+    examples = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
+    assert invoke("select", examples / "model.onnx", examples / "images", "-o", tmp_path / "m.safetensors",
+                  "-q").exit_code == 0
+    args = ["train", "--model", f"{examples / 'model.py'}:build", "--masks", str(tmp_path / "m.safetensors"),
+            "--onnx", str(examples / "model.onnx"), "--train", str(examples / "images"), "--epochs", "2",
+            "--batch-size", "8", "--lr", "1e-2", "-q"]
+    for name, extra in (("ddp", ()), ("fsdp", ("--fsdp",))):
+        done = _torchrun(*args, "-o", str(tmp_path / name), *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert _files(tmp_path / "ddp") == _files(tmp_path / "fsdp") == [
+        "delta.safetensors", "metrics.json", "model.safetensors"]
+    assert _assert_same_deltas(tmp_path / "ddp", tmp_path / "fsdp") <= 1e-6
