@@ -213,3 +213,48 @@ def test_a_sharded_classifier_trains_what_ddp_trains(tmp_path):
     assert _files(tmp_path / "ddp") == _files(tmp_path / "fsdp") == [
         "delta.safetensors", "metrics.json", "model.safetensors"]
     assert _assert_same_deltas(tmp_path / "ddp", tmp_path / "fsdp") <= 1e-6
+
+
+def _checkpoint_worker(rank: int, world: int, port: int, folder: str, masks: str, out: str) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    recipe = CausalLMRecipe(lr=1e-2)
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(rank))
+
+    def built():
+        model = fsdp.meta_causal_lm(folder, torch.float32)
+        loop.prepare(model, masks, recipe)
+        fsdp.shard(model, torch.device("cpu"), folder=folder)
+        return model, loop.make_optimizer(model, recipe)
+
+    def step(model, optimizer):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    model, optimizer = built()
+    step(model, optimizer)
+    dcp.save(fsdp.checkpoint_state(model, optimizer), checkpoint_id=out + "/ckpt")
+    resumed, fresh = built()
+    state = fsdp.checkpoint_state(resumed, fresh)
+    dcp.load(state, checkpoint_id=out + "/ckpt")
+    fsdp.load_checkpoint_state(resumed, fresh, state)
+    for m, o in ((model, optimizer), (resumed, fresh)):
+        step(m, o)
+    if rank == 0:
+        torch.save({"a": fsdp.gather_trainable(model), "b": fsdp.gather_trainable(resumed)}, out + "/values.pt")
+    torch.distributed.barrier()
+    os._exit(0)
+
+
+def test_a_checkpoint_of_the_trainable_state_resumes_the_same_training(tmp_path):
+    folder, masks, _ = _case(tmp_path)
+    torch.multiprocessing.spawn(_checkpoint_worker, args=(2, _free_port(), str(folder), str(masks), str(tmp_path)),
+                                nprocs=2, join=True)
+    got = torch.load(tmp_path / "values.pt", weights_only=True)
+    assert sorted(got["a"]) == sorted(got["b"]) and any(k.endswith(".values") for k in got["a"])
+    for name, value in got["a"].items():
+        assert torch.equal(value, got["b"][name]), name
+        assert value.abs().max() > 0, name
