@@ -118,6 +118,13 @@ def test_fsdp_without_a_launcher_is_one_line_and_writes_nothing(tmp_path, monkey
     assert_one_error(result, "torchrun --nproc_per_node N", absent=[tmp_path / "out"])
 
 
+def test_fsdp_with_masks_matched_by_value_is_one_line(tmp_path, monkeypatch):
+    folder, masks, train = _case(tmp_path)
+    monkeypatch.setattr(fsdp, "check_world", lambda world, samples=None: None)  # as if under torchrun
+    result = invoke(*_args(folder, masks, train, tmp_path / "out", "--fsdp", "--onnx", str(masks)))
+    assert_one_error(result, "--fsdp needs masks keyed by parameter names", absent=[tmp_path / "out"])
+
+
 def test_a_split_smaller_than_the_world_is_refused():
     fsdp.check_world(2, 2)
     with pytest.raises(RecipeError, match="several processes"):

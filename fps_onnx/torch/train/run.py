@@ -343,6 +343,9 @@ def run_train_causal(
     rank, world, local_rank = _distributed()
     if recipe.fsdp:
         fsdp.check_world(world)
+        if onnx_model is not None:  # matching by value needs the weights, which a sharded build reads later
+            raise RecipeError("--fsdp needs masks keyed by parameter names, not --onnx: "
+                              "map them first with `fps-onnx map`")
     if rank == 0:
         check_folder(out)
     maskfile = masks if isinstance(masks, MaskFile) else MaskFile.load(masks)
