@@ -1,8 +1,9 @@
 """Memory of sparse fine-tuning: FSDP against DDP (2 processes), and a bf16 against an fp32 frozen base (CPU).
 
-Part ``fsdp``: a seeded random-init Llama (:data:`LLAMA`: hidden 2048, intermediate 5632, 18 layers,
-32 heads, 8 key/value heads, SmolLM2's 49152-token vocabulary and tokenizer, untied head: 1.0 B
-parameters, 4.0 GB in fp32) saved with ``save_pretrained``; a mask of 1 % random entries of every
+Part ``fsdp``: a seeded random-init Llama of TinyLlama-1.1B's shape (:data:`LLAMA`: hidden 2048,
+intermediate 5632, 22 layers, 32 heads, 4 key/value heads, 32000-token vocabulary, untied head:
+1.1 B parameters, 4.4 GB in fp32; SmolLM2's tokenizer files, the data being token ids) saved with
+``save_pretrained``; a mask of 1 % random entries of every
 q/k/v/o/gate/up/down weight; STEPS optimizer steps of one block of SEQ random tokens per process.
 Four runs, each ``torchrun --nproc_per_node 2 fps-onnx train --task causal-lm`` as its own process:
 DDP and ``--fsdp``, each with ``--base-dtype fp32`` and ``bf16``. Per rank: the peak RSS after
@@ -17,7 +18,7 @@ entries of every projection weight), STEPS_135M steps of BATCH_135M blocks of 25
 perplexity on the first TEST_BLOCKS test blocks; peak RSS of the whole process (``os.wait4``) and
 after training (metrics.json).
 
-    python benchmarks/fsdp_memory.py                       # both parts, ~15 min on 2 cores
+    python benchmarks/fsdp_memory.py                       # both parts, ~25 min on 2 cores
     python benchmarks/fsdp_memory.py --part fsdp --layers 4 # a smaller Llama (code paths)
 
 Writes benchmarks/results/fsdp_memory.{md,json}; models and data are cached in benchmarks/work/fsdp/.
@@ -42,11 +43,12 @@ from _measure import GIB, fps_onnx_command, log, run_measured  # noqa: E402
 WORK = HERE / "work" / "fsdp"
 SMOL = Path("/work/main/benchmarks/work/llm/smollm2-135m")
 KJV = Path("/work/main/benchmarks/work/llm/data/kjv/seq256-train800-val64-test128-split0")
-LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=8)
+LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+             vocab_size=32000)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FRACTION = 0.01
 SEED = 0
-SEQ, STEPS = 128, 3
+SEQ, STEPS = 128, 2
 STEPS_135M, BATCH_135M, TEST_BLOCKS = 20, 2, 32
 TARGETS = {"fsdp/ddp per-rank peak RSS": 0.65, "bf16/fp32 peak RSS": 0.60, "bf16/fp32 test perplexity - 1": 0.01}
 
@@ -59,7 +61,7 @@ def make_llama(folder: str, layers: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**LLAMA, num_hidden_layers=layers, vocab_size=49152, max_position_embeddings=2048,
+    config = LlamaConfig(**LLAMA, num_hidden_layers=layers, max_position_embeddings=2048,
                          tie_word_embeddings=False, pad_token_id=2, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config).eval()
@@ -143,15 +145,15 @@ def _train(args: list[str], out: Path, processes: int) -> dict:
 
 
 def part_fsdp(layers: int) -> dict:
-    folder = WORK / f"llama-{layers}l"
+    folder = WORK / f"tinyllama-{layers}l"
     if not folder.exists():
         log(f"saving the random-init Llama ({layers} layers)")
         _prepared(_child("make-llama", folder, layers), "make-llama")
-    masks, tokens = WORK / f"mask-{layers}l.safetensors", WORK / "tokens.npz"
+    masks, tokens = WORK / f"mask-tinyllama-{layers}l.safetensors", WORK / f"tokens-{SEQ}x{2 * STEPS}.npz"
     if not masks.exists():
         _prepared(_child("make-mask", folder, masks), "make-mask")
     if not tokens.exists():
-        _prepared(_child("make-tokens", tokens, 2 * STEPS, 49152), "make-tokens")
+        _prepared(_child("make-tokens", tokens, 2 * STEPS, LLAMA["vocab_size"]), "make-tokens")
     from safetensors import safe_open
 
     with safe_open(str(folder / "model.safetensors"), framework="np") as f:
@@ -235,7 +237,7 @@ def main() -> None:
     parser.add_argument("--role")
     parser.add_argument("args", nargs="*")
     parser.add_argument("--part", choices=("fsdp", "base-dtype", "both"), default="both")
-    parser.add_argument("--layers", type=int, default=18)
+    parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--output", type=Path, default=HERE / "results" / "fsdp_memory")
     args = parser.parse_args()
     if args.role:

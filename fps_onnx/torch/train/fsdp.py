@@ -253,8 +253,9 @@ def _load_shards(model: nn.Module, folder: Path) -> None:
         wanted.setdefault(files[plain], []).append((plain, param))
     try:
         for path, params in wanted.items():
-            with safe_open(str(path), framework="pt") as handle:
-                for key, param in params:
+            for key, param in params:
+                # one mapping per tensor: the file's pages this process read leave its memory with it
+                with safe_open(str(path), framework="pt") as handle:
                     part = handle.get_slice(key)
                     if tuple(part.get_shape()) != tuple(param.shape):
                         raise ExportError(f"{path}: {key} has shape {list(part.get_shape())}, the model's is "
