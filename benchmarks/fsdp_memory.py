@@ -250,6 +250,10 @@ def main() -> None:
 
     report = {"date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", "command": " ".join(sys.argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch": version("torch")}
+    previous = args.output.with_suffix(".json")
+    if args.part != "both" and previous.exists():  # the other part's figures are kept
+        kept = json.loads(previous.read_text())
+        report.update({k: kept[k] for k in ("fsdp", "base_dtype") if k in kept})
     if args.part in ("fsdp", "both"):
         report["fsdp"] = part_fsdp(args.layers)
     if args.part in ("base-dtype", "both"):

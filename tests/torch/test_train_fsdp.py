@@ -182,6 +182,25 @@ def test_a_half_base_keeps_deltas_and_their_optimizer_state_in_fp32(tmp_path):
     assert all(d.values.abs().max() > 0 for d in trainable.deltas.values())
 
 
+def test_a_half_base_is_read_tensor_by_tensor_into_what_from_pretrained_builds(tmp_path):
+    folder, masks, _ = _case(tmp_path, "llama-tied")
+    recipe = CausalLMRecipe(base_dtype="bf16")
+    expected = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
+                                                                 dtype=torch.bfloat16)
+    want = loop.prepare(expected, str(masks), recipe)
+    model = fsdp.meta_causal_lm(folder, torch.bfloat16)
+    got = loop.prepare(model, str(masks), recipe)
+    precision.cast_model(model, torch.bfloat16)
+    fsdp.load_weights(model, folder, torch.device("cpu"))
+    originals = [m.parametrizations.weight.original for m in (model.lm_head, model.model.embed_tokens)]
+    assert originals[0] is originals[1]  # still one tensor
+    state, reference = model.state_dict(), expected.state_dict()
+    assert sorted(state) == sorted(reference)
+    for name, value in reference.items():
+        assert state[name].dtype == value.dtype and torch.equal(state[name], value), name
+    assert sorted(got.deltas) == sorted(want.deltas)
+
+
 def test_a_bf16_base_writes_its_merged_model_in_the_original_dtype(tmp_path):
     folder, masks, train = _case(tmp_path)
     result = invoke(*_args(folder, masks, train, tmp_path / "bf16", "--base-dtype", "bf16", "--batch-size", "4"))

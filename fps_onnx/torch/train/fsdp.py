@@ -52,7 +52,7 @@ from ._torch import nn, torch
 from .recipe import RecipeError
 
 __all__ = ["block_modules", "check_world", "checkpoint_state", "delta_indices", "gather_trainable", "load_checkpoint_state",
-    "load_trainable", "meta_causal_lm", "shard"]
+    "load_trainable", "load_weights", "meta_causal_lm", "shard"]
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,15 @@ def shard(model: nn.Module, device: torch.device, *, folder: str | os.PathLike |
     log.info("sharded %d blocks and the rest over %d processes; %d trainable tensors replicated",
              len(block_modules(model)), world, len(trainable))
     return model
+
+
+def load_weights(model: nn.Module, folder: str | os.PathLike, device: torch.device) -> None:
+    """Give a prepared :func:`meta_causal_lm` model that stays whole (one process) its weights from
+    ``folder``, one tensor at a time, each cast to its parameter's dtype on the way: a half base never
+    holds the checkpoint's fp32 copy (what ``from_pretrained(dtype=...)`` does)."""
+    _materialize(model, device)
+    _load_shards(model, Path(folder))
+    _fill_bases(model)
 
 
 def _average(world: int):
@@ -286,10 +295,11 @@ def _local_entries(param, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def _fill_bases(model: nn.Module) -> None:
-    """Each delta's ``base`` (the weight's entries at its indices) from the shards that hold them."""
+    """Each delta's ``base`` (the weight's entries at its indices), from the shards that hold them."""
     for name, delta in sparse.unique_deltas(model).items():
         param = _original(model, name)
         if not _is_sharded(param):
+            delta.base.copy_(param.detach().reshape(-1).take(delta.indices).to(delta.base.dtype))
             continue
         positions, local = _local_entries(param, delta.indices)
         gathered = torch.zeros(delta.indices.numel(), dtype=torch.float32, device=delta.base.device)

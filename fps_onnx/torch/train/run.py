@@ -354,8 +354,8 @@ def run_train_causal(
     dtype = precision.base_dtype(recipe, device)
 
     torch.manual_seed(recipe.seed)
-    model = (fsdp.meta_causal_lm(folder, dtype) if recipe.fsdp
-             else hf_folder.build_causal_lm(spec, recipe.seed, dtype=dtype))
+    meta = recipe.fsdp or dtype != torch.float32  # built without weights; read once prepared, in dtype
+    model = fsdp.meta_causal_lm(folder, dtype) if meta else hf_folder.build_causal_lm(spec, recipe.seed, dtype=dtype)
     if onnx_model is None:
         maskfile = _check_causal_masks(model, maskfile)
     tokenizer = lm_data.load_tokenizer(folder)
@@ -378,6 +378,8 @@ def run_train_causal(
             log.warning("%s are one tied tensor, trained fully", " and ".join(tied[name]))
     if recipe.checkpointing:
         causal.enable_checkpointing(model)
+    if meta and not recipe.fsdp:
+        fsdp.load_weights(model, folder, device)
     net = (fsdp.shard(model, device, folder=folder) if recipe.fsdp
            else _place(model, device, world, broadcast_buffers=False))
 
