@@ -171,7 +171,7 @@ def shard(model: nn.Module, device: torch.device, *, folder: str | os.PathLike |
 def load_weights(model: nn.Module, folder: str | os.PathLike, device: torch.device) -> None:
     """Give a prepared :func:`meta_causal_lm` model that stays whole (one process) its weights from
     ``folder``, one tensor at a time, each cast to its parameter's dtype on the way: a half base never
-    holds the checkpoint's fp32 copy (what ``from_pretrained(dtype=...)`` does)."""
+    holds the checkpoint's fp32 copy (as loading it whole with a dtype does)."""
     _materialize(model, device)
     _load_shards(model, Path(folder))
     _fill_bases(model)
