@@ -7,7 +7,7 @@ import logging
 
 import click
 
-from fps_onnx.torch.train.recipe import TASKS, CausalLMRecipe, Recipe
+from fps_onnx.torch.train.recipe import BASE_DTYPES, TASKS, CausalLMRecipe, Recipe
 
 from .options import bar_disabled, given, quiet_option, spec_folder
 
@@ -72,6 +72,12 @@ def _both(name: str, show=str) -> str:
               help="causal-lm: activation checkpointing (less memory, a second forward in the backward pass).")
 @click.option("--max-length", type=int,
               help=f"causal-lm: tokens per sample, capped at the model's positions. [default: {_C.max_length}]")
+@click.option("--fsdp", is_flag=True, default=None,
+              help="Shard the model over the torchrun processes (FSDP2): each holds 1/N of the frozen "
+                   "weights; the deltas are replicated. Needs torchrun --nproc_per_node N, N >= 2.")
+@click.option("--base-dtype", type=click.Choice(BASE_DTYPES[1:]),
+              help="dtype of the frozen weights; deltas, their optimizer state and the merged output stay "
+                   "fp32 (the base's own dtype). [default: fp32 on CPU, bf16 on CUDA]")
 @click.option("--num-classes", type=int, help="Classes of the new head. [default: from the training split]")
 @click.option("--image-size", type=int, help="Input side; overrides the model's own.")
 @click.option("--device", help="cpu, cuda or cuda:N. [default: cuda when available]")
@@ -86,12 +92,12 @@ def _both(name: str, show=str) -> str:
 @quiet_option
 def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_path, output, epochs, batch_size,
           lr, weight_decay, warmup_epochs, min_lr, clip_grad, label_smoothing, seed, train_head, train_bias,
-          train_norm, amp, workers, max_steps, accumulate, checkpointing, max_length, num_classes, image_size,
-          device, save_every, save_dir, resume, as_json, quiet):
+          train_norm, amp, workers, max_steps, accumulate, checkpointing, max_length, fsdp, base_dtype, num_classes,
+          image_size, device, save_every, save_dir, resume, as_json, quiet):
     """Fine-tune only the weights a mask file selects (plus head and biases).
 
     Memory grows with the selection: the optimizer sees k-sized tensors only.
-    Runs under torchrun with DistributedDataParallel. With --task causal-lm the
+    Runs under torchrun with DistributedDataParallel, or sharded with --fsdp. With --task causal-lm the
     selected entries of a causal LM alone train, on the next-token loss.
     """
     from fps_onnx.fileio import check_clashes
@@ -110,7 +116,7 @@ def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_
         warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad,
         label_smoothing=label_smoothing, seed=seed, train_head=train_head, train_bias=train_bias,
         train_norm=train_norm, amp=amp, workers=workers, max_steps=max_steps, accumulate=accumulate,
-        checkpointing=checkpointing, max_length=max_length,
+        checkpointing=checkpointing, max_length=max_length, fsdp=fsdp, base_dtype=base_dtype,
     ))
     from tqdm import tqdm
 

@@ -33,7 +33,7 @@ from ..errors import ModelError
 from ..onnx.external import model_roots, open_inside
 
 __all__ = ["CODE_CONFIGS", "CONFIG_FILE", "LOAD_KWARGS", "check_folder", "copy_side_file", "load_config",
-    "load_model", "load_tokenizer", "meta_model", "side_files"]
+    "load_model", "load_tokenizer", "meta_model", "model_from_config", "side_files"]
 
 CONFIG_FILE = "config.json"
 #: Configs transformers reads an ``auto_map`` (code in the folder) from.
@@ -101,19 +101,25 @@ def load_model(auto_class: str, folder: str | os.PathLike, **kwargs):
     return getattr(transformers, auto_class).from_pretrained(str(folder), **LOAD_KWARGS, **kwargs)
 
 
-def meta_model(auto_class: str, folder: str | os.PathLike, **config_fields):
-    """``transformers.<auto_class>.from_config`` of a checked folder's config on PyTorch's
-    meta device: the parameters' names and shapes, no weights read or allocated.
-    ``config_fields`` (e.g. ``num_labels``) are set on the config first."""
-    import torch
-
+def model_from_config(auto_class: str, folder: str | os.PathLike, config_fields: dict | None = None, **kwargs):
+    """``transformers.<auto_class>.from_config`` of a checked folder's config: the
+    architecture, no weights read (and no code of the folder run). ``config_fields``
+    (e.g. ``num_labels``) are set on the config first; ``kwargs`` go to ``from_config``."""
     config = load_config(folder)
-    for name, value in config_fields.items():
+    for name, value in (config_fields or {}).items():
         setattr(config, name, value)
     import transformers
 
+    return getattr(transformers, auto_class).from_config(config, trust_remote_code=False, **kwargs)
+
+
+def meta_model(auto_class: str, folder: str | os.PathLike, **config_fields):
+    """:func:`model_from_config` on PyTorch's meta device: the parameters' names and
+    shapes, no weights read or allocated."""
+    import torch
+
     with torch.device("meta"):
-        return getattr(transformers, auto_class).from_config(config, trust_remote_code=False)
+        return model_from_config(auto_class, folder, config_fields)
 
 
 def load_tokenizer(folder: str | os.PathLike):

@@ -124,6 +124,7 @@ def build_model(
     *,
     task: bool = False,
     meta: bool = False,
+    dtype=None,
 ):
     """The PyTorch model a SPEC names, in eval mode, and example inputs for it.
 
@@ -141,7 +142,8 @@ def build_model(
     ``meta``: a ``timm:`` or ``hf:`` model on PyTorch's meta device, its
     parameters' names and shapes only (no weights read, initialised or held;
     ``checkpoint`` must be None); a function SPEC is refused (ValueError), as
-    its code may load weights of its own.
+    its code may load weights of its own. ``dtype``: the torch dtype
+    ``hf:`` weights are loaded in (others: as built).
     Raises :class:`ExportError` for an unknown SPEC, a model that cannot be
     built or a checkpoint that does not fit.
     """
@@ -156,7 +158,7 @@ def build_model(
             with torch.device("meta") if meta else contextlib.nullcontext():
                 model, inputs = _timm(spec[5:], num_classes, img_size)
         elif spec.startswith("hf:"):
-            model, inputs = _hf(spec[3:], num_classes, img_size, task, meta)
+            model, inputs = _hf(spec[3:], num_classes, img_size, task, meta, dtype)
         elif _is_function_spec(spec):
             model, inputs = _function(spec, num_classes, img_size)
         else:
@@ -294,7 +296,7 @@ def _timm(name: str, num_classes, img_size):
     return model, {"input": torch.randn(2, *size)}
 
 
-def _hf(path: str, num_classes, img_size, task: bool, meta: bool = False):
+def _hf(path: str, num_classes, img_size, task: bool, meta: bool = False, dtype=None):
     torch = require("torch", "Hugging Face models")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = require("transformers", "Hugging Face models")
@@ -311,7 +313,10 @@ def _hf(path: str, num_classes, img_size, task: bool, meta: bool = False):
         new_head = with_head and kind.num_labels and num_classes is not None
         kwargs = {"num_labels": num_classes} if new_head else {}
         auto_class = kind.auto_class if with_head else "AutoModel"
-        model = hf.meta_model(auto_class, path, **kwargs) if meta else hf.load_model(auto_class, path, **kwargs)
+        if meta:
+            model = hf.meta_model(auto_class, path, **kwargs)
+        else:
+            model = hf.load_model(auto_class, path, **kwargs, **({"dtype": dtype} if dtype is not None else {}))
     except FpsError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -75,10 +75,11 @@ def causal_lm_folder(spec: str) -> Path:
     return folder
 
 
-def build_causal_lm(spec: str, seed: int = 0) -> nn.Module:
-    """The causal LM of ``hf:DIR`` (``AutoModelForCausalLM``, local files only), in eval mode."""
+def build_causal_lm(spec: str, seed: int = 0, dtype=None) -> nn.Module:
+    """The causal LM of ``hf:DIR`` (``AutoModelForCausalLM``, local files only), in eval mode;
+    ``dtype``: the torch dtype its weights are loaded in (default: transformers')."""
     causal_lm_folder(spec)
-    model, _ = build_model(spec, seed=seed, task=True)
+    model, _ = build_model(spec, seed=seed, task=True, dtype=dtype)
     if not is_causal_lm_model(model):
         raise ExportError(f"{spec} built {type(model).__name__}, not a causal language model")
     return model

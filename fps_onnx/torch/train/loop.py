@@ -185,8 +185,13 @@ def to_device(inputs, device):
 
 
 def _autocast(device: torch.device, recipe: Recipe):
-    enabled = recipe.amp and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    """bf16 autocast on CUDA (``recipe.amp``); always in the base's dtype when it is half (:mod:`.precision`)."""
+    from .precision import base_dtype
+
+    dtype = base_dtype(recipe, device)
+    half = dtype != torch.float32
+    enabled = half or (recipe.amp and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=dtype if half else torch.bfloat16, enabled=enabled)
 
 
 def train_step(model, inputs, labels, optimizer, schedule, recipe: Recipe, device, criterion) -> float:

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from ..._limits import MAX_LENGTH, SEED_MAX, whole_number
 from ...errors import FpsError
 
-__all__ = ["TASKS", "CausalLMRecipe", "Recipe", "RecipeError"]
+__all__ = ["BASE_DTYPES", "TASKS", "CausalLMRecipe", "Recipe", "RecipeError"]
 
 #: The losses of ``train --task`` and ``select --method gps --task``.
 TASKS = ("classification", "causal-lm")
+
+#: Values of ``Recipe.base_dtype`` (None: fp32 on CPU, bf16 on CUDA; see ``precision.base_dtype``).
+BASE_DTYPES = (None, "bf16", "fp16", "fp32")
 
 
 class RecipeError(FpsError):
@@ -47,6 +50,8 @@ class Recipe:
     accumulate: int = 1  # batches per optimizer step (gradient accumulation)
     checkpointing: bool = False  # activation checkpointing (recompute in the backward pass)
     max_length: int = 1024  # tokens per text sample (causal LMs; capped at the model's positions)
+    base_dtype: str | None = None  # frozen weights: "bf16", "fp16" or "fp32" (None: precision.base_dtype)
+    fsdp: bool = False  # shard the model over the torchrun processes (FSDP2) instead of replicating it
 
     def __post_init__(self) -> None:
         checks = (
@@ -64,6 +69,8 @@ class Recipe:
             (self.max_steps is None or self.max_steps >= 1,
              f"max steps must be at least 1, not {self.max_steps}"),
             (self.accumulate >= 1, f"gradient accumulation must be at least 1 batch, not {self.accumulate}"),
+            (self.base_dtype in BASE_DTYPES, f"--base-dtype must be one of {', '.join(BASE_DTYPES[1:])}, "
+                                             f"not {self.base_dtype!r}"),
         )
         for ok, message in checks:
             if not ok:

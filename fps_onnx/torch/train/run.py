@@ -22,11 +22,13 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ..._io import atomic_folder, atomic_write, check_folder, write_safetensors
 from ...errors import MaskError, OutputError
 from ...selection.maskfile import MaskFile
 from ..models import build_for_data, rekey_masks
-from . import causal, hf_folder, lm_data, loop, sparse
+from . import causal, fsdp, hf_folder, lm_data, loop, precision, sparse
 from ._torch import nn, torch
 from .checkpoint import Checkpointing, Checkpoints, ResumableSampler, identity, model_digest
 from .data import ImageSpec, LabelledSet, open_split
@@ -160,6 +162,17 @@ def _checkpoints(config: Checkpointing | None, out: Path, rank: int, world: int,
     return Checkpoints(config, ident, out, rank=rank, world=world, device=device)
 
 
+def _rank_peaks(device: torch.device, world: int) -> dict:
+    """``{"rank_peak_memory_bytes": [...]}``: each process's peak memory after training
+    (:func:`loop.peak_memory`), when several run; else nothing."""
+    if world <= 1:
+        return {}
+    peak = torch.tensor([loop.peak_memory(device)[0]], dtype=torch.int64, device=device)
+    peaks = [torch.zeros_like(peak) for _ in range(world)]
+    torch.distributed.all_gather(peaks, peak)
+    return {"rank_peak_memory_bytes": [int(p.item()) for p in peaks]}
+
+
 def _finish(world: int) -> None:
     """Wait for every process, then leave the process group (several processes only)."""
     if world > 1:
@@ -195,10 +208,14 @@ def run_train(
         if given:
             raise RecipeError(f"{option} applies to --task causal-lm only")
     rank, world, local_rank = _distributed()
+    if recipe.fsdp:
+        fsdp.check_world(world)
     if rank == 0:
         check_folder(out)  # created only with the outputs, at the end
     maskfile = masks if isinstance(masks, MaskFile) else MaskFile.load(masks)
     train_set = open_split(splits.train)
+    if recipe.fsdp:
+        fsdp.check_world(world, len(train_set))
     val_set = open_split(splits.val, train_set.classes) if splits.val else None
     test_set = open_split(splits.test, train_set.classes) if splits.test else None
     classes = num_classes or train_set.num_classes()
@@ -206,8 +223,11 @@ def run_train(
         if split is not None:
             split.check_labels(classes)
 
-    torch.manual_seed(recipe.seed)
-    model, example = build_for_data(spec, checkpoint, classes, num_classes is not None, image_size, recipe.seed)
+    def build():
+        torch.manual_seed(recipe.seed)
+        return build_for_data(spec, checkpoint, classes, num_classes is not None, image_size, recipe.seed)
+
+    model, example = build()
     loop.check_head(model, classes)
     digest = model_digest(model) if checkpointing is not None else ""
     image = image_spec(model, example, image_size)
@@ -217,10 +237,13 @@ def run_train(
             if isinstance(example, dict):
                 split.set_inputs(list(example))
     device = _device(device, local_rank)
+    dtype = precision.base_dtype(recipe, device)
     trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
     checkpoints = _checkpoints(checkpointing, out, rank, world, device, "classification", digest, model, recipe,
                                splits, num_classes=classes, image_size=image_size)
-    net = _place(model, device, world)
+    del maskfile  # the deltas hold its indices now
+    precision.cast_model(model, dtype)
+    net = fsdp.shard(model, device) if recipe.fsdp else _place(model, device, world)
 
     history = loop.fit(
         net, _loader(train_set, recipe, train=True, rank=rank, world=world),
@@ -240,11 +263,43 @@ def run_train(
         "world_size": world,
         "device": str(device),
         "recipe": asdict(recipe),
+        **_rank_peaks(device, world),
     }
+    if recipe.fsdp or dtype != torch.float32:
+        state, masks = fsdp.gather_trainable(model), fsdp.delta_indices(model)
+        del net, model, trainable
+        model, trainable = _plain(state, masks, lambda: build()[0], recipe, rank)
     if rank == 0:
         write_outputs(model, trainable, metrics, out)
     _finish(world)
     return metrics
+
+
+def _plain(state: dict, masks: dict, build: Callable[[], nn.Module], recipe: Recipe,
+           rank: int) -> tuple[nn.Module | None, loop.Trainable | None]:
+    """The trained model as a plain one in the base's own dtype, to write the outputs from.
+
+    A sharded or half-precision model is not one: the caller gathers its
+    trainable tensors (``state``, :func:`fsdp.gather_trainable`) and its
+    deltas' indices (``masks``, :func:`fsdp.delta_indices`) and drops it, then
+    rank 0 builds the model again, prepares it with the same entries and takes
+    the tensors (other ranks get ``(None, None)``).
+    """
+    import gc
+
+    gc.collect()  # the sharded model's hooks hold it in a reference cycle
+    if rank != 0:
+        return None, None
+    plain = build()
+    params = dict(plain.named_parameters())
+    dense = {}
+    for name, indices in masks.items():
+        mask = np.zeros(params[name].numel(), dtype=bool)
+        mask[indices.numpy()] = True
+        dense[name] = mask.reshape(tuple(params[name].shape))
+    trainable = loop.prepare(plain, dense, recipe)
+    fsdp.load_trainable(plain, state)
+    return plain, trainable
 
 
 def write_outputs(model: nn.Module, trainable: loop.Trainable, metrics: dict, out: Path) -> None:
@@ -308,13 +363,21 @@ def run_train_causal(
     out = _output_folder(output)
     folder = hf_folder.causal_lm_folder(spec)
     rank, world, local_rank = _distributed()
+    if recipe.fsdp:
+        fsdp.check_world(world)
+        if onnx_model is not None:  # matching by value needs the weights, which a sharded build reads later
+            raise RecipeError("--fsdp needs masks keyed by parameter names, not --onnx: "
+                              "map them first with `fps-onnx map`")
     if rank == 0:
         check_folder(out)
     maskfile = masks if isinstance(masks, MaskFile) else MaskFile.load(masks)
     base_hash = hf_folder.base_sha256(folder)
+    device = _device(device, local_rank)
+    dtype = precision.base_dtype(recipe, device)
 
     torch.manual_seed(recipe.seed)
-    model = hf_folder.build_causal_lm(spec, recipe.seed)
+    meta = recipe.fsdp or dtype != torch.float32  # built without weights; read once prepared, in dtype
+    model = fsdp.meta_causal_lm(folder, dtype) if meta else hf_folder.build_causal_lm(spec, recipe.seed, dtype=dtype)
     if onnx_model is None:
         maskfile = _check_causal_masks(model, maskfile)
     tokenizer = lm_data.load_tokenizer(folder)
@@ -324,9 +387,12 @@ def run_train_causal(
             for name, path in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
     log.info("%d training samples, %s tokens to predict, max length %d", len(sets["train"]),
              f"{sets['train'].predicted_tokens():,}", max_length)
+    if recipe.fsdp:
+        fsdp.check_world(world, len(sets["train"]))
 
-    device = _device(device, local_rank)
     trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
+    del maskfile  # the deltas hold its indices now
+    precision.cast_model(model, dtype)
     tied = sparse.tied_names(model)
     for name in trainable.dense:
         if name in tied:
@@ -335,7 +401,10 @@ def run_train_causal(
         causal.enable_checkpointing(model)
     checkpoints = _checkpoints(checkpointing, out, rank, world, device, "causal-lm", base_hash, model, recipe,
                                splits, max_length=max_length)
-    net = _place(model, device, world, broadcast_buffers=False)
+    if meta and not recipe.fsdp:
+        fsdp.load_weights(model, folder, device)
+    net = (fsdp.shard(model, device, folder=folder) if recipe.fsdp
+           else _place(model, device, world, broadcast_buffers=False))
 
     collate = lm_data.Collate(lm_data.pad_id(tokenizer))
 
@@ -366,7 +435,12 @@ def run_train_causal(
         "world_size": world,
         "device": str(device),
         "recipe": asdict(recipe),
+        **_rank_peaks(device, world),
     }
+    if recipe.fsdp or dtype != torch.float32:
+        state, masks = fsdp.gather_trainable(model), fsdp.delta_indices(model)
+        del net, model, trainable
+        model, trainable = _plain(state, masks, lambda: hf_folder.build_causal_lm(spec, recipe.seed), recipe, rank)
     if rank == 0:
         write_causal_outputs(model, trainable, metrics, out, folder, base_hash)
     _finish(world)

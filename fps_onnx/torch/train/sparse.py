@@ -75,11 +75,16 @@ class SparseDelta(nn.Module):
 
     def __init__(self, weight: torch.Tensor, indices: torch.Tensor) -> None:
         super().__init__()
-        indices = indices.to(device=weight.device, dtype=torch.int64)
+        # a weight on the meta device (a model built without its values, to be sharded and loaded
+        # later: fsdp) gets real indices and values on the CPU, and a zero base to be filled in
+        meta = weight.device.type == "meta"
+        device = torch.device("cpu") if meta else weight.device
+        indices = indices.to(device=device, dtype=torch.int64)
         self.register_buffer("indices", indices)
-        self.register_buffer("base", weight.detach().take(indices).clone())
+        self.register_buffer("base", torch.zeros(indices.numel(), dtype=weight.dtype) if meta
+                             else weight.detach().take(indices).clone())
         dtype = torch.promote_types(weight.dtype, torch.float32)
-        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=weight.device))
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         self.write(weight)

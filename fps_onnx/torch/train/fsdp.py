@@ -1,0 +1,391 @@
+"""Sparse fine-tuning sharded over processes (``train --fsdp``, PyTorch FSDP2).
+
+Under ``torchrun --nproc_per_node N`` (:func:`shard`):
+
+* every transformer block (the model's ``_no_split_modules`` classes, else the
+  members of its largest list of same-class blocks), the input embedding, the
+  output head (unless tied to it) and then the rest (final norm) become
+  ``fully_shard`` units over a
+  one-dimensional ``DeviceMesh``: each process holds 1/N of every frozen
+  weight's rows, and a whole weight only while its block computes;
+* what trains (each delta's k values, and any tensor trained fully) stays out
+  of FSDP (``ignored_params``): replicated, with its AdamW state, on every
+  process; its gradient is averaged over the processes in the backward pass
+  (one all-reduce of each k-sized tensor, as DistributedDataParallel does).
+  Replicated because it is small (k is about 1 % of the weights) and because
+  then every process holds the values its own rows need, with no
+  communication; the optimizer, clipping and schedule of :mod:`.loop` run
+  unchanged, and rank 0 writes the delta file from its own tensors;
+* the weights stay merged in the shards: before each forward pass every
+  process writes ``base + values`` (fp32, cast once) into the selected entries
+  of its own rows, so the weight FSDP all-gathers for a block's forward pass,
+  and again for its backward pass, is ``W0 + delta``. The deltas' indices are
+  flat indices into the full weight; a shard of rows r0..r1 holds the indices
+  in ``[r0 * columns, r1 * columns)``. The sparse Linear forward and backward
+  (no dense weight gradient) then run on the all-gathered weight as they do on
+  one process.
+
+A causal LM is built without its weights (:func:`meta_causal_lm`), sharded,
+and each process reads only its own rows of every weight from the folder's
+safetensors files, so no process holds a full copy of the model. Other models
+are built whole on every process and then sharded.
+
+For a checkpoint: :func:`gather_trainable` (the full trainable state, on every
+process) and :func:`checkpoint_state` / :func:`load_checkpoint_state` (a state
+dict of the trainable tensors and the optimizer for
+``torch.distributed.checkpoint``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from ..._limits import read_json
+from ...errors import DataError, ExportError
+from .. import hf
+from . import sparse
+from ._torch import nn, torch
+from .recipe import RecipeError
+
+__all__ = ["block_modules", "check_world", "checkpoint_state", "delta_indices", "gather_trainable", "load_checkpoint_state",
+    "load_trainable", "load_weights", "meta_causal_lm", "shard"]
+
+log = logging.getLogger(__name__)
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+def check_world(world: int, samples: int | None = None) -> None:
+    """RecipeError unless several processes run (torchrun); DataError when the training
+    split has fewer samples than there are processes."""
+    if world < 2:
+        raise RecipeError("--fsdp shards the model over several processes: run it under "
+                          "torchrun --nproc_per_node N with N >= 2")
+    if samples is not None and samples < world:
+        raise DataError(f"the training split holds {samples} samples, fewer than the {world} processes "
+                        "it is divided over")
+
+
+def block_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules to shard one by one: the model's ``_no_split_modules`` classes (outermost
+    ones), else the members of its largest ModuleList/Sequential of same-class modules."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside or module is model or type(module).__name__ not in names:
+            continue
+        found.append(module)
+        inside.update(id(m) for m in module.modules())
+    if found:
+        return found
+    best, size = [], 0
+    for module in model.modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(module.children())
+        if len(children) < 2 or len({type(c) for c in children}) != 1:
+            continue
+        total = sum(p.numel() for p in module.parameters())
+        if total > size:
+            best, size = children, total
+    return best
+
+
+def _embeddings(model: nn.Module) -> list[nn.Module]:
+    """The input embedding and the output head (a transformers model's) as units of their own,
+    so that each is whole only around its own use; tied, they stay in the root's unit."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return []
+    found = [m for m in (get_in(), get_out()) if isinstance(m, nn.Module)]
+    if len(found) == 2 and {id(p) for p in found[0].parameters()} & {id(p) for p in found[1].parameters()}:
+        return []
+    return found
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (buffers stay real)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":  # a meta one is kept: ties stay ties
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def meta_causal_lm(folder: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of a checked transformers ``folder`` (see ``hf_folder.causal_lm_folder``),
+    its parameters on the meta device in ``dtype``: no memory until :func:`shard` loads them."""
+    with _parameters_on_meta():
+        model = hf.model_from_config("AutoModelForCausalLM", folder, dtype=dtype)
+    return model.eval()
+
+
+def shard(model: nn.Module, device: torch.device, *, folder: str | os.PathLike | None = None) -> nn.Module:
+    """Shard a prepared model (:func:`fps_onnx.torch.train.loop.prepare`) over the process group.
+
+    ``folder``: the transformers folder to read the weights from when ``model``
+    came from :func:`meta_causal_lm`. Returns ``model`` (now FSDP modules).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    world = torch.distributed.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ignored = set(trainable)
+    for block in [*block_modules(model), *_embeddings(model)]:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=ignored)
+    # the root too reshards after its forward pass, so that the weights' shards are what
+    # every module holds between passes (where _write_shards writes the deltas)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=ignored)
+    if folder is not None:
+        _materialize(model, device)
+        _load_shards(model, Path(folder))
+    _move_replicated(model, device)
+    _fill_bases(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # materialised: new tensors
+    for param in trainable:
+        param.register_hook(_average(world))
+    model.register_forward_pre_hook(_ShardWriter(model), prepend=True)
+    log.info("sharded %d blocks and the rest over %d processes; %d trainable tensors replicated",
+             len(block_modules(model)), world, len(trainable))
+    return model
+
+
+def load_weights(model: nn.Module, folder: str | os.PathLike, device: torch.device) -> None:
+    """Give a prepared :func:`meta_causal_lm` model that stays whole (one process) its weights from
+    ``folder``, one tensor at a time, each cast to its parameter's dtype on the way: a half base never
+    holds the checkpoint's fp32 copy (as loading it whole with a dtype does)."""
+    _materialize(model, device)
+    _load_shards(model, Path(folder))
+    _fill_bases(model)
+
+
+def _average(world: int):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad.div_(world)
+
+    return hook
+
+
+def _is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _rows(param) -> tuple[int, int]:
+    """(first row, rows) of this process's shard of a DTensor parameter sharded on dim 0."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return (int(offset[0]) if shape[0] else 0), int(shape[0])
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Storage for the meta parameters (their values come later), keeping every real tensor."""
+    keep = {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if not _is_sharded(t) and t.device.type != "meta"}
+    tied = sparse.tied_names(model)
+    model.to_empty(device=device)
+    for name, group in tied.items():  # to_empty made each module's copy of a tied tensor its own
+        first = model.get_parameter(group[0])
+        if name != group[0] and not _is_sharded(first):
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, first)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in keep.items():
+            tensors[name].copy_(value)
+
+
+def _move_replicated(model: nn.Module, device: torch.device) -> None:
+    """Plain (unsharded) parameters and buffers onto ``device``."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for tensor in store.values():
+                if tensor is not None and not _is_sharded(tensor) and tensor.device != device:
+                    tensor.data = tensor.data.to(device)
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Weight name -> safetensors file of a transformers folder (its index, else model.safetensors)."""
+    index = folder / _INDEX
+    if index.is_file():
+        text = index.read_bytes()
+        data = read_json(text, str(index), ExportError)
+        mapping = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(mapping, dict) or not all(
+                isinstance(v, str) and Path(v).name == v and v.endswith(".safetensors") for v in mapping.values()):
+            raise ExportError(f"{index} has no weight_map of safetensors files in its folder")
+        return {str(k): folder / v for k, v in mapping.items()}
+    single = folder / _SINGLE
+    if not single.is_file():
+        raise ExportError(f"--fsdp reads the weights from safetensors files: {folder} holds neither "
+                          f"{_SINGLE} nor {_INDEX}")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+def _load_shards(model: nn.Module, folder: Path) -> None:
+    """Each parameter's rows of this process (the whole of a replicated one) from ``folder``."""
+    from safetensors import SafetensorError, safe_open
+
+    files = _weight_files(folder)
+    wanted: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+    for name, param in model.named_parameters():
+        plain = sparse.plain_name(name) if not param.requires_grad or sparse.plain_name(name) == name else None
+        if plain is None:
+            continue  # a delta's values: zero at the start
+        if plain not in files:
+            raise ExportError(f"{folder} holds no weight {plain!r} of {type(model).__name__}")
+        wanted.setdefault(files[plain], []).append((plain, param))
+    try:
+        for path, params in wanted.items():
+            for key, param in params:
+                # one mapping per tensor: the file's pages this process read leave its memory with it
+                with safe_open(str(path), framework="pt") as handle:
+                    part = handle.get_slice(key)
+                    if tuple(part.get_shape()) != tuple(param.shape):
+                        raise ExportError(f"{path}: {key} has shape {list(part.get_shape())}, the model's is "
+                                          f"{list(param.shape)}")
+                    with torch.no_grad():
+                        if _is_sharded(param):
+                            first, rows = _rows(param)
+                            if rows:
+                                param.to_local().copy_(part[first:first + rows])
+                        else:
+                            param.copy_(part[:])
+    except (SafetensorError, OSError) as exc:
+        raise ExportError(f"cannot read the weights of {folder}: {exc}") from exc
+
+
+def _original(model: nn.Module, name: str):
+    module_name, _, tensor_name = name.rpartition(".")
+    return model.get_submodule(module_name).parametrizations[tensor_name].original
+
+
+def _local_entries(param, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions in ``indices``, flat indices into this process's shard) of the entries it holds."""
+    first, rows = _rows(param)
+    columns = param[0].numel() if param.ndim > 1 else 1
+    low, high = first * columns, (first + rows) * columns
+    positions = torch.nonzero((indices >= low) & (indices < high)).flatten()
+    return positions, indices[positions] - low
+
+
+def _fill_bases(model: nn.Module) -> None:
+    """Each delta's ``base`` (the weight's entries at its indices), from the shards that hold them."""
+    for name, delta in sparse.unique_deltas(model).items():
+        param = _original(model, name)
+        if not _is_sharded(param):
+            delta.base.copy_(param.detach().reshape(-1).take(delta.indices).to(delta.base.dtype))
+            continue
+        positions, local = _local_entries(param, delta.indices)
+        gathered = torch.zeros(delta.indices.numel(), dtype=torch.float32, device=delta.base.device)
+        gathered[positions] = param.to_local().reshape(-1).take(local).to(torch.float32)
+        torch.distributed.all_reduce(gathered)  # every entry lives in exactly one shard
+        delta.base.copy_(gathered.to(delta.base.dtype))
+
+
+class _ShardWriter:
+    """Forward pre-hook of the root: ``base + values`` into each process's shard of each weight."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, module, args) -> None:
+        for name, delta in sparse.unique_deltas(self.model).items():
+            param = _original(self.model, name)
+            if not _is_sharded(param):  # not sharded (yet): the forward pass writes the whole weight
+                continue
+            if id(delta) not in self.entries:
+                self.entries[id(delta)] = _local_entries(param, delta.indices)
+            positions, local = self.entries[id(delta)]
+            if not positions.numel():
+                continue
+            with torch.no_grad():
+                shard_ = param.to_local()
+                merged = delta.base[positions].to(delta.values.dtype) + delta.values[positions]
+                shard_.view(-1).put_(local, merged.to(shard_.dtype))
+
+
+def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor's full value on the CPU, by parameter name (delta values included).
+
+    A collective when some of them are sharded: every process calls it; each gets the whole.
+    """
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            value = param.full_tensor() if _is_sharded(param) else param
+            out[name] = value.detach().to("cpu", copy=True)
+    return out
+
+
+def delta_indices(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each sparse weight's name -> its delta's flat indices (CPU), tied weights once."""
+    return {name: delta.indices.cpu() for name, delta in sparse.unique_deltas(model).items()}
+
+
+def load_trainable(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy :func:`gather_trainable`'s tensors into a model prepared the same way (plain or sharded)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        extra = sorted(set(state) ^ set(params))
+        raise ExportError(f"the trainable tensors differ from the model's ({extra[0]!r} is in one only)")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tuple(state[name].shape) != tuple(param.shape):
+                raise ExportError(f"{name} has shape {list(state[name].shape)}, the model's is {list(param.shape)}")
+            target = param.to_local() if _is_sharded(param) else param
+            value = state[name]
+            if _is_sharded(param):
+                first, rows = _rows(param)
+                value = value[first:first + rows]
+            target.copy_(value)
+
+
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``{"model": trainable tensors, "optimizer": its state}`` for ``torch.distributed.checkpoint``.
+
+    The frozen weights are left out (they are the base model's). Save with
+    ``dcp.save(checkpoint_state(model, opt), checkpoint_id=DIR)``; resume with
+    ``state = checkpoint_state(model, opt); dcp.load(state, checkpoint_id=DIR);
+    load_checkpoint_state(model, opt, state)``.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def load_checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping) -> None:
+    """Put a :func:`checkpoint_state` loaded by ``torch.distributed.checkpoint`` back into the
+    model and optimizer (the shards take the deltas at the next forward pass)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
