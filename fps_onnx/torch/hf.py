@@ -182,7 +182,7 @@ def weight_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]] | Non
         files = sorted(set(weight_map.values()), key=str)
         if len(files) > MAX_SHARDS or not all(
                 isinstance(f, str) and f.endswith(".safetensors") and f == os.path.basename(f)
-                and f not in (".", "..") for f in files):
+                and "\0" not in f for f in files):
             raise ModelError(f"{index}: its weight_map must name at most {MAX_SHARDS} .safetensors files "
                              "of the folder by their plain names")
     elif os.path.lexists(folder / WEIGHTS_FILE):

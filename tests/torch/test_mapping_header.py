@@ -179,6 +179,7 @@ def test_weight_shapes_reads_the_shards_an_index_names(tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("index-path", "plain names"),
+    ("index-nul", "plain names"),
     ("long-header", "is not a safetensors file"),
     ("no-shape", "has no dtype and shape"),
     ("twice", "is in two weight files"),
@@ -193,6 +194,8 @@ def test_weight_shapes_refuses_a_bad_folder(tmp_path, case, message):
     shards = {"x": "a.safetensors"}
     if case == "index-path":
         shards = {"x": "../a.safetensors"}
+    elif case == "index-nul":
+        shards = {"x": "a\0.safetensors"}
     elif case == "long-header":
         (folder / "a.safetensors").write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
     elif case == "no-shape":
