@@ -23,16 +23,20 @@ from tests.llm_models import save_tiny_llm, token_batch
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """(tmp, folder, the selected masks keyed by ONNX name) of the tiny Llama exported with fps-onnx."""
-    tmp = tmp_path_factory.mktemp("llama")
-    folder = save_tiny_llm("llama", tmp / "hf")
+def _export(tmp: Path, kind: str) -> tuple[Path, Path]:
+    """(tmp, folder) of the tiny ``kind`` exported with fps-onnx into ``tmp``, with token data and
+    its masks keyed by ONNX name (``raw.safetensors``)."""
+    folder = save_tiny_llm(kind, tmp / "hf")
     assert invoke("export", f"hf:{folder}", "-o", tmp / "m.onnx", "-q").exit_code == 0
     np.savez(tmp / "data.npz", **token_batch(4, 8, pad_first=2))
     assert invoke("select", tmp / "m.onnx", tmp / "data.npz", "-o", tmp / "raw.safetensors", "--fraction",
                   "0.2", "-q").exit_code == 0
     return tmp, folder
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("llama"), "llama")
 
 
 def _select(tmp, spec, out, *extra):
@@ -68,7 +72,25 @@ def test_the_headers_give_the_mask_file_the_meta_model_gives(llama, monkeypatch)
         np.testing.assert_array_equal(fast.masks[key], mask, err_msg=key)
     assert fast.tensors == meta.tensors
     assert all(t["match"] == "name" and t["torch_name"] == k for k, t in fast.tensors.items())
-    assert {k: v for k, v in fast.meta.items()} == {k: v for k, v in meta.meta.items()}
+    assert fast.meta == meta.meta
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-tied"])
+def test_an_lm_head_is_mapped_from_the_headers_only_when_untied(llama, tmp_path, monkeypatch, kind):
+    """A tied lm_head is one tensor with the embedding (its mask names both: torch_aliases), which
+    only the model tells: a mask of the vocabulary's size builds it unless the config unties them."""
+    tmp, folder = llama if kind == "llama" else _export(tmp_path, kind)
+    spec = f"hf:{folder}"
+    built = _builds(monkeypatch)
+    fast = _select(tmp, spec, tmp_path / "fast.safetensors", "--include-lm-head")
+    assert built == ([] if kind == "llama" else [True])
+    monkeypatch.setattr(mapping, "_header_names", lambda *args: None)
+    meta = _select(tmp, spec, tmp_path / "meta.safetensors", "--include-lm-head")
+    assert fast.tensors == meta.tensors and fast.meta == meta.meta
+    for key, mask in meta.masks.items():
+        np.testing.assert_array_equal(fast.masks[key], mask, err_msg=key)
+    head = "lm_head.weight" if kind == "llama" else "model.embed_tokens.weight"
+    assert ("torch_aliases" in fast.tensors[head]) == (kind == "llama-tied")
 
 
 def test_the_header_path_imports_neither_torch_nor_transformers(llama):
