@@ -301,7 +301,9 @@ def map_to_model(
     every mask's ONNX weight is the parameter of its name (an export that kept
     the names, as ``fps-onnx export`` does) and no ``checkpoint`` is given, a
     ``timm:`` or ``hf:`` model is built on the meta device (names and shapes,
-    no weights) and the masks matched by name; otherwise by value.
+    no weights) and the masks matched by name; otherwise by value. For a causal
+    LM's ``hf:`` folder whose weights' safetensors headers settle the names
+    (:func:`_header_names`), nothing is built and torch is not imported.
     """
     from ..onnx.external import model_sha256
     from ..onnx.load import load_checked
