@@ -66,7 +66,7 @@ log = logging.getLogger("fps_onnx")
 @click.option("--from-stats", type=click.Path(dir_okay=False), multiple=True, help="Select from a statistics file instead of running the model; repeat it to merge the shards of one calibration (with --stats-out: also write the merged file).")
 @click.option("--checkpoint-every", "checkpoint_every", type=int, metavar="N", help="Write the running statistics every N batches to OUTPUT.checkpoint (atomically; removed once the masks are written), for --resume.")
 @click.option("--resume", is_flag=True, help="Go on from OUTPUT.checkpoint, when there is one, as if the calibration had never stopped (same model, data and options).")
-@click.option("--torch-model", help="Key the masks by the parameter names of this PyTorch model SPEC (timm:NAME, hf:PATH, module:function), matched by value: the model `fps-onnx train --model SPEC` builds (hf: its task model).")
+@click.option("--torch-model", help="Key the masks by the parameter names of this PyTorch model SPEC (timm:NAME, hf:PATH, module:function): by name where the export kept the parameter names (hf: from the weights' headers, without loading them), else matched by value; the model `fps-onnx train --model SPEC` builds (hf: its task model).")
 @click.option("--torch-checkpoint", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
 @mask_format_option
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")

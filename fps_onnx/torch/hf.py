@@ -28,12 +28,12 @@ import os
 from pathlib import Path
 import shutil
 
-from .._limits import MAX_JSON_CHARS, read_json
+from .._limits import MAX_JSON_CHARS, read_json, whole_number
 from ..errors import ModelError
 from ..onnx.external import model_roots, open_inside
 
 __all__ = ["CODE_CONFIGS", "CONFIG_FILE", "LOAD_KWARGS", "check_folder", "copy_side_file", "load_config",
-    "load_model", "load_tokenizer", "meta_model", "model_from_config", "side_files"]
+    "load_model", "load_tokenizer", "meta_model", "model_from_config", "side_files", "weight_shapes"]
 
 CONFIG_FILE = "config.json"
 #: Configs transformers reads an ``auto_map`` (code in the folder) from.
@@ -156,6 +156,75 @@ def copy_side_file(source: Path, target: str | os.PathLike) -> None:
     """Copy the side file ``source`` (of :func:`side_files`) to ``target``, checking it again as it is opened."""
     with open_inside(source, _roots(source.parent), "a side file of the model") as src, open(target, "wb") as dst:
         shutil.copyfileobj(src, dst)
+
+
+#: The weights of a folder that :func:`weight_shapes` reads the headers of: one file, or the
+#: shards an index names.
+WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+#: At most this many shards an index may name (a 1T-parameter model has a few hundred).
+MAX_SHARDS = 4096
+
+
+def weight_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape of the folder's safetensors weights, from the files' headers alone
+    (nothing else of them read; neither torch nor transformers imported): ``model.safetensors``,
+    or the shards ``model.safetensors.index.json`` names. None when the folder has neither.
+
+    Each file is opened as a side file is (a regular file really inside the folder, see the
+    module docstring); ModelError for an index that is not a ``weight_map`` of plain
+    ``.safetensors`` file names, a header longer than the file or than
+    :data:`~fps_onnx._limits.MAX_JSON_CHARS`, one that is not JSON of tensors with a
+    ``dtype`` and whole-number dims, or a tensor named in two shards."""
+    folder = Path(folder)
+    roots = _roots(folder)
+    index = folder / WEIGHTS_INDEX
+    if os.path.lexists(index):
+        with open_inside(index, roots, "the weights index of the model") as fh:
+            data = fh.read(MAX_JSON_CHARS + 1)
+        value = read_json(data, str(index), ModelError)
+        weight_map = value.get("weight_map") if isinstance(value, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ModelError(f"{index} has no weight_map object")
+        files = sorted(set(weight_map.values()), key=str)
+        if len(files) > MAX_SHARDS or not all(
+                isinstance(f, str) and f.endswith(".safetensors") and f == os.path.basename(f)
+                and "\0" not in f for f in files):
+            raise ModelError(f"{index}: its weight_map must name at most {MAX_SHARDS} .safetensors files "
+                             "of the folder by their plain names")
+    elif os.path.lexists(folder / WEIGHTS_FILE):
+        files = [WEIGHTS_FILE]
+    else:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        for key, shape in _header_shapes(folder / name, roots).items():
+            if key in shapes:
+                raise ModelError(f"hf:{folder}: tensor {key!r} is in two weight files")
+            shapes[key] = shape
+    return shapes
+
+
+def _header_shapes(path: Path, roots: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, as the header of the safetensors file ``path`` gives them."""
+    with open_inside(path, roots, "a weight file of the model") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        length = int.from_bytes(fh.read(8), "little")
+        if size < 8 or length > min(size - 8, MAX_JSON_CHARS):
+            raise ModelError(f"{path} is not a safetensors file (its header length {length:,} does not "
+                             f"fit the file of {size:,} bytes or {MAX_JSON_CHARS:,} characters)")
+        header = read_json(fh.read(length), f"the header of {path}", ModelError)
+    if not isinstance(header, dict):
+        raise ModelError(f"the header of {path} is not a JSON object")
+    shapes = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        dims = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(dims, list) or not isinstance(entry.get("dtype"), str):
+            raise ModelError(f"the header of {path}: tensor {key!r} has no dtype and shape")
+        shapes[key] = tuple(whole_number(d, f"the header of {path}: a dim of {key!r}", ModelError)
+                            for d in dims)
+    return shapes
 
 
 def _offline() -> None:

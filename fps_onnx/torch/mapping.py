@@ -238,6 +238,42 @@ def _kept_names(masks: MaskFile, onnx_model: onnx.ModelProto, shapes: dict[str, 
     return report if report.matches else None
 
 
+def _header_names(masks: MaskFile, onnx_model: onnx.ModelProto, folder: str) -> MappingReport | None:
+    """What :func:`_kept_names` gives on the model built on the meta device, found from the
+    safetensors headers of the folder's weights (:func:`fps_onnx.torch.hf.weight_shapes`),
+    without torch, where they settle it; else None (then the model is built).
+
+    They settle it for a folder saved from a causal LM class (its ``architectures``: one
+    ``...ForCausalLM``/``...LMHeadModel``, the class ``AutoModelForCausalLM`` builds, whose
+    parameters are the weights it saved) when every mask's key is a tensor of the headers and
+    the export kept that name and shape (:func:`_kept_names` on the header shapes) and no mask
+    is transposed: a weight the ONNX model uses [in, out] may be a parameter stored [in, out]
+    (GPT-2's ``Conv1D``, which only the model tells from a transposed [out, in] one), and a
+    mask of the vocabulary's size may be a tied lm_head (the model's aliases), unless the
+    config unties them."""
+    from types import SimpleNamespace
+
+    from .hf import check_folder, weight_shapes
+    from .models import CAUSAL_LM_HEADS, is_causal_lm
+
+    config = check_folder(folder, known_type=False)
+    architectures = config.get("architectures")
+    if not (isinstance(architectures, list) and len(architectures) == 1 and isinstance(architectures[0], str)
+            and architectures[0].endswith(CAUSAL_LM_HEADS) and is_causal_lm(SimpleNamespace(**config))):
+        return None
+    shapes = weight_shapes(folder)
+    if shapes is None or not all(key in shapes for key in masks.keys()):
+        return None
+    vocab = config.get("vocab_size")
+    if config.get("tie_word_embeddings", True) is not False and any(
+            vocab in masks.shape(key) for key in masks.keys()):
+        return None
+    report = _kept_names(masks, onnx_model, shapes, {})
+    if report is None or any(m.transposed for m in report.matches.values()):
+        return None
+    return report
+
+
 def unmapped_names(report: MappingReport, wanted: Iterable[str]) -> list[str]:
     """Which of ``wanted`` parameter names no ONNX weight was mapped to."""
     got = {m.torch_name for _, m in report.pairs()}
@@ -265,7 +301,9 @@ def map_to_model(
     every mask's ONNX weight is the parameter of its name (an export that kept
     the names, as ``fps-onnx export`` does) and no ``checkpoint`` is given, a
     ``timm:`` or ``hf:`` model is built on the meta device (names and shapes,
-    no weights) and the masks matched by name; otherwise by value.
+    no weights) and the masks matched by name; otherwise by value. For a causal
+    LM's ``hf:`` folder whose weights' safetensors headers settle the names
+    (:func:`_header_names`), nothing is built and torch is not imported.
     """
     from ..onnx.external import model_sha256
     from ..onnx.load import load_checked
@@ -278,9 +316,14 @@ def map_to_model(
         if want and want != model_sha256(onnx_path, refs):
             raise MaskError(f"the masks were selected on another ONNX model than {onnx_path}")
     if onnx_model is not None and checkpoint is None and spec.startswith(("timm:", "hf:")):
-        # An export that kept the parameter names needs the names and shapes only.
-        shapes, aliases = _shapes(build_model(spec, None, num_classes, img_size, task=True, meta=True)[0])
-        report = _kept_names(masks, _without_cache_branch(onnx_model), shapes, aliases)
+        # An export that kept the parameter names needs the names and shapes only: from the
+        # folder's weight headers where they settle it, else from the model on the meta device.
+        plain, report = _without_cache_branch(onnx_model), None
+        if spec.startswith("hf:") and num_classes is None and img_size is None:
+            report = _header_names(masks, plain, spec[3:])
+        if report is None:
+            shapes, aliases = _shapes(build_model(spec, None, num_classes, img_size, task=True, meta=True)[0])
+            report = _kept_names(masks, plain, shapes, aliases)
         if report is not None:
             for name, keys in report.tied.items():
                 log.info("tied: %s <- %s (masks OR-ed)", name, ", ".join(keys))

@@ -48,7 +48,8 @@ def test_select_torch_model_builds_no_weights_and_maps_as_by_value(exported, mon
     result = invoke("select", tmp / "m.onnx", tmp / "data.npz", "-o", out, "--fraction", "0.2",
                     "--torch-model", spec, "-q")
     assert result.exit_code == 0, result.output
-    assert built == [True]  # the model with weights was never built
+    # the model with weights was never built; a Llama's names the weights' headers settle (no model at all)
+    assert built == ([True] if "gpt2" in str(tmp) else [])
     monkeypatch.undo()
     got, want = MaskFile.load(out), _by_value(MaskFile.load(raw), spec, tmp / "m.onnx")
     assert set(got.masks) == set(want.masks) and len(got.masks) >= 7
@@ -101,7 +102,7 @@ def test_select_torch_model_imports_torch_only_after_the_session(exported):
         f"try:\n    main(['select', {str(tmp / 'm.onnx')!r}, {str(tmp / 'data.npz')!r}, '-o', "
         f"{str(tmp / 'late.safetensors')!r}, '-q', '--torch-model', {'hf:' + str(folder)!r}])\n"
         "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
-        "assert 'torch' in sys.modules\n"
+        f"assert ('torch' in sys.modules) == {'gpt2' in str(tmp)}\n"  # a Llama's headers settle the names
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp / "late.safetensors").exists()
