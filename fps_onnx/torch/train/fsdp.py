@@ -30,7 +30,9 @@ and each process reads only its own rows of every weight from the folder's
 safetensors files, so no process holds a full copy of the model. Other models
 are built whole on every process and then sharded.
 
-For a checkpoint: :func:`gather_trainable` (the full trainable state, on every
+``train --save-every`` / ``--resume`` need nothing of this module: what trains
+is replicated, so :mod:`.checkpoint`'s one-file checkpoint serves (see there).
+For a training loop of one's own: :func:`gather_trainable` (the full trainable state, on every
 process) and :func:`checkpoint_state` / :func:`load_checkpoint_state` (a state
 dict of the trainable tensors and the optimizer for
 ``torch.distributed.checkpoint``).
