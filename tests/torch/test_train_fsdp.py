@@ -284,3 +284,17 @@ def test_a_checkpoint_of_the_trainable_state_resumes_the_same_training(tmp_path)
     for name, value in got["a"].items():
         assert torch.equal(value, got["b"][name]), name
         assert value.abs().max() > 0, name
+
+
+def test_a_shards_entries_are_the_span_of_sorted_indices_in_its_rows(monkeypatch):
+    weight = torch.zeros(10, 7)
+    indices = torch.from_numpy(np.flatnonzero(np.random.default_rng(0).random(70) < 0.3))
+    seen = []
+    for first, rows in ((0, 4), (4, 4), (8, 2), (10, 0)):  # FSDP's shards of 10 rows over 3 processes, and an empty one
+        monkeypatch.setattr(fsdp, "_rows", lambda param, first=first, rows=rows: (first, rows))
+        span, local = fsdp._local_entries(weight, indices)
+        inside = (indices >= first * 7) & (indices < (first + rows) * 7)
+        assert torch.equal(torch.arange(len(indices))[span], torch.nonzero(inside).flatten())
+        assert local.dtype == torch.int32 and torch.equal(local.long(), indices[inside] - first * 7)
+        seen += indices[span].tolist()
+    assert seen == indices.tolist()  # every entry in exactly one shard

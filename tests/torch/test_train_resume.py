@@ -278,6 +278,34 @@ def test_save_dir_without_save_every_and_clashing_paths_are_refused(case):
                      absent=[tmp / "out"])
 
 
+@pytest.mark.parametrize(("fsdp", "world", "message"), [
+    (False, 2, "another recipe: --fsdp True there, False here"),
+    (True, 4, "written by a run of 2 processes, this one has 4"),
+    (True, 2, None)])
+def test_a_sharded_runs_checkpoint_is_taken_up_only_by_a_sharded_run_of_as_many_processes(
+        tmp_path, fsdp, world, message):
+    from fps_onnx.errors import CheckpointError
+    from fps_onnx.torch.train import checkpoint
+    from fps_onnx.torch.train.recipe import CausalLMRecipe
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(net.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def ident(fsdp: bool, world: int) -> dict:
+        return checkpoint.identity("causal-lm", "0" * 64, net, {"train": None}, CausalLMRecipe(fsdp=fsdp), world)
+
+    written = checkpoint.Checkpoints(checkpoint.Checkpointing(1, tmp_path), ident(True, 2), tmp_path / "out")
+    written.save(net, optimizer, schedule, checkpoint.Progress(step=1))
+    resume = checkpoint.Checkpointing(resume=tmp_path)
+    if message is None:
+        checkpoint.Checkpoints(resume, ident(fsdp, world), tmp_path / "out")
+        return
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        checkpoint.Checkpoints(resume, ident(fsdp, world), tmp_path / "out")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -398,3 +426,64 @@ def test_two_processes_of_a_causal_lm_killed_after_step_4_of_6_resume_to_the_sam
                              env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _same(tmp_path / "out" / "delta.safetensors", tmp_path / "whole" / "delta.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_sharded_processes_killed_after_step_7_of_12_resume_to_the_same_delta(tmp_path):
+    """--fsdp: the replicated trainable state in the one-file checkpoint, the frozen shards read
+    again from the model folder; another world size, and the same run without --fsdp, are refused."""
+    pytest.importorskip("transformers")
+    from llm_models import save_tiny_llm
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    save_tiny_llm("llama", tmp_path / "llama", seed=0)
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"), local_files_only=True)
+    params = dict(model.named_parameters())
+    rng = np.random.default_rng(0)
+    names = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+             "model.layers.1.mlp.down_proj.weight", "lm_head.weight")  # sharded rows of each kind of unit
+    MaskFile({n: rng.random(tuple(params[n].shape)) < 0.1 for n in names}, {}).save(tmp_path / "m.safetensors")
+    lines = ["The capital of France is Paris.", "The quick brown fox jumps over the lazy dog.",
+             "Every layer has attention and a feed-forward block.", "A small model learns to predict."]
+    (tmp_path / "train.txt").write_text("\n".join(lines * 6) + "\n")  # 24: 12 a process, 6 batches of 2
+    args = ["train", "--task", "causal-lm", "--model", f"hf:{tmp_path / 'llama'}", "--masks",
+            str(tmp_path / "m.safetensors"), "--train", str(tmp_path / "train.txt"), "--batch-size", "2",
+            "--epochs", "2", "--lr", "1e-2", "--fsdp", "-q"]
+
+    def torchrun() -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port())]
+
+    script = shutil.which("fps-onnx", path=str(Path(sys.executable).parent))
+    whole = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "whole")], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = _killed([*args, "-o", str(tmp_path / "out"), "--save-every", "7"], tmp_path, 7, torchrun(), env)
+    assert killed.returncode != 0 and not (tmp_path / "out").exists()
+    saved = tmp_path / "out.checkpoints"
+    record = json.loads((saved / "last" / "record.json").read_text())
+    assert (record["position"]["epoch"], record["position"]["batch"], record["position"]["step"]) == (2, 1, 7)
+    assert (record["identity"]["world_size"], record["identity"]["recipe"]["fsdp"]) == (2, True)
+    from safetensors import safe_open
+
+    with safe_open(str(saved / "last" / "state.safetensors"), "pt") as f:  # no frozen weight is saved
+        stored = {k.partition("/")[2] for k in f.keys() if k.startswith("trainable/")}
+    values = {k for k in stored if k.endswith(".values")}
+    assert len(values) == len(names) and stored - values <= set(dict(model.named_buffers())), sorted(stored)
+
+    plain = [a for a in args if a != "--fsdp"]
+    refused = subprocess.run([*torchrun(), script, *plain, "-o", str(tmp_path / "out"), "--resume", str(saved)],
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode != 0 and "Error: " in refused.stderr and "--fsdp True there, False here" in (
+        refused.stderr), refused.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+    resumed = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "out"), "--resume", str(saved)],
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _same(tmp_path / "out" / "delta.safetensors", tmp_path / "whole" / "delta.safetensors")
+    whole_metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    resumed_metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert resumed_metrics["steps"] == whole_metrics["steps"] == 12

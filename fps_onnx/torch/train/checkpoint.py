@@ -31,17 +31,24 @@ without being read) and sets every generator as it was at the checkpoint, so
 the run goes on as if it had never stopped: on CPU the same deltas, bit for
 bit, as an uninterrupted run.
 
-Sharded training (FSDP): the trained state passes through one pair of
-functions, :func:`trainable_state` and :func:`load_trainable_state` (the
-optimizer's through :func:`optimizer_tensors` and :func:`checked_optimizer_state`),
-gathered into tensors by :meth:`Checkpoints._state_tensors` and read back by
-:meth:`Checkpoints._checked_state`. A sharded run replaces those two with
-``torch.distributed.checkpoint.state_dict``'s ``get_state_dict`` /
-``set_state_dict`` (sharded tensors, trainable ones only) and
-``torch.distributed.checkpoint.save`` / ``load`` into ``DIR/last/model``, every
-process writing its shards into the same temporary folder (its name broadcast
-from the first process) before the first renames it in place; the record, the
-generator states and the atomic folder stay as they are.
+Sharded training (``--fsdp``, :mod:`.fsdp`) uses this same one-file
+checkpoint, not ``torch.distributed.checkpoint``: what a checkpoint must hold
+is what training changes, and under FSDP all of it is replicated outside the
+shards (the deltas' values, the tensors trained fully, their AdamW state,
+averaged over the processes at every step, so equal on all of them), while
+the sharded part, the frozen weights, never changes and is read again from
+the model folder by every process at start (its SHA-256 is in the identity).
+So the first process writes its own copy, with no gathering, and every
+process reads the whole file back; the shards take the deltas at the next
+forward pass (``base + values`` written into each process's rows). DCP would
+add a second format and a collective write for state that is not sharded.
+``recipe.fsdp`` and the number of processes are part of the identity: a
+checkpoint of a sharded run is taken up only by a sharded run of as many
+processes (each process's generator states and the data position depend on
+it). Should the trained state itself ever be sharded, the two methods that
+write and read it, :meth:`Checkpoints._state_tensors` and
+:meth:`Checkpoints._checked_state`, are the ones to replace with
+``torch.distributed.checkpoint`` (see :func:`.fsdp.checkpoint_state`).
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ and each process reads only its own rows of every weight from the folder's
 safetensors files, so no process holds a full copy of the model. Other models
 are built whole on every process and then sharded.
 
-For a checkpoint: :func:`gather_trainable` (the full trainable state, on every
+``train --save-every`` / ``--resume`` need nothing of this module: what trains
+is replicated, so :mod:`.checkpoint`'s one-file checkpoint serves (see there).
+For a training loop of one's own: :func:`gather_trainable` (the full trainable state, on every
 process) and :func:`checkpoint_state` / :func:`load_checkpoint_state` (a state
 dict of the trainable tensors and the optimizer for
 ``torch.distributed.checkpoint``).
@@ -285,13 +287,20 @@ def _original(model: nn.Module, name: str):
     return model.get_submodule(module_name).parametrizations[tensor_name].original
 
 
-def _local_entries(param, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions in ``indices``, flat indices into this process's shard) of the entries it holds."""
+def _local_entries(param, indices: torch.Tensor) -> tuple[slice, torch.Tensor]:
+    """(the span of ``indices`` this process's shard holds, their flat indices into the shard).
+
+    The indices are sorted (:class:`.sparse.SparseDelta`), so a shard's entries are one span of
+    them; their local indices are int32 when the shard allows (half the memory of int64, kept
+    for the run by :class:`_ShardWriter`).
+    """
     first, rows = _rows(param)
     columns = param[0].numel() if param.ndim > 1 else 1
     low, high = first * columns, (first + rows) * columns
-    positions = torch.nonzero((indices >= low) & (indices < high)).flatten()
-    return positions, indices[positions] - low
+    bounds = torch.tensor([low, high], dtype=indices.dtype, device=indices.device)
+    start, stop = (int(i) for i in torch.searchsorted(indices, bounds))
+    small = rows * columns <= torch.iinfo(torch.int32).max
+    return slice(start, stop), (indices[start:stop] - low).to(torch.int32 if small else torch.int64)
 
 
 def _fill_bases(model: nn.Module) -> None:
@@ -301,9 +310,9 @@ def _fill_bases(model: nn.Module) -> None:
         if not _is_sharded(param):
             delta.base.copy_(param.detach().reshape(-1).take(delta.indices).to(delta.base.dtype))
             continue
-        positions, local = _local_entries(param, delta.indices)
+        span, local = _local_entries(param, delta.indices)
         gathered = torch.zeros(delta.indices.numel(), dtype=torch.float32, device=delta.base.device)
-        gathered[positions] = param.to_local().reshape(-1).take(local).to(torch.float32)
+        gathered[span] = param.to_local().reshape(-1)[local].to(torch.float32)
         torch.distributed.all_reduce(gathered)  # every entry lives in exactly one shard
         delta.base.copy_(gathered.to(delta.base.dtype))
 
@@ -313,7 +322,7 @@ class _ShardWriter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.entries: dict[int, tuple[slice, torch.Tensor]] = {}
 
     def __call__(self, module, args) -> None:
         for name, delta in sparse.unique_deltas(self.model).items():
@@ -322,13 +331,13 @@ class _ShardWriter:
                 continue
             if id(delta) not in self.entries:
                 self.entries[id(delta)] = _local_entries(param, delta.indices)
-            positions, local = self.entries[id(delta)]
-            if not positions.numel():
+            span, local = self.entries[id(delta)]
+            if not local.numel():
                 continue
             with torch.no_grad():
                 shard_ = param.to_local()
-                merged = delta.base[positions].to(delta.values.dtype) + delta.values[positions]
-                shard_.view(-1).put_(local, merged.to(shard_.dtype))
+                merged = delta.base[span].to(delta.values.dtype) + delta.values[span]
+                shard_.view(-1).index_put_((local,), merged.to(shard_.dtype))
 
 
 def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
