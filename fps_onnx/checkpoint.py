@@ -41,7 +41,7 @@ from .onnx.scope import ScopeConfig
 from .onnx.sites import Activation
 from .stats import FORMAT, FORMAT_VERSION, ChannelStats, Stats
 
-__all__ = ["SUFFIX", "CalibrationCheckpoint", "activation_key", "identity", "load", "save"]
+__all__ = ["SUFFIX", "CalibrationCheckpoint", "activation_key", "check_identity", "identity", "load", "save"]
 
 log = logging.getLogger(__name__)
 
@@ -138,23 +138,41 @@ def load(config: CalibrationCheckpoint, ours: dict, activations: Mapping[Activat
     return sums, stats.num_samples, batches
 
 
-def _check_identity(saved: object, ours: dict, path: Path) -> None:
+def check_identity(saved: object, ours: dict, where: object, *, unnamed: str, other: str,
+                   differs: Mapping[str, str], options: Mapping[str, str] = {},
+                   special: Mapping[str, object] = {}) -> None:
+    """Raise CheckpointError unless ``saved`` (a checkpoint's identity, as read from the
+    file) equals ``ours``, naming the first field that differs.
+
+    ``unnamed``: the message when ``saved`` is not an object; ``other``: what a checkpoint
+    of another identity is ("another run"); ``differs``: field -> why, in words;
+    ``options``: fields that hold command-line options (field -> "another recipe"), where
+    the first option that differs is named as ``--name``; ``special``: field -> function
+    (theirs, ours) -> the whole message, for a field that needs its own words.
+    """
     if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}: metadata 'identity' names no calibration")
+        raise CheckpointError(unnamed)
     for key, value in ours.items():
         theirs = saved.get(key)
         if theirs == value:
             continue
-        if key in ("data", "scope") and isinstance(theirs, dict):
+        if key in special:
+            raise CheckpointError(special[key](theirs, value))
+        if key in options and isinstance(theirs, dict):
             name = next((k for k in value if theirs.get(k) != value[k]), None)
             if name is not None:
-                raise CheckpointError(f"{path} is a checkpoint of other options: --{name.replace('_', '-')} "
+                raise CheckpointError(f"{where} is a checkpoint of {options[key]}: --{name.replace('_', '-')} "
                                       f"{shown(theirs.get(name))} there, {shown(value[name])} here")
-        raise CheckpointError(f"{path} is a checkpoint of another calibration: "
-                              f"{_DIFFERS.get(key, f'its {key} differs')}")
+        raise CheckpointError(f"{where} is a checkpoint of {other}: {differs.get(key, f'its {key} differs')}")
     unknown = sorted(set(saved) - set(ours))
     if unknown:
-        raise CheckpointError(f"{path} is a checkpoint of another calibration: it names {shown(unknown[0])}")
+        raise CheckpointError(f"{where} is a checkpoint of {other}: it names {shown(unknown[0])}")
+
+
+def _check_identity(saved: object, ours: dict, path: Path) -> None:
+    check_identity(saved, ours, path, unnamed=f"{path}: metadata 'identity' names no calibration",
+                   other="another calibration", differs=_DIFFERS,
+                   options={"data": "other options", "scope": "other options"})
 
 
 def save(config: CalibrationCheckpoint, ours: dict, sums: Mapping[Activation, ChannelStats], samples: int,

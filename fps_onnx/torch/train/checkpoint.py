@@ -77,6 +77,7 @@ from ..._io import (
     write_safetensors,
 )
 from ..._limits import read_json, shown, whole_number
+from ...checkpoint import check_identity
 from ...errors import CheckpointError, DataError, first_line
 from . import sparse
 from ._torch import nn, torch
@@ -296,25 +297,11 @@ _DIFFERS = {
 
 
 def _check_identity(saved: object, ours: dict, folder: Path) -> None:
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{folder}: the checkpoint's record names no run")
-    for key, value in ours.items():
-        theirs = saved.get(key)
-        if theirs == value:
-            continue
-        if key == "world_size":
-            raise CheckpointError(f"{folder} was written by a run of {shown(theirs)} processes, this one has "
-                                  f"{value}: resume with as many (--nproc_per_node)")
-        if key == "recipe" and isinstance(theirs, dict):
-            name = next((k for k in value if theirs.get(k) != value[k]), None)
-            if name is not None:
-                raise CheckpointError(f"{folder} is a checkpoint of another recipe: --{name.replace('_', '-')} "
-                                      f"{shown(theirs.get(name))} there, {shown(value[name])} here")
-        raise CheckpointError(f"{folder} is a checkpoint of another run: "
-                              f"{_DIFFERS.get(key, f'its {key} differs')}")
-    unknown = sorted(set(saved) - set(ours))
-    if unknown:
-        raise CheckpointError(f"{folder} is a checkpoint of another run: it names {shown(unknown[0])}")
+    check_identity(
+        saved, ours, folder, unnamed=f"{folder}: the checkpoint's record names no run", other="another run",
+        differs=_DIFFERS, options={"recipe": "another recipe"},
+        special={"world_size": lambda theirs, value: f"{folder} was written by a run of {shown(theirs)} processes, "
+                 f"this one has {value}: resume with as many (--nproc_per_node)"})
 
 
 def _read(folder: Path, ours: dict) -> tuple[dict, dict[str, torch.Tensor]]:
