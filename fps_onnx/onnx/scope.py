@@ -20,7 +20,7 @@ In an ONNX graph the lm_head is found two ways:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 import logging
 import re
@@ -33,7 +33,7 @@ from .edges import Producers, required_input
 from .ops import Lookup
 from .sites import WeightSite
 
-__all__ = ["ScopeConfig", "in_scope", "lm_head_keys"]
+__all__ = ["ScopeConfig", "in_scope", "lm_head_keys", "report_left_out"]
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,17 @@ def in_scope(
             kept.append(site)
         else:
             left_out.append(f"{site.key} ({why})")
+    report_left_out(kept, left_out)
+    return kept
+
+
+def report_left_out(kept: Sized, left_out: Sequence[str], nothing: str = "") -> None:
+    """Log the weights a scope left out ("name (why)"); ModelError when none is kept
+    (``nothing``: why, where nothing was left out either)."""
     if left_out:
         log.info("not selectable: %s", ", ".join(left_out))
     if not kept:
-        raise ModelError(f"no selectable weight is left: {', '.join(left_out)}")
-    return kept
+        raise ModelError(f"no selectable weight is left: {', '.join(left_out) or nothing}")
 
 
 def lm_head_keys(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> dict[str, str]:

@@ -40,7 +40,7 @@ import os
 import time
 
 from ..errors import ModelError, NumericError, quoted
-from ..onnx.scope import ScopeConfig
+from ..onnx.scope import ScopeConfig, report_left_out
 from ..selection import maskfile
 from ..selection.score import SelectConfig, check_shira, describe_budget, select_scores
 
@@ -106,10 +106,7 @@ def gps_select(
             selectable[name] = module
         else:
             left_out.append(f"{name} ({why})")
-    if left_out:
-        log.info("not selectable: %s", ", ".join(left_out))
-    if not selectable:
-        raise ModelError(f"no selectable weight is left: {', '.join(left_out) or 'the model has no Linear or Conv weight'}")
+    report_left_out(selectable, left_out, "the model has no Linear or Conv weight")
     loader = torch.utils.data.DataLoader(data, batch_size, shuffle=False)
     criterion = nn.CrossEntropyLoss()
 
@@ -189,10 +186,7 @@ def causal_lm_weights(model, scope: ScopeConfig = ScopeConfig()) -> dict[str, We
             left_out.append(f"{name} ({why})")
         else:
             found[name] = Weight(param, *used[id(param)])
-    if left_out:
-        log.info("not selectable: %s", ", ".join(left_out))
-    if not found:
-        raise ModelError(f"no selectable weight is left: {', '.join(left_out) or 'the model has no Linear weight'}")
+    report_left_out(found, left_out, "the model has no Linear weight")
     return found
 
 
