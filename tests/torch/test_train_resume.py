@@ -312,6 +312,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun() -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(_free_port())]
+
+
+def _causal_lm_run(tmp_path: Path, names: tuple[str, ...], copies: int, *options: str):
+    """(train arguments, environment, the model as loaded) of a causal-LM run of the tiny seeded Llama with seeded
+    10% masks on ``names`` and ``copies`` x 4 lines of text, 2 epochs of batches of 2."""
+    from llm_models import save_tiny_llm
+
+    save_tiny_llm("llama", tmp_path / "llama", seed=0)
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"), local_files_only=True)
+    params = dict(model.named_parameters())
+    rng = np.random.default_rng(0)
+    MaskFile({n: rng.random(tuple(params[n].shape)) < 0.1 for n in names}, {}).save(tmp_path / "m.safetensors")
+    lines = ["The capital of France is Paris.", "The quick brown fox jumps over the lazy dog.",
+             "Every layer has attention and a feed-forward block.", "A small model learns to predict."]
+    (tmp_path / "train.txt").write_text("\n".join(lines * copies) + "\n")
+    args = ["train", "--task", "causal-lm", "--model", f"hf:{tmp_path / 'llama'}", "--masks",
+            str(tmp_path / "m.safetensors"), "--train", str(tmp_path / "train.txt"), "--batch-size", "2",
+            "--epochs", "2", "--lr", "1e-2", *options, "-q"]
+    return args, {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, model
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_two_processes_killed_after_step_7_of_12_resume_to_the_same_delta(tmp_path):
@@ -326,17 +352,13 @@ def test_two_processes_killed_after_step_7_of_12_resume_to_the_same_delta(tmp_pa
             "--train", str(tmp_path / "train.npz"), "--epochs", "2", "--batch-size", "16", "--lr", "0.05",
             "-q"]  # 192 samples, 2 processes, 16 a batch: 6 steps an epoch
 
-    def torchrun() -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port())]
-
     script = shutil.which("fps-onnx", path=str(Path(sys.executable).parent))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "whole")], capture_output=True,
+    whole = subprocess.run([*_torchrun(), script, *args, "-o", str(tmp_path / "whole")], capture_output=True,
                            text=True, timeout=300, env=env)
     assert whole.returncode == 0, whole.stderr[-2000:]
 
-    killed = _killed([*args, "-o", str(tmp_path / "out"), "--save-every", "7"], tmp_path, 7, torchrun(), env)
+    killed = _killed([*args, "-o", str(tmp_path / "out"), "--save-every", "7"], tmp_path, 7, _torchrun(), env)
     assert killed.returncode != 0
     assert not (tmp_path / "out").exists()
     record = json.loads((tmp_path / "out.checkpoints" / "last" / "record.json").read_text())
@@ -345,7 +367,7 @@ def test_two_processes_killed_after_step_7_of_12_resume_to_the_same_delta(tmp_pa
     # one process cannot take it up
     assert_one_error(invoke(*args, "-o", tmp_path / "out", "--resume", tmp_path / "out.checkpoints"),
                      re.escape("written by a run of 2 processes, this one has 1"))
-    resumed = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "out"), "--resume",
+    resumed = subprocess.run([*_torchrun(), script, *args, "-o", str(tmp_path / "out"), "--resume",
                               str(tmp_path / "out.checkpoints")], capture_output=True, text=True, timeout=300,
                              env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -391,37 +413,18 @@ def test_a_causal_lm_run_stopped_mid_epoch_resumes_to_the_same_delta(tmp_path, m
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_two_processes_of_a_causal_lm_killed_after_step_4_of_6_resume_to_the_same_delta(tmp_path):
     pytest.importorskip("transformers")
-    from llm_models import save_tiny_llm
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    save_tiny_llm("llama", tmp_path / "llama", seed=0)
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"), local_files_only=True)
-    rng = np.random.default_rng(0)
-    name = "model.layers.1.mlp.down_proj.weight"
-    shape = tuple(dict(model.named_parameters())[name].shape)
-    MaskFile({name: rng.random(shape) < 0.1}, {}).save(tmp_path / "m.safetensors")
-    lines = ["The capital of France is Paris.", "The quick brown fox jumps over the lazy dog.",
-             "Every layer has attention and a feed-forward block.", "A small model learns to predict."]
-    (tmp_path / "train.txt").write_text("\n".join(lines * 3) + "\n")  # 12: 6 a process, 3 batches of 2
-    args = ["train", "--task", "causal-lm", "--model", f"hf:{tmp_path / 'llama'}", "--masks",
-            str(tmp_path / "m.safetensors"), "--train", str(tmp_path / "train.txt"), "--batch-size", "2",
-            "--epochs", "2", "--lr", "1e-2", "-q"]
-
-    def torchrun() -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port())]
+    # 12 lines: 6 a process, 3 batches of 2
+    args, env, _ = _causal_lm_run(tmp_path, ("model.layers.1.mlp.down_proj.weight",), 3)
 
     script = shutil.which("fps-onnx", path=str(Path(sys.executable).parent))
-    whole = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "whole")], capture_output=True,
+    whole = subprocess.run([*_torchrun(), script, *args, "-o", str(tmp_path / "whole")], capture_output=True,
                            text=True, timeout=300, env=env)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    killed = _killed([*args, "-o", str(tmp_path / "out"), "--save-every", "2"], tmp_path, 4, torchrun(), env)
+    killed = _killed([*args, "-o", str(tmp_path / "out"), "--save-every", "2"], tmp_path, 4, _torchrun(), env)
     assert killed.returncode != 0 and not (tmp_path / "out").exists()
     record = json.loads((tmp_path / "out.checkpoints" / "last" / "record.json").read_text())
     assert (record["position"]["epoch"], record["position"]["batch"], record["position"]["step"]) == (2, 1, 4)
-    resumed = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "out"), "--resume",
+    resumed = subprocess.run([*_torchrun(), script, *args, "-o", str(tmp_path / "out"), "--resume",
                               str(tmp_path / "out.checkpoints")], capture_output=True, text=True, timeout=300,
                              env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -434,34 +437,16 @@ def test_two_sharded_processes_killed_after_step_7_of_12_resume_to_the_same_delt
     """--fsdp: the replicated trainable state in the one-file checkpoint, the frozen shards read
     again from the model folder; another world size, and the same run without --fsdp, are refused."""
     pytest.importorskip("transformers")
-    from llm_models import save_tiny_llm
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    save_tiny_llm("llama", tmp_path / "llama", seed=0)
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"), local_files_only=True)
-    params = dict(model.named_parameters())
-    rng = np.random.default_rng(0)
     names = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
              "model.layers.1.mlp.down_proj.weight", "lm_head.weight")  # sharded rows of each kind of unit
-    MaskFile({n: rng.random(tuple(params[n].shape)) < 0.1 for n in names}, {}).save(tmp_path / "m.safetensors")
-    lines = ["The capital of France is Paris.", "The quick brown fox jumps over the lazy dog.",
-             "Every layer has attention and a feed-forward block.", "A small model learns to predict."]
-    (tmp_path / "train.txt").write_text("\n".join(lines * 6) + "\n")  # 24: 12 a process, 6 batches of 2
-    args = ["train", "--task", "causal-lm", "--model", f"hf:{tmp_path / 'llama'}", "--masks",
-            str(tmp_path / "m.safetensors"), "--train", str(tmp_path / "train.txt"), "--batch-size", "2",
-            "--epochs", "2", "--lr", "1e-2", "--fsdp", "-q"]
-
-    def torchrun() -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port())]
+    # 24 lines: 12 a process, 6 batches of 2
+    args, env, model = _causal_lm_run(tmp_path, names, 6, "--fsdp")
 
     script = shutil.which("fps-onnx", path=str(Path(sys.executable).parent))
-    whole = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "whole")], capture_output=True,
+    whole = subprocess.run([*_torchrun(), script, *args, "-o", str(tmp_path / "whole")], capture_output=True,
                            text=True, timeout=300, env=env)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    killed = _killed([*args, "-o", str(tmp_path / "out"), "--save-every", "7"], tmp_path, 7, torchrun(), env)
+    killed = _killed([*args, "-o", str(tmp_path / "out"), "--save-every", "7"], tmp_path, 7, _torchrun(), env)
     assert killed.returncode != 0 and not (tmp_path / "out").exists()
     saved = tmp_path / "out.checkpoints"
     record = json.loads((saved / "last" / "record.json").read_text())
@@ -475,12 +460,12 @@ def test_two_sharded_processes_killed_after_step_7_of_12_resume_to_the_same_delt
     assert len(values) == len(names) and stored - values <= set(dict(model.named_buffers())), sorted(stored)
 
     plain = [a for a in args if a != "--fsdp"]
-    refused = subprocess.run([*torchrun(), script, *plain, "-o", str(tmp_path / "out"), "--resume", str(saved)],
+    refused = subprocess.run([*_torchrun(), script, *plain, "-o", str(tmp_path / "out"), "--resume", str(saved)],
                              capture_output=True, text=True, timeout=300, env=env)
     assert refused.returncode != 0 and "Error: " in refused.stderr and "--fsdp True there, False here" in (
         refused.stderr), refused.stderr[-2000:]
     assert not (tmp_path / "out").exists()
-    resumed = subprocess.run([*torchrun(), script, *args, "-o", str(tmp_path / "out"), "--resume", str(saved)],
+    resumed = subprocess.run([*_torchrun(), script, *args, "-o", str(tmp_path / "out"), "--resume", str(saved)],
                              capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _same(tmp_path / "out" / "delta.safetensors", tmp_path / "whole" / "delta.safetensors")
