@@ -33,7 +33,7 @@ from ..errors import ModelError
 from ..onnx.external import model_roots, open_inside
 
 __all__ = ["CODE_CONFIGS", "CONFIG_FILE", "LOAD_KWARGS", "check_folder", "copy_side_file", "load_config",
-    "load_model", "load_tokenizer", "meta_model", "model_from_config", "side_files", "weight_shapes"]
+    "load_model", "load_tokenizer", "meta_model", "model_from_config", "side_files", "weight_headers", "weight_shapes"]
 
 CONFIG_FILE = "config.json"
 #: Configs transformers reads an ``auto_map`` (code in the folder) from.
@@ -166,9 +166,16 @@ MAX_SHARDS = 4096
 
 
 def weight_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
-    """Tensor name -> shape of the folder's safetensors weights, from the files' headers alone
-    (nothing else of them read; neither torch nor transformers imported): ``model.safetensors``,
-    or the shards ``model.safetensors.index.json`` names. None when the folder has neither.
+    """Tensor name -> shape of the folder's safetensors weights (:func:`weight_headers`)."""
+    headers = weight_headers(folder)
+    return None if headers is None else {k: shape for k, (_, shape) in headers.items()}
+
+
+def weight_headers(folder: str | os.PathLike) -> dict[str, tuple[Path, tuple[int, ...]]] | None:
+    """Tensor name -> (its file, its shape) of the folder's safetensors weights, from the
+    files' headers alone (nothing else of them read; neither torch nor transformers
+    imported): ``model.safetensors``, or the shards ``model.safetensors.index.json`` names.
+    None when the folder has neither.
 
     Each file is opened as a side file is (a regular file really inside the folder, see the
     module docstring); ModelError for an index that is not a ``weight_map`` of plain
@@ -195,13 +202,13 @@ def weight_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]] | Non
         files = [WEIGHTS_FILE]
     else:
         return None
-    shapes: dict[str, tuple[int, ...]] = {}
+    headers: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for name in files:
         for key, shape in _header_shapes(folder / name, roots).items():
-            if key in shapes:
+            if key in headers:
                 raise ModelError(f"hf:{folder}: tensor {key!r} is in two weight files")
-            shapes[key] = shape
-    return shapes
+            headers[key] = (folder / name, shape)
+    return headers
 
 
 def _header_shapes(path: Path, roots: tuple[str, ...]) -> dict[str, tuple[int, ...]]:

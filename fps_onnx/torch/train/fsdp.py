@@ -46,7 +46,6 @@ import logging
 import os
 from pathlib import Path
 
-from ..._limits import read_json
 from ...errors import DataError, ExportError
 from .. import hf
 from . import sparse
@@ -58,8 +57,6 @@ __all__ = ["block_modules", "check_world", "checkpoint_state", "delta_indices", 
 
 log = logging.getLogger(__name__)
 
-_INDEX = "model.safetensors.index.json"
-_SINGLE = "model.safetensors"
 
 
 def check_world(world: int, samples: int | None = None) -> None:
@@ -229,24 +226,13 @@ def _move_replicated(model: nn.Module, device: torch.device) -> None:
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
-    """Weight name -> safetensors file of a transformers folder (its index, else model.safetensors)."""
-    index = folder / _INDEX
-    if index.is_file():
-        text = index.read_bytes()
-        data = read_json(text, str(index), ExportError)
-        mapping = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(mapping, dict) or not all(
-                isinstance(v, str) and Path(v).name == v and v.endswith(".safetensors") for v in mapping.values()):
-            raise ExportError(f"{index} has no weight_map of safetensors files in its folder")
-        return {str(k): folder / v for k, v in mapping.items()}
-    single = folder / _SINGLE
-    if not single.is_file():
+    """Weight name -> safetensors file of a transformers folder (its index, else
+    model.safetensors), as :func:`fps_onnx.torch.hf.weight_headers` reads and checks them."""
+    headers = hf.weight_headers(folder)
+    if headers is None:
         raise ExportError(f"--fsdp reads the weights from safetensors files: {folder} holds neither "
-                          f"{_SINGLE} nor {_INDEX}")
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as handle:
-        return {name: single for name in handle.keys()}
+                          f"{hf.WEIGHTS_FILE} nor {hf.WEIGHTS_INDEX}")
+    return {name: path for name, (path, _) in headers.items()}
 
 
 def _load_shards(model: nn.Module, folder: Path) -> None:
