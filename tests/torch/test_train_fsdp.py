@@ -38,14 +38,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _case(tmp: Path, kind: str = "llama") -> tuple[Path, Path, Path]:
-    """(model folder, mask file, train.txt): 10% of four weights selected; 4 samples (one global batch)."""
+def _case(tmp: Path, kind: str = "llama", selected=SELECTED) -> tuple[Path, Path, Path]:
+    """(model folder, mask file, train.txt): 10% of each of ``selected`` (by default four weights, the head
+    among them); 4 samples (one global batch)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     save_tiny_llm(kind, tmp / "llm", seed=0)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "llm"), local_files_only=True)
     params = dict(model.named_parameters(remove_duplicate=False))
     rng = np.random.default_rng(0)
-    MaskFile({n: rng.random(tuple(params[n].shape)) < 0.1 for n in SELECTED}, {}).save(tmp / "m.safetensors")
+    MaskFile({n: rng.random(tuple(params[n].shape)) < 0.1 for n in selected}, {}).save(tmp / "m.safetensors")
     (tmp / "train.txt").write_text("\n".join(LINES) + "\n")
     return tmp / "llm", tmp / "m.safetensors", tmp / "train.txt"
 
@@ -89,10 +90,12 @@ def _assert_same_deltas(one: Path, two: Path) -> float:
     return worst
 
 
-@pytest.mark.parametrize("kind, extra", [("llama", ()), pytest.param("llama-tied", ("--train-head",),
-                                                                      marks=pytest.mark.slow)])
-def test_two_sharded_processes_train_the_deltas_one_process_does(tmp_path, kind, extra):
-    folder, masks, train = _case(tmp_path, kind)
+@pytest.mark.parametrize("kind, extra, selected", [
+    ("llama", (), SELECTED),
+    ("llama", (), SELECTED[:2]),  # a frozen embedding and head, untied: never gathered whole
+    pytest.param("llama-tied", ("--train-head",), SELECTED, marks=pytest.mark.slow)])
+def test_two_sharded_processes_train_the_deltas_one_process_does(tmp_path, kind, extra, selected):
+    folder, masks, train = _case(tmp_path, kind, selected)
     result = invoke(*_args(folder, masks, train, tmp_path / "one", "--batch-size", "4", *extra))
     assert result.exit_code == 0, result.output
     done = _torchrun(*_args(folder, masks, train, tmp_path / "two", "--batch-size", "2", "--fsdp", *extra))
@@ -139,6 +142,27 @@ def test_blocks_are_the_decoder_layers_or_the_largest_list_of_same_class_modules
     assert fsdp.block_modules(model) == list(model.model.layers)
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)]))
     assert fsdp.block_modules(net) == list(net[1])
+
+
+def test_only_an_untied_frozen_embedding_and_head_are_used_from_their_row_shards(tmp_path):
+    for kind, selected, expected in (("llama", SELECTED[:2], ["embed_tokens", "lm_head"]),
+                                     ("llama", SELECTED[:3], ["lm_head"]), ("llama", SELECTED, []),
+                                     ("llama-tied", SELECTED[:2], [])):
+        folder, masks, _ = _case(tmp_path / f"{kind}-{len(selected)}", kind, selected)
+        model = fsdp.meta_causal_lm(folder, torch.float32)
+        loop.prepare(model, MaskFile.load(masks), CausalLMRecipe())
+        names = {id(m): n.rpartition(".")[2] for n, m in model.named_modules()}
+        assert [names[id(m)] for m in fsdp._row_sharded_units(model)] == expected, (kind, selected)
+
+
+def test_every_weight_matrix_of_a_block_is_a_unit_of_its_own(tmp_path):
+    folder, masks, _ = _case(tmp_path)
+    model = fsdp.meta_causal_lm(folder, torch.float32)
+    loop.prepare(model, MaskFile.load(masks), CausalLMRecipe())
+    block = fsdp.block_modules(model)[0]
+    units = fsdp._weight_modules(block)
+    assert len(units) == 7 and all(isinstance(u, torch.nn.Linear) for u in units)
+    assert block.self_attn.q_proj in units  # parametrised (a delta): the Linear, not its parametrisation
 
 
 def test_meta_build_holds_no_weights_and_keeps_ties(tmp_path):

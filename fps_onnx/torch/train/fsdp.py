@@ -108,6 +108,131 @@ def _embeddings(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _weight_modules(block: nn.Module) -> list[nn.Module]:
+    """The modules inside ``block`` that hold a weight matrix (Linear, Conv1D, ...; outermost
+    ones), each made a unit of its own: FSDP holds a unit's gathered weights beside the buffer
+    they were all-gathered into, so a process's peak grows by twice its largest unit."""
+    from torch.nn.utils import parametrize
+
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in block.modules():
+        if module is block or id(module) in inside:
+            continue
+        own = list(module.parameters(recurse=False))
+        if parametrize.is_parametrized(module):
+            own += [plist.original for plist in module.parametrizations.values()]
+        if any(p.ndim >= 2 for p in own):
+            found.append(module)
+            inside.update(id(m) for m in module.modules())
+    return found
+
+
+def _row_sharded_units(model: nn.Module) -> list[nn.Module]:
+    """The input embedding (an nn.Embedding) and output head (a bias-free nn.Linear) of a transformers
+    causal LM to leave out of FSDP (:class:`RowShardedEmbedding`, :class:`RowShardedHead`): each
+    frozen and not tied to the other; the rest stay units FSDP gathers whole."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return []
+    embedding, head = get_in(), get_out()
+    if isinstance(embedding, nn.Module) and isinstance(head, nn.Module) and \
+            {id(p) for p in embedding.parameters()} & {id(p) for p in head.parameters()}:
+        return []
+    found = []
+    if type(embedding) is nn.Embedding and embedding.max_norm is None and not embedding.weight.requires_grad:
+        found.append(embedding)
+    if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+        found.append(head)
+    return found
+
+
+#: Bytes of a row-sharded weight a process receives at a time (:class:`RowShardedHead`).
+ROW_CHUNK_BYTES = 1 << 25
+
+
+class _RowSharded(nn.Module):
+    """A frozen weight that stays sharded by rows over the processes (a DTensor sharded on dim 0,
+    as FSDP shards, read by :func:`_load_shards` like the others) and is used a chunk of
+    :data:`ROW_CHUNK_BYTES` at a time, each chunk broadcast by the process that holds it: no
+    process holds the whole weight, which FSDP would all-gather (a vocabulary of 32,000 x 2,048 in
+    fp32 is 262 MB, held twice while it is gathered)."""
+
+    def __init__(self, weight: nn.Parameter, mesh) -> None:
+        from torch.distributed.tensor import DTensor, Shard
+
+        super().__init__()
+        placements = [Shard(0)]
+        first, rows = _span(weight.shape, mesh, placements)
+        local = torch.empty((rows, *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
+        self.weight = nn.Parameter(DTensor.from_local(local, mesh, placements, run_check=False,
+                                                      shape=weight.shape, stride=weight.stride()),
+                                   requires_grad=False)
+        spans = torch.zeros(torch.distributed.get_world_size(), 2, dtype=torch.int64)
+        spans[torch.distributed.get_rank()] = torch.tensor([first, rows])
+        torch.distributed.all_reduce(spans)
+        self.spans = [(int(a), int(b)) for a, b in spans.tolist()]  # each process's (first row, rows)
+        self.chunk_rows = max(1, ROW_CHUNK_BYTES // max(1, weight[0].numel() * weight.element_size()))
+
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        return _row_chunks(self.weight.to_local(), self.spans, self.chunk_rows)
+
+
+class RowShardedHead(_RowSharded):
+    """A bias-free Linear output head of row shards: the logits are computed a chunk of rows at a time,
+    and so is the backward pass to the hidden states; they are the whole head's logits."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _RowShardedLinear.apply(hidden, self.weight.to_local(), self.spans, self.chunk_rows)
+
+
+class RowShardedEmbedding(_RowSharded):
+    """A frozen input embedding of row shards: each token's row is taken from the chunk holding it."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        total = self.spans[-1][0] + self.spans[-1][1] if self.spans else 0
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= total):
+            raise IndexError(f"token ids must lie in [0, {total}) of the embedding")
+        out = None
+        for first, chunk in self.chunks():
+            if out is None:
+                out = torch.empty((*ids.shape, *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device)
+            hit = (ids >= first) & (ids < first + len(chunk))
+            out[hit] = chunk[ids[hit] - first]
+        return out
+
+
+def _row_chunks(local: torch.Tensor, spans, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, rows) of the whole weight, a chunk at a time, each broadcast by the process holding it."""
+    rank = torch.distributed.get_rank()
+    for owner, (first, rows) in enumerate(spans):
+        for start in range(0, rows, chunk_rows):
+            n = min(chunk_rows, rows - start)
+            chunk = local[start:start + n] if owner == rank else \
+                torch.empty((n, *local.shape[1:]), dtype=local.dtype, device=local.device)
+            torch.distributed.broadcast(chunk, src=owner)
+            yield first + start, chunk
+
+
+class _RowShardedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, local, spans, chunk_rows):
+        ctx.spans, ctx.chunk_rows, ctx.dtype = spans, chunk_rows, hidden.dtype
+        ctx.save_for_backward(local)
+        return torch.cat([nn.functional.linear(hidden, chunk) for _, chunk in _row_chunks(local, spans, chunk_rows)],
+                         dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (local,) = ctx.saved_tensors
+        out, column = None, 0
+        for _, chunk in _row_chunks(local, ctx.spans, ctx.chunk_rows):
+            part = grad[..., column:column + len(chunk)] @ chunk.to(grad.dtype)
+            out = part if out is None else out.add_(part)
+            column += len(chunk)
+        return out.to(ctx.dtype), None, None, None
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Modules built inside get their parameters on the meta device (buffers stay real)."""
@@ -148,8 +273,21 @@ def shard(model: nn.Module, device: torch.device, *, folder: str | os.PathLike |
     mesh = init_device_mesh(device.type, (world,))
     trainable = [p for p in model.parameters() if p.requires_grad]
     ignored = set(trainable)
-    for block in [*block_modules(model), *_embeddings(model)]:
+    by_rows = _row_sharded_units(model) if folder is not None else []  # built on meta: nothing to move
+    for block in block_modules(model):
+        for unit in _weight_modules(block):
+            fully_shard(unit, mesh=mesh, reshard_after_forward=True, ignored_params=ignored)
         fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=ignored)
+    for unit in _embeddings(model):
+        if unit not in by_rows:
+            fully_shard(unit, mesh=mesh, reshard_after_forward=True, ignored_params=ignored)
+    for unit in by_rows:
+        if unit is model.get_input_embeddings():
+            model.set_input_embeddings(RowShardedEmbedding(unit.weight, mesh))
+            ignored.add(model.get_input_embeddings().weight)
+        else:
+            model.set_output_embeddings(RowShardedHead(unit.weight, mesh))
+            ignored.add(model.get_output_embeddings().weight)
     # the root too reshards after its forward pass, so that the weights' shards are what
     # every module holds between passes (where _write_shards writes the deltas)
     fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=ignored)
@@ -193,10 +331,15 @@ def _is_sharded(tensor) -> bool:
 
 def _rows(param) -> tuple[int, int]:
     """(first row, rows) of this process's shard of a DTensor parameter sharded on dim 0."""
+    return _span(param.shape, param.device_mesh, param.placements)
+
+
+def _span(shape, mesh, placements) -> tuple[int, int]:
+    """(first row, rows) of this process's shard of a tensor of ``shape`` placed on ``mesh``."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return (int(offset[0]) if shape[0] else 0), int(shape[0])
+    local, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return (int(offset[0]) if local[0] else 0), int(local[0])
 
 
 def _materialize(model: nn.Module, device: torch.device) -> None:
