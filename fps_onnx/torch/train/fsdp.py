@@ -2,12 +2,20 @@
 
 Under ``torchrun --nproc_per_node N`` (:func:`shard`):
 
-* every transformer block (the model's ``_no_split_modules`` classes, else the
-  members of its largest list of same-class blocks), the input embedding, the
+* every weight matrix of a transformer block (the blocks: the model's
+  ``_no_split_modules`` classes, else the members of its largest list of
+  same-class blocks), then each block (its norms), the input embedding, the
   output head (unless tied to it) and then the rest (final norm) become
-  ``fully_shard`` units over a
-  one-dimensional ``DeviceMesh``: each process holds 1/N of every frozen
-  weight's rows, and a whole weight only while its block computes;
+  ``fully_shard`` units over a one-dimensional ``DeviceMesh``: each process
+  holds 1/N of every frozen weight's rows, and a whole weight only while it
+  computes (one matrix at a time: FSDP holds a unit's gathered weights beside
+  the buffer they were gathered into, so the peak grows by twice the largest
+  unit);
+* a causal LM's frozen, untied input embedding and output head are never
+  gathered: their rows stay sharded as FSDP shards them, and each is used a
+  chunk of rows at a time, each chunk broadcast by the process holding it
+  (:class:`RowShardedEmbedding`, :class:`RowShardedHead`). A vocabulary of
+  32,000 x 2,048 in fp32 is 262 MB, which FSDP would hold twice while gathering;
 * what trains (each delta's k values, and any tensor trained fully) stays out
   of FSDP (``ignored_params``): replicated, with its AdamW state, on every
   process; its gradient is averaged over the processes in the backward pass

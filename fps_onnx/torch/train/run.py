@@ -22,8 +22,6 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
-
 from ..._io import atomic_folder, atomic_write, check_folder, write_safetensors
 from ...errors import MaskError, OutputError
 from ...selection.maskfile import MaskFile
@@ -292,12 +290,11 @@ def _plain(state: dict, masks: dict, build: Callable[[], nn.Module], recipe: Rec
         return None, None
     plain = build()
     params = dict(plain.named_parameters())
-    dense = {}
-    for name, indices in masks.items():
-        mask = np.zeros(params[name].numel(), dtype=bool)
-        mask[indices.numpy()] = True
-        dense[name] = mask.reshape(tuple(params[name].shape))
-    trainable = loop.prepare(plain, dense, recipe)
+    # the deltas' own indices, not dense masks: a dense bool array of every selected weight at once
+    # would be a byte per weight of the model
+    selected = MaskFile.from_indices({name: (tuple(params[name].shape), indices.numpy())
+                                      for name, indices in masks.items()})
+    trainable = loop.prepare(plain, selected, recipe)
     fsdp.load_trainable(plain, state)
     return plain, trainable
 
