@@ -60,8 +60,8 @@ from . import sparse
 from ._torch import nn, torch
 from .recipe import RecipeError
 
-__all__ = ["block_modules", "check_world", "checkpoint_state", "delta_indices", "gather_trainable", "load_checkpoint_state",
-    "load_trainable", "load_weights", "meta_causal_lm", "shard"]
+__all__ = ["RowShardedEmbedding", "RowShardedHead", "block_modules", "check_world", "checkpoint_state", "delta_indices",
+    "gather_trainable", "load_checkpoint_state", "load_trainable", "load_weights", "meta_causal_lm", "release", "shard"]
 
 log = logging.getLogger(__name__)
 
@@ -488,6 +488,16 @@ def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
             value = param.full_tensor() if _is_sharded(param) else param
             out[name] = value.detach().to("cpu", copy=True)
     return out
+
+
+def release(model: nn.Module) -> None:
+    """Free the rows of every sharded weight of a model whose training is over (its trainable
+    tensors gathered: :func:`gather_trainable`), so that rank 0 has the room to build the merged
+    model. FSDP's hooks hold a model with nested units in references ``gc`` does not clear, so
+    dropping the model does not return its shards."""
+    for param in model.parameters():
+        if _is_sharded(param):
+            param.to_local().untyped_storage().resize_(0)
 
 
 def delta_indices(model: nn.Module) -> dict[str, torch.Tensor]:

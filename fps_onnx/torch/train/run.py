@@ -265,6 +265,8 @@ def run_train(
     }
     if recipe.fsdp or dtype != torch.float32:
         state, masks = fsdp.gather_trainable(model), fsdp.delta_indices(model)
+        if recipe.fsdp:
+            fsdp.release(model)
         del net, model, trainable
         model, trainable = _plain(state, masks, lambda: build()[0], recipe, rank)
     if rank == 0:
@@ -436,6 +438,8 @@ def run_train_causal(
     }
     if recipe.fsdp or dtype != torch.float32:
         state, masks = fsdp.gather_trainable(model), fsdp.delta_indices(model)
+        if recipe.fsdp:
+            fsdp.release(model)
         del net, model, trainable
         model, trainable = _plain(state, masks, lambda: hf_folder.build_causal_lm(spec, recipe.seed), recipe, rank)
     if rank == 0:
