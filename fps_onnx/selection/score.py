@@ -46,7 +46,7 @@ from ..stats import ChannelStats, no_rows
 __all__ = [
     "ACT_POWER_MAX", "DEFAULT_FRACTION", "GRADIENT_METHOD", "LEVELS", "METHODS", "NORMS", "Method", "Scratch",
     "SelectConfig", "capped_top_k", "capped_top_n", "channel_statistic", "check_shira", "column_cap_of", "describe_budget",
-    "magnitudes", "method_names", "register_method", "scores", "select_one", "select_scores", "top_k",
+    "magnitudes", "method_names", "register_method", "scores", "select_one", "select_scores", "spread_top_k", "top_k",
 ]
 
 NORMS = ("l1", "l2")
@@ -62,11 +62,12 @@ class SelectConfig:
     Give at most one of ``per_neuron`` (K per output neuron; at layer level
     N = K * out), ``fraction`` (F of each neuron's fan-in, or of each
     tensor at layer level) and ``shira_r`` (r: the top r*(in+out) of each
-    Linear weight [out, in], as PEFT's SHiRA needs; selects per tensor, so
-    ``level`` left out becomes "layer" and ``level="neuron"`` is a
-    BudgetError; a Conv weight, or one with fewer than r*(in+out) entries, is
-    a BudgetError); with none, ``fraction`` = DEFAULT_FRACTION. ``level`` left
-    out is "neuron" otherwise.
+    Linear weight [out, in], as PEFT's SHiRA needs; ``level`` left out becomes
+    "layer", the top r*(in+out) of the tensor; at level "neuron" they are spread
+    over the rows, each row's best ``r*(in+out) // out`` and one more in the rows
+    whose next entry scores highest (:func:`spread_top_k`); a Conv weight, or one
+    with fewer than r*(in+out) entries, is a BudgetError); with none,
+    ``fraction`` = DEFAULT_FRACTION. ``level`` left out is "neuron" otherwise.
 
     ``act_power`` (A, 0 to ACT_POWER_MAX, method "fps" only): score
     ``|w| * s ** A``; 1 is FPS itself. ``column_cap`` (C >= 1, or None for no
@@ -98,8 +99,9 @@ class SelectConfig:
         if self.shira_r is not None:
             if isinstance(self.shira_r, bool) or not isinstance(self.shira_r, int) or self.shira_r < 1:
                 raise BudgetError(f"SHiRA r must be a whole number of at least 1, not {self.shira_r!r}")
-            if self.level != "layer":  # r*(in+out) entries per tensor
-                raise BudgetError("--shira-r selects per tensor (level layer); leave out --level neuron")
+            if self.level == "neuron" and self.column_cap is not None:
+                raise BudgetError("--column-cap caps the columns of a tensor's top entries: with --shira-r, "
+                                  "leave out --level neuron")
         whole_number(self.seed, "the seed", BudgetError, 0, SEED_MAX)
         if self.per_neuron is not None and self.per_neuron < 1:
             raise BudgetError(f"per-neuron count must be at least 1, not {self.per_neuron}")
@@ -139,7 +141,8 @@ class SelectConfig:
     def keep(self, rows: int, fan_in: int) -> int:
         """Entries to keep per row (neuron level) or per tensor (layer level).
 
-        For ``shira_r`` that is r*(rows+fan_in) whatever the tensor;
+        For ``shira_r`` that is r*(rows+fan_in) per tensor at either level (at
+        level "neuron" spread over the rows: :func:`spread_top_k`);
         :func:`check_shira` says whether a weight can take it.
         """
         budget = self.budget
@@ -427,8 +430,34 @@ def select_scores(score: np.ndarray, config: SelectConfig, key: str = "a weight"
             return capped_top_k(matrix, k, cap, scratch).reshape(score.shape)
         cap = column_cap_of(config.column_cap, k, fan_in)
         return capped_top_n(matrix, k, cap, scratch).reshape(score.shape)
+    if config.level == "neuron" and config.shira_r is not None:
+        return spread_top_k(score.reshape(rows, fan_in), k, scratch).reshape(score.shape)
     flat = score.reshape(rows, fan_in) if config.level == "neuron" else score.reshape(1, -1)
     return top_k(flat, k, scratch).reshape(score.shape)
+
+
+def spread_top_k(score: np.ndarray, n: int, scratch: Scratch | None = None) -> np.ndarray:
+    """Bool mask of ``n`` entries of a 2-D array spread over its rows: each row's top
+    ``n // rows`` (:func:`top_k`), and one more in the ``n % rows`` rows whose next entry
+    (their ``n // rows + 1``-th largest) scores highest, ties to the lower row."""
+    rows, fan_in = score.shape
+    k, extra = divmod(n, rows)
+    if extra == 0:
+        return top_k(score, k, scratch)
+    found = _grouped_threshold(score, k + 1)
+    if found is None:
+        part = np.partition(score, fan_in - k - 1, axis=1)
+        following = part[:, fan_in - k - 1]
+    else:
+        following = found[0][:, 0]
+    order = np.lexsort((np.arange(rows), -following))
+    more = np.zeros(rows, dtype=bool)
+    more[order[:extra]] = True
+    mask = np.zeros(score.shape, dtype=bool)
+    mask[more] = top_k(score[more], k + 1)
+    if k:
+        mask[~more] = top_k(score[~more], k)
+    return mask
 
 
 #: A capped neuron-level selection first looks at each row's best POOL * K entries,

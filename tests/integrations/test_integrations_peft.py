@@ -32,7 +32,7 @@ def test_shira_budget_keeps_the_top_r_times_in_plus_out_of_each_tensor():
     ({"shira_r": 0}, "at least 1"),
     ({"shira_r": 2, "fraction": 0.1}, "one budget"),
     ({"shira_r": 2, "per_neuron": 1}, "one budget"),
-    ({"shira_r": 2, "level": "neuron"}, "selects per tensor"),
+    ({"shira_r": 2, "level": "neuron", "column_cap": 2.0}, "leave out --level neuron"),
 ])
 def test_shira_budget_settings_are_checked(kwargs, message):
     with pytest.raises(BudgetError, match=message):
@@ -65,7 +65,7 @@ def test_select_shira_r_writes_r_times_in_plus_out_per_weight(chain, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("--shira-r", "3"), r"Error: --shira-r 3: weight 'w[12]' \[\d, \d\] has \d+ entries, fewer than r\*\(in\+out\)"),
-    (("--shira-r", "1", "--level", "neuron"), "Error: --shira-r selects per tensor"),
+    (("--shira-r", "1", "--level", "neuron", "--column-cap", "2"), "Error: --column-cap caps the columns"),
     (("--shira-r", "1", "--per-neuron", "2"), "Error: give one budget"),
 ])
 def test_select_shira_r_bad_input_is_one_line(chain, tmp_path, args, message):
@@ -255,3 +255,15 @@ def test_backbone_keys_resolve_under_a_wrapper(mlp):
     wrapper.add_module("backbone", inner)
     config = shira_config(wrapper, top_masks(inner, 1))  # keys fc1.weight, fc2.weight
     assert sorted(config.target_modules) == ["backbone.fc1", "backbone.fc2"]
+
+
+def test_select_a_shira_budget_at_neuron_level_from_the_cli(chain, tmp_path):
+    model, data = chain
+    out = tmp_path / "m.safetensors"
+    result = invoke("select", model, data, "-o", out, "--shira-r", "1", "--level", "neuron", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["tensors"] == {"w1": {"shape": [5, 6], "selected": 11}, "w2": {"shape": [4, 5], "selected": 9}}
+    assert summary["level"] == "neuron" and summary["budget"] == {"shira_r": 1}
+    masks = MaskFile.load(out)
+    assert sorted(masks.dense("w1").sum(axis=1).tolist()) == [2, 2, 2, 2, 3]

@@ -217,3 +217,24 @@ def test_gps_is_offered_but_never_registered_and_the_docstring_says_so():
     assert "gps" in score.method_names() and "gps" not in score.METHODS
     assert SelectConfig(method="gps").method == "gps"
     assert "registers itself" not in score.__doc__ and "is not registered" in score.__doc__
+
+
+def test_a_shira_budget_at_neuron_level_spreads_r_in_plus_out_over_the_rows():
+    from fps_onnx.selection.score import select_scores, spread_top_k
+
+    rng = np.random.default_rng(3)
+    score = rng.random((5, 12))
+    config = SelectConfig(shira_r=2, level="neuron")
+    mask = select_scores(score, config, "w")
+    assert mask.sum() == 2 * (5 + 12)  # 34 = 6 per row, and 4 rows with a 7th
+    per_row = mask.sum(axis=1)
+    assert sorted(per_row.tolist()) == [6, 7, 7, 7, 7]
+    ordered = -np.sort(-score, axis=1)
+    assert all(set(np.flatnonzero(mask[i])) == set(np.argsort(-score[i])[:per_row[i]]) for i in range(5))
+    # the row left with 6 is the one whose 7th best entry scores lowest
+    assert per_row[np.argmin(ordered[:, 6])] == 6
+    # a budget the rows divide is each row's top k; ties between rows go to the lower row
+    assert np.array_equal(spread_top_k(score, 15), top_k(score, 3))
+    assert spread_top_k(np.ones((3, 4)), 5).sum(axis=1).tolist() == [2, 2, 1]
+    assert spread_top_k(np.ones((3, 4)), 2).sum(axis=1).tolist() == [1, 1, 0]
+
