@@ -12,18 +12,22 @@ then cosine to 0, gradient norm clipped at 1, weight decay 0.
 Methods are rows of :data:`METHODS`: ``zero`` (no training), ``full`` (every
 parameter), ``lora`` (PEFT, r=8, alpha 16 on q/k/v/o/gate/up/down), and
 sparse methods with exactly LoRA's number of trainable values (``--shira-r
-8``: per q/k/v/o/gate/up/down weight the top 8 * (in + out) entries), selected
-by ``fps-onnx select`` on the exported ONNX decoder with the row's arguments
-(``fps``, its variants ``fps-a05`` (``--act-power 0.5``) and ``fps-cap2``
-(``--column-cap 2``), ``random``, ``magnitude``) or on the PyTorch model (``gps``: ``fps-onnx
-select --method gps --task causal-lm hf:MODEL``, summed |grad| of the next-token loss), from CALIB
-training blocks drawn with the seed.
+8``: per q/k/v/o/gate/up/down weight 8 * (in + out) entries, the tensor's top ones, or with
+``--level neuron`` spread over its rows as the FPS and GPS papers select), selected by ``fps-onnx
+select`` on the exported ONNX decoder with the row's arguments (``fps``, its variants ``fps-neuron``
+(``--level neuron``), ``fps-a05`` (``--act-power 0.5``) and ``fps-cap2`` (``--column-cap 2``),
+``random``, ``magnitude``) or on the PyTorch model (``gps``: ``fps-onnx select --method gps --task
+causal-lm --level neuron hf:MODEL``, summed |grad| of the next-token loss), from CALIB training
+blocks drawn with the seed.
 Sparse methods train with ``fps-onnx train --task causal-lm``; zero / full /
 lora with ``_llm_train.py`` (the same schedule, clipping and loss). A new
 selector is one more row.
 
 Protocol: each (domain, method) runs its lr grid on seed 0; the lr with the
-lowest validation perplexity is then run on seeds 1 and 2. The report gives
+lowest validation perplexity is then run on seeds 1 and 2. New label-free
+selectors (``candidate`` rows) are screened on the first domain: only the one
+with the lowest validation perplexity there (seed 0) runs on the other domains
+and seeds. The report gives
 test perplexity mean ± std over the seeds and the paired per-seed difference
 against LoRA, and flags a chosen lr at the edge of its grid.
 
@@ -78,6 +82,9 @@ class Method:
     select: tuple[str, ...] = ()  # sparse: the `fps-onnx select` arguments of this method
     torch: bool = False  # sparse: select on the PyTorch model (hf:MODEL) instead of the ONNX export
     label_free: bool = False  # a forward-only, label-free selector: checked against the targets
+    # a new label-free selector, screened on the first domain: only the best of them by validation
+    # perplexity (seed 0, each at its chosen lr) runs on the other domains and seeds (Bench.screened)
+    candidate: bool = False
 
     @property
     def phase(self) -> int:
@@ -89,14 +96,19 @@ METHODS = {
     "zero": Method("zero-shot (no training)", "zero", grid=(0.0,)),
     "lora": Method("LoRA r=8 (PEFT)", "lora"),
     "fps": Method("FPS-sparse", "sparse", select=("--method", "fps"), label_free=True),
+    # FPS as its paper selects, per output neuron: LoRA's count r*(in+out) spread over each tensor's rows
+    "fps-neuron": Method("FPS-sparse, per neuron", "sparse", select=("--method", "fps", "--level", "neuron"),
+                         label_free=True, candidate=True),
     # FPS variants that spread the budget over more input channels (one forward pass, label-free):
     "fps-a05": Method("FPS-sparse, act-power 0.5", "sparse", select=("--method", "fps", "--act-power", "0.5"),
-                      label_free=True),
+                      label_free=True, candidate=True),
     "fps-cap2": Method("FPS-sparse, column cap 2", "sparse", select=("--method", "fps", "--column-cap", "2"),
-                       label_free=True),
+                       label_free=True, candidate=True),
     "random": Method("random-sparse", "sparse", select=("--method", "random")),
     "magnitude": Method("magnitude-sparse", "sparse", select=("--method", "magnitude")),
-    "gps": Method("GPS-sparse", "sparse", select=("--method", "gps", "--task", "causal-lm"), torch=True),
+    # GPS as its paper selects, per output neuron (gradients of the next-token loss on the calibration blocks)
+    "gps": Method("GPS-sparse", "sparse", select=("--method", "gps", "--task", "causal-lm", "--level", "neuron"),
+                  torch=True),
     "full": Method("full fine-tuning", "full", grid=FULL_GRID),
 }
 DOMAINS = ("kjv", "python", "man")
@@ -166,14 +178,38 @@ class Bench:
         seed0, later = seeds[0], seeds[1:]
         out = [Cell(d, "zero", 0.0, seed0) for d in domains if "zero" in methods]
         trained = [m for m in METHODS if m in methods and METHODS[m].train != "zero"]  # the table's order
+        best = self.screened(domains[0], [m for m in trained if METHODS[m].candidate], seed0)
+
+        def runs(d: str, m: str, seed: int) -> bool | None:
+            """Whether cell (d, m, seed) is in the plan; None: not yet known (the screening is not over)."""
+            if not METHODS[m].candidate or (d == domains[0] and seed == seed0):
+                return True
+            return None if best is None else m == best
+
         phases = sorted({METHODS[m].phase for m in trained})
         for phase in phases:
             group = [m for m in trained if METHODS[m].phase == phase]
-            out += [Cell(d, m, lr, seed0) for d in domains for m in group for lr in METHODS[m].grid]
+            for d in domains:
+                for m in group:
+                    known = runs(d, m, seed0)
+                    if known is not False:
+                        out += [Cell(d, m, lr if known else None, seed0) for lr in METHODS[m].grid]
         for phase in phases:
             group = [m for m in trained if METHODS[m].phase == phase]
-            out += [Cell(d, m, self.chosen_lr(d, m, seed0), s) for s in later for d in domains for m in group]
+            out += [Cell(d, m, self.chosen_lr(d, m, seed0) if runs(d, m, s) else None, s)
+                    for s in later for d in domains for m in group if runs(d, m, s) is not False]
         return out
+
+    def screened(self, domain: str, candidates: list[str], seed0: int) -> str | None:
+        """The candidate selector with the lowest validation perplexity on ``domain`` (seed 0, each at
+        its chosen lr); None until every candidate's grid there is finished."""
+        scored = []
+        for m in candidates:
+            lr = self.chosen_lr(domain, m, seed0)
+            if lr is None:
+                return None
+            scored.append((_val(self.done(Cell(domain, m, lr, seed0))), m))
+        return min(scored)[1] if scored else None
 
     # ---------------------------------------------------------------- steps
 
