@@ -69,6 +69,30 @@ def test_lr_is_chosen_on_validation_only_once_the_grid_is_finished(lf, tmp_path)
     assert [(c.lr, c.seed) for c in plan if c.seed > 0] == [(3e-3, 1), (3e-3, 2)]
 
 
+def test_new_selectors_are_screened_on_the_first_domain_and_only_the_best_goes_on(lf, tmp_path):
+    bench = _bench(lf, tmp_path)
+    methods, seeds = ["lora", "fps", "fps-neuron", "fps-a05"], [0, 1]
+
+    def runnable(plan):
+        return {(c.domain, c.method, c.seed) for c in plan if c.lr is not None}
+
+    plan = bench.plan(["kjv", "man"], methods, seeds)
+    assert ("kjv", "fps-neuron", 0) in runnable(plan) and ("man", "fps-neuron", 0) not in runnable(plan)
+    assert ("man", "fps", 0) in runnable(plan)  # plain FPS is no candidate: it runs everywhere
+    waiting = [c for c in plan if c.lr is None and c.method in ("fps-neuron", "fps-a05")]
+    assert {(c.domain, c.seed) for c in waiting} == {("man", 0), ("kjv", 1), ("man", 1)}
+    for lr, val in zip(lf.GRID, (20.0, 18.0, 19.0)):
+        _finish(lf, bench, "kjv", "fps-neuron", lr, 0, val=val, test=30.0)
+    for lr, val in zip(lf.GRID, (19.0, 18.5, None)):
+        _finish(lf, bench, "kjv", "fps-a05", lr, 0, val=val, test=25.0)  # better test, worse validation
+    assert bench.screened("kjv", ["fps-neuron", "fps-a05"], 0) == "fps-neuron"
+    plan = bench.plan(["kjv", "man"], methods, seeds)
+    assert all(c.method != "fps-a05" for c in plan if (c.domain, c.seed) != ("kjv", 0))
+    assert {("man", "fps-neuron", 0), ("kjv", "fps-neuron", 1)} <= runnable(plan)
+    assert [c.lr for c in plan if (c.domain, c.method, c.seed) == ("man", "fps-neuron", 1)] == [None]  # man's grid
+    assert [c.lr for c in plan if (c.method, c.seed) == ("fps-neuron", 1) and c.domain == "kjv"] == [lf.GRID[1]]
+
+
 def test_a_cell_made_with_other_settings_does_not_count(lf, tmp_path):
     bench = _bench(lf, tmp_path)
     _finish(lf, bench, "kjv", "lora", 1e-3, 0, val=20.0, test=30.0)
@@ -112,7 +136,7 @@ def test_every_select_row_is_a_valid_select_command(lf, chain, tmp_path):
 
     model, data = chain
     rows = {m: spec for m, spec in lf.METHODS.items() if spec.select and not spec.torch}
-    assert {"fps", "fps-a05", "fps-cap2"} <= {m for m in rows if rows[m].label_free}
+    assert {"fps", "fps-neuron", "fps-a05", "fps-cap2"} <= {m for m in rows if rows[m].label_free}
     for m, spec in rows.items():
         out = tmp_path / f"{m}.safetensors"
         result = invoke("select", model, data, "-o", out, *spec.select, "--seed", "0", "--shira-r", "1", "-q")
@@ -120,6 +144,7 @@ def test_every_select_row_is_a_valid_select_command(lf, chain, tmp_path):
         assert MaskFile.load(out).masks["w1"].sum() == 11  # r*(in+out) of w1 [5, 6]: LoRA's count
     assert MaskFile.load(tmp_path / "fps-a05.safetensors").meta["act_power"] == "0.5"
     assert MaskFile.load(tmp_path / "fps-cap2.safetensors").meta["column_cap"] == "2.0"
+    assert MaskFile.load(tmp_path / "fps-neuron.safetensors").meta["level"] == "neuron"
 
 
 def test_the_gps_row_selects_on_the_pytorch_model(lf, tmp_path):
