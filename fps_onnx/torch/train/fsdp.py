@@ -155,7 +155,8 @@ def _row_sharded_units(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-#: Bytes of a row-sharded weight a process receives at a time (:class:`RowShardedHead`).
+#: Bytes of a row-sharded weight a process receives at a time (:class:`RowShardedEmbedding`,
+#: :class:`RowShardedHead`).
 ROW_CHUNK_BYTES = 1 << 25
 
 
@@ -211,7 +212,8 @@ class RowShardedEmbedding(_RowSharded):
 
 
 def _row_chunks(local: torch.Tensor, spans, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, rows) of the whole weight, a chunk at a time, each broadcast by the process holding it."""
+    """(first row, chunk) of the whole weight, a chunk at a time, each broadcast by the process holding
+    it (the same order on every process)."""
     rank = torch.distributed.get_rank()
     for owner, (first, rows) in enumerate(spans):
         for start in range(0, rows, chunk_rows):
@@ -235,8 +237,10 @@ class _RowShardedLinear(torch.autograd.Function):
         (local,) = ctx.saved_tensors
         out, column = None, 0
         for _, chunk in _row_chunks(local, ctx.spans, ctx.chunk_rows):
+            # each chunk's product in the gradient's dtype, as one matmul of the whole head would be;
+            # their sum in fp32, so that a half gradient is rounded once, not once per chunk
             part = grad[..., column:column + len(chunk)] @ chunk.to(grad.dtype)
-            out = part if out is None else out.add_(part)
+            out = part.float() if out is None else out.add_(part)
             column += len(chunk)
         return out.to(ctx.dtype), None, None, None
 
