@@ -532,10 +532,14 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
         "norm clipped at 1, weight decay 0",
         f"- sparse budget: `--shira-r {cfg['shira_r']}`: per q/k/v/o/gate/up/down weight [out, in] the top "
         f"{cfg['shira_r']} x (in + out) entries = exactly LoRA r={cfg['shira_r']}'s trainable count "
-        f"(LoRA alpha {cfg['lora_alpha']}, no dropout, same 7 module kinds); lm_head / embeddings, norms frozen",
+        f"(LoRA alpha {cfg['lora_alpha']}, no dropout, same 7 module kinds); lm_head / embeddings, norms frozen; "
+        "rows selecting with `--level neuron` (FPS per neuron, GPS) spread that count over each weight's rows",
         f"- lr grids: {grids}. Each (domain, method) takes the lr with the lowest validation perplexity on seed "
         f"{seeds[0]}; then seed(s) {', '.join(map(str, seeds[1:])) or 'none'} at that lr. **edge**: the chosen lr is at the "
         "end of its grid, so a better one may lie outside it",
+        "- new selectors (" + "; ".join(METHODS[m].label for m in METHODS if METHODS[m].candidate) + ") are "
+        f"screened on {list(summary['domains'])[0] if summary['domains'] else 'the first domain'}: only the one with "
+        f"the lowest validation perplexity there (seed {seeds[0]}, at its chosen lr) runs on the other domains and seeds",
         "- perplexity = exp(mean next-token NLL over every predicted token of the split); "
         "Δ LoRA = the method's test perplexity minus LoRA's on the same seed, mean ± std over seeds "
         "(negative: better than LoRA)", ""]
