@@ -478,8 +478,30 @@ def write_safetensors(path: str | os.PathLike, arrays: Mapping, meta: Mapping[st
     else:
         from safetensors.numpy import save_file
 
+    def write(tmp) -> None:
+        save_file(dict(arrays), tmp, metadata=dict(meta))
+        _canonical_header(tmp)
+
     with transaction(outputs) as staged:
-        return staged.write(path, lambda tmp: save_file(dict(arrays), tmp, metadata=dict(meta)))
+        return staged.write(path, write)
+
+
+def _canonical_header(path: str | os.PathLike) -> None:
+    """Rewrite the header of the safetensors file ``path`` with its metadata in key order, in
+    place: safetensors writes the metadata in a hash map's order, which changes from one
+    process to the next, so the same arrays and metadata would not give the same bytes (a
+    published file's digest would change with every run). The tensors' entries keep their
+    order; the header keeps its length (JSON written as compactly, then the same padding)."""
+    with open(path, "r+b") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(length))
+        meta = header.pop("__metadata__", None)
+        ordered = {"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}
+        text = json.dumps({**ordered, **header}, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # not expected: the same JSON, written as compactly
+            return
+        fh.seek(8)
+        fh.write(text + b" " * (length - len(text)))
 
 
 # safetensors' dtypes that NumPy holds, as NumPy dtypes (little-endian, as the format stores them)

@@ -308,3 +308,20 @@ def test_tensors_read_one_at_a_time_are_checked_against_the_header_before_alloca
     with pytest.raises(ValueError, match="which NumPy does not hold"):
         list(_io._each_tensor(bf16, ["a"]))
     assert np.dtype(_io._NUMPY_DTYPES["BOOL"]) == np.bool_
+
+
+def test_the_same_arrays_and_metadata_give_the_same_bytes(tmp_path):
+    """safetensors writes metadata in a hash map's order: the header is rewritten in key order."""
+    from safetensors import safe_open
+
+    from fps_onnx._io import write_safetensors
+
+    meta = {f"key{i}": f"välue {i} \"quoted\"\n" for i in range(12)}
+    arrays = {"b": np.arange(6, dtype=np.int64).reshape(2, 3), "a": np.ones(5, np.float32)}
+    files = [write_safetensors(tmp_path / f"{i}.safetensors", arrays, meta) for i in range(4)]
+    assert len({f.read_bytes() for f in files}) == 1
+    header = files[0].read_bytes()
+    assert header.index(b'"key0"') < header.index(b'"key1"') < header.index(b'"key10"') < header.index(b'"key2"')
+    with safe_open(str(files[0]), framework="numpy") as fh:
+        assert fh.metadata() == meta
+        assert np.array_equal(fh.get_tensor("b"), arrays["b"]) and np.array_equal(fh.get_tensor("a"), arrays["a"])

@@ -34,6 +34,16 @@ def test_select_writes_masks_and_json_summary(chain, tmp_path):
     assert masks.tensors["w1"]["onnx_layout"] == "in_out"
 
 
+def test_two_runs_write_the_same_bytes(chain, tmp_path):
+    """What CI publishes has one digest per input: masks and stats are byte for byte the same."""
+    model, data = chain
+    for run in ("a", "b"):
+        assert invoke("select", model, data, "-o", tmp_path / f"{run}.safetensors",
+                      "--stats-out", tmp_path / f"{run}-stats.safetensors", "-q").exit_code == 0
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert (tmp_path / "a-stats.safetensors").read_bytes() == (tmp_path / "b-stats.safetensors").read_bytes()
+
+
 def test_stats_out_then_from_stats_reselects_without_data(chain, tmp_path):
     model, data = chain
     stats, first, second = tmp_path / "s.safetensors", tmp_path / "a.safetensors", tmp_path / "b.safetensors"
