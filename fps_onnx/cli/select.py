@@ -99,6 +99,16 @@ def select(model, data, output, method, task, seed, norm, level, per_neuron, fra
         if unused:
             raise click.UsageError(f"{', '.join(unused)} do not apply to --task causal-lm (MODEL is hf:DIR, "
                                    "its own tokenizer reads DATA)")
+    if method == "gps":  # PyTorch computes the gradients: ONNX Runtime's and the ONNX data's options are not read
+        unused = [flag for flag, value in (
+            ("--provider", provider), ("--token-mask", token_mask), ("--mean", mean), ("--std", std),
+            ("--torch-model", torch_model), ("--tokenizer", tokenizer), ("--text-field", text_field),
+            ("--max-length", max_length if task != "causal-lm" else None)) if value]
+        if unused:
+            raise click.UsageError(f"{', '.join(unused)} do not apply to --method gps (MODEL is the PyTorch "
+                                   "model the gradients are taken on; DATA " + (
+                                       "token data for its own tokenizer)" if task == "causal-lm"
+                                       else "a labelled split of images or .npz)"))
     config = SelectConfig(**given(method=method, seed=seed, norm=norm, level=level,
                                    per_neuron=per_neuron, fraction=fraction, shira_r=shira_r,
                                    act_power=act_power, column_cap=column_cap))

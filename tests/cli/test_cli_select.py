@@ -265,3 +265,18 @@ def test_gps_without_data_names_the_data_to_give(tmp_path, extra, message):
     result = invoke("select", "--method", "gps", "hf:somewhere", "-o", tmp_path / "m.safetensors", *extra)
     line = assert_one_error(result, re.escape(message), status=2, absent=[tmp_path / "m.safetensors"])
     assert "--from-stats" not in line or extra[:1] == ["--from-stats"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--torch-model", "timm:resnet18"], "--torch-model do not apply to --method gps (MODEL is the PyTorch model"),
+    (["--provider", "cpu", "--mean", "0.5,0.5,0.5"], "--provider, --mean do not apply to --method gps"),
+    (["--token-mask", "attention_mask", "--max-length", "64"], "--token-mask, --max-length do not apply to --method gps"),
+    (["--task", "causal-lm", "--provider", "cpu"], "--provider do not apply to --method gps (MODEL is the PyTorch "
+                                                   "model the gradients are taken on; DATA token data"),
+])
+def test_gps_refuses_the_options_it_would_not_read(tmp_path, extra, message):
+    """Options of the ONNX path are refused with one line, not silently ignored."""
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((2, 3), np.float32), labels=np.zeros(2, np.int64))
+    result = invoke("select", "--method", "gps", "hf:somewhere", data, "-o", tmp_path / "m.safetensors", *extra)
+    assert_one_error(result, re.escape(message), status=2, absent=[tmp_path / "m.safetensors"])
