@@ -69,12 +69,15 @@ TARGETS = {  # ratio: (bound, "<=" or ">=")
     "select/plain peak RSS": (0.90, "<="),
     "gps/select peak RSS": (2.5, ">="),
 }
-#: --selectors: FPS's scoring options measured against plain FPS ("select"); each must
-#: stay within 1.2x of its time and peak RSS.
-SELECTORS = {"fps-a05": ["--act-power", "0.5"], "fps-cap2": ["--column-cap", "2"]}
-for _name in SELECTORS:
-    TARGETS[f"{_name}/select time"] = (1.2, "<=")
-    TARGETS[f"{_name}/select peak RSS"] = (1.2, "<=")
+#: --selectors: FPS's selection options, each measured against FPS at the same budget (its
+#: reference: plain "select", or "fps-r8", FPS with LoRA r=8's count per tensor as in
+#: llm_finetune.py); each must stay within 1.2x of its reference's time and peak RSS.
+SELECTORS = {"fps-a05": ["--act-power", "0.5"], "fps-cap2": ["--column-cap", "2"],
+             "fps-r8": ["--shira-r", "8"], "fps-neuron": ["--shira-r", "8", "--level", "neuron"]}
+REFERENCE = {"fps-a05": "select", "fps-cap2": "select", "fps-neuron": "fps-r8"}
+for _name, _reference in REFERENCE.items():
+    TARGETS[f"{_name}/{_reference} time"] = (1.2, "<=")
+    TARGETS[f"{_name}/{_reference} peak RSS"] = (1.2, "<=")
 
 
 # --------------------------------------------------------------------------- children
@@ -327,7 +330,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="rounds (each runs every variant once)")
     parser.add_argument("--skip-gps", action="store_true")
     parser.add_argument("--selectors", action="store_true",
-                        help=f"also run select with each of {', '.join(SELECTORS)} (ratios to plain select)")
+                        help=f"also run select with each of {', '.join(SELECTORS)} (ratios to FPS at the same budget)")
     parser.add_argument("--profile", action="store_true",
                         help="after the rounds, run plain and select once more under cProfile and report their stages")
     parser.add_argument("--note", default="", help="free text added to the results (e.g. machine load)")
@@ -380,10 +383,10 @@ def main() -> None:
         config[a] * config["hidden_size"] * 2 for a in ("vocab_size",)
     ) + config["num_hidden_layers"] * _layer_params(config) + config["hidden_size"]
     found = ratios(median, runs)
-    for name in SELECTORS:
-        if name in median:
-            found[f"{name}/select time"] = _paired(runs, name, "select", "wall_s")
-            found[f"{name}/select peak RSS"] = _paired(runs, name, "select", "peak_rss_gib")
+    for name, reference in REFERENCE.items():
+        if name in median and reference in median:
+            found[f"{name}/{reference} time"] = _paired(runs, name, reference, "wall_s")
+            found[f"{name}/{reference} peak RSS"] = _paired(runs, name, reference, "peak_rss_gib")
     report = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
