@@ -211,6 +211,14 @@ def stdout_json(result: dict):
     return json.loads(result["stdout"][result["stdout"].index("{"):])
 
 
+def write_report(out: Path, stem: str, text: str, report: dict) -> None:
+    """Print a benchmark's markdown ``text`` and write it and its ``report`` as OUT/STEM.md and .json."""
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
 def write_cell(path: Path, cell: dict) -> None:
     """Write ``cell`` as JSON to ``path`` through a temporary file beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)

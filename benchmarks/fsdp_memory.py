@@ -208,6 +208,12 @@ def part_dtype() -> dict:
     return {"runs": rows, "ratios": ratios}
 
 
+def _ratio_lines(ratios: dict, digits: int, target) -> list[str]:
+    """The table of ``ratios`` (name -> value), each with ``target(name)``, and a blank line."""
+    return ["", "| ratio | value | target |", "|---|---:|---|",
+            *(f"| {name} | {value:.{digits}f} | {target(name)} |" for name, value in ratios.items()), ""]
+
+
 def _report(report: dict, out: Path) -> None:
     lines = [f"# Sparse fine-tuning memory: FSDP vs DDP, bf16 vs fp32 base ({report['date']})", "",
              f"`{report['command']}` on {report['machine']}, torch {report['torch']}.", ""]
@@ -221,11 +227,8 @@ def _report(report: dict, out: Path) -> None:
             ranks = ", ".join(f"{g:.2f}" for g in row["rank_peak_gib"])
             lines.append(f"| {name} | {ranks} | {row['step_s']:.1f} | {row['process_peak_rss_gib']:.2f} | "
                          f"{row['wall_s']:.0f} |")
-        lines += ["", "| ratio | value | target |", "|---|---:|---|"]
-        for name, value in part["ratios"].items():
-            target = f"<= {TARGETS['fsdp/ddp per-rank peak RSS']}" if name.startswith("fsdp/ddp per-rank") else ""
-            lines.append(f"| {name} | {value:.2f} | {target} |")
-        lines.append("")
+        lines += _ratio_lines(part["ratios"], 2, lambda name: f"<= {TARGETS['fsdp/ddp per-rank peak RSS']}"
+                              if name.startswith("fsdp/ddp per-rank") else "")
     if "base_dtype" in report:
         part = report["base_dtype"]
         lines += [f"## bf16 vs fp32 frozen base: SmolLM2-135M, kjv, one process, {STEPS_135M} steps of "
@@ -235,12 +238,9 @@ def _report(report: dict, out: Path) -> None:
         for name, row in part["runs"].items():
             lines.append(f"| {name} | {row['process_peak_rss_gib']:.2f} | {row['peak_after_training_gib']:.2f} | "
                          f"{row['step_s']:.1f} | {row['test_perplexity']:.3f} |")
-        lines += ["", "| ratio | value | target |", "|---|---:|---|"]
-        for name, value in part["ratios"].items():
-            target = (f"<= {TARGETS['bf16/fp32 peak RSS']:.2f}" if name.startswith("bf16/fp32 peak RSS") and "after" not in name
-                      else f"within +-{TARGETS['bf16/fp32 test perplexity - 1']}" if "perplexity" in name else "")
-            lines.append(f"| {name} | {value:.3f} | {target} |")
-        lines.append("")
+        lines += _ratio_lines(part["ratios"], 3, lambda name: (
+            f"<= {TARGETS['bf16/fp32 peak RSS']:.2f}" if name.startswith("bf16/fp32 peak RSS") and "after" not in name
+            else f"within +-{TARGETS['bf16/fp32 test perplexity - 1']}" if "perplexity" in name else ""))
     lines += ["Commands of each run: fsdp_memory.json (`runs.*.command`)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))

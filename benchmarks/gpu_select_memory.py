@@ -44,7 +44,7 @@ import threading
 import time
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import child_command, output_tail, run_measured  # noqa: E402
+from _measure import child_command, output_tail, run_measured, write_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
@@ -494,13 +494,8 @@ def main() -> None:
         "images": args.images, "batch_size": args.batch_size, "info": info,
         "memory_measure": memory_measure, "rows": rows, "ratios": ratios, "notes": notes,
     }
-    text = _markdown(report)
-    print(text)
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else HERE / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_select_memory_dry_run" if tiny else "gpu_select_memory"
-    (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out, "gpu_select_memory_dry_run" if tiny else "gpu_select_memory", _markdown(report), report)
 
 
 def _dispatch(role: str, rest: list[str]) -> None:

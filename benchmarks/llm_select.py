@@ -51,6 +51,7 @@ from _measure import (  # noqa: E402
     ratios,
     round_tables,
     run_measured,
+    write_report,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -411,11 +412,7 @@ def main() -> None:
                     if k in found},
         "note": args.note,
     }
-    text = _markdown(report)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "llm_select.md").write_text(text)
-    (args.out / "llm_select.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, "llm_select", _markdown(report), report)
 
 
 def _layer_params(c: dict) -> int:

@@ -38,7 +38,7 @@ import statistics
 import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import GIB, check, child_command, machine, run_measured, stdout_json  # noqa: E402
+from _measure import GIB, check, child_command, machine, run_measured, stdout_json, write_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work" / "masks"
@@ -265,11 +265,7 @@ def main() -> None:
         path.unlink()
     for path in files.values():
         path.unlink(missing_ok=True)
-    text = _markdown(report)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mask_format.md").write_text(text)
-    (args.out / "mask_format.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, "mask_format", _markdown(report), report)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from _measure import (  # noqa: E402
     ratios,
     round_tables,
     run_measured,
+    write_report,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -203,11 +204,7 @@ def main() -> None:
         "ratios": ratios(median, runs),
         "note": args.note,
     }
-    text = _markdown(report)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "select_overhead.md").write_text(text)
-    (args.out / "select_overhead.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, "select_overhead", _markdown(report), report)
 
 
 if __name__ == "__main__":

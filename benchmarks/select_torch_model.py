@@ -36,6 +36,7 @@ from _measure import (  # noqa: E402
     machine,
     measure_rounds,
     run_measured,
+    write_report,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -107,13 +108,9 @@ def main() -> None:
         lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['peak_rss_gib']:.2f} | "
                      f"{m['peak_rss_gib'] / base['peak_rss_gib']:.2f} |")
     lines += ["", "Commands:", ""] + [f"- {name}: `{' '.join(cmd)}`" for name, cmd in variants.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "select_torch_model.md").write_text(text)
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
               "variants": {k: " ".join(v) for k, v in variants.items()}, "runs": runs, "median": median}
-    (args.out / "select_torch_model.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, "select_torch_model", "\n".join(lines) + "\n", report)
 
 
 if __name__ == "__main__":
