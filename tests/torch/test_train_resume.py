@@ -88,8 +88,7 @@ def case(tmp_path):
 
 
 def _same(a: Path, b: Path) -> None:
-    """Two safetensors files hold the same metadata and tensors, bit for bit (their bytes may
-    still differ: safetensors writes the metadata in hash-map order)."""
+    """Two safetensors files hold the same metadata and tensors, bit for bit."""
     from safetensors import safe_open
 
     with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
@@ -317,6 +316,12 @@ def _torchrun() -> list[str]:
             "--master_port", str(_free_port())]
 
 
+def _fps_torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """``fps-onnx ARGS`` under torchrun with 2 processes."""
+    script = shutil.which("fps-onnx", path=str(Path(sys.executable).parent))
+    return subprocess.run([*_torchrun(), script, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
 def _causal_lm_run(tmp_path: Path, names: tuple[str, ...], copies: int, *options: str):
     """(train arguments, environment, the model as loaded) of a causal-LM run of the tiny seeded Llama with seeded
     10% masks on ``names`` and ``copies`` x 4 lines of text, 2 epochs of batches of 2."""
@@ -352,10 +357,8 @@ def test_two_processes_killed_after_step_7_of_12_resume_to_the_same_delta(tmp_pa
             "--train", str(tmp_path / "train.npz"), "--epochs", "2", "--batch-size", "16", "--lr", "0.05",
             "-q"]  # 192 samples, 2 processes, 16 a batch: 6 steps an epoch
 
-    script = shutil.which("fps-onnx", path=str(Path(sys.executable).parent))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole = subprocess.run([*_torchrun(), script, *args, "-o", str(tmp_path / "whole")], capture_output=True,
-                           text=True, timeout=300, env=env)
+    whole = _fps_torchrun([*args, "-o", str(tmp_path / "whole")], env)
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     killed = _killed([*args, "-o", str(tmp_path / "out"), "--save-every", "7"], tmp_path, 7, _torchrun(), env)
@@ -367,9 +370,7 @@ def test_two_processes_killed_after_step_7_of_12_resume_to_the_same_delta(tmp_pa
     # one process cannot take it up
     assert_one_error(invoke(*args, "-o", tmp_path / "out", "--resume", tmp_path / "out.checkpoints"),
                      re.escape("written by a run of 2 processes, this one has 1"))
-    resumed = subprocess.run([*_torchrun(), script, *args, "-o", str(tmp_path / "out"), "--resume",
-                              str(tmp_path / "out.checkpoints")], capture_output=True, text=True, timeout=300,
-                             env=env)
+    resumed = _fps_torchrun([*args, "-o", str(tmp_path / "out"), "--resume", str(tmp_path / "out.checkpoints")], env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _same(tmp_path / "out" / "delta.safetensors", tmp_path / "whole" / "delta.safetensors")
 
@@ -416,17 +417,13 @@ def test_two_processes_of_a_causal_lm_killed_after_step_4_of_6_resume_to_the_sam
     # 12 lines: 6 a process, 3 batches of 2
     args, env, _ = _causal_lm_run(tmp_path, ("model.layers.1.mlp.down_proj.weight",), 3)
 
-    script = shutil.which("fps-onnx", path=str(Path(sys.executable).parent))
-    whole = subprocess.run([*_torchrun(), script, *args, "-o", str(tmp_path / "whole")], capture_output=True,
-                           text=True, timeout=300, env=env)
+    whole = _fps_torchrun([*args, "-o", str(tmp_path / "whole")], env)
     assert whole.returncode == 0, whole.stderr[-2000:]
     killed = _killed([*args, "-o", str(tmp_path / "out"), "--save-every", "2"], tmp_path, 4, _torchrun(), env)
     assert killed.returncode != 0 and not (tmp_path / "out").exists()
     record = json.loads((tmp_path / "out.checkpoints" / "last" / "record.json").read_text())
     assert (record["position"]["epoch"], record["position"]["batch"], record["position"]["step"]) == (2, 1, 4)
-    resumed = subprocess.run([*_torchrun(), script, *args, "-o", str(tmp_path / "out"), "--resume",
-                              str(tmp_path / "out.checkpoints")], capture_output=True, text=True, timeout=300,
-                             env=env)
+    resumed = _fps_torchrun([*args, "-o", str(tmp_path / "out"), "--resume", str(tmp_path / "out.checkpoints")], env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _same(tmp_path / "out" / "delta.safetensors", tmp_path / "whole" / "delta.safetensors")
 
@@ -442,9 +439,7 @@ def test_two_sharded_processes_killed_after_step_7_of_12_resume_to_the_same_delt
     # 24 lines: 12 a process, 6 batches of 2
     args, env, model = _causal_lm_run(tmp_path, names, 6, "--fsdp")
 
-    script = shutil.which("fps-onnx", path=str(Path(sys.executable).parent))
-    whole = subprocess.run([*_torchrun(), script, *args, "-o", str(tmp_path / "whole")], capture_output=True,
-                           text=True, timeout=300, env=env)
+    whole = _fps_torchrun([*args, "-o", str(tmp_path / "whole")], env)
     assert whole.returncode == 0, whole.stderr[-2000:]
     killed = _killed([*args, "-o", str(tmp_path / "out"), "--save-every", "7"], tmp_path, 7, _torchrun(), env)
     assert killed.returncode != 0 and not (tmp_path / "out").exists()
@@ -460,13 +455,11 @@ def test_two_sharded_processes_killed_after_step_7_of_12_resume_to_the_same_delt
     assert len(values) == len(names) and stored - values <= set(dict(model.named_buffers())), sorted(stored)
 
     plain = [a for a in args if a != "--fsdp"]
-    refused = subprocess.run([*_torchrun(), script, *plain, "-o", str(tmp_path / "out"), "--resume", str(saved)],
-                             capture_output=True, text=True, timeout=300, env=env)
+    refused = _fps_torchrun([*plain, "-o", str(tmp_path / "out"), "--resume", str(saved)], env)
     assert refused.returncode != 0 and "Error: " in refused.stderr and "--fsdp True there, False here" in (
         refused.stderr), refused.stderr[-2000:]
     assert not (tmp_path / "out").exists()
-    resumed = subprocess.run([*_torchrun(), script, *args, "-o", str(tmp_path / "out"), "--resume", str(saved)],
-                             capture_output=True, text=True, timeout=300, env=env)
+    resumed = _fps_torchrun([*args, "-o", str(tmp_path / "out"), "--resume", str(saved)], env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _same(tmp_path / "out" / "delta.safetensors", tmp_path / "whole" / "delta.safetensors")
     whole_metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
