@@ -23,7 +23,9 @@ last link or blocking (:func:`fps_onnx.onnx.external.open_inside`).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 import fnmatch
+import math
 import os
 from pathlib import Path
 import shutil
@@ -33,7 +35,7 @@ from ..errors import ModelError
 from ..onnx.external import model_roots, open_inside
 
 __all__ = ["CODE_CONFIGS", "CONFIG_FILE", "LOAD_KWARGS", "check_folder", "copy_side_file", "load_config",
-    "load_model", "load_tokenizer", "meta_model", "model_from_config", "side_files", "weight_headers", "weight_shapes"]
+    "load_model", "load_tokenizer", "meta_model", "model_from_config", "side_files", "StoredTensor", "weight_files", "weight_headers", "weight_shapes"]
 
 CONFIG_FILE = "config.json"
 #: Configs transformers reads an ``auto_map`` (code in the folder) from.
@@ -168,11 +170,29 @@ MAX_SHARDS = 4096
 def weight_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
     """Tensor name -> shape of the folder's safetensors weights (:func:`weight_headers`)."""
     headers = weight_headers(folder)
-    return None if headers is None else {k: shape for k, (_, shape) in headers.items()}
+    return None if headers is None else {k: stored.shape for k, stored in headers.items()}
 
 
-def weight_headers(folder: str | os.PathLike) -> dict[str, tuple[Path, tuple[int, ...]]] | None:
-    """Tensor name -> (its file, its shape) of the folder's safetensors weights, from the
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a safetensors header puts one tensor: its file, dtype (``"F32"``, ``"BF16"``, ...),
+    shape, and the bytes ``[start, stop)`` of the file that hold it (checked to lie in the
+    data and to be as many as the shape and a known dtype make)."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+
+#: Bytes per element of the safetensors dtypes (others are stored without a size check).
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def weight_headers(folder: str | os.PathLike) -> dict[str, StoredTensor] | None:
+    """Tensor name -> :class:`StoredTensor` of the folder's safetensors weights, from the
     files' headers alone (nothing else of them read; neither torch nor transformers
     imported): ``model.safetensors``, or the shards ``model.safetensors.index.json`` names.
     None when the folder has neither.
@@ -181,12 +201,31 @@ def weight_headers(folder: str | os.PathLike) -> dict[str, tuple[Path, tuple[int
     module docstring); ModelError for an index that is not a ``weight_map`` of plain
     ``.safetensors`` file names, a header longer than the file or than
     :data:`~fps_onnx._limits.MAX_JSON_CHARS`, one that is not JSON of tensors with a
-    ``dtype`` and whole-number dims, or a tensor named in two shards."""
+    ``dtype``, whole-number dims and data offsets inside the file (as many bytes as the
+    shape and dtype make), or a tensor named in two shards."""
     folder = Path(folder)
     roots = _roots(folder)
+    files = weight_files(folder)
+    if files is None:
+        return None
+    headers: dict[str, StoredTensor] = {}
+    for path in files:
+        for key, stored in _header_entries(path, roots).items():
+            if key in headers:
+                raise ModelError(f"hf:{folder}: tensor {key!r} is in two weight files")
+            headers[key] = stored
+    return headers
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path] | None:
+    """The folder's safetensors weight files: ``model.safetensors``, or the shards
+    ``model.safetensors.index.json`` names (sorted); None when it has neither. ModelError
+    for an index that is not a ``weight_map`` of at most :data:`MAX_SHARDS` plain
+    ``.safetensors`` file names."""
+    folder = Path(folder)
     index = folder / WEIGHTS_INDEX
     if os.path.lexists(index):
-        with open_inside(index, roots, "the weights index of the model") as fh:
+        with open_inside(index, _roots(folder), "the weights index of the model") as fh:
             data = fh.read(MAX_JSON_CHARS + 1)
         value = read_json(data, str(index), ModelError)
         weight_map = value.get("weight_map") if isinstance(value, dict) else None
@@ -198,21 +237,14 @@ def weight_headers(folder: str | os.PathLike) -> dict[str, tuple[Path, tuple[int
                 and "\0" not in f for f in files):
             raise ModelError(f"{index}: its weight_map must name at most {MAX_SHARDS} .safetensors files "
                              "of the folder by their plain names")
-    elif os.path.lexists(folder / WEIGHTS_FILE):
-        files = [WEIGHTS_FILE]
-    else:
-        return None
-    headers: dict[str, tuple[Path, tuple[int, ...]]] = {}
-    for name in files:
-        for key, shape in _header_shapes(folder / name, roots).items():
-            if key in headers:
-                raise ModelError(f"hf:{folder}: tensor {key!r} is in two weight files")
-            headers[key] = (folder / name, shape)
-    return headers
+        return [folder / f for f in files]
+    if os.path.lexists(folder / WEIGHTS_FILE):
+        return [folder / WEIGHTS_FILE]
+    return None
 
 
-def _header_shapes(path: Path, roots: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, as the header of the safetensors file ``path`` gives them."""
+def _header_entries(path: Path, roots: tuple[str, ...]) -> dict[str, StoredTensor]:
+    """Tensor name -> :class:`StoredTensor`, as the header of the safetensors file ``path`` gives them."""
     with open_inside(path, roots, "a weight file of the model") as fh:
         size = os.fstat(fh.fileno()).st_size
         length = int.from_bytes(fh.read(8), "little")
@@ -222,16 +254,26 @@ def _header_shapes(path: Path, roots: tuple[str, ...]) -> dict[str, tuple[int, .
         header = read_json(fh.read(length), f"the header of {path}", ModelError)
     if not isinstance(header, dict):
         raise ModelError(f"the header of {path} is not a JSON object")
-    shapes = {}
+    entries = {}
+    data = 8 + length
     for key, entry in header.items():
         if key == "__metadata__":
             continue
         dims = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not isinstance(dims, list) or not isinstance(entry.get("dtype"), str):
             raise ModelError(f"the header of {path}: tensor {key!r} has no dtype and shape")
-        shapes[key] = tuple(whole_number(d, f"the header of {path}: a dim of {key!r}", ModelError)
-                            for d in dims)
-    return shapes
+        shape = tuple(whole_number(d, f"the header of {path}: a dim of {key!r}", ModelError) for d in dims)
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise ModelError(f"the header of {path}: tensor {key!r} has no data_offsets [start, end]")
+        start, stop = (whole_number(o, f"the header of {path}: an offset of {key!r}", ModelError)
+                       for o in offsets)
+        item = DTYPE_BYTES.get(entry["dtype"])
+        if not start <= stop <= size - data or (item is not None and stop - start != math.prod(shape) * item):
+            raise ModelError(f"the header of {path}: tensor {key!r} {entry['dtype']} {list(shape)} does not "
+                             f"fit its data_offsets {offsets} (the data holds {size - data:,} bytes)")
+        entries[key] = StoredTensor(path, entry["dtype"], shape, data + start, data + stop)
+    return entries
 
 
 def _offline() -> None:

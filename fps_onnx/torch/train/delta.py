@@ -11,7 +11,8 @@ against the format and a plain model before adding it.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 import json
 import os
 
@@ -19,21 +20,67 @@ from ..._io import read_safetensors, write_safetensors
 from ..._limits import read_json, shown
 from ...errors import MaskError
 from ._torch import nn, torch
-from .sparse import merged_state_dict, unique_deltas
+from .sparse import merged_state_dict, tied_names, unique_deltas
 
-__all__ = ["DELTA_FORMAT", "DELTA_FORMAT_VERSION", "apply_delta", "delta_metadata", "save_delta"]
+__all__ = ["DELTA_FORMAT", "DELTA_FORMAT_VERSION", "Trained", "apply_delta", "delta_metadata", "read_delta", "save_delta",
+    "trained", "write_delta"]
 
 DELTA_FORMAT = "fps-delta"
 DELTA_FORMAT_VERSION = "1"
 
 
-def _delta_tensors(model: nn.Module, dense: Collection[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, delta in unique_deltas(model).items():
-        yield f"{name}:indices", delta.indices
-        yield f"{name}:values", delta.values.detach()
-    state = merged_state_dict(model)
+@dataclass
+class Trained:
+    """What a run trained, apart from the model: enough to write the delta file and the merged
+    weights after the model is gone (:func:`trained`).
+
+    ``sparse``: plain weight name -> (int64 flat indices, values), tied weights once under
+    their first name; ``shapes``: each sparse weight's shape; ``dense``: each fully trained
+    tensor's value by its state name; ``tied``: each name of a tied tensor -> all its names.
+    Tensors on the CPU.
+    """
+
+    sparse: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    shapes: dict[str, tuple[int, ...]]
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    tied: dict[str, list[str]] = field(default_factory=dict)
+
+
+def trained(model: nn.Module, dense: Collection[str] = ()) -> Trained:
+    """The deltas and the ``dense`` tensors of ``model`` (plain or sharded: a sharded trainable
+    tensor is gathered, a collective every process calls; FSDP keeps them replicated)."""
+    def whole(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        return tensor.detach().cpu().contiguous()  # no copy of a CPU tensor
+
+    deltas = unique_deltas(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    shapes = {}
+    for name in deltas:
+        module_name, _, tensor_name = name.rpartition(".")
+        shapes[name] = tuple(model.get_submodule(module_name).parametrizations[tensor_name].original.shape)
+    values = {name: (whole(d.indices), whole(d.values)) for name, d in deltas.items()}
+    state = {}
     for name in dense:
-        yield name, state[name]
+        state[name] = whole(params[name]) if name in params else whole(merged_state_dict(model)[name])
+    return Trained(values, shapes, state, tied_names(model))
+
+
+def write_delta(trained_: Trained, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None) -> None:
+    """Write the delta file of ``trained_`` atomically (see :func:`save_delta`)."""
+    tensors = {}
+    for name, (indices, values) in trained_.sparse.items():
+        tensors[f"{name}:indices"] = indices.to(torch.int64).contiguous()
+        tensors[f"{name}:values"] = values.contiguous()
+    tensors.update((name, value.contiguous()) for name, value in trained_.dense.items())
+    meta = {
+        **dict(metadata or {}),
+        "format": DELTA_FORMAT,
+        "format_version": DELTA_FORMAT_VERSION,
+        "shapes": json.dumps({n: list(s) for n, s in trained_.shapes.items()}, sort_keys=True),
+        "dense": json.dumps(sorted(trained_.dense)),
+    }
+    write_safetensors(path, tensors, meta, framework="pt")
 
 
 def save_delta(model: nn.Module, path: str | os.PathLike, *, dense: Collection[str] = (),
@@ -48,30 +95,40 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, dense: Collection[s
     fine-tuned one (:func:`apply_delta`). ``metadata``: more string entries
     (e.g. ``base_sha256``, the base model's hash); the format's own keys win.
     """
-    tensors = {k: v.detach().cpu().contiguous() for k, v in _delta_tensors(model, dense)}
-    state = merged_state_dict(model)
-    shapes = {name: list(state[name].shape) for name in unique_deltas(model)}
-    meta = {
-        **dict(metadata or {}),
-        "format": DELTA_FORMAT,
-        "format_version": DELTA_FORMAT_VERSION,
-        "shapes": json.dumps(shapes, sort_keys=True),
-        "dense": json.dumps(sorted(dense)),
-    }
-    write_safetensors(path, tensors, meta, framework="pt")
+    write_delta(trained(model, dense), path, metadata=metadata)
 
 
 def apply_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Add the deltas of a delta file to ``model``'s plain weights in place; returns ``model``.
 
-    The whole file is checked against the format and the model first (format
-    and version, ``shapes`` and ``dense`` metadata, int64 indices in range and
-    without repeats, real float values of the same length, every named tensor
-    present and nothing else; the values, and each weight plus its delta, must
-    be finite in the weight's dtype, and a dense tensor must be a real float
-    tensor finite in its target's float dtype, or else of the target's own
-    dtype); a file that fails any check raises
-    :class:`MaskError` and leaves ``model`` unchanged.
+    The whole file is checked against the format and the model first
+    (:func:`read_delta`), then each weight plus its delta must be finite in the
+    weight's dtype; a file that fails any check raises :class:`MaskError` and
+    leaves ``model`` unchanged.
+    """
+    found = read_delta(path, model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    state = model.state_dict()
+    merged = {name: _added(name, params[name], indices, values, path)
+              for name, (indices, values) in found.sparse.items()}
+    with torch.no_grad():
+        for name, (indices, values) in merged.items():
+            params[name].put_(indices, values)
+        for name, value in found.dense.items():
+            state[name].copy_(value)
+    return model
+
+
+def read_delta(path: str | os.PathLike, model: nn.Module) -> Trained:
+    """The delta file ``path``, checked whole against the format and ``model``'s parameter
+    names, shapes and dtypes (its values are not read: a model on the meta device serves).
+
+    Checked: format and version, ``shapes`` and ``dense`` metadata, int64 indices
+    in range and without repeats, real float values of the same length and finite
+    in the weight's float dtype, every named tensor present and nothing else, no
+    two deltas on one tied weight; a dense tensor must be a real float tensor
+    finite in its target's float dtype, or else of the target's own dtype.
+    MaskError names the first failure. ``tied`` is the model's.
     """
     tensors, meta = _read_delta(path)
     shapes = _json_meta(meta, "shapes", path)
@@ -94,29 +151,24 @@ def apply_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise MaskError(f"{path}: unexpected tensor {unknown[0]!r}")
 
     params = dict(model.named_parameters(remove_duplicate=False))
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)
     targets = [id(params[n]) for n in shapes if n in params]
     if len(set(targets)) < len(targets):
         raise MaskError(f"{path}: two deltas name one tied weight of the model")
-    merged = {}
+    found = Trained({}, {}, {}, tied_names(model))
     for name, shape in shapes.items():
         if name not in params or list(params[name].shape) != shape:
             have = f"is {list(params[name].shape)}" if name in params else "does not exist"
             raise MaskError(f"{path}: delta for {name} {shown(shape)} does not fit the model (its {name} {have})")
         indices, values = tensors[f"{name}:indices"], tensors[f"{name}:values"]
-        _check_sparse(name, indices, values, params[name].numel(), path)
-        merged[name] = _added(name, params[name], indices, values, path)
+        _check_sparse(name, indices, values, params[name], path)
+        found.sparse[name], found.shapes[name] = (indices, values), tuple(shape)
     for name in dense:
         if name not in state or state[name].shape != tensors[name].shape:
             raise MaskError(f"{path}: tensor {name} {list(tensors[name].shape)} does not fit the model")
         _check_dense(name, state[name], tensors[name], path)
-
-    with torch.no_grad():
-        for name, (indices, values) in merged.items():
-            params[name].put_(indices, values)
-        for name in dense:
-            state[name].copy_(tensors[name])
-    return model
+        found.dense[name] = tensors[name]
+    return found
 
 
 def delta_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -136,8 +188,11 @@ def _json_meta(meta: Mapping[str, str], key: str, path) -> object:
     return read_json(meta[key], f"{path}: metadata {key!r}", MaskError)
 
 
-def _check_sparse(name: str, indices: torch.Tensor, values: torch.Tensor, numel: int, path) -> None:
+def _check_sparse(name: str, indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, path) -> None:
     where = f"{path}: {name}"
+    numel = weight.numel()
+    if not weight.is_floating_point():
+        raise MaskError(f"{where}:values: the model's {name} is {weight.dtype}, not a float weight")
     if indices.dtype != torch.int64 or indices.ndim != 1:
         raise MaskError(f"{where}:indices must be a 1-D int64 tensor, not {indices.dtype} {list(indices.shape)}")
     if not values.is_floating_point() or values.ndim != 1 or values.numel() != indices.numel():
@@ -149,25 +204,22 @@ def _check_sparse(name: str, indices: torch.Tensor, values: torch.Tensor, numel:
         raise MaskError(f"{where}:indices repeat an entry")
     if not bool(torch.isfinite(values).all()):
         raise MaskError(f"{where}:values holds NaN or Inf")
+    if not bool(torch.isfinite(values.to(weight.dtype)).all()):
+        raise MaskError(f"{where}:values do not fit the model's {weight.dtype} weight (they overflow it to Inf)")
 
 
 def _added(name: str, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, path
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, weight + values at them in the weight's dtype), the sums taken in
-    the wider of the two dtypes; MaskError unless the values and every sum are
-    finite in the weight's dtype (1e300 in a float32 weight is Inf there)."""
-    where = f"{path}: {name}:values"
-    if not weight.is_floating_point():
-        raise MaskError(f"{where}: the model's {name} is {weight.dtype}, not a float weight")
+    the wider of the two dtypes; MaskError unless every sum is finite in the
+    weight's dtype (checked values: :func:`_check_sparse`)."""
     with torch.no_grad():
         indices = indices.to(weight.device)
         values = values.to(weight.device)
-        if not bool(torch.isfinite(values.to(weight.dtype)).all()):
-            raise MaskError(f"{where} do not fit the model's {weight.dtype} weight (they overflow it to Inf)")
         wide = torch.promote_types(weight.dtype, values.dtype)
         summed = (weight.detach().take(indices).to(wide) + values.to(wide)).to(weight.dtype)
     if not bool(torch.isfinite(summed).all()):
-        raise MaskError(f"{where}: weight + delta overflows the model's {weight.dtype} weight to Inf")
+        raise MaskError(f"{path}: {name}:values: weight + delta overflows the model's {weight.dtype} weight to Inf")
     return indices, summed
 
 

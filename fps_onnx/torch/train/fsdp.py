@@ -387,7 +387,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     if headers is None:
         raise ExportError(f"--fsdp reads the weights from safetensors files: {folder} holds neither "
                           f"{hf.WEIGHTS_FILE} nor {hf.WEIGHTS_INDEX}")
-    return {name: path for name, (path, _) in headers.items()}
+    return {name: stored.file for name, stored in headers.items()}
 
 
 def _load_shards(model: nn.Module, folder: Path) -> None:

@@ -26,7 +26,7 @@ from ..._io import atomic_folder, atomic_write, check_folder, write_safetensors
 from ...errors import MaskError, OutputError
 from ...selection.maskfile import MaskFile
 from ..models import build_for_data, rekey_masks
-from . import causal, fsdp, hf_folder, lm_data, loop, precision, sparse
+from . import causal, delta, fsdp, hf_folder, lm_data, loop, precision, sparse
 from ._torch import nn, torch
 from .checkpoint import Checkpointing, Checkpoints, ResumableSampler, identity, model_digest
 from .data import ImageSpec, LabelledSet, open_split
@@ -436,33 +436,34 @@ def run_train_causal(
         "recipe": asdict(recipe),
         **_rank_peaks(device, world),
     }
-    if recipe.fsdp or dtype != torch.float32:
-        state, masks = fsdp.gather_trainable(model), fsdp.delta_indices(model)
-        if recipe.fsdp:
-            fsdp.release(model)
+    done = delta.trained(model, trainable.dense)
+    plain = not (recipe.fsdp or dtype != torch.float32)  # the model as trained is the base plus deltas
+    if recipe.fsdp:
+        fsdp.release(model)  # rank 0 writes the outputs from the base's files and the deltas alone
+    if not plain:
         del net, model, trainable
-        model, trainable = _plain(state, masks, lambda: hf_folder.build_causal_lm(spec, recipe.seed), recipe, rank)
     if rank == 0:
-        write_causal_outputs(model, trainable, metrics, out, folder, base_hash)
+        merged = (lambda: sparse.merge(model)) if plain else (lambda: hf_folder.merged_model(spec, done))
+        write_causal_outputs(done, metrics, out, folder, base_hash, merged)
     _finish(world)
     return metrics
 
 
-def write_causal_outputs(model: nn.Module, trainable: loop.Trainable, metrics: dict, out: Path,
-                         base: Path, base_hash: str) -> None:
+def write_causal_outputs(trained: delta.Trained, metrics: dict, out: Path, base: Path, base_hash: str,
+                         merged: Callable[[], nn.Module]) -> None:
     """delta.safetensors, model/ and metrics.json, appearing in ``out`` together.
 
-    The deltas are saved first, then merged into the model (which is left
-    plain, with merged weights) for ``save_pretrained``.
+    ``model/`` is written from the base folder's files and ``trained``, a tensor at a time
+    (:func:`hf_folder.write_merged_folder`); where the base cannot be streamed, from the plain
+    merged model ``merged()`` returns (``save_pretrained``).
     """
     out = check_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(metrics, indent=2, default=str)
-    model.eval()
     with atomic_folder(out) as tmp:
-        save_delta(model, tmp / "delta.safetensors", dense=trainable.dense,
+        delta.write_delta(trained, tmp / "delta.safetensors",
                           metadata={hf_folder.BASE_HASH_KEY: base_hash, "task": "causal-lm"})
-        sparse.merge(model)
-        hf_folder.save_model_folder(model.cpu(), base, tmp / "model")
+        if not hf_folder.write_merged_folder(trained, base, tmp / "model"):
+            hf_folder.save_model_folder(merged().eval().cpu(), base, tmp / "model")
         atomic_write(tmp / "metrics.json", lambda f: Path(f).write_text(text))
     log.info("wrote %s, %s and %s", out / "delta.safetensors", out / "model", out / "metrics.json")
