@@ -11,7 +11,7 @@ DDP and ``--fsdp``, each with ``--base-dtype fp32`` and ``bf16``, each without a
 training (``rank_peak_memory_bytes`` in metrics.json: loading and training, before the outputs are
 written) and the step time (the epoch's seconds / steps, first step included). The whole run's
 peak (``os.wait4`` of torchrun: the largest process, writing the merged model included) is
-reported too: writing the merged model needs the whole model on rank 0 either way.
+reported too: rank 0 writes the merged model from the base's files a tensor at a time.
 
 Part ``base-dtype``: SmolLM2-135M (the fp32 folder of the LLM benchmark), ``--task causal-lm`` on
 its ``kjv`` corpus, one process, ``--base-dtype fp32`` against ``bf16`` (without and with ``--checkpointing``): the same mask (1 % random
