@@ -15,9 +15,9 @@ sparse methods with exactly LoRA's number of trainable values (``--shira-r
 8``: per q/k/v/o/gate/up/down weight 8 * (in + out) entries, the tensor's top ones, or with
 ``--level neuron`` spread over its rows as the FPS and GPS papers select), selected by ``fps-onnx
 select`` on the exported ONNX decoder with the row's arguments (``fps``, its variants ``fps-neuron``
-(``--level neuron``), ``fps-a05`` (``--act-power 0.5``) and ``fps-cap2`` (``--column-cap 2``),
-``random``, ``magnitude``) or on the PyTorch model (``gps``: ``fps-onnx select --method gps --task
-causal-lm --level neuron hf:MODEL``, summed |grad| of the next-token loss), from CALIB training
+(``--level neuron``), ``fps-lr16`` (``--low-rank 16``), ``fps-a05`` (``--act-power 0.5``) and
+``fps-cap2`` (``--column-cap 2``), ``random``, ``magnitude``) or on the PyTorch model (``gps``:
+``fps-onnx select --method gps --task causal-lm --level neuron hf:MODEL``, summed |grad| of the next-token loss), from CALIB training
 blocks drawn with the seed.
 Sparse methods train with ``fps-onnx train --task causal-lm``; zero / full /
 lora with ``_llm_train.py`` (the same schedule, clipping and loss). A new
@@ -99,6 +99,10 @@ METHODS = {
     # FPS as its paper selects, per output neuron: LoRA's count r*(in+out) spread over each tensor's rows
     "fps-neuron": Method("FPS-sparse, per neuron", "sparse", select=("--method", "fps", "--level", "neuron"),
                          label_free=True, candidate=True),
+    # FPS on the weights' leading directions: the top entries of the best rank-16 approximation of
+    # w * s (LIFT's "principal weights" of w, weighted by the activation statistic as FPS weighs w)
+    "fps-lr16": Method("FPS-sparse, rank-16 principal", "sparse", select=("--method", "fps", "--low-rank", "16"),
+                       label_free=True, candidate=True),
     # FPS variants that spread the budget over more input channels (one forward pass, label-free):
     "fps-a05": Method("FPS-sparse, act-power 0.5", "sparse", select=("--method", "fps", "--act-power", "0.5"),
                       label_free=True, candidate=True),

@@ -74,8 +74,9 @@ TARGETS = {  # ratio: (bound, "<=" or ">=")
 #: reference: plain "select", or "fps-r8", FPS with LoRA r=8's count per tensor as in
 #: llm_finetune.py); each must stay within 1.2x of its reference's time and peak RSS.
 SELECTORS = {"fps-a05": ["--act-power", "0.5"], "fps-cap2": ["--column-cap", "2"],
-             "fps-r8": ["--shira-r", "8"], "fps-neuron": ["--shira-r", "8", "--level", "neuron"]}
-REFERENCE = {"fps-a05": "select", "fps-cap2": "select", "fps-neuron": "fps-r8"}
+             "fps-r8": ["--shira-r", "8"], "fps-neuron": ["--shira-r", "8", "--level", "neuron"],
+             "fps-lr16": ["--low-rank", "16"]}
+REFERENCE = {"fps-a05": "select", "fps-cap2": "select", "fps-neuron": "fps-r8", "fps-lr16": "select"}
 for _name, _reference in REFERENCE.items():
     TARGETS[f"{_name}/{_reference} time"] = (1.2, "<=")
     TARGETS[f"{_name}/{_reference} peak RSS"] = (1.2, "<=")

@@ -21,7 +21,15 @@ from .onnx.external import model_sha256
 from .onnx.load import load_checked
 from .onnx.scope import ScopeConfig
 from .selection import maskfile
-from .selection.score import METHODS, Scratch, SelectConfig, check_shira, describe_budget, select_one
+from .selection.score import (
+    METHODS,
+    Scratch,
+    SelectConfig,
+    blas_per_thread,
+    check_shira,
+    describe_budget,
+    select_one,
+)
 from .stats import Stats, merge_all
 from .torch.train.recipe import TASKS
 
@@ -145,8 +153,8 @@ def _run_select(model_path, data_path, select_config, calibration, data_config, 
     }
     if stats.shard is not None:
         meta["shard"] = "/".join(map(str, stats.shard))
-    if select_config.method == "random":
-        meta["seed"] = select_config.seed
+    if select_config.method == "random" or select_config.low_rank is not None:
+        meta["seed"] = select_config.seed  # the random scores, or the randomized SVD's test matrix
     return SelectResult(maskfile.build(masks, sites, meta), stats, sites, provider, seconds)
 
 
@@ -185,7 +193,7 @@ def _select_all(model, sites, stats: Stats, config: SelectConfig, base_dir: str 
         mask = select_one(read(site), site, stats.weights.get(site.key), config, scratch)
         return maskfile.WeightMask.compact(mask)
 
-    with ThreadPoolExecutor(max(1, min(SCORING_THREADS, os.cpu_count() or 1))) as pool:
+    with blas_per_thread(config), ThreadPoolExecutor(max(1, min(SCORING_THREADS, os.cpu_count() or 1))) as pool:
         return dict(zip((s.key for s in sites), pool.map(one, sites)))
 
 

@@ -136,7 +136,7 @@ def test_every_select_row_is_a_valid_select_command(lf, chain, tmp_path):
 
     model, data = chain
     rows = {m: spec for m, spec in lf.METHODS.items() if spec.select and not spec.torch}
-    assert {"fps", "fps-neuron", "fps-a05", "fps-cap2"} <= {m for m in rows if rows[m].label_free}
+    assert {"fps", "fps-neuron", "fps-lr16", "fps-a05", "fps-cap2"} <= {m for m in rows if rows[m].label_free}
     for m, spec in rows.items():
         out = tmp_path / f"{m}.safetensors"
         result = invoke("select", model, data, "-o", out, *spec.select, "--seed", "0", "--shira-r", "1", "-q")
@@ -144,6 +144,7 @@ def test_every_select_row_is_a_valid_select_command(lf, chain, tmp_path):
         assert MaskFile.load(out).masks["w1"].sum() == 11  # r*(in+out) of w1 [5, 6]: LoRA's count
     assert MaskFile.load(tmp_path / "fps-a05.safetensors").meta["act_power"] == "0.5"
     assert MaskFile.load(tmp_path / "fps-cap2.safetensors").meta["column_cap"] == "2.0"
+    assert MaskFile.load(tmp_path / "fps-lr16.safetensors").meta["low_rank"] == "16"
     assert MaskFile.load(tmp_path / "fps-neuron.safetensors").meta["level"] == "neuron"
 
 

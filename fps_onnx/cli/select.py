@@ -49,6 +49,7 @@ log = logging.getLogger("fps_onnx")
 @click.option("--shira-r", "shira_r", type=int, help="SHiRA budget: keep the top R*(in+out) entries of each Linear weight [out, in] (per tensor), the size PEFT's ShiraConfig(r=R) needs.")
 @click.option("--act-power", "act_power", type=float, help=f"FPS scores |w| * s**A (s: the activation statistic): 1 is FPS, 0 ranks like magnitude, 0.5 tempers outlier channels; 0 to {ACT_POWER_MAX:g}. [default: {SelectConfig().act_power:g}]")
 @click.option("--column-cap", "column_cap", type=float, help="No input column holds more than ceil(C * N / fan_in) of a tensor's N selected entries (neuron level: of its rows' entries), C >= 1; e.g. 2 = twice the even share. [default: no cap]")
+@click.option("--low-rank", "low_rank", type=int, metavar="R", help="Score the entries of the best rank-R approximation of w * s (fps; magnitude: of w, LIFT's principal weights) instead of w's own: the entries along the weight's R leading directions. [default: none]")
 @click.option("--provider", type=click.Choice(providers.CHOICES), help=f"ONNX Runtime provider; auto uses CUDA only where it really works. [default: {CalibrationConfig().provider}]")
 @click.option("--batch-size", type=int, help=f"Samples per batch. [default: {DataConfig().batch_size}]")
 @click.option("--max-samples", type=int, help="Stop after this many samples.")
@@ -71,7 +72,7 @@ log = logging.getLogger("fps_onnx")
 @mask_format_option
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @quiet_option
-def select(model, data, output, method, task, seed, norm, level, per_neuron, fraction, shira_r, act_power, column_cap,
+def select(model, data, output, method, task, seed, norm, level, per_neuron, fraction, shira_r, act_power, column_cap, low_rank,
            provider, batch_size, max_samples, shard, image_size, mean, std, max_length, text_field, tokenizer, include_lm_head,
            exclude, token_mask, stats_out, from_stats, checkpoint_every, resume, torch_model, torch_checkpoint,
            mask_format, as_json, quiet):
@@ -111,7 +112,7 @@ def select(model, data, output, method, task, seed, norm, level, per_neuron, fra
                                        else "a labelled split of images or .npz)"))
     config = SelectConfig(**given(method=method, seed=seed, norm=norm, level=level,
                                    per_neuron=per_neuron, fraction=fraction, shira_r=shira_r,
-                                   act_power=act_power, column_cap=column_cap))
+                                   act_power=act_power, column_cap=column_cap, low_rank=low_rank))
     gps = config.method == GRADIENT_METHOD
     needs_data = gps or METHODS[config.method].needs_activations
     if gps and (from_stats or stats_out):

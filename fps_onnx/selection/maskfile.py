@@ -43,7 +43,8 @@ Both versions:
   "conv"), "op", "shape" (the weight's), "selected" (its count), and in version
   2 "encoding" ("rows" or "flat")}; a shard's run (``--shard``) adds
   ``shard`` = "K/N", method "random" its ``seed``, method "fps" its ``act_power``
-  (e.g. "1.0") and a capped selection its ``column_cap`` (e.g. "2.0").
+  (e.g. "1.0"), a capped selection its ``column_cap`` (e.g. "2.0") and a low-rank one
+  its ``low_rank`` (e.g. "16").
 
 Mapping onto PyTorch names (:mod:`fps_onnx.torch.mapping`) adds, per tensor,
 ``torch_name``, ``match`` ("name", "exact", "close", "quantized", "scaled" or

@@ -159,7 +159,7 @@ def test_select_does_not_import_torch(chain, tmp_path, kind):
     code = (
         "import sys; from fps_onnx.cli.main import main\n"
         f"try:\n    main(['select', {str(model)!r}, {str(data)!r}, '-o', {str(tmp_path / 'm.safetensors')!r}, '-q',"
-        " '--act-power', '0.5', '--column-cap', '2'])\n"
+        " '--act-power', '0.5', '--column-cap', '2', '--low-rank', '2'])\n"
         "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
         "bad = [m for m in ('torch', 'timm', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -185,6 +185,17 @@ def test_act_power_and_column_cap_shape_the_masks_and_are_recorded(chain, tmp_pa
     w1 = masks.masks["w1"]  # [5, 6]: r*(in+out) = 11 entries, at most ceil(11 / 6) = 2 per column
     assert w1.sum() == 11 and w1.sum(axis=0).max() <= 2
 
+    # a rank as large as the weights changes nothing; rank 1 does, and is recorded with its seed
+    full, low = tmp_path / "full.safetensors", tmp_path / "low.safetensors"
+    assert invoke("select", model, data, "-o", full, "--shira-r", "1", "--low-rank", "5", "-q").exit_code == 0
+    result = invoke("select", model, data, "-o", low, "--shira-r", "1", "--low-rank", "1", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["low_rank"] == 1
+    full, low = MaskFile.load(full), MaskFile.load(low)
+    assert all(np.array_equal(full.masks[k], first.masks[k]) for k in first.masks if min(first.masks[k].shape) <= 5)
+    assert low.meta["low_rank"] == "1" and low.meta["seed"] == "0"
+    assert any(not np.array_equal(low.masks[k], first.masks[k]) for k in first.masks)
+
 
 @pytest.mark.parametrize("args, match", [
     (["--act-power", "-1"], "activation power must be a number from 0 to 4, not -1.0"),
@@ -193,6 +204,8 @@ def test_act_power_and_column_cap_shape_the_masks_and_are_recorded(chain, tmp_pa
     (["--act-power", "0.5", "--method", "random"], "--act-power scores method fps; method random takes none"),
     (["--column-cap", "0.5"], "column cap must be a number of at least 1, not 0.5"),
     (["--column-cap", "inf"], "column cap"),
+    (["--low-rank", "0"], "low rank must be a whole number from 1"),
+    (["--low-rank", "2", "--method", "random"], "--low-rank scores methods fps and magnitude; method random"),
 ])
 def test_bad_act_power_or_column_cap_is_one_error(chain, tmp_path, args, match):
     model, data = chain

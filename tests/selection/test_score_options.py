@@ -183,3 +183,88 @@ def test_options_are_recorded_for_the_mask_file():
     assert SelectConfig().options == {"act_power": 1.0}
     assert SelectConfig(act_power=0.5, column_cap=2).options == {"act_power": 0.5, "column_cap": 2.0}
     assert SelectConfig(method="random", column_cap=3).options == {"column_cap": 3.0}
+
+
+# --------------------------------------------------------------------------- low rank
+
+
+def test_a_rank_as_large_as_the_matrix_scores_like_fps_and_magnitude_to_the_bit():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((12, 20)).astype(np.float32)
+    act = rng.random(20) + 0.1
+    for method, stats in (("fps", stats_of(act)), ("magnitude", None)):
+        plain = select_one(w, site(12, 20), stats, SelectConfig(method=method, fraction=0.2))
+        whole = select_one(w, site(12, 20), stats, SelectConfig(method=method, fraction=0.2, low_rank=12))
+        assert np.array_equal(plain, whole), method
+
+
+def test_the_low_rank_scores_follow_the_leading_directions_not_isolated_large_entries():
+    """A rank-1 matrix plus a few large isolated entries: plain magnitude keeps the spikes,
+    rank 1 keeps the largest entries of the rank-1 part (its outer product's top block)."""
+    rng = np.random.default_rng(1)
+    u, v = rng.random(40) + 0.5, rng.random(60) + 0.5
+    u[:4] += 3.0  # rows 0-3 and columns 0-5 lead
+    v[:6] += 3.0
+    signs = np.where(rng.random(40) < 0.5, 1.0, -1.0)
+    w = (np.outer(u * signs, v)).astype(np.float32)  # rank 1, rows of either sign
+    spikes = [(30, 50), (35, 40), (20, 55)]
+    for r, c in spikes:
+        w[r, c] = 30.0  # above every entry of the rank-1 part (at most 4.5 ** 2), far below its norm
+    config = SelectConfig(method="magnitude", level="layer", per_neuron=None, fraction=24 / 2400)
+    plain = select_one(w, site(40, 60), None, config)
+    assert all(plain[r, c] for r, c in spikes)
+    principal = select_one(w, site(40, 60), None, SelectConfig(method="magnitude", level="layer",
+                                                               fraction=24 / 2400, low_rank=1))
+    assert principal.sum() == 24 and not any(principal[r, c] for r, c in spikes)
+    assert principal[:4, :6].all()  # the outer product's 24 largest entries
+
+
+def test_low_rank_scores_are_seeded_and_activation_weighted():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    act = rng.random(96)
+    act[:8] *= 20  # outlier channels
+    config = SelectConfig(method="fps", shira_r=2, low_rank=4)
+    first = select_one(w, site(64, 96), stats_of(act), config)
+    assert np.array_equal(first, select_one(w, site(64, 96), stats_of(act), config))
+    assert first.sum() == 2 * (64 + 96)
+    flat = select_one(w, site(64, 96), stats_of(np.ones(96)), config)
+    assert first[:, :8].sum() > flat[:, :8].sum()  # the statistics weigh in, as in FPS
+
+
+def test_principal_scores_are_the_truncated_svd_of_the_scaled_weight():
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((64, 4)) @ rng.standard_normal((4, 96)) + 0.01 * rng.standard_normal((64, 96)))
+    w = w.astype(np.float32)
+    act = rng.random(96) + 0.5
+    u, sigma, vt = np.linalg.svd(w.astype(np.float64) * act[None, :])
+    exact = np.abs((u[:, :4] * sigma[:4]) @ vt[:4])
+    got = score_module.principal_scores(w, site(64, 96), act, 4)
+    assert got.shape == w.shape and got.dtype == np.float32
+    assert np.abs(got - exact).max() < 1e-4 * exact.max()
+    assert np.abs(np.abs(w * act[None, :]) - exact).max() > 1e-3 * exact.max()  # the noise is gone
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"low_rank": 0}, "low rank must be a whole number"),
+    ({"low_rank": 2.5}, "low rank must be a whole number"),
+    ({"low_rank": 4, "method": "random"}, "--low-rank scores methods fps and magnitude"),
+    ({"low_rank": 4, "method": "activation"}, "method activation takes none"),
+])
+def test_a_bad_low_rank_is_one_budget_error(kwargs, message):
+    with pytest.raises(BudgetError, match=message):
+        SelectConfig(**kwargs)
+
+
+def test_low_rank_scoring_holds_blas_to_one_thread_per_scoring_thread():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+
+    before = blas_threads()
+    with score_module.blas_per_thread(SelectConfig(low_rank=2)):
+        assert blas_threads() <= {1}
+    with score_module.blas_per_thread(SelectConfig()):
+        assert blas_threads() == before
+    assert blas_threads() == before
