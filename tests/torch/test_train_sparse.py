@@ -55,8 +55,8 @@ def test_only_selected_values_are_trainable_and_k_sized():
     assert len(trainable) == len(masks)
     for name, delta in attached.items():
         assert delta.values.shape == (int(masks[name].sum()),)
-        assert delta.indices.dtype == torch.int64
-        assert torch.equal(delta.indices, torch.from_numpy(np.flatnonzero(masks[name])))
+        assert delta.indices.dtype == torch.int32  # half of int64's memory, held all run
+        assert torch.equal(delta.flat(), torch.from_numpy(np.flatnonzero(masks[name])))
 
 
 def test_training_moves_selected_entries_only_and_keeps_no_dense_grad():
@@ -542,3 +542,9 @@ def test_entry_gradient_kernels_agree_on_large_and_unsorted_inputs(monkeypatch):
             for transposed, full in ((False, g.t() @ x), (True, x.t() @ g)):
                 got = kernels._entry_grad(g, x, indices, full.shape[1], transposed)
                 torch.testing.assert_close(got, full.reshape(-1)[indices], rtol=1e-5, atol=1e-5)
+
+
+def test_a_weight_past_int32_keeps_int64_indices():
+    weight = torch.empty(2**31, dtype=torch.float16, device="meta")  # too large for int32 flat indices
+    delta = sparse.SparseDelta(weight, torch.tensor([0, 2**31 - 1]))
+    assert delta.indices.dtype == torch.int64 and int(delta.flat()[-1]) == 2**31 - 1

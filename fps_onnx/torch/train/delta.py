@@ -59,7 +59,7 @@ def trained(model: nn.Module, dense: Collection[str] = ()) -> Trained:
     for name in deltas:
         module_name, _, tensor_name = name.rpartition(".")
         shapes[name] = tuple(model.get_submodule(module_name).parametrizations[tensor_name].original.shape)
-    values = {name: (whole(d.indices), whole(d.values)) for name, d in deltas.items()}
+    values = {name: (whole(d.flat()), whole(d.values)) for name, d in deltas.items()}
     state = {}
     for name in dense:
         state[name] = whole(params[name]) if name in params else whole(merged_state_dict(model)[name])

@@ -449,7 +449,7 @@ def _fill_bases(model: nn.Module) -> None:
     for name, delta in sparse.unique_deltas(model).items():
         param = _original(model, name)
         if not _is_sharded(param):
-            delta.base.copy_(param.detach().reshape(-1).take(delta.indices).to(delta.base.dtype))
+            delta.base.copy_(param.detach().reshape(-1).take(delta.flat()).to(delta.base.dtype))
             continue
         span, local = _local_entries(param, delta.indices)
         gathered = torch.zeros(delta.indices.numel(), dtype=torch.float32, device=delta.base.device)

@@ -27,7 +27,7 @@ class GatherGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (indices,) = ctx.saved_tensors
-        return None, grad.take(indices), None
+        return None, grad.take(indices.long()), None
 
 
 # elements of one gathered [chunk, tokens] block of the deltas' gradient: small
@@ -109,8 +109,8 @@ def _sampled(left, right, rows, cols, columns: int) -> torch.Tensor:
     """``(left^T right)`` at (rows, cols), sorted row-major, through a CSR pattern: no [k, N] blocks."""
     import warnings
 
-    crow = torch.zeros(left.shape[1] + 1, dtype=torch.int64, device=left.device)
-    torch.cumsum(torch.bincount(rows, minlength=left.shape[1]), 0, out=crow[1:])
+    crow = torch.zeros(left.shape[1] + 1, dtype=cols.dtype, device=left.device)  # the indices' own dtype
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=left.shape[1]), 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the CSR layout's "beta" notice
         pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(cols.numel(), device=left.device),

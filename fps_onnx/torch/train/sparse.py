@@ -3,8 +3,9 @@
 The contract, for every weight a mask selects entries of:
 
 * the weight itself stays a frozen ``nn.Parameter`` (``requires_grad=False``);
-* a :class:`SparseDelta` parametrisation holds ``indices`` (int64 [k], sorted
-  flat indices in the PyTorch layout, row-major), ``base`` (the weight's
+* a :class:`SparseDelta` parametrisation holds ``indices`` ([k], sorted
+  flat indices in the PyTorch layout, row-major; int32 when the weight has fewer
+  than 2**31 entries, else int64), ``base`` (the weight's
   original values there, [k]) and ``values`` (the trainable delta, an
   ``nn.Parameter`` [k], zero at the start);
 * the weight the module computes with is ``W0 + scatter(values)``. It is kept
@@ -79,12 +80,18 @@ class SparseDelta(nn.Module):
         # later: fsdp) gets real indices and values on the CPU, and a zero base to be filled in
         meta = weight.device.type == "meta"
         device = torch.device("cpu") if meta else weight.device
-        indices = indices.to(device=device, dtype=torch.int64)
+        small = weight.numel() <= torch.iinfo(torch.int32).max  # int32: half the memory of int64, kept all run
+        indices = indices.to(device=device, dtype=torch.int32 if small else torch.int64)
         self.register_buffer("indices", indices)
         self.register_buffer("base", torch.zeros(indices.numel(), dtype=weight.dtype) if meta
-                             else weight.detach().take(indices).clone())
+                             else weight.detach().take(self.flat()).clone())
         dtype = torch.promote_types(weight.dtype, torch.float32)
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=device))
+
+    def flat(self) -> torch.Tensor:
+        """The indices as int64, what ``take`` and ``put_`` index with (a k-sized copy where
+        they are stored as int32, made for the one use)."""
+        return self.indices if self.indices.dtype == torch.int64 else self.indices.long()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         self.write(weight)
@@ -104,7 +111,7 @@ class SparseDelta(nn.Module):
         """
         with torch.no_grad():
             merged = (self.base.to(self.values.dtype) + self.values).to(weight.dtype)
-            weight.data.put_(self.indices, merged)
+            weight.data.put_(self.flat(), merged)
 
     def extra_repr(self) -> str:
         return f"k={self.indices.numel()}"
