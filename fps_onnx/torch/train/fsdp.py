@@ -496,9 +496,9 @@ def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def release(model: nn.Module) -> None:
     """Free the rows of every sharded weight of a model whose training is over (its trainable
-    tensors gathered: :func:`gather_trainable`), so that rank 0 has the room to build the merged
-    model. FSDP's hooks hold a model with nested units in references ``gc`` does not clear, so
-    dropping the model does not return its shards."""
+    tensors taken first: :func:`gather_trainable`, ``delta.trained``), so that no process holds
+    them while rank 0 writes the outputs. FSDP's hooks hold a model with nested units in
+    references ``gc`` does not clear, so dropping the model does not return its shards."""
     for param in model.parameters():
         if _is_sharded(param):
             param.to_local().untyped_storage().resize_(0)
