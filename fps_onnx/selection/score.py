@@ -51,17 +51,18 @@ from ..onnx.sites import WeightSite
 from ..stats import ChannelStats, no_rows
 
 __all__ = [
-    "ACT_POWER_MAX", "DEFAULT_FRACTION", "LOW_RANK_MAX", "GRADIENT_METHOD", "LEVELS", "METHODS", "NORMS", "Method", "Scratch",
-    "SelectConfig", "capped_top_k", "capped_top_n", "channel_statistic", "check_shira", "column_cap_of", "describe_budget",
-    "LOW_RANK_METHODS", "blas_per_thread", "magnitudes", "method_names", "principal_scores", "register_method", "scores", "select_one",
-    "select_scores", "spread_top_k", "top_k",
+    "ACT_POWER_MAX", "DEFAULT_FRACTION", "GRADIENT_METHOD", "LEVELS", "LOW_RANK_MAX", "LOW_RANK_METHODS",
+    "METHODS", "NORMS", "Method", "Scratch", "SelectConfig", "blas_per_thread", "capped_top_k",
+    "capped_top_n", "channel_statistic", "check_shira", "column_cap_of", "describe_budget", "magnitudes",
+    "method_names", "principal_scores", "register_method", "scores", "select_one", "select_scores",
+    "spread_top_k", "top_k",
 ]
 
 NORMS = ("l1", "l2")
 LEVELS = ("neuron", "layer")
 DEFAULT_FRACTION = 0.005
 ACT_POWER_MAX = 4.0
-LOW_RANK_MAX = 1 << 16
+LOW_RANK_MAX = 1 << 16  # far past any weight's smaller side: a bound on what --low-rank asks
 #: The methods ``low_rank`` applies to: their scores are |w| times a factor per input column.
 LOW_RANK_METHODS = ("fps", "magnitude")
 #: Extra columns of the randomized SVD of :func:`principal_scores`, and its power iterations

@@ -252,6 +252,11 @@ def test_a_tied_lm_head_mask_trains_the_one_shared_tensor(folders, tmp_path, cap
         assert sorted(fh.keys()) == sorted(f"{n}:{p}" for n in ("model.embed_tokens.weight",
                                                                 "model.layers.0.self_attn.q_proj.weight")
                                            for p in ("indices", "values"))
+    # apply-delta, checking the delta against the model built without weights, writes the same folder
+    rebuilt = tmp_path / "rebuilt"
+    result = invoke("apply-delta", f"hf:{folder}", tmp_path / "out" / "delta.safetensors", "-o", rebuilt, "-q")
+    assert result.exit_code == 0, result.output
+    assert (rebuilt / "model.safetensors").read_bytes() == (tmp_path / "out" / "model" / "model.safetensors").read_bytes()
 
 
 def _bert_folder(tmp_path) -> Path:
