@@ -34,8 +34,9 @@ from .._limits import MAX_JSON_CHARS, read_json, whole_number
 from ..errors import ModelError
 from ..onnx.external import model_roots, open_inside
 
-__all__ = ["CODE_CONFIGS", "CONFIG_FILE", "LOAD_KWARGS", "check_folder", "copy_side_file", "load_config",
-    "load_model", "load_tokenizer", "meta_model", "model_from_config", "side_files", "StoredTensor", "weight_files", "weight_headers", "weight_shapes"]
+__all__ = ["CODE_CONFIGS", "CONFIG_FILE", "DTYPE_BYTES", "LOAD_KWARGS", "StoredTensor", "check_folder", "copy_side_file",
+    "load_config", "load_model", "load_tokenizer", "meta_model", "model_from_config", "side_files", "weight_files",
+    "weight_headers", "weight_shapes"]
 
 CONFIG_FILE = "config.json"
 #: Configs transformers reads an ``auto_map`` (code in the folder) from.

@@ -22,8 +22,8 @@ from ...errors import MaskError
 from ._torch import nn, torch
 from .sparse import merged_state_dict, tied_names, unique_deltas
 
-__all__ = ["DELTA_FORMAT", "DELTA_FORMAT_VERSION", "Trained", "apply_delta", "delta_metadata", "read_delta", "save_delta",
-    "trained", "write_delta"]
+__all__ = ["DELTA_FORMAT", "DELTA_FORMAT_VERSION", "Trained", "add_trained", "apply_delta", "delta_metadata",
+    "merged_entries", "read_delta", "save_delta", "trained", "write_delta"]
 
 DELTA_FORMAT = "fps-delta"
 DELTA_FORMAT_VERSION = "1"
@@ -60,9 +60,8 @@ def trained(model: nn.Module, dense: Collection[str] = ()) -> Trained:
         module_name, _, tensor_name = name.rpartition(".")
         shapes[name] = tuple(model.get_submodule(module_name).parametrizations[tensor_name].original.shape)
     values = {name: (whole(d.flat()), whole(d.values)) for name, d in deltas.items()}
-    state = {}
-    for name in dense:
-        state[name] = whole(params[name]) if name in params else whole(merged_state_dict(model)[name])
+    merged = merged_state_dict(model) if any(name not in params for name in dense) else {}
+    state = {name: whole(params[name] if name in params else merged[name]) for name in dense}
     return Trained(values, shapes, state, tied_names(model))
 
 
@@ -106,16 +105,22 @@ def apply_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     weight's dtype; a file that fails any check raises :class:`MaskError` and
     leaves ``model`` unchanged.
     """
-    found = read_delta(path, model)
+    return add_trained(model, read_delta(path, model), path)
+
+
+def add_trained(model: nn.Module, trained_: Trained, source: object = "the trained deltas") -> nn.Module:
+    """Add ``trained_``'s deltas to ``model``'s plain weights and put its dense tensors in place;
+    returns ``model``. Every sum is computed first (:func:`merged_entries`), so a MaskError
+    (naming ``source``) leaves ``model`` unchanged."""
     params = dict(model.named_parameters(remove_duplicate=False))
     state = model.state_dict()
-    merged = {name: _added(name, params[name], indices, values, path)
-              for name, (indices, values) in found.sparse.items()}
+    merged = {name: merged_entries(name, params[name], indices, values, source)
+              for name, (indices, values) in trained_.sparse.items()}
     with torch.no_grad():
         for name, (indices, values) in merged.items():
             params[name].put_(indices, values)
-        for name, value in found.dense.items():
-            state[name].copy_(value)
+        for name, value in trained_.dense.items():
+            state[name].copy_(value.to(state[name].dtype))
     return model
 
 
@@ -208,7 +213,7 @@ def _check_sparse(name: str, indices: torch.Tensor, values: torch.Tensor, weight
         raise MaskError(f"{where}:values do not fit the model's {weight.dtype} weight (they overflow it to Inf)")
 
 
-def _added(name: str, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, path
+def merged_entries(name: str, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, path
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, weight + values at them in the weight's dtype), the sums taken in
     the wider of the two dtypes; MaskError unless every sum is finite in the

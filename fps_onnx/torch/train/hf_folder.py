@@ -18,7 +18,7 @@ from ...errors import ExportError, FpsError, MaskError, OutputError
 from .. import hf
 from ..models import build_model, is_causal_lm, is_causal_lm_model
 from ._torch import nn, torch
-from .delta import Trained, _added, delta_metadata, read_delta
+from .delta import Trained, add_trained, delta_metadata, merged_entries, read_delta
 
 __all__ = ["BASE_HASH_KEY", "TOKENIZER_PATTERNS", "WEIGHT_PATTERNS", "apply_delta_folder", "base_sha256",
     "build_causal_lm", "causal_lm_folder", "check_base", "merged_model", "save_model_folder",
@@ -141,15 +141,7 @@ def apply_delta_folder(spec: str, delta: str | os.PathLike, output: str | os.Pat
 
 def merged_model(spec: str, trained: Trained) -> nn.Module:
     """The causal LM of ``hf:DIR`` built again (in its own dtype) with ``trained`` added to it."""
-    model = build_causal_lm(spec)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, (indices, values) in trained.sparse.items():
-            params[name].put_(*_added(name, params[name], indices, values, "the trained deltas"))
-        for name, value in trained.dense.items():
-            state[name].copy_(value.to(state[name].dtype))
-    return model
+    return add_trained(build_causal_lm(spec), trained)
 
 
 def write_merged_folder(trained: Trained, base: str | os.PathLike, out: str | os.PathLike, *,
@@ -207,7 +199,7 @@ def _rewrite(path: Path, stored_name: str, stored: hf.StoredTensor, name: str, t
         with torch.no_grad():
             if name in trained.sparse:
                 indices, values = trained.sparse[name]
-                weight.put_(*_added(stored_name, weight, indices, values, source))
+                weight.put_(*merged_entries(stored_name, weight, indices, values, source))
             else:
                 weight.copy_(trained.dense[name].reshape(-1).to(dtype))
                 if not bool(torch.isfinite(weight).all()):
