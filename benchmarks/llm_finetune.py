@@ -27,7 +27,9 @@ Protocol: each (domain, method) runs its lr grid on seed 0; the lr with the
 lowest validation perplexity is then run on seeds 1 and 2. New label-free
 selectors (``candidate`` rows) are screened on the first domain: only the one
 with the lowest validation perplexity there (seed 0) runs on the other domains
-and seeds. The report gives
+and seeds. Before that, ``llm_screen.py`` runs each candidate for 50 steps on the first domain
+(one seed, one lr): a row that trails FPS or random there is dropped (``full=False``) and gets no
+cells. The report gives
 test perplexity mean ± std over the seeds and the paired per-seed difference
 against LoRA, and flags a chosen lr at the edge of its grid.
 
@@ -85,6 +87,9 @@ class Method:
     # a new label-free selector, screened on the first domain: only the best of them by validation
     # perplexity (seed 0, each at its chosen lr) runs on the other domains and seeds (Bench.screened)
     candidate: bool = False
+    # False: dropped by the pre-screen (benchmarks/llm_screen.py, results/llm_screen.md) before any full
+    # cell; kept as a row so that the screen can run it again, left out of the plan and the tables
+    full: bool = True
 
     @property
     def phase(self) -> int:
@@ -102,7 +107,7 @@ METHODS = {
     # FPS on the weights' leading directions: the top entries of the best rank-16 approximation of
     # w * s (LIFT's "principal weights" of w, weighted by the activation statistic as FPS weighs w)
     "fps-lr16": Method("FPS-sparse, rank-16 principal", "sparse", select=("--method", "fps", "--low-rank", "16"),
-                       label_free=True, candidate=True),
+                       label_free=True, candidate=True, full=False),
     # FPS variants that spread the budget over more input channels (one forward pass, label-free):
     "fps-a05": Method("FPS-sparse, act-power 0.5", "sparse", select=("--method", "fps", "--act-power", "0.5"),
                       label_free=True, candidate=True),
@@ -541,12 +546,18 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
         f"- lr grids: {grids}. Each (domain, method) takes the lr with the lowest validation perplexity on seed "
         f"{seeds[0]}; then seed(s) {', '.join(map(str, seeds[1:])) or 'none'} at that lr. **edge**: the chosen lr is at the "
         "end of its grid, so a better one may lie outside it",
-        "- new selectors (" + "; ".join(METHODS[m].label for m in METHODS if METHODS[m].candidate) + ") are "
+        "- new selectors (" + "; ".join(METHODS[m].label for m in methods if METHODS[m].candidate) + ") are "
         f"screened on {list(summary['domains'])[0] if summary['domains'] else 'the first domain'}: only the one with "
         f"the lowest validation perplexity there (seed {seeds[0]}, at its chosen lr) runs on the other domains and seeds",
         "- perplexity = exp(mean next-token NLL over every predicted token of the split); "
         "Δ LoRA = the method's test perplexity minus LoRA's on the same seed, mean ± std over seeds "
-        "(negative: better than LoRA)", ""]
+        "(negative: better than LoRA)"]
+    dropped = [METHODS[m].label for m in METHODS if not METHODS[m].full]
+    if dropped:
+        lines.append(f"- dropped by the pre-screen before any full cell (`benchmarks/llm_screen.py`, "
+                     f"`results/llm_screen.md`: 50 steps on the first domain, trailing FPS or random there): "
+                     f"{'; '.join(dropped)}")
+    lines.append("")
     for d, dom in summary["domains"].items():
         c = dom["corpus"]
         lines += [f"## {d}", ""]
@@ -667,7 +678,8 @@ def _figure(summary: dict, methods: list[str], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated [default: all]")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated [default: all]")
+    parser.add_argument("--methods", default=",".join(m for m in METHODS if METHODS[m].full),
+                        help="comma-separated [default: every row the pre-screen kept]")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)),
                         help="comma-separated; the first one runs the lr grids [default: 0,1,2]")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, into benchmarks/work/llm-smoke")
