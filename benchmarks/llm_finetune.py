@@ -120,6 +120,8 @@ METHODS = {
                   torch=True),
     "full": Method("full fine-tuning", "full", grid=FULL_GRID),
 }
+#: The rows the full protocol runs: those the pre-screen kept.
+PLANNED = [m for m in METHODS if METHODS[m].full]
 DOMAINS = ("kjv", "python", "man")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -678,7 +680,7 @@ def _figure(summary: dict, methods: list[str], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated [default: all]")
-    parser.add_argument("--methods", default=",".join(m for m in METHODS if METHODS[m].full),
+    parser.add_argument("--methods", default=",".join(PLANNED),
                         help="comma-separated [default: every row the pre-screen kept]")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)),
                         help="comma-separated; the first one runs the lr grids [default: 0,1,2]")

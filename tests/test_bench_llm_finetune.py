@@ -93,6 +93,18 @@ def test_new_selectors_are_screened_on_the_first_domain_and_only_the_best_goes_o
     assert [c.lr for c in plan if (c.method, c.seed) == ("fps-neuron", 1) and c.domain == "kjv"] == [lf.GRID[1]]
 
 
+def test_rows_the_pre_screen_dropped_get_no_cells_and_are_named_in_the_report(lf, tmp_path):
+    dropped = [m for m in lf.METHODS if not lf.METHODS[m].full]
+    assert dropped and not set(dropped) & set(lf.PLANNED) and {"lora", "fps", "gps"} <= set(lf.PLANNED)
+    bench = _bench(lf, tmp_path)
+    _finish(lf, bench, "kjv", "zero", 0.0, 0, val=25.0, test=26.0)
+    lf.report(bench, tmp_path / "out", ["kjv"], [m for m in lf.PLANNED if m != "full"], [0])
+    md = (tmp_path / "out" / f"{lf.NAME}.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- dropped by the pre-screen"))
+    assert all(lf.METHODS[m].label in line for m in dropped)
+    assert not any(f"| {lf.METHODS[m].label} |" in md for m in dropped)
+
+
 def test_a_cell_made_with_other_settings_does_not_count(lf, tmp_path):
     bench = _bench(lf, tmp_path)
     _finish(lf, bench, "kjv", "lora", 1e-3, 0, val=20.0, test=30.0)
