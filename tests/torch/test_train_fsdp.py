@@ -361,6 +361,45 @@ def test_a_checkpoint_of_the_trainable_state_resumes_the_same_training(tmp_path)
         assert value.abs().max() > 0, name
 
 
+def _zero_worker(rank: int, world: int, port: int, folder: str, masks: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(rank))
+    runs = {}
+    for name, recipe in (("zero", CausalLMRecipe(lr=1e-2, fsdp=True)), ("plain", CausalLMRecipe(lr=1e-2))):
+        model = fsdp.meta_causal_lm(folder, torch.float32)
+        loop.prepare(model, masks, recipe)
+        fsdp.shard(model, torch.device("cpu"), folder=folder)
+        optimizer = loop.make_optimizer(model, recipe)
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            loop.apply_gradients(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), recipe)
+        held = optimizer.optim.state if name == "zero" else optimizer.state
+        runs[name] = {"kind": type(optimizer).__name__, "values": fsdp.gather_trainable(model),
+                      "held": sum(s["exp_avg"].numel() for s in held.values())}
+    torch.save(runs, f"{out}/zero{rank}.pt")
+    torch.distributed.barrier()
+    os._exit(0)
+
+
+def test_a_sharded_run_keeps_each_adamw_state_on_one_process_and_trains_the_same_values(tmp_path):
+    """ZeRO-1 for the replicated deltas: each process holds the AdamW state of its share of them
+    only (together: all of it, once), and the values are those of plain AdamW bit for bit."""
+    folder, masks, _ = _case(tmp_path)
+    torch.multiprocessing.spawn(_zero_worker, args=(2, _free_port(), str(folder), str(masks), str(tmp_path)),
+                                nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"zero{r}.pt", weights_only=True) for r in range(2)]
+    total = sum(v.numel() for v in ranks[0]["plain"]["values"].values())
+    assert ranks[0]["zero"]["kind"] == "ZeroRedundancyOptimizer" and ranks[0]["plain"]["kind"] == "AdamW"
+    assert all(r["plain"]["held"] == total for r in ranks)
+    held = [r["zero"]["held"] for r in ranks]
+    assert sum(held) == total and 0 < min(held) and max(held) < total, (held, total)
+    for r in ranks:
+        for name, value in r["plain"]["values"].items():
+            assert torch.equal(r["zero"]["values"][name], value), name
+            assert torch.equal(ranks[0]["zero"]["values"][name], value), name
+
+
 def test_a_shards_entries_are_the_span_of_sorted_indices_in_its_rows(monkeypatch):
     weight = torch.zeros(10, 7)
     indices = torch.from_numpy(np.flatnonzero(np.random.default_rng(0).random(70) < 0.3))

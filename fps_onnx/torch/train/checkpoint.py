@@ -34,13 +34,14 @@ bit, as an uninterrupted run.
 Sharded training (``--fsdp``, :mod:`.fsdp`) uses this same one-file
 checkpoint, not ``torch.distributed.checkpoint``: what a checkpoint must hold
 is what training changes, and under FSDP all of it is replicated outside the
-shards (the deltas' values, the tensors trained fully, their AdamW state,
-averaged over the processes at every step, so equal on all of them), while
+shards (the deltas' values and the tensors trained fully, averaged over the
+processes at every step, so equal on all of them; their AdamW state, each
+tensor's on one process, gathered to the first for the write), while
 the sharded part, the frozen weights, never changes and is read again from
 the model folder by every process at start (its SHA-256 is in the identity).
-So the first process writes its own copy, with no gathering, and every
-process reads the whole file back; the shards take the deltas at the next
-forward pass (``base + values`` written into each process's rows). DCP would
+So the first process writes its own copy, and every
+process reads the whole file back, each keeping its share of the AdamW state; the shards take the deltas at
+the next forward pass (``base + values`` written into each process's rows). DCP would
 add a second format and a collective write for state that is not sharded.
 ``recipe.fsdp`` and the number of processes are part of the identity: a
 checkpoint of a sharded run is taken up only by a sharded run of as many
@@ -83,8 +84,8 @@ from . import sparse
 from ._torch import nn, torch
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Checkpointing", "Checkpoints", "Progress", "ResumableSampler",
-           "checked_optimizer_state", "identity", "load_trainable_state", "model_digest", "optimizer_tensors",
-           "selection_digest", "trainable_state"]
+           "checked_optimizer_state", "gather_optimizer_state", "group_settings", "identity", "load_trainable_state",
+           "model_digest", "optimizer_tensors", "selection_digest", "trainable_state"]
 
 log = logging.getLogger(__name__)
 
@@ -194,26 +195,43 @@ def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer's per-tensor state as ``<i>/<key>`` -> tensor (i: the tensor's place in its groups)."""
+    """The optimizer's per-tensor state as ``<i>/<key>`` -> tensor (i: the tensor's place in its groups).
+
+    A ``ZeroRedundancyOptimizer`` must have gathered its state first (:func:`gather_optimizer_state`).
+    """
     return {f"{i}/{key}": torch.as_tensor(value).detach().cpu()
             for i, entries in optimizer.state_dict()["state"].items() for key, value in entries.items()}
+
+
+def gather_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Gather a ``ZeroRedundancyOptimizer``'s state (each process holds its share) to the first
+    process, for :func:`optimizer_tensors` there; a collective: every process calls it. Nothing for
+    another optimizer."""
+    if hasattr(optimizer, "consolidate_state_dict"):
+        optimizer.consolidate_state_dict(to=0)
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's settings (lr, betas, ...), without its tensors."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
 
 
 def checked_optimizer_state(optimizer: torch.optim.Optimizer, groups: object,
                             tensors: Mapping[str, torch.Tensor], where: str) -> dict:
     """A state dict for ``optimizer.load_state_dict`` from a checkpoint's settings
     (``groups``) and tensors (``<i>/<key>``), each checked against the optimizer."""
-    fresh = optimizer.state_dict()["param_groups"]
+    fresh = group_settings(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not isinstance(groups, list) or len(groups) != len(fresh):
         raise CheckpointError(f"{where}: the optimizer settings are not those of this run's {len(fresh)} groups")
-    loaded = []
-    for saved, group in zip(groups, fresh):
-        keys = set(group) - {"params"}
-        if not isinstance(saved, dict) or set(saved) != keys:
+    loaded, first = [], 0
+    for saved, group, live in zip(groups, fresh, optimizer.param_groups):
+        if not isinstance(saved, dict) or set(saved) != set(group):
             raise CheckpointError(f"{where}: the optimizer settings name other entries than this run's")
-        loaded.append({**{k: _like(saved[k], group[k], f"{where}: optimizer setting {k!r}") for k in keys},
-                       "params": group["params"]})
+        count = len(live["params"])  # a state dict names each group's tensors by their places, in order
+        loaded.append({**{k: _like(saved[k], group[k], f"{where}: optimizer setting {k!r}") for k in group},
+                       "params": list(range(first, first + count))})
+        first += count
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         index, _, key = name.partition("/")
@@ -592,6 +610,7 @@ class Checkpoints:
     def save(self, net: nn.Module, optimizer, schedule, progress: Progress) -> None:
         """Write ``DIR/last`` (every process takes part: the generator states are gathered)."""
         rng = _rng_state(self.device, self._epoch_states)
+        gather_optimizer_state(optimizer)
         ranks = [rng]
         if self.world > 1:
             ranks = [None] * self.world
@@ -612,8 +631,7 @@ class Checkpoints:
                          "seconds": progress.seconds + time.perf_counter() - self._started},
             "history": _finite({"records": progress.records, "best": progress.best,
                                 "best_score": progress.best_score}),
-            "optimizer": [{k: v for k, v in g.items() if k != "params"}
-                          for g in optimizer.state_dict()["param_groups"]],
+            "optimizer": group_settings(optimizer),
             "schedule": schedule_state,
             "rng": [state["scalars"] for state in ranks],
         }

@@ -17,13 +17,15 @@ Under ``torchrun --nproc_per_node N`` (:func:`shard`):
   (:class:`RowShardedEmbedding`, :class:`RowShardedHead`). A vocabulary of
   32,000 x 2,048 in fp32 is 262 MB, which FSDP would hold twice while gathering;
 * what trains (each delta's k values, and any tensor trained fully) stays out
-  of FSDP (``ignored_params``): replicated, with its AdamW state, on every
-  process; its gradient is averaged over the processes in the backward pass
-  (one all-reduce of each k-sized tensor, as DistributedDataParallel does).
-  Replicated because it is small (k is about 1 % of the weights) and because
-  then every process holds the values its own rows need, with no
-  communication; the optimizer, clipping and schedule of :mod:`.loop` run
-  unchanged, and rank 0 writes the delta file from its own tensors;
+  of FSDP (``ignored_params``): replicated on every process; its gradient is
+  averaged over the processes in the backward pass (one all-reduce of each
+  k-sized tensor, as DistributedDataParallel does). Replicated because it is
+  small (k is about 1 % of the weights) and because then every process holds
+  the values its own rows need, with no communication; clipping and the
+  schedule of :mod:`.loop` run unchanged, and rank 0 writes the delta file from
+  its own tensors. Its AdamW state, twice its size, is not replicated: each
+  process keeps and steps only its share of the tensors and broadcasts their
+  new values (``ZeroRedundancyOptimizer``, :func:`.loop.make_optimizer`);
 * the weights stay merged in the shards: before each forward pass every
   process writes ``base + values`` (fp32, cast once) into the selected entries
   of its own rows, so the weight FSDP all-gathers for a block's forward pass,

@@ -146,7 +146,22 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr)
+    """AdamW over :func:`param_groups`. A sharded run (``recipe.fsdp``, more than one process) wraps
+    it in ``ZeroRedundancyOptimizer``: its trainable tensors are replicated (:mod:`.fsdp`), so each
+    process keeps the AdamW state of only its share of them, steps that share, and broadcasts the
+    new values to the others (ZeRO stage 1). Same update, bit for bit; a checkpoint gathers the
+    state to the first process (:meth:`.checkpoint.Checkpoints.save`)."""
+    groups = param_groups(model, recipe)
+    if getattr(recipe, "fsdp", False) and _world() > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=recipe.lr)
+    return torch.optim.AdamW(groups, lr=recipe.lr)
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def make_schedule(optimizer, recipe: Recipe, steps_per_epoch: int, *, total: int | None = None):
