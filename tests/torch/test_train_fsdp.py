@@ -371,33 +371,38 @@ def _zero_worker(rank: int, world: int, port: int, folder: str, masks: str, out:
         loop.prepare(model, masks, recipe)
         fsdp.shard(model, torch.device("cpu"), folder=folder)
         optimizer = loop.make_optimizer(model, recipe)
+        params = [p for p in model.parameters() if p.requires_grad]
         for _ in range(3):
             model(input_ids=ids, labels=ids).loss.backward()
+            grads = sum(p.grad.numel() for p in params if p.grad is not None)
             loop.apply_gradients(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), recipe)
         held = optimizer.optim.state if name == "zero" else optimizer.state
         runs[name] = {"kind": type(optimizer).__name__, "values": fsdp.gather_trainable(model),
-                      "held": sum(s["exp_avg"].numel() for s in held.values())}
+                      "held": sum(s["exp_avg"].numel() for s in held.values()), "grads": grads}
     torch.save(runs, f"{out}/zero{rank}.pt")
     torch.distributed.barrier()
     os._exit(0)
 
 
-def test_a_sharded_run_keeps_each_adamw_state_on_one_process_and_trains_the_same_values(tmp_path):
-    """ZeRO-1 for the replicated deltas: each process holds the AdamW state of its share of them
-    only (together: all of it, once), and the values are those of plain AdamW bit for bit."""
+def test_a_sharded_run_keeps_each_adamw_state_and_gradient_on_one_process_and_trains_the_same_values(tmp_path):
+    """ZeRO-2 for the replicated deltas: each process holds the AdamW state and the gradients of its
+    share of them only (together: all of it, once); the values are those of plain AdamW (the
+    clipping norm summed over the processes: its last bits) and equal on every process."""
     folder, masks, _ = _case(tmp_path)
     torch.multiprocessing.spawn(_zero_worker, args=(2, _free_port(), str(folder), str(masks), str(tmp_path)),
                                 nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"zero{r}.pt", weights_only=True) for r in range(2)]
     total = sum(v.numel() for v in ranks[0]["plain"]["values"].values())
     assert ranks[0]["zero"]["kind"] == "ZeroRedundancyOptimizer" and ranks[0]["plain"]["kind"] == "AdamW"
-    assert all(r["plain"]["held"] == total for r in ranks)
+    assert all(r["plain"]["held"] == total and r["plain"]["grads"] == total for r in ranks)
     held = [r["zero"]["held"] for r in ranks]
     assert sum(held) == total and 0 < min(held) and max(held) < total, (held, total)
+    assert [r["zero"]["grads"] for r in ranks] == held  # a gradient only where its state is
     for r in ranks:
         for name, value in r["plain"]["values"].items():
-            assert torch.equal(r["zero"]["values"][name], value), name
-            assert torch.equal(ranks[0]["zero"]["values"][name], value), name
+            assert torch.equal(r["zero"]["values"][name], ranks[0]["zero"]["values"][name]), name
+            assert torch.allclose(r["zero"]["values"][name], value, rtol=1e-5, atol=1e-7), name
+            assert value.abs().max() > 0, name
 
 
 def test_a_shards_entries_are_the_span_of_sorted_indices_in_its_rows(monkeypatch):

@@ -148,15 +148,33 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups`. A sharded run (``recipe.fsdp``, more than one process) wraps
     it in ``ZeroRedundancyOptimizer``: its trainable tensors are replicated (:mod:`.fsdp`), so each
-    process keeps the AdamW state of only its share of them, steps that share, and broadcasts the
-    new values to the others (ZeRO stage 1). Same update, bit for bit; a checkpoint gathers the
-    state to the first process (:meth:`.checkpoint.Checkpoints.save`)."""
+    process keeps the AdamW state and the gradients of only its share of them (a gradient is
+    dropped, once averaged, by every other process), steps that share, and broadcasts the new values
+    to the others (ZeRO stage 2 for what trains). The same update as AdamW's but for the clipping
+    norm, summed over the processes (its last bits); a checkpoint gathers the state to the first
+    process (:meth:`.checkpoint.Checkpoints.save`)."""
     groups = param_groups(model, recipe)
     if getattr(recipe, "fsdp", False) and _world() > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=recipe.lr)
+        optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=recipe.lr)
+        owned = {id(p) for p in _owned(optimizer)}
+        for group in optimizer.param_groups:  # a gradient is kept only by the process that steps it
+            for param in group["params"]:
+                if id(param) not in owned:
+                    param.register_post_accumulate_grad_hook(_drop_gradient)
+        return optimizer
     return torch.optim.AdamW(groups, lr=recipe.lr)
+
+
+def _owned(optimizer) -> list:
+    """The tensors this process steps: all of them, or a ``ZeroRedundancyOptimizer``'s share."""
+    groups = optimizer.optim.param_groups if hasattr(optimizer, "consolidate_state_dict") else optimizer.param_groups
+    return [p for group in groups for p in group["params"]]
+
+
+def _drop_gradient(param: torch.Tensor) -> None:
+    param.grad = None
 
 
 def _world() -> int:
@@ -233,8 +251,15 @@ def begin_epoch(model: nn.Module, train_loader, device: torch.device, epoch: int
 def apply_gradients(optimizer, schedule, recipe: Recipe) -> None:
     """Clip (``recipe.clip_grad``), step the optimizer and the schedule, clear the gradients."""
     if recipe.clip_grad is not None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
+        params = _owned(optimizer)
+        if len(params) == sum(len(group["params"]) for group in optimizer.param_groups):
+            torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
+        else:  # each process holds the gradients of its share: the norm of all of them, summed over processes
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads).to(torch.float64) if grads else torch.zeros((), dtype=torch.float64)
+            squared = norm.square()
+            torch.distributed.all_reduce(squared)
+            torch.nn.utils.clip_grads_with_norm_(params, recipe.clip_grad, squared.sqrt().to(torch.float32))
     optimizer.step()
     if schedule is not None:
         schedule.step()
