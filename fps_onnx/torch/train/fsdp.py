@@ -23,9 +23,10 @@ Under ``torchrun --nproc_per_node N`` (:func:`shard`):
   small (k is about 1 % of the weights) and because then every process holds
   the values its own rows need, with no communication; clipping and the
   schedule of :mod:`.loop` run unchanged, and rank 0 writes the delta file from
-  its own tensors. Its AdamW state, twice its size, is not replicated: each
-  process keeps and steps only its share of the tensors and broadcasts their
-  new values (``ZeroRedundancyOptimizer``, :func:`.loop.make_optimizer`);
+  its own tensors. Its AdamW state (twice its size) and gradients are not
+  replicated: each process keeps those of its share of the tensors only, steps
+  that share and broadcasts the new values (``ZeroRedundancyOptimizer``,
+  :func:`.loop.make_optimizer`);
 * the weights stay merged in the shards: before each forward pass every
   process writes ``base + values`` (fp32, cast once) into the selected entries
   of its own rows, so the weight FSDP all-gathers for a block's forward pass,
