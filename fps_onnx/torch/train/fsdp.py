@@ -21,9 +21,9 @@ Under ``torchrun --nproc_per_node N`` (:func:`shard`):
   averaged over the processes in the backward pass (one all-reduce of each
   k-sized tensor, as DistributedDataParallel does). Replicated because it is
   small (k is about 1 % of the weights) and because then every process holds
-  the values its own rows need, with no communication; clipping and the
-  schedule of :mod:`.loop` run unchanged, and rank 0 writes the delta file from
-  its own tensors. Its AdamW state (twice its size) and gradients are not
+  the values its own rows need, with no communication; the schedule of
+  :mod:`.loop` runs unchanged, clipping sums the norm over the processes, and
+  rank 0 writes the delta file from its own tensors. Its AdamW state (twice its size) and gradients are not
   replicated: each process keeps those of its share of the tensors only, steps
   that share and broadcasts the new values (``ZeroRedundancyOptimizer``,
   :func:`.loop.make_optimizer`);
@@ -531,7 +531,9 @@ def load_trainable(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """``{"model": trainable tensors, "optimizer": its state}`` for ``torch.distributed.checkpoint``.
+    """``{"model": trainable tensors, "optimizer": its state}`` for ``torch.distributed.checkpoint``,
+    of a loop's own plain optimizer (``train --fsdp``'s ``ZeroRedundancyOptimizer`` is saved by
+    :mod:`.checkpoint`).
 
     The frozen weights are left out (they are the base model's). Save with
     ``dcp.save(checkpoint_state(model, opt), checkpoint_id=DIR)``; resume with
