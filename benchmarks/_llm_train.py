@@ -5,7 +5,8 @@
 ARGS: ``model`` (HF folder), ``mode`` (``zero`` | ``full`` | ``lora`` |
 ``sparse`` | ``eval``), ``train``/``val``/``test`` (.npz of ``input_ids``
 [N, SEQ]), ``steps``, ``batch_size``, ``lr``, ``warmup``, ``seed``,
-``masks`` (sparse), ``weights`` (eval: a model.safetensors to load), and the
+``masks`` (sparse), ``weights`` (eval: a model.safetensors to load), ``blocks``
+(optional: split -> how many of its first blocks to use, e.g. {"val": 32}), and the
 LoRA settings ``lora_r``, ``lora_alpha``, ``lora_targets``.
 
 Every mode runs the same loop: AdamW (weight decay 0), linear warm-up then
@@ -68,7 +69,7 @@ def main(args_path: str, out_path: str) -> None:
     info["trainable"] = sum(p.numel() for p in params)
 
     def blocks(split: str) -> torch.Tensor:
-        return torch.from_numpy(np.load(a[split])["input_ids"])
+        return torch.from_numpy(np.load(a[split])["input_ids"][:a.get("blocks", {}).get(split)])
 
     @torch.no_grad()
     def perplexity(split: str) -> tuple[float, float]:

@@ -6,8 +6,8 @@ at lr LR (the middle of the benchmark's grid: LoRA's and FPS's chosen lr on kjv 
 protocol), with the masks the benchmark selects for that row (same calibration blocks, same
 ``--shira-r 8`` budget) and the loop of the benchmark's LoRA cells for every row (``_llm_train.py``:
 AdamW, 10% warm-up, cosine, clipping at 1; sparse rows through ``fps_onnx.train.prepare``, the
-sparse Linear of ``fps-onnx train``), and is scored on the first VAL validation blocks: only the validation split is
-read, never the test split. One process per run (``_measure``), one JSON per run under
+sparse Linear of ``fps-onnx train``), and is scored on the first VAL validation blocks; the loop also evaluates 2
+test blocks, which nothing here uses. One process per run (``_measure``), one JSON per run under
 ``benchmarks/work/llm/screen/``: a rerun skips finished runs.
 
 What it is for: a selector that trails FPS or random here is not worth the 15 cells of the full
@@ -30,22 +30,12 @@ import sys
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _measure import log, write_cell, write_report  # noqa: E402
+from _measure import log, run_offline, write_cell, write_report  # noqa: E402
 import llm_finetune as bench  # noqa: E402
 
 STEPS, LR, VAL, SEED, DOMAIN = 50, 3e-3, 32, 0, bench.DOMAINS[0]
 DEFAULT = "lora,fps,random,magnitude,fps-lr16,fps-a05,fps-cap2"
 NAME = "llm_screen"
-
-
-def _subset(src: Path, out: Path, n: int) -> Path:
-    """The first ``n`` blocks of a split (.npz), written once."""
-    if not out.exists():
-        import numpy as np
-
-        with np.load(src) as data:
-            np.savez(out, **{k: v[:n] for k, v in data.items()})
-    return out
 
 
 def run_one(b: bench.Bench, method: str, work: Path) -> dict:
@@ -54,8 +44,8 @@ def run_one(b: bench.Bench, method: str, work: Path) -> dict:
         return json.loads(path.read_text())
     spec, data = bench.METHODS[method], b.data(DOMAIN)
     args = {"model": str(b.model()), "mode": spec.train, "train": str(data / "train.npz"),
-            "val": str(_subset(data / "val.npz", work / f"val{VAL}.npz", VAL)),
-            "test": str(_subset(data / "test.npz", work / "test2.npz", 2)),  # the loop evaluates it; unread here
+            "val": str(data / "val.npz"), "test": str(data / "test.npz"),
+            "blocks": {"val": VAL, "test": 2},  # the loop evaluates the test split too: 2 blocks, unread here
             "steps": STEPS, "batch_size": b.cfg["batch_size"], "lr": LR, "warmup": b.cfg["warmup"], "seed": SEED,
             "eval_batch_size": b.cfg["eval_batch_size"], "lora_r": b.cfg["shira_r"],
             "lora_alpha": b.cfg["lora_alpha"], "lora_targets": bench.TARGETS}
@@ -66,7 +56,7 @@ def run_one(b: bench.Bench, method: str, work: Path) -> dict:
     args_file, out_file = work / f"{method}.args.json", work / f"{method}.out.json"
     args_file.write_text(json.dumps(args))
     log(f"screen {method}")
-    m = b._run([bench.PY, str(HERE / "_llm_train.py"), str(args_file), str(out_file)])
+    m = run_offline([bench.PY, str(HERE / "_llm_train.py"), str(args_file), str(out_file)], bench.ROOT)
     out = json.loads(out_file.read_text())
     rec = {"method": method, "val_ppl": out.get("val_ppl"), "train_loss_last": out.get("train_loss_last"),
            "trainable": out.get("trainable"), "wall_s": m["wall_s"], "peak_rss_gib": m["peak_rss_gib"],
@@ -89,7 +79,8 @@ def report(recs: dict[str, dict], results: Path) -> None:
              f"- each row: {STEPS} AdamW steps of {bench.FULL['batch_size']} x {bench.FULL['seq']} tokens of the "
              f"{DOMAIN} training blocks, lr {LR:g}, seed {SEED}, the benchmark's masks (`--shira-r 8`, LoRA r=8's "
              "count) and one loop for every row (`_llm_train.py`); validation perplexity on the first "
-             f"{VAL} validation blocks ({VAL * (bench.FULL['seq'] - 1):,} predicted tokens); no test split read",
+             f"{VAL} validation blocks ({VAL * (bench.FULL['seq'] - 1):,} predicted tokens); the 2 test blocks the loop "
+             "evaluates are not used",
              "- a screen, not a result: one seed, one lr, a quarter of the full protocol's steps "
              "(`results/llm_domains.md` holds the results)", "",
              "| method | val ppl | / LoRA | / FPS | train loss (last 5 steps) | trainable |",

@@ -213,8 +213,8 @@ def _check_sparse(name: str, indices: torch.Tensor, values: torch.Tensor, weight
         raise MaskError(f"{where}:values do not fit the model's {weight.dtype} weight (they overflow it to Inf)")
 
 
-def merged_entries(name: str, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, path
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def merged_entries(name: str, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                   source: object) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, weight + values at them in the weight's dtype), the sums taken in
     the wider of the two dtypes; MaskError unless every sum is finite in the
     weight's dtype (checked values: :func:`_check_sparse`)."""
@@ -224,7 +224,7 @@ def merged_entries(name: str, weight: torch.Tensor, indices: torch.Tensor, value
         wide = torch.promote_types(weight.dtype, values.dtype)
         summed = (weight.detach().take(indices).to(wide) + values.to(wide)).to(weight.dtype)
     if not bool(torch.isfinite(summed).all()):
-        raise MaskError(f"{path}: {name}:values: weight + delta overflows the model's {weight.dtype} weight to Inf")
+        raise MaskError(f"{source}: {name}:values: weight + delta overflows the model's {weight.dtype} weight to Inf")
     return indices, summed
 
 
