@@ -42,7 +42,10 @@ the model folder by every process at start (its SHA-256 is in the identity).
 So the first process writes its own copy, and every
 process reads the whole file back, each keeping its share of the AdamW state; the shards take the deltas at
 the next forward pass (``base + values`` written into each process's rows). DCP would
-add a second format and a collective write for state that is not sharded.
+add a second format and a collective write for state that is not sharded, and its
+``FileSystemReader`` reads a checkpoint's ``.metadata`` with ``pickle.load``: resuming
+from a folder of unknown origin would run whatever that file holds, where this
+checkpoint is safetensors and JSON, checked before use.
 ``recipe.fsdp`` and the number of processes are part of the identity: a
 checkpoint of a sharded run is taken up only by a sharded run of as many
 processes (each process's generator states and the data position depend on
