@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -93,12 +94,14 @@ def test_new_selectors_are_screened_on_the_first_domain_and_only_the_best_goes_o
     assert [c.lr for c in plan if (c.method, c.seed) == ("fps-neuron", 1) and c.domain == "kjv"] == [lf.GRID[1]]
 
 
-def test_rows_the_pre_screen_dropped_get_no_cells_and_are_named_in_the_report(lf, tmp_path):
+def test_rows_the_pre_screen_dropped_get_no_cells_and_are_named_in_the_report(lf, tmp_path, monkeypatch):
+    monkeypatch.setitem(lf.METHODS, "fps-lr16", dataclasses.replace(lf.METHODS["fps-lr16"], full=False))
     dropped = [m for m in lf.METHODS if not lf.METHODS[m].full]
-    assert dropped and not set(dropped) & set(lf.PLANNED) and {"lora", "fps", "gps"} <= set(lf.PLANNED)
+    assert dropped == ["fps-lr16"] and {"lora", "fps", "gps"} <= set(lf.planned()) and dropped[0] not in lf.planned()
     bench = _bench(lf, tmp_path)
+    assert not any(c.method == "fps-lr16" for c in bench.plan(["kjv"], lf.planned(), [0]))
     _finish(lf, bench, "kjv", "zero", 0.0, 0, val=25.0, test=26.0)
-    lf.report(bench, tmp_path / "out", ["kjv"], [m for m in lf.PLANNED if m != "full"], [0])
+    lf.report(bench, tmp_path / "out", ["kjv"], [m for m in lf.planned() if m != "full"], [0])
     md = (tmp_path / "out" / f"{lf.NAME}.md").read_text()
     line = next(x for x in md.splitlines() if x.startswith("- dropped by the pre-screen"))
     assert all(lf.METHODS[m].label in line for m in dropped)
