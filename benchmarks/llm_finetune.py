@@ -190,8 +190,9 @@ class Bench:
 
     def plan(self, domains: list[str], methods: list[str], seeds: list[int]) -> list[Cell]:
         """Every cell in run order: zero-shot on every domain; then per phase (LoRA and label-free
-        selectors, other sparse, full) the seed-0 lr grids domain by domain; then the other seeds
-        at the chosen lrs, in the same phase order."""
+        selectors, other sparse, full) the seed-0 lr grids domain by domain, the candidate
+        selectors' after the other rows' of the phase; then the other seeds at the chosen lrs, in
+        the same phase order."""
         seed0, later = seeds[0], seeds[1:]
         out = [Cell(d, "zero", 0.0, seed0) for d in domains if "zero" in methods]
         trained = [m for m in METHODS if m in methods and METHODS[m].train != "zero"]  # the table's order
@@ -206,11 +207,14 @@ class Bench:
         phases = sorted({METHODS[m].phase for m in trained})
         for phase in phases:
             group = [m for m in trained if METHODS[m].phase == phase]
-            for d in domains:
-                for m in group:
-                    known = runs(d, m, seed0)
-                    if known is not False:
-                        out += [Cell(d, m, lr if known else None, seed0) for lr in METHODS[m].grid]
+            # the settled rows' grids on every domain first, then the candidates': a candidate's
+            # screening on the first domain matters less than whether the settled rows differ anywhere
+            for part in ([m for m in group if not METHODS[m].candidate], [m for m in group if METHODS[m].candidate]):
+                for d in domains:
+                    for m in part:
+                        known = runs(d, m, seed0)
+                        if known is not False:
+                            out += [Cell(d, m, lr if known else None, seed0) for lr in METHODS[m].grid]
         for phase in phases:
             group = [m for m in trained if METHODS[m].phase == phase]
             out += [Cell(d, m, self.chosen_lr(d, m, seed0) if runs(d, m, s) else None, s)

@@ -78,6 +78,9 @@ def test_new_selectors_are_screened_on_the_first_domain_and_only_the_best_goes_o
         return {(c.domain, c.method, c.seed) for c in plan if c.lr is not None}
 
     plan = bench.plan(["kjv", "man"], methods, seeds)
+    # LoRA's and FPS's grids on every domain come before any candidate's cell
+    assert max(i for i, c in enumerate(plan) if c.method in ("lora", "fps") and c.seed == 0) \
+        < min(i for i, c in enumerate(plan) if c.method in ("fps-neuron", "fps-a05"))
     assert ("kjv", "fps-neuron", 0) in runnable(plan) and ("man", "fps-neuron", 0) not in runnable(plan)
     assert ("man", "fps", 0) in runnable(plan)  # plain FPS is no candidate: it runs everywhere
     waiting = [c for c in plan if c.lr is None and c.method in ("fps-neuron", "fps-a05")]
