@@ -14,7 +14,7 @@ peak (``os.wait4`` of torchrun: the largest process, writing the merged model in
 reported too: rank 0 writes the merged model from the base's files a tensor at a time.
 
 Part ``base-dtype``: SmolLM2-135M (the fp32 folder of the LLM benchmark), ``--task causal-lm`` on
-its ``kjv`` corpus, one process, ``--base-dtype fp32`` against ``bf16`` (without and with ``--checkpointing``): the same mask (1 % random
+its ``kjv`` corpus, one process, ``--base-dtype fp32`` against ``bf16`` (each without and with ``--checkpointing`` and ``--chunked-loss``): the same mask (1 % random
 entries of every projection weight), STEPS_135M steps of BATCH_135M blocks of 256 tokens, the test
 perplexity on the first TEST_BLOCKS test blocks; peak RSS of the whole process (``os.wait4``) and
 after training (metrics.json).
@@ -55,6 +55,10 @@ STEPS_135M, BATCH_135M, TEST_BLOCKS = 20, 2, 32
 #: recommends for LLMs): the fixed part of a process (Python, torch, transformers: ~0.9 GiB) weighs
 #: less in a ratio the more of the memory is activations, so both are shown.
 VARIANTS = (("", []), (" --checkpointing", ["--checkpointing"]))
+#: The base-dtype part also runs each with --chunked-loss (one process; not with --fsdp): the loss over
+#: SmolLM2's 49,152-token vocabulary is computed in fp32 in both dtypes, so its logits do not halve.
+DTYPE_VARIANTS = VARIANTS + ((" --chunked-loss", ["--chunked-loss"]),
+                             (" --checkpointing --chunked-loss", ["--checkpointing", "--chunked-loss"]))
 TARGETS = {"fsdp/ddp per-rank peak RSS": 0.65, "bf16/fp32 peak RSS": 0.60, "bf16/fp32 test perplexity - 1": 0.01}
 
 
@@ -195,7 +199,7 @@ def part_dtype() -> dict:
             "--train", str(KJV / "train.npz"), "--test", str(tokens), "--batch-size", str(BATCH_135M),
             "--epochs", "1", "--max-steps", str(STEPS_135M), "--lr", "3e-3", "--clip-grad", "1"]
     rows, ratios = {}, {}
-    for suffix, flags in VARIANTS:
+    for suffix, flags in DTYPE_VARIANTS:
         for dtype in ("fp32", "bf16"):
             rows[dtype + suffix] = _train(base + ["--base-dtype", dtype, *flags], WORK / "out", 1)
             log(f"{dtype}{suffix}: {rows[dtype + suffix]}")
@@ -214,6 +218,11 @@ def _ratio_lines(ratios: dict, digits: int, target) -> list[str]:
             *(f"| {name} | {value:.{digits}f} | {target(name)} |" for name, value in ratios.items()), ""]
 
 
+def _made(part: dict) -> list[str]:
+    """The line saying which run made a part (parts of older files do not say)."""
+    return [f"Measured {part['date']} by `{part['command']}`.", ""] if "date" in part else []
+
+
 def _report(report: dict, out: Path) -> None:
     lines = [f"# Sparse fine-tuning memory: FSDP vs DDP, bf16 vs fp32 base ({report['date']})", "",
              f"`{report['command']}` on {report['machine']}, torch {report['torch']}.", ""]
@@ -221,6 +230,7 @@ def _report(report: dict, out: Path) -> None:
         part = report["fsdp"]
         lines += [f"## FSDP vs DDP: random-init Llama, {part['parameters'] / 1e9:.2f} B parameters "
                   f"({part['layers']} layers), 2 processes, gloo, {STEPS} steps of 1 x {SEQ} tokens per process", "",
+                  *_made(part),
                   "| run | peak RSS per rank after training (GiB) | step (s) | whole-run peak RSS (GiB) | wall (s) |",
                   "|---|---|---:|---:|---:|"]
         for name, row in part["runs"].items():
@@ -233,6 +243,7 @@ def _report(report: dict, out: Path) -> None:
         part = report["base_dtype"]
         lines += [f"## bf16 vs fp32 frozen base: SmolLM2-135M, kjv, one process, {STEPS_135M} steps of "
                   f"{BATCH_135M} x 256 tokens, test perplexity on {TEST_BLOCKS} test blocks", "",
+                  *_made(part),
                   "| base | whole-run peak RSS (GiB) | peak RSS after training (GiB) | step (s) | test perplexity |",
                   "|---|---:|---:|---:|---:|"]
         for name, row in part["runs"].items():
@@ -268,10 +279,11 @@ def main() -> None:
     if args.part != "both" and previous.exists():  # the other part's figures are kept
         kept = json.loads(previous.read_text())
         report.update({k: kept[k] for k in ("fsdp", "base_dtype") if k in kept})
+    made = {"date": report["date"], "command": report["command"]}  # each part says which run made it
     if args.part in ("fsdp", "both"):
-        report["fsdp"] = part_fsdp(args.layers)
+        report["fsdp"] = made | part_fsdp(args.layers)
     if args.part in ("base-dtype", "both"):
-        report["base_dtype"] = part_dtype()
+        report["base_dtype"] = made | part_dtype()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     _report(report, args.output)
     print(args.output.with_suffix(".md").read_text())

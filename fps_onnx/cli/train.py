@@ -70,6 +70,10 @@ def _both(name: str, show=str) -> str:
               help=f"causal-lm: batches per optimizer step (gradient accumulation). [default: {_C.accumulate}]")
 @click.option("--checkpointing", is_flag=True, default=None,
               help="causal-lm: activation checkpointing (less memory, a second forward in the backward pass).")
+@click.option("--chunked-loss", is_flag=True, default=None,
+              help="causal-lm: the next-token loss from the final hidden states a chunk of tokens at a time: "
+                   "the [tokens x vocabulary] logits are never held whole (less memory; the head's matmul "
+                   "runs again in the backward pass). Not with --fsdp.")
 @click.option("--max-length", type=int,
               help=f"causal-lm: tokens per sample, capped at the model's positions. [default: {_C.max_length}]")
 @click.option("--fsdp", is_flag=True, default=None,
@@ -92,7 +96,8 @@ def _both(name: str, show=str) -> str:
 @quiet_option
 def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_path, output, epochs, batch_size,
           lr, weight_decay, warmup_epochs, min_lr, clip_grad, label_smoothing, seed, train_head, train_bias,
-          train_norm, amp, workers, max_steps, accumulate, checkpointing, max_length, fsdp, base_dtype, num_classes,
+          train_norm, amp, workers, max_steps, accumulate, checkpointing, chunked_loss, max_length, fsdp, base_dtype,
+          num_classes,
           image_size, device, save_every, save_dir, resume, as_json, quiet):
     """Fine-tune only the weights a mask file selects (plus head and biases).
 
@@ -116,7 +121,8 @@ def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_
         warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad,
         label_smoothing=label_smoothing, seed=seed, train_head=train_head, train_bias=train_bias,
         train_norm=train_norm, amp=amp, workers=workers, max_steps=max_steps, accumulate=accumulate,
-        checkpointing=checkpointing, max_length=max_length, fsdp=fsdp, base_dtype=base_dtype,
+        checkpointing=checkpointing, chunked_loss=chunked_loss, max_length=max_length, fsdp=fsdp,
+        base_dtype=base_dtype,
     ))
     from tqdm import tqdm
 

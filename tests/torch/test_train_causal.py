@@ -19,6 +19,7 @@ from _cli import assert_one_error, invoke
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from fps_onnx.errors import ExportError  # noqa: E402
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 from fps_onnx.torch.train import causal, hf_folder, lm_data, loop, sparse  # noqa: E402
 from fps_onnx.torch.train import delta as delta_file  # noqa: E402
@@ -227,6 +228,54 @@ def test_checkpointing_recomputes_with_the_same_weights(folders):
     assert loss_ckpt == pytest.approx(loss_plain, rel=1e-5)
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind, head", [("llama", "lm_head.weight"), ("llama-tied", "model.embed_tokens.weight")])
+def test_a_chunked_loss_trains_what_the_whole_logits_train(folders, monkeypatch, kind, head):
+    """--chunked-loss: the head's logits a few tokens at a time (3 a chunk here, so padded and prompt
+    tokens fall inside chunks and batches end mid-chunk), each recomputed in the backward pass; a
+    selected head (untied, or the tied embedding) trains through the chunks too."""
+    folder = folders / kind
+    monkeypatch.setattr(causal, "LOSS_CHUNK_BYTES", 4 * _load(folder).config.vocab_size * 3)
+    masks = _masks(_load(folder), (*SELECTED[:2], head), 0.2)
+    runs, calls = [], []
+    for chunked in (False, True):
+        recipe = CausalLMRecipe(batch_size=2, accumulate=2, epochs=2, lr=1e-2, warmup_epochs=0, amp=False,
+                                chunked_loss=chunked)
+        model = _prepared(folder, masks, recipe)
+        model.get_output_embeddings().register_forward_hook(lambda m, i, o, c=calls, k=chunked: c.append((k, len(i[0]))))
+        history = causal.fit(model, _loader(folder, 2), _loader(folder, 3), recipe=recipe)
+        runs.append((_values(model), history["epochs"][-1]))
+    (whole, rec_whole), (chunks, rec_chunks) = runs
+    assert rec_chunks["train_loss"] == pytest.approx(rec_whole["train_loss"], rel=1e-5)
+    assert rec_chunks["val_loss"] == pytest.approx(rec_whole["val_loss"], rel=1e-5)
+    assert sorted(whole) == sorted(chunks) and any(head in n for n in whole)
+    for name in whole:
+        torch.testing.assert_close(chunks[name], whole[name], rtol=1e-5, atol=1e-6)
+    sizes = [n for c, n in calls if c]  # the head's inputs: hidden states of at most 3 tokens
+    assert sizes and max(sizes) == 3 and all(n <= 3 for n in sizes)
+    assert all(n == 2 or n == 3 for c, n in calls if not c)  # whole batches: [batch, length, hidden]
+
+
+def test_train_chunked_loss_from_the_command_line(case, tmp_path):
+    model_dir, mask_path, _, train = case
+    result = _train(model_dir, mask_path, train, tmp_path / "out", "--epochs", "1", "--chunked-loss")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["recipe"]["chunked_loss"] is True
+    result = _train(model_dir, mask_path, train, tmp_path / "out2", "--epochs", "1", "--chunked-loss", "--fsdp")
+    assert_one_error(result, "--chunked-loss does not run with --fsdp", absent=[tmp_path / "out2"])
+
+
+def test_a_chunked_loss_refuses_a_model_that_changes_its_heads_output(folders, monkeypatch):
+    folder = folders / "llama"
+    recipe = CausalLMRecipe(chunked_loss=True, amp=False)
+    model = _prepared(folder, _masks(_load(folder), SELECTED[:1], 0.2), recipe)
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: type(out := forward(**kw))(logits=out.logits * 0.5))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(ExportError, match="changes its head's output before returning the logits"):
+        causal.batch_loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, recipe)
+    assert "forward" not in vars(model.get_output_embeddings())  # the head is itself again
 
 
 def test_a_tied_lm_head_mask_trains_the_one_shared_tensor(folders, tmp_path, caplog):

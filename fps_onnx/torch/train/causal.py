@@ -23,7 +23,8 @@ from ._torch import nn, torch
 from .lm_data import IGNORE
 from .recipe import Recipe
 
-__all__ = ["count_tokens", "enable_checkpointing", "evaluate", "fit", "token_loss_sum", "train_step"]
+__all__ = ["batch_loss_sum", "count_tokens", "enable_checkpointing", "evaluate", "fit", "token_loss_sum",
+           "train_step"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,61 @@ def count_tokens(labels: torch.Tensor) -> int:
 def _logits(model, batch: dict) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return loop.logits_of(out)
+
+
+#: Bytes of float32 logits one piece of a chunked loss holds at a time (:func:`batch_loss_sum`).
+LOSS_CHUNK_BYTES = 1 << 25
+
+
+def batch_loss_sum(model, batch: dict, recipe: Recipe) -> torch.Tensor:
+    """:func:`token_loss_sum` of ``model`` on ``batch``; with ``recipe.chunked_loss``, computed from the
+    final hidden states a chunk of tokens at a time.
+
+    Chunked, the model runs with its output head set aside (its input kept, a stand-in of no
+    memory returned), and the head then computes the logits of :data:`LOSS_CHUNK_BYTES` worth of
+    predicted tokens at a time, each chunk under activation checkpointing, so that neither
+    pass holds the whole [tokens x vocabulary] logits: its backward pass computes the chunk's
+    logits again. The sum is that of the whole logits but for the order of the additions. A
+    model that does anything to its head's output before returning it (scaling, soft-capping)
+    is refused: the chunks would skip that.
+    """
+    if not recipe.chunked_loss:
+        return token_loss_sum(_logits(model, batch), batch["labels"])
+    head = getattr(checkpoint.unwrap(model), "get_output_embeddings", lambda: None)()
+    if not isinstance(head, nn.Linear):
+        raise ExportError(f"--chunked-loss needs a causal LM whose output head is a Linear layer, not "
+                          f"{type(head).__name__}")
+    kept = {}
+
+    def stand_in(hidden: torch.Tensor) -> torch.Tensor:
+        kept["hidden"] = hidden
+        kept["out"] = hidden.new_zeros((), dtype=torch.float32).expand(*hidden.shape[:-1], head.out_features)
+        return kept["out"]
+
+    head.forward = stand_in  # for this call only: the instance's attribute shadows the class's forward
+    try:
+        logits = _logits(model, batch)
+    finally:
+        del head.forward
+    if logits is not kept.get("out"):
+        raise ExportError(f"--chunked-loss: {type(checkpoint.unwrap(model)).__name__} changes its head's output "
+                          "before returning the logits; train without --chunked-loss")
+    hidden, labels = kept["hidden"][:, :-1], batch["labels"][:, 1:].to(kept["hidden"].device)
+    predicted = labels != IGNORE
+    hidden, labels = hidden[predicted], labels[predicted]  # [tokens, hidden], [tokens]
+    size = max(1, LOSS_CHUNK_BYTES // (4 * head.out_features))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(labels), size):
+        part = (hidden[start:start + size], labels[start:start + size])
+        if torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, head, *part, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, *part)
+    return total
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -99,7 +155,7 @@ def train_step(model, group: list[dict], optimizer, schedule, recipe: Recipe, de
         last = i == len(group) - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if last else model.no_sync():
             with loop._autocast(device, recipe):
-                summed = token_loss_sum(_logits(model, batch), batch["labels"])
+                summed = batch_loss_sum(model, batch, recipe)
             if not torch.isfinite(summed):
                 raise NumericError(f"the training loss became {summed.item()}; lower --lr or enable --clip-grad")
             (summed * (world / max(total, 1))).backward()
@@ -119,7 +175,7 @@ def evaluate(model, loader, device, recipe: Recipe = Recipe()) -> dict:
     for batch in loader:
         batch = loop.to_device(batch, device)
         with loop._autocast(device, recipe):
-            sums[0] += token_loss_sum(_logits(model, batch), batch["labels"]).double()
+            sums[0] += batch_loss_sum(model, batch, recipe).double()
         sums[1] += count_tokens(batch["labels"])
     _all_reduce(sums)
     model.train(was_training)

@@ -88,7 +88,7 @@ from ._torch import nn, torch
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Checkpointing", "Checkpoints", "Progress", "ResumableSampler",
            "checked_optimizer_state", "gather_optimizer_state", "group_settings", "identity", "load_trainable_state",
-           "model_digest", "optimizer_tensors", "selection_digest", "trainable_state"]
+           "model_digest", "optimizer_tensors", "selection_digest", "trainable_state", "unwrap"]
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class Progress:
         self.epoch, self.batch, self.totals, self.seconds = self.epoch + 1, 0, {}, 0.0
 
 
-def _unwrap(net: nn.Module) -> nn.Module:
+def unwrap(net: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper, else ``net``."""
     ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
     return net.module if ddp is not None and isinstance(net, ddp) else net
@@ -180,7 +180,7 @@ def _unwrap(net: nn.Module) -> nn.Module:
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of what training changes: the tensors that train and the buffers (batch-norm
     statistics and counts; not the deltas' own), by plain name (a DDP wrapper unwrapped)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     keep = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for name, buf in model.named_buffers():
         if sparse.plain_name(name) == name:
@@ -190,7 +190,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state`` (from :func:`trainable_state`) into ``model``."""
-    model = _unwrap(model)
+    model = unwrap(model)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for name, value in state.items():
@@ -285,7 +285,7 @@ def model_digest(model: nn.Module) -> str:
 def selection_digest(model: nn.Module) -> str:
     """Hex SHA-256 of the entries that train: each sparse weight's name and flat indices, by name."""
     digest = hashlib.sha256()
-    for name, delta in sorted(sparse.unique_deltas(_unwrap(model)).items()):
+    for name, delta in sorted(sparse.unique_deltas(unwrap(model)).items()):
         digest.update(f"{name}\0{delta.indices.numel()}\0".encode())
         digest.update(delta.indices.detach().cpu().numpy().astype("<i8").tobytes())
     return digest.hexdigest()

@@ -52,6 +52,7 @@ class Recipe:
     max_length: int = 1024  # tokens per text sample (causal LMs; capped at the model's positions)
     base_dtype: str | None = None  # frozen weights: "bf16", "fp16" or "fp32" (None: precision.base_dtype)
     fsdp: bool = False  # shard the model over the torchrun processes (FSDP2) instead of replicating it
+    chunked_loss: bool = False  # causal LMs: the loss from the hidden states a chunk of tokens at a time
 
     def __post_init__(self) -> None:
         checks = (
@@ -71,6 +72,8 @@ class Recipe:
             (self.accumulate >= 1, f"gradient accumulation must be at least 1 batch, not {self.accumulate}"),
             (self.base_dtype in BASE_DTYPES, f"--base-dtype must be one of {', '.join(BASE_DTYPES[1:])}, "
                                              f"not {self.base_dtype!r}"),
+            (not (self.chunked_loss and self.fsdp),
+             "--chunked-loss does not run with --fsdp yet: a sharded head's every use is a collective"),
         )
         for ok, message in checks:
             if not ok:
