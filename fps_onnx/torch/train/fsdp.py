@@ -541,7 +541,8 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     The frozen weights are left out (they are the base model's). Save with
     ``dcp.save(checkpoint_state(model, opt), checkpoint_id=DIR)``; resume with
     ``state = checkpoint_state(model, opt); dcp.load(state, checkpoint_id=DIR);
-    load_checkpoint_state(model, opt, state)``.
+    load_checkpoint_state(model, opt, state)``. ``dcp.load`` reads the folder's ``.metadata``
+    with ``pickle``: load only folders your own runs wrote.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
