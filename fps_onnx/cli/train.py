@@ -73,7 +73,7 @@ def _both(name: str, show=str) -> str:
 @click.option("--chunked-loss", is_flag=True, default=None,
               help="causal-lm: the next-token loss from the final hidden states a chunk of tokens at a time: "
                    "the [tokens x vocabulary] logits are never held whole (less memory; the head's matmul "
-                   "runs again in the backward pass). Not with --fsdp.")
+                   "runs again in the backward pass). With --fsdp: an untied, frozen head.")
 @click.option("--max-length", type=int,
               help=f"causal-lm: tokens per sample, capped at the model's positions. [default: {_C.max_length}]")
 @click.option("--fsdp", is_flag=True, default=None,

@@ -262,8 +262,6 @@ def test_train_chunked_loss_from_the_command_line(case, tmp_path):
     result = _train(model_dir, mask_path, train, tmp_path / "out", "--epochs", "1", "--chunked-loss")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["recipe"]["chunked_loss"] is True
-    result = _train(model_dir, mask_path, train, tmp_path / "out2", "--epochs", "1", "--chunked-loss", "--fsdp")
-    assert_one_error(result, "--chunked-loss does not run with --fsdp", absent=[tmp_path / "out2"])
 
 
 def test_a_chunked_loss_refuses_a_model_that_changes_its_heads_output(folders, monkeypatch):

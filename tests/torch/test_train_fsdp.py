@@ -93,6 +93,7 @@ def _assert_same_deltas(one: Path, two: Path) -> float:
 @pytest.mark.parametrize("kind, extra, selected", [
     ("llama", (), SELECTED),
     ("llama", (), SELECTED[:2]),  # a frozen embedding and head, untied: never gathered whole
+    pytest.param("llama", ("--chunked-loss",), SELECTED[:2], marks=pytest.mark.slow),  # the head's rows, chunked
     pytest.param("llama-tied", ("--train-head",), SELECTED, marks=pytest.mark.slow)])
 def test_two_sharded_processes_train_the_deltas_one_process_does(tmp_path, kind, extra, selected):
     folder, masks, train = _case(tmp_path, kind, selected)
@@ -403,6 +404,65 @@ def test_a_sharded_run_keeps_each_adamw_state_and_gradient_on_one_process_and_tr
             assert torch.equal(r["zero"]["values"][name], ranks[0]["zero"]["values"][name]), name
             assert torch.allclose(r["zero"]["values"][name], value, rtol=1e-5, atol=1e-7), name
             assert value.abs().max() > 0, name
+
+
+def _chunked_worker(rank: int, world: int, port: int, folders: list[str], masks: str, out: str) -> None:
+    from fps_onnx.errors import ExportError
+    from fps_onnx.torch.train import causal
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    causal.LOSS_CHUNK_BYTES = 4 * 3 * 300  # 3 tokens a chunk of the 300-token vocabulary
+    length = (9, 14)[rank]  # the processes hold unlike numbers of tokens, so of chunks
+    ids = torch.randint(3, 300, (2, length), generator=torch.Generator().manual_seed(rank))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    runs = {}
+    for chunked in (False, True):
+        recipe = CausalLMRecipe(fsdp=True, chunked_loss=chunked, amp=False)
+        model = fsdp.meta_causal_lm(folders[0], torch.float32)
+        loop.prepare(model, masks, recipe)
+        fsdp.shard(model, torch.device("cpu"), folder=folders[0])
+        loss = causal.batch_loss_sum(model, batch, recipe)
+        loss.backward()
+        with torch.no_grad():
+            evaluated = causal.batch_loss_sum(model, batch, recipe)
+        runs[chunked] = {"loss": loss.item(), "eval": evaluated.item(), "head": type(model.lm_head).__name__,
+                         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+    tied = fsdp.meta_causal_lm(folders[1], torch.float32)
+    recipe = CausalLMRecipe(fsdp=True, chunked_loss=True, amp=False)
+    loop.prepare(tied, masks, recipe)
+    fsdp.shard(tied, torch.device("cpu"), folder=folders[1])
+    try:
+        causal.batch_loss_sum(tied, batch, recipe)
+        runs["tied"] = "trained"
+    except ExportError as exc:
+        runs["tied"] = str(exc)
+    torch.save(runs, f"{out}/chunked{rank}.pt")
+    torch.distributed.barrier()
+    os._exit(0)
+
+
+def test_a_chunked_loss_over_a_row_sharded_head_is_the_whole_logits_loss(tmp_path):
+    """--chunked-loss --fsdp: the untied frozen head stays sharded by rows, each chunk's logits
+    broadcast a chunk of rows at a time; the process with fewer tokens makes as many head calls
+    (empty chunks) as the other, and the loss and the deltas' gradients are those of the whole
+    logits. A head tied to the embedding is refused."""
+    folder, masks, _ = _case(tmp_path, selected=SELECTED[:2])
+    tied, _, _ = _case(tmp_path / "tied", "llama-tied", selected=SELECTED[:2])
+    torch.multiprocessing.spawn(_chunked_worker, args=(2, _free_port(), [str(folder), str(tied)], str(masks),
+                                                       str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        runs = torch.load(tmp_path / f"chunked{rank}.pt", weights_only=True)
+        whole, chunks = runs[False], runs[True]
+        assert chunks["head"] == "RowShardedHead"
+        assert chunks["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+        assert chunks["eval"] == pytest.approx(whole["eval"], rel=1e-6)
+        assert sorted(chunks["grads"]) == sorted(whole["grads"]) and whole["grads"]
+        for name, grad in whole["grads"].items():
+            torch.testing.assert_close(chunks["grads"][name], grad, rtol=1e-5, atol=1e-6)
+        assert "needs an untied, frozen output head" in runs["tied"] and "tied to its input embedding" in runs["tied"]
 
 
 def test_a_shards_entries_are_the_span_of_sorted_indices_in_its_rows(monkeypatch):

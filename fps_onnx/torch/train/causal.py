@@ -56,41 +56,58 @@ def batch_loss_sum(model, batch: dict, recipe: Recipe) -> torch.Tensor:
     """:func:`token_loss_sum` of ``model`` on ``batch``; with ``recipe.chunked_loss``, computed from the
     final hidden states a chunk of tokens at a time.
 
-    Chunked, the model runs with its output head set aside (its input kept, a stand-in of no
-    memory returned), and the head then computes the logits of :data:`LOSS_CHUNK_BYTES` worth of
+    Chunked, the model runs with its output head set aside (the head's input returned as it is),
+    and the head then computes the logits of :data:`LOSS_CHUNK_BYTES` worth of
     predicted tokens at a time, each chunk under activation checkpointing, so that neither
     pass holds the whole [tokens x vocabulary] logits: its backward pass computes the chunk's
     logits again. The sum is that of the whole logits but for the order of the additions. A
     model that does anything to its head's output before returning it (scaling, soft-capping)
     is refused: the chunks would skip that.
+
+    Under ``--fsdp`` the head must be one that stays sharded by rows
+    (:class:`~.fsdp.RowShardedHead`: untied and frozen), whose every use is a collective: every
+    process then computes as many chunks as the one with the most tokens (some of them empty).
+    Any other head under FSDP (tied to the embedding, or trained) is refused.
     """
     if not recipe.chunked_loss:
         return token_loss_sum(_logits(model, batch), batch["labels"])
-    head = getattr(checkpoint.unwrap(model), "get_output_embeddings", lambda: None)()
-    if not isinstance(head, nn.Linear):
-        raise ExportError(f"--chunked-loss needs a causal LM whose output head is a Linear layer, not "
-                          f"{type(head).__name__}")
+    from . import fsdp
+
+    root = checkpoint.unwrap(model)
+    head = getattr(root, "get_output_embeddings", lambda: None)()
+    collective = isinstance(head, fsdp.RowShardedHead)
+    if not collective and fsdp.is_unit(root):
+        raise ExportError("--chunked-loss with --fsdp needs an untied, frozen output head (kept sharded by rows); "
+                          "this model's is tied to its input embedding or trains")
+    if not collective and not isinstance(head, nn.Linear):
+        raise ExportError(f"--chunked-loss needs an output head that is a Linear layer, not {type(head).__name__}")
+    vocab = head.weight.shape[0] if collective else head.out_features
     kept = {}
 
     def stand_in(hidden: torch.Tensor) -> torch.Tensor:
+        # the head's input itself comes out of the model as its "logits": the loss then hangs on the
+        # model's own output, where wrappers hook their backward passes (FSDP gathers its root's
+        # weights there again, DDP finds what to reduce)
         kept["hidden"] = hidden
-        kept["out"] = hidden.new_zeros((), dtype=torch.float32).expand(*hidden.shape[:-1], head.out_features)
-        return kept["out"]
+        return hidden
 
     head.forward = stand_in  # for this call only: the instance's attribute shadows the class's forward
     try:
         logits = _logits(model, batch)
     finally:
         del head.forward
-    if logits is not kept.get("out"):
-        raise ExportError(f"--chunked-loss: {type(checkpoint.unwrap(model)).__name__} changes its head's output "
+    if logits is not kept.get("hidden"):
+        raise ExportError(f"--chunked-loss: {type(root).__name__} changes its head's output "
                           "before returning the logits; train without --chunked-loss")
-    hidden, labels = kept["hidden"][:, :-1], batch["labels"][:, 1:].to(kept["hidden"].device)
+    hidden, labels = logits[:, :-1], batch["labels"][:, 1:].to(logits.device)
     predicted = labels != IGNORE
     hidden, labels = hidden[predicted], labels[predicted]  # [tokens, hidden], [tokens]
-    size = max(1, LOSS_CHUNK_BYTES // (4 * head.out_features))
+    size = max(1, LOSS_CHUNK_BYTES // (4 * vocab))
+    chunks = -(-len(labels) // size)
+    if collective:  # the head's calls are broadcasts: every process makes as many
+        chunks = int(_all_reduce(torch.tensor([chunks], device=hidden.device), torch.distributed.ReduceOp.MAX))
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(labels), size):
+    for start in range(0, chunks * size, size):
         part = (hidden[start:start + size], labels[start:start + size])
         if torch.is_grad_enabled():
             total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, head, *part, use_reentrant=False)
@@ -133,9 +150,10 @@ def _groups(loader, size: int) -> Iterator[list[dict]]:
         yield group
 
 
-def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
+    """``values`` summed (or reduced by ``op``) over the processes, in place; as it is without a process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values)
+        torch.distributed.all_reduce(values, *(() if op is None else (op,)))
     return values
 
 

@@ -64,7 +64,8 @@ from ._torch import nn, torch
 from .recipe import RecipeError
 
 __all__ = ["RowShardedEmbedding", "RowShardedHead", "block_modules", "check_world", "checkpoint_state", "delta_indices",
-    "gather_trainable", "load_checkpoint_state", "load_trainable", "load_weights", "meta_causal_lm", "release", "shard"]
+    "gather_trainable", "is_unit", "load_checkpoint_state", "load_trainable", "load_weights", "meta_causal_lm",
+    "release", "shard"]
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +340,15 @@ def _average(world: int):
         return grad.div_(world)
 
     return hook
+
+
+def is_unit(module: object) -> bool:
+    """Whether ``module`` is a ``fully_shard`` unit (its weights gathered on every use)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without torch.distributed
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _is_sharded(tensor) -> bool:

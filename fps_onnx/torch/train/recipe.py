@@ -72,8 +72,6 @@ class Recipe:
             (self.accumulate >= 1, f"gradient accumulation must be at least 1 batch, not {self.accumulate}"),
             (self.base_dtype in BASE_DTYPES, f"--base-dtype must be one of {', '.join(BASE_DTYPES[1:])}, "
                                              f"not {self.base_dtype!r}"),
-            (not (self.chunked_loss and self.fsdp),
-             "--chunked-loss does not run with --fsdp yet: a sharded head's every use is a collective"),
         )
         for ok, message in checks:
             if not ok:
