@@ -105,7 +105,7 @@ def batch_loss_sum(model, batch: dict, recipe: Recipe) -> torch.Tensor:
     size = max(1, LOSS_CHUNK_BYTES // (4 * vocab))
     chunks = -(-len(labels) // size)
     if collective:  # the head's calls are broadcasts: every process makes as many
-        chunks = int(_all_reduce(torch.tensor([chunks], device=hidden.device), torch.distributed.ReduceOp.MAX))
+        chunks = int(_all_reduce(torch.tensor([chunks], device=hidden.device), "MAX"))
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, chunks * size, size):
         part = (hidden[start:start + size], labels[start:start + size])
@@ -150,10 +150,11 @@ def _groups(loader, size: int) -> Iterator[list[dict]]:
         yield group
 
 
-def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
-    """``values`` summed (or reduced by ``op``) over the processes, in place; as it is without a process group."""
+def _all_reduce(values: torch.Tensor, op: str = "SUM") -> torch.Tensor:
+    """``values`` reduced over the processes by ``op`` (a ``ReduceOp`` name), in place; as they are without
+    a process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values, *(() if op is None else (op,)))
+        torch.distributed.all_reduce(values, getattr(torch.distributed.ReduceOp, op))
     return values
 
 
