@@ -5,7 +5,9 @@
 ARGS: ``model`` (HF folder), ``mode`` (``zero`` | ``full`` | ``lora`` |
 ``sparse`` | ``eval``), ``train``/``val``/``test`` (.npz of ``input_ids``
 [N, SEQ]), ``steps``, ``batch_size``, ``lr``, ``warmup``, ``seed``,
-``masks`` (sparse), ``weights`` (eval: a model.safetensors to load), ``blocks``
+``masks`` (sparse), ``weights`` (eval: a model.safetensors to load), ``delta``
+(full, optional: where to write the update W_after - W_before of each
+``lora_targets`` weight, fp32 safetensors keyed by parameter name), ``blocks``
 (optional: split -> how many of its first blocks to use, e.g. {"val": 32}), and the
 LoRA settings ``lora_r``, ``lora_alpha``, ``lora_targets``.
 
@@ -49,9 +51,13 @@ def main(args_path: str, out_path: str) -> None:
     total = sum(p.numel() for p in model.parameters())
     info: dict = {"mode": a["mode"], "total_params": total, "load_s": time.perf_counter() - t0}
 
+    before = {}
     if a["mode"] == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+        if a.get("delta"):  # the weights LoRA and the sparse rows adapt, as they start
+            before = {n: p.detach().clone() for n, p in model.named_parameters()
+                      if n.endswith(".weight") and n.split(".")[-2] in a["lora_targets"]}
     elif a["mode"] == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -126,6 +132,12 @@ def main(args_path: str, out_path: str) -> None:
                      "step_s_all": sum(times) / steps,
                      "tokens_per_s": a["batch_size"] * (train.shape[1] - 1) * steps / sum(times), "train_s": sum(times),
                      "optimizer_state_bytes": state_bytes})
+    if before:
+        from safetensors.torch import save_file
+
+        params_by_name = dict(model.named_parameters())
+        save_file({n: (params_by_name[n].detach() - w).contiguous() for n, w in before.items()}, a["delta"])
+        info["delta"] = {"path": a["delta"], "tensors": len(before)}
     info["val_ppl"], _ = perplexity("val")
     info["test_ppl"], info["test_eval_s"] = perplexity("test")
     info["seconds"] = time.perf_counter() - t0

@@ -91,10 +91,21 @@ class Method:
     # False: dropped by the pre-screen (benchmarks/llm_screen.py, results/llm_screen.md) before any full
     # cell; kept as a row so that the screen can run it again, left out of the plan and the tables
     full: bool = True
+    # sparse, selection in hindsight: the masks are the top |W_after - W_before| entries of full
+    # fine-tuning at this lr (same domain and seed), so the row needs that full cell and is no
+    # selector; it bounds what any static mask of the same size, picked before training, can reach
+    hindsight_of: float | None = None
+
+    @property
+    def on_request(self) -> bool:
+        """Left out of the default plan (the full protocol): runs only when ``--methods`` names it."""
+        return self.hindsight_of is not None
 
     @property
     def phase(self) -> int:
-        """Run order after zero-shot: LoRA and the label-free selectors, other sparse, full."""
+        """Run order after zero-shot: LoRA and the label-free selectors, other sparse, full, hindsight."""
+        if self.hindsight_of is not None:
+            return 4
         return {"zero": 0, "lora": 1, "full": 3}.get(self.train, 1 if self.label_free else 2)
 
 
@@ -120,12 +131,16 @@ METHODS = {
     "gps": Method("GPS-sparse", "sparse", select=("--method", "gps", "--task", "causal-lm", "--level", "neuron"),
                   torch=True),
     "full": Method("full fine-tuning", "full", grid=FULL_GRID),
+    # the largest lr of full fine-tuning's grid: the biggest, least noisy update of the three
+    "hindsight": Method("hindsight: largest full-FT updates (not a selector)", "sparse",
+                        hindsight_of=FULL_GRID[-1]),
 }
 
 
 def planned() -> list[str]:
-    """The rows the full protocol runs (the default ``--methods``): those the pre-screen kept."""
-    return [m for m in METHODS if METHODS[m].full]
+    """The rows the full protocol runs (the default ``--methods``): those the pre-screen kept, but
+    the rows that run on request only."""
+    return [m for m in METHODS if METHODS[m].full and not METHODS[m].on_request]
 
 
 DOMAINS = ("kjv", "python", "man")
@@ -163,6 +178,7 @@ class Bench:
         self.cells = results / "cells"
         self.model_dir = HERE / "work" / "llm" / "smollm2-135m"  # shared by smoke and full runs
         self.failed: set[Cell] = set()
+        self.lrs: set[str] | None = None  # run only the cells of these lrs (f"{lr:g}"); None: every lr
 
     # ---------------------------------------------------------------- plan
 
@@ -179,6 +195,14 @@ class Bench:
             return None
         rec = json.loads(self.path(cell).read_text())
         return rec if rec["config"] == self.config() else None
+
+    def delta(self, cell: Cell) -> Path:
+        """Where a full fine-tuning cell writes its update of the adapted weights (``_llm_train.py`` delta)."""
+        return self.work / "deltas" / cell.domain / f"{cell.name}.safetensors"
+
+    def has_cells(self, method: str) -> bool:
+        """Whether any cell of ``method`` has finished, in any domain (with any settings)."""
+        return any(self.cells.glob(f"*/{method}__*.json"))
 
     def chosen_lr(self, domain: str, method: str, seed0: int) -> float | None:
         """The grid lr with the lowest validation perplexity on ``seed0``; None until the grid is finished."""
@@ -280,6 +304,18 @@ class Bench:
         masks, record = folder / f"{method}.safetensors", folder / f"{method}.json"
         if masks.exists() and record.exists():
             return masks, json.loads(record.read_text())
+        if spec.hindsight_of is not None:
+            full = Cell(domain, "full", spec.hindsight_of, seed)
+            if not self.delta(full).exists():
+                log(f"{full} again, for its update")  # a cell finished before deltas were kept
+                self.run(full)
+            cmd = [PY, str(HERE / "_llm_hindsight.py"), str(self.delta(full)), str(masks), str(c["shira_r"])]
+            log(f"select {domain} {method} seed {seed} (from {full})")
+            m = self._run(cmd)
+            rec = {"wall_s": m["wall_s"], "peak_rss_gib": m["peak_rss_gib"], "cpu_s": m["cpu_s"],
+                   "parent_floor_gib": m["parent_floor_gib"], **stdout_json(m), "command": " ".join(cmd)}
+            record.write_text(json.dumps(rec, indent=1))
+            return masks, rec
         # `fps-onnx export` keeps the parameter names, so the masks come keyed by them without
         # --torch-model (which would load the PyTorch model into the selection process).
         model, provider = (f"hf:{self.model()}", []) if spec.torch else (str(self.onnx()), ["--provider", "cpu"])
@@ -330,6 +366,9 @@ class Bench:
                     "batch_size": c["batch_size"], "lr": cell.lr, "warmup": c["warmup"],
                     "seed": cell.seed, "eval_batch_size": c["eval_batch_size"], "lora_r": c["shira_r"],
                     "lora_alpha": c["lora_alpha"], "lora_targets": TARGETS}
+            if spec.train == "full":
+                self.delta(cell).parent.mkdir(parents=True, exist_ok=True)
+                args["delta"] = str(self.delta(cell))  # ~0.4 GB: the hindsight rows' masks come from it
             args_file, out_file = tmp / f"{cell.name}.args.json", tmp / f"{cell.name}.out.json"
             args_file.write_text(json.dumps(args))
             log(f"train {cell}")
@@ -349,9 +388,10 @@ class Bench:
         """Run the first unfinished cell of the plan until none is left (or only failed ones)."""
         while True:
             plan = self.plan(domains, methods, seeds)
-            todo = [x for x in plan if x.lr is not None and x not in self.failed and self.done(x) is None]
+            todo = [x for x in plan if x.lr is not None and x not in self.failed and self.done(x) is None
+                    and (self.lrs is None or f"{x.lr:g}" in self.lrs)]
             if not todo:
-                waiting = [x for x in plan if x.lr is None]
+                waiting = [x for x in plan if x.lr is None and self.lrs is None]
                 if waiting or self.failed:
                     log(f"stopped: {len(self.failed)} cells failed, {len(waiting)} wait on an lr")
                 return
@@ -429,7 +469,8 @@ def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[
            "grids": {m: list(METHODS[m].grid) for m in methods}, "seeds": seeds, "domains": {}}
     plan = bench.plan(domains, methods, seeds)
     finished = {x: r for x in plan if (r := bench.done(x)) is not None}
-    out["cells_done"], out["cells_planned"] = len(finished), len(plan)
+    protocol = [x for x in plan if not METHODS[x.method].on_request]
+    out["cells_done"], out["cells_planned"] = sum(x in finished for x in protocol), len(protocol)
     out["cell_minutes"] = sum(r["cell_seconds"] for r in finished.values()) / 60
     for d in domains:
         corpus = next((r.get("corpus") for x, r in finished.items() if x.domain == d), None)
@@ -640,6 +681,12 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
               "Python's standard library and man pages, so these are adaptation, not new-knowledge, tasks.",
               "- The sparse runs use `fps-onnx train`'s loop, the others `_llm_train.py`: the same schedule, "
               "clipping and loss, but different data-order generators and step-time implementations."]
+    for m in methods:
+        if METHODS[m].hindsight_of is not None:
+            lines.append(f"- {METHODS[m].label}: per weight, LoRA's count of the entries that full fine-tuning "
+                         f"(lr {METHODS[m].hindsight_of:g}, same domain and seed) moved most, then trained as the "
+                         "sparse rows are. It needs the full run it would spare, so it is no selector: it shows "
+                         "how far a static mask of this size, picked before training, can go at all.")
     if notes.strip():
         lines += ["", "## Notes", "", notes.strip()]
     lines += ["", f"![test perplexity per domain and the validation lr sweeps]({NAME}.png)", ""]
@@ -697,6 +744,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, into benchmarks/work/llm-smoke")
     parser.add_argument("--plan", action="store_true", help="only print the cells in run order and which are done")
     parser.add_argument("--report", action="store_true", help="only build the report from finished cells")
+    parser.add_argument("--lrs", help="comma-separated: run only the cells of these lrs [default: every lr]")
     parser.add_argument("--steps", type=int, help=f"optimizer steps [default: {FULL['steps']}]")
     args = parser.parse_args()
     domains = [d for d in args.domains.split(",") if d]
@@ -713,6 +761,13 @@ def main() -> None:
     work = HERE / "work" / ("llm-smoke" if args.smoke else "llm")
     results = work / "results" if args.smoke else HERE / "results"
     bench = Bench(cfg, work, results / NAME)
+    if args.lrs:
+        try:
+            bench.lrs = {f"{float(x):g}" for x in args.lrs.split(",") if x}
+        except ValueError:
+            parser.error(f"--lrs: numbers separated by commas, not {args.lrs!r}")
+    if args.report:  # every row with a finished cell, the rows run on request too
+        methods = [m for m in METHODS if m in methods or (METHODS[m].on_request and bench.has_cells(m))]
     if args.plan:
         bench.print_plan(domains, methods, seeds)
         return
