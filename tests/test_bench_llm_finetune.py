@@ -184,3 +184,50 @@ def test_the_gps_row_selects_on_the_pytorch_model(lf, tmp_path):
     masks = MaskFile.load(out)
     assert len(masks.masks) == 14 and masks.meta["method"] == "gps"  # q/k/v/o/gate/up/down of 2 layers
     assert masks.masks["model.layers.0.self_attn.q_proj.weight"].sum() == 64 + 64  # r*(in+out): LoRA's count
+
+
+def test_the_hindsight_row_runs_on_request_only_after_full_fine_tuning(lf, tmp_path):
+    assert "hindsight" not in lf.planned() and "full" in lf.planned()
+    bench = _bench(lf, tmp_path)
+    plan = bench.plan(["kjv"], ["fps", "full", "hindsight"], [0, 1])
+    order = [c.method for c in plan if c.seed == 0]
+    assert max(i for i, m in enumerate(order) if m == "full") < min(i for i, m in enumerate(order) if m == "hindsight")
+    assert [c.lr for c in plan if c.method == "hindsight" and c.seed == 0] == list(lf.GRID)
+    _finish(lf, bench, "kjv", "hindsight", 3e-3, 0, val=15.0, test=16.0)
+    s = lf.summarize(bench, ["kjv"], ["fps", "full", "hindsight"], [0, 1])
+    assert s["cells_done"] == 0 and s["cells_planned"] == 2 * (3 + 1)  # fps and full: grid + seed 1
+    assert s["domains"]["kjv"]["methods"]["hindsight"]["grid_val_ppl"]["0.003"] == 15.0
+    assert not any("hindsight" in t["target"] for t in s["targets"])  # no selector: no targets
+    assert bench.has_cells("hindsight") and not bench.has_cells("fps")
+
+
+def test_lrs_limits_a_run_to_the_cells_of_those_lrs(lf, tmp_path, monkeypatch):
+    bench = _bench(lf, tmp_path)
+    bench.lrs = {"0.003"}
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda cell: ran.append(cell) or _finish(
+        lf, bench, cell.domain, cell.method, cell.lr, cell.seed, val=10.0, test=11.0) or bench.done(cell))
+    bench.run_all(["kjv"], ["lora", "fps"], [0, 1])
+    assert [(c.method, c.lr, c.seed) for c in ran] == [("lora", 3e-3, 0), ("fps", 3e-3, 0)]
+
+
+def test_hindsight_masks_keep_the_largest_updates_at_loras_count(tmp_path):
+    from safetensors.numpy import save_file
+
+    from fps_onnx.selection.maskfile import MaskFile
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _llm_hindsight
+    finally:
+        sys.path.remove(str(BENCH))
+    rng = np.random.default_rng(0)
+    delta = {"a.q_proj.weight": rng.standard_normal((6, 10)).astype(np.float32),
+             "a.down_proj.weight": rng.standard_normal((10, 4)).astype(np.float32)}
+    save_file(delta, tmp_path / "delta.safetensors")
+    _llm_hindsight.main(str(tmp_path / "delta.safetensors"), str(tmp_path / "m.safetensors"), 2)
+    masks = MaskFile.load(tmp_path / "m.safetensors")
+    for key, d in delta.items():
+        mask, k = masks.masks[key], 2 * sum(d.shape)  # r * (in + out)
+        assert mask.sum() == k
+        assert np.abs(d[mask]).min() > np.abs(d[~mask]).max()  # the largest |ΔW|, sign ignored
