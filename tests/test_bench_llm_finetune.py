@@ -231,3 +231,28 @@ def test_hindsight_masks_keep_the_largest_updates_at_loras_count(tmp_path):
         mask, k = masks.masks[key], 2 * sum(d.shape)  # r * (in + out)
         assert mask.sum() == k
         assert np.abs(d[mask]).min() > np.abs(d[~mask]).max()  # the largest |ΔW|, sign ignored
+
+
+def test_overlap_tells_how_much_of_the_update_and_the_hindsight_mask_a_mask_holds(tmp_path):
+    from safetensors.numpy import save_file
+
+    from fps_onnx.selection.maskfile import MaskFile, save_masks
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _llm_hindsight
+    finally:
+        sys.path.remove(str(BENCH))
+    delta = np.zeros((4, 6), np.float32)
+    delta[0, :] = 3.0  # the whole update on row 0
+    save_file({"l.q_proj.weight": delta}, tmp_path / "delta.safetensors")
+    _llm_hindsight.main(str(tmp_path / "delta.safetensors"), str(tmp_path / "hindsight.safetensors"), 1)
+    other = np.zeros((4, 6), bool)
+    other[1:, :2] = True  # 6 entries, none on row 0, columns 0-1 only
+    save_masks(MaskFile({"l.q_proj.weight": other}), tmp_path / "other.safetensors")
+    table = _llm_hindsight.overlap(str(tmp_path / "delta.safetensors"), str(tmp_path), ["other"])
+    rows = {line.split(" | ")[1]: line for line in table.splitlines()[2:]}
+    # hindsight keeps r * (in + out) = 10 entries: row 0 (all the energy) and 4 more
+    assert rows["hindsight"] == "| q_proj | hindsight | 41.67% | 100.0% | 100.0% | 100.0% |"
+    assert rows["other"].startswith("| q_proj | other | 25.00% | 0.0% | ")
+    assert rows["other"].endswith(" | 33.3% |")  # 2 of 6 input columns
