@@ -23,8 +23,10 @@ Sparse methods train with ``fps-onnx train --task causal-lm``; zero / full /
 lora with ``_llm_train.py`` (the same schedule, clipping and loss). A new
 selector is one more row.
 
-Protocol: each (domain, method) runs its lr grid on seed 0; the lr with the
-lowest validation perplexity is then run on seeds 1 and 2. New label-free
+Protocol: each (domain, method) runs its lr grid on seed 0 (and, while the
+best lr is at an end of those run, the next one of the 1-3-10 ladder past it,
+at most EXTEND past each end); the lr with the lowest validation perplexity is
+then run on seeds 1 and 2. New label-free
 selectors (``candidate`` rows) are screened on the first domain: only the one
 with the lowest validation perplexity there (seed 0) runs on the other domains
 and seeds. ``llm_screen.py`` runs a candidate for 50 steps on the first domain (one seed, one
@@ -73,6 +75,17 @@ NAME = "llm_domains"
 
 GRID = (1e-3, 3e-3, 1e-2)  # LoRA and every sparse method
 FULL_GRID = (1e-5, 3e-5, 1e-4)  # full fine-tuning moves every weight: its usual range is far lower
+# A grid's best lr at one of its ends says a better one may lie beyond: the seed-0 search then goes one
+# step of the 1-3-10 ladder further, at most this many steps past each end of the grid.
+EXTEND = 2
+
+
+def ladder(lr: float, up: bool) -> float:
+    """The next lr of the 1-3-10 ladder (..., 3e-4, 1e-3, 3e-3, 1e-2, ...) above or below ``lr``."""
+    exp = math.floor(math.log10(lr) + 1e-9)
+    rungs = sorted(m * 10.0**e for e in (exp - 1, exp, exp + 1) for m in (1, 3))
+    nxt = min(x for x in rungs if x > lr * (1 + 1e-6)) if up else max(x for x in rungs if x < lr * (1 - 1e-6))
+    return float(f"{nxt:.0e}")
 
 
 @dataclass(frozen=True)
@@ -204,13 +217,35 @@ class Bench:
         """Whether any cell of ``method`` has finished, in any domain (with any settings)."""
         return any(self.cells.glob(f"*/{method}__*.json"))
 
+    def seed0_lrs(self, domain: str, method: str, seed0: int) -> tuple[list[float], bool]:
+        """The lrs (domain, method) runs on ``seed0``, in run order: its grid, then, while the best
+        finished one lies at an end of those run so far, the next lr of the ladder past that end (at
+        most ``EXTEND`` past each end of the grid). Settled (True) once every one of them is finished
+        and no further one is due."""
+        grid = list(METHODS[method].grid)
+        lrs, lo, hi = list(grid), min(grid), max(grid)
+        while True:
+            recs = {lr: self.done(Cell(domain, method, lr, seed0)) for lr in lrs}
+            if any(r is None for r in recs.values()):
+                return lrs, False
+            if len(grid) < 2:
+                return lrs, True
+            best = min(lrs, key=lambda lr: (_val(recs[lr]), lr))
+            if best == lo and sum(x < min(grid) for x in lrs) < EXTEND:
+                lo = ladder(lo, up=False)
+                lrs.append(lo)
+            elif best == hi and sum(x > max(grid) for x in lrs) < EXTEND:
+                hi = ladder(hi, up=True)
+                lrs.append(hi)
+            else:
+                return lrs, True
+
     def chosen_lr(self, domain: str, method: str, seed0: int) -> float | None:
-        """The grid lr with the lowest validation perplexity on ``seed0``; None until the grid is finished."""
-        grid = METHODS[method].grid
-        recs = [self.done(Cell(domain, method, lr, seed0)) for lr in grid]
-        if any(r is None for r in recs):
+        """The seed-0 lr with the lowest validation perplexity (``seed0_lrs``); None until settled."""
+        lrs, settled = self.seed0_lrs(domain, method, seed0)
+        if not settled:
             return None
-        return min(zip(grid, recs), key=lambda x: _val(x[1]))[0]
+        return min(lrs, key=lambda lr: (_val(self.done(Cell(domain, method, lr, seed0))), lr))
 
     def plan(self, domains: list[str], methods: list[str], seeds: list[int]) -> list[Cell]:
         """Every cell in run order: zero-shot on every domain; then per phase (LoRA and label-free
@@ -238,7 +273,8 @@ class Bench:
                     for m in part:
                         known = runs(d, m, seed0)
                         if known is not False:
-                            out += [Cell(d, m, lr if known else None, seed0) for lr in METHODS[m].grid]
+                            lrs = self.seed0_lrs(d, m, seed0)[0] if known else METHODS[m].grid
+                            out += [Cell(d, m, lr if known else None, seed0) for lr in lrs]
         for phase in phases:
             group = [m for m in trained if METHODS[m].phase == phase]
             out += [Cell(d, m, self.chosen_lr(d, m, seed0) if runs(d, m, s) else None, s)
@@ -476,13 +512,12 @@ def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[
         corpus = next((r.get("corpus") for x, r in finished.items() if x.domain == d), None)
         dom = {"corpus": corpus, "methods": {}}
         for m in methods:
-            spec = METHODS[m]
-            grid = {lr: finished.get(Cell(d, m, lr, seed0)) for lr in spec.grid}
+            tried = sorted(bench.seed0_lrs(d, m, seed0)[0])
+            grid = {lr: finished.get(Cell(d, m, lr, seed0)) for lr in tried}
             lr = bench.chosen_lr(d, m, seed0)
             e = {"grid_val_ppl": {f"{k:g}": (None if r is None else r["val_ppl"]) for k, r in grid.items()},
                  "grid_diverged": [f"{k:g}" for k, r in grid.items() if r is not None and r["val_ppl"] is None],
-                 "lr": lr, "lr_at_edge": lr is not None and len(spec.grid) > 1 and lr in (min(spec.grid),
-                                                                                        max(spec.grid))}
+                 "lr": lr, "lr_at_edge": lr is not None and len(tried) > 1 and lr in (tried[0], tried[-1])}
             if m == "zero":
                 e["lr"], e["lr_at_edge"] = 0.0, False
             recs = {} if e["lr"] is None else {s: finished.get(Cell(d, m, e["lr"], s)) for s in seeds}
@@ -597,8 +632,10 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
         f"(LoRA alpha {cfg['lora_alpha']}, no dropout, same 7 module kinds); lm_head / embeddings, norms frozen; "
         "rows selecting with `--level neuron` (FPS per neuron, GPS) spread that count over each weight's rows",
         f"- lr grids: {grids}. Each (domain, method) takes the lr with the lowest validation perplexity on seed "
-        f"{seeds[0]}; then seed(s) {', '.join(map(str, seeds[1:])) or 'none'} at that lr. **edge**: the chosen lr is at the "
-        "end of its grid, so a better one may lie outside it",
+        f"{seeds[0]}; then seed(s) {', '.join(map(str, seeds[1:])) or 'none'} at that lr. When the best lr of seed "
+        f"{seeds[0]} is at an end of the lrs run, the next lr of the 1-3-10 ladder past it runs too, up to {EXTEND} "
+        "past each end of the grid. **edge**: the chosen lr is still at an end after that, so a better one may lie "
+        "outside",
         "- new selectors (" + "; ".join(METHODS[m].label for m in methods if METHODS[m].candidate) + ") are "
         f"screened on {list(summary['domains'])[0] if summary['domains'] else 'the first domain'}: only the one with "
         f"the lowest validation perplexity there (seed {seeds[0]}, at its chosen lr) runs on the other domains and seeds",

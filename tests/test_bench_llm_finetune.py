@@ -119,21 +119,50 @@ def test_a_cell_made_with_other_settings_does_not_count(lf, tmp_path):
     assert other.done(lf.Cell("kjv", "lora", 1e-3, 0)) is None
 
 
+def test_the_ladder_steps_one_rung_of_1_3_10(lf):
+    assert [lf.ladder(x, up=True) for x in (1e-3, 3e-3, 1e-2, 3e-5, 1e-4)] == [3e-3, 1e-2, 3e-2, 1e-4, 3e-4]
+    assert [lf.ladder(x, up=False) for x in (1e-3, 3e-3, 1e-2, 1e-5)] == [3e-4, 1e-3, 3e-3, 3e-6]
+
+
+def test_a_best_lr_at_an_end_extends_the_search_past_it_up_to_the_limit(lf, tmp_path):
+    bench = _bench(lf, tmp_path)
+    for lr, val in zip(lf.GRID, (20.0, 21.0, 23.0)):  # best at the grid's bottom
+        _finish(lf, bench, "kjv", "fps", lr, 0, val=val, test=30.0)
+    assert bench.chosen_lr("kjv", "fps", 0) is None  # 3e-4 is due first
+    plan = bench.plan(["kjv"], ["fps"], [0, 1])
+    assert [(c.lr, c.seed) for c in plan] == [(1e-3, 0), (3e-3, 0), (1e-2, 0), (3e-4, 0), (None, 1)]
+    _finish(lf, bench, "kjv", "fps", 3e-4, 0, val=19.0, test=30.0)  # better again: one more rung
+    assert bench.seed0_lrs("kjv", "fps", 0) == ([1e-3, 3e-3, 1e-2, 3e-4, 1e-4], False)
+    _finish(lf, bench, "kjv", "fps", 1e-4, 0, val=18.0, test=30.0)  # better still, but the limit is reached
+    assert lf.EXTEND == 2 and bench.seed0_lrs("kjv", "fps", 0)[1] and bench.chosen_lr("kjv", "fps", 0) == 1e-4
+    assert [(c.lr, c.seed) for c in bench.plan(["kjv"], ["fps"], [0, 1])][-1] == (1e-4, 1)
+    e = lf.summarize(bench, ["kjv"], ["fps"], [0, 1])["domains"]["kjv"]["methods"]["fps"]
+    assert e["lr_at_edge"] and list(e["grid_val_ppl"]) == ["0.0001", "0.0003", "0.001", "0.003", "0.01"]
+    # a worse (or diverged) rung past the top settles the search inside, with no edge
+    for lr, val in zip(lf.GRID, (23.0, 21.0, 20.0)):
+        _finish(lf, bench, "kjv", "lora", lr, 0, val=val, test=30.0)
+    assert bench.seed0_lrs("kjv", "lora", 0) == ([1e-3, 3e-3, 1e-2, 3e-2], False)
+    _finish(lf, bench, "kjv", "lora", 3e-2, 0, val=None, test=None)
+    assert bench.chosen_lr("kjv", "lora", 0) == 1e-2
+    e = lf.summarize(bench, ["kjv"], ["lora"], [0])["domains"]["kjv"]["methods"]["lora"]
+    assert e["lr_at_edge"] is False and e["grid_diverged"] == ["0.03"]
+
+
 def test_summary_pairs_seeds_against_lora_and_flags_an_edge_lr(lf, tmp_path):
     bench = _bench(lf, tmp_path)
-    for lr, val in zip(lf.GRID, (25.0, 22.0, 21.0)):  # LoRA best at the grid's top
+    for lr, val in zip((*lf.GRID, 3e-2, 1e-1), (25.0, 23.0, 22.0, 21.5, 21.0)):  # LoRA best at the top, twice past it
         _finish(lf, bench, "kjv", "lora", lr, 0, val=val, test=val + 10)
-    for lr, val in zip(lf.GRID, (20.0, 24.0, 26.0)):  # FPS best at the grid's bottom
+    for lr, val in zip((*lf.GRID, 3e-4), (20.0, 24.0, 26.0, 21.0)):  # FPS best at the grid's bottom, not past it
         _finish(lf, bench, "kjv", "fps", lr, 0, val=val, test=val + 10)
     for lr, val in zip(lf.GRID, (23.0, 22.0, 24.0)):
         _finish(lf, bench, "kjv", "random", lr, 0, val=val, test=val + 10)
-    _finish(lf, bench, "kjv", "lora", 1e-2, 1, val=21.0, test=33.0)
+    _finish(lf, bench, "kjv", "lora", 1e-1, 1, val=21.0, test=33.0)
     _finish(lf, bench, "kjv", "fps", 1e-3, 1, val=20.0, test=32.0)
     _finish(lf, bench, "kjv", "random", 3e-3, 1, val=20.0, test=31.0)
     s = lf.summarize(bench, ["kjv"], ["lora", "fps", "random"], [0, 1])
     fps, lora = s["domains"]["kjv"]["methods"]["fps"], s["domains"]["kjv"]["methods"]["lora"]
-    assert lora["lr"] == 1e-2 and lora["lr_at_edge"]
-    assert fps["lr"] == 1e-3 and fps["lr_at_edge"]
+    assert lora["lr"] == 1e-1 and lora["lr_at_edge"]
+    assert fps["lr"] == 1e-3 and not fps["lr_at_edge"]
     assert s["domains"]["kjv"]["methods"]["random"]["lr_at_edge"] is False
     assert fps["test_ppl"] == {"0": 30.0, "1": 32.0}
     assert fps["minus_lora"] == {"0": -1.0, "1": -1.0}
@@ -144,8 +173,9 @@ def test_summary_pairs_seeds_against_lora_and_flags_an_edge_lr(lf, tmp_path):
     below = next(t for t in s["targets"] if "below random" in t["target"])
     assert below["met"] is False  # seed 1: 32.0 vs 31.0
     md = lf._markdown(s, ["lora", "fps", "random"], bench, "a note")
-    assert "1e-2" not in md and "0.01 **edge**" in md and "a note" in md
-    assert "| FPS-sparse | 0.001 **edge** | 20.000 | 31.000 ± 1.414 | 2 | 30.000, 32.000 | -1.000 ± 0.000 |" in md
+    assert "1e-2" not in md and "| 0.1 **edge** |" in md and "a note" in md
+    assert "| FPS-sparse | 0.001 | 20.000 | 31.000 ± 1.414 | 2 | 30.000, 32.000 | -1.000 ± 0.000 |" in md
+    assert "- FPS-sparse: 0.0003: 21.000, **0.001: 20.000**, 0.003: 24.000, 0.01: 26.000" in md
 
 
 def test_every_select_row_is_a_valid_select_command(lf, chain, tmp_path):
