@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 from pathlib import Path
 import sys
 
@@ -229,6 +230,28 @@ def test_the_hindsight_row_runs_on_request_only_after_full_fine_tuning(lf, tmp_p
     assert s["domains"]["kjv"]["methods"]["hindsight"]["grid_val_ppl"]["0.003"] == 15.0
     assert not any("hindsight" in t["target"] for t in s["targets"])  # no selector: no targets
     assert bench.has_cells("hindsight") and not bench.has_cells("fps")
+
+
+def test_a_hindsight_mask_is_made_again_when_its_full_cell_made_a_new_update(lf, tmp_path, monkeypatch):
+    bench = _bench(lf, tmp_path)
+    monkeypatch.setattr(bench, "calib", lambda domain, seed: tmp_path / "calib32-s0.npz")
+    delta = bench.delta(lf.Cell("kjv", "full", lf.METHODS["hindsight"].hindsight_of, 0))
+    delta.parent.mkdir(parents=True)
+    delta.write_bytes(b"first update")
+    made = []
+
+    def run(cmd):
+        made.append(cmd)
+        Path(cmd[3]).write_bytes(b"masks")
+        return {"wall_s": 1.0, "peak_rss_gib": 0.1, "cpu_s": 1.0, "parent_floor_gib": 0.0, "stdout": "{}"}
+
+    monkeypatch.setattr(bench, "_run", run)
+    masks, rec = bench.select("kjv", "hindsight", 0)
+    assert len(made) == 1 and made[0][2] == str(delta) and masks.exists()
+    assert bench.select("kjv", "hindsight", 0)[1] == rec and len(made) == 1  # cached
+    os.utime(delta, ns=(delta.stat().st_atime_ns, delta.stat().st_mtime_ns + 10**9))  # full ran again
+    bench.select("kjv", "hindsight", 0)
+    assert len(made) == 2
 
 
 def test_lrs_limits_a_run_to_the_cells_of_those_lrs(lf, tmp_path, monkeypatch):
