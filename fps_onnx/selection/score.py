@@ -358,7 +358,8 @@ _GROUP_SHARE = 8
 def _grouped_threshold(score: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(each row's k-th largest score [rows, 1], the rows where another entry equals it),
     or None where this does not pay (k too large a share of the row, no group size
-    dividing it, a strided array).
+    dividing it). A strided array (a transposed weight: each column's top entries) is
+    grouped in place: numpy splits its rows into groups as a view, so no transposed copy.
 
     Column j of a row of n belongs to group ``j % (n // g)``; the k-th largest of the
     group maxima, t, is at most the row's k-th largest v (k groups hold an entry >= t),
@@ -370,7 +371,7 @@ def _grouped_threshold(score: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     """
     rows, n = score.shape
     g = next((g for g in _GROUPS if n % g == 0 and k * g * _GROUP_SHARE <= n), None)
-    if g is None or k < 1 or not score.flags.c_contiguous:
+    if g is None or k < 1:
         return None
     m = n // g
     groups = score.reshape(rows, g, m)

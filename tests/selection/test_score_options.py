@@ -117,6 +117,19 @@ def test_layer_cap_equals_the_greedy_on_random_matrices():
         np.testing.assert_array_equal(mask, greedy(s, n, cap), err_msg=f"trial {trial}")
 
 
+def test_layer_cap_equals_the_greedy_where_columns_are_long_enough_to_group():
+    """Columns of 512 and a cap of 4: each column's top entries come from its row groups, read in place."""
+    from fps_onnx.selection.score import _grouped_threshold
+
+    r = np.random.default_rng(4)
+    for ties in (False, True):
+        s = (r.integers(0, 5, (512, 8)) if ties else r.random((512, 8)) * r.random(8) ** 4).astype(np.float32)
+        n = 16
+        cap = column_cap_of(2.0, n, 8)
+        assert cap == 4 and _grouped_threshold(s.T, cap) is not None
+        np.testing.assert_array_equal(capped_top_n(s, n, cap), greedy(s, n, cap), err_msg=f"ties={ties}")
+
+
 def test_neuron_cap_equals_the_greedy_where_it_fills_every_row(monkeypatch):
     monkeypatch.setattr(score_module, "POOL", 1)
     r = np.random.default_rng(3)

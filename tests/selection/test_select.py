@@ -202,6 +202,9 @@ def test_top_k_through_column_groups_matches_stable_sort_on_ties_at_the_threshol
     tied = np.zeros((3, 512), np.float32)
     tied[:, [300, 40, 6, 5]] = 1.0  # equal maxima of 4 of the 32 column groups (g=16): k=2 picks 2
     cases.append(tied)
+    # the same values as strided views (a transposed weight's columns: capped selection reads them in place)
+    cases += [np.asfortranarray(c) for c in cases[:3]]
+    assert not cases[-1].flags.c_contiguous
     for s in cases:
         for k in (1, 2, 3, s.shape[1] // 130):
             if k < 1:
