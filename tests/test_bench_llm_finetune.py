@@ -227,6 +227,7 @@ def test_the_hindsight_row_runs_on_request_only_after_full_fine_tuning(lf, tmp_p
     _finish(lf, bench, "kjv", "hindsight", 3e-3, 0, val=15.0, test=16.0)
     s = lf.summarize(bench, ["kjv"], ["fps", "full", "hindsight"], [0, 1])
     assert s["cells_done"] == 0 and s["cells_planned"] == 2 * (3 + 1)  # fps and full: grid + seed 1
+    assert s["cell_minutes"] == 0 and (s["extra_cells"], s["extra_minutes"]) == (1, 1.0)  # counted apart
     assert s["domains"]["kjv"]["methods"]["hindsight"]["grid_val_ppl"]["0.003"] == 15.0
     assert not any("hindsight" in t["target"] for t in s["targets"])  # no selector: no targets
     assert bench.has_cells("hindsight") and not bench.has_cells("fps")
