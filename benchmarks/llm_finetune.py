@@ -342,7 +342,8 @@ class Bench:
         if masks.exists() and record.exists():
             rec = json.loads(record.read_text())
             # hindsight masks hold for the update they were made from: a full cell run again makes a new one
-            if full is None or rec.get("delta_mtime_ns") == _mtime_ns(self.delta(full)):
+            # (an update deleted since, to free its 0.4 GB, leaves them as they are)
+            if full is None or not self.delta(full).exists() or rec.get("delta_mtime_ns") == _mtime_ns(self.delta(full)):
                 return masks, rec
         if full is not None:
             if not self.delta(full).exists():

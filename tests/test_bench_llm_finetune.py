@@ -253,6 +253,9 @@ def test_a_hindsight_mask_is_made_again_when_its_full_cell_made_a_new_update(lf,
     os.utime(delta, ns=(delta.stat().st_atime_ns, delta.stat().st_mtime_ns + 10**9))  # full ran again
     bench.select("kjv", "hindsight", 0)
     assert len(made) == 2
+    delta.unlink()  # deleted to free its space: the masks stay, no full cell runs again
+    monkeypatch.setattr(bench, "run", lambda cell: pytest.fail(f"{cell} ran"))
+    assert bench.select("kjv", "hindsight", 0)[0] == masks and len(made) == 2
 
 
 def test_lrs_limits_a_run_to_the_cells_of_those_lrs(lf, tmp_path, monkeypatch):
