@@ -217,20 +217,21 @@ class Bench:
         """Whether any cell of ``method`` has finished, in any domain (with any settings)."""
         return any(self.cells.glob(f"*/{method}__*.json"))
 
-    def seed0_lrs(self, domain: str, method: str, seed0: int) -> tuple[list[float], bool]:
+    def seed0_lrs(self, domain: str, method: str, seed0: int) -> tuple[list[float], float | None]:
         """The lrs (domain, method) runs on ``seed0``, in run order: its grid, then, while the best
         finished one lies at an end of those run so far, the next lr of the ladder past that end (at
-        most ``EXTEND`` past each end of the grid). Settled (True) once every one of them is finished
-        and no further one is due."""
+        most ``EXTEND`` past each end of the grid); and the chosen lr, the one with the lowest
+        validation perplexity, once every one of them is finished and no further one is due (else
+        None)."""
         grid = list(METHODS[method].grid)
         lrs, lo, hi = list(grid), min(grid), max(grid)
         while True:
             recs = {lr: self.done(Cell(domain, method, lr, seed0)) for lr in lrs}
             if any(r is None for r in recs.values()):
-                return lrs, False
-            if len(grid) < 2:
-                return lrs, True
+                return lrs, None
             best = min(lrs, key=lambda lr: (_val(recs[lr]), lr))
+            if len(grid) < 2:
+                return lrs, best
             if best == lo and sum(x < min(grid) for x in lrs) < EXTEND:
                 lo = ladder(lo, up=False)
                 lrs.append(lo)
@@ -238,14 +239,11 @@ class Bench:
                 hi = ladder(hi, up=True)
                 lrs.append(hi)
             else:
-                return lrs, True
+                return lrs, best
 
     def chosen_lr(self, domain: str, method: str, seed0: int) -> float | None:
         """The seed-0 lr with the lowest validation perplexity (``seed0_lrs``); None until settled."""
-        lrs, settled = self.seed0_lrs(domain, method, seed0)
-        if not settled:
-            return None
-        return min(lrs, key=lambda lr: (_val(self.done(Cell(domain, method, lr, seed0))), lr))
+        return self.seed0_lrs(domain, method, seed0)[1]
 
     def plan(self, domains: list[str], methods: list[str], seeds: list[int]) -> list[Cell]:
         """Every cell in run order: zero-shot on every domain; then per phase (LoRA and label-free

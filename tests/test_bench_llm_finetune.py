@@ -133,16 +133,16 @@ def test_a_best_lr_at_an_end_extends_the_search_past_it_up_to_the_limit(lf, tmp_
     plan = bench.plan(["kjv"], ["fps"], [0, 1])
     assert [(c.lr, c.seed) for c in plan] == [(1e-3, 0), (3e-3, 0), (1e-2, 0), (3e-4, 0), (None, 1)]
     _finish(lf, bench, "kjv", "fps", 3e-4, 0, val=19.0, test=30.0)  # better again: one more rung
-    assert bench.seed0_lrs("kjv", "fps", 0) == ([1e-3, 3e-3, 1e-2, 3e-4, 1e-4], False)
+    assert bench.seed0_lrs("kjv", "fps", 0) == ([1e-3, 3e-3, 1e-2, 3e-4, 1e-4], None)
     _finish(lf, bench, "kjv", "fps", 1e-4, 0, val=18.0, test=30.0)  # better still, but the limit is reached
-    assert lf.EXTEND == 2 and bench.seed0_lrs("kjv", "fps", 0)[1] and bench.chosen_lr("kjv", "fps", 0) == 1e-4
+    assert lf.EXTEND == 2 and bench.seed0_lrs("kjv", "fps", 0)[1] == bench.chosen_lr("kjv", "fps", 0) == 1e-4
     assert [(c.lr, c.seed) for c in bench.plan(["kjv"], ["fps"], [0, 1])][-1] == (1e-4, 1)
     e = lf.summarize(bench, ["kjv"], ["fps"], [0, 1])["domains"]["kjv"]["methods"]["fps"]
     assert e["lr_at_edge"] and list(e["grid_val_ppl"]) == ["0.0001", "0.0003", "0.001", "0.003", "0.01"]
     # a worse (or diverged) rung past the top settles the search inside, with no edge
     for lr, val in zip(lf.GRID, (23.0, 21.0, 20.0)):
         _finish(lf, bench, "kjv", "lora", lr, 0, val=val, test=30.0)
-    assert bench.seed0_lrs("kjv", "lora", 0) == ([1e-3, 3e-3, 1e-2, 3e-2], False)
+    assert bench.seed0_lrs("kjv", "lora", 0) == ([1e-3, 3e-3, 1e-2, 3e-2], None)
     _finish(lf, bench, "kjv", "lora", 3e-2, 0, val=None, test=None)
     assert bench.chosen_lr("kjv", "lora", 0) == 1e-2
     e = lf.summarize(bench, ["kjv"], ["lora"], [0])["domains"]["kjv"]["methods"]["lora"]
