@@ -791,7 +791,10 @@ def main() -> None:
                         help="comma-separated; the first one runs the lr grids [default: 0,1,2]")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, into benchmarks/work/llm-smoke")
     parser.add_argument("--plan", action="store_true", help="only print the cells in run order and which are done")
-    parser.add_argument("--report", action="store_true", help="only build the report from finished cells")
+    parser.add_argument("--report", action="store_true",
+                        help="only build the report from finished cells (every run ends with it; it always "
+                             "covers every domain, seed and row, so --domains/--methods/--seeds choose only "
+                             "which cells a run runs)")
     parser.add_argument("--lrs", help="comma-separated: run only the cells of these lrs [default: every lr]")
     parser.add_argument("--steps", type=int, help=f"optimizer steps [default: {FULL['steps']}]")
     args = parser.parse_args()
@@ -814,14 +817,23 @@ def main() -> None:
             bench.lrs = {f"{float(x):g}" for x in args.lrs.split(",") if x}
         except ValueError:
             parser.error(f"--lrs: numbers separated by commas, not {args.lrs!r}")
-    if args.report:  # every row with a finished cell, the rows run on request too
-        methods = [m for m in METHODS if m in methods or (METHODS[m].on_request and bench.has_cells(m))]
+    if args.report:
+        narrowed = [f"--{a}" for a in ("domains", "methods", "seeds") if getattr(args, a) != parser.get_default(a)]
+        if narrowed:
+            parser.error(f"--report covers the whole benchmark; {' and '.join(narrowed)} choose which cells run")
     if args.plan:
         bench.print_plan(domains, methods, seeds)
         return
     if not args.report:
         bench.run_all(domains, methods, seeds)
-    report(bench, results, domains, methods, seeds)
+    report(bench, results, *report_scope(bench))
+
+
+def report_scope(bench: Bench) -> tuple[list[str], list[str], list[int]]:
+    """What the report covers, whichever cells a run was asked for: every domain and seed, the
+    planned rows and each row run on request that has a finished cell."""
+    methods = [m for m in METHODS if m in planned() or (METHODS[m].on_request and bench.has_cells(m))]
+    return list(DOMAINS), methods, list(SEEDS)
 
 
 if __name__ == "__main__":

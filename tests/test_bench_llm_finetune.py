@@ -313,3 +313,27 @@ def test_overlap_tells_how_much_of_the_update_and_the_hindsight_mask_a_mask_hold
     assert rows["hindsight"] == "| q_proj | hindsight | 41.67% | 100.0% | 100.0% | 100.0% |"
     assert rows["other"].startswith("| q_proj | other | 25.00% | 0.0% | ")
     assert rows["other"].endswith(" | 33.3% |")  # 2 of 6 input columns
+
+
+def test_a_run_narrowed_to_one_domain_and_row_still_reports_the_whole_benchmark(lf, tmp_path, monkeypatch):
+    ran, reported = [], []
+    monkeypatch.setattr(lf.Bench, "run_all", lambda self, d, m, s: ran.append((d, m, s)))
+    monkeypatch.setattr(lf, "report", lambda bench, out, d, m, s: reported.append((d, m, s)))
+    monkeypatch.setattr(lf, "HERE", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["llm_finetune.py", "--smoke", "--domains", "man", "--methods", "fps", "--seeds", "0"])
+    lf.main()
+    assert ran == [(["man"], ["fps"], [0])]
+    assert reported == [(list(lf.DOMAINS), lf.planned(), [0, 1, 2])]
+    assert "man" in lf.DOMAINS and len(lf.DOMAINS) == 3 and "lora" in lf.planned()
+    # a row run on request joins the report once it has a cell
+    bench = _bench(lf, tmp_path)
+    assert "hindsight" not in lf.report_scope(bench)[1]
+    _finish(lf, bench, "kjv", "hindsight", 3e-3, 0, val=1.0, test=1.0)
+    assert lf.report_scope(bench)[1] == [m for m in lf.METHODS if m in lf.planned() or m == "hindsight"]
+
+
+def test_report_refuses_the_filters_that_only_choose_cells_to_run(lf, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["llm_finetune.py", "--report", "--domains", "kjv"])
+    with pytest.raises(SystemExit) as exc:
+        lf.main()
+    assert exc.value.code == 2 and "--report covers the whole benchmark; --domains" in capsys.readouterr().err
