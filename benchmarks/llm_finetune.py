@@ -820,7 +820,8 @@ def main() -> None:
     if args.report:
         narrowed = [f"--{a}" for a in ("domains", "methods", "seeds") if getattr(args, a) != parser.get_default(a)]
         if narrowed:
-            parser.error(f"--report covers the whole benchmark; {' and '.join(narrowed)} choose which cells run")
+            verb = "choose" if len(narrowed) > 1 else "chooses"
+            parser.error(f"--report covers the whole benchmark; {' and '.join(narrowed)} {verb} which cells run")
     if args.plan:
         bench.print_plan(domains, methods, seeds)
         return

@@ -336,4 +336,4 @@ def test_report_refuses_the_filters_that_only_choose_cells_to_run(lf, monkeypatc
     monkeypatch.setattr(sys, "argv", ["llm_finetune.py", "--report", "--domains", "kjv"])
     with pytest.raises(SystemExit) as exc:
         lf.main()
-    assert exc.value.code == 2 and "--report covers the whole benchmark; --domains" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--report covers the whole benchmark; --domains chooses which cells run" in capsys.readouterr().err
