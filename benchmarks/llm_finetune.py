@@ -833,7 +833,8 @@ def main() -> None:
 def report_scope(bench: Bench) -> tuple[list[str], list[str], list[int]]:
     """What the report covers, whichever cells a run was asked for: every domain and seed, the
     planned rows and each row run on request that has a finished cell."""
-    methods = [m for m in METHODS if m in planned() or (METHODS[m].on_request and bench.has_cells(m))]
+    rows = planned()
+    methods = [m for m in METHODS if m in rows or (METHODS[m].on_request and bench.has_cells(m))]
     return list(DOMAINS), methods, list(SEEDS)
 
 
