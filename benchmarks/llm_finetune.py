@@ -678,7 +678,8 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
             per = ", ".join(f"{_f(v)}" for v in e.get("test_ppl", {}).values()) or "-"
             mean = "-" if "test_ppl_mean" not in e else f"{e['test_ppl_mean']:.3f}" + (
                 f" ± {e['test_ppl_std']:.3f}" if len(e["test_ppl"]) > 1 else "")
-            delta = (f"{e['minus_lora_mean']:+.3f} ± {e['minus_lora_std']:.3f}" if "minus_lora_mean" in e else "-")
+            delta = "-" if "minus_lora_mean" not in e else f"{e['minus_lora_mean']:+.3f}" + (
+                f" ± {e['minus_lora_std']:.3f}" if len(e["minus_lora"]) > 1 else "")  # no std of one seed
             dper = ", ".join(f"{v:+.3f}" for v in e.get("minus_lora", {}).values()) or "-"
             lines.append(f"| {METHODS[m].label} | {lr} | {_f(e.get('val_ppl'))} | {mean} | "
                          f"{len(e.get('test_ppl', {}))} | {per} | {delta} | {dper} |")

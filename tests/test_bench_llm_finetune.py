@@ -177,6 +177,8 @@ def test_summary_pairs_seeds_against_lora_and_flags_an_edge_lr(lf, tmp_path):
     assert "1e-2" not in md and "| 0.1 **edge** |" in md and "a note" in md
     assert "| FPS-sparse | 0.001 | 20.000 | 31.000 ± 1.414 | 2 | 30.000, 32.000 | -1.000 ± 0.000 |" in md
     assert "- FPS-sparse: 0.0003: 21.000, **0.001: 20.000**, 0.003: 24.000, 0.01: 26.000" in md
+    one = lf._markdown(lf.summarize(bench, ["kjv"], ["lora", "fps", "random"], [0]), ["lora", "fps", "random"], bench, "")
+    assert "| FPS-sparse | 0.001 | 20.000 | 30.000 | 1 | 30.000 | -1.000 | -1.000 |" in one  # no std of one seed
 
 
 def test_every_select_row_is_a_valid_select_command(lf, chain, tmp_path):
