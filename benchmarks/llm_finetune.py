@@ -596,6 +596,14 @@ def _targets(summary: dict, methods: list[str], seeds: list[int]) -> list[dict]:
     return out
 
 
+def _mean_pm(entry: dict, key: str, fmt: str) -> str:
+    """``entry[key + "_mean"]`` ± its std over the seeds of ``entry[key]``; no std of one seed; "-" for none."""
+    if f"{key}_mean" not in entry:
+        return "-"
+    std = f" ± {entry[key + '_std']:.3f}" if len(entry[key]) > 1 else ""
+    return f"{entry[key + '_mean']:{fmt}}{std}"
+
+
 def _f(v, fmt: str = ".3f") -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -676,10 +684,8 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
             lr = "-" if m == "zero" else ("not chosen" if e["lr"] is None else f"{e['lr']:g}"
                                           + (" **edge**" if e["lr_at_edge"] else ""))
             per = ", ".join(f"{_f(v)}" for v in e.get("test_ppl", {}).values()) or "-"
-            mean = "-" if "test_ppl_mean" not in e else f"{e['test_ppl_mean']:.3f}" + (
-                f" ± {e['test_ppl_std']:.3f}" if len(e["test_ppl"]) > 1 else "")
-            delta = "-" if "minus_lora_mean" not in e else f"{e['minus_lora_mean']:+.3f}" + (
-                f" ± {e['minus_lora_std']:.3f}" if len(e["minus_lora"]) > 1 else "")  # no std of one seed
+            mean = _mean_pm(e, "test_ppl", ".3f")
+            delta = _mean_pm(e, "minus_lora", "+.3f")
             dper = ", ".join(f"{v:+.3f}" for v in e.get("minus_lora", {}).values()) or "-"
             lines.append(f"| {METHODS[m].label} | {lr} | {_f(e.get('val_ppl'))} | {mean} | "
                          f"{len(e.get('test_ppl', {}))} | {per} | {delta} | {dper} |")
