@@ -228,11 +228,22 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
+def _cache_arg():
+    """transformers 5.25 renamed the forward's ``past_key_values`` to ``cache`` (old name removed in 5.40)."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
 def export_optimum_like(model, path):
     """torch.onnx (legacy) export with optimum's interface: input_ids, attention_mask
     [batch, past + seq], position_ids, past_key_values.{i}.key/value -> logits, present.*."""
     import torch
     from transformers.cache_utils import DynamicCache
+
+    cache_arg = _cache_arg()
 
     class WithPast(torch.nn.Module):
         def __init__(self) -> None:
@@ -244,8 +255,9 @@ def export_optimum_like(model, path):
             for i in range(LAYERS):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids, past_key_values=cache, use_cache=True)
-            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+                             position_ids=position_ids, use_cache=True, **{cache_arg: cache})
+            cache = out[cache_arg]
+            present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
             return (out.logits, *present)
 
     b, s, p = 2, 5, 3
