@@ -26,7 +26,8 @@ selector is one more row.
 Protocol: each (domain, method) runs its lr grid on seed 0 (and, while the
 best lr is at an end of those run, the next one of the 1-3-10 ladder past it,
 at most EXTEND past each end); the lr with the lowest validation perplexity is
-then run on seeds 1 and 2. New label-free
+then run on seeds 1 and 2 (phase by phase: LoRA and the label-free selectors,
+grids then seeds, before the other baselines). New label-free
 selectors (``candidate`` rows) are screened on the first domain: only the one
 with the lowest validation perplexity there (seed 0) runs on the other domains
 and seeds. ``llm_screen.py`` runs a candidate for 50 steps on the first domain (one seed, one
@@ -246,10 +247,10 @@ class Bench:
         return self.seed0_lrs(domain, method, seed0)[1]
 
     def plan(self, domains: list[str], methods: list[str], seeds: list[int]) -> list[Cell]:
-        """Every cell in run order: zero-shot on every domain; then per phase (LoRA and label-free
-        selectors, other sparse, full) the seed-0 lr grids domain by domain, the candidate
-        selectors' after the other rows' of the phase; then the other seeds at the chosen lrs, in
-        the same phase order."""
+        """Every cell in run order: zero-shot on every domain; then phase by phase (LoRA and the
+        label-free selectors, other sparse, full) the seed-0 lr grids domain by domain, the candidate
+        selectors' after the other rows' of the phase, then the phase's other seeds at the chosen lrs:
+        a phase's rows have their mean ± std and paired differences before the next phase starts."""
         seed0, later = seeds[0], seeds[1:]
         out = [Cell(d, "zero", 0.0, seed0) for d in domains if "zero" in methods]
         trained = [m for m in METHODS if m in methods and METHODS[m].train != "zero"]  # the table's order
@@ -261,8 +262,7 @@ class Bench:
                 return True
             return None if best is None else m == best
 
-        phases = sorted({METHODS[m].phase for m in trained})
-        for phase in phases:
+        for phase in sorted({METHODS[m].phase for m in trained}):
             group = [m for m in trained if METHODS[m].phase == phase]
             # the settled rows' grids on every domain first, then the candidates': a candidate's
             # screening on the first domain matters less than whether the settled rows differ anywhere
@@ -273,8 +273,6 @@ class Bench:
                         if known is not False:
                             lrs = self.seed0_lrs(d, m, seed0)[0] if known else METHODS[m].grid
                             out += [Cell(d, m, lr if known else None, seed0) for lr in lrs]
-        for phase in phases:
-            group = [m for m in trained if METHODS[m].phase == phase]
             out += [Cell(d, m, self.chosen_lr(d, m, seed0) if runs(d, m, s) else None, s)
                     for s in later for d in domains for m in group if runs(d, m, s) is not False]
         return out

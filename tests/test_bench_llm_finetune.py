@@ -43,7 +43,7 @@ def _finish(lf, bench, domain, method, lr, seed, val, test):
     path.write_text(json.dumps(rec))
 
 
-def test_plan_runs_zero_shot_then_grids_by_phase_then_later_seeds(lf, tmp_path):
+def test_plan_runs_zero_shot_then_each_phase_grids_then_later_seeds(lf, tmp_path):
     bench = _bench(lf, tmp_path)
     plan = bench.plan(["kjv", "man"], ["zero", "full", "random", "fps", "lora"], [0, 1])
     names = [(c.domain, c.method, c.seed) for c in plan]
@@ -58,6 +58,9 @@ def test_plan_runs_zero_shot_then_grids_by_phase_then_later_seeds(lf, tmp_path):
     later = [c for c in plan if c.seed == 1]
     assert len(later) == 2 * 4 and all(c.lr is None for c in later)  # no lr chosen yet
     assert all(names.index((c.domain, c.method, 1)) > names.index((c.domain, c.method, 0)) for c in later)
+    # phase by phase: LoRA's and FPS's other seeds before the baselines' grids, random's before full's
+    assert max(names.index((d, m, 1)) for d in ("kjv", "man") for m in ("lora", "fps")) < firsts["random"]
+    assert max(names.index((d, "random", 1)) for d in ("kjv", "man")) < firsts["full"]
 
 
 def test_lr_is_chosen_on_validation_only_once_the_grid_is_finished(lf, tmp_path):
