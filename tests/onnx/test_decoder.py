@@ -256,8 +256,7 @@ def export_optimum_like(model, path):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids, use_cache=True, **{cache_arg: cache})
-            cache = out[cache_arg]
-            present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+            present = [t for layer in out[cache_arg].layers for t in (layer.keys, layer.values)]
             return (out.logits, *present)
 
     b, s, p = 2, 5, 3
