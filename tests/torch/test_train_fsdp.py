@@ -162,40 +162,47 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from fps_onnx.torch.train import fsdp
+from fps_onnx.torch.train.run import _finish
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-fsdp.ROW_CHUNK_BYTES = 3 * 8 * 4  # 3 rows of 8 fp32 values a chunk: 37 rows make uneven shards and chunks
-# fp32: a few ulps of values near 10, as chunked sums of 37 products round in another order on another CPU
-# (seen: 3.8e-6 on an AMD EPYC); a wrong or missing chunk is off by O(1)
-for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-    weight = torch.randn(37, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
-    meta = torch.nn.Parameter(weight.to("meta"), requires_grad=False)
-    head, embedding = fsdp.RowShardedHead(meta, mesh), fsdp.RowShardedEmbedding(meta, mesh)
-    for module in (head, embedding):
-        module.to_empty(device="cpu")
-        first, rows = fsdp._rows(module.weight)
-        module.weight.to_local().copy_(weight[first:first + rows])
-    gen = torch.Generator().manual_seed(10 + rank)  # each process its own batch
-    hidden = torch.randn(2, 5, 8, generator=gen).to(dtype).requires_grad_()
-    logits = head(hidden)
-    whole = hidden.detach() @ weight.T  # (a matmul of other widths may round in another order)
-    assert logits.shape == whole.shape and torch.allclose(logits.float(), whole.float(), rtol=tol, atol=tol), "logits"
-    upstream = torch.randn(2, 5, 37, generator=gen).to(dtype)
-    logits.backward(upstream)
-    expected = (upstream.float() @ weight.float()).to(dtype)
-    assert torch.allclose(hidden.grad.float(), expected.float(), rtol=tol, atol=tol), "gradient"
-    ids = torch.randint(0, 37, (3, 6), generator=gen)
-    assert torch.equal(embedding(ids), weight[ids]), "embedding"
-    try:
-        embedding(torch.tensor([[37]]))
-    except IndexError:
-        pass
-    else:
-        sys.exit("an id past the vocabulary was taken")
-dist.barrier()  # neither process tears the group down while the other still talks to it
-dist.destroy_process_group()
+
+
+def check():
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    fsdp.ROW_CHUNK_BYTES = 3 * 8 * 4  # 3 rows of 8 fp32 values a chunk: 37 rows make uneven shards and chunks
+    # fp32: a few ulps of values near 10, as chunked sums of 37 products round in another order on another CPU
+    # (seen: 3.8e-6 on an AMD EPYC); a wrong or missing chunk is off by O(1)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        weight = torch.randn(37, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+        meta = torch.nn.Parameter(weight.to("meta"), requires_grad=False)
+        head, embedding = fsdp.RowShardedHead(meta, mesh), fsdp.RowShardedEmbedding(meta, mesh)
+        for module in (head, embedding):
+            module.to_empty(device="cpu")
+            first, rows = fsdp._rows(module.weight)
+            module.weight.to_local().copy_(weight[first:first + rows])
+        gen = torch.Generator().manual_seed(10 + rank)  # each process its own batch
+        hidden = torch.randn(2, 5, 8, generator=gen).to(dtype).requires_grad_()
+        logits = head(hidden)
+        whole = hidden.detach() @ weight.T  # (a matmul of other widths may round in another order)
+        assert logits.shape == whole.shape and torch.allclose(logits.float(), whole.float(), rtol=tol, atol=tol), "logits"
+        upstream = torch.randn(2, 5, 37, generator=gen).to(dtype)
+        logits.backward(upstream)
+        expected = (upstream.float() @ weight.float()).to(dtype)
+        assert torch.allclose(hidden.grad.float(), expected.float(), rtol=tol, atol=tol), "gradient"
+        ids = torch.randint(0, 37, (3, 6), generator=gen)
+        assert torch.equal(embedding(ids), weight[ids]), "embedding"
+        try:
+            embedding(torch.tensor([[37]]))
+        except IndexError:
+            pass
+        else:
+            return "an id past the vocabulary was taken"
+
+
+failed = check()
+_finish(dist.get_world_size())  # as `train` leaves the group: the modules and graphs above are freed first
+sys.exit(failed)
 """
 
 
@@ -207,6 +214,31 @@ def test_a_row_sharded_head_and_embedding_give_the_whole_weights_results(tmp_pat
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_leaving_the_group_frees_cyclic_garbage_that_holds_its_tensors_first(monkeypatch):
+    # freed only at interpreter exit, after the group is gone, such objects can make gloo abort the process
+    import gc
+    import weakref
+
+    from fps_onnx.torch.train.run import _finish
+
+    class Held:  # a sharded module or an autograd graph in a reference cycle
+        pass
+
+    held = Held()
+    held.self = held
+    alive = weakref.ref(held)
+    del held
+    calls = []
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append(("barrier", alive() is None)))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append(("destroy", alive() is None)))
+    gc.disable()
+    try:
+        _finish(2)
+    finally:
+        gc.enable()
+    assert calls == [("barrier", True), ("destroy", True)]
 
 
 def test_every_weight_matrix_of_a_block_is_a_unit_of_its_own(tmp_path):

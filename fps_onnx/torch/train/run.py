@@ -172,8 +172,15 @@ def _rank_peaks(device: torch.device, world: int) -> dict:
 
 
 def _finish(world: int) -> None:
-    """Wait for every process, then leave the process group (several processes only)."""
+    """Wait for every process, then leave the process group (several processes only).
+
+    Garbage is collected first: objects in reference cycles that still hold the group's tensors
+    (sharded modules, autograd graphs) are otherwise freed at interpreter exit, after the group is
+    gone, where gloo can abort the process (SIGABRT) once its outputs are written."""
     if world > 1:
+        import gc
+
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
