@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+import gc
 import json
 import logging
 import os
@@ -178,8 +179,6 @@ def _finish(world: int) -> None:
     (sharded modules, autograd graphs) are otherwise freed at interpreter exit, after the group is
     gone, where gloo can abort the process (SIGABRT) once its outputs are written."""
     if world > 1:
-        import gc
-
         gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -292,8 +291,6 @@ def _plain(state: dict, masks: dict, build: Callable[[], nn.Module], recipe: Rec
     rank 0 builds the model again, prepares it with the same entries and takes
     the tensors (other ranks get ``(None, None)``).
     """
-    import gc
-
     gc.collect()  # the sharded model's hooks hold it in a reference cycle
     if rank != 0:
         return None, None
