@@ -123,6 +123,20 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def versions(*dists: str) -> dict[str, str | None]:
+    """Python's version and each installed distribution's (None where it is not installed), read from
+    package metadata: nothing is imported, so the caller stays small."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for d in dists:
+        try:
+            out[d] = version(d)
+        except PackageNotFoundError:
+            out[d] = None
+    return out
+
+
 def measure_rounds(variants: dict[str, list[str]], repeat: int, tail: int = 8,
                    extra=None) -> tuple[dict, dict]:
     """Run every variant once per round, back to back; (runs, medians) of :data:`METRICS`.

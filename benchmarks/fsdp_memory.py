@@ -39,7 +39,7 @@ import sys
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _measure import GIB, fps_onnx_command, log, run_measured  # noqa: E402
+from _measure import GIB, fps_onnx_command, log, run_measured, versions  # noqa: E402
 
 WORK = HERE / "work" / "fsdp"
 SMOL = Path("/work/main/benchmarks/work/llm/smollm2-135m")
@@ -271,10 +271,8 @@ def main() -> None:
              str(WORK / "kjv-test32.npz"))}[args.role](args.args)
         return
     WORK.mkdir(parents=True, exist_ok=True)
-    from importlib.metadata import version  # not torch itself: the parent stays small (see _measure)
-
     report = {"date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", "command": " ".join(sys.argv),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch": version("torch")}
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch": versions("torch")["torch"]}
     previous = args.output.with_suffix(".json")
     if args.part != "both" and previous.exists():  # the other part's figures are kept
         kept = json.loads(previous.read_text())

