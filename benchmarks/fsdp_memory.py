@@ -40,10 +40,12 @@ import sys
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _measure import GIB, fps_onnx_command, log, run_measured, versions  # noqa: E402
+import llm_finetune  # noqa: E402
 
 WORK = HERE / "work" / "fsdp"
-SMOL = Path("/work/main/benchmarks/work/llm/smollm2-135m")
-KJV = Path("/work/main/benchmarks/work/llm/data/kjv/seq256-train800-val64-test128-split0")
+# The LLM benchmark's fp32 SmolLM2 folder and kjv corpus, made by it where missing (main).
+LLM = llm_finetune.Bench(dict(llm_finetune.FULL), HERE / "work" / "llm", HERE / "results" / llm_finetune.NAME)
+SMOL, KJV = LLM.model_dir, LLM.data_dir("kjv")
 LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
              vocab_size=32000)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -270,6 +272,7 @@ def main() -> None:
          "make-tokens": lambda a: make_tokens(a[0], int(a[1]), int(a[2])), "cut-test": lambda a: cut_test(
              str(WORK / "kjv-test32.npz"))}[args.role](args.args)
         return
+    LLM.data("kjv")  # the model folder and the kjv corpus, where a fresh machine lacks them
     WORK.mkdir(parents=True, exist_ok=True)
     report = {"date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", "command": " ".join(sys.argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch": versions("torch")["torch"]}
