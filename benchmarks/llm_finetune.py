@@ -52,6 +52,7 @@ skips finished cells, so a killed run loses at most the cell in flight.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from dataclasses import dataclass
 import datetime as dt
 import json
@@ -517,12 +518,9 @@ def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[
     out["cell_minutes"] = sum(r["cell_seconds"] for x, r in finished.items() if x in protocol) / 60
     out["extra_cells"] = sum(x not in protocol for x in finished)  # on-request rows' cells
     out["extra_minutes"] = sum(r["cell_seconds"] for x, r in finished.items() if x not in protocol) / 60
-    sets: dict[str, int] = {}
-    for r in finished.values():
-        v = r.get("versions")
-        key = "not recorded" if v is None else ", ".join(f"{k} {x}" for k, x in v.items() if x is not None)
-        sets[key] = sets.get(key, 0) + 1
-    out["versions"] = sets  # each set of versions -> how many finished cells it made
+    out["versions"] = dict(Counter(  # each set of versions -> how many finished cells it made
+        "not recorded" if (v := r.get("versions")) is None else ", ".join(f"{k} {x}" for k, x in v.items() if x)
+        for r in finished.values()))
     for d in domains:
         corpus = next((r.get("corpus") for x, r in finished.items() if x.domain == d), None)
         dom = {"corpus": corpus, "methods": {}}
