@@ -152,6 +152,28 @@ def test_a_best_lr_at_an_end_extends_the_search_past_it_up_to_the_limit(lf, tmp_
     assert e["lr_at_edge"] is False and e["grid_diverged"] == ["0.03"]
 
 
+def test_a_new_selector_is_held_to_fps_mean_plus_fps_std_with_the_paired_difference_beside(lf, tmp_path):
+    bench = _bench(lf, tmp_path)
+    for m in ("lora", "fps", "fps-cap2"):  # each best at the grid's middle lr on seed 0
+        for lr, val in zip(lf.GRID, (22.0, 20.0, 22.0)):
+            _finish(lf, bench, "kjv", m, lr, 0, val=val, test=40.0)
+    methods = ["lora", "fps", "fps-cap2"]
+    for m, tests in (("lora", (31.0, 31.0)), ("fps", (30.0, 30.2)), ("fps-cap2", (30.5, 30.1))):
+        for seed, test in enumerate(tests):
+            _finish(lf, bench, "kjv", m, 3e-3, seed, val=20.0, test=test)
+
+    def fps_target():
+        s = lf.summarize(bench, ["kjv"], methods, [0, 1])
+        return next(t for t in s["targets"] if "FPS-sparse, column cap 2 not above FPS-sparse" in t["target"])
+
+    t = fps_target()  # mean 30.3 > 30.1 + 0.141
+    assert t["met"] is False
+    assert t["detail"] == "30.300 vs 30.100 ± 0.141; paired difference +0.200 ± 0.424"
+    _finish(lf, bench, "kjv", "fps-cap2", 3e-3, 1, val=20.0, test=29.9)  # mean 30.2 <= 30.241
+    t = fps_target()
+    assert t["met"] is True and t["detail"].endswith("paired difference +0.100 ± 0.566")
+
+
 def test_summary_pairs_seeds_against_lora_and_flags_an_edge_lr(lf, tmp_path):
     bench = _bench(lf, tmp_path)
     for lr, val in zip((*lf.GRID, 3e-2, 1e-1), (25.0, 23.0, 22.0, 21.5, 21.0)):  # LoRA best at the top, twice past it
