@@ -576,9 +576,8 @@ def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[
 
 def _targets(summary: dict, methods: list[str], seeds: list[int]) -> list[dict]:
     """The label-free selectors against LoRA (<= 0.97x its mean test perplexity), random (below it
-    in every seed) and, other than FPS, plain FPS (its mean test perplexity not above FPS's mean plus FPS's std; the paired
-    per-seed difference is given beside), per domain,
-    where every seed of both is finished."""
+    in every seed) and, other than FPS, plain FPS (mean test perplexity not above FPS's mean plus FPS's
+    std; the paired per-seed difference is given beside), per domain, where every seed of both is finished."""
     out = []
     for m in [m for m in methods if METHODS[m].label_free]:
         for d, dom in summary["domains"].items():
