@@ -469,9 +469,14 @@ def _mtime_ns(path: Path) -> int | None:
     return path.stat().st_mtime_ns if path.exists() else None
 
 
+def _ppl(v: float | None) -> float:
+    """A perplexity as the report compares it: a diverged run (``None``) counts as infinite."""
+    return math.inf if v is None else v
+
+
 def _val(rec: dict) -> float:
-    """Validation perplexity of a finished cell; a diverged run counts as infinite."""
-    return math.inf if rec.get("val_ppl") is None else rec["val_ppl"]
+    """Validation perplexity of a finished cell."""
+    return _ppl(rec.get("val_ppl"))
 
 
 def _from_metrics(metrics: dict) -> dict:
@@ -547,9 +552,10 @@ def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[
             if recs:
                 test = {s: r["test_ppl"] for s, r in recs.items()}
                 e["test_ppl"] = {str(s): v for s, v in test.items()}
-                ok = [v for v in test.values() if v is not None]
-                if ok:
-                    e["test_ppl_mean"], e["test_ppl_std"] = _mean_std(ok)
+                if diverged := [str(s) for s, v in test.items() if v is None]:
+                    e["diverged_seeds"] = diverged  # no mean: one of its seeds counts as infinite
+                else:
+                    e["test_ppl_mean"], e["test_ppl_std"] = _mean_std(list(test.values()))
                 e["val_ppl"] = recs[min(recs)]["val_ppl"]
                 tr = [r["train"] for r in recs.values()]
                 procs = [r["train_process"] for r in recs.values() if r["train_process"]]
@@ -577,32 +583,51 @@ def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[
 def _targets(summary: dict, methods: list[str], seeds: list[int]) -> list[dict]:
     """The label-free selectors against LoRA (<= 0.97x its mean test perplexity), random (below it
     in every seed) and, other than FPS, plain FPS (mean test perplexity not above FPS's mean plus FPS's
-    std; the paired per-seed difference is given beside), per domain, where every seed of both is finished."""
+    std; the paired per-seed difference is given beside), per domain, where every seed of both is finished.
+    A diverged seed counts as infinite perplexity, so it fails its own method's targets."""
     out = []
+    n = len(seeds)
+
+    def full(entry: dict) -> bool:
+        return len(entry.get("test_ppl", {})) == n
+
     for m in [m for m in methods if METHODS[m].label_free]:
         for d, dom in summary["domains"].items():
             e, lo, r = dom["methods"].get(m, {}), dom["methods"].get("lora", {}), dom["methods"].get("random", {})
             fps = dom["methods"].get("fps", {})
-            n = len(seeds)
-            if m != "fps" and "test_ppl_mean" in e and len(e["test_ppl"]) == n and len(fps.get("test_ppl", {})) == n \
-                    and "test_ppl_mean" in fps:
-                bound = fps["test_ppl_mean"] + fps["test_ppl_std"]
-                mean, std = _mean_std(list(_paired(e, fps).values()) or [math.nan])
+            if m != "fps" and full(e) and full(fps):
+                bound = _mean(fps) + fps.get("test_ppl_std", 0.0)
+                pairs = _paired(e, fps)
+                paired = ("none: no seed where both finished" if not pairs else
+                          "{:+.3f} ± {:.3f}".format(*_mean_std(list(pairs.values())))
+                          + (f" over seed(s) {', '.join(pairs)}" if len(pairs) < n else ""))
                 out.append({"target": f"{METHODS[m].label} not above FPS-sparse by more than FPS-sparse's std ({d})",
-                            "met": e["test_ppl_mean"] <= bound,
-                            "detail": f"{e['test_ppl_mean']:.3f} vs {fps['test_ppl_mean']:.3f} ± "
-                                      f"{fps['test_ppl_std']:.3f}; paired difference {mean:+.3f} ± {std:.3f}"})
-            if len(e.get("test_ppl", {})) == n and len(lo.get("test_ppl", {})) == n and "test_ppl_mean" in e:
-                ratio = e["test_ppl_mean"] / lo["test_ppl_mean"]
+                            "met": math.isfinite(_mean(e)) and _mean(e) <= bound,
+                            "detail": f"{_stated(e)} vs {_stated(fps, std=True)}; paired difference {paired}"})
+            if full(e) and full(lo):
+                ratio = _mean(e) / _mean(lo)
                 out.append({"target": f"{METHODS[m].label} <= 0.97x LoRA's test perplexity ({d})",
                             "met": ratio <= 0.97,
-                            "detail": f"{e['test_ppl_mean']:.3f} vs {lo['test_ppl_mean']:.3f} ({ratio:.3f}x)"})
-            if len(e.get("test_ppl", {})) == n and len(r.get("test_ppl", {})) == n:
+                            "detail": f"{_stated(e)} vs {_stated(lo)}"
+                                      + (f" ({ratio:.3f}x)" if math.isfinite(ratio) and ratio else "")})
+            if full(e) and full(r):
                 per = [(s, e["test_ppl"][s], r["test_ppl"][s]) for s in e["test_ppl"]]
-                below = all(a is not None and (b is None or a < b) for _, a, b in per)
+                below = all(_ppl(a) < _ppl(b) for _, a, b in per)
                 out.append({"target": f"{METHODS[m].label} below random-sparse in every seed ({d})", "met": below,
-                            "detail": ", ".join(f"seed {s}: {_f(a)} vs {_f(b)}" for s, a, b in per)})
+                            "detail": ", ".join(f"seed {s}: {_seed(a)} vs {_seed(b)}" for s, a, b in per)})
     return out
+
+
+def _mean(entry: dict) -> float:
+    """Mean test perplexity over an entry's seeds; infinite where one diverged."""
+    return entry.get("test_ppl_mean", math.inf)
+
+
+def _stated(entry: dict, std: bool = False) -> str:
+    """An entry's mean test perplexity (± its std) as the report states it, or which of its seeds diverged."""
+    if "diverged_seeds" in entry:
+        return f"diverged on seed {', '.join(entry['diverged_seeds'])}"
+    return f"{entry['test_ppl_mean']:.3f}" + (f" ± {entry['test_ppl_std']:.3f}" if std else "")
 
 
 def _mean_pm(entry: dict, key: str, fmt: str) -> str:
@@ -611,6 +636,11 @@ def _mean_pm(entry: dict, key: str, fmt: str) -> str:
         return "-"
     std = f" ± {entry[key + '_std']:.3f}" if len(entry[key]) > 1 else ""
     return f"{entry[key + '_mean']:{fmt}}{std}"
+
+
+def _seed(v: float | None) -> str:
+    """One seed's test perplexity, or that it diverged."""
+    return "diverged" if v is None else f"{v:.3f}"
 
 
 def _f(v, fmt: str = ".3f") -> str:
@@ -694,8 +724,8 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
             e = dom["methods"][m]
             lr = "-" if m == "zero" else ("not chosen" if e["lr"] is None else f"{e['lr']:g}"
                                           + (" **edge**" if e["lr_at_edge"] else ""))
-            per = ", ".join(f"{_f(v)}" for v in e.get("test_ppl", {}).values()) or "-"
-            mean = _mean_pm(e, "test_ppl", ".3f")
+            per = ", ".join(_seed(v) for v in e.get("test_ppl", {}).values()) or "-"
+            mean = _stated(e) if "diverged_seeds" in e else _mean_pm(e, "test_ppl", ".3f")
             delta = _mean_pm(e, "minus_lora", "+.3f")
             dper = ", ".join(f"{v:+.3f}" for v in e.get("minus_lora", {}).values()) or "-"
             lines.append(f"| {METHODS[m].label} | {lr} | {_f(e.get('val_ppl'))} | {mean} | "

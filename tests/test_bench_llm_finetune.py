@@ -174,6 +174,32 @@ def test_a_new_selector_is_held_to_fps_mean_plus_fps_std_with_the_paired_differe
     assert t["met"] is True and t["detail"].endswith("paired difference +0.100 ± 0.566")
 
 
+def test_a_seed_that_diverged_fails_its_methods_targets_instead_of_leaving_the_mean(lf, tmp_path):
+    bench = _bench(lf, tmp_path)
+    methods = ["lora", "fps", "fps-cap2", "random"]
+    for m in methods:  # each best at the grid's middle lr on seed 0
+        for lr, val in zip(lf.GRID, (22.0, 20.0, 22.0)):
+            _finish(lf, bench, "kjv", m, lr, 0, val=val, test=40.0)
+    for m, tests in (("lora", (31.0, 31.0)), ("fps", (30.0, None)), ("fps-cap2", (20.0, None)),
+                     ("random", (32.0, 32.0))):
+        for seed, test in enumerate(tests):
+            _finish(lf, bench, "kjv", m, 3e-3, seed, val=20.0 if test else None, test=test)
+    s = lf.summarize(bench, ["kjv"], methods, [0, 1])
+    cap = s["domains"]["kjv"]["methods"]["fps-cap2"]
+    assert cap["diverged_seeds"] == ["1"] and "test_ppl_mean" not in cap  # not 20.0, its one finite seed
+    assert cap["minus_lora"] == {"0": -11.0}
+    targets = {t["target"].split(" (")[0]: t for t in s["targets"]}
+    ratio = targets["FPS-sparse, column cap 2 <= 0.97x LoRA's test perplexity"]
+    assert ratio == {"target": ratio["target"], "met": False, "detail": "diverged on seed 1 vs 31.000"}
+    near = targets["FPS-sparse, column cap 2 not above FPS-sparse by more than FPS-sparse's std"]
+    assert near["met"] is False
+    assert near["detail"] == "diverged on seed 1 vs diverged on seed 1; paired difference -10.000 ± 0.000 over seed(s) 0"
+    below = targets["FPS-sparse below random-sparse in every seed"]
+    assert below["met"] is False and below["detail"] == "seed 0: 30.000 vs 32.000, seed 1: diverged vs 32.000"
+    md = lf._markdown(s, methods, bench, "")
+    assert "| FPS-sparse, column cap 2 | 0.003 | 20.000 | diverged on seed 1 | 2 | 20.000, diverged | -11.000 |" in md
+
+
 def test_summary_pairs_seeds_against_lora_and_flags_an_edge_lr(lf, tmp_path):
     bench = _bench(lf, tmp_path)
     for lr, val in zip((*lf.GRID, 3e-2, 1e-1), (25.0, 23.0, 22.0, 21.5, 21.0)):  # LoRA best at the top, twice past it
