@@ -786,8 +786,17 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
                          "how far a static mask of this size, picked before training, can go at all.")
     if notes.strip():
         lines += ["", "## Notes", "", notes.strip()]
-    lines += ["", f"![test perplexity per domain and the validation lr sweeps]({NAME}.png)", ""]
+    lines += ["", f"![each seed's test perplexity over LoRA's on the same seed, per domain, and the validation lr sweeps]({NAME}.png)", ""]
     return "\n".join(lines)
+
+
+def _ratios(entries: dict, methods: list[str]) -> list[tuple[str, dict[str, float]]]:
+    """Per trained method other than LoRA, each seed's test perplexity over LoRA's on that seed (the seeds
+    where both finished finite); methods with no such seed are left out."""
+    lora = entries.get("lora", {}).get("test_ppl", {})
+    rows = [(m, {s: v / lora[s] for s, v in entries[m].get("test_ppl", {}).items() if v and lora.get(s)})
+            for m in methods if m not in ("zero", "lora")]
+    return [(m, r) for m, r in rows if r]
 
 
 def _figure(summary: dict, methods: list[str], path: Path) -> None:
@@ -801,19 +810,24 @@ def _figure(summary: dict, methods: list[str], path: Path) -> None:
     colors = plt.get_cmap("tab10")
     for j, d in enumerate(doms):
         t = summary["domains"][d]["methods"]
-        ax = axes[0][j]
-        ms = [m for m in methods if "test_ppl_mean" in t[m]]
-        if ms:
-            ys = [t[m]["test_ppl_mean"] for m in ms]
-            ax.bar(range(len(ms)), ys, yerr=[t[m]["test_ppl_std"] for m in ms], capsize=3,
-                   color=[colors(methods.index(m)) for m in ms])
-            ax.set_xticks(range(len(ms)), ms, rotation=30, fontsize=8)
-            ax.set_ylim(min(ys) * 0.9, max(ys) * 1.05)
-            for i, m in enumerate(ms):
-                ax.text(i, ys[i], f"{ys[i]:.2f}\n(n={len(t[m]['test_ppl'])})", ha="center", va="bottom", fontsize=7)
-            if "test_ppl_mean" in t.get("lora", {}):
-                ax.axhline(t["lora"]["test_ppl_mean"], color="gray", ls="--", lw=0.8)
-        ax.set_title(f"{d}: test perplexity, mean ± std over seeds", fontsize=10)
+        ax = axes[0][j]  # each seed's test perplexity over LoRA's on the same seed: the claim, on its own scale
+        rows = _ratios(t, methods)
+        lora = t.get("lora", {}).get("test_ppl", {})
+        for i, (m, r) in enumerate(rows):
+            for s, v in r.items():
+                ax.plot(i, v, ls="none", marker="o^s"[int(s) % 3], ms=5, color=colors(methods.index(m)),
+                        label=f"seed {s}" if i == 0 else None)
+            ax.hlines(statistics.fmean(r.values()), i - 0.3, i + 0.3, color=colors(methods.index(m)), lw=2)
+        ax.axhline(1.0, color="gray", ls="--", lw=0.8)
+        ax.axhline(0.97, color="black", ls=":", lw=0.8)
+        ax.set_xticks(range(len(rows)), [m for m, _ in rows], rotation=30, fontsize=8)
+        ax.set_xlim(-0.6, max(len(rows), 1) - 0.4)
+        zero = t.get("zero", {}).get("test_ppl", {})
+        off = f"; zero-shot {zero['0'] / lora['0']:.2f}x" if zero.get("0") and lora.get("0") else ""
+        ax.set_title(f"{d}: test perplexity / LoRA's, per seed (bar: mean){off}", fontsize=10)
+        ax.set_ylabel("x LoRA r=8 (dashed); dotted: 0.97x target", fontsize=8)
+        if rows:
+            ax.legend(fontsize=7)
         ax = axes[1][j]
         for m in methods:
             pts = [(float(lr), v) for lr, v in t[m]["grid_val_ppl"].items() if v is not None and m != "zero"]

@@ -200,6 +200,22 @@ def test_a_seed_that_diverged_fails_its_methods_targets_instead_of_leaving_the_m
     assert "| FPS-sparse, column cap 2 | 0.003 | 20.000 | diverged on seed 1 | 2 | 20.000, diverged | -11.000 |" in md
 
 
+def test_the_figure_plots_each_seed_over_loras_same_seed_and_writes_a_png(lf, tmp_path):
+    bench = _bench(lf, tmp_path)
+    methods = ["zero", "lora", "fps", "random"]
+    _finish(lf, bench, "kjv", "zero", 0.0, 0, val=30.0, test=30.0)
+    for m in methods[1:]:
+        for lr, val in zip(lf.GRID, (22.0, 20.0, 22.0)):
+            _finish(lf, bench, "kjv", m, lr, 0, val=val, test=40.0)
+    for m, tests in (("lora", (20.0, 25.0)), ("fps", (19.0, 25.0)), ("random", (None, None))):
+        for seed, test in enumerate(tests):
+            _finish(lf, bench, "kjv", m, 3e-3, seed, val=20.0 if test else None, test=test)
+    s = lf.summarize(bench, ["kjv"], methods, [0, 1])
+    assert lf._ratios(s["domains"]["kjv"]["methods"], methods) == [("fps", {"0": 0.95, "1": 1.0})]  # random: none
+    lf.report(bench, tmp_path / "out", ["kjv"], methods, [0, 1])
+    assert (tmp_path / "out" / f"{lf.NAME}.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_summary_pairs_seeds_against_lora_and_flags_an_edge_lr(lf, tmp_path):
     bench = _bench(lf, tmp_path)
     for lr, val in zip((*lf.GRID, 3e-2, 1e-1), (25.0, 23.0, 22.0, 21.5, 21.0)):  # LoRA best at the top, twice past it
