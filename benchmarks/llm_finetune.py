@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import datetime as dt
 import json
 import math
+import operator
 import os
 from pathlib import Path
 import platform
@@ -510,10 +511,11 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def _paired(entry: dict, ref: dict) -> dict[str, float]:
-    """Per seed, ``entry``'s test perplexity minus ``ref``'s, on the seeds where both finished finite."""
+def _paired(entry: dict, ref: dict, op=operator.sub) -> dict[str, float]:
+    """Per seed, ``op(entry's test perplexity, ref's)`` (the difference, or with ``operator.truediv`` the
+    ratio), on the seeds where both finished finite."""
     theirs = ref.get("test_ppl", {})
-    return {s: v - theirs[s] for s, v in entry.get("test_ppl", {}).items()
+    return {s: op(v, theirs[s]) for s, v in entry.get("test_ppl", {}).items()
             if v is not None and theirs.get(s) is not None}
 
 
@@ -793,8 +795,7 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
 def _ratios(entries: dict, methods: list[str]) -> list[tuple[str, dict[str, float]]]:
     """Per trained method other than LoRA, each seed's test perplexity over LoRA's on that seed (the seeds
     where both finished finite); methods with no such seed are left out."""
-    lora = entries.get("lora", {}).get("test_ppl", {})
-    rows = [(m, {s: v / lora[s] for s, v in entries[m].get("test_ppl", {}).items() if v and lora.get(s)})
+    rows = [(m, _paired(entries[m], entries.get("lora", {}), operator.truediv))
             for m in methods if m not in ("zero", "lora")]
     return [(m, r) for m, r in rows if r]
 
@@ -812,7 +813,6 @@ def _figure(summary: dict, methods: list[str], path: Path) -> None:
         t = summary["domains"][d]["methods"]
         ax = axes[0][j]  # each seed's test perplexity over LoRA's on the same seed: the claim, on its own scale
         rows = _ratios(t, methods)
-        lora = t.get("lora", {}).get("test_ppl", {})
         for i, (m, r) in enumerate(rows):
             for s, v in r.items():
                 ax.plot(i, v, ls="none", marker="o^s"[int(s) % 3], ms=5, color=colors(methods.index(m)),
@@ -822,8 +822,8 @@ def _figure(summary: dict, methods: list[str], path: Path) -> None:
         ax.axhline(0.97, color="black", ls=":", lw=0.8)
         ax.set_xticks(range(len(rows)), [m for m, _ in rows], rotation=30, fontsize=8)
         ax.set_xlim(-0.6, max(len(rows), 1) - 0.4)
-        zero = t.get("zero", {}).get("test_ppl", {})
-        off = f"; zero-shot {zero['0'] / lora['0']:.2f}x" if zero.get("0") and lora.get("0") else ""
+        zero = _paired(t.get("zero", {}), t.get("lora", {}), operator.truediv)  # zero-shot runs seed 0 alone
+        off = "".join(f"; zero-shot {v:.2f}x" for v in zero.values())
         ax.set_title(f"{d}: test perplexity / LoRA's, per seed (bar: mean){off}", fontsize=10)
         ax.set_ylabel("x LoRA r=8 (dashed); dotted: 0.97x target", fontsize=8)
         if rows:
