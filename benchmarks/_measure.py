@@ -210,10 +210,10 @@ def log(msg: str) -> None:
     print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {msg}", flush=True)
 
 
-def run_offline(cmd: list[str], root: Path) -> dict:
-    """:func:`run_measured` in ``root`` with the hub offline and ``root`` importable;
-    RuntimeError with the end of stderr when it fails."""
-    env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "TOKENIZERS_PARALLELISM": "false"}
+def run_offline(cmd: list[str], root: Path, env: dict[str, str] | None = None) -> dict:
+    """:func:`run_measured` in ``root`` with the hub offline and ``root`` importable (``env``: more
+    variables for the child); RuntimeError with the end of stderr when it fails."""
+    env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     m = run_measured(cmd, env=env, cwd=root)
     if m["returncode"] != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({m['returncode']}):\n{m['stderr'][-3000:]}")

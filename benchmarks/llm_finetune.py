@@ -76,6 +76,13 @@ PY = sys.executable
 # Recorded in every cell: sessions may rebuild the environment between cells, so a cell says what made it.
 DISTS = ("torch", "transformers", "peft", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy", "fps-onnx")
 FPS_ONNX = str(Path(PY).with_name("fps-onnx"))
+# The training processes' environment (every method's alike; recorded in each cell as ``train_env``):
+# glibc's adaptive mmap threshold left `fps-onnx train`'s CPU step returning and re-faulting its
+# activation buffers every step; a fixed 32 MiB threshold keeps them for reuse. Measured on 5 steps
+# of kjv's random masks: 4.7-4.8 -> 3.3-3.7 s a step, peak RSS 3.45 -> 4.0 GiB, the deltas
+# bit-identical; PEFT LoRA's `_llm_train.py` step unchanged (3.6-4.5 s either way). Cells finished
+# before it was set have no ``train_env``; the report marks the rows whose cells ran with it.
+TRAIN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 NAME = "llm_domains"
 
 GRID = (1e-3, 3e-3, 1e-2)  # LoRA and every sparse method
@@ -391,7 +398,7 @@ class Bench:
                    "--quiet"]
             log(f"train {cell}")
             try:
-                m = self._run(cmd)
+                m = self._run(cmd, TRAIN_ENV)
             except RuntimeError as e:
                 if "training loss became" not in str(e):
                     raise
@@ -413,14 +420,14 @@ class Bench:
             args_file, out_file = tmp / f"{cell.name}.args.json", tmp / f"{cell.name}.out.json"
             args_file.write_text(json.dumps(args))
             log(f"train {cell}")
-            m = self._run([PY, str(HERE / "_llm_train.py"), str(args_file), str(out_file)])
+            m = self._run([PY, str(HERE / "_llm_train.py"), str(args_file), str(out_file)], TRAIN_ENV)
             train = json.loads(out_file.read_text())
         rec = {"domain": cell.domain, "method": cell.method, "lr": cell.lr, "seed": cell.seed,
                "val_ppl": train.get("val_ppl"), "test_ppl": train.get("test_ppl"), "config": self.config(),
                "corpus": json.loads((data / "corpus.json").read_text()), "selection": selection, "train": train,
                "train_process": None if m is None else {k: m[k] for k in ("wall_s", "peak_rss_gib", "cpu_s",
                                                                           "parent_floor_gib")},
-               "versions": versions(*DISTS), "cell_seconds": time.perf_counter() - start,
+               "train_env": TRAIN_ENV, "versions": versions(*DISTS), "cell_seconds": time.perf_counter() - start,
                "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         write_cell(self.path(cell), rec)
         return rec
@@ -462,8 +469,8 @@ class Bench:
         states = [self.done(x) is not None for x in plan]
         print(f"{sum(states)} of {len(plan)} cells done")
 
-    def _run(self, cmd: list[str]) -> dict:
-        return run_offline(cmd, ROOT)
+    def _run(self, cmd: list[str], env: dict[str, str] | None = None) -> dict:
+        return run_offline(cmd, ROOT, env)
 
 
 def _mtime_ns(path: Path) -> int | None:
@@ -565,6 +572,8 @@ def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[
                 steps = [t["step_s_all"] for t in tr if t.get("step_s_all")]
                 e["step_s"] = statistics.median(steps) if steps else None
                 e["train_peak_rss_gib"] = max(p["peak_rss_gib"] for p in procs) if procs else None
+                e["train_env"] = [json.loads(x) for x in sorted({json.dumps(r.get("train_env") or {}, sort_keys=True)
+                                                                 for r in recs.values()})]
                 e["optimizer_state_bytes"] = tr[0].get("optimizer_state_bytes")
                 sel = [r["selection"] for r in recs.values() if r["selection"]]
                 if sel:
@@ -618,6 +627,15 @@ def _targets(summary: dict, methods: list[str], seeds: list[int]) -> list[dict]:
                 out.append({"target": f"{METHODS[m].label} below random-sparse in every seed ({d})", "met": below,
                             "detail": ", ".join(f"seed {s}: {_seed(a)} vs {_seed(b)}" for s, a, b in per)})
     return out
+
+
+def _env_mark(entries: list[dict]) -> str:
+    """" ‡" when every cell of these entries trained with :data:`TRAIN_ENV`, " ‡ (some cells)" when
+    only some did, "" when none did."""
+    envs = [x for e in entries for x in e.get("train_env", [])]
+    if not any(envs):
+        return ""
+    return " ‡" if all(x == TRAIN_ENV for x in envs) else " ‡ (some cells)"
 
 
 def _mean(entry: dict) -> float:
@@ -747,6 +765,7 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
     lines += ["## Cost (seed-0 chosen-lr cells and their seeds, all domains alike in size)", "",
               "| method | trainable | train peak RSS (GiB) | optimizer state (MB) | step (s) | "
               "selection wall (s) | selection peak RSS (GiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    marked = False
     for m in methods:
         es = [dom["methods"][m] for dom in summary["domains"].values() if "test_ppl" in dom["methods"][m]]
         if not es:
@@ -758,14 +777,24 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
         rss = [x["train_peak_rss_gib"] for x in es if x.get("train_peak_rss_gib")]
         sw = [x["select_wall_s"] for x in es if x.get("select_wall_s")]
         srss = [x["select_peak_rss_gib"] for x in es if x.get("select_peak_rss_gib")]
-        lines.append(f"| {METHODS[m].label} | {_f(e.get('trainable'), ',')} | {_f(max(rss) if rss else None, '.2f')} | "
-                     f"{_f(osb, '.1f')} | {_f(statistics.median(step) if step else None, '.2f')} | "
+        mark = _env_mark(es)
+        marked = marked or bool(mark)
+        lines.append(f"| {METHODS[m].label} | {_f(e.get('trainable'), ',')} | "
+                     f"{_f(max(rss) if rss else None, '.2f')}{mark if rss else ''} | {_f(osb, '.1f')} | "
+                     f"{_f(statistics.median(step) if step else None, '.2f')}{mark if step else ''} | "
                      f"{_f(statistics.median(sw) if sw else None, '.1f')} | {_f(max(srss) if srss else None, '.2f')} |")
     lines += ["", "Step time: training seconds / steps (zero/full/LoRA: `_llm_train.py`; sparse: `fps-onnx train`'s "
               "metrics.json), median over cells; it is the wall time of a machine shared with other jobs, so it "
               "compares methods only roughly (`benchmarks/train_step.py` interleaves them). Train peak RSS: the whole "
-              "training process, exact (`os.wait4`). Selection: the whole `fps-onnx select` process.",
-              "", "## Targets (label-free selectors; checked only where every seed is finished)", ""]
+              "training process, exact (`os.wait4`). Selection: the whole `fps-onnx select` process."]
+    if marked:
+        lines += ["", "‡: the row's training processes ran with `"
+                  + " ".join(f"{k}={v}" for k, v in TRAIN_ENV.items()) + "` (glibc keeps freed buffers up to 32 "
+                  "MiB for reuse instead of returning them to the OS; \"some cells\": only part of the row's cells). "
+                  "Measured on `fps-onnx train` (5 steps, kjv's random masks, same machine): 4.7-4.8 -> 3.3-3.7 s a "
+                  "step and peak RSS 3.45 -> 4.0 GiB, the trained deltas bit-identical; PEFT LoRA's step unchanged. "
+                  "So step time and peak RSS compare only between rows of the same mark; perplexity is unaffected."]
+    lines += ["", "## Targets (label-free selectors; checked only where every seed is finished)", ""]
     for tg in summary["targets"]:
         lines.append(f"- {tg['target']}: **{'met' if tg['met'] else 'NOT met'}** ({tg['detail']})")
     if not summary["targets"]:

@@ -418,3 +418,50 @@ def test_report_refuses_the_filters_that_only_choose_cells_to_run(lf, monkeypatc
     with pytest.raises(SystemExit) as exc:
         lf.main()
     assert exc.value.code == 2 and "--report covers the whole benchmark; --domains chooses which cells run" in capsys.readouterr().err
+
+
+def test_training_processes_run_with_the_allocator_setting_and_the_cost_table_marks_those_rows(lf, tmp_path, monkeypatch):
+    bench = _bench(lf, tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.json").write_text("{}")
+    monkeypatch.setattr(bench, "data", lambda domain: data)
+    monkeypatch.setattr(bench, "select", lambda domain, method, seed: (tmp_path / "masks.safetensors", None))
+    envs = []
+
+    def run(cmd, env=None):
+        envs.append(env)
+        if "--task" in cmd:  # fps-onnx train: its metrics.json in -o
+            val = 9.0 if float(cmd[cmd.index("--lr") + 1]) == lf.GRID[1] else 10.0  # the grid's middle wins
+            out = Path(cmd[cmd.index("-o") + 1])
+            out.mkdir(parents=True)
+            (out / "metrics.json").write_text(json.dumps(
+                {"epochs": [{"seconds": 4.0, "val_perplexity": val}], "steps": 2, "test_perplexity": 9.5}))
+        else:  # _llm_train.py ARGS OUT
+            val = 9.0 if json.loads(Path(cmd[-2]).read_text())["lr"] == lf.GRID[1] else 10.0
+            Path(cmd[-1]).write_text(json.dumps({"val_ppl": val, "test_ppl": 9.6, "step_s_all": 2.0}))
+        return {"wall_s": 1.0, "peak_rss_gib": 2.0, "cpu_s": 1.0, "parent_floor_gib": 0.0}
+
+    monkeypatch.setattr(bench, "_run", run)
+    for lr in lf.GRID:
+        bench.run(lf.Cell("kjv", "fps", lr, 0))
+        bench.run(lf.Cell("kjv", "lora", lr, 0))
+        _finish(lf, bench, "kjv", "random", lr, 0, val=9.0 if lr == lf.GRID[1] else 10.0, test=9.4)  # from before it
+    assert envs == [lf.TRAIN_ENV] * 2 * len(lf.GRID) and "MALLOC_MMAP_THRESHOLD_" in lf.TRAIN_ENV
+    assert json.loads(bench.path(lf.Cell("kjv", "fps", lf.GRID[0], 0)).read_text())["train_env"] == lf.TRAIN_ENV
+    methods = ["lora", "fps", "random"]
+
+    def cost_rows(seeds):
+        md = lf._markdown(lf.summarize(bench, ["kjv"], methods, seeds), methods, bench, "")
+        table = md.split("## Cost")[1].split("\n\n")[1]
+        return {line.split(" | ")[0][2:]: line for line in table.splitlines()[2:]}, md
+
+    rows, md = cost_rows([0])
+    for m in ("fps", "lora"):  # peak RSS and step time (2 s either way) marked, nothing else
+        assert rows[lf.METHODS[m].label].count("‡") == 2 and rows[lf.METHODS[m].label].count("| 2.00 ‡ |") == 2
+    assert "‡" not in rows[lf.METHODS["random"].label]
+    assert "‡: the row's training processes ran with `MALLOC_MMAP_THRESHOLD_=33554432`" in md
+    lr = bench.chosen_lr("kjv", "fps", 0)
+    _finish(lf, bench, "kjv", "fps", lr, 1, val=9.0, test=9.4)  # the row's seed 1 from before it
+    rows, _ = cost_rows([0, 1])
+    assert "‡ (some cells)" in rows[lf.METHODS["fps"].label]
