@@ -76,12 +76,13 @@ PY = sys.executable
 # Recorded in every cell: sessions may rebuild the environment between cells, so a cell says what made it.
 DISTS = ("torch", "transformers", "peft", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy", "fps-onnx")
 FPS_ONNX = str(Path(PY).with_name("fps-onnx"))
-# The training processes' environment (every method's alike; recorded in each cell as ``train_env``):
-# glibc's adaptive mmap threshold left `fps-onnx train`'s CPU step returning and re-faulting its
-# activation buffers every step; a fixed 32 MiB threshold keeps them for reuse. Measured on 5 steps
-# of kjv's random masks: 4.7-4.8 -> 3.3-3.7 s a step, peak RSS 3.45 -> 4.0 GiB, the deltas
-# bit-identical; PEFT LoRA's `_llm_train.py` step unchanged (3.6-4.5 s either way). Cells finished
-# before it was set have no ``train_env``; the report marks the rows whose cells ran with it.
+# The training processes' environment (every method's alike; recorded in each cell as ``train_env``).
+# `fps-onnx train` otherwise fixes glibc's mmap threshold at 128 KiB for a lower peak RSS, so on this
+# LLM every freed activation buffer went back to the OS and was faulted in again the next step; with
+# the variable set it leaves the threshold to it. Measured on 5 steps of kjv's random masks: 4.7-4.8
+# -> 3.3-3.7 s a step, peak RSS 3.45 -> 4.0 GiB, the deltas bit-identical; PEFT LoRA's `_llm_train.py`
+# step (glibc's adaptive threshold otherwise) unchanged, 3.6-4.5 s either way. Cells finished before it
+# was set have no ``train_env``; the report marks the rows whose cells ran with it.
 TRAIN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 NAME = "llm_domains"
 
@@ -790,7 +791,9 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
     if marked:
         lines += ["", "‡: the row's training processes ran with `"
                   + " ".join(f"{k}={v}" for k, v in TRAIN_ENV.items()) + "` (glibc keeps freed buffers up to 32 "
-                  "MiB for reuse instead of returning them to the OS; \"some cells\": only part of the row's cells). "
+                  "MiB for reuse; without it `fps-onnx train` fixes 128 KiB, returning them to the OS for a lower peak "
+                  "RSS, and PEFT's process has glibc's adaptive threshold; \"some cells\": only part of the row's "
+                  "cells). "
                   "Measured on `fps-onnx train` (5 steps, kjv's random masks, same machine): 4.7-4.8 -> 3.3-3.7 s a "
                   "step and peak RSS 3.45 -> 4.0 GiB, the trained deltas bit-identical; PEFT LoRA's step unchanged. "
                   "So step time and peak RSS compare only between rows of the same mark; perplexity is unaffected."]
