@@ -794,8 +794,10 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
                   "MiB for reuse; without it `fps-onnx train` fixes 128 KiB, returning them to the OS for a lower peak "
                   "RSS, and PEFT's process has glibc's adaptive threshold; \"some cells\": only part of the row's "
                   "cells). "
-                  "Measured on `fps-onnx train` (5 steps, kjv's random masks, same machine): 4.7-4.8 -> 3.3-3.7 s a "
-                  "step and peak RSS 3.45 -> 4.0 GiB, the trained deltas bit-identical; PEFT LoRA's step unchanged. "
+                  "Measured with a cell's own training commands cut to `--max-steps 5` (`fps-onnx train`, kjv's random "
+                  "masks) and 6 steps (`_llm_train.py`, LoRA), each run without and with it on this machine: "
+                  "`fps-onnx train` 4.7-4.8 -> 3.3-3.7 s a step, peak RSS 3.45 -> 4.0 GiB, the trained deltas "
+                  "bit-identical; LoRA's step unchanged (3.6-4.5 s either way). "
                   "So step time and peak RSS compare only between rows of the same mark; perplexity is unaffected."]
     lines += ["", "## Targets (label-free selectors; checked only where every seed is finished)", ""]
     for tg in summary["targets"]:
