@@ -426,6 +426,7 @@ def test_training_processes_run_with_the_allocator_setting_and_the_cost_table_ma
     data.mkdir()
     (data / "corpus.json").write_text("{}")
     monkeypatch.setattr(bench, "data", lambda domain: data)
+    monkeypatch.setattr(bench, "model", lambda: tmp_path / "model")  # nothing built or read
     monkeypatch.setattr(bench, "select", lambda domain, method, seed: (tmp_path / "masks.safetensors", None))
     envs = []
 
