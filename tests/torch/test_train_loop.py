@@ -257,3 +257,34 @@ def test_frozen_batch_norm_keeps_its_running_statistics(train_norm):
     loader = torch.utils.data.DataLoader(_task(32), batch_size=8)
     loop.fit(model, loader, recipe=recipe)
     assert torch.equal(model.bn.running_mean, before) != train_norm
+
+
+def test_the_trainer_fixes_the_mmap_threshold_unless_the_environment_sets_it(monkeypatch):
+    """`fps-onnx train` returns freed buffers to the OS (glibc's M_MMAP_THRESHOLD at 128 KiB) for a lower
+    peak RSS; a user's MALLOC_MMAP_THRESHOLD_ wins (docs/training.md), and off glibc nothing happens."""
+    import ctypes
+
+    from fps_onnx.torch.train import run
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    run._return_freed_memory()
+    assert calls == [(-3, 128 * 1024)]  # M_MMAP_THRESHOLD
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
+    run._return_freed_memory()
+    assert calls == [(-3, 128 * 1024)]  # left to the environment's setting
+
+    def no_libc(name):
+        raise OSError("no such library")
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    run._return_freed_memory()  # off glibc: a no-op, no error
+    assert calls == [(-3, 128 * 1024)]
