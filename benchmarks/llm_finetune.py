@@ -76,13 +76,9 @@ PY = sys.executable
 # Recorded in every cell: sessions may rebuild the environment between cells, so a cell says what made it.
 DISTS = ("torch", "transformers", "peft", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy", "fps-onnx")
 FPS_ONNX = str(Path(PY).with_name("fps-onnx"))
-# The training processes' environment (every method's alike; recorded in each cell as ``train_env``).
-# `fps-onnx train` otherwise fixes glibc's mmap threshold at 128 KiB for a lower peak RSS, so on this
-# LLM every freed activation buffer went back to the OS and was faulted in again the next step; with
-# the variable set it leaves the threshold to it. Measured on 5 steps of kjv's random masks: 4.7-4.8
-# -> 3.3-3.7 s a step, peak RSS 3.45 -> 4.0 GiB, the deltas bit-identical; PEFT LoRA's `_llm_train.py`
-# step (glibc's adaptive threshold otherwise) unchanged, 3.6-4.5 s either way. Cells finished before it
-# was set have no ``train_env``; the report marks the rows whose cells ran with it.
+# The training processes' environment, every method's alike, recorded in each cell as ``train_env``: without
+# it `fps-onnx train` fixes glibc's mmap threshold at 128 KiB and re-faults its buffers every step. What it
+# changes, as measured, is stated once, in the report's note under the cost table (``_markdown``).
 TRAIN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 NAME = "llm_domains"
 
@@ -573,8 +569,7 @@ def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[
                 steps = [t["step_s_all"] for t in tr if t.get("step_s_all")]
                 e["step_s"] = statistics.median(steps) if steps else None
                 e["train_peak_rss_gib"] = max(p["peak_rss_gib"] for p in procs) if procs else None
-                e["train_env"] = [json.loads(x) for x in sorted({json.dumps(r.get("train_env") or {}, sort_keys=True)
-                                                                 for r in recs.values()})]
+                e["train_env"] = [r.get("train_env") or {} for r in recs.values()]  # per seed
                 e["optimizer_state_bytes"] = tr[0].get("optimizer_state_bytes")
                 sel = [r["selection"] for r in recs.values() if r["selection"]]
                 if sel:
@@ -633,10 +628,8 @@ def _targets(summary: dict, methods: list[str], seeds: list[int]) -> list[dict]:
 def _env_mark(entries: list[dict]) -> str:
     """" ‡" when every cell of these entries trained with :data:`TRAIN_ENV`, " ‡ (some cells)" when
     only some did, "" when none did."""
-    envs = [x for e in entries for x in e.get("train_env", [])]
-    if not any(envs):
-        return ""
-    return " ‡" if all(x == TRAIN_ENV for x in envs) else " ‡ (some cells)"
+    envs = [x == TRAIN_ENV for e in entries for x in e.get("train_env", [])]
+    return "" if not any(envs) else " ‡" if all(envs) else " ‡ (some cells)"
 
 
 def _mean(entry: dict) -> float:
