@@ -39,6 +39,11 @@ def _both(name: str, show=str) -> str:
 @click.option("--masks", required=True, type=click.Path(dir_okay=False), help="Mask file from `fps-onnx select`.")
 @click.option("--onnx", "onnx_model", type=click.Path(dir_okay=False),
               help="The ONNX model the masks were selected on, to match its weights by value.")
+@click.option("--step-scale", type=click.Path(dir_okay=False), metavar="STATS",
+              help="The selection's statistics (`select --stats-out`): each selected entry's steps are "
+                   "multiplied by min(1, median(s) / s_j), s_j its input channel's statistic, so that entries "
+                   "on loud channels move the output no faster than those on a median one (2-D weights; "
+                   "docs/training.md). [default: off]")
 @click.option("--train", "train_path", required=True, type=click.Path(),
               help="Training split: class-folder tree of images, or .npz (x/y, or token arrays + labels); "
                    "causal-lm: .txt (a sample per line), .jsonl (text, or prompt + completion) or .npz "
@@ -94,7 +99,7 @@ def _both(name: str, show=str) -> str:
                    "number of processes), as if the run had never stopped.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics on stdout.")
 @quiet_option
-def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_path, output, epochs, batch_size,
+def train(task, spec, checkpoint, masks, onnx_model, step_scale, train_path, val_path, test_path, output, epochs, batch_size,
           lr, weight_decay, warmup_epochs, min_lr, clip_grad, label_smoothing, seed, train_head, train_bias,
           train_norm, amp, workers, max_steps, accumulate, checkpointing, chunked_loss, max_length, fsdp, base_dtype,
           num_classes,
@@ -108,7 +113,7 @@ def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_
     from fps_onnx.fileio import check_clashes
 
     check_clashes({"-o": output, "--save-dir": save_dir}, {"--resume": resume, "--model": spec_folder(spec), "--checkpoint": checkpoint, "--masks": masks,
-                                   "--onnx": onnx_model, "--train": train_path, "--val": val_path,
+                                   "--onnx": onnx_model, "--step-scale": step_scale, "--train": train_path, "--val": val_path,
                                    "--test": test_path})
     from fps_onnx.torch.train.checkpoint import Checkpointing
     from fps_onnx.torch.train.run import Splits, run_train, run_train_causal
@@ -157,12 +162,13 @@ def train(task, spec, checkpoint, masks, onnx_model, train_path, val_path, test_
         raise click.UsageError("--save-dir needs --save-every")
     try:
         if causal:
-            metrics = run_train_causal(spec, masks, splits, output, recipe, onnx_model=onnx_model, device=device,
+            metrics = run_train_causal(spec, masks, splits, output, recipe, onnx_model=onnx_model, step_scale=step_scale,
+                                       device=device,
                                        on_step=on_step, on_epoch=on_epoch, checkpointing=checkpointing)
         else:
             metrics = run_train(
                 spec, masks, splits, output, recipe,
-                checkpoint=checkpoint, onnx_model=onnx_model, num_classes=num_classes, image_size=image_size,
+                checkpoint=checkpoint, onnx_model=onnx_model, step_scale=step_scale, num_classes=num_classes, image_size=image_size,
                 device=device, on_step=on_step, on_epoch=on_epoch, checkpointing=checkpointing,
             )
     finally:

@@ -421,3 +421,61 @@ def test_apply_delta_refuses_metadata_past_the_json_limits(folders, tmp_path, ke
     save_file({"unused": torch.zeros(1)}, str(delta), metadata=meta)
     result = invoke("apply-delta", f"hf:{folders / 'llama'}", delta, "-o", tmp_path / "merged")
     assert_one_error(result, re.escape(message), absent=[tmp_path / "merged"])
+
+
+def _stats_for(model_dir, masks, path, sha, loud: int = 0) -> None:
+    """A stats file of model ``sha`` for ``masks``: input channel ``loud`` 1e6 times the others."""
+    from fps_onnx.stats import ChannelStats, Stats
+
+    params = dict(_load(model_dir).named_parameters(remove_duplicate=False))
+    stats = Stats(sha, num_samples=1)
+    for key in masks:
+        acc = ChannelStats()
+        abs_sum = np.ones(params[key].shape[1])
+        abs_sum[loud] = 1e6
+        acc.add(abs_sum=abs_sum, sq_sum=abs_sum ** 2, count=1)
+        stats.weights[key] = acc
+    stats.save(path)
+
+
+def test_step_scale_slows_the_entries_of_loud_input_channels(case, tmp_path):
+    """--step-scale: channel 0, a million times louder than the median, moves a millionth as far;
+    every other selected entry trains as it does without the option, to the bit."""
+    from safetensors.numpy import load_file
+
+    model_dir, _, masks, train = case
+    sha = "c" * 64
+    MaskFile(masks, {}, {"model_sha256": sha, "norm": "l1"}).save(tmp_path / "m.safetensors")
+    _stats_for(model_dir, masks, tmp_path / "s.safetensors", sha)
+    runs = {}
+    for name, extra in (("plain", ()), ("scaled", ("--step-scale", tmp_path / "s.safetensors"))):
+        result = _train(model_dir, tmp_path / "m.safetensors", train, tmp_path / name, "--max-steps", "1", *extra)
+        assert result.exit_code == 0, result.output
+        runs[name] = load_file(str(tmp_path / name / "delta.safetensors"))
+    for key in masks:
+        plain, scaled = (runs[n][f"{key}:values"] for n in ("plain", "scaled"))
+        loud = (runs["plain"][f"{key}:indices"] % masks[key].shape[1]) == 0
+        assert loud.any() and (~loud).any()
+        np.testing.assert_array_equal(scaled[~loud], plain[~loud])
+        np.testing.assert_allclose(scaled[loud], plain[loud] * 1e-6, rtol=1e-3)
+        assert np.abs(plain[loud]).min() > 0
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("other-model", "are of another model than the masks"),
+    ("no-model", "name no ONNX model they were selected on"),
+    ("onnx", "--step-scale needs masks keyed by parameter names, not --onnx"),
+    ("fsdp", "--step-scale does not run with --fsdp"),
+    ("not-stats", "s.safetensors"),
+])
+def test_step_scale_bad_input_is_one_line_and_writes_nothing(case, tmp_path, problem, message):
+    model_dir, _, masks, train = case
+    sha = "c" * 64
+    MaskFile(masks, {}, {} if problem == "no-model" else {"model_sha256": sha}).save(tmp_path / "m.safetensors")
+    _stats_for(model_dir, masks, tmp_path / "s.safetensors", "d" * 64 if problem == "other-model" else sha)
+    if problem == "not-stats":
+        MaskFile(masks, {}, {"model_sha256": sha}).save(tmp_path / "s.safetensors")
+    extra = {"onnx": ("--onnx", tmp_path / "m.safetensors"), "fsdp": ("--fsdp",)}.get(problem, ())
+    result = _train(model_dir, tmp_path / "m.safetensors", train, tmp_path / "out", "--max-steps", "1",
+                    "--step-scale", tmp_path / "s.safetensors", *extra)
+    assert_one_error(result, re.escape(message), absent=[tmp_path / "out"])

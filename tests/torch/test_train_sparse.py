@@ -548,3 +548,45 @@ def test_a_weight_past_int32_keeps_int64_indices():
     weight = torch.empty(2**31, dtype=torch.float16, device="meta")  # too large for int32 flat indices
     delta = sparse.SparseDelta(weight, torch.tensor([0, 2**31 - 1]))
     assert delta.indices.dtype == torch.int64 and int(delta.flat()[-1]) == 2**31 - 1
+
+
+def _stepped(model, x, steps: int, lr: float = 1e-2) -> dict[str, torch.Tensor]:
+    from fps_onnx.torch.train.loop import make_optimizer
+    from fps_onnx.torch.train.recipe import Recipe
+
+    optimizer = make_optimizer(model, Recipe(lr=lr, weight_decay=0.1))
+    for _ in range(steps):
+        model(x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {n: d.values.detach().clone() for n, d in sparse.deltas(model).items()}
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_step_scales_multiply_each_entrys_step_by_its_input_channels_factor(conv1d):
+    """A Linear's input channels are its columns, transformers' Conv1D's ([in, out]) its rows."""
+    transformers = pytest.importorskip("transformers")
+
+    def build():
+        torch.manual_seed(0)
+        layer = transformers.pytorch_utils.Conv1D(3, 4) if conv1d else nn.Linear(4, 3)
+        attach_masks(layer, {"weight": np.ones(tuple(layer.weight.shape), bool)})
+        return layer
+
+    factors = np.array([1.0, 0.5, 0.25, 0.0], np.float32)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    plain, scaled = build(), build()
+    assert sparse.scale_steps(scaled, {"weight": factors, "bias": factors}) == 1  # no delta: left out
+    first_plain, first_scaled = _stepped(plain, x, 1)["weight"], _stepped(scaled, x, 1)["weight"]
+    channel = torch.arange(12) // 3 if conv1d else torch.arange(12) % 4
+    torch.testing.assert_close(first_scaled, first_plain * torch.from_numpy(factors)[channel])
+    assert first_plain.abs().min() > 0
+    later = _stepped(scaled, x, 3)["weight"]  # weight decay included: a factor-0 channel never moves
+    assert torch.all(later[channel == 3] == 0) and torch.all(later[channel != 3] != 0)
+
+
+def test_step_scales_that_do_not_fit_the_weight_are_refused():
+    layer = nn.Linear(4, 3)
+    attach_masks(layer, {"weight": np.ones((3, 4), bool)})
+    with pytest.raises(MaskError, match=r"3 input-channel factors do not fit weight, shaped \[3, 4\]"):
+        sparse.scale_steps(layer, {"weight": np.ones(3, np.float32)})

@@ -164,7 +164,30 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
                 if id(param) not in owned:
                     param.register_post_accumulate_grad_hook(_drop_gradient)
         return optimizer
-    return torch.optim.AdamW(groups, lr=recipe.lr)
+    return _scaled(torch.optim.AdamW(groups, lr=recipe.lr), model)
+
+
+def _scaled(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    """``optimizer``, each step of a delta with a ``step_scale`` (:func:`sparse.scale_steps`) multiplied
+    by it entry by entry: ``v <- v0 + c * (v - v0)``, ``v0`` the values before the step."""
+    pairs = [(d.values, d.step_scale.to(d.values.device, d.values.dtype))
+             for d in sparse.unique_deltas(model).values() if d.step_scale is not None]
+    if not pairs:
+        return optimizer
+    before: list[torch.Tensor] = []
+
+    def keep(*_):
+        before[:] = [values.detach().clone() for values, _ in pairs]
+
+    def scale(*_):
+        with torch.no_grad():
+            for (values, factor), old in zip(pairs, before):
+                values.sub_(old).mul_(factor).add_(old)
+        before.clear()
+
+    optimizer.register_step_pre_hook(keep)
+    optimizer.register_step_post_hook(scale)
+    return optimizer
 
 
 def _owned(optimizer) -> list:

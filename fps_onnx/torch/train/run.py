@@ -23,10 +23,12 @@ import logging
 import os
 from pathlib import Path
 
-from ..._io import atomic_folder, atomic_write, check_folder, write_safetensors
-from ...errors import MaskError, OutputError
+from ..._io import atomic_folder, atomic_write, check_folder, content_digest, write_safetensors
+from ...errors import MaskError, OutputError, StatsError
 from ...selection.maskfile import MaskFile
-from ..models import build_for_data, rekey_masks
+from ...selection.stepscale import column_scales
+from ...stats import Stats
+from ..models import build_for_data, rekey_masks, resolve_keys
 from . import causal, delta, fsdp, hf_folder, lm_data, loop, precision, sparse
 from ._torch import nn, torch
 from .checkpoint import Checkpointing, Checkpoints, ResumableSampler, identity, model_digest
@@ -161,6 +163,30 @@ def _checkpoints(config: Checkpointing | None, out: Path, rank: int, world: int,
     return Checkpoints(config, ident, out, rank=rank, world=world, device=device)
 
 
+def _check_step_scale(path, onnx_model, recipe: Recipe) -> None:
+    """What ``--step-scale`` needs of the run, checked before anything is built."""
+    if path is None:
+        return
+    if onnx_model is not None:
+        raise RecipeError("--step-scale needs masks keyed by parameter names, not --onnx: "
+                          "map them first with `fps-onnx map`")
+    if recipe.fsdp:
+        raise RecipeError("--step-scale does not run with --fsdp")
+
+
+def _scale_steps(model: nn.Module, maskfile: MaskFile, path, onnx_model, recipe: Recipe) -> dict:
+    """With ``path`` (``--step-scale``: the selection's statistics), give the attached deltas their
+    entries' step factors (:mod:`fps_onnx.selection.stepscale`); returns what a checkpoint's identity adds."""
+    if path is None:
+        return {}
+    _check_step_scale(path, onnx_model, recipe)
+    scales = column_scales(maskfile, Stats.load(path), path)
+    names = resolve_keys(scales, sparse.deltas(model))
+    count = sparse.scale_steps(model, {names.get(k, k): v for k, v in scales.items()})
+    log.info("steps scaled per input channel on %d weights (%s)", count, path)
+    return {"step_scale_sha256": content_digest(path, StatsError)}
+
+
 def _rank_peaks(device: torch.device, world: int) -> dict:
     """``{"rank_peak_memory_bytes": [...]}``: each process's peak memory after training
     (:func:`loop.peak_memory`), when several run; else nothing."""
@@ -193,6 +219,7 @@ def run_train(
     *,
     checkpoint: str | os.PathLike | None = None,
     onnx_model: str | os.PathLike | None = None,
+    step_scale: str | os.PathLike | None = None,
     num_classes: int | None = None,
     image_size: int | None = None,
     device: str | None = None,
@@ -204,8 +231,11 @@ def run_train(
 
     ``onnx_model``: the ONNX file the masks were selected on, when their keys are
     ONNX initializer names (matched to the model's parameters by value).
+    ``step_scale``: the selection's statistics, to scale each entry's steps by its input
+    channel (:mod:`fps_onnx.selection.stepscale`).
     ``checkpointing``: save checkpoints, or go on from one (:mod:`.checkpoint`).
     """
+    _check_step_scale(step_scale, onnx_model, recipe)
     out = _output_folder(output)
     for given, option in ((recipe.max_steps is not None, "--max-steps"), (recipe.accumulate != 1, "--accumulate"),
                           (recipe.checkpointing, "--checkpointing")):
@@ -243,8 +273,9 @@ def run_train(
     device = _device(device, local_rank)
     dtype = precision.base_dtype(recipe, device)
     trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
+    scaled = _scale_steps(model, maskfile, step_scale, onnx_model, recipe)
     checkpoints = _checkpoints(checkpointing, out, rank, world, device, "classification", digest, model, recipe,
-                               splits, num_classes=classes, image_size=image_size)
+                               splits, num_classes=classes, image_size=image_size, **scaled)
     del maskfile  # the deltas hold its indices now
     precision.cast_model(model, dtype)
     net = fsdp.shard(model, device) if recipe.fsdp else _place(model, device, world)
@@ -351,6 +382,7 @@ def run_train_causal(
     recipe: Recipe = CausalLMRecipe(),
     *,
     onnx_model: str | os.PathLike | None = None,
+    step_scale: str | os.PathLike | None = None,
     device: str | None = None,
     on_step: Callable[[int, float, int], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
@@ -361,8 +393,10 @@ def run_train_causal(
     Data: see :mod:`.lm_data`; loss, accumulation and perplexity: :mod:`.causal`.
     Writes ``delta.safetensors``, ``model/`` and ``metrics.json`` into ``output``
     (see the module docstring). ``onnx_model``: the ONNX file the masks were
-    selected on, when their keys are ONNX initializer names.
+    selected on, when their keys are ONNX initializer names. ``step_scale``: as
+    for :func:`run_train`.
     """
+    _check_step_scale(step_scale, onnx_model, recipe)
     out = _output_folder(output)
     folder = hf_folder.causal_lm_folder(spec)
     rank, world, local_rank = _distributed()
@@ -394,6 +428,7 @@ def run_train_causal(
         fsdp.check_world(world, len(sets["train"]))
 
     trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
+    scaled = _scale_steps(model, maskfile, step_scale, onnx_model, recipe)
     del maskfile  # the deltas hold its indices now
     precision.cast_model(model, dtype)
     tied = sparse.tied_names(model)
@@ -403,7 +438,7 @@ def run_train_causal(
     if recipe.checkpointing:
         causal.enable_checkpointing(model)
     checkpoints = _checkpoints(checkpointing, out, rank, world, device, "causal-lm", base_hash, model, recipe,
-                               splits, max_length=max_length)
+                               splits, max_length=max_length, **scaled)
     if meta and not recipe.fsdp:
         fsdp.load_weights(model, folder, device)
     net = (fsdp.shard(model, device, folder=folder) if recipe.fsdp

@@ -59,7 +59,7 @@ from ...selection.maskfile import MaskFile
 from ._torch import nn, torch
 from .kernels import GatherGrad, SparseLinear
 
-__all__ = ["SparseDelta", "attach", "buffer_names", "deltas", "merge", "merged_state_dict", "plain_name",
+__all__ = ["SparseDelta", "attach", "buffer_names", "deltas", "merge", "merged_state_dict", "plain_name", "scale_steps",
     "sync", "tied_names", "unique_deltas"]
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ class SparseDelta(nn.Module):
                              else weight.detach().take(self.flat()).clone())
         dtype = torch.promote_types(weight.dtype, torch.float32)
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=device))
+        # each entry's factor on its optimizer steps (:func:`scale_steps`); None: steps as the optimizer makes them
+        self.step_scale: torch.Tensor | None = None
 
     def flat(self) -> torch.Tensor:
         """The indices as int64, what ``take`` and ``put_`` index with (a k-sized copy where
@@ -261,6 +263,33 @@ def deltas(model: nn.Module) -> dict[str, SparseDelta]:
                 if isinstance(p, SparseDelta):
                     found[f"{module_name}.{tensor_name}" if module_name else tensor_name] = p
     return found
+
+
+def scale_steps(model: nn.Module, scales: Mapping[str, np.ndarray]) -> int:
+    """Give the deltas that ``scales`` names (parameter name -> a factor per input channel,
+    :func:`fps_onnx.selection.stepscale.column_scales`) their entries' factors, which the
+    optimizer of :func:`.loop.make_optimizer` multiplies into each step. The input channels are
+    a weight's columns, or its rows for transformers' Conv1D (stored [in, out]). Returns how
+    many deltas got them (names without one are left out: a head trained fully); MaskError
+    where the factors do not fit their weight."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    found, count = deltas(model), 0
+    for name, factors in scales.items():
+        delta = found.get(name)
+        if delta is None:
+            continue
+        module_name, _, tensor_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        shape = module.parametrizations[tensor_name].original.shape
+        axis = 0 if conv1d is not None and isinstance(module, conv1d) else 1
+        if len(shape) != 2 or shape[axis] != len(factors):
+            raise MaskError(f"--step-scale: {len(factors)} input-channel factors do not fit {name}, "
+                            f"shaped {list(shape)}")
+        flat = delta.flat().cpu()
+        channel = flat % shape[1] if axis == 1 else flat // shape[1]
+        delta.step_scale = torch.from_numpy(np.ascontiguousarray(factors, dtype=np.float32))[channel]
+        count += 1
+    return count
 
 
 def sync(model: nn.Module) -> None:
