@@ -16,7 +16,8 @@ sparse methods with exactly LoRA's number of trainable values (``--shira-r
 ``--level neuron`` spread over its rows as the FPS and GPS papers select), selected by ``fps-onnx
 select`` on the exported ONNX decoder with the row's arguments (``fps``, its variants ``fps-neuron``
 (``--level neuron``), ``fps-lr16`` (``--low-rank 16``), ``fps-a05`` (``--act-power 0.5``) and
-``fps-cap2`` (``--column-cap 2``), ``random``, ``magnitude``) or on the PyTorch model (``gps``:
+``fps-cap2`` (``--column-cap 2``), ``random``, ``magnitude``; ``fps-ss`` selects as ``fps`` does
+and trains with ``--step-scale``) or on the PyTorch model (``gps``:
 ``fps-onnx select --method gps --task causal-lm --level neuron hf:MODEL``, summed |grad| of the next-token loss), from CALIB training
 blocks drawn with the seed.
 Sparse methods train with ``fps-onnx train --task causal-lm``; zero / full /
@@ -117,6 +118,9 @@ class Method:
     # fine-tuning at this lr (same domain and seed), so the row needs that full cell and is no
     # selector; it bounds what any static mask of the same size, picked before training, can reach
     hindsight_of: float | None = None
+    # sparse: the selection also writes its statistics (--stats-out) and training scales each entry's
+    # steps by its input channel's (`fps-onnx train --step-scale`)
+    step_scale: bool = False
 
     @property
     def on_request(self) -> bool:
@@ -147,6 +151,10 @@ METHODS = {
                       label_free=True, candidate=True),
     "fps-cap2": Method("FPS-sparse, column cap 2", "sparse", select=("--method", "fps", "--column-cap", "2"),
                        label_free=True, candidate=True),
+    # FPS's masks, each entry's steps scaled by its input channel from the same forward pass
+    # (`train --step-scale`): the entries on loud channels, which FPS favours, take smaller steps
+    "fps-ss": Method("FPS-sparse, steps scaled per channel", "sparse", select=("--method", "fps"), step_scale=True,
+                     label_free=True, candidate=True),
     "random": Method("random-sparse", "sparse", select=("--method", "random")),
     "magnitude": Method("magnitude-sparse", "sparse", select=("--method", "magnitude")),
     # GPS as its paper selects, per output neuron (gradients of the next-token loss on the calibration blocks)
@@ -343,7 +351,7 @@ class Bench:
         folder.mkdir(parents=True, exist_ok=True)
         masks, record = folder / f"{method}.safetensors", folder / f"{method}.json"
         full = Cell(domain, "full", spec.hindsight_of, seed) if spec.hindsight_of is not None else None
-        if masks.exists() and record.exists():
+        if masks.exists() and record.exists() and (not spec.step_scale or _stats_of(masks).exists()):
             rec = json.loads(record.read_text())
             # hindsight masks hold for the update they were made from: a full cell run again makes a new one
             # (an update deleted since, to free its 0.4 GB, leaves them as they are)
@@ -366,7 +374,7 @@ class Bench:
         model, provider = (f"hf:{self.model()}", []) if spec.torch else (str(self.onnx()), ["--provider", "cpu"])
         cmd = [FPS_ONNX, "select", model, str(calib), "-o", str(masks), *spec.select,
                "--seed", str(seed), "--shira-r", str(c["shira_r"]), "--batch-size", str(c["eval_batch_size"]),
-               *provider, "--json", "--quiet"]
+               *provider, "--json", "--quiet", *(("--stats-out", str(_stats_of(masks))) if spec.step_scale else ())]
         log(f"select {domain} {method} seed {seed}")
         m = self._run(cmd)
         summary = stdout_json(m)
@@ -392,7 +400,7 @@ class Bench:
                    "-o", str(out), "--epochs", "1", "--max-steps", str(c["steps"]), "--batch-size", str(c["batch_size"]),
                    "--lr", str(cell.lr), "--warmup-epochs", str(c["warmup"]), "--min-lr", "0",
                    "--clip-grad", "1.0", "--seed", str(cell.seed), "--device", "cpu", "--max-length", str(c["seq"]),
-                   "--quiet"]
+                   "--quiet", *(("--step-scale", str(_stats_of(masks))) if spec.step_scale else ())]
             log(f"train {cell}")
             try:
                 m = self._run(cmd, TRAIN_ENV)
@@ -468,6 +476,11 @@ class Bench:
 
     def _run(self, cmd: list[str], env: dict[str, str] | None = None) -> dict:
         return run_offline(cmd, ROOT, env)
+
+
+def _stats_of(masks: Path) -> Path:
+    """The statistics file a step-scaled row's selection writes beside its masks."""
+    return masks.with_name(masks.stem + ".stats.safetensors")
 
 
 def _mtime_ns(path: Path) -> int | None:

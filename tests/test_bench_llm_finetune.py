@@ -466,3 +466,42 @@ def test_training_processes_run_with_the_allocator_setting_and_the_cost_table_ma
     _finish(lf, bench, "kjv", "fps", lr, 1, val=9.0, test=9.4)  # the row's seed 1 from before it
     rows, _ = cost_rows([0, 1])
     assert "‡ (some cells)" in rows[lf.METHODS["fps"].label]
+
+
+def test_the_step_scaled_row_selects_with_statistics_and_trains_on_them(lf, tmp_path, monkeypatch):
+    """fps-ss: FPS's own selection writing --stats-out beside its masks, then `train --step-scale`
+    on that file; the other sparse rows pass neither, and masks without the statistics are made again."""
+    bench = _bench(lf, tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.json").write_text("{}")
+    for name, value in (("data", lambda domain: data), ("model", lambda: tmp_path / "model"),
+                        ("onnx", lambda: tmp_path / "model.onnx"), ("calib", lambda domain, seed: data / "calib32-s0.npz")):
+        monkeypatch.setattr(bench, name, value)
+    cmds = []
+
+    def run(cmd, env=None):
+        cmds.append(cmd)
+        if cmd[1] == "select":
+            Path(cmd[cmd.index("-o") + 1]).write_bytes(b"masks")
+            if "--stats-out" in cmd:
+                Path(cmd[cmd.index("--stats-out") + 1]).write_bytes(b"stats")
+            return {"wall_s": 1.0, "peak_rss_gib": 1.0, "cpu_s": 1.0, "parent_floor_gib": 0.0,
+                    "stdout": json.dumps({"selected": 11, "total": 30, "seconds": 0.5})}
+        out = Path(cmd[cmd.index("-o") + 1])
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps(
+            {"epochs": [{"seconds": 4.0, "val_perplexity": 9.0}], "steps": 2, "test_perplexity": 9.5}))
+        return {"wall_s": 1.0, "peak_rss_gib": 2.0, "cpu_s": 1.0, "parent_floor_gib": 0.0}
+
+    monkeypatch.setattr(bench, "_run", run)
+    assert lf.METHODS["fps-ss"].select == lf.METHODS["fps"].select and lf.METHODS["fps-ss"].candidate
+    bench.run(lf.Cell("kjv", "fps", lf.GRID[0], 0))
+    bench.run(lf.Cell("kjv", "fps-ss", lf.GRID[0], 0))
+    (fps_select, fps_train, select, train) = cmds
+    assert "--stats-out" not in fps_select and "--step-scale" not in fps_train
+    stats = select[select.index("--stats-out") + 1]
+    assert stats.endswith("fps-ss.stats.safetensors") and train[train.index("--step-scale") + 1] == stats
+    Path(stats).unlink()  # masks whose statistics are gone: selected again
+    bench.run(lf.Cell("kjv", "fps-ss", lf.GRID[1], 0))
+    assert cmds[4][1] == "select" and Path(stats).exists()
