@@ -543,11 +543,15 @@ def summarize(bench: Bench, domains: list[str], methods: list[str], seeds: list[
     out = {"generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "config": bench.config(),
            "grids": {m: list(METHODS[m].grid) for m in methods}, "seeds": seeds, "domains": {}}
     plan = bench.plan(domains, methods, seeds)
-    finished = {x: r for x in plan if (r := bench.done(x)) is not None}
+    # and the cells run before the plan dropped them (a candidate the screen passed over once a later
+    # candidate did better): finished, they stay in the tables, counted beside the plan's
+    dropped = [c for d in domains for m in methods if m != "zero" for lr in bench.seed0_lrs(d, m, seeds[0])[0]
+               for s in seeds if (c := Cell(d, m, lr, s)) not in plan]
+    finished = {x: r for x in [*plan, *dropped] if (r := bench.done(x)) is not None}
     protocol = [x for x in plan if not METHODS[x.method].on_request]
     out["cells_done"], out["cells_planned"] = sum(x in finished for x in protocol), len(protocol)
     out["cell_minutes"] = sum(r["cell_seconds"] for x, r in finished.items() if x in protocol) / 60
-    out["extra_cells"] = sum(x not in protocol for x in finished)  # on-request rows' cells
+    out["extra_cells"] = sum(x not in protocol for x in finished)  # on-request rows' and dropped cells
     out["extra_minutes"] = sum(r["cell_seconds"] for x, r in finished.items() if x not in protocol) / 60
     out["versions"] = dict(Counter(  # each set of versions -> how many finished cells it made
         "not recorded" if (v := r.get("versions")) is None else ", ".join(f"{k} {x}" for k, x in v.items() if x)
@@ -698,7 +702,8 @@ def _markdown(summary: dict, methods: list[str], bench: Bench, notes: str) -> st
         f"- generated {summary['generated']} by `python benchmarks/llm_finetune.py --report` from `{cells}/` "
         f"({summary['cells_done']} of {summary['cells_planned']} planned cells finished, "
         f"{summary['cell_minutes']:.0f} min of cells"
-        + (f"; besides, {summary['extra_cells']} cells of rows run on request, {summary['extra_minutes']:.0f} min"
+        + (f"; besides, {summary['extra_cells']} cells outside the plan (rows run on request, candidates the screen "
+           f"passed over), {summary['extra_minutes']:.0f} min"
            if summary["extra_cells"] else "") + ")",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs; PyTorch fp32, 2 threads",
         "- versions, as each finished cell recorded them (cells before recording began say nothing): "

@@ -101,6 +101,26 @@ def test_new_selectors_are_screened_on_the_first_domain_and_only_the_best_goes_o
     assert [c.lr for c in plan if (c.method, c.seed) == ("fps-neuron", 1) and c.domain == "kjv"] == [lf.GRID[1]]
 
 
+def test_cells_of_a_pick_a_later_candidate_displaced_stay_in_the_tables(lf, tmp_path):
+    """A candidate added after the screen picked another: once it leads, the former pick's cells on other
+    domains and seeds leave the plan but not the report (counted beside the plan's)."""
+    bench = _bench(lf, tmp_path)
+    methods, seeds = ["lora", "fps-neuron", "fps-a05"], [0, 1]
+    for lr in lf.GRID:
+        _finish(lf, bench, "kjv", "fps-neuron", lr, 0, val=18.0 if lr == lf.GRID[1] else 19.0, test=30.0)
+        _finish(lf, bench, "man", "fps-neuron", lr, 0, val=8.0 if lr == lf.GRID[1] else 9.0, test=8.5)
+    _finish(lf, bench, "man", "fps-neuron", lf.GRID[1], 1, val=8.1, test=8.6)
+    for lr in lf.GRID:  # the later candidate leads on kjv's validation
+        _finish(lf, bench, "kjv", "fps-a05", lr, 0, val=17.0 if lr == lf.GRID[1] else 19.0, test=29.0)
+    assert all(c.method != "fps-neuron" for c in bench.plan(["kjv", "man"], methods, seeds) if c.domain == "man")
+    summary = lf.summarize(bench, ["kjv", "man"], methods, seeds)
+    man = summary["domains"]["man"]["methods"]["fps-neuron"]
+    assert man["lr"] == lf.GRID[1] and man["test_ppl"] == {"0": 8.5, "1": 8.6}
+    assert summary["extra_cells"] == 4  # man's grid (3) and seed 1
+    md = lf._markdown(summary, methods, bench, "")
+    assert "4 cells outside the plan (rows run on request, candidates the screen passed over)" in md
+
+
 def test_rows_the_pre_screen_dropped_get_no_cells_and_are_named_in_the_report(lf, tmp_path, monkeypatch):
     monkeypatch.setitem(lf.METHODS, "fps-lr16", dataclasses.replace(lf.METHODS["fps-lr16"], full=False))
     dropped = [m for m in lf.METHODS if not lf.METHODS[m].full]
