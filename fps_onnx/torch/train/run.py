@@ -174,12 +174,12 @@ def _check_step_scale(path, onnx_model, recipe: Recipe) -> None:
         raise RecipeError("--step-scale does not run with --fsdp")
 
 
-def _scale_steps(model: nn.Module, maskfile: MaskFile, path, onnx_model, recipe: Recipe) -> dict:
-    """With ``path`` (``--step-scale``: the selection's statistics), give the attached deltas their
-    entries' step factors (:mod:`fps_onnx.selection.stepscale`); returns what a checkpoint's identity adds."""
+def _scale_steps(model: nn.Module, maskfile: MaskFile, path) -> dict:
+    """With ``path`` (``--step-scale``: the selection's statistics; :func:`_check_step_scale` passed),
+    give the attached deltas their entries' step factors (:mod:`fps_onnx.selection.stepscale`);
+    returns what a checkpoint's identity adds."""
     if path is None:
         return {}
-    _check_step_scale(path, onnx_model, recipe)
     scales = column_scales(maskfile, Stats.load(path), path)
     names = resolve_keys(scales, sparse.deltas(model))
     count = sparse.scale_steps(model, {names.get(k, k): v for k, v in scales.items()})
@@ -273,7 +273,7 @@ def run_train(
     device = _device(device, local_rank)
     dtype = precision.base_dtype(recipe, device)
     trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
-    scaled = _scale_steps(model, maskfile, step_scale, onnx_model, recipe)
+    scaled = _scale_steps(model, maskfile, step_scale)
     checkpoints = _checkpoints(checkpointing, out, rank, world, device, "classification", digest, model, recipe,
                                splits, num_classes=classes, image_size=image_size, **scaled)
     del maskfile  # the deltas hold its indices now
@@ -428,7 +428,7 @@ def run_train_causal(
         fsdp.check_world(world, len(sets["train"]))
 
     trainable = loop.prepare(model, maskfile, recipe, onnx_model=onnx_model)
-    scaled = _scale_steps(model, maskfile, step_scale, onnx_model, recipe)
+    scaled = _scale_steps(model, maskfile, step_scale)
     del maskfile  # the deltas hold its indices now
     precision.cast_model(model, dtype)
     tied = sparse.tied_names(model)

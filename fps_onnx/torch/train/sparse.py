@@ -269,19 +269,21 @@ def scale_steps(model: nn.Module, scales: Mapping[str, np.ndarray]) -> int:
     """Give the deltas that ``scales`` names (parameter name -> a factor per input channel,
     :func:`fps_onnx.selection.stepscale.column_scales`) their entries' factors, which the
     optimizer of :func:`.loop.make_optimizer` multiplies into each step. The input channels are
-    a weight's columns, or its rows for transformers' Conv1D (stored [in, out]). Returns how
-    many deltas got them (names without one are left out: a head trained fully); MaskError
-    where the factors do not fit their weight."""
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    a weight's columns, or its rows for one stored [in, out] (transformers' Conv1D,
+    :func:`fps_onnx.torch.mapping.in_out_parameters`). Returns how many deltas got them (names
+    without one are left out: a head trained fully); MaskError where the factors do not fit
+    their weight."""
+    from ..mapping import in_out_parameters
+
+    in_out = in_out_parameters(model)
     found, count = deltas(model), 0
     for name, factors in scales.items():
         delta = found.get(name)
         if delta is None:
             continue
         module_name, _, tensor_name = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        shape = module.parametrizations[tensor_name].original.shape
-        axis = 0 if conv1d is not None and isinstance(module, conv1d) else 1
+        shape = model.get_submodule(module_name).parametrizations[tensor_name].original.shape
+        axis = 0 if name in in_out else 1
         if len(shape) != 2 or shape[axis] != len(factors):
             raise MaskError(f"--step-scale: {len(factors)} input-channel factors do not fit {name}, "
                             f"shaped {list(shape)}")
