@@ -13,6 +13,8 @@ entries: no entry then moves the output faster than one on a median channel.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from ..errors import StatsError
@@ -20,7 +22,7 @@ from ..stats import Stats
 from .maskfile import MaskFile
 from .score import channel_statistic
 
-__all__ = ["column_scales"]
+__all__ = ["column_scales", "factors_digest"]
 
 
 def column_scales(masks: MaskFile, stats: Stats, source: object = "the statistics") -> dict[str, np.ndarray]:
@@ -61,6 +63,17 @@ def column_scales(masks: MaskFile, stats: Stats, source: object = "the statistic
                              f"has {shape[axis]}")
         out[key] = _factors(s)
     return out
+
+
+def factors_digest(scales: dict[str, np.ndarray]) -> str:
+    """Hex SHA-256 of ``scales`` (:func:`column_scales`' result): names a run's step factors, so a
+    checkpoint resumes only under the same factors, whichever file they were read from."""
+    digest = hashlib.sha256()
+    for key in sorted(scales):
+        factors = np.ascontiguousarray(scales[key], dtype="<f4")
+        digest.update(f"{key}\0{factors.size}\n".encode("utf-8", "surrogateescape"))
+        digest.update(factors.tobytes())
+    return digest.hexdigest()
 
 
 def _factors(s: np.ndarray) -> np.ndarray:

@@ -216,8 +216,9 @@ def test_a_checkpoint_of_another_run_is_refused(checkpoint_of, change, message):
 
 
 def test_a_checkpoint_resumes_only_with_the_step_scale_it_was_written_with(case, monkeypatch):
-    """--step-scale changes every step: a checkpoint written without it, or with other statistics, is
-    refused by a run with them, and taken up by a run with the same file."""
+    """--step-scale changes every step: a checkpoint written without it, or with statistics giving other
+    factors, is refused by a run with them; it is taken up by a run with the same factors, read from the
+    same file or another (sums doubled over twice the samples: other bytes, the same channel means)."""
     from fps_onnx.stats import ChannelStats, Stats
     from fps_onnx.torch.train import checkpoint
 
@@ -225,23 +226,25 @@ def test_a_checkpoint_resumes_only_with_the_step_scale_it_was_written_with(case,
     MaskFile({"fc.weight": np.random.default_rng(1).random((16, 8)) < 0.3}, {},
              {"model_sha256": "e" * 64}).save(tmp / "fc.safetensors")
     args = _replace(args, "--masks", str(tmp / "fc.safetensors"))
-    for name, loud in (("s1", 0), ("s2", 1)):
-        stats, acc = Stats("e" * 64, num_samples=1), ChannelStats()
-        acc.add(abs_sum=np.where(np.arange(8) == loud, 10.0, 1.0), count=1)
+    for name, loud, samples in (("s1", 0, 1), ("s2", 1, 1), ("s1x2", 0, 2)):
+        stats, acc = Stats("e" * 64, num_samples=samples), ChannelStats()
+        acc.add(abs_sum=np.where(np.arange(8) == loud, 10.0, 1.0) * samples, count=samples)
         stats.weights["fc.weight"] = acc
         stats.save(tmp / f"{name}.safetensors")
     real = _stopped_at(monkeypatch, 4)
     for run, extra in (("plain", []), ("scaled", ["--step-scale", str(tmp / "s1.safetensors")])):
         assert invoke(*args, *extra, "-o", tmp / run, "--save-every", "4").exit_code == 1
     monkeypatch.setattr(checkpoint.Checkpoints, "save", real)
-    message = r"other statistics, or not scaled \(--step-scale\)"
+    assert (tmp / "s1.safetensors").read_bytes() != (tmp / "s1x2.safetensors").read_bytes()
+    message = r"scaled by other factors \(other --step-scale statistics\), or not scaled"
     for folder, extra in (("plain", ["--step-scale", str(tmp / "s1.safetensors")]),
                           ("scaled", ["--step-scale", str(tmp / "s2.safetensors")])):
         result = invoke(*args, *extra, "-o", tmp / "out", "--resume", tmp / f"{folder}.checkpoints")
         assert_one_error(result, message, absent=[tmp / "out"])
-    result = invoke(*args, "--step-scale", tmp / "s1.safetensors", "-o", tmp / "out", "--resume",
-                    tmp / "scaled.checkpoints")
-    assert result.exit_code == 0, result.output
+    for same in ("s1", "s1x2"):
+        result = invoke(*args, "--step-scale", tmp / f"{same}.safetensors", "-o", tmp / f"out-{same}", "--resume",
+                        tmp / "scaled.checkpoints")
+        assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("damage, message", [

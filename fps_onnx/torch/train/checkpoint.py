@@ -314,7 +314,7 @@ _DIFFERS = {
     "model_sha256": "it is of another model (its weights differ)",
     "masks_sha256": "it is of other masks (another selection or budget)",
     "data_sha256": "it is of other training or validation data",
-    "step_scale_sha256": "its steps were scaled by other statistics, or not scaled (--step-scale)",
+    "step_scale_sha256": "its steps were scaled by other factors (other --step-scale statistics), or not scaled",
 }
 
 

@@ -23,10 +23,10 @@ import logging
 import os
 from pathlib import Path
 
-from ..._io import atomic_folder, atomic_write, check_folder, content_digest, write_safetensors
-from ...errors import MaskError, OutputError, StatsError
+from ..._io import atomic_folder, atomic_write, check_folder, write_safetensors
+from ...errors import MaskError, OutputError
 from ...selection.maskfile import MaskFile
-from ...selection.stepscale import column_scales
+from ...selection.stepscale import column_scales, factors_digest
 from ...stats import Stats
 from ..models import build_for_data, rekey_masks, resolve_keys
 from . import causal, delta, fsdp, hf_folder, lm_data, loop, precision, sparse
@@ -184,7 +184,7 @@ def _scale_steps(model: nn.Module, maskfile: MaskFile, path) -> dict:
     names = resolve_keys(scales, sparse.deltas(model))
     count = sparse.scale_steps(model, {names.get(k, k): v for k, v in scales.items()})
     log.info("steps scaled per input channel on %d weights (%s)", count, path)
-    return {"step_scale_sha256": content_digest(path, StatsError)}
+    return {"step_scale_sha256": factors_digest(scales)}
 
 
 def _rank_peaks(device: torch.device, world: int) -> dict:
