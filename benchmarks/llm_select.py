@@ -73,10 +73,12 @@ TARGETS = {  # ratio: (bound, "<=" or ">=")
 #: --selectors: FPS's selection options as llm_finetune.py's rows run them, at LoRA r=8's count per
 #: tensor (``--shira-r 8``; the budget decides which top-k runs: a column cap at neuron level is
 #: another algorithm), each measured against FPS at that budget ("fps-r8"); each must stay within
-#: 1.2x of its time and peak RSS.
+#: 1.2x of its time and peak RSS. "fps-ss" is FPS's selection writing its statistics beside the masks,
+#: what ``train --step-scale`` reads (``{work}``: the run's work folder).
 _R8 = ["--shira-r", "8"]
 SELECTORS = {"fps-r8": _R8, "fps-a05": [*_R8, "--act-power", "0.5"], "fps-cap2": [*_R8, "--column-cap", "2"],
-             "fps-neuron": [*_R8, "--level", "neuron"], "fps-lr16": [*_R8, "--low-rank", "16"]}
+             "fps-neuron": [*_R8, "--level", "neuron"], "fps-lr16": [*_R8, "--low-rank", "16"],
+             "fps-ss": [*_R8, "--stats-out", "{work}/stats-fps-ss.safetensors"]}
 REFERENCE = {name: "fps-r8" for name in SELECTORS if name != "fps-r8"}
 for _name, _reference in REFERENCE.items():
     TARGETS[f"{_name}/{_reference} time"] = (1.2, "<=")
@@ -371,7 +373,7 @@ def main() -> None:
         for name, options in SELECTORS.items():
             variants[name] = [fps_onnx_command(), "-v", "select", str(model), str(data),
                               "-o", str(work / f"masks-{name}.safetensors"), "--batch-size", str(args.batch_size),
-                              *options]
+                              *(o.format(work=work) for o in options)]
     if not args.skip_gps:
         variants["gps"] = _child("gps", folder, data, args.batch_size)
 
