@@ -38,6 +38,7 @@ _EXPORTS = {
     "Stats": "fps_onnx.stats",
     "prepare": "fps_onnx.torch.train.loop",
     "merge": "fps_onnx.torch.train.sparse",
+    "scale_steps": "fps_onnx.torch.train.loop",
     "export": "fps_onnx.torch.export",
     "map_masks": "fps_onnx.torch.mapping",
 }

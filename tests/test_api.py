@@ -36,18 +36,19 @@ def test_the_stable_names_resolve_to_their_modules():
     assert (fps_onnx.MaskFile, fps_onnx.load_masks, fps_onnx.save_masks) == (MaskFile, load_masks, save_masks)
     assert fps_onnx.Stats is Stats
     assert set(fps_onnx.__all__) == {"__version__", "run_select", "SelectConfig", "MaskFile", "load_masks",
-                                     "save_masks", "Stats", "prepare", "merge", "export", "map_masks"}
+                                     "save_masks", "Stats", "prepare", "scale_steps", "merge", "export",
+                                     "map_masks"}
     assert fps_onnx.__version__ == "0.1.0"
 
 
 def test_the_torch_names_resolve_to_their_modules():
     from fps_onnx.torch.export import export
     from fps_onnx.torch.mapping import map_masks
-    from fps_onnx.torch.train.loop import prepare
+    from fps_onnx.torch.train.loop import prepare, scale_steps
     from fps_onnx.torch.train.sparse import merge
 
-    assert (fps_onnx.prepare, fps_onnx.merge, fps_onnx.export, fps_onnx.map_masks) == (
-        prepare, merge, export, map_masks)
+    assert (fps_onnx.prepare, fps_onnx.scale_steps, fps_onnx.merge, fps_onnx.export, fps_onnx.map_masks) == (
+        prepare, scale_steps, merge, export, map_masks)
 
 
 def test_save_and_load_masks_round_trip(tmp_path):

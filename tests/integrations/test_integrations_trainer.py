@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import fps_onnx  # noqa: E402
 import fps_onnx.torch.train  # noqa: E402
 from fps_onnx.torch.train import Recipe  # noqa: E402
 
@@ -165,6 +166,45 @@ def test_fused_adamw_updates_reach_the_weights():
         optimizer.zero_grad()
     fps_onnx.torch.train.merge(model)
     check_only_selected_moved(before, model, masks)
+
+
+def test_hf_trainer_steps_scaled_by_scale_steps(tmp_path):
+    """fps_onnx.scale_steps on the optimizer handed to Trainer: its first step of each selected
+    entry is the unscaled run's times the entry's channel factor (channel 0 of every weight ten
+    times the others: 0.1; the rest 1), whatever wraps the optimizer."""
+    from fps_onnx.selection.maskfile import MaskFile
+    from fps_onnx.stats import ChannelStats, Stats
+
+    masks = random_masks(tiny_bert(5), fraction=0.3, seed=5)
+    MaskFile(masks, {}, {"model_sha256": "e" * 64}).save(tmp_path / "masks.safetensors")
+    stats = Stats("e" * 64, num_samples=1)
+    for name, mask in masks.items():
+        stats.weights[name] = ChannelStats()
+        stats.weights[name].add(abs_sum=np.where(np.arange(mask.shape[1]) == 0, 10.0, 1.0), count=1)
+    stats.save(tmp_path / "stats.safetensors")
+
+    def first_step(scaled: bool) -> dict:
+        model = tiny_bert(5)
+        fps_onnx.torch.train.prepare(model, tmp_path / "masks.safetensors", Recipe(train_head=False, train_bias=False))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        if scaled:
+            fps_onnx.scale_steps(model, optimizer, tmp_path / "masks.safetensors", tmp_path / "stats.safetensors")
+        before = {n: d.values.detach().clone() for n, d in fps_onnx.torch.train.sparse.deltas(model).items()}
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4, warmup_steps=0,
+            report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+            seed=0, dataloader_num_workers=0)
+        transformers.Trainer(model=model, args=args, train_dataset=samples(),
+                             optimizers=(optimizer, None)).train()
+        return {n: (d.values.detach() - before[n], d.flat())
+                for n, d in fps_onnx.torch.train.sparse.deltas(model).items()}
+
+    plain, scaled = first_step(False), first_step(True)
+    assert sorted(plain) == sorted(masks)
+    for name, (step, flat) in plain.items():
+        channel = flat % masks[name].shape[1]
+        assert step.abs().min() > 0 and torch.any(channel == 0)
+        torch.testing.assert_close(scaled[name][0], step * torch.where(channel == 0, 0.1, 1.0))
 
 
 def test_hf_trainer_example_runs(tmp_path, monkeypatch):

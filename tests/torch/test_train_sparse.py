@@ -590,3 +590,52 @@ def test_step_scales_that_do_not_fit_the_weight_are_refused():
     attach_masks(layer, {"weight": np.ones((3, 4), bool)})
     with pytest.raises(MaskError, match=r"3 input-channel factors do not fit weight, shaped \[3, 4\]"):
         sparse.scale_steps(layer, {"weight": np.ones(3, np.float32)})
+
+
+def test_scale_steps_gives_a_loop_of_ones_own_the_step_factors_train_uses(tmp_path):
+    """fps_onnx.scale_steps: prepare, an optimizer of one's own, then the factors of
+    ``train --step-scale`` (channel 0 ten times the median: 0.1; the others 1) on its steps."""
+    import fps_onnx
+    from fps_onnx.errors import StatsError
+    from fps_onnx.stats import ChannelStats, Stats
+    from fps_onnx.torch.train.recipe import Recipe
+
+    rng = np.random.default_rng(0)
+    MaskFile({"0.weight": rng.random((3, 4)) < 0.6, "2.weight": rng.random((2, 3)) < 0.6}, {},
+             {"model_sha256": "e" * 64}).save(tmp_path / "masks.safetensors")
+    stats = Stats("e" * 64, num_samples=1)
+    for key, width in (("0.weight", 4), ("2.weight", 3)):
+        acc = ChannelStats()
+        acc.add(abs_sum=np.where(np.arange(width) == 0, 10.0, 1.0), count=1)
+        stats.weights[key] = acc
+    stats.save(tmp_path / "stats.safetensors")
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+
+    def first_step(scaled: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+        fps_onnx.prepare(model, tmp_path / "masks.safetensors", Recipe(train_head=False, train_bias=False))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        if scaled:
+            assert fps_onnx.scale_steps(model, optimizer, tmp_path / "masks.safetensors",
+                                        tmp_path / "stats.safetensors") is optimizer
+        before = {n: d.values.detach().clone() for n, d in sparse.deltas(model).items()}
+        model(x).square().sum().backward()
+        optimizer.step()
+        return {n: (d.values.detach() - before[n], d.flat()) for n, d in sparse.deltas(model).items()}
+
+    plain, scaled = first_step(False), first_step(True)
+    assert set(plain) == {"0.weight", "2.weight"}
+    for name, width in (("0.weight", 4), ("2.weight", 3)):
+        step, flat = plain[name]
+        channel = flat % width
+        assert step.abs().min() > 0 and torch.any(channel == 0) and torch.any(channel != 0)
+        torch.testing.assert_close(scaled[name][0], step * torch.where(channel == 0, 0.1, 1.0))
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(MaskError, match=r"call prepare\(model, masks\) first"):
+        fps_onnx.scale_steps(model, optimizer, tmp_path / "masks.safetensors", tmp_path / "stats.safetensors")
+    Stats("f" * 64, num_samples=1, weights=stats.weights).save(tmp_path / "other.safetensors")
+    with pytest.raises(StatsError, match="of another model than the masks"):
+        fps_onnx.scale_steps(model, optimizer, tmp_path / "masks.safetensors", tmp_path / "other.safetensors")

@@ -13,12 +13,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 import logging
 import math
+import os
 import resource
 import sys
 import time
 
-from ...errors import DataError, NumericError
+from ...errors import DataError, MaskError, NumericError
 from ...selection.maskfile import MaskFile, mask_file_of
+from ...selection.stepscale import column_scales, factors_digest
+from ...stats import Stats
 from ..models import rekey_masks, resolve_keys
 from . import checkpoint, sparse
 from ._torch import nn, torch
@@ -27,7 +30,7 @@ from .recipe import Recipe
 
 __all__ = ["Trainable", "apply_gradients", "begin_epoch", "check_head", "evaluate", "fit", "forward",
     "head_names", "logits_of", "make_optimizer", "make_schedule", "param_groups", "peak_memory", "prepare",
-    "to_device", "train_step"]
+    "attach_step_scales", "scale_steps", "to_device", "train_step"]
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +191,37 @@ def _scaled(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.O
     optimizer.register_step_pre_hook(keep)
     optimizer.register_step_post_hook(scale)
     return optimizer
+
+
+def attach_step_scales(model: nn.Module, masks: MaskFile, stats: Stats | str | os.PathLike) -> tuple[int, str]:
+    """Give the deltas of ``model`` (attached from ``masks``) each entry's step factor
+    (:func:`fps_onnx.selection.stepscale.column_scales` of ``stats``, the selection's statistics:
+    a Stats or the path of ``select --stats-out``), which :func:`make_optimizer`'s optimizer applies.
+    Returns (how many weights got factors, the factors' digest: what a checkpoint's identity names)."""
+    loaded = stats if isinstance(stats, Stats) else Stats.load(stats)
+    scales = column_scales(masks, loaded, "the statistics" if isinstance(stats, Stats) else stats)
+    names = resolve_keys(scales, sparse.deltas(model))
+    count = sparse.scale_steps(model, {names.get(k, k): v for k, v in scales.items()})
+    return count, factors_digest(scales)
+
+
+def scale_steps(model: nn.Module, optimizer: torch.optim.Optimizer, masks: MaskFile | str | os.PathLike,
+                stats: Stats | str | os.PathLike) -> torch.optim.Optimizer:
+    """``fps-onnx train --step-scale`` for a loop of one's own: multiply each step ``optimizer`` makes
+    of a selected entry by ``min(1, median(s) / s_j)``, ``s_j`` the statistic of its input channel
+    (:mod:`fps_onnx.selection.stepscale`).
+
+    Call it after :func:`prepare` ``(model, masks)``, on the optimizer built over the trainable
+    tensors, before the first step. ``masks``: the MaskFile or path given to :func:`prepare` (its
+    metadata names the model and statistic it was selected with); ``stats``: a Stats or the path
+    of ``select ... --stats-out``, of the same model. StatsError where they do not fit the masks;
+    MaskError where the masks were not attached. Returns ``optimizer``, its step hooks registered.
+    """
+    maskfile = mask_file_of(masks)
+    count, _ = attach_step_scales(model, maskfile, stats)
+    if not count:
+        raise MaskError("scale_steps: the model has none of the masks' deltas; call prepare(model, masks) first")
+    return _scaled(optimizer, model)
 
 
 def _owned(optimizer) -> list:

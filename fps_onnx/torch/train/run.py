@@ -26,9 +26,7 @@ from pathlib import Path
 from ..._io import atomic_folder, atomic_write, check_folder, write_safetensors
 from ...errors import MaskError, OutputError
 from ...selection.maskfile import MaskFile
-from ...selection.stepscale import column_scales, factors_digest
-from ...stats import Stats
-from ..models import build_for_data, rekey_masks, resolve_keys
+from ..models import build_for_data, rekey_masks
 from . import causal, delta, fsdp, hf_folder, lm_data, loop, precision, sparse
 from ._torch import nn, torch
 from .checkpoint import Checkpointing, Checkpoints, ResumableSampler, identity, model_digest
@@ -176,15 +174,13 @@ def _check_step_scale(path, onnx_model, recipe: Recipe) -> None:
 
 def _scale_steps(model: nn.Module, maskfile: MaskFile, path) -> dict:
     """With ``path`` (``--step-scale``: the selection's statistics; :func:`_check_step_scale` passed),
-    give the attached deltas their entries' step factors (:mod:`fps_onnx.selection.stepscale`);
+    give the attached deltas their entries' step factors (:func:`loop.attach_step_scales`);
     returns what a checkpoint's identity adds."""
     if path is None:
         return {}
-    scales = column_scales(maskfile, Stats.load(path), path)
-    names = resolve_keys(scales, sparse.deltas(model))
-    count = sparse.scale_steps(model, {names.get(k, k): v for k, v in scales.items()})
+    count, digest = loop.attach_step_scales(model, maskfile, path)
     log.info("steps scaled per input channel on %d weights (%s)", count, path)
-    return {"step_scale_sha256": factors_digest(scales)}
+    return {"step_scale_sha256": digest}
 
 
 def _rank_peaks(device: torch.device, world: int) -> dict:
