@@ -465,7 +465,6 @@ def test_step_scale_slows_the_entries_of_loud_input_channels(case, tmp_path):
     ("other-model", "are of another model than the masks"),
     ("no-model", "name no ONNX model they were selected on"),
     ("onnx", "--step-scale needs masks keyed by parameter names, not --onnx"),
-    ("fsdp", "--step-scale does not run with --fsdp"),
     ("not-stats", "s.safetensors"),
 ])
 def test_step_scale_bad_input_is_one_line_and_writes_nothing(case, tmp_path, problem, message):
@@ -475,7 +474,7 @@ def test_step_scale_bad_input_is_one_line_and_writes_nothing(case, tmp_path, pro
     _stats_for(model_dir, masks, tmp_path / "s.safetensors", "d" * 64 if problem == "other-model" else sha)
     if problem == "not-stats":
         MaskFile(masks, {}, {"model_sha256": sha}).save(tmp_path / "s.safetensors")
-    extra = {"onnx": ("--onnx", tmp_path / "m.safetensors"), "fsdp": ("--fsdp",)}.get(problem, ())
+    extra = {"onnx": ("--onnx", tmp_path / "m.safetensors")}.get(problem, ())
     result = _train(model_dir, tmp_path / "m.safetensors", train, tmp_path / "out", "--max-steps", "1",
                     "--step-scale", tmp_path / "s.safetensors", *extra)
     assert_one_error(result, re.escape(message), absent=[tmp_path / "out"])

@@ -115,6 +115,29 @@ def test_two_sharded_processes_train_the_deltas_one_process_does(tmp_path, kind,
     assert len(metrics["rank_peak_memory_bytes"]) == 2
 
 
+def test_two_sharded_processes_scale_the_steps_one_process_scales(tmp_path):
+    """--step-scale under --fsdp: each process steps its share (ZeroRedundancyOptimizer), the new values
+    are broadcast, then every process scales every entry's step alike: the deltas of one process."""
+    from fps_onnx.stats import ChannelStats, Stats
+
+    folder, masks, train = _case(tmp_path, "llama", SELECTED[:2])
+    loaded = MaskFile.load(masks)
+    MaskFile({k: loaded.dense(k) for k in loaded.keys()}, {}, {"model_sha256": "e" * 64}).save(masks)
+    stats = Stats("e" * 64, num_samples=1)
+    for key in loaded.keys():
+        stats.weights[key] = ChannelStats()
+        stats.weights[key].add(abs_sum=np.arange(1.0, loaded.shape(key)[1] + 1) ** 2, count=1)  # factors 1 .. ~0.25
+    stats.save(tmp_path / "s.safetensors")
+    scaled = ("--step-scale", str(tmp_path / "s.safetensors"))
+    for name, extra in (("one", scaled), ("plain", ())):
+        result = invoke(*_args(folder, masks, train, tmp_path / name, "--batch-size", "4", *extra))
+        assert result.exit_code == 0, result.output
+    done = _torchrun(*_args(folder, masks, train, tmp_path / "two", "--batch-size", "2", "--fsdp", *scaled))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _assert_same_deltas(tmp_path / "one", tmp_path / "two") <= 1e-5
+    assert _assert_same_deltas(tmp_path / "one", tmp_path / "plain") > 1e-3  # the factors changed the steps
+
+
 def test_fsdp_without_a_launcher_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
     folder, masks, train = _case(tmp_path)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

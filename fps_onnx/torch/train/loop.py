@@ -155,7 +155,9 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     dropped, once averaged, by every other process), steps that share, and broadcasts the new values
     to the others (ZeRO stage 2 for what trains). The same update as AdamW's but for the clipping
     norm, summed over the processes (its last bits); a checkpoint gathers the state to the first
-    process (:meth:`.checkpoint.Checkpoints.save`)."""
+    process (:meth:`.checkpoint.Checkpoints.save`). Either way, deltas given step factors
+    (:func:`attach_step_scales`) have each step scaled by them (:func:`_scaled`; sharded, after the
+    broadcast: every process holds the same values before and after it, so each scales alike)."""
     groups = param_groups(model, recipe)
     if getattr(recipe, "fsdp", False) and _world() > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -166,7 +168,7 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
             for param in group["params"]:
                 if id(param) not in owned:
                     param.register_post_accumulate_grad_hook(_drop_gradient)
-        return optimizer
+        return _scaled(optimizer, model)
     return _scaled(torch.optim.AdamW(groups, lr=recipe.lr), model)
 
 

@@ -161,15 +161,13 @@ def _checkpoints(config: Checkpointing | None, out: Path, rank: int, world: int,
     return Checkpoints(config, ident, out, rank=rank, world=world, device=device)
 
 
-def _check_step_scale(path, onnx_model, recipe: Recipe) -> None:
+def _check_step_scale(path, onnx_model) -> None:
     """What ``--step-scale`` needs of the run, checked before anything is built."""
     if path is None:
         return
     if onnx_model is not None:
         raise RecipeError("--step-scale needs masks keyed by parameter names, not --onnx: "
                           "map them first with `fps-onnx map`")
-    if recipe.fsdp:
-        raise RecipeError("--step-scale does not run with --fsdp")
 
 
 def _scale_steps(model: nn.Module, maskfile: MaskFile, path) -> dict:
@@ -231,7 +229,7 @@ def run_train(
     channel (:mod:`fps_onnx.selection.stepscale`).
     ``checkpointing``: save checkpoints, or go on from one (:mod:`.checkpoint`).
     """
-    _check_step_scale(step_scale, onnx_model, recipe)
+    _check_step_scale(step_scale, onnx_model)
     out = _output_folder(output)
     for given, option in ((recipe.max_steps is not None, "--max-steps"), (recipe.accumulate != 1, "--accumulate"),
                           (recipe.checkpointing, "--checkpointing")):
@@ -392,7 +390,7 @@ def run_train_causal(
     selected on, when their keys are ONNX initializer names. ``step_scale``: as
     for :func:`run_train`.
     """
-    _check_step_scale(step_scale, onnx_model, recipe)
+    _check_step_scale(step_scale, onnx_model)
     out = _output_folder(output)
     folder = hf_folder.causal_lm_folder(spec)
     rank, world, local_rank = _distributed()
