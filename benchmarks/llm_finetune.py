@@ -845,6 +845,17 @@ def _ratios(entries: dict, methods: list[str]) -> list[tuple[str, dict[str, floa
     return [(m, r) for m, r in rows if r]
 
 
+_MARKERS = "o^s"
+
+
+def _seed_handles(rows: list[tuple[str, dict]]) -> list:
+    """The ratio panel's legend: one gray marker per seed any row has (rows: :func:`_ratios`)."""
+    from matplotlib.lines import Line2D
+
+    seeds = sorted({int(s) for _, r in rows for s in r})
+    return [Line2D([], [], ls="none", marker=_MARKERS[s % 3], ms=5, color="gray", label=f"seed {s}") for s in seeds]
+
+
 def _figure(summary: dict, methods: list[str], path: Path) -> None:
     import matplotlib
 
@@ -860,8 +871,7 @@ def _figure(summary: dict, methods: list[str], path: Path) -> None:
         rows = _ratios(t, methods)
         for i, (m, r) in enumerate(rows):
             for s, v in r.items():
-                ax.plot(i, v, ls="none", marker="o^s"[int(s) % 3], ms=5, color=colors(methods.index(m)),
-                        label=f"seed {s}" if i == 0 else None)
+                ax.plot(i, v, ls="none", marker=_MARKERS[int(s) % 3], ms=5, color=colors(methods.index(m)))
             ax.hlines(statistics.fmean(r.values()), i - 0.3, i + 0.3, color=colors(methods.index(m)), lw=2)
         ax.axhline(1.0, color="gray", ls="--", lw=0.8)
         ax.axhline(0.97, color="black", ls=":", lw=0.8)
@@ -872,7 +882,7 @@ def _figure(summary: dict, methods: list[str], path: Path) -> None:
         ax.set_title(f"{d}: test perplexity / LoRA's, per seed (bar: mean){off}", fontsize=10)
         ax.set_ylabel("x LoRA r=8 (dashed); dotted: 0.97x target", fontsize=8)
         if rows:
-            ax.legend(fontsize=7)
+            ax.legend(handles=_seed_handles(rows), fontsize=7)
         ax = axes[1][j]
         for m in methods:
             pts = [(float(lr), v) for lr, v in t[m]["grid_val_ppl"].items() if v is not None and m != "zero"]

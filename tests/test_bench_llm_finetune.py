@@ -234,6 +234,9 @@ def test_the_figure_plots_each_seed_over_loras_same_seed_and_writes_a_png(lf, tm
     assert lf._ratios(s["domains"]["kjv"]["methods"], methods) == [("fps", {"0": 0.95, "1": 1.0})]  # random: none
     lf.report(bench, tmp_path / "out", ["kjv"], methods, [0, 1])
     assert (tmp_path / "out" / f"{lf.NAME}.png").read_bytes()[:4] == b"\x89PNG"
+    # the legend names every seed a row has, not only the first row's
+    handles = lf._seed_handles([("fps", {"0": 0.95}), ("fps-ss", {"0": 0.9, "2": 0.97, "1": 1.0})])
+    assert [(h.get_label(), h.get_marker()) for h in handles] == [("seed 0", "o"), ("seed 1", "^"), ("seed 2", "s")]
 
 
 def test_summary_pairs_seeds_against_lora_and_flags_an_edge_lr(lf, tmp_path):
