@@ -3,10 +3,14 @@
 ::
 
     import optax
-    from fps_onnx.integrations.optax import mask_tree, zero_unselected
+    from fps_onnx.integrations.optax import mask_tree, scale_updates, step_scale_tree, zero_unselected
 
     tree = mask_tree(params, "masks.safetensors")          # params: a Flax params tree
     tx = optax.chain(optax.adamw(1e-3, weight_decay=0.1), zero_unselected(tree))
+
+    # or train --step-scale's per-channel step factors (0 where not selected), in its place:
+    tx = optax.chain(optax.adamw(1e-2, weight_decay=0.1),
+                     scale_updates(step_scale_tree(params, "masks.safetensors", "stats.safetensors")))
 
 :func:`zero_unselected` must be the **last** element of the chain: it zeroes the
 final updates of every unselected entry, so nothing before it (weight decay,
@@ -39,9 +43,11 @@ import numpy as np
 
 from ..errors import MaskError
 from ..selection.maskfile import MaskFile, mask_file_of
+from ..selection.stepscale import column_scales, entry_factors
+from ..stats import Stats
 from . import MissingExtra
 
-__all__ = ["check_fits", "mask_tree", "to_flax", "torch_name", "zero_unselected"]
+__all__ = ["check_fits", "mask_tree", "scale_updates", "step_scale_tree", "to_flax", "torch_name", "zero_unselected"]
 
 try:
     import jax
@@ -97,6 +103,32 @@ def mask_tree(
     a leaf and name a mask; else :class:`MaskError`.
     """
     loaded = mask_file_of(masks)
+    return _tree(params, loaded, names, loaded.dense, bool)
+
+
+def step_scale_tree(
+    params,
+    masks: MaskFile | str | os.PathLike,
+    stats: Stats | str | os.PathLike,
+    names: Mapping[str, str] | None = None,
+):
+    """``fps-onnx train --step-scale``'s factors as a float32 pytree shaped like ``params``: each
+    selected entry's ``min(1, median(s) / s_j)`` (``s_j``: its input channel's statistic), 0 for
+    every entry not selected. Give it to :func:`scale_updates`, in place of :func:`zero_unselected`.
+
+    ``masks``: a MaskFile or its path, from ``fps-onnx select`` (its metadata names the model and
+    statistic); ``stats``: a Stats or the path of ``select ... --stats-out``, of that model
+    (StatsError otherwise); ``names`` and the layout as :func:`mask_tree`.
+    """
+    loaded = mask_file_of(masks)
+    held = stats if isinstance(stats, Stats) else Stats.load(stats)
+    scales = column_scales(loaded, held, "the statistics" if isinstance(stats, Stats) else stats)
+    return _tree(params, loaded, names, lambda key: entry_factors(loaded, key, scales[key]), jnp.float32)
+
+
+def _tree(params, loaded: MaskFile, names: Mapping[str, str] | None, value_of, dtype):
+    """``value_of(mask key)`` (an array in PyTorch layout) on the leaf each mask maps to, in Flax
+    layout; zeros of ``dtype`` on every other leaf (:func:`mask_tree`'s mapping and errors)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [_path(p) for p, _ in leaves]
     if names is not None:
@@ -116,16 +148,16 @@ def mask_tree(
         shape = tuple(np.shape(leaf))
         key = key_of.get(path)
         if key is None:
-            out.append(jnp.zeros(shape, bool))
+            out.append(jnp.zeros(shape, dtype))
             continue
         if key in used:
             raise MaskError(f"mask {key!r} is given to two leaves of the params")
         used.add(key)
-        mask = to_flax(loaded.dense(key), path.rsplit("/", 1)[-1])
-        if mask.shape != shape:
+        value = to_flax(value_of(key), path.rsplit("/", 1)[-1])
+        if value.shape != shape:
             raise MaskError(f"mask {key!r} {list(loaded.shape(key))} does not fit the leaf {path} "
-                            f"{list(shape)} (as {list(mask.shape)} in Flax layout)")
-        out.append(jnp.asarray(mask, bool))
+                            f"{list(shape)} (as {list(value.shape)} in Flax layout)")
+        out.append(jnp.asarray(value, dtype))
     left = sorted(set(loaded.keys()) - used)
     if left:
         hint = "" if names is not None else "; give names={leaf path: mask key}"
@@ -162,5 +194,24 @@ def zero_unselected(tree) -> optax.GradientTransformation:
         del params
         masked = jax.tree_util.tree_map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, tree)
         return masked, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def scale_updates(tree) -> optax.GradientTransformation:
+    """An optax transformation multiplying each update entry by ``tree``'s (:func:`step_scale_tree`:
+    0 for the entries not selected, so it freezes them as :func:`zero_unselected` does).
+
+    Stateless; put it LAST in ``optax.chain`` (after ``adamw``): the whole step, weight decay
+    included, is scaled, as ``fps-onnx train --step-scale`` scales it. ``init`` checks that ``tree``
+    fits the params (MaskError otherwise).
+    """
+    def init(params):
+        check_fits(tree, params)
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map(lambda u, f: u * f.astype(u.dtype), updates, tree), state
 
     return optax.GradientTransformation(init, update)

@@ -22,7 +22,7 @@ from ..stats import Stats
 from .maskfile import MaskFile
 from .score import channel_statistic
 
-__all__ = ["column_scales", "factors_digest"]
+__all__ = ["column_scales", "entry_factors", "factors_digest"]
 
 
 def column_scales(masks: MaskFile, stats: Stats, source: object = "the statistics") -> dict[str, np.ndarray]:
@@ -53,7 +53,7 @@ def column_scales(masks: MaskFile, stats: Stats, source: object = "the statistic
         if len(shape) != 2:
             raise StatsError(f"--step-scale handles 2-D weights (MatMul, Gemm, Linear); mask {key!r} is "
                              f"shaped {list(shape)}")
-        axis = 0 if entry.get("torch_transposed") else 1
+        axis = _channel_axis(masks, key)
         try:
             s = np.asarray(channel_statistic(held, norm), dtype=np.float64)
         except StatsError as e:
@@ -63,6 +63,20 @@ def column_scales(masks: MaskFile, stats: Stats, source: object = "the statistic
                              f"has {shape[axis]}")
         out[key] = _factors(s)
     return out
+
+
+def _channel_axis(masks: MaskFile, key: str) -> int:
+    """The axis of mask ``key`` along its weight's input channels: 1 ([out, in]), or 0 for a
+    parameter stored [in, out] (``torch_transposed``)."""
+    return 0 if masks.tensors.get(key, {}).get("torch_transposed") else 1
+
+
+def entry_factors(masks: MaskFile, key: str, factors: np.ndarray) -> np.ndarray:
+    """Mask ``key`` as a float32 array of its shape: each selected entry's factor (``factors``: its
+    channels', from :func:`column_scales`), 0 for every entry not selected."""
+    axis = _channel_axis(masks, key)
+    along = np.asarray(factors, np.float32).reshape((-1, 1) if axis == 0 else (1, -1))
+    return np.where(masks.dense(key), along, np.float32(0))
 
 
 def factors_digest(scales: dict[str, np.ndarray]) -> str:

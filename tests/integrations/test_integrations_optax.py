@@ -17,7 +17,7 @@ import flax.linen as fnn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from fps_onnx.errors import MaskError  # noqa: E402
-from fps_onnx.integrations.optax import mask_tree, zero_unselected  # noqa: E402
+from fps_onnx.integrations.optax import mask_tree, scale_updates, step_scale_tree, zero_unselected  # noqa: E402
 from fps_onnx.selection.maskfile import MaskFile  # noqa: E402
 
 
@@ -160,3 +160,64 @@ def test_masks_that_do_not_fit_the_params_are_one_mask_error():
     other = jax.tree.map(lambda p: jnp.zeros((*p.shape, 1)), params)
     with pytest.raises(MaskError, match=r"the mask tree's leaf params/fc1/bias is \[8\], the params' \[8, 1\]"):
         zero_unselected(tree).init(other)
+
+
+def _selected_with_stats(tmp_path, seed: int = 3) -> dict[str, np.ndarray]:
+    """Masks of model "e"*64 and its statistics: input channel j's mean |a| is (j + 1)^2."""
+    from fps_onnx.stats import ChannelStats, Stats
+
+    masks = random_masks(seed)
+    MaskFile(masks, {}, {"model_sha256": "e" * 64}).save(tmp_path / "m.safetensors")
+    stats = Stats("e" * 64, num_samples=1)
+    for key, mask in masks.items():
+        stats.weights[key] = ChannelStats()
+        stats.weights[key].add(abs_sum=np.arange(1.0, mask.shape[1] + 1) ** 2, count=1)
+    stats.save(tmp_path / "s.safetensors")
+    return masks
+
+
+def test_scale_updates_trains_what_train_step_scale_trains_in_torch(tmp_path):
+    """The factors on a Flax kernel's rows (its input channels; 0 where not selected), and three
+    AdamW steps scaled by them: the weights fps_onnx.scale_steps gives the same model in PyTorch."""
+    import fps_onnx
+    from fps_onnx.torch.train.recipe import Recipe
+
+    masks = _selected_with_stats(tmp_path)
+    model, params = converted(3)
+    tree = step_scale_tree(params, tmp_path / "m.safetensors", tmp_path / "s.safetensors")
+    factors = np.asarray(tree["params"]["fc1"]["kernel"])  # s = 1, 4, 9, 16, 25, 36: median 12.5
+    expected = np.minimum(1.0, 12.5 / np.arange(1.0, 7) ** 2)[:, None] * masks["fc1.weight"].T
+    np.testing.assert_allclose(factors, expected, rtol=1e-6)
+    assert factors.dtype == np.float32 and not np.asarray(tree["params"]["fc1"]["bias"]).any()
+
+    trained = run(params, optax.chain(optax.adamw(1e-2, weight_decay=0.0), scale_updates(tree)))
+    plain = run(params, optax.chain(optax.adamw(1e-2, weight_decay=0.0), zero_unselected(mask_tree(params, masks))))
+    fps_onnx.prepare(model, tmp_path / "m.safetensors", Recipe(train_head=False, train_bias=False))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    fps_onnx.scale_steps(model, optimizer, tmp_path / "m.safetensors", tmp_path / "s.safetensors")
+    x, y = (torch.from_numpy(np.asarray(a)) for a in batch())
+    for _ in range(3):
+        torch.mean((model(x) - y) ** 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    fps_onnx.merge(model)
+    for name in ("fc1", "fc2"):
+        got = np.asarray(trained["params"][name]["kernel"])
+        np.testing.assert_allclose(got, getattr(model, name).weight.detach().numpy().T, atol=1e-6)
+        assert np.abs(got - np.asarray(plain["params"][name]["kernel"])).max() > 1e-3  # the factors acted
+        frozen = ~masks[f"{name}.weight"].T
+        assert np.array_equal(got[frozen], np.asarray(params["params"][name]["kernel"])[frozen])
+
+
+def test_step_scale_tree_refuses_statistics_of_another_model(tmp_path):
+    from fps_onnx.errors import StatsError
+    from fps_onnx.stats import Stats
+
+    _selected_with_stats(tmp_path)
+    _, params = converted()
+    stats = Stats.load(tmp_path / "s.safetensors")
+    stats.model_sha256 = "f" * 64
+    with pytest.raises(StatsError, match="of another model than the masks"):
+        step_scale_tree(params, tmp_path / "m.safetensors", stats)
+    with pytest.raises(StatsError, match="name no ONNX model"):
+        step_scale_tree(params, MaskFile(random_masks(), {}, {}), tmp_path / "s.safetensors")
