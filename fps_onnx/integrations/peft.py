@@ -12,6 +12,8 @@ through that hook::
     config = shira_config(model, "masks.safetensors", modules_to_save=["classifier"])
     peft_model = get_peft_model(model, config)
     ...train...
+    # optional: train --step-scale's per-channel factors on the adapter's steps
+    # scale_steps(peft_model, optimizer, "masks.safetensors", "stats.safetensors")
     peft_model.save_pretrained("adapter")        # indices travel with the adapter
     merged = peft_model.merge_and_unload()
 
@@ -33,10 +35,12 @@ import weakref
 
 from ..errors import MaskError
 from ..selection.maskfile import MaskFile, WeightMask, mask_file_of
+from ..selection.stepscale import column_scales
+from ..stats import Stats
 from ..torch.models import resolve_keys
 from . import MissingExtra
 
-__all__ = ["MASK_TYPE", "ShiraMasks", "shira_config"]
+__all__ = ["MASK_TYPE", "ShiraMasks", "scale_steps", "shira_config"]
 
 try:
     import peft
@@ -154,3 +158,42 @@ def shira_config(
     log.info("SHiRA r=%d on %d Linear layers, %s trainable entries", r, len(layers),
              f"{sum(m.count for _, m in layers.values()):,}")
     return config
+
+
+def scale_steps(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                masks: MaskFile | str | os.PathLike, stats: Stats | str | os.PathLike,
+                adapter: str = "default") -> torch.optim.Optimizer:
+    """``fps-onnx train --step-scale`` on a SHiRA adapter: each step ``optimizer`` makes of a value of
+    a layer's ``shira_weight`` (entry (row, column) of its ``shira_indices``) is multiplied by
+    ``min(1, median(s) / s_column)``, the factor of the entry's input channel.
+
+    After ``get_peft_model(model, shira_config(model, masks))``, on the optimizer built over the
+    adapter's parameters, before the first step. ``masks``: the MaskFile or path the config was built
+    from (from ``fps-onnx select``: its metadata names the model and statistic); ``stats``: a Stats or
+    the path of ``select ... --stats-out``, of that model (StatsError otherwise). Each mask that
+    selects entries must name one SHiRA layer of ``adapter`` (its module name, or a ``.``-suffix of
+    one), else MaskError. Returns ``optimizer``, its step hooks registered.
+    """
+    from ..torch.train.loop import scale_optimizer_steps
+
+    loaded = mask_file_of(masks)
+    held = stats if isinstance(stats, Stats) else Stats.load(stats)
+    scales = column_scales(loaded, held, "the statistics" if isinstance(stats, Stats) else stats)
+    layers = {name: m for name, m in peft_model.named_modules()
+              if isinstance(m, peft.tuners.shira.layer.ShiraLayer) and adapter in m.shira_weight}
+    pairs = []
+    for key, factors in scales.items():
+        if not loaded.count(key):
+            continue
+        module = key.removesuffix(".weight")
+        found = [n for n in layers if n == module or n.endswith("." + module)]
+        if len(found) != 1:
+            where = "no" if not found else f"{len(found)}"
+            raise MaskError(f"mask {key!r} names {where} SHiRA layers of adapter {adapter!r} in the model "
+                            "(build the adapter with shira_config(model, masks) from these masks)")
+        layer = layers[found[0]]
+        columns = layer.shira_indices[adapter][1].long().cpu()
+        if columns.numel() and int(columns.max()) >= len(factors):
+            raise MaskError(f"mask {key!r}: {len(factors)} input-channel factors do not fit {found[0]}")
+        pairs.append((layer.shira_weight[adapter], torch.from_numpy(factors)[columns]))
+    return scale_optimizer_steps(optimizer, pairs)

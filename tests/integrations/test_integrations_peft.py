@@ -267,3 +267,72 @@ def test_select_a_shira_budget_at_neuron_level_from_the_cli(chain, tmp_path):
     assert summary["level"] == "neuron" and summary["budget"] == {"shira_r": 1}
     masks = MaskFile.load(out)
     assert sorted(masks.dense("w1").sum(axis=1).tolist()) == [2, 2, 2, 2, 3]
+
+
+def test_scale_steps_on_a_shira_adapter_trains_what_the_sparse_trainer_does(mlp, tmp_path):
+    """train --step-scale's factors on SHiRA's values (each by its column's channel) give, after
+    three AdamW steps with weight decay, the weights fps_onnx.scale_steps gives the sparse deltas."""
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    import fps_onnx
+    from fps_onnx.integrations.peft import scale_steps, shira_config
+    from fps_onnx.stats import ChannelStats, Stats
+    from fps_onnx.torch.train.recipe import Recipe
+
+    build, _ = mlp
+    masks = top_masks(build()[0], 2)
+    MaskFile(masks, {}, {"model_sha256": "e" * 64}).save(tmp_path / "m.safetensors")
+    stats = Stats("e" * 64, num_samples=1)
+    for key, mask in masks.items():
+        stats.weights[key] = ChannelStats()
+        stats.weights[key].add(abs_sum=np.arange(1.0, mask.shape[1] + 1) ** 2, count=1)
+    stats.save(tmp_path / "s.safetensors")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+    def trained(kind: str) -> dict:
+        model, _ = build()
+        if kind == "sparse":
+            fps_onnx.prepare(model, tmp_path / "m.safetensors", Recipe(train_head=False, train_bias=False))
+            net = model
+        else:
+            net = peft.get_peft_model(model, shira_config(model, tmp_path / "m.safetensors"))
+        optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+        if kind == "sparse":
+            fps_onnx.scale_steps(model, optimizer, tmp_path / "m.safetensors", tmp_path / "s.safetensors")
+        elif kind == "shira":
+            assert scale_steps(net, optimizer, tmp_path / "m.safetensors", tmp_path / "s.safetensors") is optimizer
+        for _ in range(3):
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        if kind == "sparse":
+            fps_onnx.merge(model)
+            return model.state_dict()
+        return net.merge_and_unload().state_dict()
+
+    sparse, shira, plain = trained("sparse"), trained("shira"), trained("shira-unscaled")
+    for key in masks:
+        torch.testing.assert_close(shira[key], sparse[key], rtol=0, atol=1e-6)
+        assert (shira[key] - plain[key]).abs().max() > 1e-3  # the factors acted
+
+
+def test_scale_steps_on_a_shira_adapter_refuses_masks_it_was_not_built_from(mlp, tmp_path):
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    from fps_onnx.integrations.peft import scale_steps, shira_config
+    from fps_onnx.stats import ChannelStats, Stats
+
+    build, _ = mlp
+    model, _ = build()
+    masks = top_masks(model, 1)
+    MaskFile({"fc1.weight": masks["fc1.weight"]}, {}, {"model_sha256": "e" * 64}).save(tmp_path / "one.safetensors")
+    MaskFile(masks, {}, {"model_sha256": "e" * 64}).save(tmp_path / "both.safetensors")
+    stats = Stats("e" * 64, num_samples=1)
+    for key, mask in masks.items():
+        stats.weights[key] = ChannelStats()
+        stats.weights[key].add(abs_sum=np.ones(mask.shape[1]), count=1)
+    net = peft.get_peft_model(model, shira_config(model, tmp_path / "one.safetensors"))
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
+    with pytest.raises(MaskError, match="mask 'fc2.weight' names no SHiRA layers of adapter 'default'"):
+        scale_steps(net, optimizer, tmp_path / "both.safetensors", stats)

@@ -30,7 +30,7 @@ from .recipe import Recipe
 
 __all__ = ["Trainable", "apply_gradients", "begin_epoch", "check_head", "evaluate", "fit", "forward",
     "head_names", "logits_of", "make_optimizer", "make_schedule", "param_groups", "peak_memory", "prepare",
-    "attach_step_scales", "scale_steps", "to_device", "train_step"]
+    "attach_step_scales", "scale_optimizer_steps", "scale_steps", "to_device", "train_step"]
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +174,17 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 
 def _scaled(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
     """``optimizer``, each step of a delta with a ``step_scale`` (:func:`sparse.scale_steps`) multiplied
-    by it entry by entry: ``v <- v0 + c * (v - v0)``, ``v0`` the values before the step."""
-    pairs = [(d.values, d.step_scale.to(d.values.device, d.values.dtype))
-             for d in sparse.unique_deltas(model).values() if d.step_scale is not None]
+    by it entry by entry (:func:`scale_optimizer_steps`)."""
+    return scale_optimizer_steps(optimizer, [(d.values, d.step_scale) for d in sparse.unique_deltas(model).values()
+                                             if d.step_scale is not None])
+
+
+def scale_optimizer_steps(optimizer: torch.optim.Optimizer,
+                          pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.optim.Optimizer:
+    """``optimizer``, each of its steps of tensor ``t`` multiplied by ``factor`` entry by entry, for each
+    (t, factor) of ``pairs``: ``t <- t0 + factor * (t - t0)``, ``t0`` the values before the step
+    (step pre/post hooks: the whole step, weight decay included, whatever wraps the optimizer)."""
+    pairs = [(values, factor.to(values.device, values.dtype)) for values, factor in pairs]
     if not pairs:
         return optimizer
     before: list[torch.Tensor] = []
