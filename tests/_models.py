@@ -203,3 +203,16 @@ def tiny_lm(folder, with_types: bool = False, with_mask: bool = True):
     onnx.save(model, folder / "model.onnx")
     save_tokenizer(folder)
     return folder / "model.onnx"
+
+
+def channel_stats(widths: dict[str, int], mean_abs, sha: str = "e" * 64, samples: int = 1):
+    """Statistics (``fps_onnx.stats.Stats``) of model ``sha``: for each weight key, ``width`` input
+    channels whose mean |a| over ``samples`` samples is ``mean_abs(np.arange(width))``."""
+    from fps_onnx.stats import ChannelStats, Stats
+
+    stats = Stats(sha, num_samples=samples)
+    for key, width in widths.items():
+        acc = ChannelStats()
+        acc.add(abs_sum=np.asarray(mean_abs(np.arange(width)), float) * samples, count=samples)
+        stats.weights[key] = acc
+    return stats

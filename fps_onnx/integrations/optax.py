@@ -121,8 +121,7 @@ def step_scale_tree(
     (StatsError otherwise); ``names`` and the layout as :func:`mask_tree`.
     """
     loaded = mask_file_of(masks)
-    held = stats if isinstance(stats, Stats) else Stats.load(stats)
-    scales = column_scales(loaded, held, "the statistics" if isinstance(stats, Stats) else stats)
+    scales = column_scales(loaded, stats)
     return _tree(params, loaded, names, lambda key: entry_factors(loaded, key, scales[key]), jnp.float32)
 
 

@@ -177,8 +177,7 @@ def scale_steps(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     from ..torch.train.loop import scale_optimizer_steps
 
     loaded = mask_file_of(masks)
-    held = stats if isinstance(stats, Stats) else Stats.load(stats)
-    scales = column_scales(loaded, held, "the statistics" if isinstance(stats, Stats) else stats)
+    scales = column_scales(loaded, stats)
     layers = {name: m for name, m in peft_model.named_modules()
               if isinstance(m, peft.tuners.shira.layer.ShiraLayer) and adapter in m.shira_weight}
     pairs = []

@@ -14,6 +14,7 @@ entries: no entry then moves the output faster than one on a median channel.
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 
@@ -25,13 +26,17 @@ from .score import channel_statistic
 __all__ = ["column_scales", "entry_factors", "factors_digest"]
 
 
-def column_scales(masks: MaskFile, stats: Stats, source: object = "the statistics") -> dict[str, np.ndarray]:
+def column_scales(masks: MaskFile, stats: Stats | str | os.PathLike) -> dict[str, np.ndarray]:
     """Mask key -> the factor of each input channel of its weight (float32).
 
-    ``stats`` must be of the model the masks were selected on; each mask's statistics are
-    looked up by the ONNX initializer it traces back to (its key, unless mapped). StatsError
-    where they are of another model, missing, or do not fit the weight.
+    ``stats`` (a Stats, or the path of a statistics file: ``select --stats-out``) must be of the
+    model the masks were selected on; each mask's statistics are looked up by the ONNX initializer
+    it traces back to (its key, unless mapped). StatsError where they are of another model,
+    missing, or do not fit the weight.
     """
+    source = "the statistics" if isinstance(stats, Stats) else stats
+    if not isinstance(stats, Stats):
+        stats = Stats.load(stats)
     selected_on = masks.meta.get("model_sha256")
     if not selected_on:
         raise StatsError("the masks name no ONNX model they were selected on (a gradient selection has "

@@ -164,15 +164,11 @@ def test_masks_that_do_not_fit_the_params_are_one_mask_error():
 
 def _selected_with_stats(tmp_path, seed: int = 3) -> dict[str, np.ndarray]:
     """Masks of model "e"*64 and its statistics: input channel j's mean |a| is (j + 1)^2."""
-    from fps_onnx.stats import ChannelStats, Stats
+    from _models import channel_stats
 
     masks = random_masks(seed)
     MaskFile(masks, {}, {"model_sha256": "e" * 64}).save(tmp_path / "m.safetensors")
-    stats = Stats("e" * 64, num_samples=1)
-    for key, mask in masks.items():
-        stats.weights[key] = ChannelStats()
-        stats.weights[key].add(abs_sum=np.arange(1.0, mask.shape[1] + 1) ** 2, count=1)
-    stats.save(tmp_path / "s.safetensors")
+    channel_stats({k: m.shape[1] for k, m in masks.items()}, lambda j: (j + 1.0) ** 2).save(tmp_path / "s.safetensors")
     return masks
 
 

@@ -10,7 +10,7 @@ from onnx import helper
 import pytest
 
 from _cli import assert_one_error, invoke
-from _models import make_model, rng, tensor
+from _models import channel_stats, make_model, rng, tensor
 from fps_onnx.errors import BudgetError, MaskError
 from fps_onnx.selection.maskfile import MaskFile
 from fps_onnx.selection.score import SelectConfig, select_scores
@@ -276,17 +276,12 @@ def test_scale_steps_on_a_shira_adapter_trains_what_the_sparse_trainer_does(mlp,
     torch = pytest.importorskip("torch")
     import fps_onnx
     from fps_onnx.integrations.peft import scale_steps, shira_config
-    from fps_onnx.stats import ChannelStats, Stats
     from fps_onnx.torch.train.recipe import Recipe
 
     build, _ = mlp
     masks = top_masks(build()[0], 2)
     MaskFile(masks, {}, {"model_sha256": "e" * 64}).save(tmp_path / "m.safetensors")
-    stats = Stats("e" * 64, num_samples=1)
-    for key, mask in masks.items():
-        stats.weights[key] = ChannelStats()
-        stats.weights[key].add(abs_sum=np.arange(1.0, mask.shape[1] + 1) ** 2, count=1)
-    stats.save(tmp_path / "s.safetensors")
+    channel_stats({k: m.shape[1] for k, m in masks.items()}, lambda j: (j + 1.0) ** 2).save(tmp_path / "s.safetensors")
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)
 
@@ -321,17 +316,13 @@ def test_scale_steps_on_a_shira_adapter_refuses_masks_it_was_not_built_from(mlp,
     peft = pytest.importorskip("peft")
     torch = pytest.importorskip("torch")
     from fps_onnx.integrations.peft import scale_steps, shira_config
-    from fps_onnx.stats import ChannelStats, Stats
 
     build, _ = mlp
     model, _ = build()
     masks = top_masks(model, 1)
     MaskFile({"fc1.weight": masks["fc1.weight"]}, {}, {"model_sha256": "e" * 64}).save(tmp_path / "one.safetensors")
     MaskFile(masks, {}, {"model_sha256": "e" * 64}).save(tmp_path / "both.safetensors")
-    stats = Stats("e" * 64, num_samples=1)
-    for key, mask in masks.items():
-        stats.weights[key] = ChannelStats()
-        stats.weights[key].add(abs_sum=np.ones(mask.shape[1]), count=1)
+    stats = channel_stats({k: m.shape[1] for k, m in masks.items()}, np.ones_like)
     net = peft.get_peft_model(model, shira_config(model, tmp_path / "one.safetensors"))
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
     with pytest.raises(MaskError, match="mask 'fc2.weight' names no SHiRA layers of adapter 'default'"):

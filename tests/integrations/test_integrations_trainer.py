@@ -172,16 +172,13 @@ def test_hf_trainer_steps_scaled_by_scale_steps(tmp_path):
     """fps_onnx.scale_steps on the optimizer handed to Trainer: its first step of each selected
     entry is the unscaled run's times the entry's channel factor (channel 0 of every weight ten
     times the others: 0.1; the rest 1), whatever wraps the optimizer."""
+    from _models import channel_stats
     from fps_onnx.selection.maskfile import MaskFile
-    from fps_onnx.stats import ChannelStats, Stats
 
     masks = random_masks(tiny_bert(5), fraction=0.3, seed=5)
     MaskFile(masks, {}, {"model_sha256": "e" * 64}).save(tmp_path / "masks.safetensors")
-    stats = Stats("e" * 64, num_samples=1)
-    for name, mask in masks.items():
-        stats.weights[name] = ChannelStats()
-        stats.weights[name].add(abs_sum=np.where(np.arange(mask.shape[1]) == 0, 10.0, 1.0), count=1)
-    stats.save(tmp_path / "stats.safetensors")
+    loud = channel_stats({k: m.shape[1] for k, m in masks.items()}, lambda j: np.where(j == 0, 10.0, 1.0))
+    loud.save(tmp_path / "stats.safetensors")
 
     def first_step(scaled: bool) -> dict:
         model = tiny_bert(5)

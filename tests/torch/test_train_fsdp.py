@@ -118,16 +118,13 @@ def test_two_sharded_processes_train_the_deltas_one_process_does(tmp_path, kind,
 def test_two_sharded_processes_scale_the_steps_one_process_scales(tmp_path):
     """--step-scale under --fsdp: each process steps its share (ZeroRedundancyOptimizer), the new values
     are broadcast, then every process scales every entry's step alike: the deltas of one process."""
-    from fps_onnx.stats import ChannelStats, Stats
+    from _models import channel_stats
 
     folder, masks, train = _case(tmp_path, "llama", SELECTED[:2])
     loaded = MaskFile.load(masks)
     MaskFile({k: loaded.dense(k) for k in loaded.keys()}, {}, {"model_sha256": "e" * 64}).save(masks)
-    stats = Stats("e" * 64, num_samples=1)
-    for key in loaded.keys():
-        stats.weights[key] = ChannelStats()
-        stats.weights[key].add(abs_sum=np.arange(1.0, loaded.shape(key)[1] + 1) ** 2, count=1)  # factors 1 .. ~0.25
-    stats.save(tmp_path / "s.safetensors")
+    widths = {k: loaded.shape(k)[1] for k in loaded.keys()}
+    channel_stats(widths, lambda j: (j + 1.0) ** 2).save(tmp_path / "s.safetensors")  # factors 1 .. ~0.25
     scaled = ("--step-scale", str(tmp_path / "s.safetensors"))
     for name, extra in (("one", scaled), ("plain", ())):
         result = invoke(*_args(folder, masks, train, tmp_path / name, "--batch-size", "4", *extra))

@@ -595,19 +595,16 @@ def test_step_scales_that_do_not_fit_the_weight_are_refused():
 def test_scale_steps_gives_a_loop_of_ones_own_the_step_factors_train_uses(tmp_path):
     """fps_onnx.scale_steps: prepare, an optimizer of one's own, then the factors of
     ``train --step-scale`` (channel 0 ten times the median: 0.1; the others 1) on its steps."""
+    from _models import channel_stats
     import fps_onnx
     from fps_onnx.errors import StatsError
-    from fps_onnx.stats import ChannelStats, Stats
+    from fps_onnx.stats import Stats
     from fps_onnx.torch.train.recipe import Recipe
 
     rng = np.random.default_rng(0)
     MaskFile({"0.weight": rng.random((3, 4)) < 0.6, "2.weight": rng.random((2, 3)) < 0.6}, {},
              {"model_sha256": "e" * 64}).save(tmp_path / "masks.safetensors")
-    stats = Stats("e" * 64, num_samples=1)
-    for key, width in (("0.weight", 4), ("2.weight", 3)):
-        acc = ChannelStats()
-        acc.add(abs_sum=np.where(np.arange(width) == 0, 10.0, 1.0), count=1)
-        stats.weights[key] = acc
+    stats = channel_stats({"0.weight": 4, "2.weight": 3}, lambda j: np.where(j == 0, 10.0, 1.0))
     stats.save(tmp_path / "stats.safetensors")
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
 
@@ -631,6 +628,13 @@ def test_scale_steps_gives_a_loop_of_ones_own_the_step_factors_train_uses(tmp_pa
         channel = flat % width
         assert step.abs().min() > 0 and torch.any(channel == 0) and torch.any(channel != 0)
         torch.testing.assert_close(scaled[name][0], step * torch.where(channel == 0, 0.1, 1.0))
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    fps_onnx.prepare(model, tmp_path / "masks.safetensors", Recipe(train_head=False, train_bias=False))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    fps_onnx.scale_steps(model, optimizer, tmp_path / "masks.safetensors", stats)
+    with pytest.raises(MaskError, match="this optimizer's steps are scaled already"):  # not twice: c * c
+        fps_onnx.scale_steps(model, optimizer, tmp_path / "masks.safetensors", stats)
 
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     optimizer = torch.optim.AdamW(model.parameters())

@@ -187,6 +187,9 @@ def scale_optimizer_steps(optimizer: torch.optim.Optimizer,
     pairs = [(values, factor.to(values.device, values.dtype)) for values, factor in pairs]
     if not pairs:
         return optimizer
+    if getattr(optimizer, "_fps_onnx_steps_scaled", False):
+        raise MaskError("this optimizer's steps are scaled already; scale them once")
+    optimizer._fps_onnx_steps_scaled = True
     before: list[torch.Tensor] = []
 
     def keep(*_):
@@ -208,8 +211,7 @@ def attach_step_scales(model: nn.Module, masks: MaskFile, stats: Stats | str | o
     (:func:`fps_onnx.selection.stepscale.column_scales` of ``stats``, the selection's statistics:
     a Stats or the path of ``select --stats-out``), which :func:`make_optimizer`'s optimizer applies.
     Returns (how many weights got factors, the factors' digest: what a checkpoint's identity names)."""
-    loaded = stats if isinstance(stats, Stats) else Stats.load(stats)
-    scales = column_scales(masks, loaded, "the statistics" if isinstance(stats, Stats) else stats)
+    scales = column_scales(masks, stats)
     names = resolve_keys(scales, sparse.deltas(model))
     count = sparse.scale_steps(model, {names.get(k, k): v for k, v in scales.items()})
     return count, factors_digest(scales)
