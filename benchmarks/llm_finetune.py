@@ -906,7 +906,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(planned()),
                         help="comma-separated [default: every row the pre-screen kept]")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)),
-                        help="comma-separated; the first one runs the lr grids [default: 0,1,2]")
+                        help="comma-separated, starting with 0, which runs the lr grids; 0,S runs seed S at the "
+                             "lrs seed 0 chose [default: 0,1,2]")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, into benchmarks/work/llm-smoke")
     parser.add_argument("--plan", action="store_true", help="only print the cells in run order and which are done")
     parser.add_argument("--report", action="store_true",
@@ -923,7 +924,13 @@ def main() -> None:
         if bad:
             parser.error(f"unknown {kind} {bad[0]!r}")
     methods = [m for m in METHODS if m in methods]  # the table's order
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        parser.error(f"--seeds: whole numbers separated by commas, not {args.seeds!r}")
+    if not seeds or seeds[0] != SEEDS[0] or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds: the first seed runs the lr grids and must be {SEEDS[0]}, each seed once; "
+                     f"{SEEDS[0]},S runs seed S at the lrs seed {SEEDS[0]} chose")
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.steps:
         cfg["steps"] = args.steps

@@ -443,6 +443,17 @@ def test_report_refuses_the_filters_that_only_choose_cells_to_run(lf, monkeypatc
     assert exc.value.code == 2 and "--report covers the whole benchmark; --domains chooses which cells run" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seeds", ["1", "1,0", "0,0,1", "", "0,x"])
+def test_a_seed_list_must_start_with_the_grid_seed(lf, monkeypatch, capsys, seeds):
+    """--seeds 1 alone would make seed 1 the grid seed: a fresh lr grid on it, not seed 1 at seed 0's lrs."""
+    ran = []
+    monkeypatch.setattr(lf.Bench, "run_all", lambda self, d, m, s: ran.append(s))
+    monkeypatch.setattr(sys, "argv", ["llm_finetune.py", "--smoke", "--seeds", seeds])
+    with pytest.raises(SystemExit) as exc:
+        lf.main()
+    assert exc.value.code == 2 and "--seeds: " in capsys.readouterr().err and not ran
+
+
 def test_training_processes_run_with_the_allocator_setting_and_the_cost_table_marks_those_rows(lf, tmp_path, monkeypatch):
     bench = _bench(lf, tmp_path)
     data = tmp_path / "data"
