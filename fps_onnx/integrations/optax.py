@@ -185,16 +185,7 @@ def zero_unselected(tree) -> optax.GradientTransformation:
     weight decay and momentum leave the unselected entries exactly as they
     were. ``init`` checks that ``tree`` fits the params (MaskError otherwise).
     """
-    def init(params):
-        check_fits(tree, params)
-        return optax.EmptyState()
-
-    def update(updates, state, params=None):
-        del params
-        masked = jax.tree_util.tree_map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, tree)
-        return masked, state
-
-    return optax.GradientTransformation(init, update)
+    return _per_entry(tree, lambda u, m: jnp.where(m, u, jnp.zeros_like(u)))
 
 
 def scale_updates(tree) -> optax.GradientTransformation:
@@ -205,12 +196,18 @@ def scale_updates(tree) -> optax.GradientTransformation:
     included, is scaled, as ``fps-onnx train --step-scale`` scales it. ``init`` checks that ``tree``
     fits the params (MaskError otherwise).
     """
+    return _per_entry(tree, lambda u, f: u * f.astype(u.dtype))
+
+
+def _per_entry(tree, apply) -> optax.GradientTransformation:
+    """A stateless transformation: each update leaf ``u`` becomes ``apply(u, its leaf of tree)``;
+    ``init`` checks that ``tree`` fits the params."""
     def init(params):
         check_fits(tree, params)
         return optax.EmptyState()
 
     def update(updates, state, params=None):
         del params
-        return jax.tree_util.tree_map(lambda u, f: u * f.astype(u.dtype), updates, tree), state
+        return jax.tree_util.tree_map(apply, updates, tree), state
 
     return optax.GradientTransformation(init, update)

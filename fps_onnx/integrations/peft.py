@@ -178,21 +178,19 @@ def scale_steps(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
     loaded = mask_file_of(masks)
     scales = column_scales(loaded, stats)
-    layers = {name: m for name, m in peft_model.named_modules()
+    layers = {f"{name}.weight": m for name, m in peft_model.named_modules()
               if isinstance(m, peft.tuners.shira.layer.ShiraLayer) and adapter in m.shira_weight}
+    keys = [k for k in scales if loaded.count(k)]
+    resolved = resolve_keys(keys, layers)  # the naming rule shira_config matched them by
     pairs = []
-    for key, factors in scales.items():
-        if not loaded.count(key):
-            continue
-        module = key.removesuffix(".weight")
-        found = [n for n in layers if n == module or n.endswith("." + module)]
-        if len(found) != 1:
-            where = "no" if not found else f"{len(found)}"
-            raise MaskError(f"mask {key!r} names {where} SHiRA layers of adapter {adapter!r} in the model "
+    for key in keys:
+        name = resolved.get(key)
+        if name is None:
+            raise MaskError(f"mask {key!r} names no SHiRA layers of adapter {adapter!r} in the model "
                             "(build the adapter with shira_config(model, masks) from these masks)")
-        layer = layers[found[0]]
+        layer, factors = layers[name], scales[key]
         columns = layer.shira_indices[adapter][1].long().cpu()
         if columns.numel() and int(columns.max()) >= len(factors):
-            raise MaskError(f"mask {key!r}: {len(factors)} input-channel factors do not fit {found[0]}")
+            raise MaskError(f"mask {key!r}: {len(factors)} input-channel factors do not fit {name}")
         pairs.append((layer.shira_weight[adapter], torch.from_numpy(factors)[columns]))
     return scale_optimizer_steps(optimizer, pairs)
